@@ -1,0 +1,252 @@
+"""The ``ponder`` command: generate, eval, models."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Optional
+
+import typer
+from typer._click.exceptions import ClickException
+from typer.exceptions import Abort, Exit
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="ponder: inference-time algorithms for language models.",
+)
+
+
+class CliError(Exception):
+    """An error to report as one line and exit status 2."""
+
+
+def _fail(msg: str) -> None:
+    raise CliError(msg)
+
+
+def _load_lm(model: str, dtype: str):
+    from .models.native import NativeLM
+
+    try:
+        return NativeLM.from_pretrained(model, dtype=dtype)
+    except ValueError as e:
+        _fail(str(e))
+
+
+def _parse_sets(pairs: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for kv in pairs:
+        if "=" not in kv:
+            _fail(f"--set takes KEY=VALUE; got {kv!r}")
+        k, v = kv.split("=", 1)
+        try:
+            out[k.strip().replace("-", "_")] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip().replace("-", "_")] = v
+    return out
+
+
+def _settings(strategy: str, temperature, top_k, top_p, min_p, max_tokens, stop, sets) -> dict[str, Any]:
+    s: dict[str, Any] = {"max_tokens": max_tokens, "stop": list(stop) if stop else None}
+    if strategy != "greedy":
+        s.update(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    else:
+        changed = [n for n, v, d in (("--temperature", temperature, 1.0), ("--top-k", top_k, 0),
+                                      ("--top-p", top_p, 1.0), ("--min-p", min_p, 0.0)) if v != d]
+        if changed:
+            _fail(f"{', '.join(changed)} only apply to sampling strategies; use --strategy sample")
+    s.update(_parse_sets(sets))
+    return s
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="The prompt text."),
+    model: str = typer.Option("arith", "--model", "-m", help="A shipped model's name or a local checkpoint folder."),
+    strategy: str = typer.Option("greedy", "--strategy", "-s", help="greedy | sample | ... (see `ponder strategies`)."),
+    max_tokens: int = typer.Option(128, "--max-tokens", help="Most tokens to generate (>= 1)."),
+    temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature (> 0)."),
+    top_k: int = typer.Option(0, "--top-k", help="Keep the k most likely tokens (0 = off)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus mass in (0, 1] (1 = off)."),
+    min_p: float = typer.Option(0.0, "--min-p", help="Min-p in [0, 1] (0 = off)."),
+    n: int = typer.Option(1, "--n", help="Number of outputs (>= 1)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed; the same seed gives the same output."),
+    stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable); not included in the output."),
+    set_: list[str] = typer.Option([], "--set", help="Extra strategy setting KEY=VALUE (repeatable)."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
+) -> None:
+    """Generate text from PROMPT, streaming it as it comes."""
+    from . import strategies
+
+    if not prompt:
+        _fail("PROMPT is empty; give some text to continue")
+    if n < 1:
+        _fail(f"--n must be >= 1; got {n}")
+    settings = _settings(strategy, temperature, top_k, top_p, min_p, max_tokens, stop, set_)
+    lm = _load_lm(model, dtype)
+    gen = strategies.build(strategy, lm, settings)
+    if as_json:
+        gens = gen.generate_batch([prompt], n=n, seed=seed)[0]
+        from .types import Usage
+
+        print(json.dumps({
+            "model": lm.name, "strategy": strategy, "prompt": prompt,
+            "generations": [g.to_dict() for g in gens],
+            "usage": Usage.total(g.usage for g in gens).to_dict(),
+        }))
+        return
+    if n == 1 and hasattr(gen, "stream"):
+        for ev in gen.stream(prompt, seed=seed):
+            sys.stdout.write(ev.text)
+            sys.stdout.flush()
+        if not ev.text.endswith("\n"):
+            sys.stdout.write("\n")
+        return
+    for i, g in enumerate(gen.generate_batch([prompt], n=n, seed=seed)[0]):
+        print(f"--- {i} ({g.finish_reason}) ---")
+        print(g.text)
+
+
+@app.command("eval")
+def eval_cmd(
+    task: str = typer.Option("arith", "--task", help="Task name (arith) or a GSM8K-style JSONL file."),
+    level: str = typer.Option("hard", "--level", help="arith level: easy | medium | hard."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate the first K problems only."),
+    model: str = typer.Option("arith", "--model", "-m"),
+    strategy: str = typer.Option("greedy", "--strategy", "-s", help="greedy | sample | majority | best-of-n ..."),
+    samples: int = typer.Option(16, "--samples", help="Candidates per problem for majority / best-of-n."),
+    temperature: float = typer.Option(1.0, "--temperature"),
+    top_k: int = typer.Option(0, "--top-k"),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    min_p: float = typer.Option(0.0, "--min-p"),
+    max_tokens: int = typer.Option(160, "--max-tokens"),
+    reward_model: Optional[str] = typer.Option(None, "--reward-model", help="Reward model for best-of-n (e.g. arith-reward)."),
+    prm: Optional[str] = typer.Option(None, "--prm", help="Also report this PRM's step-score ROC-AUC on the candidates."),
+    seed: int = typer.Option(0, "--seed"),
+    chunk: int = typer.Option(0, "--chunk", help="Problems per batch (0 = automatic)."),
+    set_: list[str] = typer.Option([], "--set", help="Extra strategy setting KEY=VALUE (repeatable)."),
+    dtype: str = typer.Option("float32", "--dtype"),
+    threads: int = typer.Option(0, "--threads", help="torch threads (0 = leave torch's default)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as one JSON object."),
+) -> None:
+    """Evaluate a strategy on a task: accuracy with a 95% CI, total and mean usage."""
+    import torch
+
+    from . import strategies
+    from .evaluate import evaluate
+    from .scoring.reward import RewardModel
+    from .tasks.arith import ArithTask
+    from .tasks.base import JsonlTask
+
+    if threads:
+        torch.set_num_threads(threads)
+    if limit is not None and limit < 1:
+        _fail(f"--limit must be >= 1; got {limit}")
+    if samples < 1:
+        _fail(f"--samples must be >= 1; got {samples}")
+    if task == "arith":
+        t = ArithTask()
+        try:
+            problems = t.problems(level, limit)
+        except ValueError as e:
+            _fail(f"--level: {e}")
+    elif task.endswith(".jsonl"):
+        t = JsonlTask(task)
+        problems = t.problems(limit=limit)
+    else:
+        _fail(f"--task must be 'arith' or a .jsonl file; got {task!r}")
+    settings = _settings(strategy, temperature, top_k, top_p, min_p, max_tokens, [], set_)
+    if strategies.STRATEGIES.get(strategy) and strategies.STRATEGIES[strategy].meta:
+        settings["samples"] = samples
+    lm = _load_lm(model, dtype)
+    rm = RewardModel.from_pretrained(reward_model) if reward_model else None
+    prm_model = rm if prm and prm == reward_model else (RewardModel.from_pretrained(prm) if prm else None)
+    gen = strategies.build(strategy, lm, settings, strategies.Context(task=t, reward_model=rm))
+    per = samples if strategies.STRATEGIES[strategy].meta else 1
+    chunk = chunk or max(1, 512 // per)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  transient=True, console=__import__("rich.console").console.Console(stderr=True)) as bar:
+        job = bar.add_task(f"{strategy} on {t.name}/{level}", total=len(problems))
+        res = evaluate(t, gen, problems, chunk=chunk, seed=seed, prm=prm_model,
+                       on_progress=lambda k: bar.advance(job, k))
+    res = {"task": t.name, "level": level, "model": lm.name, "strategy": strategy,
+           "settings": {k: v for k, v in settings.items() if v is not None}, "seed": seed, **res}
+    if as_json:
+        print(json.dumps(res))
+        return
+    lo, hi = res["ci95"]
+    print(f"{strategy} on {t.name}/{level}: accuracy {res['accuracy']:.3f} "
+          f"(95% CI {lo:.3f}-{hi:.3f}, {res['correct']}/{res['problems']})")
+    for key in ("pass_at_n", "majority_of_samples", "prm_step_auc"):
+        if key in res and res[key] is not None:
+            print(f"  {key}: {res[key]:.3f}")
+    u, m = res["usage_total"], res["usage_per_problem"]
+    print(f"  usage total: {u['generated_tokens']} generated, {u['computed_tokens']} computed tokens, "
+          f"{u['flops']:.3g} FLOPs, {u['wall_s']:.1f}s")
+    print(f"  per problem: {m['generated_tokens']:.1f} generated, {m['computed_tokens']:.1f} computed tokens, "
+          f"{m['flops']:.3g} FLOPs, {m['wall_s']:.3f}s")
+
+
+@app.command()
+def models(as_json: bool = typer.Option(False, "--json")) -> None:
+    """List the shipped models and their local paths."""
+    from .models.config import ModelConfig
+    from .models.registry import SHIPPED, shipped_models
+
+    rows = []
+    for name, path in shipped_models().items():
+        cfg = ModelConfig.from_file(path / "config.json")
+        rows.append({"name": name, "path": str(path), "parameters": cfg.num_parameters(),
+                     "kind": "reward" if cfg.is_reward_model else "causal-lm", "description": SHIPPED[name]})
+    if as_json:
+        print(json.dumps(rows))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("name", "kind", "parameters", "path")
+    for r in rows:
+        table.add_row(r["name"], r["kind"], f"{r['parameters']:,}", r["path"])
+    Console().print(table)
+
+
+@app.command("strategies")
+def list_strategies() -> None:
+    """List the strategies that --strategy accepts."""
+    from . import strategies
+
+    for s in strategies.STRATEGIES.values():
+        print(f"{s.name:12s} {s.help}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .decoding.processors import SettingError
+
+    try:
+        app(args=argv, standalone_mode=False)
+    except Exit as e:
+        sys.exit(e.exit_code)
+    except Abort:
+        sys.exit(130)
+    except ClickException as e:
+        param = getattr(e, "param", None)
+        msg = e.format_message()
+        opts = getattr(param, "opts", None) if param is not None else None
+        where = f"{'/'.join(opts)}: " if opts and opts[0] not in msg else ""
+        if msg:
+            print(f"error: {where}{msg}", file=sys.stderr)
+        sys.exit(2)
+    except (CliError, SettingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except BrokenPipeError:
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

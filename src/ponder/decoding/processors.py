@@ -1,0 +1,203 @@
+"""Logits processors: small composable transforms ``(tokens, logits) -> logits``.
+
+Each one validates its setting at construction and names the legal range in the
+error; a setting that does nothing makes the processor the identity. ``chain(...)``
+composes processors and is itself a processor (as optax's ``chain``), and forwards the
+stateful hooks (``accept``, ``fork``, ``rollback``, ``reset``) to its members, as
+llama.cpp's sampler chain does.
+
+Shapes: ``tokens`` [B, T] (history, left-padded with -1), ``logits`` [B, V] float.
+Filtered entries become ``-inf``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+class SettingError(ValueError):
+    """A generation setting is outside its legal range."""
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise SettingError(message)
+
+
+class Processor:
+    """Base class: stateless processors inherit no-op state hooks."""
+
+    is_identity = False
+
+    def __call__(self, tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # Stateful processors override these; for stateless ones they do nothing.
+    def accept(self, tokens: torch.Tensor) -> None:
+        """Record the tokens [B] just chosen."""
+
+    def fork(self, rows: Sequence[int]) -> "Processor":
+        """A processor whose row i continues the state of row ``rows[i]``."""
+        return self
+
+    def rollback(self, n: int) -> None:
+        """Forget the last ``n`` accepted tokens."""
+
+    def reset(self) -> None:
+        """Back to the state before any token was accepted."""
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({args})"
+
+
+class Identity(Processor):
+    is_identity = True
+
+    def __call__(self, tokens, logits):
+        return logits
+
+
+class Temperature(Processor):
+    """softmax(logits / τ) (Ackley et al. 1985). τ = 1 is the identity."""
+
+    def __init__(self, temperature: float) -> None:
+        _check(
+            isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0,
+            f"temperature must be > 0 (use greedy decoding for τ → 0); got {temperature}",
+        )
+        self.temperature = float(temperature)
+        self.is_identity = self.temperature == 1.0
+
+    def __call__(self, tokens, logits):
+        return logits if self.is_identity else logits / self.temperature
+
+
+class TopK(Processor):
+    """Keep the k most likely tokens (Fan et al. 2018). k = 0 is the identity."""
+
+    def __init__(self, k: int) -> None:
+        _check(isinstance(k, int) and not isinstance(k, bool) and k >= 0, f"top_k must be an integer >= 0 (0 disables it); got {k}")
+        self.k = k
+        self.is_identity = k == 0
+
+    def __call__(self, tokens, logits):
+        if self.is_identity or self.k >= logits.shape[-1]:
+            return logits
+        kth = torch.topk(logits, self.k, dim=-1).values[..., -1:]  # [B, 1]
+        return logits.masked_fill(logits < kth, NEG_INF)
+
+
+class TopP(Processor):
+    """Nucleus sampling (Holtzman et al. 2020): keep the smallest set of most likely
+    tokens whose probability sums to at least p. p = 1 is the identity."""
+
+    def __init__(self, p: float) -> None:
+        _check(isinstance(p, (int, float)) and 0 < p <= 1, f"top_p must be in (0, 1] (1 disables it); got {p}")
+        self.p = float(p)
+        self.is_identity = self.p == 1.0
+
+    def __call__(self, tokens, logits):
+        if self.is_identity:
+            return logits
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=False)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # Ascending order: drop the low tail whose mass is at most 1 - p; always keep the top.
+        drop = cum <= 1 - self.p
+        drop[..., -1] = False
+        mask = drop.scatter(-1, order, drop)
+        return logits.masked_fill(mask, NEG_INF)
+
+
+class MinP(Processor):
+    """Keep tokens with p >= min_p · max p (Nguyen et al. 2024). min_p = 0 is the identity."""
+
+    def __init__(self, min_p: float) -> None:
+        _check(isinstance(min_p, (int, float)) and 0 <= min_p <= 1, f"min_p must be in [0, 1] (0 disables it); got {min_p}")
+        self.min_p = float(min_p)
+        self.is_identity = self.min_p == 0.0
+
+    def __call__(self, tokens, logits):
+        if self.is_identity:
+            return logits
+        probs = logits.softmax(dim=-1)
+        threshold = self.min_p * probs.max(dim=-1, keepdim=True).values
+        return logits.masked_fill(probs < threshold, NEG_INF)
+
+
+class FunctionProcessor(Processor):
+    """Wrap a user's plain callable ``(tokens, logits) -> logits`` (per-request processors)."""
+
+    def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        _check(callable(fn), f"a processor must be callable; got {type(fn).__name__}")
+        self.fn = fn
+
+    def __call__(self, tokens, logits):
+        out = self.fn(tokens, logits)
+        if not isinstance(out, torch.Tensor) or out.shape != logits.shape:
+            raise SettingError(
+                f"processor {self.fn!r} must return a tensor of shape {tuple(logits.shape)}"
+            )
+        return out
+
+
+class Chain(Processor):
+    """Apply processors in order; a chain is itself a processor."""
+
+    def __init__(self, *processors: Any) -> None:
+        flat: list[Processor] = []
+        for p in processors:
+            if p is None:
+                continue
+            if not isinstance(p, Processor):
+                p = FunctionProcessor(p)
+            if isinstance(p, Chain):
+                flat.extend(p.processors)
+            elif not p.is_identity:
+                flat.append(p)
+        self.processors = flat
+        self.is_identity = not flat
+
+    def __call__(self, tokens, logits):
+        for p in self.processors:
+            logits = p(tokens, logits)
+        return logits
+
+    def accept(self, tokens):
+        for p in self.processors:
+            p.accept(tokens)
+
+    def fork(self, rows):
+        return Chain(*(p.fork(rows) for p in self.processors))
+
+    def rollback(self, n):
+        for p in self.processors:
+            p.rollback(n)
+
+    def reset(self):
+        for p in self.processors:
+            p.reset()
+
+    def __repr__(self) -> str:
+        return f"Chain({', '.join(map(repr, self.processors))})"
+
+
+def chain(*processors: Any) -> Chain:
+    return Chain(*processors)
+
+
+def make_processors(
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    extra: Sequence[Any] = (),
+) -> Chain:
+    """The standard sampling adapters in the order transformers applies them:
+    temperature, top-k, top-p, min-p, then any extra (user) processors."""
+    return Chain(Temperature(temperature), TopK(top_k), TopP(top_p), MinP(min_p), *extra)

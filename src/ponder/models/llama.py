@@ -1,0 +1,237 @@
+"""The Llama-family decoder (Llama 2/3, Qwen2, Mistral, SmolLM), in one readable file.
+
+RMSNorm, rotary embeddings (with Llama-3 / linear scaling), SwiGLU, grouped-query
+attention, optional q/k/v bias (Qwen2), tied or untied embeddings. Weights load from
+Hugging Face names; q/k/v and gate/up are fused at load time so that a decode step
+runs two matmuls per block instead of five, which matters on CPU where per-op
+overhead dominates small models.
+
+The same module trains (``ponder.train``) and serves, so both share one definition.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig, rope_inv_freq
+from .kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 as Hugging Face does, then cast back: bf16 stays exact-ish.
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, T, H, D]; cos, sin: [B, T, 1, D]. The rotate-half convention of HF Llama."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        q, kv = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, q + 2 * kv, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(q, cfg.hidden_size, bias=cfg.o_bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [B, T, hidden]
+        cos: torch.Tensor,  # [B, T, 1, D]
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,  # [B, 1, T, S] bool, or None
+        cache: KVCache | None,
+        layer: int,
+        write_slots: torch.Tensor | None,  # [B, T] slot of each new token
+        span: int,  # number of key slots to attend over
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, KV, D = self.n_heads, self.n_kv, self.head_dim
+        qkv = self.qkv_proj(x).view(B, T, H + 2 * KV, D)
+        # Rotate q and k together: one op instead of two.
+        qk = apply_rope(qkv[:, :, : H + KV], cos, sin)
+        q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + KV :]
+        if cache is not None:
+            rows = torch.arange(B, device=x.device)[:, None]
+            cache.k[layer][rows, write_slots] = k
+            cache.v[layer][rows, write_slots] = v
+            k = cache.k[layer][:, :span]
+            v = cache.v[layer][:, :span]
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, *, D]
+        if mask is None and cache is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=H != KV)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != KV)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, H * D))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.ffn = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * self.ffn, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(self.ffn, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.ffn, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+
+class Transformer(nn.Module):
+    """Decoder-only transformer. ``forward`` returns final hidden states [B, T, hidden]."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if cfg.is_reward_model:
+            self.score = nn.Linear(cfg.hidden_size, cfg.num_labels, bias=True)
+            self.lm_head = None
+        elif cfg.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # -- rotary table ---------------------------------------------------------------------
+    def rope_table(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for positions 0..n-1: [n, D], in float32, grown on demand."""
+        if self._rope_cache is None or self._rope_cache[0].shape[0] < n:
+            size = max(n, 2 * (self._rope_cache[0].shape[0] if self._rope_cache else 512))
+            inv = rope_inv_freq(self.cfg).to(device)
+            freqs = torch.outer(torch.arange(size, device=device, dtype=torch.float32), inv)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            self._rope_cache = (emb.cos(), emb.sin())
+        return self._rope_cache
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def new_cache(self, batch_size: int, capacity: int = 256) -> KVCache:
+        c = self.cfg
+        return KVCache(
+            c.num_hidden_layers, batch_size, c.num_key_value_heads, c.head_dim,
+            capacity, self.dtype, self.embed_tokens.weight.device,
+        )
+
+    # -- forward ---------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [B, T]
+        cache: KVCache | None = None,
+        num_new: torch.Tensor | None = None,  # [B] valid new tokens per row (rest is padding)
+        output_hidden_states: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Run the blocks. With a cache, row b's new tokens go at slots lengths[b]..,
+        padding to the right of each row is computed but never counted or attended to.
+        Returns the final (normed) hidden states, and with ``output_hidden_states`` also
+        the residual stream after the embedding and after every block (HF convention)."""
+        B, T = input_ids.shape
+        dev = input_ids.device
+        x = self.embed_tokens(input_ids)
+        mask = None
+        write_slots = None
+        span = T
+        if cache is None:
+            positions = torch.arange(T, device=dev).expand(B, T)
+        else:
+            start = cache.lengths  # [B]
+            positions = start[:, None] + torch.arange(T, device=dev)  # [B, T]
+            span = int(start.max().item()) + T
+            cache.reserve(span)
+            write_slots = positions
+            uniform = bool((start == start[0]).all())
+            if T == 1 and uniform:
+                mask = None  # one query per row that sees every valid slot
+            else:
+                # key slot j is visible to the query at position p iff j <= p
+                mask = (torch.arange(span, device=dev)[None, None, :] <= positions[:, :, None])[:, None]
+        cos_t, sin_t = self.rope_table(int(positions.max().item()) + 1, dev)
+        cos = cos_t[positions].to(x.dtype)[:, :, None, :]
+        sin = sin_t[positions].to(x.dtype)[:, :, None, :]
+        hidden: list[torch.Tensor] = [x] if output_hidden_states else []
+        for i, blk in enumerate(self.layers):
+            x = x + blk.self_attn(blk.input_layernorm(x), cos, sin, mask, cache, i, write_slots, span)
+            x = x + blk.mlp(blk.post_attention_layernorm(x))
+            if output_hidden_states:
+                hidden.append(x)
+        if cache is not None:
+            cache.lengths = cache.lengths + (num_new if num_new is not None else T)
+        x = self.norm(x)
+        if output_hidden_states:
+            hidden[-1] = x  # HF reports the final normed state as the last hidden state
+            return x, hidden
+        return x
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Project hidden states to vocabulary logits (or reward scores for a reward model)."""
+        if self.cfg.is_reward_model:
+            return self.score(h)
+        w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(h, w)
+
+    # -- Hugging Face weight names -----------------------------------------------------
+    def load_hf_state_dict(self, sd: dict[str, torch.Tensor], strict: bool = True) -> None:
+        """Load weights named as in transformers (``model.layers.0.self_attn.q_proj.weight``...)."""
+        sd = {k.removeprefix("model."): v for k, v in sd.items()}
+        out: dict[str, torch.Tensor] = {}
+        for i in range(self.cfg.num_hidden_layers):
+            p = f"layers.{i}."
+            for kind in ("weight", "bias"):
+                parts = [sd.pop(f"{p}self_attn.{n}_proj.{kind}", None) for n in "qkv"]
+                if parts[0] is not None:
+                    out[f"{p}self_attn.qkv_proj.{kind}"] = torch.cat(parts)
+                parts = [sd.pop(f"{p}mlp.{n}_proj.{kind}", None) for n in ("gate", "up")]
+                if parts[0] is not None:
+                    out[f"{p}mlp.gate_up_proj.{kind}"] = torch.cat(parts)
+        out.update(sd)
+        if self.lm_head is None:
+            out.pop("lm_head.weight", None)
+        out = {k: v.to(self.dtype) for k, v in out.items()}
+        missing, unexpected = self.load_state_dict(out, strict=False)
+        if strict and (missing or unexpected):
+            raise ValueError(f"checkpoint does not match config: missing {missing}, unexpected {unexpected}")
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights under transformers' names, ready for ``safetensors.torch.save_file``."""
+        out: dict[str, torch.Tensor] = {}
+        c = self.cfg
+        q, kv, f = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.intermediate_size
+        for k, v in self.state_dict().items():
+            v = v.detach().contiguous()
+            if ".qkv_proj." in k:
+                for name, part in zip("qkv", v.split([q, kv, kv])):
+                    out["model." + k.replace("qkv_proj", f"{name}_proj")] = part.contiguous()
+            elif ".gate_up_proj." in k:
+                for name, part in zip(("gate", "up"), v.split([f, f])):
+                    out["model." + k.replace("gate_up_proj", f"{name}_proj")] = part.contiguous()
+            elif k.startswith(("lm_head", "score")):
+                out[k] = v
+            else:
+                out["model." + k] = v
+        return out

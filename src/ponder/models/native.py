@@ -1,0 +1,122 @@
+"""``NativeLM``: ponder's own engine behind the ``LanguageModel`` protocol (logits access)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..protocols import Access
+from .kv_cache import KVCache
+from .llama import Transformer
+from .loader import load_tokenizer, load_transformer
+
+
+class NativeLM:
+    """A Hugging Face Llama-family checkpoint run by ponder's native transformer.
+
+    ``forward`` is the one primitive: new tokens for each row of a KV cache in, float32
+    logits out. Everything else (prefill, decode step, scoring) is built on it.
+    """
+
+    access = Access.LOGITS
+
+    def __init__(self, model: Transformer, tokenizer, name: str = "model", path: str | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.path = path
+        self.cfg = model.cfg
+        eos = list(self.cfg.eos_ids)
+        self._eos = eos
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, dtype: str | torch.dtype = "float32") -> "NativeLM":
+        """Load a shipped model by name (``arith``) or a checkpoint folder by path."""
+        from .registry import resolve_model
+
+        path, name = resolve_model(str(name_or_path))
+        return cls(load_transformer(path, dtype), load_tokenizer(path), name=name, path=str(path))
+
+    # -- tokens and text ------------------------------------------------------------------
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return self._eos
+
+    @property
+    def vocab_size(self) -> int:
+        return self.cfg.vocab_size
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def num_parameters(self) -> int:
+        return self.cfg.num_parameters()
+
+    def flops(self, n_tokens: int, context_start: int) -> float:
+        """Forward FLOPs for ``n_tokens`` new tokens appended after ``context_start``."""
+        if n_tokens <= 0:
+            return 0.0
+        mean_context = context_start + (n_tokens + 1) / 2
+        return n_tokens * self.cfg.flops_per_token(int(mean_context))
+
+    # -- the forward primitive -----------------------------------------------------------
+    def new_cache(self, batch_size: int, capacity: int = 256) -> KVCache:
+        return self.model.new_cache(batch_size, capacity)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [B, T]
+        cache: KVCache | None,
+        num_new: torch.Tensor | None = None,  # [B]
+        last_only: bool = False,
+        output_hidden_states: bool = False,
+    ):
+        """Logits [B, T, V] (float32), or [B, V] at each row's last new token when
+        ``last_only``. With ``output_hidden_states`` returns (logits, hidden_states)."""
+        out = self.model(input_ids, cache, num_new, output_hidden_states=output_hidden_states)
+        h, hidden = out if output_hidden_states else (out, None)
+        if last_only:
+            if num_new is None:
+                h = h[:, -1]
+            else:
+                h = h[torch.arange(h.shape[0]), num_new - 1]
+        logits = self.model.logits(h).float()
+        return (logits, hidden) if output_hidden_states else logits
+
+    def prefill(self, prompts: Sequence[Sequence[int]], capacity: int | None = None) -> tuple[torch.Tensor, KVCache]:
+        """Run prompts of different lengths in one batch: returns last-token logits [B, V]
+        and a cache holding each prompt."""
+        lens = [len(p) for p in prompts]
+        if min(lens) == 0:
+            raise ValueError("a prompt must hold at least one token")
+        T = max(lens)
+        pad = self._eos[0] if self._eos else 0
+        ids = torch.full((len(prompts), T), pad, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, : len(p)] = torch.as_tensor(list(p), dtype=torch.long)
+        cache = self.new_cache(len(prompts), capacity or T + 128)
+        num_new = torch.tensor(lens, dtype=torch.long)
+        return self.forward(ids, cache, num_new, last_only=True), cache
+
+    def step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One decode step: tokens [B] -> next-token logits [B, V]."""
+        return self.forward(tokens[:, None], cache)[:, 0]
+
+    @torch.inference_mode()
+    def score(self, prompt_ids: Sequence[int], continuation_ids: Sequence[int]) -> list[float]:
+        """Log-probabilities of each continuation token given the prompt (SL access)."""
+        ids = torch.tensor([list(prompt_ids) + list(continuation_ids)])
+        logits = self.forward(ids, None)[0]
+        lp = logits.log_softmax(-1)
+        n = len(prompt_ids)
+        tgt = ids[0, n:]
+        return lp[n - 1 : -1].gather(-1, tgt[:, None])[:, 0].tolist()
+
+    def __repr__(self) -> str:
+        return f"NativeLM({self.name!r}, params={self.num_parameters():,}, dtype={self.model.dtype})"

@@ -1,0 +1,95 @@
+"""Reward models: outcome (ORM) and per-step (PRM) scores from one network.
+
+Format of a ponder reward model (``arith-reward`` is one): a Hugging Face
+``LlamaForTokenClassification`` checkpoint with ``num_labels = 1`` (config.json,
+model.safetensors, tokenizer.json). It reads ``prompt + solution`` and puts a logit on
+every token; ponder reads it at two kinds of places:
+
+* the last token of each step line (the ``\\n``): ``sigmoid`` is the probability that
+  the solution is correct *so far* (the PRM score of that prefix);
+* an EOS token appended after the solution: the probability that the final answer is
+  right (the ORM score).
+
+Load it with ``RewardModel.from_pretrained("arith-reward")`` or from any folder in
+this format; transformers loads it too (``AutoModelForTokenClassification``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..models.loader import load_tokenizer, load_transformer
+from ..models.llama import Transformer
+from ..types import Usage
+
+
+class RewardModel:
+    def __init__(self, model: Transformer, tokenizer, name: str = "reward") -> None:
+        if not model.cfg.is_reward_model:
+            raise ValueError(f"{name} is not a reward model: its config has no scalar head (num_labels)")
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.eos = model.cfg.eos_ids[0]
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, dtype: str = "float32") -> "RewardModel":
+        from ..models.registry import resolve_model
+
+        path, name = resolve_model(str(name_or_path))
+        return cls(load_transformer(path, dtype), load_tokenizer(path), name)
+
+    def layout(self, prompt: str, completion: str) -> tuple[list[int], list[int], int]:
+        """Token ids of prompt + completion + EOS, the index of each step's last token,
+        and the index of the EOS (where the outcome score is read)."""
+        ids = self.tokenizer.encode(prompt).ids
+        step_ends = []
+        lines = completion.split("\n")
+        for k, line in enumerate(lines):
+            piece = line + ("\n" if k < len(lines) - 1 else "")
+            if not piece:
+                continue
+            ids += self.tokenizer.encode(piece, add_special_tokens=False).ids
+            if line.strip() and k < len(lines) - 1:
+                step_ends.append(len(ids) - 1)
+        ids.append(self.eos)
+        return ids, step_ends, len(ids) - 1
+
+    @torch.inference_mode()
+    def _logits(self, seqs: list[list[int]]) -> list[torch.Tensor]:
+        T = max(map(len, seqs))
+        ids = torch.full((len(seqs), T), self.eos, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s)
+        # Right padding with a causal mask: padding never influences real positions.
+        scores = self.model.logits(self.model(ids))[..., 0].float()
+        return [scores[i, : len(s)] for i, s in enumerate(seqs)]
+
+    def _usage(self, seqs: list[list[int]]) -> list[Usage]:
+        cfg = self.model.cfg
+        return [
+            Usage(computed_tokens=len(s), model_calls=1, flops=len(s) * cfg.flops_per_token(len(s) // 2))
+            for s in seqs
+        ]
+
+    def score_completions(self, prompt: str, completions: Sequence[str], batch_size: int = 64) -> list[tuple[float, Usage]]:
+        """Outcome score in [0, 1] for each completion, with what scoring cost."""
+        out: list[tuple[float, Usage]] = []
+        for i in range(0, len(completions), batch_size):
+            lay = [self.layout(prompt, c) for c in completions[i : i + batch_size]]
+            seqs = [ids for ids, _, _ in lay]
+            logits = self._logits(seqs)
+            for (ids, _, end), lg, u in zip(lay, logits, self._usage(seqs)):
+                out.append((float(torch.sigmoid(lg[end])), u))
+        return out
+
+    def step_scores(self, prompt: str, completions: Sequence[str], batch_size: int = 64) -> list[list[float]]:
+        """PRM: for each completion, the score after each step line."""
+        out: list[list[float]] = []
+        for i in range(0, len(completions), batch_size):
+            lay = [self.layout(prompt, c) for c in completions[i : i + batch_size]]
+            logits = self._logits([ids for ids, _, _ in lay])
+            for (_, ends, _), lg in zip(lay, logits):
+                out.append(torch.sigmoid(lg[ends]).tolist() if ends else [])
+        return out

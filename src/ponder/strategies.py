@@ -1,0 +1,99 @@
+"""Strategies by name: the registry the CLI (``--strategy``) and ``ponder eval`` use.
+
+A strategy is a factory ``(lm, settings, ctx) -> generator``. Later families register
+theirs here with ``register``; the CLI then reaches them with ``--strategy NAME`` and
+their settings as flags or ``--set key=value``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .decoding.processors import SettingError
+
+
+@dataclass
+class Strategy:
+    name: str
+    factory: Callable[..., Any]
+    help: str
+    settings: tuple[str, ...] = ()
+    needs: tuple[str, ...] = ()  # e.g. ("task",) or ("reward_model",)
+    meta: bool = False
+
+
+@dataclass
+class Context:
+    """What a strategy may need besides the model and its settings."""
+
+    task: Any = None
+    reward_model: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+STRATEGIES: dict[str, Strategy] = {}
+
+SAMPLING_SETTINGS = ("temperature", "top_k", "top_p", "min_p")
+OPTION_SETTINGS = ("max_tokens", "stop", "stop_token_ids", "ignore_eos")
+
+
+def register(name: str, factory: Callable[..., Any], help: str, settings: tuple[str, ...] = (),
+             needs: tuple[str, ...] = (), meta: bool = False) -> None:
+    STRATEGIES[name] = Strategy(name, factory, help, settings, needs, meta)
+
+
+def build(name: str, lm: Any, settings: dict[str, Any], ctx: Context | None = None) -> Any:
+    """Make the generator for strategy ``name``; unknown names and settings are errors
+    that list what is legal."""
+    if name not in STRATEGIES:
+        raise SettingError(f"--strategy {name!r} is unknown; choose one of: {', '.join(STRATEGIES)}")
+    st = STRATEGIES[name]
+    ctx = ctx or Context()
+    for need in st.needs:
+        if getattr(ctx, need) is None:
+            flag = "--task" if need == "task" else "--reward-model"
+            raise SettingError(f"--strategy {name} needs {flag}")
+    legal = set(st.settings) | set(OPTION_SETTINGS)
+    unknown = [k for k, v in settings.items() if k not in legal and v is not None]
+    if unknown:
+        raise SettingError(
+            f"--strategy {name} does not take {', '.join(unknown)}; it takes {', '.join(sorted(legal))}"
+        )
+    return st.factory(lm, {k: v for k, v in settings.items() if v is not None}, ctx)
+
+
+def _options(s: dict[str, Any]) -> dict[str, Any]:
+    return {k: s[k] for k in OPTION_SETTINGS if k in s}
+
+
+def _greedy(lm, s, ctx):
+    from .decoding.generate import Greedy
+
+    return Greedy(lm, **_options(s))
+
+
+def _sample(lm, s, ctx):
+    from .decoding.generate import Sample
+
+    return Sample(lm, **{k: s[k] for k in SAMPLING_SETTINGS if k in s}, **_options(s))
+
+
+def _majority(lm, s, ctx):
+    from .meta.parallel import MajorityVote
+
+    return MajorityVote(_sample(lm, s, ctx), ctx.task.extract_answer, n=s.get("samples", 16))
+
+
+def _best_of_n(lm, s, ctx):
+    from .meta.parallel import BestOfN
+
+    return BestOfN(_sample(lm, s, ctx), ctx.reward_model, n=s.get("samples", 16))
+
+
+register("greedy", _greedy, "argmax at every step")
+register("sample", _sample, "ancestral sampling with temperature/top-k/top-p/min-p", SAMPLING_SETTINGS)
+register("majority", _majority, "self-consistency: majority vote over N samples (Wang et al. 2023)",
+         SAMPLING_SETTINGS + ("samples",), needs=("task",), meta=True)
+register("best-of-n", _best_of_n, "best of N samples by a reward model (Stiennon et al. 2020)",
+         SAMPLING_SETTINGS + ("samples",), needs=("reward_model",), meta=True)

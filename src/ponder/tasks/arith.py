@@ -1,0 +1,223 @@
+"""``arith``: multi-step integer arithmetic, solved one operation per line.
+
+Format (prompt, then the solution the model writes)::
+
+    Q: 23+45-17+8
+    23+45=68
+    68-17=51
+    51+8=59
+    Answer: 59
+
+Expressions are evaluated left to right (only ``+`` and ``-``), so every line is one
+operation on the running total, and every line can be checked exactly: that is the
+oracle process reward. Difficulty is the number of operations and the operand size.
+
+Held-out problems are defined by a hash of the question (1 in ``HELD_OUT_MODULUS``),
+so the training stream can exclude every test problem of every level, including
+levels added later, without storing a list.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from .base import Problem
+
+HELD_OUT_MODULUS = 16
+ANSWER_PREFIX = "Answer: "
+
+
+@dataclass(frozen=True)
+class Level:
+    name: str
+    min_operands: int
+    max_operands: int
+    digits: int  # operands are drawn uniformly from [0, 10**digits)
+
+
+LEVELS: dict[str, Level] = {
+    "easy": Level("easy", 2, 3, 2),
+    "medium": Level("medium", 4, 5, 2),
+    "hard": Level("hard", 6, 7, 3),
+}
+TEST_SET_SIZE = 500
+TEST_SEEDS = {"easy": 1001, "medium": 1002, "hard": 1003}
+
+
+def is_held_out(question: str) -> bool:
+    h = hashlib.sha256(question.encode()).digest()
+    return int.from_bytes(h[:4], "big") % HELD_OUT_MODULUS == 0
+
+
+def random_question(rng: random.Random, n_operands: int, digits: int) -> str:
+    hi = 10**digits - 1
+    parts = [str(rng.randint(0, hi))]
+    for _ in range(n_operands - 1):
+        parts.append(rng.choice("+-") + str(rng.randint(0, hi)))
+    return "".join(parts)
+
+
+_TERM = re.compile(r"([+-]?)(\d+)")
+
+
+def parse_question(question: str) -> list[tuple[str, int]]:
+    """'23+45-17' -> [('+', 23), ('+', 45), ('-', 17)]."""
+    terms = [(s or "+", int(d)) for s, d in _TERM.findall(question.replace(" ", ""))]
+    if not terms:
+        raise ValueError(f"not an arith question: {question!r}")
+    return terms
+
+
+def solve(question: str) -> tuple[list[str], int]:
+    """The reference solution: one line per operation, and the answer."""
+    terms = parse_question(question)
+    total = terms[0][1]
+    lines = []
+    for op, b in terms[1:]:
+        new = total + b if op == "+" else total - b
+        lines.append(f"{total}{op}{b}={new}")
+        total = new
+    return lines, total
+
+
+def solution_text(question: str) -> str:
+    lines, ans = solve(question)
+    return "".join(line + "\n" for line in lines) + f"{ANSWER_PREFIX}{ans}\n"
+
+
+def make_problem(question: str, pid: str, level: str | None = None) -> Problem:
+    _, ans = solve(question)
+    return Problem(id=pid, question=question, answer=str(ans), meta={"level": level} if level else {})
+
+
+def training_stream(seed: int, levels: list[Level] | None = None, block: int = 1):
+    """Endless (question, solution) pairs for training, never a held-out question.
+
+    Levels are drawn in blocks of ``block`` consecutive problems, so a training batch
+    holds problems of one shape and pads little.
+    """
+    rng = random.Random(seed)
+    levels = levels or TRAIN_LEVELS
+    while True:
+        lv = rng.choice(levels)
+        made = 0
+        while made < block:
+            q = random_question(rng, rng.randint(lv.min_operands, lv.max_operands), lv.digits)
+            if is_held_out(q):
+                continue
+            made += 1
+            yield q, solution_text(q)
+
+
+# Training covers every operand count and size the test levels use; bigger operands are
+# drawn more often because that is where the model has the most to learn.
+TRAIN_LEVELS = [Level(f"train{n}x{d}", n, n, d) for n in range(2, 8) for d in (1, 2, 2, 3, 3, 3)]
+
+
+def generate_test_set(level: str, n: int = TEST_SET_SIZE, seed: int | None = None) -> list[Problem]:
+    lv = LEVELS[level]
+    rng = random.Random(TEST_SEEDS[level] if seed is None else seed)
+    seen: set[str] = set()
+    out: list[Problem] = []
+    while len(out) < n:
+        q = random_question(rng, rng.randint(lv.min_operands, lv.max_operands), lv.digits)
+        if q in seen or not is_held_out(q):
+            continue
+        seen.add(q)
+        out.append(make_problem(q, f"{level}-{len(out):04d}", level))
+    return out
+
+
+_STEP = re.compile(r"^\s*(-?\d+)\s*([+-])\s*(\d+)\s*=\s*(-?\d+)\s*$")
+_ANSWER = re.compile(r"answer\s*:?\s*(-?\d+)", re.IGNORECASE)
+
+
+class ArithTask:
+    """The ``arith`` task: exact answer checker, exact step checker, robust extractor."""
+
+    name = "arith"
+    levels = tuple(LEVELS)
+
+    def __init__(self, data_dir: str | Path | None = None) -> None:
+        self._data_dir = Path(data_dir) if data_dir else None
+
+    def _data_path(self, level: str) -> Path:
+        if self._data_dir is not None:
+            return self._data_dir / f"arith_{level}.jsonl"
+        return Path(str(resources.files("ponder.tasks") / "data" / f"arith_{level}.jsonl"))
+
+    def problems(self, level: str | None = None, limit: int | None = None) -> list[Problem]:
+        level = level or "hard"
+        if level not in LEVELS:
+            raise ValueError(f"level must be one of {', '.join(LEVELS)}; got {level!r}")
+        path = self._data_path(level)
+        if path.exists():
+            rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+            probs = [Problem(r["id"], r["question"], str(r["answer"]), {"level": level}) for r in rows]
+        else:  # the generator is deterministic, so this equals the shipped file
+            probs = generate_test_set(level)
+        return probs[:limit] if limit else probs
+
+    def prompt(self, problem: Problem) -> str:
+        return f"Q: {problem.question}\n"
+
+    def extract_answer(self, completion: str) -> str | None:
+        """The number on the last 'Answer:' line; None if there is none (never raises)."""
+        found = _ANSWER.findall(completion or "")
+        return str(int(found[-1])) if found else None
+
+    def check_answer(self, problem: Problem, completion: str) -> bool:
+        got = self.extract_answer(completion)
+        return got is not None and got == str(int(problem.answer))
+
+    def split_steps(self, completion: str) -> list[str]:
+        """The operation lines of a solution, up to (not including) the answer line."""
+        steps = []
+        for line in (completion or "").split("\n"):
+            if _ANSWER.search(line):
+                break
+            if line.strip():
+                steps.append(line)
+        return steps
+
+    def check_steps(self, problem: Problem, steps: list[str]) -> list[bool]:
+        """Is each step right? Step t must apply operation t+1 of the question to the
+        true running total and get the right result; a step after an error is wrong
+        unless it repeats the true running total (it cannot, having started wrong)."""
+        terms = parse_question(problem.question)
+        total = terms[0][1]
+        ok: list[bool] = []
+        for t, line in enumerate(steps):
+            m = _STEP.match(line)
+            if m is None or t + 1 >= len(terms):
+                ok.append(False)
+                continue
+            a, op, b, c = int(m[1]), m[2], int(m[3]), int(m[4])
+            want_op, want_b = terms[t + 1]
+            new = total + want_b if want_op == "+" else total - want_b
+            ok.append(a == total and op == want_op and b == want_b and c == new)
+            total = new
+        return ok
+
+    def prefix_correct(self, problem: Problem, steps: list[str]) -> list[bool]:
+        """Oracle PRM labels: is the solution correct up to and including step t?"""
+        out, good = [], True
+        for s in self.check_steps(problem, steps):
+            good = good and s
+            out.append(good)
+        return out
+
+
+def write_test_sets(out_dir: str | Path) -> None:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for level in LEVELS:
+        with open(out_dir / f"arith_{level}.jsonl", "w") as f:
+            for p in generate_test_set(level):
+                f.write(json.dumps({"id": p.id, "question": p.question, "answer": p.answer}) + "\n")

@@ -1,0 +1,114 @@
+"""Reward-model training: sample the target model's own solutions, label them with the
+exact checkers, and fit a scalar head (per step and final) on a copy of the target.
+
+Initialising from the target is the usual practice for PRMs (Lightman et al. 2023;
+Wang et al. 2024, Math-Shepherd): the backbone already reads arithmetic.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .models.llama import Transformer
+from .models.loader import load_tokenizer, load_transformer
+from .models.native import NativeLM
+from .scoring.reward import RewardModel
+from .tasks import arith
+from .train import _meta, lr_at, save_checkpoint
+
+# Reward data leans to the harder shapes, where the target errs and labels are mixed.
+SAMPLE_LEVELS = [arith.Level(f"rm{n}x{d}", n, n, d) for n in range(3, 8) for d in (2, 3, 3)]
+
+
+def make_samples(args) -> None:
+    from .decoding.generate import Sample
+
+    torch.set_num_threads(args.threads)
+    lm = NativeLM(load_transformer(args.policy), load_tokenizer(args.policy), "policy")
+    task = arith.ArithTask()
+    gen = Sample(lm, temperature=args.temperature, max_tokens=160)
+    stream = arith.training_stream(10_000 + args.seed, SAMPLE_LEVELS)
+    qs = [next(stream)[0] for _ in range(args.problems)]
+    t0 = time.time()
+    n_ok = n_all = 0
+    with open(args.out, "w") as f:
+        for i in range(0, len(qs), 32):
+            chunk = [arith.make_problem(q, f"rm{i + k}") for k, q in enumerate(qs[i : i + 32])]
+            outs = gen.generate_batch([task.prompt(p) for p in chunk], n=args.per_problem, seed=args.seed + i)
+            for p, gs in zip(chunk, outs):
+                for g in gs:
+                    steps = task.split_steps(g.text)
+                    ok = task.check_answer(p, g.text)
+                    n_ok += ok
+                    n_all += 1
+                    f.write(json.dumps({
+                        "question": p.question, "completion": g.text,
+                        "step_labels": task.prefix_correct(p, steps), "correct": ok,
+                    }) + "\n")
+            print(f"{i + len(chunk)}/{len(qs)} problems, {n_ok}/{n_all} correct, {time.time() - t0:.0f}s", flush=True)
+
+
+def train_reward(args) -> None:
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    tok = load_tokenizer(args.policy)
+    policy = load_transformer(args.policy)
+    cfg = replace(policy.cfg, architecture="LlamaForTokenClassification", num_labels=1)
+    model = Transformer(cfg)
+    sd = {k: v for k, v in policy.state_dict().items() if not k.startswith("lm_head")}
+    model.load_state_dict(sd, strict=False)
+    torch.nn.init.zeros_(model.score.weight)
+    torch.nn.init.zeros_(model.score.bias)
+    model.train()
+    rows = [json.loads(x) for x in Path(args.samples).read_text().splitlines() if x.strip()]
+    rng = random.Random(args.seed)
+    rm = RewardModel(model, tok, "reward")
+    data = []
+    for r in rows:
+        ids, ends, eos_at = rm.layout(f"Q: {r['question']}\n", r["completion"])
+        labels = r["step_labels"][: len(ends)]
+        pos = ends[: len(labels)] + [eos_at]
+        data.append((ids, pos, [float(x) for x in labels] + [float(r["correct"])]))
+    print(f"{len(data)} labelled samples, {sum(r['correct'] for r in rows)} correct", flush=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.05)
+    t0 = time.time()
+    budget = args.minutes * 60
+    step, ema = 0, None
+    last_save = t0
+    while True:
+        progress = (time.time() - t0) / budget
+        if progress >= 1 or (args.steps and step >= args.steps):
+            break
+        for g in opt.param_groups:
+            g["lr"] = lr_at(progress, args.lr)
+        batch = rng.sample(data, min(args.batch, len(data)))
+        T = max(len(ids) for ids, _, _ in batch)
+        x = torch.full((len(batch), T), rm.eos, dtype=torch.long)
+        bi, pi, yl = [], [], []
+        for i, (ids, pos, lab) in enumerate(batch):
+            x[i, : len(ids)] = torch.tensor(ids)
+            bi += [i] * len(pos)
+            pi += pos
+            yl += lab
+        logits = model.logits(model(x))[..., 0]
+        loss = F.binary_cross_entropy_with_logits(logits[torch.tensor(bi), torch.tensor(pi)], torch.tensor(yl))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        if step % 25 == 0:
+            print(f"step {step} bce {ema:.4f} t {time.time() - t0:.0f}s", flush=True)
+        if time.time() - last_save > args.save_every * 60:
+            save_checkpoint(model, tok, Path(args.out), _meta(args, step, t0, ema, cfg))
+            last_save = time.time()
+    save_checkpoint(model, tok, Path(args.out), _meta(args, step, t0, ema, cfg))
+    print(f"done: {step} steps, bce {ema:.4f}", flush=True)
