@@ -77,10 +77,14 @@ def generate(
     set_: list[str] = typer.Option([], "--set", help="Extra strategy setting KEY=VALUE (repeatable)."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
+    raw: bool = typer.Option(False, "--raw", help="Take PROMPT literally (do not read \\n and \\t as escapes)."),
 ) -> None:
-    """Generate text from PROMPT, streaming it as it comes."""
+    """Generate text from PROMPT, streaming it as it comes. The escapes \\n and \\t in
+    PROMPT become a newline and a tab (shells do not do it inside quotes) unless --raw."""
     from . import strategies
 
+    if not raw:
+        prompt = prompt.replace("\\n", "\n").replace("\\t", "\t")
     if not prompt:
         _fail("PROMPT is empty; give some text to continue")
     if n < 1:

@@ -132,9 +132,16 @@ def train_lm(args) -> None:
     cfg = make_config(tok, args.hidden, args.layers, args.heads, args.kv_heads, args.ffn)
     model = Transformer(cfg)
     _init_weights(model)
+    if args.init:  # continue from a checkpoint (a new schedule, a fresh optimiser)
+        from .models.loader import load_state_dict
+
+        model.load_hf_state_dict(load_state_dict(Path(args.init)))
+        print(f"initialised from {args.init}", flush=True)
     print(f"params: {cfg.num_parameters():,}", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
-    stream = arith.training_stream(args.seed + 1, block=args.batch)
+    levels = [arith.Level(f"train{n}x{d}", n, n, d)
+              for n in range(args.min_operands, args.max_operands + 1) for d in _ints(args.digits)]
+    stream = arith.training_stream(args.seed + 1, levels, block=args.batch)
     out = Path(args.out)
     t0 = last_save = time.time()
     budget = args.minutes * 60
@@ -166,6 +173,10 @@ def train_lm(args) -> None:
     print(f"done: {step} steps, loss {ema:.4f}, {time.time()-t0:.0f}s", flush=True)
 
 
+def _ints(spec: str) -> list[int]:
+    return [int(x) for x in str(spec).split(",") if x.strip()]
+
+
 def _meta(args, step, t0, loss, cfg) -> dict:
     return {
         "kind": args.cmd,
@@ -178,6 +189,9 @@ def _meta(args, step, t0, loss, cfg) -> dict:
         "threads": args.threads,
         "seed": args.seed,
         "minutes_budget": args.minutes,
+        "init": getattr(args, "init", None),
+        "operands": [getattr(args, "min_operands", None), getattr(args, "max_operands", None)],
+        "digits": getattr(args, "digits", None),
     }
 
 
@@ -230,6 +244,11 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--save-every", type=float, default=5.0, help="minutes between checkpoints")
         p.add_argument("--threads", type=int, default=1)
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--init", default=None, help="checkpoint folder to start from")
+        p.add_argument("--min-operands", type=int, default=2)
+        p.add_argument("--max-operands", type=int, default=7)
+        p.add_argument("--digits", default="1,2,2,3,3,3",
+                       help="operand digit counts to draw from (repeats weight a size)")
         if name == "reward":
             p.add_argument("--policy", required=True, help="target model folder, used to initialise")
             p.add_argument("--samples", required=True, help="labelled samples JSONL")

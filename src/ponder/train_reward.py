@@ -24,7 +24,7 @@ from .tasks import arith
 from .train import _meta, lr_at, save_checkpoint
 
 # Reward data leans to the harder shapes, where the target errs and labels are mixed.
-SAMPLE_LEVELS = [arith.Level(f"rm{n}x{d}", n, n, d) for n in range(3, 8) for d in (2, 3, 3)]
+SAMPLE_LEVELS = [arith.Level(f"rm{n}x{d}", n, n, d) for n in range(3, 7) for d in (1, 2, 2, 2)]
 
 
 def make_samples(args) -> None:

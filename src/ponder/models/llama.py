@@ -26,15 +26,17 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 as Hugging Face does, then cast back: bf16 stays exact-ish.
+        if x.dtype == torch.float32:  # one fused op: what a decode step runs 2·layers times
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # Normalise in float32 as Hugging Face does, then cast back before the weight.
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, T, H, D]; cos, sin: [B, T, 1, D]. The rotate-half convention of HF Llama."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, T, H, D]; cos, signed_sin: [B, T, 1, D]. HF Llama's rotate-half convention,
+    x·cos + cat(-x2, x1)·sin, written as x·cos + roll(x, D/2)·cat(-sin1, sin2) so that
+    the sign lives in the table and the rotation is one op."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 class Attention(nn.Module):
@@ -55,8 +57,9 @@ class Attention(nn.Module):
         mask: torch.Tensor | None,  # [B, 1, T, S] bool, or None
         cache: KVCache | None,
         layer: int,
-        write_slots: torch.Tensor | None,  # [B, T] slot of each new token
+        write_slots: torch.Tensor | int | None,  # [B, T] slot of each new token, or the common start
         span: int,  # number of key slots to attend over
+        causal: bool = False,  # mask-free causal attention (a fresh cache, all rows aligned)
     ) -> torch.Tensor:
         B, T, _ = x.shape
         H, KV, D = self.n_heads, self.n_kv, self.head_dim
@@ -65,13 +68,17 @@ class Attention(nn.Module):
         qk = apply_rope(qkv[:, :, : H + KV], cos, sin)
         q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + KV :]
         if cache is not None:
-            rows = torch.arange(B, device=x.device)[:, None]
-            cache.k[layer][rows, write_slots] = k
-            cache.v[layer][rows, write_slots] = v
+            if isinstance(write_slots, int):  # every row at the same length: a slice copy
+                cache.k[layer][:, write_slots : write_slots + T] = k
+                cache.v[layer][:, write_slots : write_slots + T] = v
+            else:
+                rows = torch.arange(B, device=x.device)[:, None]
+                cache.k[layer][rows, write_slots] = k
+                cache.v[layer][rows, write_slots] = v
             k = cache.k[layer][:, :span]
             v = cache.v[layer][:, :span]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, *, D]
-        if mask is None and cache is None:
+        if mask is None and (cache is None or causal):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=H != KV)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != KV)
@@ -125,7 +132,10 @@ class Transformer(nn.Module):
             inv = rope_inv_freq(self.cfg).to(device)
             freqs = torch.outer(torch.arange(size, device=device, dtype=torch.float32), inv)
             emb = torch.cat((freqs, freqs), dim=-1)
-            self._rope_cache = (emb.cos(), emb.sin())
+            sin = emb.sin()
+            half = sin.shape[-1] // 2
+            sin[:, :half] = -sin[:, :half]  # the sign of rotate-half, see apply_rope
+            self._rope_cache = (emb.cos(), sin)
         return self._rope_cache
 
     @property
@@ -157,26 +167,32 @@ class Transformer(nn.Module):
         mask = None
         write_slots = None
         span = T
+        causal_fresh = False
         if cache is None:
             positions = torch.arange(T, device=dev).expand(B, T)
         else:
             start = cache.lengths  # [B]
             positions = start[:, None] + torch.arange(T, device=dev)  # [B, T]
-            span = int(start.max().item()) + T
+            lo, hi = start.aminmax()
+            lo, hi = int(lo), int(hi)
+            span = hi + T
             cache.reserve(span)
-            write_slots = positions
-            uniform = bool((start == start[0]).all())
+            uniform = lo == hi
+            write_slots = lo if uniform else positions
             if T == 1 and uniform:
                 mask = None  # one query per row that sees every valid slot
+            elif uniform and lo == 0:
+                mask = None  # a fresh causal block
+                causal_fresh = True
             else:
                 # key slot j is visible to the query at position p iff j <= p
                 mask = (torch.arange(span, device=dev)[None, None, :] <= positions[:, :, None])[:, None]
-        cos_t, sin_t = self.rope_table(int(positions.max().item()) + 1, dev)
+        cos_t, sin_t = self.rope_table(span, dev)
         cos = cos_t[positions].to(x.dtype)[:, :, None, :]
         sin = sin_t[positions].to(x.dtype)[:, :, None, :]
         hidden: list[torch.Tensor] = [x] if output_hidden_states else []
         for i, blk in enumerate(self.layers):
-            x = x + blk.self_attn(blk.input_layernorm(x), cos, sin, mask, cache, i, write_slots, span)
+            x = x + blk.self_attn(blk.input_layernorm(x), cos, sin, mask, cache, i, write_slots, span, causal_fresh)
             x = x + blk.mlp(blk.post_attention_layernorm(x))
             if output_hidden_states:
                 hidden.append(x)

@@ -194,14 +194,13 @@ class ArithTask:
         total = terms[0][1]
         ok: list[bool] = []
         for t, line in enumerate(steps):
-            m = _STEP.match(line)
-            if m is None or t + 1 >= len(terms):
+            if t + 1 >= len(terms):  # more steps than operations
                 ok.append(False)
                 continue
-            a, op, b, c = int(m[1]), m[2], int(m[3]), int(m[4])
             want_op, want_b = terms[t + 1]
             new = total + want_b if want_op == "+" else total - want_b
-            ok.append(a == total and op == want_op and b == want_b and c == new)
+            m = _STEP.match(line)
+            ok.append(m is not None and (int(m[1]), m[2], int(m[3]), int(m[4])) == (total, want_op, want_b, new))
             total = new
         return ok
 

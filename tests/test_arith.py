@@ -1,0 +1,107 @@
+"""The arith task: data, splits, checkers, extractor."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+
+import pytest
+
+from ponder.tasks import arith
+from ponder.tasks.arith import ArithTask, Problem
+from ponder.tasks.base import JsonlTask, Task
+
+
+def test_task_implements_the_interface():
+    assert isinstance(ArithTask(), Task)
+    assert isinstance(JsonlTask("x.jsonl"), Task)
+
+
+def test_solution_format_round_trips():
+    text = arith.solution_text("23+45-17+8")
+    assert text == "23+45=68\n68-17=51\n51+8=59\nAnswer: 59\n"
+    t = ArithTask()
+    p = arith.make_problem("23+45-17+8", "x")
+    assert p.answer == "59"
+    steps = t.split_steps(text)
+    assert steps == ["23+45=68", "68-17=51", "51+8=59"]
+    assert t.check_steps(p, steps) == [True, True, True]
+    assert t.check_answer(p, text)
+
+
+def test_step_checker_finds_the_first_error_and_what_follows():
+    t = ArithTask()
+    p = arith.make_problem("23+45-17+8", "x")
+    assert t.check_steps(p, ["23+45=68", "68-17=52", "52+8=60"]) == [True, False, False]
+    assert t.prefix_correct(p, ["23+45=68", "68-17=52", "52+8=60"]) == [True, False, False]
+    assert t.check_steps(p, ["23+45=68", "68+17=85"]) == [True, False]  # wrong operation
+    assert t.check_steps(p, ["garbage", "68-17=51"]) == [False, True]  # per-step oracle
+    assert t.prefix_correct(p, ["garbage", "68-17=51"]) == [False, False]
+    assert t.check_steps(p, ["23+45=68", "68-17=51", "51+8=59", "59+1=60"]) == [True, True, True, False]
+    neg = arith.make_problem("5-80+3", "n")
+    assert t.check_steps(neg, ["5-80=-75", "-75+3=-72"]) == [True, True]
+
+
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ("1+2=3\nAnswer: 3\n", "3"),
+        ("Answer: -42", "-42"),
+        ("answer:7\nAnswer: 8", "8"),
+        ("1+2=3\n", None),
+        ("", None),
+        ("Answer: ", None),
+        ("\x00\ufffd Answer: 0012 junk", "12"),
+        (None, None),
+    ],
+)
+def test_extractor_is_robust(text, want):
+    assert ArithTask().extract_answer(text) == want
+
+
+def test_levels_and_test_sets_are_fixed_and_held_out():
+    t = ArithTask()
+    for level in ("easy", "medium", "hard"):
+        probs = t.problems(level)
+        assert len(probs) >= 500
+        assert len({p.question for p in probs}) == len(probs)
+        assert all(arith.is_held_out(p.question) for p in probs)
+        # the shipped file is exactly what the seeded generator makes
+        assert [p.question for p in probs] == [p.question for p in arith.generate_test_set(level)]
+        assert all(p.answer == str(arith.solve(p.question)[1]) for p in probs)
+        lv = arith.LEVELS[level]
+        assert all(lv.min_operands <= len(arith.parse_question(p.question)) <= lv.max_operands for p in probs)
+    with pytest.raises(ValueError, match="level must be one of"):
+        t.problems("impossible")
+
+
+def test_training_stream_never_yields_a_test_problem():
+    test_qs = {p.question for lv in ("easy", "medium", "hard") for p in ArithTask().problems(lv)}
+    stream = arith.training_stream(seed=0, block=8)
+    seen = [q for q, _ in itertools.islice(stream, 20000)]
+    assert not test_qs & set(seen)
+    assert not any(arith.is_held_out(q) for q in seen)
+
+
+def test_generator_is_deterministic():
+    a = [next(arith.training_stream(5)) for _ in range(3)]
+    b = [next(arith.training_stream(5)) for _ in range(3)]
+    assert a == b
+    r1, r2 = random.Random(1), random.Random(1)
+    assert arith.random_question(r1, 4, 2) == arith.random_question(r2, 4, 2)
+
+
+def test_jsonl_task_gsm8k_style(tmp_path):
+    f = tmp_path / "gsm.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in [
+        {"question": "Tom has 3 apples and buys 4.", "answer": "3+4=7\n#### 7"},
+        {"question": "2 times 1,000?", "answer": "#### 2,000"},
+    ]))
+    t = JsonlTask(f)
+    probs = t.problems()
+    assert [p.answer for p in probs] == ["7", "2000"]
+    assert t.check_answer(probs[0], "so 3+4 = 7.\n#### 7")
+    assert t.check_answer(probs[1], "The answer is 2,000")
+    assert not t.check_answer(probs[0], "no idea")
+    assert t.prompt(probs[0]).startswith("Q: Tom")

@@ -1,0 +1,92 @@
+"""The ponder command, run as users run it (a subprocess)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def ponder(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ponder.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_generate_json():
+    r = ponder("generate", "Q: 12+34-5\n", "--json", "--max-tokens", "40")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    (g,) = out["generations"]
+    assert g["text"] == "12+34=46\n46-5=41\nAnswer: 41\n"
+    assert g["finish_reason"] == "stop" and g["token_ids"]
+    assert out["usage"]["generated_tokens"] == len(g["token_ids"])
+
+
+def test_generate_streams_text():
+    r = ponder("generate", "Q: 12+34-5\n", "--max-tokens", "40")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "12+34=46\n46-5=41\nAnswer: 41\n"
+
+
+def test_generate_sampling_n_seed_stop():
+    args = ["generate", "Q: 512-256+128\n", "--strategy", "sample", "--temperature", "1.2", "--top-k", "40",
+            "--top-p", "0.95", "--min-p", "0.01", "--n", "3", "--seed", "11", "--stop", "Answer", "--json"]
+    a, b = ponder(*args), ponder(*args)
+    assert a.returncode == 0, a.stderr
+    assert json.loads(a.stdout)["generations"] == json.loads(b.stdout)["generations"]
+    gens = json.loads(a.stdout)["generations"]
+    assert len(gens) == 3 and all("Answer" not in g["text"] for g in gens)
+
+
+@pytest.mark.parametrize(
+    "args, phrase",
+    [
+        (["generate", "x", "--strategy", "sample", "--top-p", "1.5"], "top_p must be in (0, 1]"),
+        (["generate", "x", "--strategy", "sample", "--temperature", "0"], "temperature must be > 0"),
+        (["generate", "x", "--max-tokens", "0"], "max_tokens must be an integer >= 1"),
+        (["generate", "x", "--max-tokens", "many"], "--max-tokens"),
+        (["generate", "x", "--n", "0"], "--n must be >= 1"),
+        (["generate", "x", "--model", "no-such-model"], "neither a shipped model"),
+        (["generate", "x", "--strategy", "nope"], "choose one of: greedy, sample"),
+        (["generate", "x", "--top-k", "5"], "only apply to sampling strategies"),
+        (["generate", ""], "PROMPT is empty"),
+        (["generate", "x", "--dtype", "float8"], "dtype must be one of float32, bfloat16"),
+        (["eval", "--level", "impossible"], "level must be one of easy, medium, hard"),
+        (["eval", "--strategy", "best-of-n", "--limit", "2"], "needs --reward-model"),
+    ],
+)
+def test_bad_arguments_get_one_clear_line(args, phrase):
+    r = ponder(*args)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    lines = [x for x in r.stderr.strip().splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and phrase in lines[0], r.stderr
+
+
+def test_models_lists_shipped_models():
+    r = ponder("models", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = {m["name"]: m for m in json.loads(r.stdout)}
+    assert "arith" in rows and rows["arith"]["parameters"] > 1_000_000
+    r = ponder("models")
+    assert "arith" in r.stdout
+
+
+def test_eval_greedy_json():
+    r = ponder("eval", "--task", "arith", "--level", "easy", "--limit", "20", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["problems"] == 20 and 0 <= res["accuracy"] <= 1
+    lo, hi = res["ci95"]
+    assert lo <= res["accuracy"] <= hi
+    assert res["usage_total"]["generated_tokens"] > 0
+    assert res["usage_per_problem"]["generated_tokens"] == pytest.approx(res["usage_total"]["generated_tokens"] / 20)
+
+
+def test_core_does_not_import_transformers():
+    code = ("import sys, ponder.cli, ponder.models.native, ponder.decoding.generate, ponder.evaluate, "
+            "ponder.strategies, ponder.meta.parallel, ponder.scoring.reward; "
+            "print('transformers' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.stdout.strip() == "False", r.stderr

@@ -1,0 +1,180 @@
+"""Greedy and sampling on the native engine: seeds, stop strings, streaming, n, usage."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from ponder.decoding.generate import Greedy, Options, Sample
+from ponder.decoding.processors import SettingError
+from ponder.types import Usage
+
+PROMPT = "Q: 12+34-5\n"
+
+
+def test_greedy_solves_an_easy_problem(arith_lm):
+    (g,) = Greedy(arith_lm, max_tokens=64).generate(PROMPT)
+    assert g.text == "12+34=46\n46-5=41\nAnswer: 41\n"
+    assert g.finish_reason == "stop" and g.stop == arith_lm.eos_token_ids[0]
+    assert len(g.logprobs) == len(g.token_ids)
+    assert all(lp <= 0 for lp in g.logprobs)
+
+
+def test_seeded_sampling_reproduces_exactly(arith_lm):
+    s = Sample(arith_lm, temperature=1.3, top_k=50, top_p=0.95, max_tokens=40)
+    a = s.generate("Q: 512-256+128-64\n", n=4, seed=7)
+    b = s.generate("Q: 512-256+128-64\n", n=4, seed=7)
+    c = s.generate("Q: 512-256+128-64\n", n=4, seed=8)
+    assert [g.token_ids for g in a] == [g.token_ids for g in b]
+    assert [g.logprobs for g in a] == [g.logprobs for g in b]
+    assert [g.token_ids for g in a] != [g.token_ids for g in c]
+    assert len({tuple(g.token_ids) for g in a}) > 1  # the n samples differ from each other
+
+
+def test_seeded_request_is_the_same_alone_or_in_a_batch(arith_lm):
+    s = Sample(arith_lm, temperature=1.5, max_tokens=30)
+    alone = s.generate("Q: 7+8\n", n=2, seed=3)
+    batch = s.generate_batch(["Q: 99-98+97\n", "Q: 7+8\n", "Q: 1\n"], n=2, seed=3)[1]
+    assert [g.token_ids for g in alone] == [g.token_ids for g in batch]
+
+
+def test_batch_equals_single_under_greedy(arith_lm):
+    prompts = ["Q: 5\n", "Q: 123-456+789-12\n", "Q: 40+2\n"]
+    g = Greedy(arith_lm, max_tokens=60)
+    batched = g.generate_batch(prompts)
+    for p, (b,) in zip(prompts, batched):
+        (s,) = g.generate(p)
+        assert s.token_ids == b.token_ids
+        assert s.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+
+
+def test_stop_string_spanning_two_tokens(arith_lm):
+    (full,) = Greedy(arith_lm, max_tokens=64).generate(PROMPT)
+    toks = [arith_lm.decode([t]) for t in full.token_ids]
+    assert toks[:6] == ["1", "2", "+", "3", "4", "="]  # one token per character here
+    stop = "+34="  # spelled by three tokens: '+', '3', '4', '='
+    (g,) = Greedy(arith_lm, max_tokens=64, stop=[stop]).generate(PROMPT)
+    assert g.text == "12" and g.finish_reason == "stop" and g.stop == stop
+    assert stop not in g.text
+    # a stop string across a line break: '\n' and '4' are separate tokens
+    (g2,) = Greedy(arith_lm, max_tokens=64, stop=["6\n46"]).generate(PROMPT)
+    assert g2.text == "12+34=4" and g2.stop == "6\n46"
+
+
+def test_earliest_stop_string_wins(arith_lm):
+    (g,) = Greedy(arith_lm, max_tokens=64, stop=["Answer", "\n"]).generate(PROMPT)
+    assert g.text == "12+34=46" and g.stop == "\n"
+
+
+def test_stop_token_ids_and_max_tokens(arith_lm):
+    nl = arith_lm.encode("\n", add_special_tokens=False)[0]
+    (g,) = Greedy(arith_lm, max_tokens=64, stop_token_ids=[nl]).generate(PROMPT)
+    assert g.token_ids[-1] == nl and g.stop == nl and g.text == "12+34=46\n"
+    (g,) = Greedy(arith_lm, max_tokens=3).generate(PROMPT)
+    assert g.finish_reason == "length" and len(g.token_ids) == 3 and g.text == "12+"
+
+
+def test_streaming_yields_text_as_it_comes_and_hides_stop_strings(arith_lm):
+    gen = Greedy(arith_lm, max_tokens=64, stop=["Answer"])
+    events = list(gen.stream(PROMPT))
+    assert len(events) > 5
+    streamed = "".join(e.text for e in events)
+    final = events[-1].generation
+    assert final is not None and streamed == final.text == "12+34=46\n46-5=41\n"
+    assert all("Answer"[:3] not in e.text for e in events)
+
+
+def test_async_stream_and_concurrent_requests(arith_lm):
+    gen = Greedy(arith_lm, max_tokens=64)
+
+    async def run():
+        parts = [ev.text async for ev in gen.astream(PROMPT)]
+        many = await asyncio.gather(gen.agenerate(PROMPT), gen.agenerate("Q: 1+1\n"))
+        return "".join(parts), many
+
+    text, many = asyncio.run(run())
+    assert text == many[0][0].text
+    assert many[1][0].text.endswith("Answer: 2\n")
+
+
+def test_n_samples_share_the_prompt_in_the_bill(arith_lm):
+    gens = Sample(arith_lm, max_tokens=20).generate(PROMPT, n=4, seed=0)
+    prompt_len = len(arith_lm.encode(PROMPT))
+    total = Usage.total(g.usage for g in gens)
+    assert total.prompt_tokens == 4 * prompt_len
+    # the prompt is computed once (forked), every output computes its tokens but the last
+    assert total.computed_tokens == prompt_len + sum(len(g.token_ids) - 1 for g in gens)
+    assert total.generated_tokens == sum(len(g.token_ids) for g in gens)
+    assert total.flops > 0 and total.wall_s > 0
+
+
+def test_usage_is_additive():
+    a = Usage(1, 2, 3, 4, 5.0, 6.0)
+    b = Usage(10, 20, 30, 40, 50.0, 60.0)
+    assert a + b == Usage(11, 22, 33, 44, 55.0, 66.0)
+    assert sum([a, b]) == a + b == Usage.total([a, b])
+
+
+@pytest.mark.parametrize(
+    "kwargs, phrase",
+    [
+        (dict(max_tokens=0), "max_tokens must be an integer >= 1"),
+        (dict(stop=[""]), "stop strings must be non-empty"),
+        (dict(stop_token_ids=[-3]), "stop_token_ids"),
+    ],
+)
+def test_bad_options(kwargs, phrase):
+    with pytest.raises(SettingError, match=phrase):
+        Options(**kwargs)
+
+
+def test_bad_requests(arith_lm):
+    g = Greedy(arith_lm)
+    with pytest.raises(SettingError, match="prompt is empty"):
+        g.generate("")
+    with pytest.raises(SettingError, match="n must be an integer >= 1"):
+        g.generate("Q: 1\n", n=0)
+    with pytest.raises(SettingError, match="temperature"):
+        Sample(arith_lm, temperature=-1)
+
+
+def test_user_processor_per_request(arith_lm):
+    """A plain callable that bans the digit 4 changes that request only."""
+    four = arith_lm.encode("4", add_special_tokens=False)[0]
+
+    def ban_four(tokens, logits):
+        logits = logits.clone()
+        logits[:, four] = float("-inf")
+        return logits
+
+    (g,) = Sample(arith_lm, temperature=0.01, processors=[ban_four], max_tokens=30).generate(PROMPT, seed=0)
+    assert four not in g.token_ids
+    (h,) = Greedy(arith_lm, max_tokens=30).generate(PROMPT)
+    assert four in h.token_ids
+
+
+def test_kv_cache_fork_reorder_truncate(arith_lm):
+    ids = arith_lm.encode("Q: 10+20+30\n10+20=30\n")
+    logits, cache = arith_lm.prefill([ids])
+    forked = cache.fork([0, 0, 0])
+    assert forked.batch_size == 3 and forked.lengths.tolist() == [len(ids)] * 3
+    nxt = torch.tensor([5, 6, 7])
+    a = arith_lm.step(nxt, forked)
+    # roll back the last token on every row and recompute: same logits
+    forked.truncate_(1)
+    b = arith_lm.step(nxt, forked)
+    assert torch.allclose(a, b, atol=1e-5)
+    forked.reorder_([2, 2, 0])
+    c = arith_lm.step(torch.tensor([1, 1, 1]), forked)
+    assert torch.allclose(c[0], c[1]) and not torch.allclose(c[0], c[2])
+    # per-row rollback to the prompt gives the prompt's next-token logits back
+    forked.truncate_(torch.tensor([2, 2, 2]))
+    d = arith_lm.forward(torch.tensor([[ids[-1]]] * 3), _drop_last(forked))[:, 0]
+    assert torch.allclose(d, logits.expand(3, -1), atol=1e-4)
+
+
+def _drop_last(cache):
+    cache.truncate_(1)
+    return cache

@@ -1,0 +1,93 @@
+"""Majority vote and best-of-N (scripted generators for the logic, shipped models end to
+end), evaluation metrics, and a training smoke test on a tiny config."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ponder.evaluate import roc_auc, wilson_interval
+from ponder.meta.parallel import BestOfN, MajorityVote
+from ponder.protocols import GeneratorBase
+from ponder.tasks.arith import ArithTask
+from ponder.types import Generation, Usage
+
+
+class Scripted(GeneratorBase):
+    """Returns fixed texts in order: meta-generator logic without a model."""
+
+    def __init__(self, texts):
+        self.texts = texts
+
+    async def agenerate(self, prompt, n=1, seed=None):
+        return [Generation(text=t, token_ids=[1] * (i + 1), usage=Usage(generated_tokens=i + 1, wall_s=0.5))
+                for i, t in enumerate(self.texts[:n])]
+
+
+def test_majority_vote_picks_the_mode_and_sums_usage():
+    texts = ["Answer: 3", "Answer: 5", "junk", "Answer: 5", "Answer: 3", "Answer: 5"]
+    mv = MajorityVote(Scripted(texts), ArithTask().extract_answer, n=6)
+    (g,) = mv.generate("Q")
+    assert g.text == "Answer: 5" and g.score == pytest.approx(3 / 6)
+    assert g.meta["votes"] == {"3": 2, "5": 3}
+    assert len(g.trace) == 6
+    assert g.usage.generated_tokens == sum(range(1, 7)) and g.usage.wall_s == pytest.approx(3.0)
+
+
+def test_majority_tie_goes_to_the_first_reached():
+    mv = MajorityVote(Scripted(["Answer: 9", "Answer: 4", "Answer: 4", "Answer: 9"]), ArithTask().extract_answer, n=4)
+    assert mv.generate("Q")[0].text == "Answer: 9"
+
+
+class LengthScorer:
+    def score_completions(self, prompt, completions):
+        return [(float(len(c)), Usage(computed_tokens=len(c), model_calls=1)) for c in completions]
+
+
+def test_best_of_n_takes_the_highest_score_and_bills_the_scorer():
+    bon = BestOfN(Scripted(["a", "abcd", "ab"]), LengthScorer(), n=3)
+    (g,) = bon.generate("Q")
+    assert g.text == "abcd" and g.score == 4.0
+    assert g.usage.computed_tokens == 7 and g.usage.model_calls == 3
+    assert [t.score for t in g.trace] == [1.0, 4.0, 2.0]
+
+
+def test_metric_helpers():
+    assert roc_auc([0.9, 0.8, 0.3, 0.1], [True, True, False, False]) == 1.0
+    assert roc_auc([0.1, 0.9], [True, False]) == 0.0
+    assert roc_auc([0.5, 0.5], [True, False]) == 0.5
+    assert roc_auc([0.5], [True]) is None
+    lo, hi = wilson_interval(50, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
+
+
+def test_majority_end_to_end_on_the_shipped_model(arith_lm):
+    from ponder.decoding.generate import Sample
+
+    task = ArithTask()
+    p = task.problems("medium", limit=1)[0]
+    mv = MajorityVote(Sample(arith_lm, temperature=0.8, max_tokens=120), task.extract_answer, n=8)
+    (g,) = mv.generate(task.prompt(p), seed=1)
+    assert len(g.trace) == 8
+    assert g.usage == Usage.total(t.usage for t in g.trace)
+    assert task.extract_answer(g.text) in g.meta["votes"]
+
+
+def test_training_smoke(tmp_path, tokenizer_file):
+    """A few steps of ponder.train on a tiny config write a checkpoint that both ponder
+    and transformers load."""
+    from ponder.models.native import NativeLM
+    from ponder.train import main
+
+    out = tmp_path / "m"
+    main(["lm", "--out", str(out), "--tokenizer", str(tokenizer_file), "--hidden", "32", "--layers", "1",
+          "--heads", "2", "--kv-heads", "1", "--batch", "4", "--steps", "3", "--minutes", "5"])
+    meta = json.loads((out / "training.json").read_text())
+    assert meta["steps"] == 3
+    lm = NativeLM.from_pretrained(str(out))
+    assert lm.num_parameters() == meta["parameters"]
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(out)
+    assert sum(p.numel() for p in hf.parameters()) == meta["parameters"]
