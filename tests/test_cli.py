@@ -14,19 +14,22 @@ def ponder(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 
 def test_generate_json():
-    r = ponder("generate", "Q: 12+34-5\n", "--json", "--max-tokens", "40")
+    r = ponder("generate", "Q: 3+4-2\n", "--json", "--max-tokens", "40")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     (g,) = out["generations"]
-    assert g["text"] == "12+34=46\n46-5=41\nAnswer: 41\n"
+    assert g["text"] == "3+4=7\n7-2=5\nAnswer: 5\n"
     assert g["finish_reason"] == "stop" and g["token_ids"]
     assert out["usage"]["generated_tokens"] == len(g["token_ids"])
 
 
 def test_generate_streams_text():
-    r = ponder("generate", "Q: 12+34-5\n", "--max-tokens", "40")
+    r = ponder("generate", "Q: 3+4-2\n", "--max-tokens", "40")
     assert r.returncode == 0, r.stderr
-    assert r.stdout == "12+34=46\n46-5=41\nAnswer: 41\n"
+    assert r.stdout == "3+4=7\n7-2=5\nAnswer: 5\n"
+    # an escaped \n typed in a shell is read as a newline
+    r2 = ponder("generate", "Q: 3+4-2\\n", "--max-tokens", "40")
+    assert r2.stdout == r.stdout
 
 
 def test_generate_sampling_n_seed_stop():

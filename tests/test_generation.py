@@ -11,12 +11,13 @@ from ponder.decoding.generate import Greedy, Options, Sample
 from ponder.decoding.processors import SettingError
 from ponder.types import Usage
 
-PROMPT = "Q: 12+34-5\n"
+PROMPT = "Q: 3+4-2\n"
+SOLUTION = "3+4=7\n7-2=5\nAnswer: 5\n"
 
 
 def test_greedy_solves_an_easy_problem(arith_lm):
     (g,) = Greedy(arith_lm, max_tokens=64).generate(PROMPT)
-    assert g.text == "12+34=46\n46-5=41\nAnswer: 41\n"
+    assert g.text == SOLUTION
     assert g.finish_reason == "stop" and g.stop == arith_lm.eos_token_ids[0]
     assert len(g.logprobs) == len(g.token_ids)
     assert all(lp <= 0 for lp in g.logprobs)
@@ -53,36 +54,36 @@ def test_batch_equals_single_under_greedy(arith_lm):
 def test_stop_string_spanning_two_tokens(arith_lm):
     (full,) = Greedy(arith_lm, max_tokens=64).generate(PROMPT)
     toks = [arith_lm.decode([t]) for t in full.token_ids]
-    assert toks[:6] == ["1", "2", "+", "3", "4", "="]  # one token per character here
-    stop = "+34="  # spelled by three tokens: '+', '3', '4', '='
+    assert toks[:4] == ["3", "+", "4", "="]  # one token per character here
+    stop = "+4="  # spelled by three tokens: '+', '4', '='
     (g,) = Greedy(arith_lm, max_tokens=64, stop=[stop]).generate(PROMPT)
-    assert g.text == "12" and g.finish_reason == "stop" and g.stop == stop
+    assert g.text == "3" and g.finish_reason == "stop" and g.stop == stop
     assert stop not in g.text
-    # a stop string across a line break: '\n' and '4' are separate tokens
-    (g2,) = Greedy(arith_lm, max_tokens=64, stop=["6\n46"]).generate(PROMPT)
-    assert g2.text == "12+34=4" and g2.stop == "6\n46"
+    # a stop string across a line break: '7', '\n' and '7' are separate tokens
+    (g2,) = Greedy(arith_lm, max_tokens=64, stop=["7\n7"]).generate(PROMPT)
+    assert g2.text == "3+4=" and g2.stop == "7\n7"
 
 
 def test_earliest_stop_string_wins(arith_lm):
     (g,) = Greedy(arith_lm, max_tokens=64, stop=["Answer", "\n"]).generate(PROMPT)
-    assert g.text == "12+34=46" and g.stop == "\n"
+    assert g.text == "3+4=7" and g.stop == "\n"
 
 
 def test_stop_token_ids_and_max_tokens(arith_lm):
     nl = arith_lm.encode("\n", add_special_tokens=False)[0]
     (g,) = Greedy(arith_lm, max_tokens=64, stop_token_ids=[nl]).generate(PROMPT)
-    assert g.token_ids[-1] == nl and g.stop == nl and g.text == "12+34=46\n"
+    assert g.token_ids[-1] == nl and g.stop == nl and g.text == "3+4=7\n"
     (g,) = Greedy(arith_lm, max_tokens=3).generate(PROMPT)
-    assert g.finish_reason == "length" and len(g.token_ids) == 3 and g.text == "12+"
+    assert g.finish_reason == "length" and len(g.token_ids) == 3 and g.text == "3+4"
 
 
 def test_streaming_yields_text_as_it_comes_and_hides_stop_strings(arith_lm):
     gen = Greedy(arith_lm, max_tokens=64, stop=["Answer"])
     events = list(gen.stream(PROMPT))
-    assert len(events) > 5
+    assert len(events) > 5 and sum(bool(e.text) for e in events) > 5
     streamed = "".join(e.text for e in events)
     final = events[-1].generation
-    assert final is not None and streamed == final.text == "12+34=46\n46-5=41\n"
+    assert final is not None and streamed == final.text == "3+4=7\n7-2=5\n"
     assert all("Answer"[:3] not in e.text for e in events)
 
 

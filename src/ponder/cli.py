@@ -48,17 +48,46 @@ def _parse_sets(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def _settings(strategy: str, temperature, top_k, top_p, min_p, max_tokens, stop, sets) -> dict[str, Any]:
+ADAPTER_DEFAULTS = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "typical_p": 1.0,
+                    "epsilon": 0.0, "eta": 0.0, "top_n_sigma": 0.0}
+
+
+def _settings(strategy: str, temperature, top_k, top_p, min_p, max_tokens, stop, sets, **more) -> dict[str, Any]:
     s: dict[str, Any] = {"max_tokens": max_tokens, "stop": list(stop) if stop else None}
+    adapters = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                    **{k: more.pop(k) for k in list(more) if k in ADAPTER_DEFAULTS})
     if strategy != "greedy":
-        s.update(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+        s.update(adapters)
     else:
-        changed = [n for n, v, d in (("--temperature", temperature, 1.0), ("--top-k", top_k, 0),
-                                      ("--top-p", top_p, 1.0), ("--min-p", min_p, 0.0)) if v != d]
+        changed = ["--" + k.replace("_", "-") for k, v in adapters.items() if v != ADAPTER_DEFAULTS[k]]
         if changed:
             _fail(f"{', '.join(changed)} only apply to sampling strategies; use --strategy sample")
+    s.update({k: v for k, v in more.items() if v is not None})
     s.update(_parse_sets(sets))
     return s
+
+
+def _history_settings(lm_encode, repetition_penalty, frequency_penalty, presence_penalty, no_repeat_ngram,
+                      min_tokens, logit_bias, bad_words) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if repetition_penalty != 1.0:
+        out["repetition_penalty"] = repetition_penalty
+    if frequency_penalty:
+        out["frequency_penalty"] = frequency_penalty
+    if presence_penalty:
+        out["presence_penalty"] = presence_penalty
+    if no_repeat_ngram:
+        out["no_repeat_ngram_size"] = no_repeat_ngram
+    if min_tokens:
+        out["min_tokens"] = min_tokens
+    if logit_bias:
+        try:
+            out["logit_bias"] = {int(k): float(v) for k, v in json.loads(logit_bias).items()}
+        except (ValueError, AttributeError, TypeError):
+            _fail('--logit-bias takes a JSON object of token id to bias, e.g. \'{"17": -100}\'')
+    if bad_words:
+        out["bad_words_ids"] = [lm_encode(w) for w in bad_words]
+    return out
 
 
 @app.command()
@@ -74,6 +103,17 @@ def generate(
     n: int = typer.Option(1, "--n", help="Number of outputs (>= 1)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed; the same seed gives the same output."),
     stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable); not included in the output."),
+    typical_p: float = typer.Option(1.0, "--typical-p", help="Typical sampling mass in (0, 1] (1 = off)."),
+    epsilon: float = typer.Option(0.0, "--epsilon", help="Epsilon sampling cut-off in [0, 1) (0 = off)."),
+    eta: float = typer.Option(0.0, "--eta", help="Eta sampling in [0, 1) (0 = off)."),
+    top_n_sigma: float = typer.Option(0.0, "--top-n-sigma", help="Top-n-sigma, n >= 0 (0 = off)."),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="> 0 (1 = off)."),
+    frequency_penalty: float = typer.Option(0.0, "--frequency-penalty", help="In [-2, 2] (0 = off)."),
+    presence_penalty: float = typer.Option(0.0, "--presence-penalty", help="In [-2, 2] (0 = off)."),
+    no_repeat_ngram: int = typer.Option(0, "--no-repeat-ngram", help="Ban repeated n-grams of this size (0 = off)."),
+    min_tokens: int = typer.Option(0, "--min-tokens", help="Generate at least this many tokens before EOS."),
+    logit_bias: Optional[str] = typer.Option(None, "--logit-bias", help='JSON {"token_id": bias}.'),
+    bad_words: list[str] = typer.Option([], "--bad-words", help="Text never to generate (repeatable)."),
     set_: list[str] = typer.Option([], "--set", help="Extra strategy setting KEY=VALUE (repeatable)."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
@@ -89,8 +129,11 @@ def generate(
         _fail("PROMPT is empty; give some text to continue")
     if n < 1:
         _fail(f"--n must be >= 1; got {n}")
-    settings = _settings(strategy, temperature, top_k, top_p, min_p, max_tokens, stop, set_)
     lm = _load_lm(model, dtype)
+    history = _history_settings(lambda w: lm.encode(w, add_special_tokens=False), repetition_penalty,
+                                frequency_penalty, presence_penalty, no_repeat_ngram, min_tokens, logit_bias, bad_words)
+    settings = _settings(strategy, temperature, top_k, top_p, min_p, max_tokens, stop, set_, typical_p=typical_p,
+                         epsilon=epsilon, eta=eta, top_n_sigma=top_n_sigma, **history)
     gen = strategies.build(strategy, lm, settings)
     if as_json:
         gens = gen.generate_batch([prompt], n=n, seed=seed)[0]

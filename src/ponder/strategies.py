@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .decoding.processors import SettingError
+from .decoding.processors import ADAPTER_SETTINGS, HISTORY_SETTINGS, SettingError
 
 
 @dataclass
@@ -34,7 +34,7 @@ class Context:
 
 STRATEGIES: dict[str, Strategy] = {}
 
-SAMPLING_SETTINGS = ("temperature", "top_k", "top_p", "min_p")
+SAMPLING_SETTINGS = ADAPTER_SETTINGS + HISTORY_SETTINGS
 OPTION_SETTINGS = ("max_tokens", "stop", "stop_token_ids", "ignore_eos")
 
 
@@ -70,7 +70,7 @@ def _options(s: dict[str, Any]) -> dict[str, Any]:
 def _greedy(lm, s, ctx):
     from .decoding.generate import Greedy
 
-    return Greedy(lm, **_options(s))
+    return Greedy(lm, **{k: s[k] for k in HISTORY_SETTINGS if k in s}, **_options(s))
 
 
 def _sample(lm, s, ctx):
@@ -91,8 +91,8 @@ def _best_of_n(lm, s, ctx):
     return BestOfN(_sample(lm, s, ctx), ctx.reward_model, n=s.get("samples", 16))
 
 
-register("greedy", _greedy, "argmax at every step")
-register("sample", _sample, "ancestral sampling with temperature/top-k/top-p/min-p", SAMPLING_SETTINGS)
+register("greedy", _greedy, "argmax at every step", HISTORY_SETTINGS)
+register("sample", _sample, "ancestral sampling through temperature/top-k/top-p/min-p/typical/epsilon/eta/top-n-sigma", SAMPLING_SETTINGS)
 register("majority", _majority, "self-consistency: majority vote over N samples (Wang et al. 2023)",
          SAMPLING_SETTINGS + ("samples",), needs=("task",), meta=True)
 register("best-of-n", _best_of_n, "best of N samples by a reward model (Stiennon et al. 2020)",

@@ -19,7 +19,7 @@ import torch
 
 from ..protocols import Access, GeneratorBase, require_access
 from ..types import Generation, Usage
-from .processors import Chain, SettingError, make_processors
+from .processors import ADAPTER_SETTINGS, HISTORY_SETTINGS, Chain, SettingError, make_processors
 from .stopping import IncrementalDetokenizer, StopStringMatcher
 
 MAX_SEED = 2**63 - 1
@@ -284,18 +284,27 @@ class TokenGenerator(GeneratorBase):
 
 
 class Greedy(TokenGenerator):
-    """Greedy decoding: the argmax token at every step (MAP approximation)."""
+    """Greedy decoding: the argmax token at every step (MAP approximation). History
+    processors (penalties, bans, min tokens, logit bias) apply, as in transformers."""
 
     strategy = "greedy"
 
-    def __init__(self, lm: Any, processors: Chain | None = None, **options: Any) -> None:
-        super().__init__(lm, pick_greedy, processors, **options)
+    def __init__(self, lm: Any, processors: Chain | Sequence[Any] | None = None, **settings: Any) -> None:
+        options = {k: settings.pop(k) for k in list(settings) if k in _OPTION_FIELDS}
+        for k in settings:
+            if k not in HISTORY_SETTINGS:
+                raise SettingError(f"greedy decoding does not take {k!r}; it takes {', '.join(HISTORY_SETTINGS)}")
+        extra = [processors] if isinstance(processors, Chain) else list(processors or ())
+        chain_ = make_processors(extra=extra, stop_token_ids=_stops(lm, options), **settings)
+        super().__init__(lm, pick_greedy, chain_, **options)
 
 
 class Sample(TokenGenerator):
     """Ancestral sampling through a chain of adapters: temperature, top-k (Fan et al.
-    2018), top-p (Holtzman et al. 2020), min-p (Nguyen et al. 2024), then any extra
-    processors (plain callables ``(tokens, logits) -> logits`` are accepted)."""
+    2018), top-p (Holtzman et al. 2020), min-p (Nguyen et al. 2024), typical (Meister et
+    al. 2023), epsilon and eta (Hewitt et al. 2022), top-nσ (Tang et al. 2024), after the
+    history processors (penalties, bans, min tokens), then any extra processors (plain
+    callables ``(tokens, logits) -> logits`` are accepted)."""
 
     strategy = "sample"
 
@@ -307,8 +316,22 @@ class Sample(TokenGenerator):
         top_p: float = 1.0,
         min_p: float = 0.0,
         processors: Sequence[Any] = (),
-        **options: Any,
+        **settings: Any,
     ) -> None:
-        chain = make_processors(temperature, top_k, top_p, min_p, extra=processors)
-        super().__init__(lm, pick_sample, chain, **options)
-        self.settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+        options = {k: settings.pop(k) for k in list(settings) if k in _OPTION_FIELDS}
+        legal = set(HISTORY_SETTINGS) | set(ADAPTER_SETTINGS)
+        for k in settings:
+            if k not in legal:
+                raise SettingError(f"sampling does not take {k!r}; it takes {', '.join(sorted(legal))}")
+        chain_ = make_processors(temperature, top_k, top_p, min_p, extra=processors,
+                                 stop_token_ids=_stops(lm, options), **settings)
+        super().__init__(lm, pick_sample, chain_, **options)
+        self.settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, **settings)
+
+
+_OPTION_FIELDS = ("max_tokens", "stop", "stop_token_ids", "ignore_eos")
+
+
+def _stops(lm: Any, options: dict[str, Any]) -> list[int]:
+    """The tokens min_tokens must hold back: EOS and any stop token ids."""
+    return list(options.get("stop_token_ids", ())) + ([] if options.get("ignore_eos") else list(lm.eos_token_ids))

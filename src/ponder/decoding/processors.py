@@ -197,7 +197,40 @@ def make_processors(
     top_p: float = 1.0,
     min_p: float = 0.0,
     extra: Sequence[Any] = (),
+    *,
+    typical_p: float = 1.0,
+    epsilon: float = 0.0,
+    eta: float = 0.0,
+    top_n_sigma: float = 0.0,
+    repetition_penalty: float = 1.0,
+    frequency_penalty: float = 0.0,
+    presence_penalty: float = 0.0,
+    no_repeat_ngram_size: int = 0,
+    logit_bias: dict[int, float] | None = None,
+    bad_words_ids: Sequence[Sequence[int]] = (),
+    min_tokens: int = 0,
+    stop_token_ids: Sequence[int] = (),
 ) -> Chain:
-    """The standard sampling adapters in the order transformers applies them:
-    temperature, top-k, top-p, min-p, then any extra (user) processors."""
-    return Chain(Temperature(temperature), TopK(top_k), TopP(top_p), MinP(min_p), *extra)
+    """The standard chain, in the order transformers applies it: history processors
+    (penalties, bans, min tokens, logit bias) on the raw logits, then the sampling
+    adapters (temperature, top-k, top-p, min-p, typical, epsilon, eta, top-nσ), then any
+    extra (user) processors. Every setting at its default is the identity."""
+    from .adapters import (
+        Epsilon, Eta, FrequencyPenalty, LogitBias, MinTokens, NoRepeatNGram, PresencePenalty,
+        RepetitionPenalty, TopNSigma, Typical, bad_words,
+    )
+
+    return Chain(
+        RepetitionPenalty(repetition_penalty), FrequencyPenalty(frequency_penalty),
+        PresencePenalty(presence_penalty), NoRepeatNGram(no_repeat_ngram_size),
+        bad_words(bad_words_ids) if bad_words_ids else None, LogitBias(logit_bias or {}),
+        MinTokens(min_tokens, stop_token_ids),
+        Temperature(temperature), TopK(top_k), TopP(top_p), MinP(min_p),
+        Typical(typical_p), Epsilon(epsilon), Eta(eta), TopNSigma(top_n_sigma),
+        *extra,
+    )
+
+
+HISTORY_SETTINGS = ("repetition_penalty", "frequency_penalty", "presence_penalty", "no_repeat_ngram_size",
+                    "logit_bias", "bad_words_ids", "min_tokens")
+ADAPTER_SETTINGS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon", "eta", "top_n_sigma")
