@@ -142,3 +142,20 @@ def test_processors_run_in_generation(arith_lm):
             tri = tuple(ids[end - 2 : end + 1])
             earlier = {tuple(ids[j - 2 : j + 1]) for j in range(2, end)}
             assert tri not in earlier
+
+
+def test_mirostat_v2_hand_computed_and_state():
+    from ponder.decoding.adapters import MirostatV2
+
+    m = MirostatV2(tau=1.0, eta=0.5)
+    # probabilities 1/2, 1/4, 1/8, 1/8 -> surprisals 1, 2, 3, 3 bits; mu starts at 2*tau = 2
+    x = torch.tensor([[0.5, 0.25, 0.125, 0.125]]).log()
+    assert torch.isfinite(m(None, x)).tolist() == [[True, True, False, False]]
+    m.accept(torch.tensor([1]))  # surprisal 2: mu = 2 - 0.5 * (2 - 1) = 1.5
+    assert m._mu.tolist() == [1.5]
+    assert torch.isfinite(m(None, x)).tolist() == [[True, False, False, False]]
+    f = m.fork([0, 0])
+    m.rollback(1)
+    assert m._mu.tolist() == [2.0] and f._mu.tolist() == [1.5, 1.5]
+    with pytest.raises(SettingError, match="tau must be > 0"):
+        MirostatV2(tau=0)

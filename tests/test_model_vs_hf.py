@@ -97,3 +97,21 @@ def test_checkpoint_errors_are_clear(tmp_path):
                                           '"intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1}')
     with pytest.raises(ValueError, match="not supported"):
         load_transformer(tmp_path)
+
+
+def test_greedy_matches_transformers_on_the_shipped_model(arith_lm):
+    from transformers import AutoModelForCausalLM
+
+    from ponder.tasks.arith import ArithTask
+
+    hf = AutoModelForCausalLM.from_pretrained(arith_lm.path).eval()
+    task = ArithTask()
+    prompts = [task.prompt(p) for p in task.problems("medium", limit=6) + task.problems("hard", limit=6)]
+    outs = Greedy(arith_lm, max_tokens=100).generate_batch(prompts)
+    eos = arith_lm.eos_token_ids[0]
+    for prompt, (g,) in zip(prompts, outs):
+        ids = torch.tensor([arith_lm.encode(prompt)])
+        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=100,
+                          pad_token_id=eos, eos_token_id=eos)[0, ids.shape[1]:].tolist()
+        assert g.token_ids == ref[: len(g.token_ids)]
+        assert g.finish_reason == "stop" and all(t == eos for t in ref[len(g.token_ids):])

@@ -260,6 +260,9 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--temperature", type=float, default=1.0)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--min-operands", type=int, default=3)
+    s.add_argument("--max-operands", type=int, default=6)
+    s.add_argument("--digits", default="1,2,2,2")
     args = ap.parse_args(argv)
     if args.cmd == "tokenizer":
         cmd_tokenizer(args)

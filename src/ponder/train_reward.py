@@ -34,7 +34,9 @@ def make_samples(args) -> None:
     lm = NativeLM(load_transformer(args.policy), load_tokenizer(args.policy), "policy")
     task = arith.ArithTask()
     gen = Sample(lm, temperature=args.temperature, max_tokens=160)
-    stream = arith.training_stream(10_000 + args.seed, SAMPLE_LEVELS)
+    levels = [arith.Level(f"rm{n}x{d}", n, n, int(d)) for n in range(args.min_operands, args.max_operands + 1)
+              for d in str(args.digits).split(",")]
+    stream = arith.training_stream(10_000 + args.seed, levels or SAMPLE_LEVELS)
     qs = [next(stream)[0] for _ in range(args.problems)]
     t0 = time.time()
     n_ok = n_all = 0

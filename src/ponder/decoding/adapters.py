@@ -280,3 +280,47 @@ class MinTokens(_Counts):
         out[:, self.stop_token_ids] = NEG_INF
         del counts
         return out
+
+
+class MirostatV2(Processor):
+    """Mirostat v2 (Basu et al. 2021): keep tokens whose surprisal (bits) is at most μ,
+    then move μ towards the target surprisal τ after each token: μ -= η·(s(token) − τ).
+    Stateful per row: ``accept`` updates μ, ``fork`` copies it, ``rollback`` restores it."""
+
+    def __init__(self, tau: float = 5.0, eta: float = 0.1) -> None:
+        _check(isinstance(tau, (int, float)) and tau > 0, f"mirostat tau must be > 0; got {tau}")
+        _check(isinstance(eta, (int, float)) and 0 < eta <= 1, f"mirostat eta must be in (0, 1]; got {eta}")
+        self.tau, self.eta = float(tau), float(eta)
+        self._mu: torch.Tensor | None = None  # [B]
+        self._surprisal: torch.Tensor | None = None  # [B, V] from the last call
+        self._history: list[torch.Tensor] = []
+
+    def __call__(self, tokens, logits):
+        if self._mu is None or self._mu.shape[0] != logits.shape[0]:
+            self._mu = torch.full((logits.shape[0],), 2 * self.tau)
+        surprisal = -logits.log_softmax(-1) / math.log(2)
+        self._surprisal = surprisal
+        drop = surprisal > self._mu[:, None]
+        drop &= logits < logits.max(-1, keepdim=True).values  # the top token always stays
+        return logits.masked_fill(drop, NEG_INF)
+
+    def accept(self, tokens):
+        if self._surprisal is None:
+            return
+        s = self._surprisal.gather(-1, tokens[:, None])[:, 0]
+        self._history.append(self._mu.clone())
+        self._mu = self._mu - self.eta * (s - self.tau)
+
+    def fork(self, rows):
+        new = MirostatV2(self.tau, self.eta)
+        idx = torch.as_tensor(list(rows), dtype=torch.long)
+        new._mu = None if self._mu is None else self._mu[idx].clone()
+        new._history = [h[idx] for h in self._history]
+        return new
+
+    def rollback(self, n):
+        for _ in range(min(n, len(self._history))):
+            self._mu = self._history.pop()
+
+    def reset(self):
+        self._mu, self._surprisal, self._history = None, None, []

@@ -209,6 +209,8 @@ def make_processors(
     logit_bias: dict[int, float] | None = None,
     bad_words_ids: Sequence[Sequence[int]] = (),
     min_tokens: int = 0,
+    mirostat_tau: float = 0.0,
+    mirostat_eta: float = 0.1,
     stop_token_ids: Sequence[int] = (),
 ) -> Chain:
     """The standard chain, in the order transformers applies it: history processors
@@ -216,7 +218,7 @@ def make_processors(
     adapters (temperature, top-k, top-p, min-p, typical, epsilon, eta, top-nσ), then any
     extra (user) processors. Every setting at its default is the identity."""
     from .adapters import (
-        Epsilon, Eta, FrequencyPenalty, LogitBias, MinTokens, NoRepeatNGram, PresencePenalty,
+        Epsilon, Eta, FrequencyPenalty, LogitBias, MinTokens, MirostatV2, NoRepeatNGram, PresencePenalty,
         RepetitionPenalty, TopNSigma, Typical, bad_words,
     )
 
@@ -227,10 +229,12 @@ def make_processors(
         MinTokens(min_tokens, stop_token_ids),
         Temperature(temperature), TopK(top_k), TopP(top_p), MinP(min_p),
         Typical(typical_p), Epsilon(epsilon), Eta(eta), TopNSigma(top_n_sigma),
+        MirostatV2(mirostat_tau, mirostat_eta) if mirostat_tau else None,
         *extra,
     )
 
 
 HISTORY_SETTINGS = ("repetition_penalty", "frequency_penalty", "presence_penalty", "no_repeat_ngram_size",
                     "logit_bias", "bad_words_ids", "min_tokens")
-ADAPTER_SETTINGS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon", "eta", "top_n_sigma")
+ADAPTER_SETTINGS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon", "eta", "top_n_sigma",
+                    "mirostat_tau", "mirostat_eta")
