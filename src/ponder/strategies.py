@@ -97,3 +97,64 @@ register("majority", _majority, "self-consistency: majority vote over N samples 
          SAMPLING_SETTINGS + ("samples",), needs=("task",), meta=True)
 register("best-of-n", _best_of_n, "best of N samples by a reward model (Stiennon et al. 2020)",
          SAMPLING_SETTINGS + ("samples",), needs=("reward_model",), meta=True)
+
+
+def _load(name: str):
+    from .models.native import NativeLM
+
+    return NativeLM.from_pretrained(name)
+
+
+def _floats(v: Any) -> list[float]:
+    if isinstance(v, (list, tuple)):
+        return [float(x) for x in v]
+    return [float(x) for x in str(v).split(",") if x.strip()]
+
+
+_ADAPTER_DEFAULTS = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "typical_p": 1.0, "epsilon": 0.0,
+                     "eta": 0.0, "top_n_sigma": 0.0, "mirostat_tau": 0.0, "mirostat_eta": 0.1}
+
+
+def _controlled_options(s: dict[str, Any], sample: bool) -> dict[str, Any]:
+    """Options, history processors, and (when sampling) the adapters; adapters left at
+    their defaults are dropped for greedy decoding, changed ones are an error there."""
+    out = _options(s)
+    out.update({k: s[k] for k in HISTORY_SETTINGS if k in s})
+    out.update({k: s[k] for k in ADAPTER_SETTINGS if k in s and (sample or s[k] != _ADAPTER_DEFAULTS[k])})
+    return out
+
+
+def _contrastive(lm, s, ctx):
+    from .decoding.controlled import ContrastiveDecoding
+
+    return ContrastiveDecoding(lm, _load(s.get("amateur", "arith-draft")), alpha=s.get("alpha", 0.1),
+                               beta=s.get("beta", 1.0), sample=bool(s.get("sample", False)),
+                               **_controlled_options(s, bool(s.get("sample", False))))
+
+
+def _product(lm, s, ctx):
+    from .decoding.controlled import ProductOfExperts
+
+    others = [_load(m) for m in str(s.get("models", "")).split(",") if m.strip()]
+    if not others:
+        raise SettingError("--strategy product needs --set models=NAME[,NAME...] (combined with --model)")
+    weights = _floats(s.get("weights", ",".join(["1"] * (1 + len(others)))))
+    return ProductOfExperts([lm, *others], weights, sample=bool(s.get("sample", True)),
+                            **_controlled_options(s, bool(s.get("sample", True))))
+
+
+def _cfg(lm, s, ctx):
+    from .decoding.controlled import ClassifierFreeGuidance
+
+    return ClassifierFreeGuidance(lm, s.get("guidance_scale", 1.5), s.get("negative_prompt", ""),
+                                  sample=bool(s.get("sample", False)),
+                                  **_controlled_options(s, bool(s.get("sample", False))))
+
+
+_CONTROLLED = ADAPTER_SETTINGS + HISTORY_SETTINGS + ("sample",)
+register("contrastive", _contrastive, "contrastive decoding, expert --model vs --set amateur=NAME (Li et al. 2023)",
+         _CONTROLLED + ("amateur", "alpha", "beta"))
+register("product", _product, "product of experts: --model and --set models=A,B with --set weights=w0,w1,w2",
+         _CONTROLLED + ("models", "weights"))
+register("cfg", _cfg, "classifier-free guidance, --set guidance_scale=G --set negative_prompt=TEXT (Sanchez et al. 2023)",
+         _CONTROLLED + ("guidance_scale", "negative_prompt"))
