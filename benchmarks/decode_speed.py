@@ -1,6 +1,6 @@
 """Native greedy decoding against transformers ``generate`` on the same weights.
 
-Batch 1, 128 new tokens (EOS ignored on both sides so the token counts are equal),
+Batch 1, 128 new tokens (EOS masked on both sides so the token counts are equal),
 the shipped target model by default. Both run in this process, interleaved over
 several rounds, and the best round of each is compared, which keeps the ratio honest
 on a shared, noisy machine. The last line is one JSON object; ``ratio`` is ponder
@@ -40,7 +40,8 @@ def main() -> None:
     lm = NativeLM.from_pretrained(args.model)
     hf = AutoModelForCausalLM.from_pretrained(lm.path, dtype=torch.float32).eval()
     ids = lm.encode(args.prompt)
-    ours = Greedy(lm, max_tokens=args.tokens, ignore_eos=True)
+    # EOS is masked until the last token on both sides (min_tokens = min_new_tokens).
+    ours = Greedy(lm, max_tokens=args.tokens, min_tokens=args.tokens)
     x = torch.tensor([ids])
 
     def run_ponder() -> tuple[float, list[int]]:

@@ -114,6 +114,9 @@ def generate(
     min_tokens: int = typer.Option(0, "--min-tokens", help="Generate at least this many tokens before EOS."),
     logit_bias: Optional[str] = typer.Option(None, "--logit-bias", help='JSON {"token_id": bias}.'),
     bad_words: list[str] = typer.Option([], "--bad-words", help="Text never to generate (repeatable)."),
+    speculative: Optional[str] = typer.Option(None, "--speculative", help="draft: speculative decoding with --draft-model."),
+    draft_model: str = typer.Option("arith-draft", "--draft-model", help="Draft model for --speculative draft."),
+    draft_tokens: int = typer.Option(4, "--draft-tokens", help="Tokens the draft proposes per step (>= 1)."),
     set_: list[str] = typer.Option([], "--set", help="Extra strategy setting KEY=VALUE (repeatable)."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
@@ -129,6 +132,15 @@ def generate(
         _fail("PROMPT is empty; give some text to continue")
     if n < 1:
         _fail(f"--n must be >= 1; got {n}")
+    if speculative is not None:
+        if speculative != "draft":
+            _fail(f"--speculative takes 'draft'; got {speculative!r}")
+        if strategy not in ("greedy", "sample"):
+            _fail("--speculative works with --strategy greedy or sample")
+        set_ = list(set_) + [f"draft_model={json.dumps(draft_model)}", f"num_draft_tokens={draft_tokens}"]
+        if strategy == "greedy":
+            set_.append("temperature=0")
+        strategy = "speculative"
     lm = _load_lm(model, dtype)
     history = _history_settings(lambda w: lm.encode(w, add_special_tokens=False), repetition_penalty,
                                 frequency_penalty, presence_penalty, no_repeat_ngram, min_tokens, logit_bias, bad_words)
@@ -146,11 +158,17 @@ def generate(
         }))
         return
     if n == 1 and hasattr(gen, "stream"):
+        last = "\n"
         for ev in gen.stream(prompt, seed=seed):
-            sys.stdout.write(ev.text)
-            sys.stdout.flush()
-        if not ev.text.endswith("\n"):
+            if ev.text:
+                sys.stdout.write(ev.text)
+                sys.stdout.flush()
+                last = ev.text
+        if not last.endswith("\n"):
             sys.stdout.write("\n")
+        return
+    if n == 1:
+        print(gen.generate_batch([prompt], n=1, seed=seed)[0][0].text, end="\n")
         return
     for i, g in enumerate(gen.generate_batch([prompt], n=n, seed=seed)[0]):
         print(f"--- {i} ({g.finish_reason}) ---")

@@ -55,6 +55,9 @@ def build(name: str, lm: Any, settings: dict[str, Any], ctx: Context | None = No
             flag = "--task" if need == "task" else "--reward-model"
             raise SettingError(f"--strategy {name} needs {flag}")
     legal = set(st.settings) | set(OPTION_SETTINGS)
+    # Adapters left at their defaults are no setting at all (the CLI passes them always).
+    settings = {k: v for k, v in settings.items()
+                if k in legal or not (k in _ADAPTER_DEFAULTS and v == _ADAPTER_DEFAULTS[k])}
     unknown = [k for k, v in settings.items() if k not in legal and v is not None]
     if unknown:
         raise SettingError(
@@ -158,3 +161,16 @@ register("product", _product, "product of experts: --model and --set models=A,B 
          _CONTROLLED + ("models", "weights"))
 register("cfg", _cfg, "classifier-free guidance, --set guidance_scale=G --set negative_prompt=TEXT (Sanchez et al. 2023)",
          _CONTROLLED + ("guidance_scale", "negative_prompt"))
+
+
+def _speculative(lm, s, ctx):
+    from .decoding.speculative import Speculative
+
+    sample = {k: s[k] for k in ("temperature", "top_k", "top_p", "min_p") if k in s}
+    return Speculative(lm, _load(s.get("draft_model", "arith-draft")), num_draft_tokens=s.get("num_draft_tokens", 4),
+                       **sample, **_options(s))
+
+
+register("speculative", _speculative,
+         "speculative decoding with a draft model, lossless (Leviathan et al. 2023); temperature 0 = greedy",
+         ("temperature", "top_k", "top_p", "min_p", "draft_model", "num_draft_tokens"))

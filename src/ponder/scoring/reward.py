@@ -16,6 +16,7 @@ this format; transformers loads it too (``AutoModelForTokenClassification``).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -24,6 +25,9 @@ import torch
 from ..models.loader import load_tokenizer, load_transformer
 from ..models.llama import Transformer
 from ..types import Usage
+
+# The final answer line is read by the outcome score, not as a step.
+_ANSWER_LINE = re.compile(r"^\s*(answer\b|####)", re.IGNORECASE)
 
 
 class RewardModel:
@@ -51,7 +55,7 @@ class RewardModel:
             if not piece:
                 continue
             ids += self.tokenizer.encode(piece, add_special_tokens=False).ids
-            if line.strip() and k < len(lines) - 1:
+            if line.strip() and k < len(lines) - 1 and not _ANSWER_LINE.match(line):
                 step_ends.append(len(ids) - 1)
         ids.append(self.eos)
         return ids, step_ends, len(ids) - 1

@@ -41,10 +41,12 @@ class Level:
     digits: int  # operands are drawn uniformly from [0, 10**digits)
 
 
+# Chosen after training so that the shipped model errs often on `hard` (see MODEL.md):
+# one-digit operands, difficulty by the number of operations.
 LEVELS: dict[str, Level] = {
-    "easy": Level("easy", 2, 3, 2),
-    "medium": Level("medium", 4, 5, 2),
-    "hard": Level("hard", 6, 7, 3),
+    "easy": Level("easy", 3, 4, 1),
+    "medium": Level("medium", 5, 6, 1),
+    "hard": Level("hard", 7, 8, 1),
 }
 TEST_SET_SIZE = 500
 TEST_SEEDS = {"easy": 1001, "medium": 1002, "hard": 1003}
@@ -125,7 +127,11 @@ def generate_test_set(level: str, n: int = TEST_SET_SIZE, seed: int | None = Non
     rng = random.Random(TEST_SEEDS[level] if seed is None else seed)
     seen: set[str] = set()
     out: list[Problem] = []
+    attempts = 0
     while len(out) < n:
+        attempts += 1
+        if attempts > 10_000 * n:
+            raise ValueError(f"level {level!r} has too few distinct held-out problems for {n}")
         q = random_question(rng, rng.randint(lv.min_operands, lv.max_operands), lv.digits)
         if q in seen or not is_held_out(q):
             continue

@@ -1,0 +1,82 @@
+"""Speculative decoding: lossless under greedy and under sampling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ponder.decoding.generate import Greedy
+from ponder.decoding.processors import SettingError
+from ponder.decoding.speculative import Speculative
+from ponder.models.loader import load_tokenizer, load_transformer
+from ponder.models.native import NativeLM
+
+
+@pytest.fixture(scope="module")
+def models(hf_checkpoints):
+    out = {}
+    for name in ("llama_gqa", "qwen2_bias", "llama_tied"):
+        folder, _ = hf_checkpoints[name]
+        out[name] = NativeLM(load_transformer(folder), load_tokenizer(folder), name)
+    return out
+
+
+def test_speculative_greedy_equals_greedy_on_50_prompts(models):
+    target, draft = models["llama_gqa"], models["llama_tied"]
+    prompts = [f"Q: {i}+{i * 7 % 13}-{i % 5}\n" for i in range(50)]
+    plain = Greedy(target, max_tokens=20).generate_batch(prompts)
+    spec = Speculative(target, draft, num_draft_tokens=3, max_tokens=20)
+    for p, (g,) in zip(prompts, plain):
+        (s,) = spec.generate(p)
+        assert s.token_ids == g.token_ids
+        assert s.logprobs == pytest.approx(g.logprobs, abs=1e-4)
+
+
+def test_draft_equal_to_target_accepts_every_draft(models):
+    lm = models["qwen2_bias"]
+    for k in (1, 4):
+        (s,) = Speculative(lm, lm, num_draft_tokens=k, max_tokens=24, ignore_eos=True).generate("Q: 12+3\n")
+        assert s.meta["acceptance_rate"] == 1.0 and s.meta["drafted"] > 0
+        (s,) = Speculative(lm, lm, num_draft_tokens=k, temperature=1.0, max_tokens=24, ignore_eos=True).generate("Q: 1\n", seed=3)
+        assert s.meta["acceptance_rate"] == pytest.approx(1.0)
+
+
+def test_speculative_sampling_reproduces_the_target_distribution(models):
+    """χ² test (fixed seed) on the first two tokens, with top-k 4 so that the support is
+    small: the empirical joint law of (x1, x2) matches p(x1)·p(x2 | x1) of the target."""
+    target, draft = models["llama_gqa"], models["qwen2_bias"]
+    prompt = target.encode("Q: 5\n")
+    spec = Speculative(target, draft, num_draft_tokens=2, temperature=1.0, top_k=4, max_tokens=2, ignore_eos=True)
+    n = 3000
+    gens = spec.generate(prompt, n=n, seed=1234)
+    counts: dict[tuple[int, int], int] = {}
+    for g in gens:
+        counts[tuple(g.token_ids)] = counts.get(tuple(g.token_ids), 0) + 1
+    # exact target law
+    from ponder.decoding.processors import make_processors
+
+    proc = make_processors(top_k=4)
+    p1 = proc(None, target.forward(torch.tensor([prompt]), None)[:, -1]).softmax(-1)[0]
+    law = {}
+    for x1 in torch.nonzero(p1 > 0)[:, 0].tolist():
+        p2 = proc(None, target.forward(torch.tensor([prompt + [x1]]), None)[:, -1]).softmax(-1)[0]
+        for x2 in torch.nonzero(p2 > 0)[:, 0].tolist():
+            law[(x1, x2)] = float(p1[x1] * p2[x2])
+    assert set(counts) <= set(law)
+    chi2 = sum((counts.get(c, 0) - n * pr) ** 2 / (n * pr) for c, pr in law.items())
+    dof = len(law) - 1
+    # 99.9% quantile of chi2 with 15 dof is 37.7; allow for any dof up to 15 by Wilson-Hilferty
+    z = 3.09
+    bound = dof * (1 - 2 / (9 * dof) + z * (2 / (9 * dof)) ** 0.5) ** 3
+    assert chi2 < bound, (chi2, bound, dof)
+    # and the draft is really different from the target (the test is not vacuous)
+    acc = sum(g.meta["accepted"] for g in gens) / sum(g.meta["drafted"] for g in gens)
+    assert acc < 0.95
+
+
+def test_bad_settings(models):
+    lm = models["llama_gqa"]
+    with pytest.raises(SettingError, match="num_draft_tokens must be an integer >= 1"):
+        Speculative(lm, lm, num_draft_tokens=0)
+    with pytest.raises(SettingError, match="temperature must be >= 0"):
+        Speculative(lm, lm, temperature=-1)
