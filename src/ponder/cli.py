@@ -168,7 +168,8 @@ def generate(
             sys.stdout.write("\n")
         return
     if n == 1:
-        print(gen.generate_batch([prompt], n=1, seed=seed)[0][0].text, end="\n")
+        text = gen.generate_batch([prompt], n=1, seed=seed)[0][0].text
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
         return
     for i, g in enumerate(gen.generate_batch([prompt], n=n, seed=seed)[0]):
         print(f"--- {i} ({g.finish_reason}) ---")

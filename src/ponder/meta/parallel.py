@@ -32,14 +32,44 @@ async def _samples(gen: Any, prompts: Sequence[str], n: int, seed: int | None) -
     return list(await asyncio.gather(*(gen.agenerate(p, n=n, seed=seed) for p in prompts)))
 
 
-class MajorityVote(GeneratorBase):
+class SampleThenAggregate(GeneratorBase):
+    """Draw ``self.n`` samples per prompt from the wrapped generator, then reduce them
+    to one Generation with ``aggregate(prompt, samples)``; ``n`` outputs repeat that."""
+
+    n: int
+    generator: Any
+
+    def aggregate(self, prompt: str, samples: list[Generation]) -> Generation:
+        raise NotImplementedError
+
+    async def agenerate_many(self, prompts: Sequence[str], n: int = 1, seed: int | None = None) -> list[list[Generation]]:
+        _check_n(n)
+        out = []
+        for k in range(n):
+            s = None if seed is None else seed + k * 1_000_033
+            groups = await _samples(self.generator, prompts, self.n, s)
+            out.append([self.aggregate(p, g) for p, g in zip(prompts, groups)])
+        return [[out[k][i] for k in range(n)] for i in range(len(prompts))]
+
+    async def agenerate(self, prompt: str, n: int = 1, seed: int | None = None) -> list[Generation]:
+        return (await self.agenerate_many([prompt], n, seed))[0]
+
+    def generate_batch(self, prompts: Sequence[str], n: int = 1, seed: int | None = None) -> list[list[Generation]]:
+        return asyncio.run(self.agenerate_many(prompts, n, seed))
+
+
+    def generate(self, prompt: str, n: int = 1, seed: int | None = None) -> list[Generation]:
+        return self.generate_batch([prompt], n, seed)[0]
+
+
+class MajorityVote(SampleThenAggregate):
     strategy = "majority"
 
     def __init__(self, generator: Any, extract_answer: Callable[[str], str | None], n: int = 16) -> None:
         _check_n(n)
         self.generator, self.extract_answer, self.n = generator, extract_answer, n
 
-    def aggregate(self, samples: list[Generation]) -> Generation:
+    def aggregate(self, prompt: str, samples: list[Generation]) -> Generation:
         answers = [self.extract_answer(g.text) for g in samples]
         counts = Counter(a for a in answers if a is not None)
         usage = Usage.total(g.usage for g in samples)
@@ -58,23 +88,9 @@ class MajorityVote(GeneratorBase):
             trace=samples, meta={"strategy": self.strategy, "votes": dict(counts)},
         )
 
-    async def agenerate_many(self, prompts: Sequence[str], n: int = 1, seed: int | None = None) -> list[list[Generation]]:
-        _check_n(n)
-        out = []
-        for k in range(n):
-            s = None if seed is None else seed + k * 1_000_033
-            groups = await _samples(self.generator, prompts, self.n, s)
-            out.append([self.aggregate(g) for g in groups])
-        return [[out[k][i] for k in range(n)] for i in range(len(prompts))]
-
-    async def agenerate(self, prompt: str, n: int = 1, seed: int | None = None) -> list[Generation]:
-        return (await self.agenerate_many([prompt], n, seed))[0]
-
-    def generate_batch(self, prompts: Sequence[str], n: int = 1, seed: int | None = None) -> list[list[Generation]]:
-        return asyncio.run(self.agenerate_many(prompts, n, seed))
 
 
-class BestOfN(GeneratorBase):
+class BestOfN(SampleThenAggregate):
     """``scorer(prompt, completions) -> list[(score, Usage)]`` rates the samples."""
 
     strategy = "best_of_n"
@@ -95,17 +111,3 @@ class BestOfN(GeneratorBase):
             usage=usage, score=scored[best][0], trace=samples, meta={"strategy": self.strategy},
         )
 
-    async def agenerate_many(self, prompts: Sequence[str], n: int = 1, seed: int | None = None) -> list[list[Generation]]:
-        _check_n(n)
-        out = []
-        for k in range(n):
-            s = None if seed is None else seed + k * 1_000_033
-            groups = await _samples(self.generator, prompts, self.n, s)
-            out.append([self.aggregate(p, g) for p, g in zip(prompts, groups)])
-        return [[out[k][i] for k in range(n)] for i in range(len(prompts))]
-
-    async def agenerate(self, prompt: str, n: int = 1, seed: int | None = None) -> list[Generation]:
-        return (await self.agenerate_many([prompt], n, seed))[0]
-
-    def generate_batch(self, prompts: Sequence[str], n: int = 1, seed: int | None = None) -> list[list[Generation]]:
-        return asyncio.run(self.agenerate_many(prompts, n, seed))
