@@ -159,3 +159,13 @@ def test_mirostat_v2_hand_computed_and_state():
     assert m._mu.tolist() == [2.0] and f._mu.tolist() == [1.5, 1.5]
     with pytest.raises(SettingError, match="tau must be > 0"):
         MirostatV2(tau=0)
+
+
+def test_stateful_processors_start_fresh_on_every_request(arith_lm):
+    """min_tokens holds EOS back on the second request exactly as on the first."""
+    from ponder.decoding.generate import Greedy
+
+    gen = Greedy(arith_lm, max_tokens=40, min_tokens=30)
+    a = gen.generate("Q: 1+2\n")[0]
+    b = gen.generate("Q: 1+2\n")[0]
+    assert len(a.token_ids) >= 30 and a.token_ids == b.token_ids

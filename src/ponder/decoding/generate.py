@@ -127,7 +127,14 @@ def decode_loop(
     for i, p in enumerate(prompts):
         history[i, T0 - len(p) :] = torch.as_tensor(list(p))
     history = history[rows_idx]
-    procs = processors.fork(rows_idx.tolist()) if n > 1 else processors
+    # Every request gets its own copy of the processors' state, fresh: a stateful
+    # processor (min tokens, penalties, mirostat) must not carry over from an earlier request.
+    procs = processors
+    if not processors.is_identity:
+        procs = processors.fork(list(range(P)))
+        procs.reset()
+        if n > 1:
+            procs = procs.fork(rows_idx.tolist())
     alive = list(range(len(rows)))  # indices into `rows` of the batch rows, in order
     done: list[Generation | None] = [None] * len(rows)
 
