@@ -48,11 +48,9 @@ def _parse_sets(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-ADAPTER_DEFAULTS = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "typical_p": 1.0,
-                    "epsilon": 0.0, "eta": 0.0, "top_n_sigma": 0.0}
-
-
 def _settings(strategy: str, temperature, top_k, top_p, min_p, max_tokens, stop, sets, **more) -> dict[str, Any]:
+    from .decoding.processors import ADAPTER_DEFAULTS
+
     s: dict[str, Any] = {"max_tokens": max_tokens, "stop": list(stop) if stop else None}
     adapters = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                     **{k: more.pop(k) for k in list(more) if k in ADAPTER_DEFAULTS})

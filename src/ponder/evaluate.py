@@ -9,10 +9,10 @@ its step scores against the exact step labels. One sampling run measures all of 
 from __future__ import annotations
 
 import math
-from collections import Counter
 from typing import Any, Callable, Sequence
 
 from .tasks.base import Problem
+from .meta.parallel import majority_index
 from .types import Generation, Usage
 
 
@@ -76,12 +76,8 @@ def evaluate(
             if g.trace:
                 traced = True
                 covered += any(task.check_answer(p, c.text) for c in cands)
-                answers = [task.extract_answer(c.text) for c in cands]
-                counts = Counter(a for a in answers if a is not None)
-                if counts:
-                    top = max(counts.values())
-                    winner = next(a for a in answers if a is not None and counts[a] == top)
-                    voted += winner == str(int(p.answer)) if p.answer.lstrip("-").isdigit() else winner == p.answer
+                i = majority_index([task.extract_answer(c.text) for c in cands])
+                voted += i is not None and task.check_answer(p, cands[i].text)
             if prm is not None:
                 texts = [c.text for c in cands]
                 for c_text, sc in zip(texts, prm.step_scores(prompt, texts)):

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .decoding.processors import ADAPTER_SETTINGS, HISTORY_SETTINGS, SettingError
+from .decoding.generate import OPTION_FIELDS as OPTION_SETTINGS
+from .decoding.processors import ADAPTER_DEFAULTS, ADAPTER_SETTINGS, HISTORY_SETTINGS, SettingError
 
 
 @dataclass
@@ -35,7 +36,6 @@ class Context:
 STRATEGIES: dict[str, Strategy] = {}
 
 SAMPLING_SETTINGS = ADAPTER_SETTINGS + HISTORY_SETTINGS
-OPTION_SETTINGS = ("max_tokens", "stop", "stop_token_ids", "ignore_eos")
 
 
 def register(name: str, factory: Callable[..., Any], help: str, settings: tuple[str, ...] = (),
@@ -57,7 +57,7 @@ def build(name: str, lm: Any, settings: dict[str, Any], ctx: Context | None = No
     legal = set(st.settings) | set(OPTION_SETTINGS)
     # Adapters left at their defaults are no setting at all (the CLI passes them always).
     settings = {k: v for k, v in settings.items()
-                if k in legal or not (k in _ADAPTER_DEFAULTS and v == _ADAPTER_DEFAULTS[k])}
+                if k in legal or not (k in ADAPTER_DEFAULTS and v == ADAPTER_DEFAULTS[k])}
     unknown = [k for k, v in settings.items() if k not in legal and v is not None]
     if unknown:
         raise SettingError(
@@ -114,16 +114,12 @@ def _floats(v: Any) -> list[float]:
     return [float(x) for x in str(v).split(",") if x.strip()]
 
 
-_ADAPTER_DEFAULTS = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "typical_p": 1.0, "epsilon": 0.0,
-                     "eta": 0.0, "top_n_sigma": 0.0, "mirostat_tau": 0.0, "mirostat_eta": 0.1}
-
-
 def _controlled_options(s: dict[str, Any], sample: bool) -> dict[str, Any]:
     """Options, history processors, and (when sampling) the adapters; adapters left at
     their defaults are dropped for greedy decoding, changed ones are an error there."""
     out = _options(s)
     out.update({k: s[k] for k in HISTORY_SETTINGS if k in s})
-    out.update({k: s[k] for k in ADAPTER_SETTINGS if k in s and (sample or s[k] != _ADAPTER_DEFAULTS[k])})
+    out.update({k: s[k] for k in ADAPTER_SETTINGS if k in s and (sample or s[k] != ADAPTER_DEFAULTS[k])})
     return out
 
 

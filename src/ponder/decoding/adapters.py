@@ -273,12 +273,11 @@ class MinTokens(_Counts):
         self.is_identity = min_tokens == 0 or not self.stop_token_ids
 
     def __call__(self, tokens, logits):
-        counts = self._ensure(logits)
+        self._ensure(logits)  # so that accept() counts the tokens generated
         if len(self._log) >= self.min_tokens:
             return logits
         out = logits.clone()
         out[:, self.stop_token_ids] = NEG_INF
-        del counts
         return out
 
 

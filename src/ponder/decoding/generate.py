@@ -23,6 +23,7 @@ from .processors import ADAPTER_SETTINGS, HISTORY_SETTINGS, Chain, SettingError,
 from .stopping import IncrementalDetokenizer, StopStringMatcher
 
 MAX_SEED = 2**63 - 1
+OPTION_FIELDS = ("max_tokens", "stop", "stop_token_ids", "ignore_eos")  # the fields of Options
 
 
 @dataclass
@@ -297,7 +298,7 @@ class Greedy(TokenGenerator):
     strategy = "greedy"
 
     def __init__(self, lm: Any, processors: Chain | Sequence[Any] | None = None, **settings: Any) -> None:
-        options = {k: settings.pop(k) for k in list(settings) if k in _OPTION_FIELDS}
+        options = {k: settings.pop(k) for k in list(settings) if k in OPTION_FIELDS}
         for k in settings:
             if k not in HISTORY_SETTINGS:
                 raise SettingError(f"greedy decoding does not take {k!r}; it takes {', '.join(HISTORY_SETTINGS)}")
@@ -325,7 +326,7 @@ class Sample(TokenGenerator):
         processors: Sequence[Any] = (),
         **settings: Any,
     ) -> None:
-        options = {k: settings.pop(k) for k in list(settings) if k in _OPTION_FIELDS}
+        options = {k: settings.pop(k) for k in list(settings) if k in OPTION_FIELDS}
         legal = set(HISTORY_SETTINGS) | set(ADAPTER_SETTINGS)
         for k in settings:
             if k not in legal:
@@ -336,7 +337,6 @@ class Sample(TokenGenerator):
         self.settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, **settings)
 
 
-_OPTION_FIELDS = ("max_tokens", "stop", "stop_token_ids", "ignore_eos")
 
 
 def _stops(lm: Any, options: dict[str, Any]) -> list[int]:

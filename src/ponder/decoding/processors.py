@@ -236,5 +236,8 @@ def make_processors(
 
 HISTORY_SETTINGS = ("repetition_penalty", "frequency_penalty", "presence_penalty", "no_repeat_ngram_size",
                     "logit_bias", "bad_words_ids", "min_tokens")
-ADAPTER_SETTINGS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon", "eta", "top_n_sigma",
-                    "mirostat_tau", "mirostat_eta")
+# The sampling adapters' settings and the values at which they do nothing (as in
+# make_processors' signature); the CLI and the strategy registry read these.
+ADAPTER_DEFAULTS = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "typical_p": 1.0, "epsilon": 0.0,
+                    "eta": 0.0, "top_n_sigma": 0.0, "mirostat_tau": 0.0, "mirostat_eta": 0.1}
+ADAPTER_SETTINGS = tuple(ADAPTER_DEFAULTS)

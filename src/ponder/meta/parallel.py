@@ -32,6 +32,16 @@ async def _samples(gen: Any, prompts: Sequence[str], n: int, seed: int | None) -
     return list(await asyncio.gather(*(gen.agenerate(p, n=n, seed=seed) for p in prompts)))
 
 
+def majority_index(answers: Sequence[str | None]) -> int | None:
+    """Index of the first sample whose answer is the most frequent one (ties go to the
+    answer reached first, so the vote is deterministic); None if no sample has an answer."""
+    counts = Counter(a for a in answers if a is not None)
+    if not counts:
+        return None
+    top = max(counts.values())
+    return next(i for i, a in enumerate(answers) if a is not None and counts[a] == top)
+
+
 class SampleThenAggregate(GeneratorBase):
     """Draw ``self.n`` samples per prompt from the wrapped generator, then reduce them
     to one Generation with ``aggregate(prompt, samples)``; ``n`` outputs repeat that."""
@@ -73,15 +83,9 @@ class MajorityVote(SampleThenAggregate):
         answers = [self.extract_answer(g.text) for g in samples]
         counts = Counter(a for a in answers if a is not None)
         usage = Usage.total(g.usage for g in samples)
-        if not counts:
-            best = samples[0]
-            votes = 0
-        else:
-            # Ties go to the answer reached first, so the result is deterministic.
-            top = max(counts.values())
-            winner = next(a for a in answers if a is not None and counts[a] == top)
-            best = samples[answers.index(winner)]
-            votes = top
+        i = majority_index(answers)
+        best = samples[0 if i is None else i]
+        votes = 0 if i is None else counts[answers[i]]
         return Generation(
             text=best.text, token_ids=best.token_ids, logprobs=best.logprobs,
             finish_reason=best.finish_reason, usage=usage, score=votes / len(samples),
