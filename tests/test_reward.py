@@ -33,6 +33,10 @@ def test_transformers_loads_the_reward_model_and_agrees(rm):
     ours = rm.model.logits(rm.model(x))[0, :, 0]
     assert (ref - ours).abs().max().item() < 1e-4
     assert len(ends) == 2 and eos_at == len(ids) - 1
+    # scoring is billed: tokens read, one call, FLOPs and its share of the wall time
+    ((score, usage),) = rm.score_completions("Q: 12+34-5\n", ["12+34=46\n46-5=41\nAnswer: 41\n"])
+    assert 0.0 <= score <= 1.0
+    assert usage.computed_tokens == len(ids) and usage.model_calls == 1 and usage.flops > 0 and usage.wall_s > 0
 
 
 def _corruptions(limit=30):

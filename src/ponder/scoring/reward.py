@@ -17,6 +17,7 @@ this format; transformers loads it too (``AutoModelForTokenClassification``).
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -70,10 +71,12 @@ class RewardModel:
         scores = self.model.logits(self.model(ids))[..., 0].float()
         return [scores[i, : len(s)] for i, s in enumerate(seqs)]
 
-    def _usage(self, seqs: list[list[int]]) -> list[Usage]:
+    def _usage(self, seqs: list[list[int]], wall_s: float) -> list[Usage]:
+        """The bill of one scoring batch; its wall time is split evenly over the sequences."""
         cfg = self.model.cfg
         return [
-            Usage(computed_tokens=len(s), model_calls=1, flops=len(s) * cfg.flops_per_token(len(s) // 2))
+            Usage(computed_tokens=len(s), model_calls=1, flops=len(s) * cfg.flops_per_token(len(s) // 2),
+                  wall_s=wall_s / len(seqs))
             for s in seqs
         ]
 
@@ -83,8 +86,9 @@ class RewardModel:
         for i in range(0, len(completions), batch_size):
             lay = [self.layout(prompt, c) for c in completions[i : i + batch_size]]
             seqs = [ids for ids, _, _ in lay]
+            t0 = time.perf_counter()
             logits = self._logits(seqs)
-            for (ids, _, end), lg, u in zip(lay, logits, self._usage(seqs)):
+            for (ids, _, end), lg, u in zip(lay, logits, self._usage(seqs, time.perf_counter() - t0)):
                 out.append((float(torch.sigmoid(lg[end])), u))
         return out
 
