@@ -36,11 +36,40 @@ def test_step_checker_finds_the_first_error_and_what_follows():
     assert t.check_steps(p, ["23+45=68", "68-17=52", "52+8=60"]) == [True, False, False]
     assert t.prefix_correct(p, ["23+45=68", "68-17=52", "52+8=60"]) == [True, False, False]
     assert t.check_steps(p, ["23+45=68", "68+17=85"]) == [True, False]  # wrong operation
-    assert t.check_steps(p, ["garbage", "68-17=51"]) == [False, True]  # per-step oracle
-    assert t.prefix_correct(p, ["garbage", "68-17=51"]) == [False, False]
+    assert t.check_steps(p, ["garbage", "23-17=6"]) == [False, True]  # per-step oracle
+    assert t.prefix_correct(p, ["garbage", "23-17=6"]) == [False, False]
+    assert t.check_steps(p, ["23+45=68", "68+45=113"]) == [True, False]  # a term used twice
     assert t.check_steps(p, ["23+45=68", "68-17=51", "51+8=59", "59+1=60"]) == [True, True, True, False]
     neg = arith.make_problem("5-80+3", "n")
     assert t.check_steps(neg, ["5-80=-75", "-75+3=-72"]) == [True, True]
+
+
+def test_terms_may_be_taken_in_any_order():
+    t = ArithTask()
+    p = arith.make_problem("23+45-17+8", "x")
+    steps = ["23+8=31", "31-17=14", "14+45=59"]
+    assert t.check_steps(p, steps) == [True, True, True]
+    assert t.check_answer(p, "\n".join(steps) + "\nAnswer: 59\n")
+    # skipping a term is caught at the answer; starting from another term is not allowed
+    assert t.check_steps(p, ["45+23=68"]) == [False]
+    assert not t.check_answer(p, "23+45=68\n68+8=76\nAnswer: 76\n")
+    rng = random.Random(0)
+    orders = {tuple(arith.random_order(rng, 5)) for _ in range(3000)}
+    assert len(orders) == 24  # every permutation of the 4 later terms occurs
+    for _ in range(50):  # any sampled order solves the problem exactly
+        text = arith.solution_text(p.question, rng)
+        assert t.check_answer(p, text) and all(t.check_steps(p, t.split_steps(text)))
+    with pytest.raises(ValueError, match="permutation"):
+        arith.solve_in_order(p.question, [1, 1, 2])
+
+
+def test_left_to_right_is_the_most_likely_training_order():
+    rng = random.Random(1)
+    counts: dict[tuple, int] = {}
+    for _ in range(4000):
+        o = tuple(arith.random_order(rng, 4))
+        counts[o] = counts.get(o, 0) + 1
+    assert max(counts, key=counts.get) == (1, 2, 3)
 
 
 @pytest.mark.parametrize(

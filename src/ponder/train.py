@@ -168,6 +168,8 @@ def train_lm(args) -> None:
             print(f"step {step} loss {ema:.4f} lr {opt.param_groups[0]['lr']:.2e} t {time.time()-t0:.0f}s", flush=True)
         if time.time() - last_save > args.save_every * 60:
             save_checkpoint(model, tok, out, _meta(args, step, t0, ema, cfg))
+            if args.keep_checkpoints:  # a history to pick from (e.g. by held-out accuracy)
+                save_checkpoint(model, tok, out.with_name(f"{out.name}-step{step}"), _meta(args, step, t0, ema, cfg))
             last_save = time.time()
     save_checkpoint(model, tok, out, _meta(args, step, t0, ema, cfg))
     print(f"done: {step} steps, loss {ema:.4f}, {time.time()-t0:.0f}s", flush=True)
@@ -244,6 +246,8 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--save-every", type=float, default=5.0, help="minutes between checkpoints")
         p.add_argument("--threads", type=int, default=1)
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--keep-checkpoints", action="store_true",
+                       help="also keep every checkpoint in OUT-stepN next to OUT")
         p.add_argument("--init", default=None, help="checkpoint folder to start from")
         p.add_argument("--min-operands", type=int, default=2)
         p.add_argument("--max-operands", type=int, default=7)

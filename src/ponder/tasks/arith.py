@@ -8,9 +8,15 @@ Format (prompt, then the solution the model writes)::
     51+8=59
     Answer: 59
 
-Expressions are evaluated left to right (only ``+`` and ``-``), so every line is one
-operation on the running total, and every line can be checked exactly: that is the
-oracle process reward. Difficulty is the number of operations and the operand size.
+Only ``+`` and ``-``, so every line is one signed term added to the running total, and
+every line can be checked exactly: that is the oracle process reward. The first term
+starts the total; the other terms may be taken **in any order** (the reference solution
+goes left to right). That is deliberate: with a single admissible order a solver's
+errors are systematic, and sampling many solutions and voting (self-consistency) can
+only match greedy decoding, because the answer distribution's mode is reached by the
+same per-step argmax. With many orders, independent paths err independently, as in
+the chains of thought that self-consistency was built for (Wang et al., 2023).
+Difficulty is the number of operations and the operand size.
 
 Held-out problems are defined by a hash of the question (1 in ``HELD_OUT_MODULUS``),
 so the training stream can exclude every test problem of every level, including
@@ -88,8 +94,40 @@ def solve(question: str) -> tuple[list[str], int]:
     return lines, total
 
 
-def solution_text(question: str) -> str:
-    lines, ans = solve(question)
+def solve_in_order(question: str, order: list[int]) -> tuple[list[str], int]:
+    """A solution taking the terms after the first in ``order`` (indices into the
+    question's terms, a permutation of 1..n-1)."""
+    terms = parse_question(question)
+    if sorted(order) != list(range(1, len(terms))):
+        raise ValueError(f"order must be a permutation of 1..{len(terms) - 1}; got {order}")
+    total = terms[0][1]
+    lines = []
+    for i in order:
+        op, b = terms[i]
+        new = total + b if op == "+" else total - b
+        lines.append(f"{total}{op}{b}={new}")
+        total = new
+    return lines, total
+
+
+def random_order(rng: random.Random, n_terms: int, p_leftmost: float = 0.5) -> list[int]:
+    """Training orders: at each step take the leftmost unused term with probability
+    ``p_leftmost``, otherwise any unused term uniformly. Left to right stays the single
+    most likely order (what greedy decoding follows); samples spread over the others."""
+    left = list(range(1, n_terms))
+    order = []
+    while left:
+        k = 0 if rng.random() < p_leftmost else rng.randrange(len(left))
+        order.append(left.pop(k))
+    return order
+
+
+def solution_text(question: str, rng: random.Random | None = None) -> str:
+    """The solution text: left to right, or in a random admissible order given ``rng``."""
+    if rng is None:
+        lines, ans = solve(question)
+    else:
+        lines, ans = solve_in_order(question, random_order(rng, len(parse_question(question))))
     return "".join(line + "\n" for line in lines) + f"{ANSWER_PREFIX}{ans}\n"
 
 
@@ -98,11 +136,12 @@ def make_problem(question: str, pid: str, level: str | None = None) -> Problem:
     return Problem(id=pid, question=question, answer=str(ans), meta={"level": level} if level else {})
 
 
-def training_stream(seed: int, levels: list[Level] | None = None, block: int = 1):
+def training_stream(seed: int, levels: list[Level] | None = None, block: int = 1, any_order: bool = True):
     """Endless (question, solution) pairs for training, never a held-out question.
 
     Levels are drawn in blocks of ``block`` consecutive problems, so a training batch
-    holds problems of one shape and pads little.
+    holds problems of one shape and pads little. Solutions take the terms in random
+    admissible orders (see ``random_order``) unless ``any_order`` is False.
     """
     rng = random.Random(seed)
     levels = levels or TRAIN_LEVELS
@@ -114,7 +153,7 @@ def training_stream(seed: int, levels: list[Level] | None = None, block: int = 1
             if is_held_out(q):
                 continue
             made += 1
-            yield q, solution_text(q)
+            yield q, solution_text(q, rng if any_order else None)
 
 
 # Training covers every operand count and size the test levels use; bigger operands are
@@ -193,21 +232,27 @@ class ArithTask:
         return steps
 
     def check_steps(self, problem: Problem, steps: list[str]) -> list[bool]:
-        """Is each step right? Step t must apply operation t+1 of the question to the
-        true running total and get the right result; a step after an error is wrong
-        unless it repeats the true running total (it cannot, having started wrong)."""
+        """Is each step right? A step ``a op b = c`` is right when ``a`` is the running
+        total, ``op b`` is one of the question's terms not used yet, and ``c = a op b``.
+        Each step is judged on the state the correct reading of the steps before it
+        leaves (a term named by a step is used up, and the total moves by its true
+        value), so one slip does not make every later step wrong; ``prefix_correct``
+        is what carries an error forward."""
         terms = parse_question(problem.question)
         total = terms[0][1]
+        unused = [(op, b) for op, b in terms[1:]]
         ok: list[bool] = []
-        for t, line in enumerate(steps):
-            if t + 1 >= len(terms):  # more steps than operations
+        for line in steps:
+            m = _STEP.match(line)
+            if m is None:
                 ok.append(False)
                 continue
-            want_op, want_b = terms[t + 1]
-            new = total + want_b if want_op == "+" else total - want_b
-            m = _STEP.match(line)
-            ok.append(m is not None and (int(m[1]), m[2], int(m[3]), int(m[4])) == (total, want_op, want_b, new))
-            total = new
+            a, op, b, c = int(m[1]), m[2], int(m[3]), int(m[4])
+            term_ok = (op, b) in unused
+            ok.append(term_ok and a == total and c == (a + b if op == "+" else a - b))
+            if term_ok:
+                unused.remove((op, b))
+                total = total + b if op == "+" else total - b
         return ok
 
     def prefix_correct(self, problem: Problem, steps: list[str]) -> list[bool]:
