@@ -112,6 +112,11 @@ def generate(
     min_tokens: int = typer.Option(0, "--min-tokens", help="Generate at least this many tokens before EOS."),
     logit_bias: Optional[str] = typer.Option(None, "--logit-bias", help='JSON {"token_id": bias}.'),
     bad_words: list[str] = typer.Option([], "--bad-words", help="Text never to generate (repeatable)."),
+    num_beams: Optional[int] = typer.Option(None, "--num-beams", help="Beams for the beam strategies (>= 1; default 4)."),
+    length_penalty: Optional[float] = typer.Option(None, "--length-penalty", help="Beam score = sum logprob / length**L (default 1)."),
+    early_stopping: bool = typer.Option(False, "--early-stopping", help="Beam search stops once num_beams hypotheses are finished."),
+    num_beam_groups: Optional[int] = typer.Option(None, "--num-beam-groups", help="Groups for diverse beam search."),
+    diversity_penalty: Optional[float] = typer.Option(None, "--diversity-penalty", help="Diverse beam search penalty (>= 0)."),
     speculative: Optional[str] = typer.Option(None, "--speculative", help="draft: speculative decoding with --draft-model."),
     draft_model: str = typer.Option("arith-draft", "--draft-model", help="Draft model for --speculative draft."),
     draft_tokens: int = typer.Option(4, "--draft-tokens", help="Tokens the draft proposes per step (>= 1)."),
@@ -143,7 +148,9 @@ def generate(
     history = _history_settings(lambda w: lm.encode(w, add_special_tokens=False), repetition_penalty,
                                 frequency_penalty, presence_penalty, no_repeat_ngram, min_tokens, logit_bias, bad_words)
     settings = _settings(strategy, temperature, top_k, top_p, min_p, max_tokens, stop, set_, typical_p=typical_p,
-                         epsilon=epsilon, eta=eta, top_n_sigma=top_n_sigma, **history)
+                         epsilon=epsilon, eta=eta, top_n_sigma=top_n_sigma, num_beams=num_beams,
+                         length_penalty=length_penalty, early_stopping=early_stopping or None,
+                         num_beam_groups=num_beam_groups, diversity_penalty=diversity_penalty, **history)
     gen = strategies.build(strategy, lm, settings)
     if as_json:
         gens = gen.generate_batch([prompt], n=n, seed=seed)[0]

@@ -170,3 +170,58 @@ def _speculative(lm, s, ctx):
 register("speculative", _speculative,
          "speculative decoding with a draft model, lossless (Leviathan et al. 2023); temperature 0 = greedy",
          ("temperature", "top_k", "top_p", "min_p", "draft_model", "num_draft_tokens"))
+
+
+_BEAM = ("num_beams", "length_penalty", "early_stopping")
+
+
+def _early(v: Any) -> Any:
+    """early_stopping from a flag or --set: true/false/never."""
+    if isinstance(v, str):
+        low = v.lower()
+        if low in ("true", "false"):
+            return low == "true"
+        return low
+    return v
+
+
+def _beam(lm, s, ctx):
+    from .decoding.beam import BeamSearch
+
+    return BeamSearch(lm, num_beams=s.get("num_beams", 4), length_penalty=s.get("length_penalty", 1.0),
+                      early_stopping=_early(s.get("early_stopping", False)),
+                      num_beam_groups=s.get("num_beam_groups", 1), diversity_penalty=s.get("diversity_penalty", 0.0),
+                      **{k: s[k] for k in HISTORY_SETTINGS if k in s}, **_options(s))
+
+
+def _diverse_beam(lm, s, ctx):
+    s = dict(s)
+    s.setdefault("num_beams", 4)
+    s.setdefault("num_beam_groups", 2 if s["num_beams"] % 2 == 0 else 1)
+    s.setdefault("diversity_penalty", 1.0)
+    return _beam(lm, s, ctx)
+
+
+def _beam_sample(lm, s, ctx):
+    from .decoding.beam import BeamSample
+
+    return BeamSample(lm, num_beams=s.get("num_beams", 4), length_penalty=s.get("length_penalty", 1.0),
+                      early_stopping=_early(s.get("early_stopping", False)),
+                      **{k: s[k] for k in SAMPLING_SETTINGS if k in s}, **_options(s))
+
+
+def _stochastic_beam(lm, s, ctx):
+    from .decoding.beam import StochasticBeamSearch
+
+    return StochasticBeamSearch(lm, num_beams=s.get("num_beams", 4), temperature=s.get("temperature", 1.0),
+                                **{k: s[k] for k in HISTORY_SETTINGS if k in s}, **_options(s))
+
+
+register("beam", _beam, "beam search, transformers-compatible: --num-beams K --length-penalty L --early-stopping; --n K returns the K best",
+         HISTORY_SETTINGS + _BEAM + ("num_beam_groups", "diversity_penalty"))
+register("diverse-beam", _diverse_beam, "diverse (group) beam search: --num-beam-groups G --diversity-penalty D (Vijayakumar et al. 2018)",
+         HISTORY_SETTINGS + _BEAM + ("num_beam_groups", "diversity_penalty"))
+register("beam-sample", _beam_sample, "beam sampling: candidates drawn from softmax of beam scores (transformers do_sample + num_beams)",
+         SAMPLING_SETTINGS + _BEAM)
+register("stochastic-beam", _stochastic_beam, "stochastic beam search: K samples without replacement via Gumbel-top-k (Kool et al. 2019)",
+         HISTORY_SETTINGS + ("num_beams", "temperature"))

@@ -1,0 +1,384 @@
+"""The beam family: beam search, beam sampling, diverse (group) beam search and
+stochastic beam search, on a logits-level model with a KV cache.
+
+One loop, ``beam_loop``, serves them all. Each step it scores every one-token
+extension of every live beam, keeps ``2K`` candidates per group (so that ``K`` live
+beams remain even if ``K`` of them end), files the ended ones among the group's best
+finished hypotheses with the length penalty, and reorders the KV cache (and any
+processor state) to the surviving beams. What differs is how candidates are chosen:
+
+* beam search takes the top ``2K`` accumulated log-probabilities;
+* beam sampling draws them without replacement from ``softmax`` of those scores
+  (transformers' ``do_sample=True, num_beams=K``);
+* diverse beam search (Vijayakumar et al., 2018) runs ``G`` groups one after the other
+  each step, and penalises tokens that earlier groups chose at this step;
+* stochastic beam search (Kool et al., 2019) ranks by Gumbel perturbations of the
+  sequence log-probabilities, conditioned down the tree, which makes the ``K`` final
+  sequences an exact sample without replacement when they all end together.
+
+Beam search and beam sampling follow transformers' ``generate`` exactly (scores,
+``length_penalty``, ``early_stopping`` in {True, False, "never"}, n-best output), and
+the tests hold them to it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from ..protocols import Access, require_access
+from ..types import Generation, Usage
+from .generate import MAX_SEED, OPTION_FIELDS, Options, TokenGenerator, _stops, row_generator
+from .processors import HISTORY_SETTINGS, Chain, SettingError, make_processors
+from .stopping import StopStringMatcher
+
+NEG = -1.0e9  # transformers' "impossible" score; kept so that scores match it exactly
+EARLY_STOPPING = (True, False, "never")
+
+
+@dataclass
+class _Hyp:
+    score: float  # what the hypothesis is ranked by (length-penalised, or a Gumbel key)
+    tokens: list[int]
+    logprobs: list[float]
+    finish: str
+    group: int = 0
+
+
+@dataclass
+class _Group:
+    """The bookkeeping of one group of ``k`` beams (all of beam search when G = 1)."""
+
+    k: int
+    tokens: list[list[int]]  # live beams' generated tokens
+    logprobs: list[list[float]]  # the model's own log-prob of each of those tokens
+    scores: torch.Tensor  # [k] float32 accumulated (processed) log-probs of live beams
+    keys: torch.Tensor | None = None  # [k] Gumbel keys (stochastic beam search only)
+    finished: list[_Hyp] = field(default_factory=list)  # best first, at most k
+    improvable: bool = True  # transformers' early-stop heuristic, not yet satisfied
+    done: bool = False
+
+    @classmethod
+    def start(cls, k: int, gumbel: bool) -> "_Group":
+        scores = torch.full((k,), NEG)
+        scores[0] = 0.0  # only the first copy of the prompt may expand at step one
+        keys = scores.clone() if gumbel else None
+        return cls(k, [[] for _ in range(k)], [[] for _ in range(k)], scores, keys)
+
+    def file(self, hyp: _Hyp) -> None:
+        self.finished.append(hyp)
+        # stable: an earlier hypothesis wins a tie, as with transformers' merged top-k
+        self.finished.sort(key=lambda h: -h.score)
+        del self.finished[self.k :]
+
+
+def _check_beam_settings(num_beams: int, length_penalty: float, early_stopping: Any, groups: int = 1) -> None:
+    if not isinstance(num_beams, int) or isinstance(num_beams, bool) or num_beams < 1:
+        raise SettingError(f"num_beams must be an integer >= 1; got {num_beams!r}")
+    if not isinstance(length_penalty, (int, float)) or not math.isfinite(length_penalty):
+        raise SettingError(f"length_penalty must be a finite number (1.0 = mean log-prob per token); got {length_penalty!r}")
+    if early_stopping not in EARLY_STOPPING or isinstance(early_stopping, int) and not isinstance(early_stopping, bool):
+        raise SettingError(f"early_stopping must be True, False or 'never'; got {early_stopping!r}")
+    if not isinstance(groups, int) or groups < 1 or num_beams % groups:
+        raise SettingError(f"num_beam_groups must be an integer >= 1 that divides num_beams ({num_beams}); got {groups!r}")
+
+
+def gumbel_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Standard Gumbel noise with the shape of ``x``."""
+    u = torch.rand(x.shape, generator=generator, dtype=torch.float64).clamp_(1e-300, 1.0)
+    return -torch.log(-torch.log(u)).to(x.dtype)
+
+
+def conditioned_gumbel(phi: torch.Tensor, parent_key: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Gumbel keys of children with log-probs ``phi`` [k, V], conditioned so that their
+    maximum equals the parent's key [k] (Kool et al. 2019, eq. 23, the stable form)."""
+    g = phi.double() + gumbel_like(phi, generator).double()  # [k, V]
+    z = g.max(dim=-1, keepdim=True).values
+    t = parent_key.double()[:, None]
+    # G~ = -log(exp(-T) - exp(-Z) + exp(-G)), computed via v = T - G + log1mexp(G - Z)
+    v = t - g + torch.log1p(-torch.exp(torch.clamp(g - z, max=0.0)) + 1e-300)
+    out = t - torch.clamp(v, min=0.0) - torch.log1p(torch.exp(-v.abs()))
+    return out.float()
+
+
+def beam_loop(
+    lm: Any,
+    prompt: Sequence[int],
+    num_beams: int,
+    processors: Chain,
+    options: Options,
+    *,
+    length_penalty: float = 1.0,
+    early_stopping: bool | str = False,
+    groups: int = 1,
+    diversity_penalty: float = 0.0,
+    mode: str = "beam",  # "beam" | "sample" | "stochastic"
+    generator: torch.Generator | None = None,
+) -> tuple[list[Generation], Usage]:
+    """Run one prompt's beams; returns every group's finished hypotheses, best first,
+    and what the search cost."""
+    require_access(lm, Access.LOGITS, "beam search")
+    t0 = time.perf_counter()
+    K, G = num_beams, groups
+    k = K // G
+    V = lm.vocab_size
+    stop_ids = set(options.stop_token_ids) | (set() if options.ignore_eos else set(lm.eos_token_ids))
+    stopper = StopStringMatcher(options.stop)
+    max_new = options.max_tokens
+
+    logits, cache = lm.prefill([list(prompt)], capacity=len(prompt) + max_new + 1)
+    cache = cache.fork([0] * K)
+    logits = logits.expand(K, -1)
+    history = torch.as_tensor([list(prompt)] * K, dtype=torch.long)  # [K, T]
+    procs = processors
+    if not procs.is_identity:
+        procs = procs.fork([0])
+        procs.reset()
+        procs = procs.fork([0] * K)
+    group = [_Group.start(k, mode == "stochastic") for _ in range(G)]
+    computed = len(prompt)
+    steps = 0
+
+    for t in range(max_new):
+        gen_len = t + 1
+        raw = logits.float().log_softmax(-1)  # [K, V] the model's own log-probs
+        scores = raw if procs.is_identity else procs(history, raw)
+        if mode == "stochastic":  # keys need the (tempered) model's normalised log-probs
+            scores = scores.log_softmax(-1)
+        parents: list[int] = []  # row (0..K-1) each new live beam extends
+        new_tokens: list[int] = []
+        chosen_now = torch.zeros(V)  # tokens chosen at this step by earlier groups
+        for gi, g in enumerate(group):
+            rows = slice(gi * k, (gi + 1) * k)
+            if g.done:  # a finished group idles; keep its rows in place
+                parents += list(range(gi * k, (gi + 1) * k))
+                new_tokens += [lm.eos_token_ids[0] if lm.eos_token_ids else 0] * k
+                continue
+            s = scores[rows]
+            if diversity_penalty and gi > 0:
+                s = s - diversity_penalty * chosen_now  # Hamming diversity
+            acc = s + g.scores[:, None]  # [k, V]
+            flat = acc.reshape(-1)
+            width = min(2 * k, flat.numel())
+            if mode == "beam":
+                vals, idx = torch.topk(flat, width)
+            elif mode == "sample":
+                idx = torch.multinomial(flat.softmax(-1), width, generator=generator)
+                vals, order = flat[idx].sort(descending=True)
+                idx = idx[order]
+            else:  # stochastic: rank children by their conditioned Gumbel keys
+                keys = conditioned_gumbel(acc, g.keys, generator).reshape(-1)
+                kv, idx = torch.topk(keys, width)
+                vals = flat[idx]
+            parent = (idx // V).tolist()
+            tok = (idx % V).tolist()
+            val_list = vals.tolist()
+            hits = []
+            for j in range(width):
+                p, tk = parent[j], tok[j]
+                hit = tk in stop_ids or gen_len >= max_new
+                if not hit and stopper.stops:
+                    hit = stopper.find(lm.decode(g.tokens[p] + [tk]), 0) is not None
+                hits.append(hit)
+            # file the ended candidates among the first k (the rest are only spares)
+            full = len(g.finished) == k
+            if g.improvable and not (early_stopping is True and full):
+                for j in range(min(k, width)):
+                    if hits[j]:
+                        p, tk = parent[j], tok[j]
+                        finish = "length" if tk not in stop_ids and gen_len >= max_new else "stop"
+                        rank = float(kv[j]) if mode == "stochastic" else float(vals[j] / (gen_len**length_penalty))
+                        g.file(_Hyp(rank, g.tokens[p] + [tk], g.logprobs[p] + [float(raw[gi * k + p, tk])], finish, gi))
+            # the k best candidates that did not end stay live
+            live_vals = vals + torch.tensor(hits, dtype=torch.float32) * NEG
+            rank_by = live_vals if mode != "stochastic" else kv + torch.tensor(hits, dtype=torch.float32) * NEG
+            keep = torch.topk(rank_by, min(k, width)).indices.tolist()
+            g.tokens = [g.tokens[parent[j]] + [tok[j]] for j in keep]
+            g.logprobs = [g.logprobs[parent[j]] + [float(raw[gi * k + parent[j], tok[j]])] for j in keep]
+            g.scores = live_vals[keep].clone()
+            if mode == "stochastic":
+                g.keys = rank_by[keep].clone()
+            parents += [gi * k + parent[j] for j in keep]
+            new_tokens += [tok[j] for j in keep]
+            chosen_now[torch.tensor([tok[j] for j in keep])] += 1
+            # transformers' stopping rules for the group
+            if early_stopping == "never" and length_penalty > 0.0:
+                best_len = max_new
+            else:
+                best_len = gen_len
+            best_possible = g.scores[0] / (best_len**length_penalty)
+            worst = min(h.score for h in g.finished) if len(g.finished) == k else NEG
+            if mode == "stochastic":  # keys only fall down the tree: stop when no live key beats the worst kept
+                best_possible = g.keys[0]
+            g.improvable = g.improvable and bool(best_possible > worst)
+            all_full = len(g.finished) == k and early_stopping is True
+            g.done = not g.improvable or all_full or all(hits)
+        steps += 1
+        if all(g.done for g in group):
+            break
+        idx_t = torch.tensor(parents)
+        cache.reorder_(idx_t)
+        history = torch.cat([history[idx_t], torch.tensor(new_tokens)[:, None]], dim=1)
+        if not procs.is_identity:
+            procs = procs.fork(parents)
+            procs.accept(torch.tensor(new_tokens))
+        logits = lm.step(torch.tensor(new_tokens), cache)
+        computed += K
+
+    hyps = sorted((h for g in group for h in g.finished), key=lambda h: -h.score)
+    wall = time.perf_counter() - t0
+    usage = Usage(
+        prompt_tokens=len(prompt),
+        generated_tokens=sum(len(h.tokens) for h in hyps),
+        computed_tokens=computed,
+        model_calls=steps,
+        flops=lm.flops(len(prompt), 0) + K * lm.flops(max(0, steps - 1), len(prompt)),
+        wall_s=wall,
+    )
+    out = []
+    for h in hyps:
+        ids = h.tokens
+        text_ids = ids[:-1] if ids and ids[-1] in stop_ids and h.finish == "stop" else ids
+        text = lm.decode(text_ids)
+        stop: str | int | None = ids[-1] if h.finish == "stop" and ids[-1] in stop_ids else None
+        if stopper.stops:
+            hit = stopper.find(text, 0)
+            if hit is not None:
+                text, stop = text[: hit[0]], hit[1]
+        out.append(Generation(text=text, token_ids=ids, logprobs=h.logprobs, finish_reason=h.finish,  # type: ignore[arg-type]
+                              score=h.score, stop=stop, meta={"group": h.group} if G > 1 else {}))
+    return out, usage
+
+
+class BeamSearch(TokenGenerator):
+    """Beam search (transformers-compatible): keep the ``num_beams`` best partial
+    sequences by summed log-probability; a finished sequence scores
+    ``sum_logprob / length ** length_penalty``. ``generate(prompt, n)`` returns the ``n``
+    best (n <= num_beams), each with its ``score``.
+
+    ``num_beam_groups > 1`` with ``diversity_penalty > 0`` is diverse beam search
+    (Vijayakumar et al., 2018): groups decode in turn each step, and a token already
+    chosen by an earlier group at this step loses ``diversity_penalty`` per use.
+    """
+
+    strategy = "beam"
+    mode = "beam"
+
+    def __init__(
+        self,
+        lm: Any,
+        num_beams: int = 4,
+        length_penalty: float = 1.0,
+        early_stopping: bool | str = False,
+        num_beam_groups: int = 1,
+        diversity_penalty: float = 0.0,
+        processors: Chain | Sequence[Any] | None = None,
+        **settings: Any,
+    ) -> None:
+        _check_beam_settings(num_beams, length_penalty, early_stopping, num_beam_groups)
+        if not isinstance(diversity_penalty, (int, float)) or diversity_penalty < 0:
+            raise SettingError(f"diversity_penalty must be a number >= 0; got {diversity_penalty!r}")
+        if num_beam_groups > 1 and self.mode != "beam":
+            raise SettingError("num_beam_groups applies to beam search only")
+        options = {k: settings.pop(k) for k in list(settings) if k in OPTION_FIELDS}
+        legal = self._legal_settings()
+        for key in settings:
+            if key not in legal:
+                raise SettingError(f"{self.strategy} does not take {key!r}; it takes {', '.join(sorted(legal))}")
+        extra = [processors] if isinstance(processors, Chain) else list(processors or ())
+        chain_ = self._make_chain(lm, options, extra, settings)
+        super().__init__(lm, pick=lambda logits, gens: logits.argmax(-1), processors=chain_, **options)
+        self.num_beams = num_beams
+        self.length_penalty = float(length_penalty)
+        self.early_stopping = early_stopping
+        self.num_beam_groups = num_beam_groups
+        self.diversity_penalty = float(diversity_penalty)
+
+    def _legal_settings(self) -> set[str]:
+        return set(HISTORY_SETTINGS)
+
+    def _make_chain(self, lm, options, extra, settings) -> Chain:
+        return make_processors(extra=extra, stop_token_ids=_stops(lm, options), **settings)
+
+    def generate_batch(self, prompts: Sequence[str | Sequence[int]], n: int = 1, seed: int | None = None) -> list[list[Generation]]:
+        self._check_n(n)
+        if n > self.num_beams:
+            raise SettingError(f"n (the number of beams returned) must be <= num_beams ({self.num_beams}); got {n}")
+        if seed is None:
+            seed = int.from_bytes(os.urandom(8), "little") % MAX_SEED
+        out = []
+        for prompt in prompts:
+            ids = self._encode(prompt)
+            gens, usage = beam_loop(
+                self.lm, ids, self.num_beams, self.processors, self.options,
+                length_penalty=self.length_penalty, early_stopping=self.early_stopping,
+                groups=self.num_beam_groups, diversity_penalty=self.diversity_penalty,
+                mode=self.mode, generator=row_generator(seed, 0),
+            )
+            best = gens[:n]
+            # the search's whole bill goes to the best output, so totals stay right
+            for i, g in enumerate(best):
+                g.usage = usage if i == 0 else Usage()
+                g.meta.update(strategy=self.strategy, num_beams=self.num_beams, rank=i)
+            out.append(best)
+        return out
+
+    def stream(self, prompt, n: int = 1, seed: int | None = None):
+        """Beams are only known at the end: one event per returned beam."""
+        from .generate import StreamEvent
+
+        for i, g in enumerate(self.generate(prompt, n, seed)):
+            yield StreamEvent(i, None, g.text, g)
+
+
+class BeamSample(BeamSearch):
+    """Beam sampling (transformers' ``do_sample=True, num_beams=K``): each step draws
+    the ``2K`` candidates without replacement from ``softmax`` of the accumulated
+    (processed) log-probabilities, so temperature, top-k and the other adapters shape
+    what beams can become."""
+
+    strategy = "beam-sample"
+    mode = "sample"
+
+    def __init__(self, lm: Any, num_beams: int = 4, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 min_p: float = 0.0, **settings: Any) -> None:
+        self._adapters = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+        super().__init__(lm, num_beams=num_beams, **settings)
+
+    def _legal_settings(self) -> set[str]:
+        from .processors import ADAPTER_SETTINGS
+
+        return set(HISTORY_SETTINGS) | set(ADAPTER_SETTINGS)
+
+    def _make_chain(self, lm, options, extra, settings) -> Chain:
+        a = self._adapters
+        return make_processors(a["temperature"], a["top_k"], a["top_p"], a["min_p"], extra=extra,
+                               stop_token_ids=_stops(lm, options), **settings)
+
+
+class StochasticBeamSearch(BeamSearch):
+    """Stochastic beam search (Kool, van Hoof & Welling, 2019): beam search on Gumbel
+    perturbed log-probabilities, each child's key conditioned on its parent's. The
+    ``num_beams`` sequences it returns are a sample *without replacement* from the
+    model (exact when they all end at the same step); each ``score`` is its Gumbel key
+    and ``sum_logprob`` its log-probability, which is what unbiased estimators over the
+    sample need. Seeded like sampling."""
+
+    strategy = "stochastic-beam"
+    mode = "stochastic"
+
+    def __init__(self, lm: Any, num_beams: int = 4, temperature: float = 1.0, **settings: Any) -> None:
+        if "length_penalty" in settings or "early_stopping" in settings:
+            raise SettingError("stochastic beam search ranks by Gumbel keys; it takes no length_penalty or early_stopping")
+        if not isinstance(temperature, (int, float)) or temperature <= 0:
+            raise SettingError(f"temperature must be > 0; got {temperature!r}")
+        self._temperature = float(temperature)
+        super().__init__(lm, num_beams=num_beams, **settings)
+
+    def _make_chain(self, lm, options, extra, settings) -> Chain:
+        return make_processors(self._temperature, extra=extra, stop_token_ids=_stops(lm, options), **settings)
