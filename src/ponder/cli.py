@@ -117,6 +117,11 @@ def generate(
     early_stopping: bool = typer.Option(False, "--early-stopping", help="Beam search stops once num_beams hypotheses are finished."),
     num_beam_groups: Optional[int] = typer.Option(None, "--num-beam-groups", help="Groups for diverse beam search."),
     diversity_penalty: Optional[float] = typer.Option(None, "--diversity-penalty", help="Diverse beam search penalty (>= 0)."),
+    json_schema: Optional[str] = typer.Option(None, "--json-schema", help="Constrain the output to this JSON schema (a file path or inline JSON)."),
+    regex: Optional[str] = typer.Option(None, "--regex", help="Constrain the output to match this regex."),
+    grammar: Optional[str] = typer.Option(None, "--grammar", help="Constrain the output to this Lark grammar file (llguidance dialect)."),
+    choice: list[str] = typer.Option([], "--choice", help="Constrain the output to one of these strings (repeatable)."),
+    token_healing: bool = typer.Option(False, "--token-healing", help="Back off the prompt's last token and let the model re-spell it."),
     speculative: Optional[str] = typer.Option(None, "--speculative", help="draft: speculative decoding with --draft-model."),
     draft_model: str = typer.Option("arith-draft", "--draft-model", help="Draft model for --speculative draft."),
     draft_tokens: int = typer.Option(4, "--draft-tokens", help="Tokens the draft proposes per step (>= 1)."),
@@ -150,7 +155,9 @@ def generate(
     settings = _settings(strategy, temperature, top_k, top_p, min_p, max_tokens, stop, set_, typical_p=typical_p,
                          epsilon=epsilon, eta=eta, top_n_sigma=top_n_sigma, num_beams=num_beams,
                          length_penalty=length_penalty, early_stopping=early_stopping or None,
-                         num_beam_groups=num_beam_groups, diversity_penalty=diversity_penalty, **history)
+                         num_beam_groups=num_beam_groups, diversity_penalty=diversity_penalty,
+                         json_schema=json_schema, regex=regex, grammar=grammar, choice=list(choice) or None,
+                         token_healing=token_healing or None, **history)
     gen = strategies.build(strategy, lm, settings)
     if as_json:
         gens = gen.generate_batch([prompt], n=n, seed=seed)[0]

@@ -36,6 +36,8 @@ class Context:
 STRATEGIES: dict[str, Strategy] = {}
 
 SAMPLING_SETTINGS = ADAPTER_SETTINGS + HISTORY_SETTINGS
+# Constraints, given by name on the CLI; a strategy takes them if it takes "constraint".
+CONSTRAINT_SETTINGS = ("json_schema", "regex", "grammar", "choice")
 
 
 def register(name: str, factory: Callable[..., Any], help: str, settings: tuple[str, ...] = (),
@@ -55,6 +57,14 @@ def build(name: str, lm: Any, settings: dict[str, Any], ctx: Context | None = No
             flag = "--task" if need == "task" else "--reward-model"
             raise SettingError(f"--strategy {name} needs {flag}")
     legal = set(st.settings) | set(OPTION_SETTINGS)
+    settings = dict(settings)
+    given = {k: settings.pop(k) for k in CONSTRAINT_SETTINGS if k in settings}
+    if any(given.values()):
+        if "constraint" not in legal:
+            raise SettingError(f"--strategy {name} does not take a constraint (--json-schema, --regex, --grammar, --choice)")
+        from .decoding.constraints import Grammar
+
+        settings["constraint"] = Grammar.from_settings(lm, **given).constraint()
     # Adapters left at their defaults are no setting at all (the CLI passes them always).
     settings = {k: v for k, v in settings.items()
                 if k in legal or not (k in ADAPTER_DEFAULTS and v == ADAPTER_DEFAULTS[k])}

@@ -23,7 +23,7 @@ from .processors import ADAPTER_SETTINGS, HISTORY_SETTINGS, Chain, SettingError,
 from .stopping import IncrementalDetokenizer, StopStringMatcher
 
 MAX_SEED = 2**63 - 1
-OPTION_FIELDS = ("max_tokens", "stop", "stop_token_ids", "ignore_eos")  # the fields of Options
+OPTION_FIELDS = ("max_tokens", "stop", "stop_token_ids", "ignore_eos", "token_healing")  # the fields of Options
 
 
 @dataclass
@@ -34,6 +34,7 @@ class Options:
     stop: Sequence[str] = ()
     stop_token_ids: Sequence[int] = ()
     ignore_eos: bool = False
+    token_healing: bool = False  # back off the prompt's last token and re-spell it (see constraints.heal_prompt)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
@@ -107,6 +108,12 @@ def decode_loop(
     if seed is None:
         seed = int.from_bytes(os.urandom(8), "little") % MAX_SEED
     P = len(prompts)
+    healed = [""] * P  # text taken off each prompt's end by token healing
+    if options.token_healing:
+        from .constraints import heal_prompt
+
+        cut = [heal_prompt(lm, p) for p in prompts]
+        prompts, healed = [c[0] for c in cut], [c[1] for c in cut]
     stopper = StopStringMatcher(options.stop)
     need_text = stream or bool(stopper.stops)
     stop_ids = set(options.stop_token_ids) | (set() if options.ignore_eos else set(lm.eos_token_ids))
@@ -117,7 +124,8 @@ def decode_loop(
         cache = cache.fork(rows_idx)
         logits = logits[rows_idx]
     rows = [
-        _Row(i, j, len(prompts[i]), IncrementalDetokenizer(lm.decode) if need_text else None)
+        _Row(i, j, len(prompts[i]), IncrementalDetokenizer(lm.decode) if need_text or any(healed) else None,
+             released=len(healed[i]))
         for i in range(P)
         for j in range(n)
     ]
@@ -134,8 +142,12 @@ def decode_loop(
     if not processors.is_identity:
         procs = processors.fork(list(range(P)))
         procs.reset()
-        if n > 1:
-            procs = procs.fork(rows_idx.tolist())
+    if any(healed):  # the output must first re-spell what healing took off
+        from .constraints import PrefixConstraint
+
+        procs = Chain(PrefixConstraint(lm, healed), procs)
+    if not procs.is_identity and n > 1:
+        procs = procs.fork(rows_idx.tolist())
     alive = list(range(len(rows)))  # indices into `rows` of the batch rows, in order
     done: list[Generation | None] = [None] * len(rows)
 
@@ -175,15 +187,16 @@ def decode_loop(
             else:
                 if r.detok is None:
                     r.text = lm.decode(r.ids)
+                head = healed[r.prompt_index]
                 gen = Generation(
-                    text=r.text,
+                    text=r.text[len(head):] if head and r.text.startswith(head) else r.text,
                     token_ids=r.ids,
                     logprobs=r.logprobs,
                     finish_reason=r.finish,  # type: ignore[arg-type]
                     stop=r.stop,
                 )
                 done[ri] = gen
-                yield StreamEvent(ri, t, r.text[r.released :], gen)
+                yield StreamEvent(ri, t, r.text[min(r.released, len(r.text)) :], gen)
         if not keep:
             break
         if len(keep) < len(alive):

@@ -212,17 +212,21 @@ def make_processors(
     mirostat_tau: float = 0.0,
     mirostat_eta: float = 0.1,
     stop_token_ids: Sequence[int] = (),
+    constraint: Any = None,
 ) -> Chain:
     """The standard chain, in the order transformers applies it: history processors
     (penalties, bans, min tokens, logit bias) on the raw logits, then the sampling
     adapters (temperature, top-k, top-p, min-p, typical, epsilon, eta, top-nσ), then any
-    extra (user) processors. Every setting at its default is the identity."""
+    extra (user) processors. A ``constraint`` (a grammar mask) comes first of all, so
+    that every later adapter renormalises over legal tokens only. Every setting at its
+    default is the identity."""
     from .adapters import (
         Epsilon, Eta, FrequencyPenalty, LogitBias, MinTokens, MirostatV2, NoRepeatNGram, PresencePenalty,
         RepetitionPenalty, TopNSigma, Typical, bad_words,
     )
 
     return Chain(
+        constraint,
         RepetitionPenalty(repetition_penalty), FrequencyPenalty(frequency_penalty),
         PresencePenalty(presence_penalty), NoRepeatNGram(no_repeat_ngram_size),
         bad_words(bad_words_ids) if bad_words_ids else None, LogitBias(logit_bias or {}),
@@ -235,7 +239,7 @@ def make_processors(
 
 
 HISTORY_SETTINGS = ("repetition_penalty", "frequency_penalty", "presence_penalty", "no_repeat_ngram_size",
-                    "logit_bias", "bad_words_ids", "min_tokens")
+                    "logit_bias", "bad_words_ids", "min_tokens", "constraint")
 # The sampling adapters' settings and the values at which they do nothing (as in
 # make_processors' signature); the CLI and the strategy registry read these.
 ADAPTER_DEFAULTS = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "typical_p": 1.0, "epsilon": 0.0,
