@@ -12,7 +12,7 @@ from ponder.decoding.adapters import (
     Epsilon, Eta, FrequencyPenalty, LogitBias, MinTokens, NoRepeatNGram, PresencePenalty,
     RepetitionPenalty, SequenceBias, TopNSigma, Typical, bad_words,
 )
-from ponder.decoding.processors import SettingError, chain
+from ponder.decoding.processors import SettingError, chain, make_processors
 
 V = 40
 
@@ -159,6 +159,26 @@ def test_mirostat_v2_hand_computed_and_state():
     assert m._mu.tolist() == [2.0] and f._mu.tolist() == [1.5, 1.5]
     with pytest.raises(SettingError, match="tau must be > 0"):
         MirostatV2(tau=0)
+
+
+def test_mirostat_v1_estimates_zipf_and_picks_k():
+    from ponder.decoding.adapters import MirostatV1
+
+    V = 1000
+    p = 1.0 / torch.arange(1, V + 1, dtype=torch.float64) ** 2  # Zipf, s = 2
+    x = (p / p.sum()).log().float()[None]
+    m = MirostatV1(tau=3.0, eta=0.1)
+    # s_hat = 2, eps = 1, mu = 6: k = (2^6 / (1 - 1/V))^(1/2) = 8.004 -> 8
+    kept = torch.isfinite(m(None, x))
+    assert kept.sum().item() == 8 and kept[0, :8].all()
+    trunc = p[:8] / p[:8].sum()
+    m.accept(torch.tensor([2]))
+    want = 6 - 0.1 * (-math.log2(trunc[2].item()) - 3.0)
+    assert m._mu.item() == pytest.approx(want, rel=1e-5)
+    m.rollback(1)
+    assert m._mu.item() == 6.0
+    with pytest.raises(SettingError, match="mirostat_version"):
+        make_processors(mirostat_tau=3.0, mirostat_version=3)
 
 
 def test_stateful_processors_start_fresh_on_every_request(arith_lm):

@@ -105,6 +105,9 @@ def generate(
     epsilon: float = typer.Option(0.0, "--epsilon", help="Epsilon sampling cut-off in [0, 1) (0 = off)."),
     eta: float = typer.Option(0.0, "--eta", help="Eta sampling in [0, 1) (0 = off)."),
     top_n_sigma: float = typer.Option(0.0, "--top-n-sigma", help="Top-n-sigma, n >= 0 (0 = off)."),
+    mirostat: int = typer.Option(0, "--mirostat", help="Mirostat version 1 or 2 (0 = off); target surprise --mirostat-tau."),
+    mirostat_tau: float = typer.Option(5.0, "--mirostat-tau", help="Mirostat target surprise in bits (> 0)."),
+    mirostat_eta: float = typer.Option(0.1, "--mirostat-eta", help="Mirostat learning rate in (0, 1]."),
     repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="> 0 (1 = off)."),
     frequency_penalty: float = typer.Option(0.0, "--frequency-penalty", help="In [-2, 2] (0 = off)."),
     presence_penalty: float = typer.Option(0.0, "--presence-penalty", help="In [-2, 2] (0 = off)."),
@@ -154,6 +157,8 @@ def generate(
                                 frequency_penalty, presence_penalty, no_repeat_ngram, min_tokens, logit_bias, bad_words)
     settings = _settings(strategy, temperature, top_k, top_p, min_p, max_tokens, stop, set_, typical_p=typical_p,
                          epsilon=epsilon, eta=eta, top_n_sigma=top_n_sigma, num_beams=num_beams,
+                         **(dict(mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta, mirostat_version=mirostat)
+                            if mirostat else {}),
                          length_penalty=length_penalty, early_stopping=early_stopping or None,
                          num_beam_groups=num_beam_groups, diversity_penalty=diversity_penalty,
                          json_schema=json_schema, regex=regex, grammar=grammar, choice=list(choice) or None,

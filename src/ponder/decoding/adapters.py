@@ -323,3 +323,44 @@ class MirostatV2(Processor):
 
     def reset(self):
         self._mu, self._surprisal, self._history = None, None, []
+
+
+class MirostatV1(MirostatV2):
+    """Mirostat v1 (Basu et al. 2021, Algorithm 1): estimate the Zipf exponent ŝ from
+    the top ``m`` probabilities, keep the top k tokens with
+    k = ((ε̂·2^μ) / (1 − N^(−ε̂)))^(1/ŝ), ε̂ = ŝ − 1, then move μ towards τ after each
+    token as in v2. Stateful per row like v2 (fork, rollback, reset)."""
+
+    def __init__(self, tau: float = 5.0, eta: float = 0.1, m: int = 100) -> None:
+        super().__init__(tau, eta)
+        _check(isinstance(m, int) and m >= 2, f"mirostat m must be an integer >= 2; got {m}")
+        self.m = m
+
+    def __call__(self, tokens, logits):
+        B, V = logits.shape
+        if self._mu is None or self._mu.shape[0] != B:
+            self._mu = torch.full((B,), 2 * self.tau)
+        logp = logits.log_softmax(-1)
+        m = min(self.m, V)
+        top = torch.topk(logp, m, dim=-1).values  # [B, m] descending
+        i = torch.arange(m - 1, dtype=torch.float32)
+        t = torch.log((i + 2) / (i + 1))  # [m-1]
+        b = (top[:, :-1] - top[:, 1:]).clamp(max=1e4)  # log(p_i / p_{i+1}), [B, m-1]
+        b = torch.nan_to_num(b, nan=0.0, posinf=1e4)
+        s_hat = (t * b).sum(-1) / (t * t).sum()  # [B]
+        eps = s_hat - 1
+        k = ((eps * torch.pow(2.0, self._mu)) / (1 - torch.pow(float(V), -eps))).pow(1 / s_hat)
+        k = torch.nan_to_num(k, nan=float(V), posinf=float(V)).round().clamp(1, V).long()  # [B]
+        sorted_logits = torch.sort(logits, dim=-1, descending=True).values
+        kth = sorted_logits.gather(-1, (k - 1)[:, None])  # [B, 1]
+        out = logits.masked_fill(logits < kth, NEG_INF)
+        # the surprise of a token is measured on the truncated distribution (as llama.cpp)
+        self._surprisal = -out.log_softmax(-1) / math.log(2)
+        return out
+
+    def fork(self, rows):
+        new = MirostatV1(self.tau, self.eta, self.m)
+        idx = torch.as_tensor(list(rows), dtype=torch.long)
+        new._mu = None if self._mu is None else self._mu[idx].clone()
+        new._history = [h[idx] for h in self._history]
+        return new

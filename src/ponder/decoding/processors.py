@@ -211,6 +211,7 @@ def make_processors(
     min_tokens: int = 0,
     mirostat_tau: float = 0.0,
     mirostat_eta: float = 0.1,
+    mirostat_version: int = 2,
     stop_token_ids: Sequence[int] = (),
     constraint: Any = None,
 ) -> Chain:
@@ -221,7 +222,7 @@ def make_processors(
     that every later adapter renormalises over legal tokens only. Every setting at its
     default is the identity."""
     from .adapters import (
-        Epsilon, Eta, FrequencyPenalty, LogitBias, MinTokens, MirostatV2, NoRepeatNGram, PresencePenalty,
+        Epsilon, Eta, FrequencyPenalty, LogitBias, MinTokens, MirostatV1, MirostatV2, NoRepeatNGram, PresencePenalty,
         RepetitionPenalty, TopNSigma, Typical, bad_words,
     )
 
@@ -233,9 +234,16 @@ def make_processors(
         MinTokens(min_tokens, stop_token_ids),
         Temperature(temperature), TopK(top_k), TopP(top_p), MinP(min_p),
         Typical(typical_p), Epsilon(epsilon), Eta(eta), TopNSigma(top_n_sigma),
-        MirostatV2(mirostat_tau, mirostat_eta) if mirostat_tau else None,
+        _mirostat(mirostat_version, mirostat_tau, mirostat_eta) if mirostat_tau else None,
         *extra,
     )
+
+
+def _mirostat(version: int, tau: float, eta: float) -> Processor:
+    from .adapters import MirostatV1, MirostatV2
+
+    _check(version in (1, 2), f"mirostat_version must be 1 or 2; got {version!r}")
+    return MirostatV1(tau, eta) if version == 1 else MirostatV2(tau, eta)
 
 
 HISTORY_SETTINGS = ("repetition_penalty", "frequency_penalty", "presence_penalty", "no_repeat_ngram_size",
@@ -243,5 +251,5 @@ HISTORY_SETTINGS = ("repetition_penalty", "frequency_penalty", "presence_penalty
 # The sampling adapters' settings and the values at which they do nothing (as in
 # make_processors' signature); the CLI and the strategy registry read these.
 ADAPTER_DEFAULTS = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "typical_p": 1.0, "epsilon": 0.0,
-                    "eta": 0.0, "top_n_sigma": 0.0, "mirostat_tau": 0.0, "mirostat_eta": 0.1}
+                    "eta": 0.0, "top_n_sigma": 0.0, "mirostat_tau": 0.0, "mirostat_eta": 0.1, "mirostat_version": 2}
 ADAPTER_SETTINGS = tuple(ADAPTER_DEFAULTS)
