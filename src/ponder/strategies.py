@@ -235,3 +235,35 @@ register("beam-sample", _beam_sample, "beam sampling: candidates drawn from soft
          SAMPLING_SETTINGS + _BEAM)
 register("stochastic-beam", _stochastic_beam, "stochastic beam search: K samples without replacement via Gumbel-top-k (Kool et al. 2019)",
          HISTORY_SETTINGS + ("num_beams", "temperature"))
+
+
+def _contrastive_search(lm, s, ctx):
+    from .decoding.search import ContrastiveSearch
+
+    return ContrastiveSearch(lm, top_k=s.get("top_k", 4) or 4, penalty_alpha=s.get("penalty_alpha", 0.6), **_options(s))
+
+
+def _best_first(lm, s, ctx):
+    from .decoding.search import BestFirstSearch
+
+    return BestFirstSearch(lm, expand=s.get("expand", 4), max_expansions=s.get("max_expansions", 256),
+                           lookahead=s.get("lookahead", 0), **_options(s))
+
+
+def _dola(lm, s, ctx):
+    from .decoding.controlled import DoLa
+
+    layers = s.get("dola_layers", "low")
+    if isinstance(layers, str) and layers not in ("low", "high"):
+        layers = [int(x) for x in layers.split(",") if x.strip()]
+    return DoLa(lm, layers=layers, alpha=s.get("alpha", 0.1), sample=bool(s.get("sample", False)),
+                **_controlled_options(s, bool(s.get("sample", False))))
+
+
+register("contrastive-search", _contrastive_search,
+         "contrastive search: --top-k K --set penalty_alpha=A (Su et al. 2022)", ("top_k", "penalty_alpha"))
+register("best-first", _best_first,
+         "best-first search by sequence log-prob (exact MAP within --set max_expansions=N); --set expand=K lookahead=D",
+         ("expand", "max_expansions", "lookahead"))
+register("dola", _dola, "DoLa: contrast final and early layers, --set dola_layers=low|high|0,2 alpha=A (Chuang et al. 2024)",
+         _CONTROLLED + ("dola_layers", "alpha"))

@@ -166,3 +166,81 @@ def ClassifierFreeGuidance(lm: Any, guidance_scale: float = 1.5, negative_prompt
     combined = CombinedLM([lm, lm], guidance_scores(guidance_scale), [None, lambda ids: list(neg)],
                           name="classifier-free guidance")
     return _generator(combined, sample, **settings)
+
+
+class LayerContrastLM:
+    """DoLa (Chuang et al., 2024): decode by contrasting layers of one model. Each step
+    picks the premature layer M among ``layers`` whose next-token distribution is
+    furthest (Jensen-Shannon) from the final layer's, and scores
+    log q_final − log q_M on the plausible set {x : q_final(x) ≥ α · max q_final};
+    −inf elsewhere. Early layers are read through the model's own final norm and head.
+
+    ``layers``: "low" (the lower half, every other layer from the embedding output),
+    "high" (the upper half), or explicit indices (0 = embedding output; L = the last
+    block, which is the final layer itself and so not allowed)."""
+
+    access = Access.LOGITS
+
+    def __init__(self, lm: Any, layers: str | Sequence[int] = "low", alpha: float = 0.1) -> None:
+        require_access(lm, Access.LOGITS, "DoLa")
+        if not hasattr(lm, "model") or not hasattr(lm.model, "layers"):
+            raise SettingError("DoLa needs a native model (it reads the hidden state of every layer)")
+        _check(isinstance(alpha, (int, float)) and 0 < alpha <= 1, f"alpha must be in (0, 1]; got {alpha}")
+        L = len(lm.model.layers)
+        if layers == "low":
+            chosen = list(range(0, L // 2, 2))
+        elif layers == "high":
+            chosen = list(range(L // 2, L, 2))
+        elif isinstance(layers, str):
+            raise SettingError(f"dola layers must be 'low', 'high' or a list of layer indices; got {layers!r}")
+        else:
+            chosen = [int(i) for i in layers]
+        bad = [i for i in chosen if not 0 <= i < L]
+        _check(bool(chosen) and not bad, f"dola layers must be indices in [0, {L - 1}] (0 = embeddings); got {chosen}")
+        self.lm, self.layers, self.alpha = lm, chosen, float(alpha)
+        self.name = f"dola({lm.name})"
+        self.vocab_size, self.encode, self.decode, self.tokenizer = lm.vocab_size, lm.encode, lm.decode, lm.tokenizer
+        self.last_premature: torch.Tensor | None = None  # [B] the layer picked at the last step (for inspection)
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return self.lm.eos_token_ids
+
+    def flops(self, n_tokens: int, context_start: int) -> float:
+        return self.lm.flops(n_tokens, context_start)
+
+    def scores(self, hidden: list[torch.Tensor]) -> torch.Tensor:
+        """DoLa scores [B, V] from one position's hidden states (a list over layers of [B, H])."""
+        model = self.lm.model
+        final = model.logits(hidden[-1]).float().log_softmax(-1)  # [B, V] (hidden[-1] is normed)
+        early = torch.stack([model.logits(model.norm(hidden[j])).float().log_softmax(-1) for j in self.layers])  # [J, B, V]
+        mix = torch.logaddexp(final[None], early) - math.log(2)  # log of the midpoint distribution
+        jsd = 0.5 * ((final.exp()[None] * (final[None] - mix)).sum(-1) + (early.exp() * (early - mix)).sum(-1))  # [J, B]
+        pick = jsd.argmax(0)  # [B]
+        self.last_premature = torch.tensor(self.layers)[pick]
+        premature = early[pick, torch.arange(final.shape[0])]  # [B, V]
+        plausible = final >= final.max(-1, keepdim=True).values + math.log(self.alpha)
+        return torch.where(plausible, final - premature, torch.full_like(final, float("-inf")))
+
+    def prefill(self, prompts: Sequence[Sequence[int]], capacity: int | None = None):
+        lens = [len(p) for p in prompts]
+        if min(lens) == 0:
+            raise ValueError("a prompt must hold at least one token")
+        T = max(lens)
+        ids = torch.full((len(prompts), T), self.lm.eos_token_ids[0], dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, : len(p)] = torch.as_tensor(list(p))
+        cache = self.lm.new_cache(len(prompts), capacity or T + 128)
+        num_new = torch.tensor(lens)
+        _, hidden = self.lm.forward(ids, cache, num_new, output_hidden_states=True)
+        rows = torch.arange(len(prompts))
+        return self.scores([h[rows, num_new - 1] for h in hidden]), cache
+
+    def step(self, tokens: torch.Tensor, cache: Any) -> torch.Tensor:
+        _, hidden = self.lm.forward(tokens[:, None], cache, output_hidden_states=True)
+        return self.scores([h[:, -1] for h in hidden])
+
+
+def DoLa(lm: Any, layers: str | Sequence[int] = "low", alpha: float = 0.1, sample: bool = False, **settings: Any):
+    """Greedy (or sampled) decoding by contrasting layers (Chuang et al., 2024)."""
+    return _generator(LayerContrastLM(lm, layers, alpha), sample, **settings)
