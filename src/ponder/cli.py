@@ -120,6 +120,7 @@ def generate(
     early_stopping: bool = typer.Option(False, "--early-stopping", help="Beam search stops once num_beams hypotheses are finished."),
     num_beam_groups: Optional[int] = typer.Option(None, "--num-beam-groups", help="Groups for diverse beam search."),
     diversity_penalty: Optional[float] = typer.Option(None, "--diversity-penalty", help="Diverse beam search penalty (>= 0)."),
+    reward_model: Optional[str] = typer.Option(None, "--reward-model", help="Reward model for reward-guided / smc / best-of-n (e.g. arith-reward)."),
     json_schema: Optional[str] = typer.Option(None, "--json-schema", help="Constrain the output to this JSON schema (a file path or inline JSON)."),
     regex: Optional[str] = typer.Option(None, "--regex", help="Constrain the output to match this regex."),
     grammar: Optional[str] = typer.Option(None, "--grammar", help="Constrain the output to this Lark grammar file (llguidance dialect)."),
@@ -163,7 +164,15 @@ def generate(
                          num_beam_groups=num_beam_groups, diversity_penalty=diversity_penalty,
                          json_schema=json_schema, regex=regex, grammar=grammar, choice=list(choice) or None,
                          token_healing=token_healing or None, **history)
-    gen = strategies.build(strategy, lm, settings)
+    rm = None
+    if reward_model:
+        from .scoring.reward import RewardModel
+
+        try:
+            rm = RewardModel.from_pretrained(reward_model)
+        except ValueError as e:
+            _fail(f"--reward-model: {e}")
+    gen = strategies.build(strategy, lm, settings, strategies.Context(reward_model=rm))
     if as_json:
         gens = gen.generate_batch([prompt], n=n, seed=seed)[0]
         from .types import Usage

@@ -267,3 +267,31 @@ register("best-first", _best_first,
          ("expand", "max_expansions", "lookahead"))
 register("dola", _dola, "DoLa: contrast final and early layers, --set dola_layers=low|high|0,2 alpha=A (Chuang et al. 2024)",
          _CONTROLLED + ("dola_layers", "alpha"))
+
+
+def _reward_guided(lm, s, ctx):
+    from .decoding.guided import RewardGuidance, reward_prefix_scorer
+
+    guide = RewardGuidance(reward_prefix_scorer(ctx.reward_model), top_k=s.get("guide_top_k", 8), weight=s.get("weight", 1.0))
+    sample = bool(s.get("sample", False))
+    base = {k: v for k, v in s.items() if k not in ("guide_top_k", "weight", "sample")}
+    gen = _sample(lm, base, ctx) if sample else _greedy(lm, {k: v for k, v in base.items() if k not in ADAPTER_SETTINGS}, ctx)
+    from .decoding.processors import Chain
+
+    gen.processors = Chain(guide, gen.processors)  # the guide sees raw logits, adapters act after it
+    return gen
+
+
+def _smc(lm, s, ctx):
+    from .decoding.guided import SMC, reward_prefix_scorer
+
+    return SMC(lm, reward_prefix_scorer(ctx.reward_model), num_particles=s.get("particles", 16),
+               boundary=s.get("boundary", "line"), every=s.get("every", 8), ess_threshold=s.get("ess_threshold", 0.5),
+               temperature=s.get("temperature", 1.0), **_options(s))
+
+
+register("reward-guided", _reward_guided,
+         "reward-guided token decoding (FUDGE): --reward-model scores the top --set guide_top_k=K tokens, --set weight=W",
+         SAMPLING_SETTINGS + ("guide_top_k", "weight", "sample"), needs=("reward_model",))
+register("smc", _smc, "sequential Monte Carlo steering towards p·reward (Lew et al. 2023): --set particles=N ess_threshold=E",
+         ("particles", "boundary", "every", "ess_threshold", "temperature"), needs=("reward_model",))
