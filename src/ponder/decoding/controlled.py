@@ -49,6 +49,12 @@ class CompositeCache:
         for c in self.caches:
             c.truncate_(n)
 
+    @staticmethod
+    def concat(caches: list["CompositeCache"]) -> "CompositeCache":
+        """Stack several composite caches' rows (requests joining a batch)."""
+        members = len(caches[0].caches)
+        return CompositeCache([type(caches[0].caches[i]).concat([c.caches[i] for c in caches]) for i in range(members)])
+
 
 class CombinedLM:
     """Several models that share a tokenizer, decoded as one.

@@ -1,10 +1,11 @@
 """Token-level generation on a logits-level model: greedy and sampling.
 
-The whole algorithm is ``decode_loop``: prefill each distinct prompt once, fork its KV
-cache into ``n`` rows, then repeat { processors -> pick a token -> check stops } while
-any row is alive, dropping finished rows from the batch. ``Greedy`` and ``Sample`` are
-thin generators over it; later strategies (beam, speculative, constrained) reuse the
-same pieces: ``Options``, the processor chain, ``StopStringMatcher``.
+Every prompt becomes a request to the model's engine (``ponder.engine.Engine``), which
+prefills each distinct prompt once (reusing cached prefixes), forks its KV cache into
+``n`` rows, then repeats { processors -> pick a token -> check stops } while any row is
+alive, dropping finished rows and admitting new requests between steps. ``Greedy`` and
+``Sample`` are thin generators over it; other strategies (beam, speculative, search)
+reuse the same pieces: ``Options``, the processor chain, ``StopStringMatcher``.
 """
 
 from __future__ import annotations
@@ -20,9 +21,8 @@ import torch
 from ..protocols import Access, GeneratorBase, require_access
 from ..types import Generation, Usage
 from .processors import ADAPTER_SETTINGS, HISTORY_SETTINGS, Chain, SettingError, make_processors
-from .stopping import IncrementalDetokenizer, StopStringMatcher
+from ..engine.engine import MAX_SEED, Request, StreamEvent, engine_for, row_generator  # noqa: F401 (re-exported)
 
-MAX_SEED = 2**63 - 1
 OPTION_FIELDS = ("max_tokens", "stop", "stop_token_ids", "ignore_eos", "token_healing")  # the fields of Options
 
 
@@ -49,25 +49,6 @@ class Options:
                 raise SettingError(f"stop_token_ids must be token ids >= 0; got {t!r}")
 
 
-@dataclass
-class StreamEvent:
-    """One step of one output: ``index`` is the output's position in the request
-    (prompt i, sample j -> i * n + j); ``text`` is newly released text."""
-
-    index: int
-    token_id: int | None
-    text: str
-    generation: Generation | None = None  # set on the event that finishes the output
-
-
-def row_generator(seed: int, sample: int) -> torch.Generator:
-    """The RNG of sample ``sample`` of a request seeded with ``seed``: it depends on
-    nothing else, so a seeded request samples the same alone or inside a batch."""
-    g = torch.Generator()
-    g.manual_seed((seed * 1_000_003 + sample * 7_919 + 1) % MAX_SEED)
-    return g
-
-
 def pick_greedy(logits: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
@@ -76,20 +57,6 @@ def pick_sample(logits: torch.Tensor, generators: list[torch.Generator]) -> torc
     """Ancestral sampling from softmax(logits), row i drawing from its own RNG."""
     probs = logits.float().softmax(dim=-1)
     return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
-
-
-@dataclass
-class _Row:
-    prompt_index: int
-    sample_index: int
-    prompt_len: int
-    detok: IncrementalDetokenizer | None
-    ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    text: str = ""
-    released: int = 0
-    finish: str | None = None
-    stop: str | int | None = None
 
 
 def decode_loop(
@@ -102,136 +69,14 @@ def decode_loop(
     seed: int | None,
     stream: bool = False,
 ) -> Iterator[StreamEvent]:
-    """Yield ``StreamEvent``s; every output ends with an event carrying its Generation."""
+    """Yield ``StreamEvent``s; every output ends with an event carrying its Generation.
+    Each prompt is one request to the model's engine (``ponder.engine``), which batches
+    it with whatever else is running and reuses cached prefixes."""
     require_access(lm, Access.LOGITS, "token-level decoding")
-    t0 = time.perf_counter()
-    if seed is None:
+    if seed is None:  # one random seed for the call, so its samples are distinct and reproducible together
         seed = int.from_bytes(os.urandom(8), "little") % MAX_SEED
-    P = len(prompts)
-    healed = [""] * P  # text taken off each prompt's end by token healing
-    if options.token_healing:
-        from .constraints import heal_prompt
-
-        cut = [heal_prompt(lm, p) for p in prompts]
-        prompts, healed = [c[0] for c in cut], [c[1] for c in cut]
-    stopper = StopStringMatcher(options.stop)
-    need_text = stream or bool(stopper.stops)
-    stop_ids = set(options.stop_token_ids) | (set() if options.ignore_eos else set(lm.eos_token_ids))
-
-    logits, cache = lm.prefill(prompts, capacity=max(map(len, prompts)) + min(options.max_tokens, 1024) + 1)
-    rows_idx = torch.arange(P).repeat_interleave(n)  # prompt of each row
-    if n > 1:
-        cache = cache.fork(rows_idx)
-        logits = logits[rows_idx]
-    rows = [
-        _Row(i, j, len(prompts[i]), IncrementalDetokenizer(lm.decode) if need_text or any(healed) else None,
-             released=len(healed[i]))
-        for i in range(P)
-        for j in range(n)
-    ]
-    gens = [row_generator(seed, r.sample_index) for r in rows]
-    # History for processors: [B, T] left-padded with -1 so each row ends at the last column.
-    T0 = max(map(len, prompts))
-    history = torch.full((P, T0), -1, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        history[i, T0 - len(p) :] = torch.as_tensor(list(p))
-    history = history[rows_idx]
-    # Every request gets its own copy of the processors' state, fresh: a stateful
-    # processor (min tokens, penalties, mirostat) must not carry over from an earlier request.
-    procs = processors
-    if not processors.is_identity:
-        procs = processors.fork(list(range(P)))
-        procs.reset()
-    if any(healed):  # the output must first re-spell what healing took off
-        from .constraints import PrefixConstraint
-
-        procs = Chain(PrefixConstraint(lm, healed), procs)
-    if not procs.is_identity and n > 1:
-        procs = procs.fork(rows_idx.tolist())
-    alive = list(range(len(rows)))  # indices into `rows` of the batch rows, in order
-    done: list[Generation | None] = [None] * len(rows)
-
-    for step in range(options.max_tokens):
-        scores = logits if procs.is_identity else procs(history, logits)
-        tokens = pick(scores, gens)  # [B]
-        lp = logits.log_softmax(-1).gather(-1, tokens[:, None])[:, 0]
-        procs.accept(tokens)
-        tok_list, lp_list = tokens.tolist(), lp.tolist()
-        keep: list[int] = []
-        for b, ri in enumerate(alive):
-            r = rows[ri]
-            t = tok_list[b]
-            r.ids.append(t)
-            r.logprobs.append(lp_list[b])
-            delta = ""
-            if t in stop_ids:
-                r.finish, r.stop = "stop", t
-            elif r.detok is not None:
-                delta = r.detok.add(t)
-                if delta:
-                    old = len(r.text)
-                    r.text += delta
-                    hit = stopper.find(r.text, old)
-                    if hit is not None:
-                        r.text = r.text[: hit[0]]
-                        r.finish, r.stop = "stop", hit[1]
-            if r.finish is None and step + 1 == options.max_tokens:
-                r.finish = "length"
-            if r.finish is None:
-                keep.append(b)
-                if stream:
-                    safe = stopper.safe_length(r.text)
-                    if safe > r.released:
-                        yield StreamEvent(ri, t, r.text[r.released : safe])
-                        r.released = safe
-            else:
-                if r.detok is None:
-                    r.text = lm.decode(r.ids)
-                head = healed[r.prompt_index]
-                gen = Generation(
-                    text=r.text[len(head):] if head and r.text.startswith(head) else r.text,
-                    token_ids=r.ids,
-                    logprobs=r.logprobs,
-                    finish_reason=r.finish,  # type: ignore[arg-type]
-                    stop=r.stop,
-                )
-                done[ri] = gen
-                yield StreamEvent(ri, t, r.text[min(r.released, len(r.text)) :], gen)
-        if not keep:
-            break
-        if len(keep) < len(alive):
-            keep_t = torch.tensor(keep)
-            cache.keep_rows_(keep_t)
-            history = history[keep_t]
-            gens = [gens[b] for b in keep]
-            procs = procs.fork(keep)
-            tokens = tokens[keep_t]
-            alive = [alive[b] for b in keep]
-        history = torch.cat([history, tokens[:, None]], dim=1)
-        logits = lm.step(tokens, cache)
-
-    _bill(lm, rows, done, n, time.perf_counter() - t0)
-
-
-def _bill(lm: Any, rows: list[_Row], done: list[Generation | None], n: int, elapsed: float) -> None:
-    """Fill in each generation's Usage. The shared prompt is computed once per prompt
-    and billed to that prompt's first sample; the last token of an output is never fed
-    back, so an output of g tokens computes g - 1 of them."""
-    per = elapsed / max(1, len(rows))
-    for r, g in zip(rows, done):
-        assert g is not None
-        first = r.sample_index == 0
-        gen_computed = max(0, len(r.ids) - 1)
-        computed = gen_computed + (r.prompt_len if first else 0)
-        flops = lm.flops(gen_computed, r.prompt_len) + (lm.flops(r.prompt_len, 0) if first else 0.0)
-        g.usage = Usage(
-            prompt_tokens=r.prompt_len,
-            generated_tokens=len(r.ids),
-            computed_tokens=computed,
-            model_calls=len(r.ids),  # one prefill plus g - 1 decode steps
-            flops=flops,
-            wall_s=per,
-        )
+    reqs = [Request(p, n, pick, processors, options, seed, stream, index_base=i * n) for i, p in enumerate(prompts)]
+    yield from engine_for(lm).run(reqs)
 
 
 class TokenGenerator(GeneratorBase):

@@ -55,12 +55,13 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
     # -- growth ----------------------------------------------------------------------
-    def reserve(self, needed: int) -> None:
-        """Make room for ``needed`` slots per row, doubling capacity to amortise copies."""
+    def reserve(self, needed: int, exact: bool = False) -> None:
+        """Make room for ``needed`` slots per row, doubling capacity to amortise copies
+        (or growing to exactly ``needed``, so that caches can be stacked)."""
         cap = self.capacity
         if needed <= cap:
             return
-        new_cap = max(needed, 2 * cap)
+        new_cap = needed if exact else max(needed, 2 * cap)
         for store in (self.k, self.v):
             for i, t in enumerate(store):
                 grown = t.new_zeros((t.shape[0], new_cap, t.shape[2], t.shape[3]))
@@ -95,12 +96,27 @@ class KVCache:
         """Drop every row not in ``rows`` (finished sequences leaving a batch)."""
         self.reorder_(rows)
 
+    # -- prefix reuse -----------------------------------------------------------------
+    def read_row(self, row: int, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The KV of row ``row``'s first ``n`` tokens (default: all), as [L, n, H, D] copies."""
+        n = int(self.lengths[row]) if n is None else n
+        return (torch.stack([t[row, :n] for t in self.k]), torch.stack([t[row, :n] for t in self.v]))
+
+    def write_prefix_(self, row: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Make row ``row`` hold the tokens whose KV is ``k, v`` [L, n, H, D] (a cache hit)."""
+        n = k.shape[1]
+        self.reserve(n)
+        for i in range(len(self.k)):
+            self.k[i][row, :n] = k[i]
+            self.v[i][row, :n] = v[i]
+        self.lengths[row] = n
+
     @staticmethod
     def concat(caches: list["KVCache"]) -> "KVCache":
         """Stack the rows of several caches into one batch (requests joining a batch)."""
         cap = max(c.capacity for c in caches)
         for c in caches:
-            c.reserve(cap)
+            c.reserve(cap, exact=True)
         new = KVCache.__new__(KVCache)
         new.k = [torch.cat([c.k[i] for c in caches]) for i in range(len(caches[0].k))]
         new.v = [torch.cat([c.v[i] for c in caches]) for i in range(len(caches[0].v))]

@@ -1,0 +1,403 @@
+"""The batching engine: continuous batching over one model, with a radix prefix cache.
+
+Every token-level request (a prompt, ``n`` samples, its own processors, options and
+seed) is submitted to the model's ``Engine``. Each engine step
+
+1. admits waiting requests: their prompts are looked up in the prefix cache, only the
+   uncached suffixes are prefilled (one padded batch for all newcomers), and each
+   prompt's KV is forked into its ``n`` rows and appended to the running batch;
+2. runs every request's own processor chain on its rows' logits and picks tokens
+   with each row's own RNG (seeded by (seed, sample index), so a seeded request gives
+   the same tokens alone or in any batch);
+3. retires finished rows (stop token, stop string, max_tokens), storing their KV in the
+   prefix cache so later calls and later steps of a meta-generator reuse it;
+4. runs one decode forward pass for every remaining row.
+
+Requests join and leave between steps (continuous batching). The caller drives: a
+thread that waits for its requests takes the engine lock and steps it, which advances
+every request in the batch; concurrent callers (threads, ``asyncio.to_thread``) thus
+share forward passes without a scheduler thread to configure.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from ..decoding.processors import Chain
+from ..decoding.stopping import IncrementalDetokenizer, StopStringMatcher
+from ..types import Generation, Usage
+
+MAX_SEED = 2**63 - 1
+
+
+def row_generator(seed: int, sample: int) -> torch.Generator:
+    """The RNG of sample ``sample`` of a request seeded with ``seed``: it depends on
+    nothing else, so a seeded request samples the same alone or inside a batch."""
+    g = torch.Generator()
+    g.manual_seed((seed * 1_000_003 + sample * 7_919 + 1) % MAX_SEED)
+    return g
+
+
+@dataclass
+class StreamEvent:
+    """One step of one output: ``index`` is the output's position in the call (prompt i,
+    sample j -> i * n + j); ``text`` is newly released text."""
+
+    index: int
+    token_id: int | None
+    text: str
+    generation: Generation | None = None  # set on the event that finishes the output
+
+
+@dataclass
+class _Row:
+    sample: int
+    detok: IncrementalDetokenizer | None
+    ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    text: str = ""
+    released: int = 0
+    finish: str | None = None
+    stop: str | int | None = None
+    wall_s: float = 0.0
+
+
+class Request:
+    """One prompt and its ``n`` samples, with everything that must not leak to others."""
+
+    def __init__(self, prompt: Sequence[int], n: int, pick: Callable, processors: Chain, options: Any,
+                 seed: int | None, stream: bool = False, index_base: int = 0) -> None:
+        self.prompt = list(prompt)
+        self.n, self.pick, self.template, self.options = n, pick, processors, options
+        self.seed = int.from_bytes(os.urandom(8), "little") % MAX_SEED if seed is None else seed
+        self.stream, self.index_base = stream, index_base
+        self.stopper = StopStringMatcher(options.stop)
+        self.healed = ""  # text token healing took off the prompt's end
+        self.outputs: list[Generation | None] = [None] * n
+        self.events: collections.deque[StreamEvent] = collections.deque()
+        self.error: BaseException | None = None
+        self.reused = 0  # prompt tokens served by the prefix cache
+        self.prompt_wall = 0.0
+        # set on admission
+        self.rows: list[_Row] = []
+        self.alive: list[int] = []  # sample indices of live rows, in batch order
+        self.procs: Any = None
+        self.gens: list[torch.Generator] = []
+        self.history: torch.Tensor | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.error is not None or all(o is not None for o in self.outputs)
+
+
+class Engine:
+    """Continuous batching for one logits-level model (``prefill`` / ``step`` and a
+    cache with ``fork``, ``keep_rows_`` and ``concat``). ``prefix_cache`` (a
+    ``RadixCache``) is used when the model is ponder's native one; ``max_rows`` caps
+    the batch (requests wait beyond it)."""
+
+    def __init__(self, lm: Any, prefix_cache: Any = "auto", max_rows: int = 256) -> None:
+        self.lm = lm
+        if prefix_cache == "auto":
+            prefix_cache = None
+            if hasattr(lm, "model") and hasattr(lm, "new_cache") and hasattr(lm.model, "cfg"):
+                from .prefix_cache import RadixCache
+
+                prefix_cache = RadixCache.for_model(lm.model.cfg, lm.model.dtype, max_bytes=256 * 2**20)
+        self.prefix_cache = prefix_cache
+        self.max_rows = max_rows
+        self._lock = threading.Lock()
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._active: list[Request] = []
+        self._cache: Any = None
+        self._logits: torch.Tensor | None = None  # [B, V] pending next-token logits of every live row
+        self.steps = 0
+        self.peak_rows = 0
+        self.peak_kv_bytes = 0
+
+    # -- public ----------------------------------------------------------------------------
+    def submit(self, requests: Sequence[Request]) -> None:
+        with self._lock:
+            self._waiting.extend(requests)
+
+    def run(self, requests: Sequence[Request]) -> Iterator[StreamEvent]:
+        """Submit ``requests`` and drive the engine until they are all done, yielding
+        their events (other callers' requests advance in the same forward passes)."""
+        self.submit(requests)
+        try:
+            while True:
+                for r in requests:
+                    while r.events:
+                        yield r.events.popleft()
+                for r in requests:
+                    if r.error is not None:
+                        raise r.error
+                if all(r.done for r in requests):
+                    return
+                with self._lock:
+                    if not all(r.done for r in requests):
+                        self._step()
+        finally:
+            self._withdraw(requests)
+
+    def kv_bytes_in_use(self) -> int:
+        """KV bytes of the running batch's valid tokens plus the prefix cache's store."""
+        live = self._cache.nbytes_used() if self._cache is not None and hasattr(self._cache, "nbytes_used") else 0
+        return live + (self.prefix_cache.nbytes if self.prefix_cache is not None else 0)
+
+    # -- one step --------------------------------------------------------------------------------
+    def _step(self) -> None:
+        try:
+            t0 = time.perf_counter()
+            self._admit()
+            if self._logits is None or not self._active:
+                return
+            self._decode(t0)
+        except BaseException as e:  # every request in flight learns of it; the engine starts clean
+            for r in list(self._active) + list(self._waiting):
+                r.error = e
+            self._active, self._cache, self._logits = [], None, None
+            self._waiting.clear()
+            raise
+
+    def _withdraw(self, requests: Sequence[Request]) -> None:
+        """A caller gave up (error or closed stream): drop its requests from the engine."""
+        gone = [r for r in requests if not r.done]
+        if not gone:
+            return
+        with self._lock:
+            for r in gone:
+                if r in self._waiting:
+                    self._waiting.remove(r)
+                if r in self._active:
+                    self._retire_rows({id(r)})
+                r.error = r.error or RuntimeError("request withdrawn")
+
+    def _admit(self) -> None:
+        if not self._waiting:
+            return
+        rows_now = self._logits.shape[0] if self._logits is not None else 0
+        new: list[Request] = []
+        while self._waiting and (rows_now + self._waiting[0].n <= self.max_rows or not (self._active or new)):
+            r = self._waiting.popleft()
+            new.append(r)
+            rows_now += r.n
+        if not new:
+            return
+        t0 = time.perf_counter()
+        lm = self.lm
+        for r in new:
+            if r.options.token_healing:
+                from ..decoding.constraints import heal_prompt
+
+                r.prompt, r.healed = heal_prompt(lm, r.prompt)
+        cap = max(len(r.prompt) for r in new) + min(max(r.options.max_tokens for r in new), 1024) + 1
+        if self.prefix_cache is not None:
+            logits, cache = self._prefill_with_reuse(new, cap)
+        else:
+            logits, cache = lm.prefill([r.prompt for r in new], capacity=cap)
+        rows_idx = torch.arange(len(new)).repeat_interleave(torch.tensor([r.n for r in new]))
+        if len(rows_idx) != len(new):
+            cache = cache.fork(rows_idx)
+            logits = logits[rows_idx]
+        prefill_s = time.perf_counter() - t0
+        for r in new:
+            need_text = r.stream or bool(r.stopper.stops) or bool(r.healed)
+            r.rows = [_Row(j, IncrementalDetokenizer(lm.decode) if need_text else None, released=len(r.healed))
+                      for j in range(r.n)]
+            r.alive = list(range(r.n))
+            r.gens = [row_generator(r.seed, j) for j in range(r.n)]
+            r.history = torch.tensor([r.prompt] * r.n, dtype=torch.long)
+            procs = r.template
+            if not procs.is_identity:
+                procs = procs.fork([0])
+                procs.reset()
+            if r.healed:  # the output must first re-spell what healing took off
+                from ..decoding.constraints import PrefixConstraint
+
+                procs = Chain(PrefixConstraint(lm, [r.healed]), procs)
+            r.procs = procs.fork([0] * r.n) if not procs.is_identity else procs
+            r.prompt_wall = prefill_s / len(new)
+        if self._cache is None:
+            self._cache, self._logits = cache, logits
+        else:
+            self._cache = type(self._cache).concat([self._cache, cache])
+            self._logits = torch.cat([self._logits, logits])
+        self._active.extend(new)
+
+    def _prefill_with_reuse(self, new: list[Request], cap: int):
+        """Prefill only what the prefix cache lacks; store every prompt's KV afterwards."""
+        lm, pc = self.lm, self.prefix_cache
+        cache = lm.new_cache(len(new), cap)
+        hits = []
+        for i, r in enumerate(new):
+            # keep at least one token to compute: its logits start the generation
+            m, k, v = pc.lookup(r.prompt, limit=len(r.prompt) - 1)
+            if m:
+                cache.write_prefix_(i, k, v)
+            r.reused = m
+            hits.append(m)
+        suffixes = [r.prompt[m:] for r, m in zip(new, hits)]
+        T = max(map(len, suffixes))
+        pad = lm.eos_token_ids[0] if lm.eos_token_ids else 0
+        ids = torch.full((len(new), T), pad, dtype=torch.long)
+        for i, s in enumerate(suffixes):
+            ids[i, : len(s)] = torch.tensor(s)
+        num_new = torch.tensor([len(s) for s in suffixes])
+        logits = lm.forward(ids, cache, num_new, last_only=True)
+        for i, r in enumerate(new):
+            if hits[i] < len(r.prompt):
+                k, v = cache.read_row(i, len(r.prompt))
+                pc.insert(r.prompt, k, v)
+        return logits, cache
+
+    def _decode(self, t0: float) -> None:
+        lm = self.lm
+        logits = self._logits
+        B = logits.shape[0]
+        self.peak_rows = max(self.peak_rows, B)
+        if hasattr(self._cache, "nbytes_used"):
+            self.peak_kv_bytes = max(self.peak_kv_bytes, self.kv_bytes_in_use())
+        stop_base = set(lm.eos_token_ids)
+        next_tokens: list[int] = []
+        finished: set[int] = set()
+        start = 0
+        for r in self._active:
+            nb = len(r.alive)
+            lg = logits[start : start + nb]
+            start += nb
+            scores = lg if r.procs.is_identity else r.procs(r.history, lg)
+            tokens = r.pick(scores, r.gens)  # [nb]
+            lp = lg.log_softmax(-1).gather(-1, tokens[:, None])[:, 0]
+            r.procs.accept(tokens)
+            stop_ids = set(r.options.stop_token_ids) | (set() if r.options.ignore_eos else stop_base)
+            keep_local: list[int] = []
+            for b, (t, l) in enumerate(zip(tokens.tolist(), lp.tolist())):
+                row = r.rows[r.alive[b]]
+                row.ids.append(t)
+                row.logprobs.append(l)
+                delta = ""
+                if t in stop_ids:
+                    row.finish, row.stop = "stop", t
+                elif row.detok is not None:
+                    delta = row.detok.add(t)
+                    if delta:
+                        old = len(row.text)
+                        row.text += delta
+                        hit = r.stopper.find(row.text, old)
+                        if hit is not None:
+                            row.text = row.text[: hit[0]]
+                            row.finish, row.stop = "stop", hit[1]
+                if row.finish is None and len(row.ids) >= r.options.max_tokens:
+                    row.finish = "length"
+                if row.finish is None:
+                    keep_local.append(b)
+                    if r.stream:
+                        safe = r.stopper.safe_length(row.text)
+                        if safe > row.released:
+                            r.events.append(StreamEvent(r.index_base + row.sample, t, row.text[row.released : safe]))
+                            row.released = safe
+            r.history = torch.cat([r.history, tokens[:, None]], dim=1)
+            r._tokens = tokens
+            r._keep_local = keep_local
+            next_tokens += [tokens[b].item() for b in keep_local]
+        step_s = time.perf_counter() - t0
+        for r in self._active:
+            for s in r.alive:
+                r.rows[s].wall_s += step_s / B
+        # retire finished rows: store their KV for reuse, then drop them from the batch
+        keep_global: list[int] = []
+        start = 0
+        for r in self._active:
+            nb = len(r.alive)
+            kept = set(r._keep_local)
+            for b in range(nb):
+                if b in kept:
+                    keep_global.append(start + b)
+                else:
+                    self._finish(r, r.rows[r.alive[b]], start + b)
+            start += nb
+        if len(keep_global) < B:
+            self._keep(keep_global)
+        self._active = [r for r in self._active if r.alive]
+        self.steps += 1
+        if not self._active:
+            self._cache, self._logits = None, None
+            return
+        self._logits = lm.step(torch.tensor(next_tokens), self._cache)
+
+    def _keep(self, keep_global: list[int]) -> None:
+        self._cache.keep_rows_(torch.tensor(keep_global, dtype=torch.long))
+        for r in self._active:
+            kl = r._keep_local
+            if len(kl) < len(r.alive):
+                idx = torch.tensor(kl, dtype=torch.long)
+                r.history = r.history[idx]
+                r.gens = [r.gens[b] for b in kl]
+                r.procs = r.procs.fork(kl) if kl else r.procs
+                r.alive = [r.alive[b] for b in kl]
+
+    def _retire_rows(self, request_ids: set[int]) -> None:
+        """Drop every row of the given requests (withdrawn callers)."""
+        keep, start = [], 0
+        for r in self._active:
+            nb = len(r.alive)
+            if id(r) not in request_ids:
+                keep += list(range(start, start + nb))
+            start += nb
+        self._active = [r for r in self._active if id(r) not in request_ids]
+        if not keep:
+            self._cache, self._logits = None, None
+            return
+        t = torch.tensor(keep, dtype=torch.long)
+        self._cache.keep_rows_(t)
+        self._logits = self._logits[t]
+
+    def _finish(self, r: Request, row: _Row, batch_row: int) -> None:
+        lm = self.lm
+        if self.prefix_cache is not None and len(row.ids) > 1 and hasattr(self._cache, "read_row"):
+            # the row holds the prompt and every generated token but the last (never fed)
+            seq = r.prompt + row.ids[:-1]
+            k, v = self._cache.read_row(batch_row, len(seq))
+            self.prefix_cache.insert(seq, k, v)
+        if row.detok is None:
+            row.text = lm.decode(row.ids)
+        head = r.healed
+        text = row.text[len(head):] if head and row.text.startswith(head) else row.text
+        first = row.sample == 0
+        prompt_computed = len(r.prompt) - r.reused if first else 0
+        gen_computed = max(0, len(row.ids) - 1)
+        g = Generation(text=text, token_ids=row.ids, logprobs=row.logprobs, finish_reason=row.finish,  # type: ignore[arg-type]
+                       stop=row.stop)
+        g.usage = Usage(
+            prompt_tokens=len(r.prompt),
+            generated_tokens=len(row.ids),
+            computed_tokens=gen_computed + prompt_computed,
+            model_calls=len(row.ids),  # one prefill plus g - 1 decode steps
+            flops=lm.flops(gen_computed, len(r.prompt)) + (lm.flops(prompt_computed, r.reused) if first else 0.0),
+            wall_s=row.wall_s + (r.prompt_wall if first else 0.0),
+        )
+        if first and r.reused:
+            g.meta["prefix_cache_hit_tokens"] = r.reused
+        r.outputs[row.sample] = g
+        r.events.append(StreamEvent(r.index_base + row.sample, row.ids[-1], row.text[min(row.released, len(row.text)):], g))
+
+
+def engine_for(lm: Any) -> Engine:
+    """The model's engine, made on first use (one per model object, so every generator
+    over the same model shares its batch and prefix cache)."""
+    eng = getattr(lm, "_ponder_engine", None)
+    if eng is None:
+        eng = Engine(lm)
+        try:
+            lm._ponder_engine = eng
+        except AttributeError:
+            pass
+    return eng
