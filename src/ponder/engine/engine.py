@@ -83,6 +83,7 @@ class Request:
         self.outputs: list[Generation | None] = [None] * n
         self.events: collections.deque[StreamEvent] = collections.deque()
         self.error: BaseException | None = None
+        self.submitted = False
         self.reused = 0  # prompt tokens served by the prefix cache
         self.prompt_wall = 0.0
         # set on admission
@@ -124,8 +125,12 @@ class Engine:
 
     # -- public ----------------------------------------------------------------------------
     def submit(self, requests: Sequence[Request]) -> None:
+        """Queue requests; they join the batch at the next step (once each)."""
         with self._lock:
-            self._waiting.extend(requests)
+            for r in requests:
+                if not r.submitted:
+                    r.submitted = True
+                    self._waiting.append(r)
 
     def run(self, requests: Sequence[Request]) -> Iterator[StreamEvent]:
         """Submit ``requests`` and drive the engine until they are all done, yielding
