@@ -41,11 +41,15 @@ def test_draft_equal_to_target_accepts_every_draft(models):
         assert s.meta["acceptance_rate"] == pytest.approx(1.0)
 
 
-def test_speculative_sampling_reproduces_the_target_distribution(models):
+@pytest.mark.parametrize("drafter", ["model", "ngram"])
+def test_speculative_sampling_reproduces_the_target_distribution(models, drafter):
     """χ² test (fixed seed) on the first two tokens, with top-k 4 so that the support is
-    small: the empirical joint law of (x1, x2) matches p(x1)·p(x2 | x1) of the target."""
-    target, draft = models["llama_gqa"], models["qwen2_bias"]
-    prompt = target.encode("Q: 5\n")
+    small: the empirical joint law of (x1, x2) matches p(x1)·p(x2 | x1) of the target.
+    The n-gram drafter's proposals are point masses (the prompt repeats, so it always
+    finds one)."""
+    target = models["llama_gqa"]
+    draft = models["qwen2_bias"] if drafter == "model" else "ngram"
+    prompt = target.encode("Q: 5\n" if drafter == "model" else "Q: 5\nQ: 5\nQ: 5")
     spec = Speculative(target, draft, num_draft_tokens=2, temperature=1.0, top_k=4, max_tokens=2, ignore_eos=True)
     n = 3000
     gens = spec.generate(prompt, n=n, seed=1234)
@@ -74,9 +78,51 @@ def test_speculative_sampling_reproduces_the_target_distribution(models):
     assert acc < 0.95
 
 
+def test_ngram_and_adaptive_speculation_equal_greedy_on_the_shipped_model(arith_lm):
+    from ponder.tasks.arith import ArithTask
+
+    task = ArithTask()
+    prompts = [task.prompt(p) for p in task.problems("medium", 50)]
+    plain = Greedy(arith_lm, max_tokens=80).generate_batch(prompts)
+    ngram = Speculative(arith_lm, "ngram", num_draft_tokens=3, max_tokens=80)
+    auto = Speculative(arith_lm, NativeLM.from_pretrained("arith-draft"), num_draft_tokens="auto", max_tokens=80)
+    drafted = accepted = 0
+    for i, (p, (g,)) in enumerate(zip(prompts, plain)):
+        (s,) = ngram.generate(p)
+        assert s.token_ids == g.token_ids
+        drafted, accepted = drafted + s.meta["drafted"], accepted + s.meta["accepted"]
+        if i < 10:
+            (a,) = auto.generate(p)
+            assert a.token_ids == g.token_ids and a.meta["accepted"] > 0
+    assert drafted > 0 and accepted > 0
+
+
+def test_speculation_composes_with_processors_and_grammars(arith_lm):
+    import re
+
+    from ponder.decoding.constraints import Grammar
+
+    draft = NativeLM.from_pretrained("arith-draft")
+    prompt = "Q: 3+4-2+7-5+1\n"
+    want = Greedy(arith_lm, max_tokens=50, repetition_penalty=1.3, no_repeat_ngram_size=4).generate(prompt)[0]
+    for d in (draft, "ngram"):
+        got = Speculative(arith_lm, d, max_tokens=50, repetition_penalty=1.3, no_repeat_ngram_size=4).generate(prompt)[0]
+        assert got.token_ids == want.token_ids
+    rx = r"[0-9]\+[0-9]=[0-9]{1,2}\n[0-9]{1,2}-[0-9]=[0-9]"
+    g = Grammar.regex(arith_lm, rx)
+    plain = Greedy(arith_lm, max_tokens=30, constraint=g.constraint()).generate(prompt)[0]
+    for d in (draft, "ngram"):
+        out = Speculative(arith_lm, d, max_tokens=30, processors=[g.constraint()]).generate(prompt)[0]
+        assert re.fullmatch(rx, out.text) and out.token_ids == plain.token_ids
+        samples = Speculative(arith_lm, d, temperature=1.0, max_tokens=30, processors=[g.constraint()]).generate(prompt, n=5, seed=2)
+        assert all(re.fullmatch(rx, x.text) for x in samples)
+
+
 def test_bad_settings(models):
     lm = models["llama_gqa"]
     with pytest.raises(SettingError, match="num_draft_tokens must be an integer >= 1"):
         Speculative(lm, lm, num_draft_tokens=0)
+    with pytest.raises(SettingError, match="'ngram'"):
+        Speculative(lm, "lookup")
     with pytest.raises(SettingError, match="temperature must be >= 0"):
         Speculative(lm, lm, temperature=-1)

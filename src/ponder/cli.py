@@ -126,9 +126,9 @@ def generate(
     grammar: Optional[str] = typer.Option(None, "--grammar", help="Constrain the output to this Lark grammar file (llguidance dialect)."),
     choice: list[str] = typer.Option([], "--choice", help="Constrain the output to one of these strings (repeatable)."),
     token_healing: bool = typer.Option(False, "--token-healing", help="Back off the prompt's last token and let the model re-spell it."),
-    speculative: Optional[str] = typer.Option(None, "--speculative", help="draft: speculative decoding with --draft-model."),
+    speculative: Optional[str] = typer.Option(None, "--speculative", help="draft (with --draft-model) or ngram (prompt lookup): lossless speculative decoding."),
     draft_model: str = typer.Option("arith-draft", "--draft-model", help="Draft model for --speculative draft."),
-    draft_tokens: int = typer.Option(4, "--draft-tokens", help="Tokens the draft proposes per step (>= 1)."),
+    draft_tokens: str = typer.Option("4", "--draft-tokens", help="Tokens drafted per step (>= 1), or auto (adaptive)."),
     set_: list[str] = typer.Option([], "--set", help="Extra strategy setting KEY=VALUE (repeatable)."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
@@ -145,11 +145,15 @@ def generate(
     if n < 1:
         _fail(f"--n must be >= 1; got {n}")
     if speculative is not None:
-        if speculative != "draft":
-            _fail(f"--speculative takes 'draft'; got {speculative!r}")
+        if speculative not in ("draft", "ngram"):
+            _fail(f"--speculative takes 'draft' or 'ngram'; got {speculative!r}")
         if strategy not in ("greedy", "sample"):
             _fail("--speculative works with --strategy greedy or sample")
-        set_ = list(set_) + [f"draft_model={json.dumps(draft_model)}", f"num_draft_tokens={draft_tokens}"]
+        if draft_tokens != "auto" and not (draft_tokens.isdigit() and int(draft_tokens) >= 1):
+            _fail(f"--draft-tokens takes an integer >= 1 or 'auto'; got {draft_tokens!r}")
+        k = json.dumps(draft_tokens) if draft_tokens == "auto" else draft_tokens
+        dm = "ngram" if speculative == "ngram" else draft_model
+        set_ = list(set_) + [f"draft_model={json.dumps(dm)}", f"num_draft_tokens={k}"]
         if strategy == "greedy":
             set_.append("temperature=0")
         strategy = "speculative"

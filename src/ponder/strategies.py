@@ -173,13 +173,16 @@ def _speculative(lm, s, ctx):
     from .decoding.speculative import Speculative
 
     sample = {k: s[k] for k in ("temperature", "top_k", "top_p", "min_p") if k in s}
-    return Speculative(lm, _load(s.get("draft_model", "arith-draft")), num_draft_tokens=s.get("num_draft_tokens", 4),
-                       **sample, **_options(s))
+    name = s.get("draft_model", "arith-draft")
+    draft = "ngram" if name == "ngram" else _load(name)
+    return Speculative(lm, draft, num_draft_tokens=s.get("num_draft_tokens", 4), max_ngram=s.get("max_ngram", 3),
+                       **sample, **{k: s[k] for k in HISTORY_SETTINGS if k in s}, **_options(s))
 
 
 register("speculative", _speculative,
-         "speculative decoding with a draft model, lossless (Leviathan et al. 2023); temperature 0 = greedy",
-         ("temperature", "top_k", "top_p", "min_p", "draft_model", "num_draft_tokens"))
+         "speculative decoding, lossless (Leviathan et al. 2023): --set draft_model=NAME or ngram (prompt lookup); "
+         "num_draft_tokens=K or auto; temperature 0 = greedy",
+         ("temperature", "top_k", "top_p", "min_p", "draft_model", "num_draft_tokens", "max_ngram") + HISTORY_SETTINGS)
 
 
 _BEAM = ("num_beams", "length_penalty", "early_stopping")

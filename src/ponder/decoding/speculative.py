@@ -7,8 +7,16 @@ accepted the target's next distribution gives a bonus token. The output distribu
 is exactly the target's (lossless); under greedy decoding acceptance means "the
 target's argmax equals the draft's", so the output is token-for-token plain greedy.
 
-Rejected tokens are rolled back by truncating both KV caches (``KVCache.truncate_``).
-This version decodes one sequence at a time; the engine issue batches it.
+Drafts come from a small model (``draft`` a model) or from prompt lookup
+(``draft="ngram"``, Saxena 2023): the tokens that followed the latest earlier
+occurrence of the context's last n-gram. A lookup draft is a point mass q = 1{x}, so
+the same rule accepts x with probability p(x) and resamples from p without x.
+
+Rejected tokens are rolled back by truncating the KV caches (``KVCache.truncate_``) and
+the processors (``rollback``), so penalties and grammar constraints compose with
+speculation: both p and q are the *processed* distributions. ``num_draft_tokens="auto"``
+adapts k: +2 after a fully accepted round, −1 otherwise (as transformers' heuristic).
+This version decodes one sequence at a time.
 """
 
 from __future__ import annotations
@@ -31,24 +39,57 @@ class Speculative(GeneratorBase):
 
     strategy = "speculative"
 
-    def __init__(self, target: Any, draft: Any, num_draft_tokens: int = 4, temperature: float = 0.0,
-                 top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, **options: Any) -> None:
+    def __init__(self, target: Any, draft: Any, num_draft_tokens: int | str = 4, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, max_ngram: int = 3,
+                 processors: Sequence[Any] = (), **settings: Any) -> None:
+        from .generate import OPTION_FIELDS
+        from .processors import HISTORY_SETTINGS
+
         require_access(target, Access.LOGITS, "speculative decoding")
-        require_access(draft, Access.LOGITS, "speculative decoding (draft)")
-        if target.vocab_size != draft.vocab_size:
-            raise SettingError(f"the draft model must share the target's tokenizer (vocab {draft.vocab_size} != {target.vocab_size})")
-        if not isinstance(num_draft_tokens, int) or num_draft_tokens < 1:
-            raise SettingError(f"num_draft_tokens must be an integer >= 1; got {num_draft_tokens!r}")
+        self.ngram = isinstance(draft, str)
+        if self.ngram:
+            if draft != "ngram":
+                raise SettingError(f"draft must be a model or 'ngram' (prompt lookup); got {draft!r}")
+        else:
+            require_access(draft, Access.LOGITS, "speculative decoding (draft)")
+            if target.vocab_size != draft.vocab_size:
+                raise SettingError(f"the draft model must share the target's tokenizer (vocab {draft.vocab_size} != {target.vocab_size})")
+        self.adaptive = num_draft_tokens == "auto"
+        if not self.adaptive and (not isinstance(num_draft_tokens, int) or isinstance(num_draft_tokens, bool) or num_draft_tokens < 1):
+            raise SettingError(f"num_draft_tokens must be an integer >= 1 or 'auto'; got {num_draft_tokens!r}")
         if not isinstance(temperature, (int, float)) or temperature < 0:
             raise SettingError(f"temperature must be >= 0 (0 = greedy); got {temperature}")
-        self.target, self.draft, self.k = target, draft, num_draft_tokens
+        if not isinstance(max_ngram, int) or max_ngram < 1:
+            raise SettingError(f"max_ngram must be an integer >= 1; got {max_ngram!r}")
+        options = {k: settings.pop(k) for k in list(settings) if k in OPTION_FIELDS}
+        for key in settings:
+            if key not in HISTORY_SETTINGS:
+                raise SettingError(f"speculative decoding does not take {key!r}")
+        self.target, self.draft = target, draft
+        self.k = 4 if self.adaptive else num_draft_tokens
+        self.max_ngram = max_ngram
         self.greedy = temperature == 0
-        self.processors: Chain = make_processors(1.0 if self.greedy else temperature, top_k, top_p, min_p)
         self.options = Options(**options)
+        stops = list(self.options.stop_token_ids) + ([] if self.options.ignore_eos else list(target.eos_token_ids))
+        self.processors: Chain = make_processors(1.0 if self.greedy else temperature, top_k, top_p, min_p,
+                                                 extra=processors, stop_token_ids=stops, **settings)
 
-    def _probs(self, logits: torch.Tensor) -> torch.Tensor:
-        """The distribution both models are compared under: [N, V]."""
-        return self.processors(None, logits).softmax(-1)
+    def _probs(self, procs: Chain, history: list[int], logits: torch.Tensor) -> torch.Tensor:
+        """The processed distribution [V] both sides are compared under."""
+        if procs.is_identity:
+            return logits.softmax(-1)
+        return procs(torch.tensor([history]), logits[None])[0].softmax(-1)
+
+    def _lookup(self, ctx: list[int], k: int) -> list[int]:
+        """Prompt lookup: the k tokens after the latest earlier match of the last n-gram."""
+        for n in range(min(self.max_ngram, len(ctx) - 1), 0, -1):
+            tail = ctx[-n:]
+            for start in range(len(ctx) - n - 1, -1, -1):
+                if ctx[start : start + n] == tail:
+                    follow = ctx[start + n : start + n + k]
+                    if follow:
+                        return follow
+        return []
 
     def generate_batch(self, prompts: Sequence[str | Sequence[int]], n: int = 1, seed: int | None = None) -> list[list[Generation]]:
         if not isinstance(n, int) or n < 1:
@@ -74,75 +115,112 @@ class Speculative(GeneratorBase):
     @torch.inference_mode()
     def _one(self, prompt: list[int], gen: torch.Generator) -> Generation:
         t0 = time.perf_counter()
-        T, D, k = self.target, self.draft, self.k
+        T, D = self.target, self.draft
+        k = self.k
         opts = self.options
         stops = set(opts.stop_token_ids) | (set() if opts.ignore_eos else set(T.eos_token_ids))
         stopper = StopStringMatcher(opts.stop)
-        # Both caches hold every token but the last one emitted, which is "pending".
-        _, tcache = T.prefill([prompt[:-1]] if len(prompt) > 1 else [prompt], capacity=len(prompt) + opts.max_tokens + k + 2)
-        _, dcache = D.prefill([prompt[:-1]] if len(prompt) > 1 else [prompt], capacity=len(prompt) + opts.max_tokens + k + 2)
+        procs = self.processors
+        if not procs.is_identity:
+            procs = procs.fork([0])
+            procs.reset()
+        dprocs = procs.fork([0]) if not procs.is_identity else procs  # the draft's own copy of the state
+        cap = len(prompt) + opts.max_tokens + 2 * max(k, 8) + 2
+        head = [prompt[:-1]] if len(prompt) > 1 else [prompt]
+        # The caches hold every token but the last one emitted, which is "pending".
+        _, tcache = T.prefill(head, capacity=cap)
+        dcache = None if self.ngram else D.prefill(head, capacity=cap)[1]
         if len(prompt) == 1:  # nothing to prefill: start from empty caches
             tcache.truncate_(1)
-            dcache.truncate_(1)
+            if dcache is not None:
+                dcache.truncate_(1)
         t_pending, d_pending = [prompt[-1]], [prompt[-1]]
         out: list[int] = []
         logprobs: list[float] = []
-        drafted = accepted = t_computed = d_computed = calls = 0
+        drafted = accepted = t_computed = d_computed = calls = rounds = 0
         t_computed += max(len(prompt) - 1, 0)
-        d_computed += max(len(prompt) - 1, 0)
+        d_computed += 0 if self.ngram else max(len(prompt) - 1, 0)
         finish, stop = "length", None
         while len(out) < opts.max_tokens:
-            kk = min(k, opts.max_tokens - len(out))
-            # 1. draft kk tokens
-            q_rows, xs = [], []
-            feed = list(d_pending)
-            for _ in range(kk):
-                lg = D.forward(torch.tensor([feed]), dcache)[0, -1]
-                d_computed += len(feed)
-                q = self._probs(lg[None])[0]
-                x = int(q.argmax()) if self.greedy else int(torch.multinomial(q, 1, generator=gen))
-                q_rows.append(q)
-                xs.append(x)
-                feed = [x]
+            kk = min(k, opts.max_tokens - len(out) - 1)
+            ctx = prompt + out
+            # 1. draft kk tokens (a lookup may find fewer, or none)
+            q_rows: list[torch.Tensor | None] = []
+            if self.ngram:
+                xs = self._lookup(ctx, kk) if kk > 0 else []
+                for x in xs:
+                    dprocs.accept(torch.tensor([x]))
+                q_rows = [None] * len(xs)
+            else:
+                xs = []
+                feed = list(d_pending)
+                for i in range(kk):
+                    lg = D.forward(torch.tensor([feed]), dcache)[0, -1]
+                    d_computed += len(feed)
+                    q = self._probs(dprocs, ctx + xs, lg)
+                    x = int(q.argmax()) if self.greedy else int(torch.multinomial(q, 1, generator=gen))
+                    dprocs.accept(torch.tensor([x]))
+                    q_rows.append(q)
+                    xs.append(x)
+                    feed = [x]
+            kk = len(xs)
             drafted += kk
             # 2. the target scores pending + drafts in one pass: rows predict x_1..x_kk, bonus
             t_in = t_pending + xs
             lg = T.forward(torch.tensor([t_in]), tcache)[0, len(t_pending) - 1 :]  # [kk+1, V]
             t_computed += len(t_in)
             calls += 1
-            p_rows = self._probs(lg)
+            rounds += 1
             raw_lp = lg.log_softmax(-1)
-            # 3. accept / reject
+            # 3. accept / reject, the target's processors stepping along the drafts
             a = 0
             new_tok = None
             for i, x in enumerate(xs):
-                p, q = p_rows[i], q_rows[i]
+                p = self._probs(procs, ctx + xs[:i], lg[i])
+                q = q_rows[i]
                 if self.greedy:
                     ok = int(p.argmax()) == x
                 else:
-                    ok = float(torch.rand((), generator=gen)) < min(1.0, float(p[x] / q[x]))
+                    ratio = float(p[x]) if q is None else min(1.0, float(p[x] / q[x]))
+                    ok = float(torch.rand((), generator=gen)) < ratio
                 if not ok:
                     if self.greedy:
                         new_tok = int(p.argmax())
                     else:
-                        resid = (p - q).clamp(min=0)
+                        if q is None:  # a point-mass draft: the residual is p without x
+                            resid = p.clone()
+                            resid[x] = 0
+                        else:
+                            resid = (p - q).clamp(min=0)
                         resid = resid / resid.sum() if resid.sum() > 0 else p
                         new_tok = int(torch.multinomial(resid, 1, generator=gen))
                     break
+                procs.accept(torch.tensor([x]))
                 a += 1
             if new_tok is None:  # all accepted: a bonus token from the target
-                p = p_rows[kk]
+                p = self._probs(procs, ctx + xs, lg[kk])
                 new_tok = int(p.argmax()) if self.greedy else int(torch.multinomial(p, 1, generator=gen))
             accepted += a
             emitted = xs[:a] + [new_tok]
+            procs.accept(torch.tensor([new_tok]))
+            dprocs.rollback(kk - a)
+            dprocs.accept(torch.tensor([new_tok]))
             # 4. roll back what the caches hold beyond the accepted prefix
-            tcache.truncate_(kk - a)  # target holds pending + all kk drafts
-            if a == kk:
-                d_pending = [xs[-1], new_tok]
-            else:
-                dcache.truncate_(kk - 1 - a)  # the draft holds x_1..x_{kk-1}; keep x_1..x_a
-                d_pending = [new_tok]
+            tcache.truncate_(kk - a)  # the target holds pending + all kk drafts
+            if dcache is not None:
+                if a == kk:
+                    d_pending = [xs[-1], new_tok] if kk else [new_tok]
+                    if not kk:
+                        dcache.truncate_(0)
+                else:
+                    dcache.truncate_(kk - 1 - a)  # the draft holds x_1..x_{kk-1}; keep x_1..x_a
+                    d_pending = [new_tok]
+                if kk == 0:  # nothing was drafted: the draft still has to see the pending token
+                    D.forward(torch.tensor([[t_pending[0]]]), dcache)
+                    d_computed += 1
             t_pending = [new_tok]
+            if self.adaptive:
+                k = min(k + 2, 16) if kk and a == kk else max(1, k - 1)
             # 5. emit, watching for stops
             for j, tok in enumerate(emitted):
                 out.append(tok)
@@ -160,15 +238,16 @@ class Speculative(GeneratorBase):
                 if hit is not None:
                     finish, stop = "stop", hit[1]
                     break
-        text = T.decode(out)
+        text = T.decode(out[:-1] if finish == "stop" and isinstance(stop, int) else out)
         if isinstance(stop, str):
             text = text[: text.find(stop)]
         wall = time.perf_counter() - t0
+        flops = T.flops(t_computed, len(prompt)) + (0.0 if self.ngram else D.flops(d_computed, len(prompt)))
         usage = Usage(
             prompt_tokens=len(prompt), generated_tokens=len(out), computed_tokens=t_computed + d_computed,
-            model_calls=calls + drafted, flops=T.flops(t_computed, len(prompt)) + D.flops(d_computed, len(prompt)),
-            wall_s=wall,
+            model_calls=calls + (0 if self.ngram else drafted), flops=flops, wall_s=wall,
         )
         return Generation(text=text, token_ids=out, logprobs=logprobs, finish_reason=finish, usage=usage, stop=stop,
-                          meta={"strategy": self.strategy, "drafted": drafted, "accepted": accepted,
+                          meta={"strategy": self.strategy, "draft": "ngram" if self.ngram else getattr(D, "name", "draft"),
+                                "drafted": drafted, "accepted": accepted, "rounds": rounds,
                                 "acceptance_rate": accepted / drafted if drafted else 0.0})
