@@ -4,7 +4,9 @@ sampled next steps, ``--depth`` levels deep, for several problems.
 
 Run twice on the shipped target model: through the engine with its radix prefix cache,
 and through an engine without one. Prints the tokens the model computed against the
-unique tokens of the tree (every distinct prefix counted once), and both wall times.
+unique tokens of the tree (every distinct prefix counted once; identical sibling steps
+sampled side by side count once, so duplicates weigh against the engine; the last token
+of each step is counted though never fed to the model), and both wall times.
 The last line is one JSON object; ``computed_over_unique`` (goal <= 1.2) is measured
 with the cache, ``ratio`` is wall time without the cache over wall time with it.
 
@@ -31,13 +33,15 @@ def run_tree(lm, prompts_ids, depth, branch, seed):
     t = time.perf_counter()
     for level in range(depth):
         outs = gen.generate_batch(frontier, n=branch, seed=seed + level)
-        nxt = []
+        nxt, seen = [], set()
         for parent, gens in zip(frontier, outs):
             for g in gens:
                 computed += g.usage.computed_tokens
                 child = parent + g.token_ids
                 sequences.append(child)
-                if g.finish_reason == "stop" and g.stop in nl:  # a finished step: expand it further
+                # a finished step is expanded further, once: a search merges identical steps
+                if g.finish_reason == "stop" and g.stop in nl and tuple(child) not in seen:
+                    seen.add(tuple(child))
                     nxt.append(child)
         frontier = nxt
         if not frontier:
@@ -46,6 +50,7 @@ def run_tree(lm, prompts_ids, depth, branch, seed):
 
 
 def unique_tokens(sequences) -> int:
+    """Distinct prefixes over all sequences: each token of the tree counted once."""
     seen = set()
     for s in sequences:
         for i in range(1, len(s) + 1):
@@ -82,6 +87,8 @@ def main() -> None:
     print(f"tree: {len(seqs) - len(prompts)} generated steps over {args.problems} problems, {unique} unique tokens")
     print(f"with the prefix cache:    {c_cache} tokens computed ({c_cache / unique:.3f} per unique token), {t_cache:.2f}s")
     print(f"without the prefix cache: {c_plain} tokens computed ({c_plain / unique:.3f} per unique token), {t_plain:.2f}s")
+    print(f"ideal sharing (each prefix once, each sampled step's tokens once): {ideal} tokens; "
+          f"computed / ideal = {c_cache / ideal:.3f}")
     print(f"wall time without / with: {t_plain / t_cache:.2f}x; same trees: {same}; cache: {pc}")
     print(json.dumps({"benchmark": "prefix_reuse", "model": cached.name, "problems": args.problems, "depth": args.depth,
                       "branch": args.branch, "threads": args.threads, "unique_tokens": unique,
