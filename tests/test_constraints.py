@@ -154,5 +154,5 @@ def test_cli_constraints(tmp_path):
     assert r.returncode == 0 and r.stdout.strip() in ("yes", "no")
     r = run("Q: 3+4\\n", "--regex", "(ab")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "unclosed group" in r.stderr
-    r = run("Q: 3+4\\n", "--regex", "[0-9]", "--strategy", "speculative")
+    r = run("Q: 3+4\\n", "--regex", "[0-9]", "--strategy", "contrastive-search")
     assert r.returncode == 2 and "does not take a constraint" in r.stderr
