@@ -87,8 +87,6 @@ def main() -> None:
     print(f"tree: {len(seqs) - len(prompts)} generated steps over {args.problems} problems, {unique} unique tokens")
     print(f"with the prefix cache:    {c_cache} tokens computed ({c_cache / unique:.3f} per unique token), {t_cache:.2f}s")
     print(f"without the prefix cache: {c_plain} tokens computed ({c_plain / unique:.3f} per unique token), {t_plain:.2f}s")
-    print(f"ideal sharing (each prefix once, each sampled step's tokens once): {ideal} tokens; "
-          f"computed / ideal = {c_cache / ideal:.3f}")
     print(f"wall time without / with: {t_plain / t_cache:.2f}x; same trees: {same}; cache: {pc}")
     print(json.dumps({"benchmark": "prefix_reuse", "model": cached.name, "problems": args.problems, "depth": args.depth,
                       "branch": args.branch, "threads": args.threads, "unique_tokens": unique,
