@@ -311,9 +311,12 @@ class MirostatV2(Processor):
         self._mu = self._mu - self.eta * (s - self.tau)
 
     def fork(self, rows):
-        new = MirostatV2(self.tau, self.eta)
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
         idx = torch.as_tensor(list(rows), dtype=torch.long)
         new._mu = None if self._mu is None else self._mu[idx].clone()
+        # the last call's surprisals travel too, so a fork can still accept the token just picked
+        new._surprisal = None if self._surprisal is None else self._surprisal[idx]
         new._history = [h[idx] for h in self._history]
         return new
 
@@ -358,9 +361,3 @@ class MirostatV1(MirostatV2):
         self._surprisal = -out.log_softmax(-1) / math.log(2)
         return out
 
-    def fork(self, rows):
-        new = MirostatV1(self.tau, self.eta, self.m)
-        idx = torch.as_tensor(list(rows), dtype=torch.long)
-        new._mu = None if self._mu is None else self._mu[idx].clone()
-        new._history = [h[idx] for h in self._history]
-        return new

@@ -5,7 +5,9 @@ seed) is submitted to the model's ``Engine``. Each engine step
 
 1. admits waiting requests: their prompts are looked up in the prefix cache, only the
    uncached suffixes are prefilled (one padded batch for all newcomers), and each
-   prompt's KV is forked into its ``n`` rows and appended to the running batch;
+   prompt's row joins the running batch. A request's ``n`` samples share that row until
+   they pick different tokens; then it forks, one row per distinct token, so identical
+   samples are computed once;
 2. runs every request's own processor chain on its rows' logits and picks tokens
    with each row's own RNG (seeded by (seed, sample index), so a seeded request gives
    the same tokens alone or in any batch);
@@ -67,6 +69,7 @@ class _Row:
     finish: str | None = None
     stop: str | int | None = None
     wall_s: float = 0.0
+    computed: int = 0  # decode-step tokens this sample's physical row computed on its behalf
 
 
 class Request:
@@ -88,10 +91,12 @@ class Request:
         self.prompt_wall = 0.0
         # set on admission
         self.rows: list[_Row] = []
-        self.alive: list[int] = []  # sample indices of live rows, in batch order
-        self.procs: Any = None
-        self.gens: list[torch.Generator] = []
-        self.history: torch.Tensor | None = None
+        # Physical batch rows, in batch order; each lists the live samples that follow it.
+        # All n samples start on one row and split only when they pick different tokens.
+        self.phys: list[list[int]] = []
+        self.procs: Any = None  # one state per physical row
+        self.gens: list[torch.Generator] = []  # one RNG per sample
+        self.history: torch.Tensor | None = None  # [physical rows, T]
 
     @property
     def done(self) -> bool:
@@ -208,18 +213,14 @@ class Engine:
             logits, cache = self._prefill_with_reuse(new, cap)
         else:
             logits, cache = lm.prefill([r.prompt for r in new], capacity=cap)
-        rows_idx = torch.arange(len(new)).repeat_interleave(torch.tensor([r.n for r in new]))
-        if len(rows_idx) != len(new):
-            cache = cache.fork(rows_idx)
-            logits = logits[rows_idx]
         prefill_s = time.perf_counter() - t0
         for r in new:
             need_text = r.stream or bool(r.stopper.stops) or bool(r.healed)
             r.rows = [_Row(j, IncrementalDetokenizer(lm.decode) if need_text else None, released=len(r.healed))
                       for j in range(r.n)]
-            r.alive = list(range(r.n))
+            r.phys = [list(range(r.n))]
             r.gens = [row_generator(r.seed, j) for j in range(r.n)]
-            r.history = torch.tensor([r.prompt] * r.n, dtype=torch.long)
+            r.history = torch.tensor([r.prompt], dtype=torch.long)
             procs = r.template
             if not procs.is_identity:
                 procs = procs.fork([0])
@@ -228,7 +229,7 @@ class Engine:
                 from ..decoding.constraints import PrefixConstraint
 
                 procs = Chain(PrefixConstraint(lm, [r.healed]), procs)
-            r.procs = procs.fork([0] * r.n) if not procs.is_identity else procs
+            r.procs = procs
             r.prompt_wall = prefill_s / len(new)
         if self._cache is None:
             self._cache, self._logits = cache, logits
@@ -265,30 +266,35 @@ class Engine:
 
     def _decode(self, t0: float) -> None:
         lm = self.lm
-        logits = self._logits
+        logits = self._logits  # [B, V], one row per physical row
         B = logits.shape[0]
         self.peak_rows = max(self.peak_rows, B)
         if hasattr(self._cache, "nbytes_used"):
             self.peak_kv_bytes = max(self.peak_kv_bytes, self.kv_bytes_in_use())
         stop_base = set(lm.eos_token_ids)
+        parents: list[int] = []  # global physical row each new physical row continues
         next_tokens: list[int] = []
-        finished: set[int] = set()
+        n_samples = sum(len(p) for r in self._active for p in r.phys)
+        step_s = 0.0
         start = 0
+        plans = []
         for r in self._active:
-            nb = len(r.alive)
-            lg = logits[start : start + nb]
-            start += nb
-            scores = lg if r.procs.is_identity else r.procs(r.history, lg)
-            tokens = r.pick(scores, r.gens)  # [nb]
-            lp = lg.log_softmax(-1).gather(-1, tokens[:, None])[:, 0]
-            r.procs.accept(tokens)
+            P = len(r.phys)
+            lg = logits[start : start + P]
+            scores = lg if r.procs.is_identity else r.procs(r.history, lg)  # [P, V], shared by a row's samples
+            owner = [p for p, samples in enumerate(r.phys) for _ in samples]  # physical row of each sample
+            samples = [s for group in r.phys for s in group]
+            idx = torch.tensor(owner)
+            tokens = r.pick(scores[idx], [r.gens[s] for s in samples])  # [samples]
+            lp = lg.log_softmax(-1)[idx].gather(-1, tokens[:, None])[:, 0]
             stop_ids = set(r.options.stop_token_ids) | (set() if r.options.ignore_eos else stop_base)
-            keep_local: list[int] = []
-            for b, (t, l) in enumerate(zip(tokens.tolist(), lp.tolist())):
-                row = r.rows[r.alive[b]]
+            # new physical rows: (parent row, token) -> the samples that continue there
+            split: dict[tuple[int, int], list[int]] = {}
+            finished: list[tuple[int, int]] = []  # (sample, parent row)
+            for p, s, t, l in zip(owner, samples, tokens.tolist(), lp.tolist()):
+                row = r.rows[s]
                 row.ids.append(t)
                 row.logprobs.append(l)
-                delta = ""
                 if t in stop_ids:
                     row.finish, row.stop = "stop", t
                 elif row.detok is not None:
@@ -303,57 +309,54 @@ class Engine:
                 if row.finish is None and len(row.ids) >= r.options.max_tokens:
                     row.finish = "length"
                 if row.finish is None:
-                    keep_local.append(b)
+                    split.setdefault((p, t), []).append(s)
                     if r.stream:
                         safe = r.stopper.safe_length(row.text)
                         if safe > row.released:
                             r.events.append(StreamEvent(r.index_base + row.sample, t, row.text[row.released : safe]))
                             row.released = safe
-            r.history = torch.cat([r.history, tokens[:, None]], dim=1)
-            r._tokens = tokens
-            r._keep_local = keep_local
-            next_tokens += [tokens[b].item() for b in keep_local]
+                else:
+                    finished.append((s, start + p))
+            plans.append((r, start, split, finished))
+            start += P
         step_s = time.perf_counter() - t0
         for r in self._active:
-            for s in r.alive:
-                r.rows[s].wall_s += step_s / B
-        # retire finished rows: store their KV for reuse, then drop them from the batch
-        keep_global: list[int] = []
-        start = 0
-        for r in self._active:
-            nb = len(r.alive)
-            kept = set(r._keep_local)
-            for b in range(nb):
-                if b in kept:
-                    keep_global.append(start + b)
-                else:
-                    self._finish(r, r.rows[r.alive[b]], start + b)
-            start += nb
-        if len(keep_global) < B:
-            self._keep(keep_global)
-        self._active = [r for r in self._active if r.alive]
+            for group in r.phys:
+                for s in group:
+                    r.rows[s].wall_s += step_s / max(1, n_samples)
+        # retire finished samples (their physical row still holds their KV), then regroup
+        for r, base, split, finished in plans:
+            for s, g_row in finished:
+                self._finish(r, r.rows[s], g_row)
+            keys = list(split)
+            if keys:
+                local = [p for p, _ in keys]
+                toks = [t for _, t in keys]
+                r.history = torch.cat([r.history[torch.tensor(local)], torch.tensor(toks)[:, None]], dim=1)
+                if not r.procs.is_identity:
+                    r.procs = r.procs.fork(local)
+                    r.procs.accept(torch.tensor(toks))
+                r.phys = [split[k] for k in keys]
+                for group in r.phys:  # the row computes its next token once, billed to its first sample
+                    r.rows[group[0]].computed += 1
+                parents += [base + p for p in local]
+                next_tokens += toks
+            else:
+                r.phys = []
+        self._active = [r for r in self._active if r.phys]
         self.steps += 1
         if not self._active:
             self._cache, self._logits = None, None
             return
+        if parents != list(range(B)):
+            self._cache.reorder_(torch.tensor(parents, dtype=torch.long))
         self._logits = lm.step(torch.tensor(next_tokens), self._cache)
-
-    def _keep(self, keep_global: list[int]) -> None:
-        self._cache.keep_rows_(torch.tensor(keep_global, dtype=torch.long))
-        for r in self._active:
-            kl = r._keep_local
-            if len(kl) < len(r.alive):
-                idx = torch.tensor(kl, dtype=torch.long)
-                r.history = r.history[idx]
-                r.gens = [r.gens[b] for b in kl]
-                r.procs = r.procs.fork(kl) if kl else r.procs
-                r.alive = [r.alive[b] for b in kl]
 
     def _retire_rows(self, request_ids: set[int]) -> None:
         """Drop every row of the given requests (withdrawn callers)."""
         keep, start = [], 0
         for r in self._active:
-            nb = len(r.alive)
+            nb = len(r.phys)
             if id(r) not in request_ids:
                 keep += list(range(start, start + nb))
             start += nb
@@ -378,14 +381,14 @@ class Engine:
         text = row.text[len(head):] if head and row.text.startswith(head) else row.text
         first = row.sample == 0
         prompt_computed = len(r.prompt) - r.reused if first else 0
-        gen_computed = max(0, len(row.ids) - 1)
+        gen_computed = row.computed  # samples that shared a row computed their common tokens once
         g = Generation(text=text, token_ids=row.ids, logprobs=row.logprobs, finish_reason=row.finish,  # type: ignore[arg-type]
                        stop=row.stop)
         g.usage = Usage(
             prompt_tokens=len(r.prompt),
             generated_tokens=len(row.ids),
             computed_tokens=gen_computed + prompt_computed,
-            model_calls=len(row.ids),  # one prefill plus g - 1 decode steps
+            model_calls=len(row.ids),  # the forward passes it took part in: a prefill plus g - 1 steps
             flops=lm.flops(gen_computed, len(r.prompt)) + (lm.flops(prompt_computed, r.reused) if first else 0.0),
             wall_s=row.wall_s + (r.prompt_wall if first else 0.0),
         )
