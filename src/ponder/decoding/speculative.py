@@ -16,7 +16,10 @@ Rejected tokens are rolled back by truncating the KV caches (``KVCache.truncate_
 the processors (``rollback``), so penalties and grammar constraints compose with
 speculation: both p and q are the *processed* distributions. ``num_draft_tokens="auto"``
 adapts k: +2 after a fully accepted round, −1 otherwise (as transformers' heuristic).
-This version decodes one sequence at a time.
+Several sequences (prompts × n) are speculated together: one batched draft pass per
+draft position and one batched target pass per round, each row accepting its own
+number of drafts (the caches truncate per row). A row draws its random numbers in the
+same order as it would alone, so a seeded batch gives each row's solo output.
 """
 
 from __future__ import annotations
@@ -96,13 +99,18 @@ class Speculative(GeneratorBase):
             raise SettingError(f"n must be an integer >= 1; got {n!r}")
         if seed is None:
             seed = int.from_bytes(os.urandom(8), "little") % MAX_SEED
-        out = []
+        all_ids = []
         for p in prompts:
             ids = self.target.encode(p) if isinstance(p, str) else list(p)
-            if not ids:
+            if not ids or p == "":
                 raise SettingError("the prompt is empty; give at least one token")
-            out.append([self._one(ids, row_generator(seed, j)) for j in range(n)])
-        return out
+            all_ids.append(ids)
+        rows = [(ids, row_generator(seed, j)) for ids in all_ids for j in range(n)]
+        if len(rows) == 1:
+            flat = [self._one(*rows[0])]
+        else:
+            flat = self._batched(rows)
+        return [flat[i * n : (i + 1) * n] for i in range(len(all_ids))]
 
     def generate(self, prompt, n: int = 1, seed: int | None = None) -> list[Generation]:
         return self.generate_batch([prompt], n, seed)[0]
@@ -251,3 +259,170 @@ class Speculative(GeneratorBase):
                           meta={"strategy": self.strategy, "draft": "ngram" if self.ngram else getattr(D, "name", "draft"),
                                 "drafted": drafted, "accepted": accepted, "rounds": rounds,
                                 "acceptance_rate": accepted / drafted if drafted else 0.0})
+
+    @torch.inference_mode()
+    def _batched(self, rows: list[tuple[list[int], torch.Generator]]) -> list[Generation]:
+        """Speculate for every row at once; returns one Generation per row, in order."""
+        t0 = time.perf_counter()
+        T, D = self.target, self.draft
+        opts = self.options
+        stops = set(opts.stop_token_ids) | (set() if opts.ignore_eos else set(T.eos_token_ids))
+        stopper = StopStringMatcher(opts.stop)
+        B = len(rows)
+        prompts = [list(r[0]) for r in rows]
+        gens = [r[1] for r in rows]
+        k = self.k
+        procs0 = self.processors
+        if not procs0.is_identity:
+            procs0 = procs0.fork([0])
+            procs0.reset()
+        procs = [procs0.fork([0]) if not procs0.is_identity else procs0 for _ in range(B)]
+        dprocs = [procs0.fork([0]) if not procs0.is_identity else procs0 for _ in range(B)]
+        cap = max(map(len, prompts)) + opts.max_tokens + 2 * max(k, 8) + 2
+        heads = [p[:-1] if len(p) > 1 else p for p in prompts]
+        empty = torch.tensor([1 if len(p) == 1 else 0 for p in prompts])
+        _, tcache = T.prefill(heads, capacity=cap)
+        tcache.truncate_(empty)
+        dcache = None
+        if not self.ngram:
+            _, dcache = D.prefill(heads, capacity=cap)
+            dcache.truncate_(empty)
+        t_pending = [[p[-1]] for p in prompts]
+        d_pending = [[p[-1]] for p in prompts]
+        outs: list[list[int]] = [[] for _ in range(B)]
+        lps: list[list[float]] = [[] for _ in range(B)]
+        finish: list[str | None] = [None] * B
+        stop: list[str | int | None] = [None] * B
+        drafted, accepted = [0] * B, [0] * B
+        computed = sum(len(h) - e for h, e in zip(heads, empty.tolist())) * (1 if self.ngram else 2)
+        calls = rounds = 0
+        alive = list(range(B))  # batch position -> row
+        while alive:
+            n_alive = len(alive)
+            kk = min(k, min(opts.max_tokens - len(outs[r]) - 1 for r in alive))
+            kk = max(kk, 0)
+            ctx = [prompts[r] + outs[r] for r in alive]
+            # 1. drafts: xs[b] (m[b] of them are real; the rest pad the batch)
+            xs: list[list[int]] = [[] for _ in alive]
+            qs: list[list[torch.Tensor | None]] = [[] for _ in alive]
+            if self.ngram:
+                for b, r in enumerate(alive):
+                    xs[b] = self._lookup(ctx[b], kk) if kk else []
+                    for x in xs[b]:
+                        dprocs[r].accept(torch.tensor([x]))
+                    qs[b] = [None] * len(xs[b])
+            elif kk:
+                width = max(len(d_pending[r]) for r in alive)
+                feed = torch.zeros((n_alive, width), dtype=torch.long)
+                for b, r in enumerate(alive):
+                    feed[b, : len(d_pending[r])] = torch.tensor(d_pending[r])
+                num_new = torch.tensor([len(d_pending[r]) for r in alive])
+                lg = D.forward(feed, dcache, num_new, last_only=True)  # [n, V]
+                computed += int(num_new.sum())
+                for i in range(kk):
+                    nxt = []
+                    for b, r in enumerate(alive):
+                        q = self._probs(dprocs[r], ctx[b] + xs[b], lg[b])
+                        x = int(q.argmax()) if self.greedy else int(torch.multinomial(q, 1, generator=gens[r]))
+                        dprocs[r].accept(torch.tensor([x]))
+                        qs[b].append(q)
+                        xs[b].append(x)
+                        nxt.append(x)
+                    if i < kk - 1:
+                        lg = D.forward(torch.tensor(nxt)[:, None], dcache)[:, -1]
+                        computed += n_alive
+            m = [len(x) for x in xs]
+            pad = [x + [0] * (kk - len(x)) for x in xs]
+            # 2. the target scores pending + drafts for every row in one pass
+            t_in = torch.tensor([t_pending[r] + pad[b] for b, r in enumerate(alive)])
+            lg = T.forward(t_in, tcache)  # [n, kk+1, V]
+            computed += n_alive * (kk + 1)
+            calls += 1
+            rounds += 1
+            raw_lp = lg.log_softmax(-1)
+            keep, cut_t, cut_d = [], [], []
+            for b, r in enumerate(alive):
+                a, new_tok = 0, None
+                for i in range(m[b]):
+                    x = xs[b][i]
+                    p = self._probs(procs[r], ctx[b] + xs[b][:i], lg[b, i])
+                    q = qs[b][i]
+                    if self.greedy:
+                        ok = int(p.argmax()) == x
+                    else:
+                        ratio = float(p[x]) if q is None else min(1.0, float(p[x] / q[x]))
+                        ok = float(torch.rand((), generator=gens[r])) < ratio
+                    if not ok:
+                        if self.greedy:
+                            new_tok = int(p.argmax())
+                        else:
+                            if q is None:
+                                resid = p.clone()
+                                resid[x] = 0
+                            else:
+                                resid = (p - q).clamp(min=0)
+                            resid = resid / resid.sum() if resid.sum() > 0 else p
+                            new_tok = int(torch.multinomial(resid, 1, generator=gens[r]))
+                        break
+                    procs[r].accept(torch.tensor([x]))
+                    a += 1
+                if new_tok is None:
+                    p = self._probs(procs[r], ctx[b] + xs[b][:a], lg[b, a])
+                    new_tok = int(p.argmax()) if self.greedy else int(torch.multinomial(p, 1, generator=gens[r]))
+                procs[r].accept(torch.tensor([new_tok]))
+                dprocs[r].rollback(m[b] - a)
+                dprocs[r].accept(torch.tensor([new_tok]))
+                drafted[r] += m[b]
+                accepted[r] += a
+                cut_t.append(kk - a)  # the target holds pending + kk (padded) drafts
+                if dcache is not None:
+                    if kk == 0:
+                        cut_d.append(0)
+                        d_pending[r] = d_pending[r] + [new_tok]
+                    elif a == kk:
+                        cut_d.append(0)
+                        d_pending[r] = [xs[b][-1], new_tok]
+                    else:
+                        cut_d.append(kk - 1 - a)  # the draft holds x_1..x_{kk-1}
+                        d_pending[r] = [new_tok]
+                t_pending[r] = [new_tok]
+                for j, tok in enumerate(xs[b][:a] + [new_tok]):
+                    outs[r].append(tok)
+                    lps[r].append(float(raw_lp[b, j, tok]))
+                    if tok in stops:
+                        finish[r], stop[r] = "stop", tok
+                        break
+                    if len(outs[r]) >= opts.max_tokens:
+                        finish[r] = "length"
+                        break
+                if finish[r] is None and stopper.stops:
+                    hit = stopper.find(T.decode(outs[r]), 0)
+                    if hit is not None:
+                        finish[r], stop[r] = "stop", hit[1]
+                if finish[r] is None:
+                    keep.append(b)
+            tcache.truncate_(torch.tensor(cut_t))
+            if dcache is not None:
+                dcache.truncate_(torch.tensor(cut_d))
+            if len(keep) < n_alive:
+                idx = torch.tensor(keep, dtype=torch.long)
+                tcache.keep_rows_(idx)
+                if dcache is not None:
+                    dcache.keep_rows_(idx)
+                alive = [alive[b] for b in keep]
+        wall = time.perf_counter() - t0
+        result = []
+        for r in range(B):
+            ids = outs[r]
+            text = T.decode(ids[:-1] if finish[r] == "stop" and isinstance(stop[r], int) else ids)
+            if isinstance(stop[r], str):
+                text = text[: text.find(stop[r])]
+            usage = Usage(prompt_tokens=len(prompts[r]), generated_tokens=len(ids),
+                          computed_tokens=computed // B, model_calls=calls, flops=T.flops(computed // B, len(prompts[r])),
+                          wall_s=wall / B)
+            result.append(Generation(text=text, token_ids=ids, logprobs=lps[r], finish_reason=finish[r] or "length",  # type: ignore[arg-type]
+                                     usage=usage, stop=stop[r],
+                                     meta={"strategy": self.strategy, "draft": "ngram" if self.ngram else getattr(D, "name", "draft"),
+                                           "drafted": drafted[r], "accepted": accepted[r], "batch": B,
+                                           "acceptance_rate": accepted[r] / drafted[r] if drafted[r] else 0.0}))
+        return result
