@@ -92,5 +92,6 @@ def test_best_first_takes_a_pluggable_heuristic(arith_lm):
     assert la.usage.model_calls > out.usage.model_calls - 200  # rollouts are billed
     with pytest.raises(SettingError, match="expand"):
         BestFirstSearch(arith_lm, expand=0)
-    with pytest.raises(RuntimeError, match="max_expansions"):
-        BestFirstSearch(arith_lm, max_expansions=1, max_tokens=30).generate(PROMPT)
+    short = BestFirstSearch(arith_lm, max_expansions=1, max_tokens=30).generate(PROMPT, n=2)
+    assert len(short) == 2 and all(g.finish_reason == "length" and g.meta["complete"] is False for g in short)
+    assert short[0].score >= short[1].score  # the best partial sequences, nothing lost

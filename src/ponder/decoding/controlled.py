@@ -199,6 +199,8 @@ class LayerContrastLM:
             chosen = list(range(L // 2, L, 2))
         elif isinstance(layers, str):
             raise SettingError(f"dola layers must be 'low', 'high' or a list of layer indices; got {layers!r}")
+        elif isinstance(layers, int):
+            chosen = [layers]
         else:
             chosen = [int(i) for i in layers]
         bad = [i for i in chosen if not 0 <= i < L]

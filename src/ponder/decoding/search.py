@@ -156,7 +156,8 @@ class BestFirstSearch(TokenGenerator):
     better). Each pop expands one node into its ``expand`` most likely next tokens;
     finished sequences (EOS, a stop token, or ``max_tokens``) are returned in the order
     they are popped, up to ``n``. ``max_expansions`` bounds the work (each expansion is
-    one forward pass); ``lookahead`` d > 0 scores a node by its log-probability plus
+    one forward pass); if it runs out first, the best unfinished sequences are returned
+    with ``finish_reason="length"`` and ``meta["complete"] = False``; ``lookahead`` d > 0 scores a node by its log-probability plus
     that of a greedy rollout of d tokens."""
 
     strategy = "best-first"
@@ -231,6 +232,7 @@ class BestFirstSearch(TokenGenerator):
                                         stop=hit if hit is not None else (last if last in stop_ids else None)))
                 continue
             if expansions >= self.max_expansions:
+                heapq.heappush(heap, node)  # unexpanded: it may still be returned below
                 break
             expansions += 1
             cache = node.parent_cache.fork([0])
@@ -238,6 +240,12 @@ class BestFirstSearch(TokenGenerator):
             calls += 1
             computed += 1
             push_children(node.tokens, node.logprobs, cache, next_logits)
+        # Out of budget: the best unfinished sequences fill the rest, marked unfinished,
+        # so the work done is returned rather than lost.
+        while heap and len(found) < n:
+            node = heapq.heappop(heap)
+            found.append(Generation(lm.decode(node.tokens), node.tokens, node.logprobs, "length",
+                                    score=-node.priority, meta={"complete": False}))
         usage = Usage(prompt_tokens=len(ids), generated_tokens=sum(len(g.token_ids) for g in found),
                       computed_tokens=computed, model_calls=calls, flops=lm.flops(computed, 0),
                       wall_s=time.perf_counter() - t0)
@@ -248,9 +256,6 @@ class BestFirstSearch(TokenGenerator):
         out = []
         for p in prompts:
             found, usage = self._search(self._encode(p), n)
-            if not found:
-                raise RuntimeError(f"best-first search finished no sequence within max_expansions={self.max_expansions}; "
-                                   "raise max_expansions or lower max_tokens")
             for i, g in enumerate(found):
                 g.usage = usage if i == 0 else Usage()
                 g.meta.update(strategy=self.strategy, rank=i)
