@@ -158,3 +158,25 @@ def test_n_samples_compute_the_prompt_once_and_memory_grows_with_unique_tokens(f
     # stored tokens: the prompt once, plus each distinct continuation's own tokens
     assert pc.tokens <= prompt + sum(len(u) - prompt for u in unique)
     assert eng.peak_kv_bytes > 0
+
+
+def test_long_shared_prompts_are_kept_once(fresh_lm):
+    """n samples of a long prompt read one copy of its KV (cascade attention), and decode
+    exactly as with a copy per row."""
+    lm = fresh_lm
+    text = "".join(f"Q: {i % 9}+{(i * 7) % 9}-{(i * 5) % 9}\n" for i in range(40))
+    prompt = lm.encode(text)[:200]
+    outs, peaks = [], []
+    for threshold in (10**9, 100):  # never share / share prompts of 100+ tokens
+        eng = Engine(lm, prefix_cache=None, share_prompts_from=threshold)
+        reqs = [Request(prompt, 6, pick_sample, make_processors(temperature=1.5), Options(max_tokens=16), 4),
+                _req(lm, "Q: 3+4\n", max_tokens=16)]  # a short prompt in the same batch is not shared
+        outs.append(_drain(eng, reqs))
+        peaks.append(eng.peak_kv_bytes)
+    (a_long, a_short), (b_long, b_short) = outs
+    assert [g.token_ids for g in a_long] == [g.token_ids for g in b_long]
+    assert a_short[0].token_ids == b_short[0].token_ids
+    for g, h in zip(a_long, b_long):
+        assert g.logprobs == pytest.approx(h.logprobs, abs=1e-4)
+    assert len({tuple(g.token_ids) for g in a_long}) > 1  # the samples did diverge
+    assert peaks[1] < peaks[0] / 2  # one copy of the prompt instead of one per diverged row

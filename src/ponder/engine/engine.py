@@ -109,8 +109,12 @@ class Engine:
     ``RadixCache``) is used when the model is ponder's native one; ``max_rows`` caps
     the batch (requests wait beyond it)."""
 
-    def __init__(self, lm: Any, prefix_cache: Any = "auto", max_rows: int = 256) -> None:
+    def __init__(self, lm: Any, prefix_cache: Any = "auto", max_rows: int = 256, share_prompts_from: int = 128) -> None:
         self.lm = lm
+        # A request with n > 1 samples and a prompt of at least this many tokens keeps its
+        # prompt's KV once (cascade attention) instead of once per diverged sample: below
+        # it, copying a short prompt costs less than attending to it in two parts.
+        self.share_prompts_from = share_prompts_from
         if prefix_cache == "auto":
             prefix_cache = None
             if hasattr(lm, "model") and hasattr(lm, "new_cache") and hasattr(lm.model, "cfg"):
@@ -213,6 +217,9 @@ class Engine:
             logits, cache = self._prefill_with_reuse(new, cap)
         else:
             logits, cache = lm.prefill([r.prompt for r in new], capacity=cap)
+        share = [i for i, r in enumerate(new) if r.n > 1 and len(r.prompt) >= self.share_prompts_from]
+        if share and hasattr(cache, "share_rows_"):
+            cache.share_rows_(share)
         prefill_s = time.perf_counter() - t0
         for r in new:
             need_text = r.stream or bool(r.stopper.stops) or bool(r.healed)

@@ -34,6 +34,12 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        # Shared prefixes (cascade layout): group g holds KV [P_g, n_kv_heads, head_dim] per
+        # layer, kept once for every row that reads it. Row b reads group[b] (-1: none) as
+        # its first base[b] positions; its own slots 0.. then hold positions base[b]...
+        self.shared: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
+        self.group = torch.full((batch_size,), -1, dtype=torch.long, device=device)
+        self.base = torch.zeros(batch_size, dtype=torch.long, device=device)
 
     # -- introspection -------------------------------------------------------------
     @property
@@ -45,11 +51,46 @@ class KVCache:
         return self.k[0].shape[1] if self.k else 0
 
     def nbytes_used(self) -> int:
-        """Bytes of KV holding valid tokens (what a paged layout would allocate)."""
+        """Bytes of KV holding valid tokens: every row's own tokens, plus each shared
+        prefix once (what a paged layout would allocate)."""
         if not self.k:
             return 0
         per_token = 2 * len(self.k) * self.k[0].shape[2] * self.k[0].shape[3] * self.k[0].element_size()
-        return int(self.lengths.sum().item()) * per_token
+        shared = sum(self.shared[g][0][0].shape[0] for g in set(self.group.tolist()) if g >= 0)
+        return (int(self.lengths.sum().item()) + shared) * per_token
+
+    @property
+    def has_shared(self) -> bool:
+        return bool(self.shared) and bool((self.group >= 0).any())
+
+    def total_lengths(self) -> torch.Tensor:
+        """Tokens per row, shared prefix included."""
+        return self.base + self.lengths
+
+    def share_rows_(self, rows: list[int] | None = None) -> None:
+        """Move each given row's tokens (default: every row's) into a shared prefix of
+        its own: rows forked from it later read one copy, and keep only new tokens."""
+        # lengths/group/base may come from an inference-mode forward: update copies
+        self.lengths, self.group, self.base = self.lengths.clone(), self.group.clone(), self.base.clone()
+        for b in range(self.batch_size) if rows is None else rows:
+            if int(self.group[b]) >= 0:
+                raise ValueError("a row with a shared prefix cannot share again")
+            n = int(self.lengths[b])
+            ks = [t[b, :n].clone() for t in self.k]
+            vs = [t[b, :n].clone() for t in self.v]
+            self.shared.append((ks, vs))
+            self.group[b] = len(self.shared) - 1
+            self.base[b] = n
+            self.lengths[b] = 0
+
+    def _drop_unused_groups(self) -> None:
+        used = sorted(g for g in set(self.group.tolist()) if g >= 0)
+        if len(used) == len(self.shared):
+            return
+        remap = {g: i for i, g in enumerate(used)}
+        self.shared = [self.shared[g] for g in used]
+        self.group = torch.tensor([remap.get(g, -1) for g in self.group.tolist()], dtype=torch.long,
+                                  device=self.group.device)
 
     def nbytes_allocated(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
@@ -76,6 +117,10 @@ class KVCache:
         new.k = [t.index_select(0, rows) for t in self.k]
         new.v = [t.index_select(0, rows) for t in self.v]
         new.lengths = self.lengths.index_select(0, rows).clone()
+        new.shared = self.shared  # shared prefixes are read, never written: no copy
+        new.group = self.group.index_select(0, rows).clone()
+        new.base = self.base.index_select(0, rows).clone()
+        new._drop_unused_groups()
         return new
 
     def reorder_(self, rows: torch.Tensor | list[int]) -> None:
@@ -84,12 +129,15 @@ class KVCache:
         self.k = [t.index_select(0, rows) for t in self.k]
         self.v = [t.index_select(0, rows) for t in self.v]
         self.lengths = self.lengths.index_select(0, rows)
+        self.group = self.group.index_select(0, rows)
+        self.base = self.base.index_select(0, rows)
+        self._drop_unused_groups()
 
     def truncate_(self, n: int | torch.Tensor) -> None:
         """Roll back the last ``n`` tokens (an int for all rows, or a [B] tensor)."""
         n = torch.as_tensor(n, dtype=torch.long, device=self.lengths.device)
         if (n < 0).any() or (n > self.lengths).any():
-            raise ValueError("cannot truncate more tokens than a row holds")
+            raise ValueError("cannot truncate more tokens than a row holds (a shared prefix is never truncated)")
         self.lengths = self.lengths - n
 
     def keep_rows_(self, rows: torch.Tensor | list[int]) -> None:
@@ -98,9 +146,17 @@ class KVCache:
 
     # -- prefix reuse -----------------------------------------------------------------
     def read_row(self, row: int, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The KV of row ``row``'s first ``n`` tokens (default: all), as [L, n, H, D] copies."""
-        n = int(self.lengths[row]) if n is None else n
-        return (torch.stack([t[row, :n] for t in self.k]), torch.stack([t[row, :n] for t in self.v]))
+        """The KV of row ``row``'s first ``n`` tokens (default: all, shared prefix
+        included), as [L, n, H, D] copies."""
+        base, g = int(self.base[row]), int(self.group[row])
+        n = base + int(self.lengths[row]) if n is None else n
+        if g < 0:
+            return (torch.stack([t[row, :n] for t in self.k]), torch.stack([t[row, :n] for t in self.v]))
+        sk, sv = self.shared[g]
+        head = min(n, base)
+        k = torch.stack([torch.cat([sk[i][:head], self.k[i][row, : n - head]]) for i in range(len(self.k))])
+        v = torch.stack([torch.cat([sv[i][:head], self.v[i][row, : n - head]]) for i in range(len(self.v))])
+        return k, v
 
     def write_prefix_(self, row: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Make row ``row`` hold the tokens whose KV is ``k, v`` [L, n, H, D] (a cache hit)."""
@@ -121,4 +177,11 @@ class KVCache:
         new.k = [torch.cat([c.k[i] for c in caches]) for i in range(len(caches[0].k))]
         new.v = [torch.cat([c.v[i] for c in caches]) for i in range(len(caches[0].v))]
         new.lengths = torch.cat([c.lengths for c in caches])
+        new.shared, groups, offset = [], [], 0
+        for c in caches:
+            new.shared += c.shared
+            groups.append(torch.where(c.group >= 0, c.group + offset, c.group))
+            offset += len(c.shared)
+        new.group = torch.cat(groups)
+        new.base = torch.cat([c.base for c in caches])
         return new

@@ -39,6 +39,33 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
+def shared_prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                            cache: KVCache, layer: int) -> torch.Tensor:
+    """Cascade attention for one new token per row. Row b attends to its group's shared
+    prefix (stored once, [P, KV, D]) and then to its own slots; the softmax runs over
+    both parts together, so the result equals attention over the concatenation.
+    q: [B, H, 1, D]; k, v: [B, KV, S, D] (own slots); mask: [B, 1, 1, S] or None."""
+    B, H, _, D = q.shape
+    KV, S = k.shape[1], k.shape[2]
+    qg = q.reshape(B, KV, H // KV, D)  # grouped-query heads folded into the query
+    own = torch.matmul(qg, k.transpose(-1, -2)) * (D**-0.5)  # [B, KV, G, S]
+    if mask is not None:
+        own = own.masked_fill(~mask.reshape(B, 1, 1, S), float("-inf"))
+    out = torch.empty((B, KV, H // KV, D), dtype=q.dtype, device=q.device)
+    for g in sorted(set(cache.group.tolist())):
+        rows = (cache.group == g).nonzero()[:, 0]
+        if g < 0:
+            out[rows] = torch.matmul(own[rows].softmax(-1), v[rows])
+            continue
+        sk = cache.shared[g][0][layer].transpose(0, 1)  # [KV, P, D], read by every row of the group
+        sv = cache.shared[g][1][layer].transpose(0, 1)
+        pre = torch.matmul(qg[rows], sk.transpose(-1, -2)) * (D**-0.5)  # [n, KV, G, P]
+        p = torch.cat([pre, own[rows]], dim=-1).softmax(-1)
+        P = pre.shape[-1]
+        out[rows] = torch.matmul(p[..., :P], sv) + torch.matmul(p[..., P:], v[rows])
+    return out.reshape(B, H, 1, D)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -78,7 +105,9 @@ class Attention(nn.Module):
             k = cache.k[layer][:, :span]
             v = cache.v[layer][:, :span]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, *, D]
-        if mask is None and (cache is None or causal):
+        if cache is not None and cache.has_shared:
+            out = shared_prefix_attention(q, k, v, mask, cache, layer)
+        elif mask is None and (cache is None or causal):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=H != KV)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != KV)
@@ -171,23 +200,27 @@ class Transformer(nn.Module):
         if cache is None:
             positions = torch.arange(T, device=dev).expand(B, T)
         else:
-            start = cache.lengths  # [B]
-            positions = start[:, None] + torch.arange(T, device=dev)  # [B, T]
+            start = cache.lengths  # [B] own slots in use (a shared prefix comes before them)
+            slots = start[:, None] + torch.arange(T, device=dev)  # [B, T] own slot of each new token
+            shared = cache.has_shared
+            if shared and T != 1:
+                raise NotImplementedError("rows that read a shared prefix decode one token at a time")
+            positions = slots + cache.base[:, None] if shared else slots
             lo, hi = start.aminmax()
             lo, hi = int(lo), int(hi)
             span = hi + T
             cache.reserve(span)
             uniform = lo == hi
-            write_slots = lo if uniform else positions
+            write_slots = lo if uniform else slots
             if T == 1 and uniform:
                 mask = None  # one query per row that sees every valid slot
             elif uniform and lo == 0:
                 mask = None  # a fresh causal block
                 causal_fresh = True
             else:
-                # key slot j is visible to the query at position p iff j <= p
-                mask = (torch.arange(span, device=dev)[None, None, :] <= positions[:, :, None])[:, None]
-        cos_t, sin_t = self.rope_table(span, dev)
+                # own key slot j is visible to the new token at own slot s iff j <= s
+                mask = (torch.arange(span, device=dev)[None, None, :] <= slots[:, :, None])[:, None]
+        cos_t, sin_t = self.rope_table(int(positions.max()) + 1, dev)
         cos = cos_t[positions].to(x.dtype)[:, :, None, :]
         sin = sin_t[positions].to(x.dtype)[:, :, None, :]
         hidden: list[torch.Tensor] = [x] if output_hidden_states else []
