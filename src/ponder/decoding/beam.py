@@ -24,7 +24,6 @@ the tests hold them to it.
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -33,7 +32,7 @@ import torch
 
 from ..protocols import Access, require_access
 from ..types import Generation, Usage
-from .generate import MAX_SEED, OPTION_FIELDS, Options, TokenGenerator, _stops, row_generator
+from .generate import Options, TokenGenerator, _stops, random_seed, row_generator, split_options
 from .processors import HISTORY_SETTINGS, Chain, SettingError, make_processors
 from .stopping import StopStringMatcher
 
@@ -285,11 +284,7 @@ class BeamSearch(TokenGenerator):
             raise SettingError(f"diversity_penalty must be a number >= 0; got {diversity_penalty!r}")
         if num_beam_groups > 1 and self.mode != "beam":
             raise SettingError("num_beam_groups applies to beam search only")
-        options = {k: settings.pop(k) for k in list(settings) if k in OPTION_FIELDS}
-        legal = self._legal_settings()
-        for key in settings:
-            if key not in legal:
-                raise SettingError(f"{self.strategy} does not take {key!r}; it takes {', '.join(sorted(legal))}")
+        options = split_options(settings, self._legal_settings(), self.strategy)
         extra = [processors] if isinstance(processors, Chain) else list(processors or ())
         chain_ = self._make_chain(lm, options, extra, settings)
         super().__init__(lm, pick=lambda logits, gens: logits.argmax(-1), processors=chain_, **options)
@@ -310,7 +305,7 @@ class BeamSearch(TokenGenerator):
         if n > self.num_beams:
             raise SettingError(f"n (the number of beams returned) must be <= num_beams ({self.num_beams}); got {n}")
         if seed is None:
-            seed = int.from_bytes(os.urandom(8), "little") % MAX_SEED
+            seed = random_seed()
         out = []
         for prompt in prompts:
             ids = self._encode(prompt)

@@ -231,15 +231,8 @@ class LayerContrastLM:
         return torch.where(plausible, final - premature, torch.full_like(final, float("-inf")))
 
     def prefill(self, prompts: Sequence[Sequence[int]], capacity: int | None = None):
-        lens = [len(p) for p in prompts]
-        if min(lens) == 0:
-            raise ValueError("a prompt must hold at least one token")
-        T = max(lens)
-        ids = torch.full((len(prompts), T), self.lm.eos_token_ids[0], dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, : len(p)] = torch.as_tensor(list(p))
-        cache = self.lm.new_cache(len(prompts), capacity or T + 128)
-        num_new = torch.tensor(lens)
+        ids, num_new = self.lm.pad_batch(prompts)
+        cache = self.lm.new_cache(len(prompts), capacity or ids.shape[1] + 128)
         _, hidden = self.lm.forward(ids, cache, num_new, output_hidden_states=True)
         rows = torch.arange(len(prompts))
         return self.scores([h[rows, num_new - 1] for h in hidden]), cache

@@ -11,17 +11,15 @@ reuse the same pieces: ``Options``, the processor chain, ``StopStringMatcher``.
 from __future__ import annotations
 
 import asyncio
-import os
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from ..protocols import Access, GeneratorBase, require_access
-from ..types import Generation, Usage
+from ..types import Generation
 from .processors import ADAPTER_SETTINGS, HISTORY_SETTINGS, Chain, SettingError, make_processors
-from ..engine.engine import MAX_SEED, Request, StreamEvent, engine_for, row_generator  # noqa: F401 (re-exported)
+from ..engine.engine import MAX_SEED, Request, StreamEvent, engine_for, random_seed, row_generator  # noqa: F401 (re-exported)
 
 OPTION_FIELDS = ("max_tokens", "stop", "stop_token_ids", "ignore_eos", "token_healing")  # the fields of Options
 
@@ -59,6 +57,28 @@ def pick_sample(logits: torch.Tensor, generators: list[torch.Generator]) -> torc
     return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
 
 
+def split_options(settings: dict[str, Any], legal: Sequence[str] | set[str], who: str) -> dict[str, Any]:
+    """Take the ``Options`` fields out of ``settings`` (in place) and return them; any
+    remaining setting not in ``legal`` is a SettingError naming what ``who`` takes."""
+    options = {k: settings.pop(k) for k in list(settings) if k in OPTION_FIELDS}
+    for k in settings:
+        if k not in legal:
+            raise SettingError(f"{who} does not take {k!r}; it takes {', '.join(sorted(legal))}")
+    return options
+
+
+def encode_prompt(lm: Any, prompt: str | Sequence[int]) -> list[int]:
+    """Token ids of a prompt given as text or ids; an empty prompt is a SettingError."""
+    if isinstance(prompt, str):
+        if prompt == "":
+            raise SettingError("the prompt is empty; give at least one character of text")
+        return lm.encode(prompt)
+    ids = list(prompt)
+    if not ids:
+        raise SettingError("the prompt is empty; give at least one token")
+    return ids
+
+
 def decode_loop(
     lm: Any,
     prompts: Sequence[Sequence[int]],
@@ -74,7 +94,7 @@ def decode_loop(
     it with whatever else is running and reuses cached prefixes."""
     require_access(lm, Access.LOGITS, "token-level decoding")
     if seed is None:  # one random seed for the call, so its samples are distinct and reproducible together
-        seed = int.from_bytes(os.urandom(8), "little") % MAX_SEED
+        seed = random_seed()
     reqs = [Request(p, n, pick, processors, options, seed, stream, index_base=i * n) for i, p in enumerate(prompts)]
     yield from engine_for(lm).run(reqs)
 
@@ -99,14 +119,7 @@ class TokenGenerator(GeneratorBase):
         self.options = options or Options(**option_kwargs)
 
     def _encode(self, prompt: str | Sequence[int]) -> list[int]:
-        if isinstance(prompt, str):
-            if prompt == "":
-                raise SettingError("the prompt is empty; give at least one character of text")
-            return self.lm.encode(prompt)
-        ids = list(prompt)
-        if not ids:
-            raise SettingError("the prompt is empty; give at least one token")
-        return ids
+        return encode_prompt(self.lm, prompt)
 
     @staticmethod
     def _check_n(n: int) -> None:
@@ -156,10 +169,7 @@ class Greedy(TokenGenerator):
     strategy = "greedy"
 
     def __init__(self, lm: Any, processors: Chain | Sequence[Any] | None = None, **settings: Any) -> None:
-        options = {k: settings.pop(k) for k in list(settings) if k in OPTION_FIELDS}
-        for k in settings:
-            if k not in HISTORY_SETTINGS:
-                raise SettingError(f"greedy decoding does not take {k!r}; it takes {', '.join(HISTORY_SETTINGS)}")
+        options = split_options(settings, HISTORY_SETTINGS, "greedy decoding")
         extra = [processors] if isinstance(processors, Chain) else list(processors or ())
         chain_ = make_processors(extra=extra, stop_token_ids=_stops(lm, options), **settings)
         super().__init__(lm, pick_greedy, chain_, **options)
@@ -184,11 +194,7 @@ class Sample(TokenGenerator):
         processors: Sequence[Any] = (),
         **settings: Any,
     ) -> None:
-        options = {k: settings.pop(k) for k in list(settings) if k in OPTION_FIELDS}
-        legal = set(HISTORY_SETTINGS) | set(ADAPTER_SETTINGS)
-        for k in settings:
-            if k not in legal:
-                raise SettingError(f"sampling does not take {k!r}; it takes {', '.join(sorted(legal))}")
+        options = split_options(settings, set(HISTORY_SETTINGS) | set(ADAPTER_SETTINGS), "sampling")
         chain_ = make_processors(temperature, top_k, top_p, min_p, extra=processors,
                                  stop_token_ids=_stops(lm, options), **settings)
         super().__init__(lm, pick_sample, chain_, **options)

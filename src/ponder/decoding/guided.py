@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import math
-import os
 import time
 from typing import Any, Callable, Sequence
 
@@ -27,7 +26,7 @@ import torch
 
 from ..protocols import Access, GeneratorBase, require_access
 from ..types import Generation, Usage
-from .generate import MAX_SEED, Options, row_generator
+from .generate import Options, encode_prompt, random_seed, row_generator
 from .processors import NEG_INF, Processor, SettingError, _check
 
 PrefixScorer = Callable[[list[list[int]]], torch.Tensor]
@@ -193,12 +192,10 @@ class SMC(GeneratorBase):
         if not isinstance(n, int) or n < 1 or n > self.N:
             raise SettingError(f"n must be in [1, num_particles={self.N}]; got {n!r}")
         if seed is None:
-            seed = int.from_bytes(os.urandom(8), "little") % MAX_SEED
+            seed = random_seed()
         out = []
         for p in prompts:
-            ids = self.lm.encode(p) if isinstance(p, str) else list(p)
-            if not ids or p == "":
-                raise SettingError("the prompt is empty; give at least one character of text")
+            ids = encode_prompt(self.lm, p)
             gens, log_w, usage, resamples = self.run(ids, seed)
             w = (log_w - torch.logsumexp(log_w, 0)).exp()
             order = torch.argsort(w, descending=True).tolist()[:n]

@@ -19,13 +19,13 @@ import heapq
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 
 from ..protocols import Access, require_access
 from ..types import Generation, Usage
-from .generate import OPTION_FIELDS, Options, TokenGenerator
+from .generate import OPTION_FIELDS, TokenGenerator
 from .processors import SettingError, _check
 
 

@@ -24,7 +24,6 @@ same order as it would alone, so a seeded batch gives each row's solo output.
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any, Sequence
 
@@ -32,7 +31,7 @@ import torch
 
 from ..protocols import Access, GeneratorBase, require_access
 from ..types import Generation, Usage
-from .generate import MAX_SEED, Options, row_generator
+from .generate import Options, encode_prompt, random_seed, row_generator, split_options
 from .processors import Chain, SettingError, make_processors
 from .stopping import StopStringMatcher
 
@@ -45,7 +44,6 @@ class Speculative(GeneratorBase):
     def __init__(self, target: Any, draft: Any, num_draft_tokens: int | str = 4, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, max_ngram: int = 3,
                  processors: Sequence[Any] = (), **settings: Any) -> None:
-        from .generate import OPTION_FIELDS
         from .processors import HISTORY_SETTINGS
 
         require_access(target, Access.LOGITS, "speculative decoding")
@@ -64,10 +62,7 @@ class Speculative(GeneratorBase):
             raise SettingError(f"temperature must be >= 0 (0 = greedy); got {temperature}")
         if not isinstance(max_ngram, int) or max_ngram < 1:
             raise SettingError(f"max_ngram must be an integer >= 1; got {max_ngram!r}")
-        options = {k: settings.pop(k) for k in list(settings) if k in OPTION_FIELDS}
-        for key in settings:
-            if key not in HISTORY_SETTINGS:
-                raise SettingError(f"speculative decoding does not take {key!r}")
+        options = split_options(settings, HISTORY_SETTINGS, "speculative decoding")
         self.target, self.draft = target, draft
         self.k = 4 if self.adaptive else num_draft_tokens
         self.max_ngram = max_ngram
@@ -82,6 +77,44 @@ class Speculative(GeneratorBase):
         if procs.is_identity:
             return logits.softmax(-1)
         return procs(torch.tensor([history]), logits[None])[0].softmax(-1)
+
+    def _verify(self, procs: Chain, dprocs: Chain, ctx: list[int], xs: list[int], qs: list[torch.Tensor | None],
+                lg: torch.Tensor, gen: torch.Generator) -> tuple[int, int]:
+        """One sequence's accept/reject over its drafts ``xs`` (draft distributions ``qs``;
+        None is a point mass) against the target's logits ``lg`` [len(xs) + 1.., V]:
+        returns (accepted drafts, the token the target adds). The target's processors
+        step along the accepted drafts and the new token; the draft's roll back the
+        rejected ones and take the new token."""
+        a, new_tok = 0, None
+        for i, x in enumerate(xs):
+            p = self._probs(procs, ctx + xs[:i], lg[i])
+            q = qs[i]
+            if self.greedy:
+                ok = int(p.argmax()) == x
+            else:
+                ratio = float(p[x]) if q is None else min(1.0, float(p[x] / q[x]))
+                ok = float(torch.rand((), generator=gen)) < ratio
+            if not ok:
+                if self.greedy:
+                    new_tok = int(p.argmax())
+                else:
+                    if q is None:  # a point-mass draft: the residual is p without x
+                        resid = p.clone()
+                        resid[x] = 0
+                    else:
+                        resid = (p - q).clamp(min=0)
+                    resid = resid / resid.sum() if resid.sum() > 0 else p
+                    new_tok = int(torch.multinomial(resid, 1, generator=gen))
+                break
+            procs.accept(torch.tensor([x]))
+            a += 1
+        if new_tok is None:  # all accepted: a bonus token from the target
+            p = self._probs(procs, ctx + xs, lg[a])
+            new_tok = int(p.argmax()) if self.greedy else int(torch.multinomial(p, 1, generator=gen))
+        procs.accept(torch.tensor([new_tok]))
+        dprocs.rollback(len(xs) - a)
+        dprocs.accept(torch.tensor([new_tok]))
+        return a, new_tok
 
     def _lookup(self, ctx: list[int], k: int) -> list[int]:
         """Prompt lookup: the k tokens after the latest earlier match of the last n-gram."""
@@ -98,13 +131,8 @@ class Speculative(GeneratorBase):
         if not isinstance(n, int) or n < 1:
             raise SettingError(f"n must be an integer >= 1; got {n!r}")
         if seed is None:
-            seed = int.from_bytes(os.urandom(8), "little") % MAX_SEED
-        all_ids = []
-        for p in prompts:
-            ids = self.target.encode(p) if isinstance(p, str) else list(p)
-            if not ids or p == "":
-                raise SettingError("the prompt is empty; give at least one token")
-            all_ids.append(ids)
+            seed = random_seed()
+        all_ids = [encode_prompt(self.target, p) for p in prompts]
         rows = [(ids, row_generator(seed, j)) for ids in all_ids for j in range(n)]
         if len(rows) == 1:
             flat = [self._one(*rows[0])]
@@ -180,39 +208,10 @@ class Speculative(GeneratorBase):
             calls += 1
             rounds += 1
             raw_lp = lg.log_softmax(-1)
-            # 3. accept / reject, the target's processors stepping along the drafts
-            a = 0
-            new_tok = None
-            for i, x in enumerate(xs):
-                p = self._probs(procs, ctx + xs[:i], lg[i])
-                q = q_rows[i]
-                if self.greedy:
-                    ok = int(p.argmax()) == x
-                else:
-                    ratio = float(p[x]) if q is None else min(1.0, float(p[x] / q[x]))
-                    ok = float(torch.rand((), generator=gen)) < ratio
-                if not ok:
-                    if self.greedy:
-                        new_tok = int(p.argmax())
-                    else:
-                        if q is None:  # a point-mass draft: the residual is p without x
-                            resid = p.clone()
-                            resid[x] = 0
-                        else:
-                            resid = (p - q).clamp(min=0)
-                        resid = resid / resid.sum() if resid.sum() > 0 else p
-                        new_tok = int(torch.multinomial(resid, 1, generator=gen))
-                    break
-                procs.accept(torch.tensor([x]))
-                a += 1
-            if new_tok is None:  # all accepted: a bonus token from the target
-                p = self._probs(procs, ctx + xs, lg[kk])
-                new_tok = int(p.argmax()) if self.greedy else int(torch.multinomial(p, 1, generator=gen))
+            # 3. accept / reject
+            a, new_tok = self._verify(procs, dprocs, ctx, xs, q_rows, lg, gen)
             accepted += a
             emitted = xs[:a] + [new_tok]
-            procs.accept(torch.tensor([new_tok]))
-            dprocs.rollback(kk - a)
-            dprocs.accept(torch.tensor([new_tok]))
             # 4. roll back what the caches hold beyond the accepted prefix
             tcache.truncate_(kk - a)  # the target holds pending + all kk drafts
             if dcache is not None:
@@ -342,36 +341,7 @@ class Speculative(GeneratorBase):
             raw_lp = lg.log_softmax(-1)
             keep, cut_t, cut_d = [], [], []
             for b, r in enumerate(alive):
-                a, new_tok = 0, None
-                for i in range(m[b]):
-                    x = xs[b][i]
-                    p = self._probs(procs[r], ctx[b] + xs[b][:i], lg[b, i])
-                    q = qs[b][i]
-                    if self.greedy:
-                        ok = int(p.argmax()) == x
-                    else:
-                        ratio = float(p[x]) if q is None else min(1.0, float(p[x] / q[x]))
-                        ok = float(torch.rand((), generator=gens[r])) < ratio
-                    if not ok:
-                        if self.greedy:
-                            new_tok = int(p.argmax())
-                        else:
-                            if q is None:
-                                resid = p.clone()
-                                resid[x] = 0
-                            else:
-                                resid = (p - q).clamp(min=0)
-                            resid = resid / resid.sum() if resid.sum() > 0 else p
-                            new_tok = int(torch.multinomial(resid, 1, generator=gens[r]))
-                        break
-                    procs[r].accept(torch.tensor([x]))
-                    a += 1
-                if new_tok is None:
-                    p = self._probs(procs[r], ctx[b] + xs[b][:a], lg[b, a])
-                    new_tok = int(p.argmax()) if self.greedy else int(torch.multinomial(p, 1, generator=gens[r]))
-                procs[r].accept(torch.tensor([new_tok]))
-                dprocs[r].rollback(m[b] - a)
-                dprocs[r].accept(torch.tensor([new_tok]))
+                a, new_tok = self._verify(procs[r], dprocs[r], ctx[b], xs[b], qs[b], lg[b], gens[r])
                 drafted[r] += m[b]
                 accepted[r] += a
                 cut_t.append(kk - a)  # the target holds pending + kk (padded) drafts

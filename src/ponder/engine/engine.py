@@ -39,6 +39,12 @@ from ..types import Generation, Usage
 MAX_SEED = 2**63 - 1
 
 
+def random_seed() -> int:
+    """A fresh seed for a call given none: its samples differ from each other and from
+    other calls', and are reproducible together from ``Generation``-level seeding."""
+    return int.from_bytes(os.urandom(8), "little") % MAX_SEED
+
+
 def row_generator(seed: int, sample: int) -> torch.Generator:
     """The RNG of sample ``sample`` of a request seeded with ``seed``: it depends on
     nothing else, so a seeded request samples the same alone or inside a batch."""
@@ -79,7 +85,7 @@ class Request:
                  seed: int | None, stream: bool = False, index_base: int = 0) -> None:
         self.prompt = list(prompt)
         self.n, self.pick, self.template, self.options = n, pick, processors, options
-        self.seed = int.from_bytes(os.urandom(8), "little") % MAX_SEED if seed is None else seed
+        self.seed = random_seed() if seed is None else seed
         self.stream, self.index_base = stream, index_base
         self.stopper = StopStringMatcher(options.stop)
         self.healed = ""  # text token healing took off the prompt's end
@@ -257,14 +263,7 @@ class Engine:
                 cache.write_prefix_(i, k, v)
             r.reused = m
             hits.append(m)
-        suffixes = [r.prompt[m:] for r, m in zip(new, hits)]
-        T = max(map(len, suffixes))
-        pad = lm.eos_token_ids[0] if lm.eos_token_ids else 0
-        ids = torch.full((len(new), T), pad, dtype=torch.long)
-        for i, s in enumerate(suffixes):
-            ids[i, : len(s)] = torch.tensor(s)
-        num_new = torch.tensor([len(s) for s in suffixes])
-        logits = lm.forward(ids, cache, num_new, last_only=True)
+        logits, _ = lm.prefill([r.prompt[m:] for r, m in zip(new, hits)], cache=cache)
         for i, r in enumerate(new):
             if hits[i] < len(r.prompt):
                 k, v = cache.read_row(i, len(r.prompt))
@@ -282,7 +281,6 @@ class Engine:
         parents: list[int] = []  # global physical row each new physical row continues
         next_tokens: list[int] = []
         n_samples = sum(len(p) for r in self._active for p in r.phys)
-        step_s = 0.0
         start = 0
         plans = []
         for r in self._active:
@@ -333,8 +331,11 @@ class Engine:
                     r.rows[s].wall_s += step_s / max(1, n_samples)
         # retire finished samples (their physical row still holds their KV), then regroup
         for r, base, split, finished in plans:
+            stored: set[int] = set()
             for s, g_row in finished:
-                self._finish(r, r.rows[s], g_row)
+                # samples finishing on one physical row share its KV: store it once
+                self._finish(r, r.rows[s], g_row, store=g_row not in stored)
+                stored.add(g_row)
             keys = list(split)
             if keys:
                 local = [p for p, _ in keys]
@@ -375,9 +376,9 @@ class Engine:
         self._cache.keep_rows_(t)
         self._logits = self._logits[t]
 
-    def _finish(self, r: Request, row: _Row, batch_row: int) -> None:
+    def _finish(self, r: Request, row: _Row, batch_row: int, store: bool = True) -> None:
         lm = self.lm
-        if self.prefix_cache is not None and len(row.ids) > 1 and hasattr(self._cache, "read_row"):
+        if store and self.prefix_cache is not None and len(row.ids) > 1 and hasattr(self._cache, "read_row"):
             # the row holds the prompt and every generated token but the last (never fed)
             seq = r.prompt + row.ids[:-1]
             k, v = self._cache.read_row(batch_row, len(seq))

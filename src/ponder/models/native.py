@@ -89,19 +89,26 @@ class NativeLM:
         logits = self.model.logits(h).float()
         return (logits, hidden) if output_hidden_states else logits
 
-    def prefill(self, prompts: Sequence[Sequence[int]], capacity: int | None = None) -> tuple[torch.Tensor, KVCache]:
-        """Run prompts of different lengths in one batch: returns last-token logits [B, V]
-        and a cache holding each prompt."""
-        lens = [len(p) for p in prompts]
+    def pad_batch(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sequences of different lengths as one right-padded batch: ids [B, T] and the
+        number of real tokens per row [B] (what ``forward`` takes as ``num_new``)."""
+        lens = [len(p) for p in seqs]
         if min(lens) == 0:
             raise ValueError("a prompt must hold at least one token")
-        T = max(lens)
         pad = self._eos[0] if self._eos else 0
-        ids = torch.full((len(prompts), T), pad, dtype=torch.long)
-        for i, p in enumerate(prompts):
+        ids = torch.full((len(seqs), max(lens)), pad, dtype=torch.long)
+        for i, p in enumerate(seqs):
             ids[i, : len(p)] = torch.as_tensor(list(p), dtype=torch.long)
-        cache = self.new_cache(len(prompts), capacity or T + 128)
-        num_new = torch.tensor(lens, dtype=torch.long)
+        return ids, torch.tensor(lens, dtype=torch.long)
+
+    def prefill(self, prompts: Sequence[Sequence[int]], capacity: int | None = None,
+                cache: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
+        """Run prompts of different lengths in one batch: returns last-token logits [B, V]
+        and a cache holding each prompt. With ``cache``, row i's prompt is appended to
+        what row i already holds (e.g. the rest of a prompt after a prefix-cache hit)."""
+        ids, num_new = self.pad_batch(prompts)
+        if cache is None:
+            cache = self.new_cache(len(prompts), capacity or ids.shape[1] + 128)
         return self.forward(ids, cache, num_new, last_only=True), cache
 
     def step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
