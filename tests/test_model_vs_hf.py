@@ -12,14 +12,18 @@ from ponder.models.native import NativeLM
 NAMES = ["llama_gqa", "qwen2_bias", "llama_tied"]
 
 
-def _native(folder, dtype="float32"):
-    return NativeLM(load_transformer(folder, dtype), load_tokenizer(folder), folder.name)
+BACKENDS = ["numpy", "torch"]  # both implementations of every float32 pass are held to transformers
 
 
+def _native(folder, dtype="float32", backend="auto"):
+    return NativeLM(load_transformer(folder, dtype), load_tokenizer(folder), folder.name, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", NAMES)
-def test_full_forward_logits_match(hf_checkpoints, name):
+def test_full_forward_logits_match(hf_checkpoints, name, backend):
     folder, hf = hf_checkpoints[name]
-    lm = _native(folder)
+    lm = _native(folder, backend=backend)
     torch.manual_seed(0)
     ids = torch.randint(1, lm.vocab_size, (3, 40))
     with torch.no_grad():
@@ -29,12 +33,13 @@ def test_full_forward_logits_match(hf_checkpoints, name):
     assert (ours - ref).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", NAMES)
-def test_incremental_decoding_with_cache_matches(hf_checkpoints, name):
+def test_incremental_decoding_with_cache_matches(hf_checkpoints, name, backend):
     """Prompts of different lengths prefilled in one padded batch, then decoded one
     token at a time: every step's logits equal the full forward pass of transformers."""
     folder, hf = hf_checkpoints[name]
-    lm = _native(folder)
+    lm = _native(folder, backend=backend)
     torch.manual_seed(1)
     lens = [5, 11, 8]
     seqs = [torch.randint(1, lm.vocab_size, (L + 6,)) for L in lens]
@@ -69,12 +74,13 @@ PROMPTS = [
 ]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", NAMES)
-def test_greedy_matches_transformers_generate(hf_checkpoints, name):
+def test_greedy_matches_transformers_generate(hf_checkpoints, name, backend):
     """12 prompts of different lengths, all in one ponder batch, against transformers
     generate(do_sample=False) run on each prompt alone."""
     folder, hf = hf_checkpoints[name]
-    lm = _native(folder)
+    lm = _native(folder, backend=backend)
     outs = Greedy(lm, max_tokens=24).generate_batch(PROMPTS)
     assert len(outs) == len(PROMPTS)
     for prompt, (g,) in zip(PROMPTS, outs):
@@ -86,6 +92,38 @@ def test_greedy_matches_transformers_generate(hf_checkpoints, name):
             assert g.token_ids[-1] == 0 and all(t == 0 for t in ref[len(g.token_ids):])
         else:
             assert len(g.token_ids) == 24
+
+
+def test_numpy_and_torch_backends_agree_on_mixed_steps(hf_checkpoints):
+    """Multi-token steps on rows of different lengths (what speculative verification
+    and prefix-cache completions run), with padding, through both implementations."""
+    folder, _ = hf_checkpoints["qwen2_bias"]
+    a, b = _native(folder, backend="numpy"), _native(folder, backend="torch")
+    torch.manual_seed(3)
+    prompts = [torch.randint(1, a.vocab_size, (n,)).tolist() for n in (3, 9, 6)]
+    la, ca = a.prefill(prompts)
+    lb, cb = b.prefill(prompts)
+    assert (la - lb).abs().max().item() < 1e-4
+    for _ in range(3):
+        ids = torch.randint(1, a.vocab_size, (3, 4))
+        num_new = torch.tensor([4, 2, 3])
+        xa, xb = a.forward(ids, ca, num_new), b.forward(ids, cb, num_new)
+        for r, n in enumerate(num_new.tolist()):
+            assert (xa[r, :n] - xb[r, :n]).abs().max().item() < 1e-4
+        assert ca.lengths.tolist() == cb.lengths.tolist()
+    ca.truncate_(torch.tensor([1, 0, 2]))
+    cb.truncate_(torch.tensor([1, 0, 2]))
+    tok = torch.tensor([5, 6, 7])
+    assert (a.step(tok, ca) - b.step(tok, cb)).abs().max().item() < 1e-4
+
+
+def test_backend_is_validated(hf_checkpoints):
+    folder, _ = hf_checkpoints["llama_gqa"]
+    with pytest.raises(ValueError, match="backend must be one of auto, numpy, torch"):
+        _native(folder, backend="fast")
+    lm16 = _native(folder, "bfloat16", backend="numpy")
+    with pytest.raises(ValueError, match="float32"):
+        lm16.forward(torch.tensor([[1, 2]]), None)
 
 
 def test_checkpoint_errors_are_clear(tmp_path):

@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from ..protocols import Access
 from .kv_cache import KVCache
 from .llama import Transformer
+from .llama_numpy import NumpyLlama
 from .loader import load_tokenizer, load_transformer
 
 
@@ -22,8 +24,18 @@ class NativeLM:
 
     access = Access.LOGITS
 
-    def __init__(self, model: Transformer, tokenizer, name: str = "model", path: str | None = None) -> None:
+    BACKENDS = ("auto", "numpy", "torch")
+
+    def __init__(self, model: Transformer, tokenizer, name: str = "model", path: str | None = None,
+                 backend: str = "auto") -> None:
+        if backend not in self.BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(self.BACKENDS)}; got {backend!r}")
         self.model = model
+        # "auto": float32 CPU passes run as numpy operations (llama_numpy.py), several times
+        # faster per step on small models; the torch model serves the rest (hidden
+        # states, shared prefixes, bfloat16). "torch" forces the torch model everywhere.
+        self.backend = backend
+        self._numpy: NumpyLlama | None = None
         self.tokenizer = tokenizer
         self.name = name
         self.path = path
@@ -32,12 +44,13 @@ class NativeLM:
         self._eos = eos
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, dtype: str | torch.dtype = "float32") -> "NativeLM":
+    def from_pretrained(cls, name_or_path: str | Path, dtype: str | torch.dtype = "float32",
+                        backend: str = "auto") -> "NativeLM":
         """Load a shipped model by name (``arith``) or a checkpoint folder by path."""
         from .registry import resolve_model
 
         path, name = resolve_model(str(name_or_path))
-        return cls(load_transformer(path, dtype), load_tokenizer(path), name=name, path=str(path))
+        return cls(load_transformer(path, dtype), load_tokenizer(path), name=name, path=str(path), backend=backend)
 
     # -- tokens and text ------------------------------------------------------------------
     @property
@@ -79,6 +92,13 @@ class NativeLM:
     ):
         """Logits [B, T, V] (float32), or [B, V] at each row's last new token when
         ``last_only``. With ``output_hidden_states`` returns (logits, hidden_states)."""
+        fast = self._numpy_for(cache) if not output_hidden_states else None
+        if fast is not None:
+            nn = None if num_new is None else num_new.numpy()
+            h = fast.forward(input_ids.numpy(), cache, nn)
+            if last_only:
+                h = h[:, -1] if nn is None else h[np.arange(h.shape[0]), nn - 1]
+            return torch.from_numpy(fast.logits(h))
         out = self.model(input_ids, cache, num_new, output_hidden_states=output_hidden_states)
         h, hidden = out if output_hidden_states else (out, None)
         if last_only:
@@ -88,6 +108,16 @@ class NativeLM:
                 h = h[torch.arange(h.shape[0]), num_new - 1]
         logits = self.model.logits(h).float()
         return (logits, hidden) if output_hidden_states else logits
+
+    def _numpy_for(self, cache: KVCache | None) -> NumpyLlama | None:
+        """The numpy twin of the model, if this pass can run on it."""
+        if self.backend == "torch" or not NumpyLlama.supports(self.model, cache):
+            if self.backend == "numpy":
+                raise ValueError("backend 'numpy' needs float32 weights on the CPU and a cache without shared prefixes")
+            return None
+        if self._numpy is None:
+            self._numpy = NumpyLlama(self.model)
+        return self._numpy
 
     def pad_batch(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Sequences of different lengths as one right-padded batch: ids [B, T] and the
