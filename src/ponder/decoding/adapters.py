@@ -202,11 +202,15 @@ def bad_words(sequences: Sequence[Sequence[int]]) -> SequenceBias:
 
 
 class _Counts(Processor):
-    """Per-row counts of accepted (generated) tokens, forkable and undoable."""
+    """Per-row counts of accepted (generated) tokens, forkable and undoable by up to
+    ``ROLLBACK_DEPTH`` tokens (speculation rolls back at most its draft length)."""
+
+    ROLLBACK_DEPTH = 64  # the log is bounded so that fork costs O(B·V), not O(steps)
 
     def __init__(self) -> None:
         self._counts: torch.Tensor | None = None  # [B, V]
-        self._log: list[torch.Tensor] = []  # accepted tokens, for rollback
+        self._log: list[torch.Tensor] = []  # the last accepted tokens, for rollback
+        self._accepted = 0
 
     def _ensure(self, logits: torch.Tensor) -> torch.Tensor:
         if self._counts is None or self._counts.shape[0] != logits.shape[0]:
@@ -218,6 +222,9 @@ class _Counts(Processor):
             return
         self._counts[torch.arange(tokens.shape[0]), tokens] += 1
         self._log.append(tokens.clone())
+        self._accepted += 1
+        if len(self._log) > self.ROLLBACK_DEPTH:
+            del self._log[0]
 
     def fork(self, rows):
         new = object.__new__(type(self))
@@ -228,12 +235,16 @@ class _Counts(Processor):
         return new
 
     def rollback(self, n):
-        for _ in range(min(n, len(self._log))):
+        n = min(n, self._accepted)
+        if n > len(self._log):
+            raise ValueError(f"{type(self).__name__} can roll back at most {self.ROLLBACK_DEPTH} tokens; asked for {n}")
+        for _ in range(n):
             t = self._log.pop()
             self._counts[torch.arange(t.shape[0]), t] -= 1
+        self._accepted -= n
 
     def reset(self):
-        self._counts, self._log = None, []
+        self._counts, self._log, self._accepted = None, [], 0
 
 
 class FrequencyPenalty(_Counts):
@@ -262,23 +273,37 @@ class PresencePenalty(_Counts):
         return logits - self.penalty * (self._ensure(logits) > 0).to(logits.dtype)
 
 
-class MinTokens(_Counts):
-    """Forbid the stop tokens (EOS) until ``min_tokens`` tokens have been generated."""
+class MinTokens(Processor):
+    """Forbid the stop tokens (EOS) until ``min_tokens`` tokens have been generated.
+    Its state is one count: every row of a chain has generated as many tokens."""
 
     def __init__(self, min_tokens: int, stop_token_ids: Sequence[int]) -> None:
-        super().__init__()
         _check(isinstance(min_tokens, int) and min_tokens >= 0, f"min_tokens must be an integer >= 0 (0 disables it); got {min_tokens}")
         self.min_tokens = min_tokens
         self.stop_token_ids = list(stop_token_ids)
         self.is_identity = min_tokens == 0 or not self.stop_token_ids
+        self._generated = 0
 
     def __call__(self, tokens, logits):
-        self._ensure(logits)  # so that accept() counts the tokens generated
-        if len(self._log) >= self.min_tokens:
+        if self._generated >= self.min_tokens:
             return logits
         out = logits.clone()
         out[:, self.stop_token_ids] = NEG_INF
         return out
+
+    def accept(self, tokens):
+        self._generated += 1
+
+    def fork(self, rows):
+        new = object.__new__(MinTokens)
+        new.__dict__.update(self.__dict__)
+        return new
+
+    def rollback(self, n):
+        self._generated = max(0, self._generated - n)
+
+    def reset(self):
+        self._generated = 0
 
 
 class MirostatV2(Processor):

@@ -54,7 +54,8 @@ class _BlasThreads:
 
 class NumpyLlama:
     """``forward`` as in ``Transformer.forward`` (without hidden states), for float32
-    weights on the CPU. Use ``supports`` to ask whether a call can run here."""
+    weights on the CPU; ``run`` adds the logits. ``supports`` says whether a call can
+    run here."""
 
     def __init__(self, model: Transformer) -> None:
         cfg = model.cfg
@@ -62,13 +63,25 @@ class NumpyLlama:
         self.cfg = cfg
         self.H, self.KV, self.D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.eps = np.float32(cfg.rms_norm_eps)
+        self.inv_hidden = np.float32(1.0 / cfg.hidden_size)
+        self.scale = np.float32(cfg.head_dim**-0.5)
+        self._cos = self._sin = np.zeros((0, cfg.head_dim), np.float32)
         self.ffn = cfg.intermediate_size
+        # Small models fold the rotate-half permutation and the attention scale into a
+        # copy of the q/k/v weights: one matrix product then yields q·s, k, v and their
+        # rotated halves, which saves five of the ~45 operations of a layer. The copy
+        # costs ~1.8x the q/k/v weights, worth it only where per-operation overhead
+        # dominates (FOLD_MAX_PARAMS); larger models use views and rotate explicitly.
+        self.folded = cfg.num_parameters() <= self.FOLD_MAX_PARAMS
         self.layers = []
         for b in model.layers:
             a, m = b.self_attn, b.mlp
+            wqkv, bqkv = _np(a.qkv_proj.weight), _np(a.qkv_proj.bias)
+            if self.folded:
+                wqkv, bqkv = self._fold(wqkv), None if bqkv is None else self._fold(bqkv)
             # [out, in] weights are used as W.T: BLAS reads the transpose without a copy
             self.layers.append((
-                _np(b.input_layernorm.weight), _np(a.qkv_proj.weight).T, _np(a.qkv_proj.bias),
+                _np(b.input_layernorm.weight), wqkv.T, bqkv,
                 _np(a.o_proj.weight).T, _np(a.o_proj.bias), _np(b.post_attention_layernorm.weight),
                 _np(m.gate_up_proj.weight).T, _np(m.gate_up_proj.bias), _np(m.down_proj.weight).T, _np(m.down_proj.bias),
             ))
@@ -79,13 +92,43 @@ class NumpyLlama:
         self.score = (_np(model.score.weight).T, _np(model.score.bias)) if cfg.is_reward_model else None
         self._threads = _BlasThreads()
 
+    FOLD_MAX_PARAMS = 100_000_000
+
+    def _fold(self, w: np.ndarray) -> np.ndarray:
+        """q/k/v rows [(H+2KV)·D, ...] -> [q·s; k; v; roll(q)·s; roll(k)] rows, where
+        roll rotates each head's features by D/2 (rotate-half before its sign)."""
+        H, KV, D = self.H, self.KV, self.D
+        heads = w.reshape(H + 2 * KV, D, *w.shape[1:]).copy()
+        heads[:H] *= self.scale
+        rolled = np.roll(heads[: H + KV], D // 2, axis=1)
+        return np.concatenate([heads, rolled]).reshape(-1, *w.shape[1:])
+
     @staticmethod
     def supports(model: Transformer, cache: KVCache | None) -> bool:
         return (model.dtype == torch.float32 and model.embed_tokens.weight.device.type == "cpu"
                 and (cache is None or (type(cache) is KVCache and not cache.has_shared)))
 
     def _rms(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
-        return x * (1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + self.eps)) * w
+        ms = np.add.reduce(x * x, axis=-1, keepdims=True)  # np.mean costs twice as much in Python
+        ms *= self.inv_hidden
+        ms += self.eps
+        return x / np.sqrt(ms, out=ms) * w
+
+    def _rope(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """cos, signed sin [n', D] as numpy views of the torch model's table (n' >= n)."""
+        if self._cos.shape[0] < n:
+            cos, sin = self.model.rope_table(n, self.model.embed_tokens.weight.device)
+            self._cos, self._sin = cos.numpy(), sin.numpy()
+        return self._cos, self._sin
+
+    @staticmethod
+    def _views(cache: KVCache) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """numpy views of the cache's tensors, kept on the cache until it swaps them."""
+        v = getattr(cache, "_numpy_views", None)
+        if v is None or v[0] is not cache.k[0] or v[1] is not cache.v[0]:
+            v = (cache.k[0], cache.v[0], [_np(t) for t in cache.k], [_np(t) for t in cache.v])
+            cache._numpy_views = v
+        return v[2], v[3]
 
     def forward(self, input_ids: np.ndarray, cache: KVCache | None, num_new: np.ndarray | None = None) -> np.ndarray:
         """input_ids [B, T] -> final normed hidden states [B, T, hidden]. With a cache,
@@ -101,49 +144,62 @@ class NumpyLlama:
         else:
             start = cache.lengths.numpy()
             cache.reserve(int(start.max()) + T)  # may replace the tensors: view them after
-            ks, vs = [_np(t) for t in cache.k], [_np(t) for t in cache.v]
-        lo, hi = int(start.min()), int(start.max())
+            ks, vs = self._views(cache)
+        lo, hi = (int(start[0]),) * 2 if B == 1 else (int(start.min()), int(start.max()))
         span = hi + T
-        positions = start[:, None] + np.arange(T)  # [B, T] slot (= position) of each new token
-        cos_t, sin_t = self.model.rope_table(span, self.model.embed_tokens.weight.device)
-        cos = cos_t.numpy()[positions][:, :, None, :]  # [B, T, 1, D]
-        sin = sin_t.numpy()[positions][:, :, None, :]
+        cos_t, sin_t = self._rope(span)
+        if lo == hi:  # every row at the same length: slices, not gathers
+            cos, sin = cos_t[lo : lo + T, None], sin_t[lo : lo + T, None]  # [T, 1, D]
+        else:
+            positions = start[:, None] + np.arange(T)  # [B, T] slot (= position) of each new token
+            cos, sin = cos_t[positions][:, :, None], sin_t[positions][:, :, None]  # [B, T, 1, D]
         if T == 1 and lo == hi:
             bias = None  # one query per row that sees every valid slot
         else:
+            positions = start[:, None] + np.arange(T)
             # key slot j is visible to the token at slot p iff j <= p
             visible = np.arange(span)[None, None, :] <= positions[:, :, None]  # [B, T, S]
             bias = np.where(visible, np.float32(0), np.float32(-np.inf))[:, None, None]  # [B, 1, 1, T, S]
         rows = np.arange(B)[:, None]
-        scale = np.float32(D**-0.5)
+        half = D // 2
         x = self.embed[input_ids]  # [B, T, hidden]
-        with self._threads, np.errstate(over="ignore"):  # exp(-g) overflows harmlessly in silu
+        with np.errstate(over="ignore"):  # exp(-g) overflows harmlessly in silu
             for i, (ln1, wqkv, bqkv, wo, bo, ln2, wgu, bgu, wd, bd) in enumerate(self.layers):
                 qkv = self._rms(x, ln1) @ wqkv
                 if bqkv is not None:
                     qkv += bqkv
-                qkv = qkv.reshape(B, T, H + 2 * KV, D)
-                qk = qkv[:, :, : H + KV]
-                qk = qk * cos + np.roll(qk, D // 2, axis=-1) * sin  # rotate-half, sign in sin (llama.py)
+                if self.folded:  # [q·s, k, v, roll(q)·s, roll(k)]: the sign of rotate-half is in sin
+                    qkv = qkv.reshape(B, T, 2 * H + 3 * KV, D)
+                    qk = qkv[:, :, : H + KV] * cos
+                    qk += qkv[:, :, H + 2 * KV :] * sin
+                else:
+                    qkv = qkv.reshape(B, T, H + 2 * KV, D)
+                    qk = qkv[:, :, : H + KV]
+                    # rotate-half with the sign in sin (see llama.py); concatenate beats np.roll 3x
+                    qk = qk * cos + np.concatenate((qk[..., half:], qk[..., :half]), axis=-1) * sin
                 if lo == hi:
                     ks[i][:, lo : lo + T] = qk[:, :, H:]
-                    vs[i][:, lo : lo + T] = qkv[:, :, H + KV :]
+                    vs[i][:, lo : lo + T] = qkv[:, :, H + KV : H + 2 * KV]
                 else:
                     ks[i][rows, positions] = qk[:, :, H:]
-                    vs[i][rows, positions] = qkv[:, :, H + KV :]
+                    vs[i][rows, positions] = qkv[:, :, H + KV : H + 2 * KV]
                 k = ks[i][:, :span].transpose(0, 2, 3, 1)  # [B, KV, D, S]
                 v = vs[i][:, :span].transpose(0, 2, 1, 3)  # [B, KV, S, D]
                 q = qk[:, :, :H].reshape(B, T, KV, G, D).transpose(0, 2, 3, 1, 4).reshape(B, KV, G * T, D)
-                s = (q @ k) * scale  # [B, KV, G*T, S]
+                s = q @ k  # [B, KV, G*T, S]
+                if not self.folded:
+                    s *= self.scale
                 if bias is not None:
                     s = (s.reshape(B, KV, G, T, span) + bias).reshape(B, KV, G * T, span)
-                s = np.exp(s - s.max(axis=-1, keepdims=True))
-                o = (s @ v) / s.sum(axis=-1, keepdims=True)  # [B, KV, G*T, D]
+                s -= s.max(axis=-1, keepdims=True)
+                s = np.exp(s, out=s)
+                o = s @ v
+                o /= s.sum(axis=-1, keepdims=True)  # [B, KV, G*T, D]
                 o = o.reshape(B, KV, G, T, D).transpose(0, 3, 1, 2, 4).reshape(B, T, H * D)
                 o = o @ wo
                 if bo is not None:
                     o += bo
-                x = x + o
+                x += o
                 gu = self._rms(x, ln2) @ wgu
                 if bgu is not None:
                     gu += bgu
@@ -151,14 +207,23 @@ class NumpyLlama:
                 y = (g / (1.0 + np.exp(-g)) * u) @ wd
                 if bd is not None:
                     y += bd
-                x = x + y
+                x += y
         if cache is not None:
-            cache.lengths = cache.lengths + (torch.from_numpy(num_new) if num_new is not None else T)
+            cache.lengths = torch.from_numpy(start + (T if num_new is None else num_new))
         return self._rms(x, self.norm)
 
     def logits(self, h: np.ndarray) -> np.ndarray:
         """Hidden states [..., hidden] -> logits (or reward scores) [..., V], float32."""
+        if self.score is not None:
+            return h @ self.score[0] + self.score[1]
+        return h @ self.head
+
+    def run(self, input_ids: np.ndarray, cache: KVCache | None, num_new: np.ndarray | None = None,
+            last_only: bool = False) -> np.ndarray:
+        """``forward`` then ``logits``: [B, T, V], or [B, V] at each row's last new token
+        when ``last_only``."""
         with self._threads:
-            if self.score is not None:
-                return h @ self.score[0] + self.score[1]
-            return h @ self.head
+            h = self.forward(input_ids, cache, num_new)
+            if last_only:
+                h = h[:, -1] if num_new is None else h[np.arange(h.shape[0]), num_new - 1]
+            return self.logits(h)

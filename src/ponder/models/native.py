@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from ..protocols import Access
@@ -95,10 +94,7 @@ class NativeLM:
         fast = self._numpy_for(cache) if not output_hidden_states else None
         if fast is not None:
             nn = None if num_new is None else num_new.numpy()
-            h = fast.forward(input_ids.numpy(), cache, nn)
-            if last_only:
-                h = h[:, -1] if nn is None else h[np.arange(h.shape[0]), nn - 1]
-            return torch.from_numpy(fast.logits(h))
+            return torch.from_numpy(fast.run(input_ids.numpy(), cache, nn, last_only))
         out = self.model(input_ids, cache, num_new, output_hidden_states=output_hidden_states)
         h, hidden = out if output_hidden_states else (out, None)
         if last_only:
@@ -111,7 +107,11 @@ class NativeLM:
 
     def _numpy_for(self, cache: KVCache | None) -> NumpyLlama | None:
         """The numpy twin of the model, if this pass can run on it."""
-        if self.backend == "torch" or not NumpyLlama.supports(self.model, cache):
+        if self.backend == "torch":
+            return None
+        if self._numpy is not None and (cache is None or (type(cache) is KVCache and not cache.shared)):
+            return self._numpy  # the common case, checked cheaply
+        if not NumpyLlama.supports(self.model, cache):
             if self.backend == "numpy":
                 raise ValueError("backend 'numpy' needs float32 weights on the CPU and a cache without shared prefixes")
             return None
