@@ -12,7 +12,7 @@ from ponder.models.native import NativeLM
 NAMES = ["llama_gqa", "qwen2_bias", "llama_tied"]
 
 
-BACKENDS = ["numpy", "torch"]  # both implementations of every float32 pass are held to transformers
+BACKENDS = ["c", "numpy", "torch"]  # every implementation of a float32 pass is held to transformers
 
 
 def _native(folder, dtype="float32", backend="auto"):
@@ -94,11 +94,12 @@ def test_greedy_matches_transformers_generate(hf_checkpoints, name, backend):
             assert len(g.token_ids) == 24
 
 
-def test_numpy_and_torch_backends_agree_on_mixed_steps(hf_checkpoints):
+@pytest.mark.parametrize("backend", ["c", "numpy"])
+def test_fast_backends_agree_with_torch_on_mixed_steps(hf_checkpoints, backend):
     """Multi-token steps on rows of different lengths (what speculative verification
-    and prefix-cache completions run), with padding, through both implementations."""
+    and prefix-cache completions run), with padding and rollback, against the torch model."""
     folder, _ = hf_checkpoints["qwen2_bias"]
-    a, b = _native(folder, backend="numpy"), _native(folder, backend="torch")
+    a, b = _native(folder, backend=backend), _native(folder, backend="torch")
     torch.manual_seed(3)
     prompts = [torch.randint(1, a.vocab_size, (n,)).tolist() for n in (3, 9, 6)]
     la, ca = a.prefill(prompts)
@@ -115,11 +116,34 @@ def test_numpy_and_torch_backends_agree_on_mixed_steps(hf_checkpoints):
     cb.truncate_(torch.tensor([1, 0, 2]))
     tok = torch.tensor([5, 6, 7])
     assert (a.step(tok, ca) - b.step(tok, cb)).abs().max().item() < 1e-4
+    ca.reorder_([2, 2, 0])  # forked rows (index_select copies) keep working
+    cb.reorder_([2, 2, 0])
+    assert (a.step(tok, ca) - b.step(tok, cb)).abs().max().item() < 1e-4
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, "):
+        a.forward(torch.tensor([[a.vocab_size]]), None)
+
+
+def test_auto_backend_is_c_and_falls_back_to_numpy_without_a_compiler(hf_checkpoints, tmp_path):
+    import subprocess
+    import sys
+
+    folder, _ = hf_checkpoints["llama_gqa"]
+    assert _native(folder).backend_in_use == "c"
+    assert _native(folder, backend="torch").backend_in_use == "torch"
+    assert _native(folder, "bfloat16").backend_in_use == "torch"
+    code = ("from ponder.models.native import NativeLM\nfrom ponder.models.loader import *\n"
+            f"lm = NativeLM(load_transformer({str(folder)!r}), load_tokenizer({str(folder)!r}))\n"
+            "print(lm.backend_in_use)\n"
+            "from ponder.models.llama_c import kernel_error\nprint(kernel_error())")
+    env = {**__import__("os").environ, "CC": str(tmp_path / "no-such-compiler"), "PONDER_CACHE_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[0] == "numpy"
+    assert "failed" in out.splitlines()[1]
 
 
 def test_backend_is_validated(hf_checkpoints):
     folder, _ = hf_checkpoints["llama_gqa"]
-    with pytest.raises(ValueError, match="backend must be one of auto, numpy, torch"):
+    with pytest.raises(ValueError, match="backend must be one of auto, c, numpy, torch"):
         _native(folder, backend="fast")
     lm16 = _native(folder, "bfloat16", backend="numpy")
     with pytest.raises(ValueError, match="float32"):

@@ -287,9 +287,7 @@ class MinTokens(Processor):
     def __call__(self, tokens, logits):
         if self._generated >= self.min_tokens:
             return logits
-        out = logits.clone()
-        out[:, self.stop_token_ids] = NEG_INF
-        return out
+        return logits.index_fill(-1, torch.tensor(self.stop_token_ids, device=logits.device), NEG_INF)
 
     def accept(self, tokens):
         self._generated += 1

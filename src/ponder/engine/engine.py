@@ -356,11 +356,12 @@ class Engine:
             local = [p for p, _ in split]
             toks = [t for _, t in split]
             same_rows = local == list(range(len(r.phys)))
-            self._extend_history(r, None if same_rows else local, toks)
+            toks_t = torch.tensor(toks)
+            self._extend_history(r, None if same_rows else local, toks_t)
             if not r.procs.is_identity:
                 if not same_rows:
                     r.procs = r.procs.fork(local)
-                r.procs.accept(torch.tensor(toks))
+                r.procs.accept(toks_t)
             r.phys = list(split.values())
             for group in r.phys:  # the row computes its next token once, billed to its first sample
                 r.rows[group[0]].computed += 1
@@ -376,7 +377,7 @@ class Engine:
         self._logits = lm.step(torch.tensor(next_tokens), self._cache)
 
     @staticmethod
-    def _extend_history(r: Request, rows: list[int] | None, tokens: list[int]) -> None:
+    def _extend_history(r: Request, rows: list[int] | None, tokens: torch.Tensor) -> None:
         """Append one token to each physical row's history; ``rows`` (the parent row of
         each new row) when the rows forked or retired."""
         h = r.history
@@ -384,7 +385,7 @@ class Engine:
             h = h[torch.tensor(rows)]
         if r.hist_len == h.shape[1]:
             h = torch.cat([h, torch.zeros_like(h)], dim=1)
-        h[:, r.hist_len] = torch.tensor(tokens)
+        h[:, r.hist_len] = tokens
         r.history = h
         r.hist_len += 1
 

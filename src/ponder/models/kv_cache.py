@@ -56,8 +56,8 @@ class KVCache:
         if not self.k:
             return 0
         per_token = 2 * len(self.k) * self.k[0].shape[2] * self.k[0].shape[3] * self.k[0].element_size()
-        shared = sum(self.shared[g][0][0].shape[0] for g in set(self.group.tolist()) if g >= 0)
-        return (int(self.lengths.sum().item()) + shared) * per_token
+        shared = sum(self.shared[g][0][0].shape[0] for g in set(self.group.tolist()) if g >= 0) if self.shared else 0
+        return (int(self.lengths.numpy().sum()) + shared) * per_token
 
     @property
     def has_shared(self) -> bool:

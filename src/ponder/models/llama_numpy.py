@@ -16,6 +16,8 @@ Shapes: B rows, T new tokens per row, S key slots, H query heads in KV groups of
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -67,21 +69,12 @@ class NumpyLlama:
         self.scale = np.float32(cfg.head_dim**-0.5)
         self._cos = self._sin = np.zeros((0, cfg.head_dim), np.float32)
         self.ffn = cfg.intermediate_size
-        # Small models fold the rotate-half permutation and the attention scale into a
-        # copy of the q/k/v weights: one matrix product then yields q·s, k, v and their
-        # rotated halves, which saves five of the ~45 operations of a layer. The copy
-        # costs ~1.8x the q/k/v weights, worth it only where per-operation overhead
-        # dominates (FOLD_MAX_PARAMS); larger models use views and rotate explicitly.
-        self.folded = cfg.num_parameters() <= self.FOLD_MAX_PARAMS
         self.layers = []
         for b in model.layers:
             a, m = b.self_attn, b.mlp
-            wqkv, bqkv = _np(a.qkv_proj.weight), _np(a.qkv_proj.bias)
-            if self.folded:
-                wqkv, bqkv = self._fold(wqkv), None if bqkv is None else self._fold(bqkv)
             # [out, in] weights are used as W.T: BLAS reads the transpose without a copy
             self.layers.append((
-                _np(b.input_layernorm.weight), wqkv.T, bqkv,
+                _np(b.input_layernorm.weight), _np(a.qkv_proj.weight).T, _np(a.qkv_proj.bias),
                 _np(a.o_proj.weight).T, _np(a.o_proj.bias), _np(b.post_attention_layernorm.weight),
                 _np(m.gate_up_proj.weight).T, _np(m.gate_up_proj.bias), _np(m.down_proj.weight).T, _np(m.down_proj.bias),
             ))
@@ -92,23 +85,16 @@ class NumpyLlama:
         self.score = (_np(model.score.weight).T, _np(model.score.bias)) if cfg.is_reward_model else None
         self._threads = _BlasThreads()
 
-    FOLD_MAX_PARAMS = 100_000_000
-
-    def _fold(self, w: np.ndarray) -> np.ndarray:
-        """q/k/v rows [(H+2KV)·D, ...] -> [q·s; k; v; roll(q)·s; roll(k)] rows, where
-        roll rotates each head's features by D/2 (rotate-half before its sign)."""
-        H, KV, D = self.H, self.KV, self.D
-        heads = w.reshape(H + 2 * KV, D, *w.shape[1:]).copy()
-        heads[:H] *= self.scale
-        rolled = np.roll(heads[: H + KV], D // 2, axis=1)
-        return np.concatenate([heads, rolled]).reshape(-1, *w.shape[1:])
-
     @staticmethod
     def supports(model: Transformer, cache: KVCache | None) -> bool:
         return (model.dtype == torch.float32 and model.embed_tokens.weight.device.type == "cpu"
                 and (cache is None or (type(cache) is KVCache and not cache.has_shared)))
 
     def _rms(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+        if x.size == x.shape[-1]:  # one token (a decode step): the scale is a Python float, 3 ops not 7
+            flat = x.reshape(-1)
+            r = 1.0 / math.sqrt(float(flat @ flat) * self.inv_hidden + self.eps)
+            return x * (w * np.float32(r))
         ms = np.add.reduce(x * x, axis=-1, keepdims=True)  # np.mean costs twice as much in Python
         ms *= self.inv_hidden
         ms += self.eps
@@ -168,27 +154,21 @@ class NumpyLlama:
                 qkv = self._rms(x, ln1) @ wqkv
                 if bqkv is not None:
                     qkv += bqkv
-                if self.folded:  # [q·s, k, v, roll(q)·s, roll(k)]: the sign of rotate-half is in sin
-                    qkv = qkv.reshape(B, T, 2 * H + 3 * KV, D)
-                    qk = qkv[:, :, : H + KV] * cos
-                    qk += qkv[:, :, H + 2 * KV :] * sin
-                else:
-                    qkv = qkv.reshape(B, T, H + 2 * KV, D)
-                    qk = qkv[:, :, : H + KV]
-                    # rotate-half with the sign in sin (see llama.py); concatenate beats np.roll 3x
-                    qk = qk * cos + np.concatenate((qk[..., half:], qk[..., :half]), axis=-1) * sin
+                qkv = qkv.reshape(B, T, H + 2 * KV, D)
+                qk = qkv[:, :, : H + KV]
+                # rotate-half with the sign in sin (see llama.py); concatenate beats np.roll 3x
+                qk = qk * cos + np.concatenate((qk[..., half:], qk[..., :half]), axis=-1) * sin
                 if lo == hi:
                     ks[i][:, lo : lo + T] = qk[:, :, H:]
-                    vs[i][:, lo : lo + T] = qkv[:, :, H + KV : H + 2 * KV]
+                    vs[i][:, lo : lo + T] = qkv[:, :, H + KV :]
                 else:
                     ks[i][rows, positions] = qk[:, :, H:]
-                    vs[i][rows, positions] = qkv[:, :, H + KV : H + 2 * KV]
+                    vs[i][rows, positions] = qkv[:, :, H + KV :]
                 k = ks[i][:, :span].transpose(0, 2, 3, 1)  # [B, KV, D, S]
                 v = vs[i][:, :span].transpose(0, 2, 1, 3)  # [B, KV, S, D]
                 q = qk[:, :, :H].reshape(B, T, KV, G, D).transpose(0, 2, 3, 1, 4).reshape(B, KV, G * T, D)
                 s = q @ k  # [B, KV, G*T, S]
-                if not self.folded:
-                    s *= self.scale
+                s *= self.scale
                 if bias is not None:
                     s = (s.reshape(B, KV, G, T, span) + bias).reshape(B, KV, G * T, span)
                 s -= s.max(axis=-1, keepdims=True)
@@ -222,6 +202,8 @@ class NumpyLlama:
             last_only: bool = False) -> np.ndarray:
         """``forward`` then ``logits``: [B, T, V], or [B, V] at each row's last new token
         when ``last_only``."""
+        if input_ids.size and (input_ids.min() < 0 or input_ids.max() >= self.cfg.vocab_size):
+            raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}); got {input_ids.min()}..{input_ids.max()}")
         with self._threads:
             h = self.forward(input_ids, cache, num_new)
             if last_only:

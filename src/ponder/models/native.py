@@ -23,18 +23,21 @@ class NativeLM:
 
     access = Access.LOGITS
 
-    BACKENDS = ("auto", "numpy", "torch")
+    BACKENDS = ("auto", "c", "numpy", "torch")
+    C_MAX_PARAMETERS = 50_000_000  # above this, multi-threaded BLAS (numpy) beats the one-thread C kernel
 
     def __init__(self, model: Transformer, tokenizer, name: str = "model", path: str | None = None,
                  backend: str = "auto") -> None:
         if backend not in self.BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(self.BACKENDS)}; got {backend!r}")
         self.model = model
-        # "auto": float32 CPU passes run as numpy operations (llama_numpy.py), several times
-        # faster per step on small models; the torch model serves the rest (hidden
-        # states, shared prefixes, bfloat16). "torch" forces the torch model everywhere.
+        # Float32 CPU passes run outside torch, where a small model's step costs several
+        # times less: as one call into a C kernel (llama_c.py, built on first use) or
+        # as numpy operations (llama_numpy.py). "auto" takes C for models up to
+        # C_MAX_PARAMETERS when a compiler is there, else numpy. The torch model serves
+        # the rest (hidden states, shared prefixes, bfloat16) and "torch" forces it.
         self.backend = backend
-        self._numpy: NumpyLlama | None = None
+        self._fast: NumpyLlama | None = None
         self.tokenizer = tokenizer
         self.name = name
         self.path = path
@@ -106,18 +109,40 @@ class NativeLM:
         return (logits, hidden) if output_hidden_states else logits
 
     def _numpy_for(self, cache: KVCache | None) -> NumpyLlama | None:
-        """The numpy twin of the model, if this pass can run on it."""
+        """The model's twin outside torch (C or numpy), if this pass can run on it."""
         if self.backend == "torch":
             return None
-        if self._numpy is not None and (cache is None or (type(cache) is KVCache and not cache.shared)):
-            return self._numpy  # the common case, checked cheaply
+        if self._fast is not None and (cache is None or (type(cache) is KVCache and not cache.shared)):
+            return self._fast  # the common case, checked cheaply
         if not NumpyLlama.supports(self.model, cache):
-            if self.backend == "numpy":
-                raise ValueError("backend 'numpy' needs float32 weights on the CPU and a cache without shared prefixes")
+            if self.backend in ("c", "numpy"):
+                raise ValueError(f"backend {self.backend!r} needs float32 weights on the CPU and a cache without "
+                                 "shared prefixes")
             return None
-        if self._numpy is None:
-            self._numpy = NumpyLlama(self.model)
-        return self._numpy
+        if self._fast is None:
+            self._fast = self._make_fast()
+        return self._fast
+
+    def _make_fast(self) -> NumpyLlama:
+        if self.backend == "numpy":
+            return NumpyLlama(self.model)
+        from .llama_c import CLlama, kernel_error, load_kernel
+
+        small = self.num_parameters() <= self.C_MAX_PARAMETERS
+        lib = load_kernel() if (small or self.backend == "c") else None
+        if lib is not None:
+            return CLlama(self.model, lib)
+        if self.backend == "c":
+            raise RuntimeError(f"backend 'c' is unavailable: {kernel_error()}; use backend='numpy'")
+        return NumpyLlama(self.model)
+
+    @property
+    def backend_in_use(self) -> str:
+        """Which implementation runs float32 passes: "c", "numpy" or "torch"."""
+        if self.backend == "torch" or not NumpyLlama.supports(self.model, None):
+            return "torch"
+        fast = self._numpy_for(None)
+        return "c" if type(fast).__name__ == "CLlama" else "numpy"
 
     def pad_batch(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Sequences of different lengths as one right-padded batch: ids [B, T] and the

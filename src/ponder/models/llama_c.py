@@ -1,0 +1,165 @@
+"""``CLlama``: the forward pass of ``llama_numpy.NumpyLlama`` run by ``llama_kernel.c``.
+
+The C file is compiled with the system's C compiler (``cc``, or ``$CC``) on first use
+and cached under ``$PONDER_CACHE_DIR`` (default ``~/.cache/ponder``), keyed by the
+source, the flags and the processor, so later processes load it in a millisecond.
+Without a compiler ``load_kernel()`` returns None and ``NativeLM`` uses numpy: the C
+path is an accelerator, never a requirement. ``PONDER_NO_C=1`` turns it off.
+
+One call runs every layer of a pass (~160 numpy operations per decode step on the
+shipped model), so a step costs its memory traffic plus one ctypes call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .kv_cache import KVCache
+from .llama import Transformer
+from .llama_numpy import NumpyLlama
+
+SOURCE = Path(__file__).with_name("llama_kernel.c")
+# -fassociative-math lets the compiler vectorise the dot products' sums (results
+# differ from a sequential sum by float rounding only); -march=native because the
+# library is built on the machine that runs it.
+FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros",
+         "-fassociative-math", "-ffp-contract=fast"]
+
+_kernel: ctypes.CDLL | None = None
+_kernel_error: str | None = None
+
+
+def _cpu_id() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features", "model name")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build(cc: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        subprocess.run([cc, *FLAGS, "-o", str(out), str(SOURCE), "-lm"], check=True, capture_output=True, timeout=120)
+        os.replace(out, target)  # atomic: concurrent first uses never load half a file
+
+
+def load_kernel() -> ctypes.CDLL | None:
+    """The compiled kernel, building it on first use; None if it cannot be built (the
+    reason is in ``kernel_error()``)."""
+    global _kernel, _kernel_error
+    if _kernel is not None or _kernel_error is not None:
+        return _kernel
+    if os.environ.get("PONDER_NO_C"):
+        _kernel_error = "disabled by PONDER_NO_C"
+        return None
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        _kernel_error = "no C compiler found (set CC)"
+        return None
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(FLAGS), cc, _cpu_id()]).encode()).hexdigest()[:16]
+    root = Path(os.environ.get("PONDER_CACHE_DIR") or Path.home() / ".cache" / "ponder")
+    target = root / "kernels" / f"llama_{key}.so"
+    try:
+        if not target.exists():
+            _build(cc, target)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", b"") or b""
+        _kernel_error = f"building {SOURCE.name} failed: {e} {detail.decode(errors='replace')[:500]}".strip()
+        return None
+    p = ctypes.c_void_p
+    lib.ponder_forward.argtypes = [p, p, ctypes.c_int, ctypes.c_int, p, p, p, ctypes.c_int64, p, p, p]
+    lib.ponder_forward.restype = ctypes.c_int
+    _kernel = lib
+    return lib
+
+
+def kernel_error() -> str | None:
+    return _kernel_error
+
+
+_LAYER_FIELDS = ("ln1", "wqkv", "bqkv", "wo", "bo", "ln2", "wgu", "bgu", "wd", "bd")
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_int) for n in ("hidden", "heads", "kv_heads", "head_dim", "ffn", "layers")] + [
+        ("eps", ctypes.c_float), ("embed", ctypes.c_void_p), ("norm", ctypes.c_void_p)] + [
+        (n, ctypes.POINTER(ctypes.c_void_p)) for n in _LAYER_FIELDS]
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    if t is None:
+        return None
+    if not t.is_contiguous() or t.dtype != torch.float32:
+        raise ValueError("the C kernel needs contiguous float32 weights")
+    return t.data_ptr()
+
+
+class CLlama(NumpyLlama):
+    """``NumpyLlama`` whose ``forward`` is one call into the C kernel (logits stay a
+    numpy matrix product). Build it only when ``load_kernel()`` is not None."""
+
+    def __init__(self, model: Transformer, lib: ctypes.CDLL) -> None:
+        super().__init__(model)
+        self.lib = lib
+        cfg = model.cfg
+        per_layer = {n: [] for n in _LAYER_FIELDS}
+        for b in model.layers:
+            a, m = b.self_attn, b.mlp
+            for n, t in zip(_LAYER_FIELDS, (b.input_layernorm.weight, a.qkv_proj.weight, a.qkv_proj.bias,
+                                            a.o_proj.weight, a.o_proj.bias, b.post_attention_layernorm.weight,
+                                            m.gate_up_proj.weight, m.gate_up_proj.bias, m.down_proj.weight,
+                                            m.down_proj.bias)):
+                per_layer[n].append(_ptr(t))
+        self._arrays = {n: (ctypes.c_void_p * len(v))(*v) for n, v in per_layer.items()}  # kept alive here
+        self._struct = _Model(cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                              cfg.intermediate_size, cfg.num_hidden_layers, cfg.rms_norm_eps,
+                              _ptr(model.embed_tokens.weight), _ptr(model.norm.weight),
+                              *(ctypes.cast(self._arrays[n], ctypes.POINTER(ctypes.c_void_p)) for n in _LAYER_FIELDS))
+        self._struct_ptr = ctypes.addressof(self._struct)
+
+    @staticmethod
+    def _pointers(cache: KVCache) -> tuple[ctypes.Array, ctypes.Array]:
+        """Per-layer K and V data pointers, kept on the cache until it swaps its tensors."""
+        v = getattr(cache, "_c_pointers", None)
+        if v is None or v[0] is not cache.k[0] or v[1] is not cache.v[0]:
+            for t in cache.k + cache.v:
+                if not t.is_contiguous():
+                    raise ValueError("the C kernel needs a contiguous KV cache")
+            L = len(cache.k)
+            v = (cache.k[0], cache.v[0], (ctypes.c_void_p * L)(*[t.data_ptr() for t in cache.k]),
+                 (ctypes.c_void_p * L)(*[t.data_ptr() for t in cache.v]))
+            cache._c_pointers = v
+        return v[2], v[3]
+
+    def forward(self, input_ids: np.ndarray, cache: KVCache | None, num_new: np.ndarray | None = None) -> np.ndarray:
+        B, T = input_ids.shape
+        if cache is None:  # a whole causal sequence: run it through a scratch cache
+            scratch = KVCache(self.cfg.num_hidden_layers, B, self.KV, self.D, T)
+            return self.forward(input_ids, scratch)
+        start = np.ascontiguousarray(cache.lengths.numpy(), dtype=np.int64)
+        cache.reserve(int(start.max()) + T)  # may replace the tensors: take pointers after
+        ks, vs = self._pointers(cache)
+        cos, sin = self._rope(int(start.max()) + T)
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        out = np.empty((B, T, self.cfg.hidden_size), dtype=np.float32)
+        status = self.lib.ponder_forward(self._struct_ptr, ids.ctypes.data, B, T, start.ctypes.data, ks, vs,
+                                         cache.capacity, cos.ctypes.data, sin.ctypes.data, out.ctypes.data)
+        if status != 0:
+            raise MemoryError("the C kernel could not allocate its scratch memory")
+        cache.lengths = torch.from_numpy(start + (T if num_new is None else num_new))
+        return out
