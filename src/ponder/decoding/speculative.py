@@ -86,6 +86,13 @@ class Speculative(GeneratorBase):
         step along the accepted drafts and the new token; the draft's roll back the
         rejected ones and take the new token."""
         a, new_tok = 0, None
+        if self.greedy and procs.is_identity:  # argmax of the raw logits decides everything
+            best = lg.argmax(-1).tolist()
+            a = 0
+            while a < len(xs) and xs[a] == best[a]:
+                a += 1
+            dprocs.rollback(len(xs) - a)
+            return a, best[a]
         for i, x in enumerate(xs):
             p = self._probs(procs, ctx + xs[:i], lg[i])
             q = qs[i]
@@ -193,9 +200,12 @@ class Speculative(GeneratorBase):
                 for i in range(kk):
                     lg = D.forward(torch.tensor([feed]), dcache)[0, -1]
                     d_computed += len(feed)
-                    q = self._probs(dprocs, ctx + xs, lg)
-                    x = int(q.argmax()) if self.greedy else int(torch.multinomial(q, 1, generator=gen))
-                    dprocs.accept(torch.tensor([x]))
+                    if self.greedy and dprocs.is_identity:  # a point mass at the argmax: no softmax needed
+                        q, x = None, int(lg.argmax())
+                    else:
+                        q = self._probs(dprocs, ctx + xs, lg)
+                        x = int(q.argmax()) if self.greedy else int(torch.multinomial(q, 1, generator=gen))
+                        dprocs.accept(torch.tensor([x]))
                     q_rows.append(q)
                     xs.append(x)
                     feed = [x]
@@ -229,9 +239,10 @@ class Speculative(GeneratorBase):
             if self.adaptive:
                 k = min(k + 2, 16) if kk and a == kk else max(1, k - 1)
             # 5. emit, watching for stops
+            emitted_lp = raw_lp[torch.arange(len(emitted)), torch.tensor(emitted)].tolist()  # one gather
             for j, tok in enumerate(emitted):
                 out.append(tok)
-                logprobs.append(float(raw_lp[j, tok]))
+                logprobs.append(emitted_lp[j])
                 if tok in stops:
                     finish, stop = "stop", tok
                     break

@@ -135,6 +135,12 @@ class KVCache:
 
     def truncate_(self, n: int | torch.Tensor) -> None:
         """Roll back the last ``n`` tokens (an int for all rows, or a [B] tensor)."""
+        if isinstance(n, int) and self.lengths.device.type == "cpu":  # the speculative loop's case, kept cheap
+            if n < 0 or n > int(self.lengths.numpy().min()):
+                raise ValueError("cannot truncate more tokens than a row holds (a shared prefix is never truncated)")
+            if n:
+                self.lengths = self.lengths - n
+            return
         n = torch.as_tensor(n, dtype=torch.long, device=self.lengths.device)
         if (n < 0).any() or (n > self.lengths).any():
             raise ValueError("cannot truncate more tokens than a row holds (a shared prefix is never truncated)")

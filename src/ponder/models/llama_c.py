@@ -29,11 +29,12 @@ from .llama import Transformer
 from .llama_numpy import NumpyLlama
 
 SOURCE = Path(__file__).with_name("llama_kernel.c")
-# -fassociative-math lets the compiler vectorise the dot products' sums (results
-# differ from a sequential sum by float rounding only); -march=native because the
-# library is built on the machine that runs it.
-FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros",
-         "-fassociative-math", "-ffp-contract=fast"]
+# -ffast-math lets the compiler vectorise the dot products' sums (results differ from a
+# sequential sum by float rounding only) and call glibc's vector expf; the kernel uses
+# no infinities or NaNs. It is given to the compile step only: linking a shared library
+# with it would add crtfastmath.o, which flushes denormals for the whole process.
+# -march=native because the library is built on the machine that runs it.
+FLAGS = ["-O3", "-march=native", "-fPIC", "-ffast-math"]
 
 _kernel: ctypes.CDLL | None = None
 _kernel_error: str | None = None
@@ -52,8 +53,9 @@ def _cpu_id() -> str:
 def _build(cc: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        out = Path(tmp) / target.name
-        subprocess.run([cc, *FLAGS, "-o", str(out), str(SOURCE), "-lm"], check=True, capture_output=True, timeout=120)
+        obj, out = Path(tmp) / "kernel.o", Path(tmp) / target.name
+        subprocess.run([cc, *FLAGS, "-c", "-o", str(obj), str(SOURCE)], check=True, capture_output=True, timeout=120)
+        subprocess.run([cc, "-shared", "-o", str(out), str(obj), "-lm"], check=True, capture_output=True, timeout=60)
         os.replace(out, target)  # atomic: concurrent first uses never load half a file
 
 
@@ -82,7 +84,8 @@ def load_kernel() -> ctypes.CDLL | None:
         _kernel_error = f"building {SOURCE.name} failed: {e} {detail.decode(errors='replace')[:500]}".strip()
         return None
     p = ctypes.c_void_p
-    lib.ponder_forward.argtypes = [p, p, ctypes.c_int, ctypes.c_int, p, p, p, ctypes.c_int64, p, p, p]
+    i = ctypes.c_int
+    lib.ponder_forward.argtypes = [p, p, i, i, p, p, p, ctypes.c_int64, p, p, p, p, p, i, p, i, p]
     lib.ponder_forward.restype = ctypes.c_int
     _kernel = lib
     return lib
@@ -96,7 +99,7 @@ _LAYER_FIELDS = ("ln1", "wqkv", "bqkv", "wo", "bo", "ln2", "wgu", "bgu", "wd", "
 
 
 class _Model(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_int) for n in ("hidden", "heads", "kv_heads", "head_dim", "ffn", "layers")] + [
+    _fields_ = [(n, ctypes.c_int) for n in ("hidden", "heads", "kv_heads", "head_dim", "ffn", "layers", "vocab")] + [
         ("eps", ctypes.c_float), ("embed", ctypes.c_void_p), ("norm", ctypes.c_void_p)] + [
         (n, ctypes.POINTER(ctypes.c_void_p)) for n in _LAYER_FIELDS]
 
@@ -127,10 +130,13 @@ class CLlama(NumpyLlama):
                 per_layer[n].append(_ptr(t))
         self._arrays = {n: (ctypes.c_void_p * len(v))(*v) for n, v in per_layer.items()}  # kept alive here
         self._struct = _Model(cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
-                              cfg.intermediate_size, cfg.num_hidden_layers, cfg.rms_norm_eps,
+                              cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size, cfg.rms_norm_eps,
                               _ptr(model.embed_tokens.weight), _ptr(model.norm.weight),
                               *(ctypes.cast(self._arrays[n], ctypes.POINTER(ctypes.c_void_p)) for n in _LAYER_FIELDS))
         self._struct_ptr = ctypes.addressof(self._struct)
+        head, bias = (self.score[0].T, self.score[1]) if self.score is not None else (self.head.T, None)
+        self._head_ptrs = (head.ctypes.data, None if bias is None else bias.ctypes.data, head.shape[0])
+        self._rope_ptrs: tuple[int, int] | None = None  # of the rotary table in use, renewed when it grows
 
     @staticmethod
     def _pointers(cache: KVCache) -> tuple[ctypes.Array, ctypes.Array]:
@@ -146,20 +152,50 @@ class CLlama(NumpyLlama):
             cache._c_pointers = v
         return v[2], v[3]
 
+    def _call(self, input_ids: torch.Tensor, cache: KVCache, out: torch.Tensor | None,
+              logits: torch.Tensor | None, sel: torch.Tensor | None) -> np.ndarray:
+        B, T = input_ids.shape
+        ids = input_ids.contiguous().long()
+        lengths = cache.lengths.contiguous()
+        start = lengths.numpy()
+        hi = int(start[0]) if B == 1 else int(start.max())
+        cache.reserve(hi + T)  # may replace the tensors: take pointers after
+        ks, vs = self._pointers(cache)
+        if self._rope_ptrs is None or self._cos.shape[0] < hi + T:
+            cos, sin = self._rope(hi + T)
+            self._rope_ptrs = (cos.ctypes.data, sin.ctypes.data)
+        status = self.lib.ponder_forward(
+            self._struct_ptr, ids.data_ptr(), B, T, lengths.data_ptr(), ks, vs, cache.capacity, *self._rope_ptrs,
+            None if out is None else out.data_ptr(), *self._head_ptrs, None if sel is None else sel.data_ptr(),
+            0 if sel is None else sel.shape[0], None if logits is None else logits.data_ptr())
+        if status == 2:
+            raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}); got {int(ids.min())}..{int(ids.max())}")
+        if status != 0:
+            raise MemoryError("the C kernel could not allocate its scratch memory")
+        return start
+
     def forward(self, input_ids: np.ndarray, cache: KVCache | None, num_new: np.ndarray | None = None) -> np.ndarray:
         B, T = input_ids.shape
         if cache is None:  # a whole causal sequence: run it through a scratch cache
-            scratch = KVCache(self.cfg.num_hidden_layers, B, self.KV, self.D, T)
-            return self.forward(input_ids, scratch)
-        start = np.ascontiguousarray(cache.lengths.numpy(), dtype=np.int64)
-        cache.reserve(int(start.max()) + T)  # may replace the tensors: take pointers after
-        ks, vs = self._pointers(cache)
-        cos, sin = self._rope(int(start.max()) + T)
-        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
-        out = np.empty((B, T, self.cfg.hidden_size), dtype=np.float32)
-        status = self.lib.ponder_forward(self._struct_ptr, ids.ctypes.data, B, T, start.ctypes.data, ks, vs,
-                                         cache.capacity, cos.ctypes.data, sin.ctypes.data, out.ctypes.data)
-        if status != 0:
-            raise MemoryError("the C kernel could not allocate its scratch memory")
+            cache = KVCache(self.cfg.num_hidden_layers, B, self.KV, self.D, T)
+        out = torch.empty((B, T, self.cfg.hidden_size))
+        start = self._call(torch.from_numpy(input_ids), cache, out, None, None)
         cache.lengths = torch.from_numpy(start + (T if num_new is None else num_new))
-        return out
+        return out.numpy()
+
+    def run_torch(self, input_ids: torch.Tensor, cache: KVCache | None, num_new: torch.Tensor | None = None,
+                  last_only: bool = False) -> torch.Tensor:
+        B, T = input_ids.shape
+        if cache is None:
+            cache = KVCache(self.cfg.num_hidden_layers, B, self.KV, self.D, T)
+        n_out = self.head.shape[1] if self.score is None else self.score[0].shape[1]
+        sel = None
+        if last_only:
+            last = torch.full((B,), T - 1) if num_new is None else num_new - 1
+            sel = torch.arange(B) * T + last
+            logits = torch.empty((B, n_out))
+        else:
+            logits = torch.empty((B, T, n_out))
+        start = self._call(input_ids, cache, None, logits, sel)
+        cache.lengths = torch.from_numpy(start + (T if num_new is None else num_new.numpy()))
+        return logits

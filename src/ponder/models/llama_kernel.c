@@ -17,7 +17,7 @@
 #include <string.h>
 
 typedef struct {
-    int hidden, heads, kv_heads, head_dim, ffn, layers;
+    int hidden, heads, kv_heads, head_dim, ffn, layers, vocab;
     float eps;
     const float *embed;  /* [V, hidden] */
     const float *norm;   /* [hidden] */
@@ -40,7 +40,47 @@ static void matmul(float *y, const float *x, const float *W, const float *b, int
     int j = 0;
     for (; j + 4 <= out; j += 4) {
         const float *w0 = W + (size_t)j * in, *w1 = w0 + in, *w2 = w1 + in, *w3 = w2 + in;
-        for (int r = 0; r < R; r++) {
+        int r = 0;
+        for (; r + 3 <= R; r += 3) { /* three token rows at once: 12 sums per 7 loads */
+            const float *xa = x + (size_t)r * in, *xb = xa + in, *xc = xb + in;
+            float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f, b0 = 0.0f, b1 = 0.0f, b2 = 0.0f, b3 = 0.0f;
+            float c0 = 0.0f, c1 = 0.0f, c2 = 0.0f, c3 = 0.0f;
+            for (int k = 0; k < in; k++) {
+                float u = xa[k], v = xb[k], t = xc[k];
+                a0 += w0[k] * u; a1 += w1[k] * u; a2 += w2[k] * u; a3 += w3[k] * u;
+                b0 += w0[k] * v; b1 += w1[k] * v; b2 += w2[k] * v; b3 += w3[k] * v;
+                c0 += w0[k] * t; c1 += w1[k] * t; c2 += w2[k] * t; c3 += w3[k] * t;
+            }
+            float bj[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            if (b) { bj[0] = b[j]; bj[1] = b[j + 1]; bj[2] = b[j + 2]; bj[3] = b[j + 3]; }
+            float *ya = y + (size_t)r * out + j, *yb = ya + out, *yc = yb + out;
+            if (!accumulate) {
+                for (int i = 0; i < 4; i++) ya[i] = yb[i] = yc[i] = 0.0f;
+            }
+            ya[0] += a0 + bj[0]; ya[1] += a1 + bj[1]; ya[2] += a2 + bj[2]; ya[3] += a3 + bj[3];
+            yb[0] += b0 + bj[0]; yb[1] += b1 + bj[1]; yb[2] += b2 + bj[2]; yb[3] += b3 + bj[3];
+            yc[0] += c0 + bj[0]; yc[1] += c1 + bj[1]; yc[2] += c2 + bj[2]; yc[3] += c3 + bj[3];
+        }
+        for (; r + 2 <= R; r += 2) { /* two token rows at once: 8 sums per weight load */
+            const float *xa = x + (size_t)r * in, *xb = xa + in;
+            float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f, b0 = 0.0f, b1 = 0.0f, b2 = 0.0f, b3 = 0.0f;
+            for (int k = 0; k < in; k++) {
+                float u = xa[k], v = xb[k];
+                a0 += w0[k] * u; a1 += w1[k] * u; a2 += w2[k] * u; a3 += w3[k] * u;
+                b0 += w0[k] * v; b1 += w1[k] * v; b2 += w2[k] * v; b3 += w3[k] * v;
+            }
+            float bj[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            if (b) { bj[0] = b[j]; bj[1] = b[j + 1]; bj[2] = b[j + 2]; bj[3] = b[j + 3]; }
+            float *ya = y + (size_t)r * out + j, *yb = ya + out;
+            if (accumulate) {
+                ya[0] += a0 + bj[0]; ya[1] += a1 + bj[1]; ya[2] += a2 + bj[2]; ya[3] += a3 + bj[3];
+                yb[0] += b0 + bj[0]; yb[1] += b1 + bj[1]; yb[2] += b2 + bj[2]; yb[3] += b3 + bj[3];
+            } else {
+                ya[0] = a0 + bj[0]; ya[1] = a1 + bj[1]; ya[2] = a2 + bj[2]; ya[3] = a3 + bj[3];
+                yb[0] = b0 + bj[0]; yb[1] = b1 + bj[1]; yb[2] = b2 + bj[2]; yb[3] = b3 + bj[3];
+            }
+        }
+        for (; r < R; r++) {
             const float *xr = x + (size_t)r * in;
             float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
             for (int k = 0; k < in; k++) {
@@ -87,14 +127,19 @@ static void rope(float *x, const float *cos, const float *sin, int D) {
     }
 }
 
-/* Returns 0, or 1 if scratch memory could not be allocated. `out`: [R, hidden], the
- * final normed hidden states. */
+/* The whole pass. `out` [R, hidden] receives the final normed hidden states (NULL: not
+ * wanted); `logits` [n_sel, head_rows] receives head·h (+ head_bias) for the token rows
+ * listed in `sel` (NULL: every row, in order). Returns 0; 1 if scratch memory could
+ * not be allocated; 2 if a token id is outside [0, vocab). */
 int ponder_forward(const Model *m, const int64_t *ids, int B, int T, const int64_t *start,
                    float *const *kc, float *const *vc, int64_t cap, const float *cos, const float *sin,
-                   float *out) {
+                   float *out, const float *head, const float *head_bias, int head_rows, const int64_t *sel, int n_sel,
+                   float *logits) {
     const int h = m->hidden, H = m->heads, KV = m->kv_heads, D = m->head_dim, F = m->ffn;
     const int G = H / KV, R = B * T, QKV = (H + 2 * KV) * D;
     const float scale = 1.0f / sqrtf((float)D);
+    for (int r = 0; r < R; r++)
+        if (ids[r] < 0 || ids[r] >= m->vocab) return 2;
     int64_t span = 0;
     for (int b = 0; b < B; b++)
         if (start[b] + T > span) span = start[b] + T;
@@ -166,7 +211,16 @@ int ponder_forward(const Model *m, const int64_t *ids, int B, int T, const int64
         }
         matmul(x, act, m->wd[l], m->bd[l], R, F, h, 1); /* residual */
     }
-    for (int r = 0; r < R; r++) rmsnorm(out + (size_t)r * h, x + (size_t)r * h, m->norm, h, m->eps);
+    for (int r = 0; r < R; r++) rmsnorm(xn + (size_t)r * h, x + (size_t)r * h, m->norm, h, m->eps);
+    if (out) memcpy(out, xn, sizeof(float) * (size_t)R * h);
+    if (logits) {
+        if (sel) { /* gather the selected rows, then one product */
+            for (int i = 0; i < n_sel; i++) memcpy(x + (size_t)i * h, xn + (size_t)sel[i] * h, sizeof(float) * h);
+            matmul(logits, x, head, head_bias, n_sel, h, head_rows, 0);
+        } else {
+            matmul(logits, xn, head, head_bias, R, h, head_rows, 0);
+        }
+    }
     free(x); free(xn); free(qkv); free(att); free(gu); free(act); free(p);
     return 0;
 }

@@ -198,6 +198,12 @@ class NumpyLlama:
             return h @ self.score[0] + self.score[1]
         return h @ self.head
 
+    def run_torch(self, input_ids: torch.Tensor, cache: KVCache | None, num_new: torch.Tensor | None = None,
+                  last_only: bool = False) -> torch.Tensor:
+        """``run`` on torch tensors in and out (what ``NativeLM.forward`` calls)."""
+        nn = None if num_new is None else num_new.numpy()
+        return torch.from_numpy(self.run(input_ids.numpy(), cache, nn, last_only))
+
     def run(self, input_ids: np.ndarray, cache: KVCache | None, num_new: np.ndarray | None = None,
             last_only: bool = False) -> np.ndarray:
         """``forward`` then ``logits``: [B, T, V], or [B, V] at each row's last new token

@@ -83,7 +83,6 @@ class NativeLM:
     def new_cache(self, batch_size: int, capacity: int = 256) -> KVCache:
         return self.model.new_cache(batch_size, capacity)
 
-    @torch.inference_mode()
     def forward(
         self,
         input_ids: torch.Tensor,  # [B, T]
@@ -95,9 +94,12 @@ class NativeLM:
         """Logits [B, T, V] (float32), or [B, V] at each row's last new token when
         ``last_only``. With ``output_hidden_states`` returns (logits, hidden_states)."""
         fast = self._numpy_for(cache) if not output_hidden_states else None
-        if fast is not None:
-            nn = None if num_new is None else num_new.numpy()
-            return torch.from_numpy(fast.run(input_ids.numpy(), cache, nn, last_only))
+        if fast is not None:  # no autograd outside torch: no inference-mode context to enter
+            return fast.run_torch(input_ids, cache, num_new, last_only)
+        return self._torch_forward(input_ids, cache, num_new, last_only, output_hidden_states)
+
+    @torch.inference_mode()
+    def _torch_forward(self, input_ids, cache, num_new, last_only, output_hidden_states):
         out = self.model(input_ids, cache, num_new, output_hidden_states=output_hidden_states)
         h, hidden = out if output_hidden_states else (out, None)
         if last_only:
