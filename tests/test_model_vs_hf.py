@@ -129,6 +129,8 @@ def test_auto_backend_is_c_and_falls_back_to_numpy_without_a_compiler(hf_checkpo
 
     folder, _ = hf_checkpoints["llama_gqa"]
     assert _native(folder).backend_in_use == "c"
+    # the kernel was compiled with fast-math but must not flush denormals process-wide
+    assert torch.tensor([1e-40]).item() != 0.0
     assert _native(folder, backend="torch").backend_in_use == "torch"
     assert _native(folder, "bfloat16").backend_in_use == "torch"
     code = ("from ponder.models.native import NativeLM\nfrom ponder.models.loader import *\n"
