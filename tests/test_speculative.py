@@ -148,3 +148,25 @@ def test_bad_settings(models):
         Speculative(lm, "lookup")
     with pytest.raises(SettingError, match="temperature must be >= 0"):
         Speculative(lm, lm, temperature=-1)
+
+
+def test_greedy_draft_in_one_call_equals_k_steps(arith_lm):
+    """The C kernel's fused drafting is the manual loop: feed, argmax, feed it, ...
+    with the same tokens and the same cache afterwards (neither feeds the last draft)."""
+    prompt = arith_lm.encode("Q: 123+45-6\n")
+    _, fused = arith_lm.prefill([prompt[:-3]])
+    _, manual = arith_lm.prefill([prompt[:-3]])
+    feed = prompt[-3:]
+    tokens = arith_lm.greedy_draft(feed, 5, fused)
+    assert tokens is not None and len(tokens) == 5
+    expected, ids = [], feed
+    for _ in range(5):
+        lg = arith_lm.forward(torch.tensor([ids]), manual)[0, -1]
+        expected.append(int(lg.argmax()))
+        ids = [expected[-1]]
+    assert tokens == expected
+    assert fused.lengths.tolist() == manual.lengths.tolist() == [len(prompt) + 4]
+    n = int(fused.lengths[0])
+    for a, b in zip(fused.k + fused.v, manual.k + manual.v):
+        assert torch.allclose(a[:, :n], b[:, :n], atol=1e-5)
+    assert NativeLM(arith_lm.model, arith_lm.tokenizer, backend="torch").greedy_draft(feed, 2, fused) is None

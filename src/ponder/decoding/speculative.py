@@ -123,6 +123,20 @@ class Speculative(GeneratorBase):
         dprocs.accept(torch.tensor([new_tok]))
         return a, new_tok
 
+    @staticmethod
+    def _prefill(lm: Any, prompts: list[list[int]], cap: int) -> tuple[Any, list[int]]:
+        """Prefill through the model's prefix cache (shared with its engine), so that a
+        speculative call reuses and leaves prompt KV like every other call. Returns the
+        cache and the tokens reused per prompt."""
+        from ..engine.engine import engine_for, prefill_with_prefix_cache
+
+        eng = engine_for(lm) if hasattr(lm, "new_cache") else None
+        if eng is None or eng.prefix_cache is None:
+            return lm.prefill(prompts, capacity=cap)[1], [0] * len(prompts)
+        with eng._lock:
+            _, cache, hits = prefill_with_prefix_cache(lm, eng.prefix_cache, prompts, cap)
+        return cache, hits
+
     def _lookup(self, ctx: list[int], k: int) -> list[int]:
         """Prompt lookup: the k tokens after the latest earlier match of the last n-gram."""
         for n in range(min(self.max_ngram, len(ctx) - 1), 0, -1):
@@ -171,8 +185,8 @@ class Speculative(GeneratorBase):
         cap = len(prompt) + opts.max_tokens + 2 * max(k, 8) + 2
         head = [prompt[:-1]] if len(prompt) > 1 else [prompt]
         # The caches hold every token but the last one emitted, which is "pending".
-        _, tcache = T.prefill(head, capacity=cap)
-        dcache = None if self.ngram else D.prefill(head, capacity=cap)[1]
+        tcache, t_hit = self._prefill(T, head, cap)
+        dcache, d_hit = (None, [0]) if self.ngram else self._prefill(D, head, cap)
         if len(prompt) == 1:  # nothing to prefill: start from empty caches
             tcache.truncate_(1)
             if dcache is not None:
@@ -181,8 +195,8 @@ class Speculative(GeneratorBase):
         out: list[int] = []
         logprobs: list[float] = []
         drafted = accepted = t_computed = d_computed = calls = rounds = 0
-        t_computed += max(len(prompt) - 1, 0)
-        d_computed += 0 if self.ngram else max(len(prompt) - 1, 0)
+        t_computed += max(len(prompt) - 1, 0) - t_hit[0]
+        d_computed += 0 if self.ngram else max(len(prompt) - 1, 0) - d_hit[0]
         finish, stop = "length", None
         while len(out) < opts.max_tokens:
             kk = min(k, opts.max_tokens - len(out) - 1)
@@ -194,6 +208,10 @@ class Speculative(GeneratorBase):
                 for x in xs:
                     dprocs.accept(torch.tensor([x]))
                 q_rows = [None] * len(xs)
+            elif kk and self.greedy and dprocs.is_identity and (
+                    xs := (D.greedy_draft(d_pending, kk, dcache) if hasattr(D, "greedy_draft") else None)) is not None:
+                d_computed += len(d_pending) + kk - 1  # all kk passes in one call to the C kernel
+                q_rows = [None] * kk  # greedy drafts are point masses
             else:
                 xs = []
                 feed = list(d_pending)
@@ -268,6 +286,7 @@ class Speculative(GeneratorBase):
         return Generation(text=text, token_ids=out, logprobs=logprobs, finish_reason=finish, usage=usage, stop=stop,
                           meta={"strategy": self.strategy, "draft": "ngram" if self.ngram else getattr(D, "name", "draft"),
                                 "drafted": drafted, "accepted": accepted, "rounds": rounds,
+                                "prefix_cache_hit_tokens": t_hit[0],
                                 "acceptance_rate": accepted / drafted if drafted else 0.0})
 
     @torch.inference_mode()
@@ -291,11 +310,11 @@ class Speculative(GeneratorBase):
         cap = max(map(len, prompts)) + opts.max_tokens + 2 * max(k, 8) + 2
         heads = [p[:-1] if len(p) > 1 else p for p in prompts]
         empty = torch.tensor([1 if len(p) == 1 else 0 for p in prompts])
-        _, tcache = T.prefill(heads, capacity=cap)
+        tcache, t_hit = self._prefill(T, heads, cap)
         tcache.truncate_(empty)
-        dcache = None
+        dcache, d_hit = None, [0] * B
         if not self.ngram:
-            _, dcache = D.prefill(heads, capacity=cap)
+            dcache, d_hit = self._prefill(D, heads, cap)
             dcache.truncate_(empty)
         t_pending = [[p[-1]] for p in prompts]
         d_pending = [[p[-1]] for p in prompts]
@@ -304,7 +323,8 @@ class Speculative(GeneratorBase):
         finish: list[str | None] = [None] * B
         stop: list[str | int | None] = [None] * B
         drafted, accepted = [0] * B, [0] * B
-        computed = sum(len(h) - e for h, e in zip(heads, empty.tolist())) * (1 if self.ngram else 2)
+        computed = sum(len(h) - e - t for h, e, t in zip(heads, empty.tolist(), t_hit))
+        computed += 0 if self.ngram else sum(len(h) - e - d for h, e, d in zip(heads, empty.tolist(), d_hit))
         calls = rounds = 0
         alive = list(range(B))  # batch position -> row
         while alive:

@@ -261,21 +261,9 @@ class Engine:
 
     def _prefill_with_reuse(self, new: list[Request], cap: int):
         """Prefill only what the prefix cache lacks; store every prompt's KV afterwards."""
-        lm, pc = self.lm, self.prefix_cache
-        cache = lm.new_cache(len(new), cap)
-        hits = []
-        for i, r in enumerate(new):
-            # keep at least one token to compute: its logits start the generation
-            m, k, v = pc.lookup(r.prompt, limit=len(r.prompt) - 1)
-            if m:
-                cache.write_prefix_(i, k, v)
+        logits, cache, hits = prefill_with_prefix_cache(self.lm, self.prefix_cache, [r.prompt for r in new], cap)
+        for r, m in zip(new, hits):
             r.reused = m
-            hits.append(m)
-        logits, _ = lm.prefill([r.prompt[m:] for r, m in zip(new, hits)], cache=cache)
-        for i, r in enumerate(new):
-            if hits[i] < len(r.prompt):
-                k, v = cache.read_row(i, len(r.prompt))
-                pc.insert(r.prompt, k, v)
         return logits, cache
 
     def _decode(self, t0: float) -> None:
@@ -433,6 +421,25 @@ class Engine:
             g.meta["prefix_cache_hit_tokens"] = r.reused
         r.outputs[row.sample] = g
         r.events.append(StreamEvent(r.index_base + row.sample, row.ids[-1], row.text[min(row.released, len(row.text)):], g))
+
+
+def prefill_with_prefix_cache(lm: Any, prefix_cache: Any, prompts: Sequence[Sequence[int]], capacity: int):
+    """Prefill prompts, computing only what ``prefix_cache`` lacks (at least each
+    prompt's last token, whose logits start a generation), then store every prompt's
+    KV there. Returns (last-token logits [B, V], cache, cached tokens reused per prompt)."""
+    cache = lm.new_cache(len(prompts), capacity)
+    hits = []
+    for i, p in enumerate(prompts):
+        m, k, v = prefix_cache.lookup(list(p), limit=len(p) - 1)
+        if m:
+            cache.write_prefix_(i, k, v)
+        hits.append(m)
+    logits, _ = lm.prefill([list(p[m:]) for p, m in zip(prompts, hits)], cache=cache)
+    for i, p in enumerate(prompts):
+        if hits[i] < len(p):
+            k, v = cache.read_row(i, len(p))
+            prefix_cache.insert(list(p), k, v)
+    return logits, cache, hits
 
 
 def engine_for(lm: Any) -> Engine:

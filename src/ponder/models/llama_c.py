@@ -87,6 +87,8 @@ def load_kernel() -> ctypes.CDLL | None:
     i = ctypes.c_int
     lib.ponder_forward.argtypes = [p, p, i, i, p, p, p, ctypes.c_int64, p, p, p, p, p, i, p, i, p]
     lib.ponder_forward.restype = ctypes.c_int
+    lib.ponder_greedy_draft.argtypes = [p, p, i, i, p, p, p, ctypes.c_int64, p, p, p, i, p]
+    lib.ponder_greedy_draft.restype = ctypes.c_int
     _kernel = lib
     return lib
 
@@ -199,3 +201,29 @@ class CLlama(NumpyLlama):
         start = self._call(input_ids, cache, None, logits, sel)
         cache.lengths = torch.from_numpy(start + (T if num_new is None else num_new.numpy()))
         return logits
+
+    def greedy_draft(self, feed: list[int], k: int, cache: KVCache) -> list[int]:
+        """k greedy tokens for one row (see ``ponder_greedy_draft``): feed the pending
+        tokens, then each argmax; the last draft is not fed."""
+        if cache.batch_size != 1 or self.score is not None:
+            raise ValueError("greedy drafting takes one row of a language model")
+        ids = np.asarray(feed, dtype=np.int64)
+        if ids.size == 0 or k < 1:
+            raise ValueError("greedy drafting needs at least one pending token and k >= 1")
+        if ids.min() < 0 or ids.max() >= self.cfg.vocab_size:
+            raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}); got {ids.min()}..{ids.max()}")
+        start = np.array(cache.lengths.numpy(), dtype=np.int64)  # a copy: the kernel advances it
+        end = int(start[0]) + len(feed) + k
+        cache.reserve(end)
+        ks, vs = self._pointers(cache)
+        if self._rope_ptrs is None or self._cos.shape[0] < end:
+            cos, sin = self._rope(end)
+            self._rope_ptrs = (cos.ctypes.data, sin.ctypes.data)
+        tokens = np.empty(k, dtype=np.int64)
+        status = self.lib.ponder_greedy_draft(self._struct_ptr, ids.ctypes.data, len(feed), k, start.ctypes.data, ks,
+                                              vs, cache.capacity, *self._rope_ptrs, self._head_ptrs[0],
+                                              self._head_ptrs[2], tokens.ctypes.data)
+        if status != 0:
+            raise MemoryError("the C kernel could not allocate its scratch memory")
+        cache.lengths = torch.from_numpy(start)
+        return tokens.tolist()

@@ -146,6 +146,15 @@ class NativeLM:
         fast = self._numpy_for(None)
         return "c" if type(fast).__name__ == "CLlama" else "numpy"
 
+    def greedy_draft(self, feed: Sequence[int], k: int, cache: KVCache) -> list[int] | None:
+        """k greedy tokens for a one-row cache in one call (speculative drafting): the
+        pending ``feed`` then each argmax is fed, the last draft is not. None when the
+        C kernel does not serve this model or cache (callers then step one by one)."""
+        fast = self._numpy_for(cache) if self.backend in ("auto", "c") else None
+        if fast is None or not hasattr(fast, "greedy_draft") or cache.batch_size != 1 or self.cfg.is_reward_model:
+            return None
+        return fast.greedy_draft(list(feed), k, cache)
+
     def pad_batch(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Sequences of different lengths as one right-padded batch: ids [B, T] and the
         number of real tokens per row [B] (what ``forward`` takes as ``num_new``)."""
