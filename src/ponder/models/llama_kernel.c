@@ -135,6 +135,37 @@ static void matmul(float *y, const float *x, const float *W, const float *b, int
     }
 }
 
+/* p[g·stride_p + j] = q_g · K_j for the G query heads of one KV head (q: [G, D]) and
+ * key slots j < n (K_j = K + j·k_stride): a small matrix product with the slots as
+ * weight rows, so four slots share each query load (block4 when it applies). */
+static void scores(float *p, const float *q, const float *K, size_t k_stride, int64_t n, int G, int D,
+                   int64_t stride_p) {
+    int64_t j = 0;
+#ifdef HAVE_AVX2
+    if (D % 8 == 0 && G <= 3) {
+        float s4[12];
+        for (; j + 4 <= n; j += 4) {
+            const float *ws[4] = {K + (size_t)j * k_stride, K + (size_t)(j + 1) * k_stride,
+                                  K + (size_t)(j + 2) * k_stride, K + (size_t)(j + 3) * k_stride};
+            if (G == 1) block4(ws, q, D, 1, s4);
+            else if (G == 2) block4(ws, q, D, 2, s4);
+            else block4(ws, q, D, 3, s4);
+            for (int g = 0; g < G; g++)
+                for (int i = 0; i < 4; i++) p[g * stride_p + j + i] = s4[4 * g + i];
+        }
+    }
+#endif
+    for (; j < n; j++) {
+        const float *kj = K + (size_t)j * k_stride;
+        for (int g = 0; g < G; g++) {
+            const float *qh = q + (size_t)g * D;
+            float s = 0.0f;
+            for (int d = 0; d < D; d++) s += qh[d] * kj[d];
+            p[g * stride_p + j] = s;
+        }
+    }
+}
+
 /* x·cos + roll(x, D/2)·sin for one head (sin carries rotate-half's sign). */
 static void rope(float *x, const float *cos, const float *sin, int D) {
     int h = D / 2;
@@ -167,7 +198,7 @@ static int forward_impl(const Model *m, const int64_t *ids, int B, int T, const 
     float *att = malloc(sizeof(float) * (size_t)R * H * D);
     float *gu = malloc(sizeof(float) * (size_t)R * 2 * F);
     float *act = malloc(sizeof(float) * (size_t)R * F);
-    float *p = malloc(sizeof(float) * (size_t)span);
+    float *p = malloc(sizeof(float) * (size_t)G * span);
     if (!x || !xn || !qkv || !att || !gu || !act || !p) {
         free(x); free(xn); free(qkv); free(att); free(gu); free(act); free(p);
         return 1;
@@ -193,29 +224,28 @@ static int forward_impl(const Model *m, const int64_t *ids, int B, int T, const 
                 int64_t pos = start[b] + t;
                 const float *row = qkv + (size_t)(b * T + t) * QKV;
                 float *o = att + (size_t)(b * T + t) * H * D;
-                for (int hd = 0; hd < H; hd++) {
-                    const float *q = row + (size_t)hd * D;
-                    const float *K = kc[l] + (size_t)b * cap * KV * D + (size_t)(hd / G) * D;
-                    const float *V = vc[l] + (size_t)b * cap * KV * D + (size_t)(hd / G) * D;
-                    float mx = -FLT_MAX;
-                    for (int64_t j = 0; j <= pos; j++) {
-                        const float *kj = K + (size_t)j * KV * D;
-                        float s = 0.0f;
-                        for (int d = 0; d < D; d++) s += q[d] * kj[d];
-                        p[j] = s * scale;
-                        if (p[j] > mx) mx = p[j];
-                    }
-                    float sum = 0.0f;
-                    for (int64_t j = 0; j <= pos; j++) {
-                        p[j] = expf(p[j] - mx);
-                        sum += p[j];
-                    }
-                    float *oh = o + (size_t)hd * D;
-                    for (int d = 0; d < D; d++) oh[d] = 0.0f;
-                    for (int64_t j = 0; j <= pos; j++) {
-                        const float *vj = V + (size_t)j * KV * D;
-                        float w = p[j] / sum;
-                        for (int d = 0; d < D; d++) oh[d] += w * vj[d];
+                for (int g0 = 0; g0 < KV; g0++) { /* the G query heads that read KV head g0 */
+                    const float *K = kc[l] + (size_t)b * cap * KV * D + (size_t)g0 * D;
+                    const float *V = vc[l] + (size_t)b * cap * KV * D + (size_t)g0 * D;
+                    const float *qg = row + (size_t)g0 * G * D; /* [G, D], contiguous */
+                    scores(p, qg, K, (size_t)KV * D, pos + 1, G, D, span);
+                    for (int g = 0; g < G; g++) {
+                        float *pg = p + (size_t)g * span, mx = -FLT_MAX, sum = 0.0f;
+                        for (int64_t j = 0; j <= pos; j++) {
+                            pg[j] *= scale;
+                            if (pg[j] > mx) mx = pg[j];
+                        }
+                        for (int64_t j = 0; j <= pos; j++) {
+                            pg[j] = expf(pg[j] - mx);
+                            sum += pg[j];
+                        }
+                        float *oh = o + (size_t)(g0 * G + g) * D;
+                        for (int d = 0; d < D; d++) oh[d] = 0.0f;
+                        for (int64_t j = 0; j <= pos; j++) {
+                            const float *vj = V + (size_t)j * KV * D;
+                            float w = pg[j] / sum;
+                            for (int d = 0; d < D; d++) oh[d] += w * vj[d];
+                        }
                     }
                 }
             }
