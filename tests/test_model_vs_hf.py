@@ -123,6 +123,28 @@ def test_fast_backends_agree_with_torch_on_mixed_steps(hf_checkpoints, backend):
         a.forward(torch.tensor([[a.vocab_size]]), None)
 
 
+def test_c_kernel_reads_shared_prefixes_like_the_torch_model(hf_checkpoints):
+    """Cascade attention (a prompt's KV kept once for the rows forked from it): the C
+    kernel against the torch model's shared_prefix_attention, on ragged rows."""
+    folder, _ = hf_checkpoints["qwen2_bias"]
+    a, b = _native(folder, backend="c"), _native(folder, backend="torch")
+    torch.manual_seed(5)
+    prompts = [torch.randint(1, a.vocab_size, (n,)).tolist() for n in (12, 7)]
+    caches = []
+    for lm in (a, b):
+        _, c = lm.prefill(prompts)
+        c.share_rows_([0])  # prompt 0 becomes a shared prefix; prompt 1 keeps its own slots
+        caches.append(c.fork([0, 0, 1, 0]))
+    for step in range(4):
+        tok = torch.randint(1, a.vocab_size, (4,))
+        la, lb = a.step(tok, caches[0]), b.step(tok, caches[1])
+        assert (la - lb).abs().max().item() < 1e-4
+        if step == 1:
+            for c in caches:
+                c.reorder_([1, 1, 2, 3])  # rows fork again mid-way
+    assert caches[0].lengths.tolist() == caches[1].lengths.tolist()
+
+
 def test_auto_backend_is_c_and_falls_back_to_numpy_without_a_compiler(hf_checkpoints, tmp_path):
     import subprocess
     import sys

@@ -85,7 +85,7 @@ def load_kernel() -> ctypes.CDLL | None:
         return None
     p = ctypes.c_void_p
     i = ctypes.c_int
-    lib.ponder_forward.argtypes = [p, p, i, i, p, p, p, ctypes.c_int64, p, p, p, p, p, i, p, i, p]
+    lib.ponder_forward.argtypes = [p, p, i, i, p, p, p, ctypes.c_int64, p, p, p, p, p, p, p, p, i, p, i, p]
     lib.ponder_forward.restype = ctypes.c_int
     lib.ponder_greedy_draft.argtypes = [p, p, i, i, p, p, p, ctypes.c_int64, p, p, p, i, p]
     lib.ponder_greedy_draft.restype = ctypes.c_int
@@ -154,6 +154,34 @@ class CLlama(NumpyLlama):
             cache._c_pointers = v
         return v[2], v[3]
 
+    handles_shared_prefix = True
+
+    @staticmethod
+    def _shared_pointers(cache: KVCache):
+        """Per row and layer, the K and V data pointers of the shared prefix the row reads
+        (cascade layout, see KVCache.share_rows_), and each row's prefix length; all
+        None when no row reads one. Kept on the cache until its groups change."""
+        v = getattr(cache, "_c_shared", None)
+        if v is None or v[0] is not cache.group or v[1] is not cache.shared or len(v[2]) != len(cache.shared):
+            groups = cache.group.tolist()
+            if all(g < 0 for g in groups):
+                arrays = (None, None, None)
+            else:
+                L = len(cache.k)
+                pk, pv = [], []
+                for g in groups:
+                    for layer in range(L):
+                        for out, t in ((pk, cache.shared[g][0][layer] if g >= 0 else None),
+                                       (pv, cache.shared[g][1][layer] if g >= 0 else None)):
+                            if t is not None and not t.is_contiguous():
+                                raise ValueError("the C kernel needs contiguous shared-prefix KV")
+                            out.append(None if t is None else t.data_ptr())
+                plen = np.ascontiguousarray(cache.base.numpy(), dtype=np.int64)
+                arrays = ((ctypes.c_void_p * len(pk))(*pk), (ctypes.c_void_p * len(pv))(*pv), plen)
+            v = (cache.group, cache.shared, list(cache.shared), arrays)
+            cache._c_shared = v
+        return v[3]
+
     def _call(self, input_ids: torch.Tensor, cache: KVCache, out: torch.Tensor | None,
               logits: torch.Tensor | None, sel: torch.Tensor | None) -> np.ndarray:
         B, T = input_ids.shape
@@ -163,11 +191,14 @@ class CLlama(NumpyLlama):
         hi = int(start[0]) if B == 1 else int(start.max())
         cache.reserve(hi + T)  # may replace the tensors: take pointers after
         ks, vs = self._pointers(cache)
-        if self._rope_ptrs is None or self._cos.shape[0] < hi + T:
-            cos, sin = self._rope(hi + T)
+        pk, pv, plen = self._shared_pointers(cache) if cache.shared else (None, None, None)
+        end = hi + T if plen is None else int((start + plen).max()) + T  # positions to rotate
+        if self._rope_ptrs is None or self._cos.shape[0] < end:
+            cos, sin = self._rope(end)
             self._rope_ptrs = (cos.ctypes.data, sin.ctypes.data)
         status = self.lib.ponder_forward(
-            self._struct_ptr, ids.data_ptr(), B, T, lengths.data_ptr(), ks, vs, cache.capacity, *self._rope_ptrs,
+            self._struct_ptr, ids.data_ptr(), B, T, lengths.data_ptr(), ks, vs, cache.capacity, pk, pv,
+            None if plen is None else plen.ctypes.data, *self._rope_ptrs,
             None if out is None else out.data_ptr(), *self._head_ptrs, None if sel is None else sel.data_ptr(),
             0 if sel is None else sel.shape[0], None if logits is None else logits.data_ptr())
         if status == 2:

@@ -6,8 +6,10 @@
  * maths is llama.py's: RMSNorm, fused q/k/v, rotate-half rotary embeddings (the sign
  * lives in the sin table), grouped-query attention, SwiGLU, optional biases.
  *
- * Shapes: R = B*T token rows (B sequences, T new tokens each); row b's token t sits at
- * position start[b] + t. KV cache per layer: [B, cap, KV, D], contiguous.
+ * Shapes: R = B*T token rows (B sequences, T new tokens each); row b's token t sits in
+ * own slot start[b] + t, at position plen[b] + start[b] + t, where plen[b] is the length
+ * of the shared prefix the row reads (0 without one). KV cache per layer: [B, cap, KV,
+ * D], contiguous; a shared prefix per row and layer: [plen[b], KV, D].
  * Built by llama_c.py with the system C compiler on first use.
  */
 #include <float.h>
@@ -181,7 +183,8 @@ static void rope(float *x, const float *cos, const float *sin, int D) {
  * listed in `sel` (NULL: every row, in order). Returns 0; 1 if scratch memory could
  * not be allocated; 2 if a token id is outside [0, vocab). */
 static int forward_impl(const Model *m, const int64_t *ids, int B, int T, const int64_t *start,
-                        float *const *kc, float *const *vc, int64_t cap, const float *cos, const float *sin,
+                        float *const *kc, float *const *vc, int64_t cap, const float *const *pk,
+                        const float *const *pv, const int64_t *plen, const float *cos, const float *sin,
                         float *out, const float *head, const float *head_bias, int head_rows, const int64_t *sel,
                         int n_sel, float *logits) {
     const int h = m->hidden, H = m->heads, KV = m->kv_heads, D = m->head_dim, F = m->ffn;
@@ -189,16 +192,19 @@ static int forward_impl(const Model *m, const int64_t *ids, int B, int T, const 
     const float scale = 1.0f / sqrtf((float)D);
     for (int r = 0; r < R; r++)
         if (ids[r] < 0 || ids[r] >= m->vocab) return 2;
-    int64_t span = 0;
-    for (int b = 0; b < B; b++)
+    int64_t span = 0, max_pre = 0; /* own slots; longest shared prefix */
+    for (int b = 0; b < B; b++) {
         if (start[b] + T > span) span = start[b] + T;
+        if (plen && plen[b] > max_pre) max_pre = plen[b];
+    }
+    const int64_t stride = max_pre + span; /* of p: one row of scores per query head */
     float *x = malloc(sizeof(float) * (size_t)R * h);
     float *xn = malloc(sizeof(float) * (size_t)R * h);
     float *qkv = malloc(sizeof(float) * (size_t)R * QKV);
     float *att = malloc(sizeof(float) * (size_t)R * H * D);
     float *gu = malloc(sizeof(float) * (size_t)R * 2 * F);
     float *act = malloc(sizeof(float) * (size_t)R * F);
-    float *p = malloc(sizeof(float) * (size_t)G * span);
+    float *p = malloc(sizeof(float) * (size_t)G * stride);
     if (!x || !xn || !qkv || !att || !gu || !act || !p) {
         free(x); free(xn); free(qkv); free(att); free(gu); free(act); free(p);
         return 1;
@@ -211,38 +217,44 @@ static int forward_impl(const Model *m, const int64_t *ids, int B, int T, const 
         /* rotate q and k, then store k and v at each token's slot */
         for (int b = 0; b < B; b++)
             for (int t = 0; t < T; t++) {
-                int64_t pos = start[b] + t;
+                int64_t pos = start[b] + t, at = pos + (plen ? plen[b] : 0); /* own slot; position */
                 float *row = qkv + (size_t)(b * T + t) * QKV;
-                for (int i = 0; i < H + KV; i++) rope(row + (size_t)i * D, cos + pos * D, sin + pos * D, D);
+                for (int i = 0; i < H + KV; i++) rope(row + (size_t)i * D, cos + at * D, sin + at * D, D);
                 size_t slot = ((size_t)b * cap + pos) * KV * D;
                 memcpy(kc[l] + slot, row + (size_t)H * D, sizeof(float) * KV * D);
                 memcpy(vc[l] + slot, row + (size_t)(H + KV) * D, sizeof(float) * KV * D);
             }
-        /* causal attention: the token at position pos sees slots 0..pos of its row */
+        /* causal attention: the token in own slot pos sees its row's shared prefix (if
+         * any, stored once for all rows of its group: cascade attention) and own slots
+         * 0..pos; one softmax runs over both parts */
         for (int b = 0; b < B; b++)
             for (int t = 0; t < T; t++) {
-                int64_t pos = start[b] + t;
+                int64_t pos = start[b] + t, pre = plen ? plen[b] : 0, n = pre + pos + 1;
+                const float *PK = pre ? pk[(size_t)b * m->layers + l] : NULL;
+                const float *PV = pre ? pv[(size_t)b * m->layers + l] : NULL;
                 const float *row = qkv + (size_t)(b * T + t) * QKV;
                 float *o = att + (size_t)(b * T + t) * H * D;
                 for (int g0 = 0; g0 < KV; g0++) { /* the G query heads that read KV head g0 */
                     const float *K = kc[l] + (size_t)b * cap * KV * D + (size_t)g0 * D;
                     const float *V = vc[l] + (size_t)b * cap * KV * D + (size_t)g0 * D;
                     const float *qg = row + (size_t)g0 * G * D; /* [G, D], contiguous */
-                    scores(p, qg, K, (size_t)KV * D, pos + 1, G, D, span);
+                    if (pre) scores(p, qg, PK + (size_t)g0 * D, (size_t)KV * D, pre, G, D, stride);
+                    scores(p + pre, qg, K, (size_t)KV * D, pos + 1, G, D, stride);
                     for (int g = 0; g < G; g++) {
-                        float *pg = p + (size_t)g * span, mx = -FLT_MAX, sum = 0.0f;
-                        for (int64_t j = 0; j <= pos; j++) {
+                        float *pg = p + (size_t)g * stride, mx = -FLT_MAX, sum = 0.0f;
+                        for (int64_t j = 0; j < n; j++) {
                             pg[j] *= scale;
                             if (pg[j] > mx) mx = pg[j];
                         }
-                        for (int64_t j = 0; j <= pos; j++) {
+                        for (int64_t j = 0; j < n; j++) {
                             pg[j] = expf(pg[j] - mx);
                             sum += pg[j];
                         }
                         float *oh = o + (size_t)(g0 * G + g) * D;
                         for (int d = 0; d < D; d++) oh[d] = 0.0f;
-                        for (int64_t j = 0; j <= pos; j++) {
-                            const float *vj = V + (size_t)j * KV * D;
+                        for (int64_t j = 0; j < n; j++) {
+                            const float *vj = j < pre ? PV + (size_t)g0 * D + (size_t)j * KV * D
+                                                      : V + (size_t)(j - pre) * KV * D;
                             float w = pg[j] / sum;
                             for (int d = 0; d < D; d++) oh[d] += w * vj[d];
                         }
@@ -287,12 +299,12 @@ static int forward_impl(const Model *m, const int64_t *ids, int B, int T, const 
 #endif
 
 int ponder_forward(const Model *m, const int64_t *ids, int B, int T, const int64_t *start,
-                   float *const *kc, float *const *vc, int64_t cap, const float *cos, const float *sin,
-                   float *out, const float *head, const float *head_bias, int head_rows, const int64_t *sel, int n_sel,
-                   float *logits) {
+                   float *const *kc, float *const *vc, int64_t cap, const float *const *pk, const float *const *pv,
+                   const int64_t *plen, const float *cos, const float *sin, float *out, const float *head,
+                   const float *head_bias, int head_rows, const int64_t *sel, int n_sel, float *logits) {
     FAST_FP_BEGIN
-    int status = forward_impl(m, ids, B, T, start, kc, vc, cap, cos, sin, out, head, head_bias, head_rows, sel, n_sel,
-                              logits);
+    int status = forward_impl(m, ids, B, T, start, kc, vc, cap, pk, pv, plen, cos, sin, out, head, head_bias,
+                              head_rows, sel, n_sel, logits);
     FAST_FP_END
     return status;
 }
@@ -312,8 +324,8 @@ int ponder_greedy_draft(const Model *m, const int64_t *feed, int n_feed, int k, 
     int T = n_feed;
     for (int i = 0; i < k; i++) {
         int64_t last = T - 1;
-        int status = ponder_forward(m, ids, 1, T, start, kc, vc, cap, cos, sin, NULL, head, NULL, head_rows, &last, 1,
-                                    logits); /* restores the caller's mode after each pass */
+        int status = ponder_forward(m, ids, 1, T, start, kc, vc, cap, NULL, NULL, NULL, cos, sin, NULL, head, NULL,
+                                    head_rows, &last, 1, logits); /* restores the caller's mode after each pass */
         if (status) {
             free(logits);
             return status;

@@ -85,6 +85,8 @@ class NumpyLlama:
         self.score = (_np(model.score.weight).T, _np(model.score.bias)) if cfg.is_reward_model else None
         self._threads = _BlasThreads()
 
+    handles_shared_prefix = False  # cascade attention over KVCache.shared (the C kernel does)
+
     @staticmethod
     def supports(model: Transformer, cache: KVCache | None) -> bool:
         return (model.dtype == torch.float32 and model.embed_tokens.weight.device.type == "cpu"

@@ -114,16 +114,20 @@ class NativeLM:
         """The model's twin outside torch (C or numpy), if this pass can run on it."""
         if self.backend == "torch":
             return None
-        if self._fast is not None and (cache is None or (type(cache) is KVCache and not cache.shared)):
-            return self._fast  # the common case, checked cheaply
-        if not NumpyLlama.supports(self.model, cache):
-            if self.backend in ("c", "numpy"):
-                raise ValueError(f"backend {self.backend!r} needs float32 weights on the CPU and a cache without "
-                                 "shared prefixes")
-            return None
-        if self._fast is None:
-            self._fast = self._make_fast()
-        return self._fast
+        fast = self._fast
+        if fast is None:
+            if not NumpyLlama.supports(self.model, None):
+                if self.backend in ("c", "numpy"):
+                    raise ValueError(f"backend {self.backend!r} needs float32 weights on the CPU")
+                return None
+            fast = self._fast = self._make_fast()
+        if cache is None or (type(cache) is KVCache and (not cache.shared or fast.handles_shared_prefix
+                                                          or not cache.has_shared)):
+            return fast
+        if self.backend in ("c", "numpy"):
+            raise ValueError(f"backend {self.backend!r} cannot read a shared prefix (cascade attention); "
+                             "use backend='auto'")
+        return None
 
     def _make_fast(self) -> NumpyLlama:
         if self.backend == "numpy":
@@ -151,7 +155,8 @@ class NativeLM:
         pending ``feed`` then each argmax is fed, the last draft is not. None when the
         C kernel does not serve this model or cache (callers then step one by one)."""
         fast = self._numpy_for(cache) if self.backend in ("auto", "c") else None
-        if fast is None or not hasattr(fast, "greedy_draft") or cache.batch_size != 1 or self.cfg.is_reward_model:
+        if (fast is None or not hasattr(fast, "greedy_draft") or cache.batch_size != 1 or cache.shared
+                or self.cfg.is_reward_model):
             return None
         return fast.greedy_draft(list(feed), k, cache)
 
