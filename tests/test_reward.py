@@ -46,7 +46,7 @@ def target_samples():
     from ponder.models.native import NativeLM
 
     task = ArithTask()
-    probs = task.problems("hard", limit=24)
+    probs = task.problems("hard", limit=64)
     gen = Sample(NativeLM.from_pretrained("arith"), temperature=0.7, max_tokens=160)
     outs = gen.generate_batch([task.prompt(p) for p in probs], n=8, seed=0)
     return task, probs, outs
@@ -79,7 +79,10 @@ def test_outcome_scores_pick_right_answers(rm, target_samples):
         any_right += any(ok)
         best_right += ok[max(range(len(texts)), key=scored.__getitem__)]
     assert good and bad and sum(good) / len(good) > sum(bad) / len(bad) + 0.2
-    assert best_right >= 0.8 * any_right  # best-of-8 finds most of the right answers there are
+    # best-of-8 finds most of the right answers there are: 0.88 of them on the 500
+    # held-out problems (84.4% vs pass@16 96.0%); with ~50 solvable problems here the
+    # binomial spread is ~0.046, so 0.75 sits ~3 sigma under the expected rate
+    assert best_right >= 0.75 * any_right
 
 
 def test_reward_model_errors_are_clear():
