@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from .processors import NEG_INF, Processor, SettingError
@@ -181,7 +183,7 @@ class GrammarConstraint(Processor):
     def __init__(self, grammar: Grammar) -> None:
         self.grammar = grammar
         self._matchers: list | None = None
-        self._bits: torch.Tensor | None = None
+        self._bits: np.ndarray | None = None  # [B, ceil(V/32)] int32, llguidance's mask layout
 
     def _ensure(self, batch: int) -> list:
         if self._matchers is None or len(self._matchers) != batch:
@@ -193,15 +195,17 @@ class GrammarConstraint(Processor):
         ms = self._ensure(B)
         W = (V + 31) // 32
         if self._bits is None or self._bits.shape != (B, W):
-            self._bits = torch.empty((B, W), dtype=torch.int32)
+            self._bits = np.empty((B, W), dtype=np.int32)
         bits = self._bits
+        base = bits.ctypes.data
         for i, m in enumerate(ms):
             if m.is_error():
                 raise RuntimeError(f"constraint {self.grammar!r} is in an error state: {m.get_error()}")
-            row = bits[i]
-            m.unsafe_compute_mask_ptr(row.data_ptr(), W * 4)
-        allowed = _unpack(bits, V)
-        return logits.masked_fill(~allowed, NEG_INF)
+            m.unsafe_compute_mask_ptr(base + i * W * 4, W * 4)
+        if sys.byteorder == "little":  # bit i of word w is token 32w + i: one numpy unpack, not 4 torch ops
+            banned = np.unpackbits(bits.view(np.uint8), axis=-1, count=V, bitorder="little") == 0
+            return logits.masked_fill(torch.from_numpy(banned).to(logits.device), NEG_INF)
+        return logits.masked_fill(~_unpack(torch.from_numpy(bits), V).to(logits.device), NEG_INF)
 
     def accept(self, tokens):
         ms = self._ensure(tokens.shape[0])
