@@ -223,7 +223,10 @@ class Engine:
                 from ..decoding.constraints import heal_prompt
 
                 r.prompt, r.healed = heal_prompt(lm, r.prompt)
-        cap = max(len(r.prompt) for r in new) + min(max(r.options.max_tokens for r in new), 1024) + 1
+        # Room for 64 new tokens; the cache doubles when it fills. Every fork copies the whole
+        # capacity of the running batch, so reserving max_tokens up front would make each copy
+        # several times larger than the tokens it holds.
+        cap = max(len(r.prompt) for r in new) + min(max(r.options.max_tokens for r in new), 64) + 1
         if self.prefix_cache is not None:
             logits, cache = self._prefill_with_reuse(new, cap)
         else:
