@@ -138,7 +138,10 @@ class CLlama(NumpyLlama):
         self._struct_ptr = ctypes.addressof(self._struct)
         head, bias = (self.score[0].T, self.score[1]) if self.score is not None else (self.head.T, None)
         self._head_ptrs = (head.ctypes.data, None if bias is None else bias.ctypes.data, head.shape[0])
-        self._rope_ptrs: tuple[int, int] | None = None  # of the rotary table in use, renewed when it grows
+        # (cos, sin, their data pointers) of the rotary table in use, replaced as one
+        # tuple when the table grows: a call holds its tuple, so a table another thread
+        # replaces mid-call stays alive until the call ends
+        self._rope_state: tuple | None = None
 
     @staticmethod
     def _pointers(cache: KVCache) -> tuple[ctypes.Array, ctypes.Array]:
@@ -155,6 +158,14 @@ class CLlama(NumpyLlama):
         return v[2], v[3]
 
     handles_shared_prefix = True
+
+    def _rope_table(self, n: int) -> tuple:
+        """(cos, sin, cos pointer, sin pointer) covering positions < n."""
+        state = self._rope_state
+        if state is None or state[0].shape[0] < n:
+            cos, sin = self._rope(n)
+            state = self._rope_state = (cos, sin, cos.ctypes.data, sin.ctypes.data)
+        return state
 
     @staticmethod
     def _shared_pointers(cache: KVCache):
@@ -193,12 +204,10 @@ class CLlama(NumpyLlama):
         ks, vs = self._pointers(cache)
         pk, pv, plen = self._shared_pointers(cache) if cache.shared else (None, None, None)
         end = hi + T if plen is None else int((start + plen).max()) + T  # positions to rotate
-        if self._rope_ptrs is None or self._cos.shape[0] < end:
-            cos, sin = self._rope(end)
-            self._rope_ptrs = (cos.ctypes.data, sin.ctypes.data)
+        rope = self._rope_table(end)
         status = self.lib.ponder_forward(
             self._struct_ptr, ids.data_ptr(), B, T, lengths.data_ptr(), ks, vs, cache.capacity, pk, pv,
-            None if plen is None else plen.ctypes.data, *self._rope_ptrs,
+            None if plen is None else plen.ctypes.data, rope[2], rope[3],
             None if out is None else out.data_ptr(), *self._head_ptrs, None if sel is None else sel.data_ptr(),
             0 if sel is None else sel.shape[0], None if logits is None else logits.data_ptr())
         if status == 2:
@@ -247,12 +256,10 @@ class CLlama(NumpyLlama):
         end = int(start[0]) + len(feed) + k
         cache.reserve(end)
         ks, vs = self._pointers(cache)
-        if self._rope_ptrs is None or self._cos.shape[0] < end:
-            cos, sin = self._rope(end)
-            self._rope_ptrs = (cos.ctypes.data, sin.ctypes.data)
+        rope = self._rope_table(end)
         tokens = np.empty(k, dtype=np.int64)
         status = self.lib.ponder_greedy_draft(self._struct_ptr, ids.ctypes.data, len(feed), k, start.ctypes.data, ks,
-                                              vs, cache.capacity, *self._rope_ptrs, self._head_ptrs[0],
+                                              vs, cache.capacity, rope[2], rope[3], self._head_ptrs[0],
                                               self._head_ptrs[2], tokens.ctypes.data)
         if status != 0:
             raise MemoryError("the C kernel could not allocate its scratch memory")
