@@ -170,3 +170,29 @@ def test_greedy_draft_in_one_call_equals_k_steps(arith_lm):
     for a, b in zip(fused.k + fused.v, manual.k + manual.v):
         assert torch.allclose(a[:, :n], b[:, :n], atol=1e-5)
     assert NativeLM(arith_lm.model, arith_lm.tokenizer, backend="torch").greedy_draft(feed, 2, fused) is None
+
+
+def test_greedy_round_in_one_call_equals_draft_then_verify(arith_lm):
+    """The kernel's whole greedy round against its parts: greedy drafts, one target pass,
+    the longest agreeing prefix, raw log-probabilities, and both caches rolled back."""
+    draft = NativeLM.from_pretrained("arith-draft")
+    prompt = arith_lm.encode("Q: 123+45-6+78\n")
+    seen = set()
+    for cut in range(3, 12):  # different pending points give different acceptance lengths
+        head, pending = prompt[:-cut], prompt[-cut:-cut + 1] if cut > 1 else prompt[-1:]
+        _, t1 = arith_lm.prefill([head])
+        _, d1 = draft.prefill([head])
+        _, t2 = arith_lm.prefill([head])
+        _, d2 = draft.prefill([head])
+        a, xs, best, lps = arith_lm.greedy_round(draft, pending, pending, 4, t1, d1)
+        assert xs == draft.greedy_draft(pending, 4, d2)
+        lg = arith_lm.forward(torch.tensor([pending + xs]), t2)[0]  # [5, V]
+        ref_best = lg.argmax(-1).tolist()
+        ref_a = next((j for j in range(4) if xs[j] != ref_best[j]), 4)
+        assert (a, best) == (ref_a, ref_best)
+        ref_lp = lg.log_softmax(-1).gather(-1, torch.tensor(ref_best)[:, None])[:, 0]
+        assert torch.allclose(torch.tensor(lps), ref_lp, atol=1e-5)
+        assert t1.lengths.tolist() == [len(head) + 1 + a]
+        assert d1.lengths.tolist() == [len(head) + 1 + min(a, 3)]
+        seen.add(a)
+    assert len(seen) > 1  # both accepted and rejected drafts were exercised

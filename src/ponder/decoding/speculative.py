@@ -198,66 +198,83 @@ class Speculative(GeneratorBase):
         t_computed += max(len(prompt) - 1, 0) - t_hit[0]
         d_computed += 0 if self.ngram else max(len(prompt) - 1, 0) - d_hit[0]
         finish, stop = "length", None
+        # greedy with no processors: a whole round is one call into the C kernel
+        one_call = not self.ngram and self.greedy and procs.is_identity and hasattr(T, "greedy_round")
         while len(out) < opts.max_tokens:
             kk = min(k, opts.max_tokens - len(out) - 1)
-            ctx = prompt + out
-            # 1. draft kk tokens (a lookup may find fewer, or none)
-            q_rows: list[torch.Tensor | None] = []
-            if self.ngram:
-                xs = self._lookup(ctx, kk) if kk > 0 else []
-                for x in xs:
-                    dprocs.accept(torch.tensor([x]))
-                q_rows = [None] * len(xs)
-            elif kk and self.greedy and dprocs.is_identity and (
-                    xs := (D.greedy_draft(d_pending, kk, dcache) if hasattr(D, "greedy_draft") else None)) is not None:
-                d_computed += len(d_pending) + kk - 1  # all kk passes in one call to the C kernel
-                q_rows = [None] * kk  # greedy drafts are point masses
+            if one_call and kk > 0 and (res := T.greedy_round(D, t_pending, d_pending, kk, tcache, dcache)) is not None:
+                a, xs, best, emitted_lp = res
+                drafted += kk
+                accepted += a
+                rounds += 1
+                calls += 1
+                t_computed += len(t_pending) + kk
+                d_computed += len(d_pending) + kk - 1
+                new_tok = best[a]
+                emitted = xs[:a] + [new_tok]
+                d_pending = [xs[-1], new_tok] if a == kk else [new_tok]
+                t_pending = [new_tok]
+                if self.adaptive:
+                    k = min(k + 2, 16) if a == kk else max(1, k - 1)
             else:
-                xs = []
-                feed = list(d_pending)
-                for i in range(kk):
-                    lg = D.forward(torch.tensor([feed]), dcache)[0, -1]
-                    d_computed += len(feed)
-                    if self.greedy and dprocs.is_identity:  # a point mass at the argmax: no softmax needed
-                        q, x = None, int(lg.argmax())
-                    else:
-                        q = self._probs(dprocs, ctx + xs, lg)
-                        x = int(q.argmax()) if self.greedy else int(torch.multinomial(q, 1, generator=gen))
+                ctx = prompt + out
+                # 1. draft kk tokens (a lookup may find fewer, or none)
+                q_rows: list[torch.Tensor | None] = []
+                if self.ngram:
+                    xs = self._lookup(ctx, kk) if kk > 0 else []
+                    for x in xs:
                         dprocs.accept(torch.tensor([x]))
-                    q_rows.append(q)
-                    xs.append(x)
-                    feed = [x]
-            kk = len(xs)
-            drafted += kk
-            # 2. the target scores pending + drafts in one pass: rows predict x_1..x_kk, bonus
-            t_in = t_pending + xs
-            lg = T.forward(torch.tensor([t_in]), tcache)[0, len(t_pending) - 1 :]  # [kk+1, V]
-            t_computed += len(t_in)
-            calls += 1
-            rounds += 1
-            raw_lp = lg.log_softmax(-1)
-            # 3. accept / reject
-            a, new_tok = self._verify(procs, dprocs, ctx, xs, q_rows, lg, gen)
-            accepted += a
-            emitted = xs[:a] + [new_tok]
-            # 4. roll back what the caches hold beyond the accepted prefix
-            tcache.truncate_(kk - a)  # the target holds pending + all kk drafts
-            if dcache is not None:
-                if a == kk:
-                    d_pending = [xs[-1], new_tok] if kk else [new_tok]
-                    if not kk:
-                        dcache.truncate_(0)
+                    q_rows = [None] * len(xs)
+                elif kk and self.greedy and dprocs.is_identity and (
+                        xs := (D.greedy_draft(d_pending, kk, dcache) if hasattr(D, "greedy_draft") else None)) is not None:
+                    d_computed += len(d_pending) + kk - 1  # all kk passes in one call to the C kernel
+                    q_rows = [None] * kk  # greedy drafts are point masses
                 else:
-                    dcache.truncate_(kk - 1 - a)  # the draft holds x_1..x_{kk-1}; keep x_1..x_a
-                    d_pending = [new_tok]
-                if kk == 0:  # nothing was drafted: the draft still has to see the pending token
-                    D.forward(torch.tensor([[t_pending[0]]]), dcache)
-                    d_computed += 1
-            t_pending = [new_tok]
-            if self.adaptive:
-                k = min(k + 2, 16) if kk and a == kk else max(1, k - 1)
+                    xs = []
+                    feed = list(d_pending)
+                    for i in range(kk):
+                        lg = D.forward(torch.tensor([feed]), dcache)[0, -1]
+                        d_computed += len(feed)
+                        if self.greedy and dprocs.is_identity:  # a point mass at the argmax: no softmax needed
+                            q, x = None, int(lg.argmax())
+                        else:
+                            q = self._probs(dprocs, ctx + xs, lg)
+                            x = int(q.argmax()) if self.greedy else int(torch.multinomial(q, 1, generator=gen))
+                            dprocs.accept(torch.tensor([x]))
+                        q_rows.append(q)
+                        xs.append(x)
+                        feed = [x]
+                kk = len(xs)
+                drafted += kk
+                # 2. the target scores pending + drafts in one pass: rows predict x_1..x_kk, bonus
+                t_in = t_pending + xs
+                lg = T.forward(torch.tensor([t_in]), tcache)[0, len(t_pending) - 1 :]  # [kk+1, V]
+                t_computed += len(t_in)
+                calls += 1
+                rounds += 1
+                raw_lp = lg.log_softmax(-1)
+                # 3. accept / reject
+                a, new_tok = self._verify(procs, dprocs, ctx, xs, q_rows, lg, gen)
+                accepted += a
+                emitted = xs[:a] + [new_tok]
+                # 4. roll back what the caches hold beyond the accepted prefix
+                tcache.truncate_(kk - a)  # the target holds pending + all kk drafts
+                if dcache is not None:
+                    if a == kk:
+                        d_pending = [xs[-1], new_tok] if kk else [new_tok]
+                        if not kk:
+                            dcache.truncate_(0)
+                    else:
+                        dcache.truncate_(kk - 1 - a)  # the draft holds x_1..x_{kk-1}; keep x_1..x_a
+                        d_pending = [new_tok]
+                    if kk == 0:  # nothing was drafted: the draft still has to see the pending token
+                        D.forward(torch.tensor([[t_pending[0]]]), dcache)
+                        d_computed += 1
+                t_pending = [new_tok]
+                if self.adaptive:
+                    k = min(k + 2, 16) if kk and a == kk else max(1, k - 1)
+                emitted_lp = raw_lp[torch.arange(len(emitted)), torch.tensor(emitted)].tolist()  # one gather
             # 5. emit, watching for stops
-            emitted_lp = raw_lp[torch.arange(len(emitted)), torch.tensor(emitted)].tolist()  # one gather
             for j, tok in enumerate(emitted):
                 out.append(tok)
                 logprobs.append(emitted_lp[j])

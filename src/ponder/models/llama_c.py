@@ -89,6 +89,9 @@ def load_kernel() -> ctypes.CDLL | None:
     lib.ponder_forward.restype = ctypes.c_int
     lib.ponder_greedy_draft.argtypes = [p, p, i, i, p, p, p, ctypes.c_int64, p, p, p, i, p]
     lib.ponder_greedy_draft.restype = ctypes.c_int
+    c64 = ctypes.c_int64
+    lib.ponder_greedy_round.argtypes = [p, p, p, i, p, i, i, p, p, p, c64, p, p, p, p, p, p, c64, p, p, p, i, p, p, p]
+    lib.ponder_greedy_round.restype = ctypes.c_int
     _kernel = lib
     return lib
 
@@ -265,3 +268,35 @@ class CLlama(NumpyLlama):
             raise MemoryError("the C kernel could not allocate its scratch memory")
         cache.lengths = torch.from_numpy(start)
         return tokens.tolist()
+
+    def greedy_round(self, draft: "CLlama", t_feed: list[int], d_feed: list[int], k: int, tcache: KVCache,
+                     dcache: KVCache) -> tuple[int, list[int], list[int], list[float]]:
+        """One greedy speculative round (see ``ponder_greedy_round``) with ``draft``'s
+        kernel: returns (accepted a, the k drafts, the target's argmax after 0..k drafts,
+        their log-probabilities); both caches are rolled back to what was accepted."""
+        if tcache.batch_size != 1 or dcache.batch_size != 1 or k < 1:
+            raise ValueError("a greedy round takes one row per model and k >= 1")
+        ids_t, ids_d = np.asarray(t_feed, dtype=np.int64), np.asarray(d_feed, dtype=np.int64)
+        V = self.cfg.vocab_size
+        for ids in (ids_t, ids_d):
+            if ids.size == 0 or ids.min() < 0 or ids.max() >= V:
+                raise ValueError(f"pending token ids must be non-empty and in [0, {V})")
+        t_start = np.array(tcache.lengths.numpy(), dtype=np.int64)  # copies: the kernel moves them
+        d_start = np.array(dcache.lengths.numpy(), dtype=np.int64)
+        t_end, d_end = int(t_start[0]) + len(t_feed) + k, int(d_start[0]) + len(d_feed) + k
+        tcache.reserve(t_end)
+        dcache.reserve(d_end)
+        tk, tv = self._pointers(tcache)
+        dk, dv = draft._pointers(dcache)
+        t_rope, d_rope = self._rope_table(t_end), draft._rope_table(d_end)
+        drafts, best = np.empty(k, dtype=np.int64), np.empty(k + 1, dtype=np.int64)
+        lp = np.empty(k + 1, dtype=np.float32)
+        a = self.lib.ponder_greedy_round(
+            self._struct_ptr, draft._struct_ptr, ids_t.ctypes.data, len(t_feed), ids_d.ctypes.data, len(d_feed), k,
+            t_start.ctypes.data, tk, tv, tcache.capacity, t_rope[2], t_rope[3], self._head_ptrs[0],
+            d_start.ctypes.data, dk, dv, dcache.capacity, d_rope[2], d_rope[3], draft._head_ptrs[0], V,
+            drafts.ctypes.data, best.ctypes.data, lp.ctypes.data)
+        if a < 0:
+            raise MemoryError("the C kernel could not allocate its scratch memory")
+        tcache.lengths, dcache.lengths = torch.from_numpy(t_start), torch.from_numpy(d_start)
+        return a, drafts.tolist(), best.tolist(), lp.tolist()

@@ -342,3 +342,52 @@ int ponder_greedy_draft(const Model *m, const int64_t *feed, int n_feed, int k, 
     free(logits);
     return 0;
 }
+
+/* One round of greedy speculative decoding in one call: the draft model `dm` drafts k
+ * tokens after its pending `d_feed`; the target `tm` scores its pending `t_feed` and the
+ * drafts in one pass; best[j] is the target's argmax after j drafts and lp[j] its
+ * log-probability (j = 0..k). Returns a, the number of drafts equal to the target's
+ * argmax (so the round emits drafts[0..a) and best[a]), and rolls both caches back to
+ * what was accepted: the target holds t_feed + drafts[0..a), the draft d_feed +
+ * drafts[0..min(a, k-1)). Negative on failure (-1 memory, -2 token id). */
+int ponder_greedy_round(const Model *tm, const Model *dm, const int64_t *t_feed, int n_tfeed, const int64_t *d_feed,
+                        int n_dfeed, int k, int64_t *t_start, float *const *tkc, float *const *tvc, int64_t tcap,
+                        const float *tcos, const float *tsin, const float *thead, int64_t *d_start,
+                        float *const *dkc, float *const *dvc, int64_t dcap, const float *dcos, const float *dsin,
+                        const float *dhead, int vocab, int64_t *drafts, int64_t *best, float *lp) {
+    int status = ponder_greedy_draft(dm, d_feed, n_dfeed, k, d_start, dkc, dvc, dcap, dcos, dsin, dhead, vocab, drafts);
+    if (status) return -status;
+    int T = n_tfeed + k;
+    int64_t *ids = malloc(sizeof(int64_t) * (size_t)T), *sel = malloc(sizeof(int64_t) * (size_t)(k + 1));
+    float *logits = malloc(sizeof(float) * (size_t)(k + 1) * vocab);
+    if (!ids || !sel || !logits) {
+        free(ids); free(sel); free(logits);
+        return -1;
+    }
+    memcpy(ids, t_feed, sizeof(int64_t) * n_tfeed);
+    memcpy(ids + n_tfeed, drafts, sizeof(int64_t) * k);
+    for (int j = 0; j <= k; j++) sel[j] = n_tfeed - 1 + j;
+    status = ponder_forward(tm, ids, 1, T, t_start, tkc, tvc, tcap, NULL, NULL, NULL, tcos, tsin, NULL, thead, NULL,
+                            vocab, sel, k + 1, logits);
+    if (status) {
+        free(ids); free(sel); free(logits);
+        return -status;
+    }
+    *t_start += T;
+    int a = -1;
+    for (int j = 0; j <= k; j++) {
+        const float *l = logits + (size_t)j * vocab;
+        int b = 0;
+        for (int v = 1; v < vocab; v++)
+            if (l[v] > l[b]) b = v; /* the first maximum, as torch.argmax */
+        double sum = 0.0;
+        for (int v = 0; v < vocab; v++) sum += exp((double)l[v] - l[b]);
+        best[j] = b;
+        lp[j] = (float)-log(sum);
+        if (a < 0 && (j == k || drafts[j] != b)) a = j;
+    }
+    *t_start -= k - a;         /* the target keeps t_feed + drafts[0..a) */
+    if (a < k) *d_start -= k - 1 - a; /* the draft holds d_feed + drafts[0..k-1): keep drafts[0..a) */
+    free(ids); free(sel); free(logits);
+    return a;
+}

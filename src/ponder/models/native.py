@@ -160,6 +160,21 @@ class NativeLM:
             return None
         return fast.greedy_draft(list(feed), k, cache)
 
+    def greedy_round(self, draft: "NativeLM", t_feed: Sequence[int], d_feed: Sequence[int], k: int,
+                     tcache: KVCache, dcache: KVCache) -> tuple[int, list[int], list[int], list[float]] | None:
+        """One round of greedy speculative decoding with ``draft``, in one C call: k
+        greedy drafts, one target pass over its pending tokens and the drafts, the
+        longest agreeing prefix. Returns (accepted, drafts, the target's argmaxes, their
+        log-probabilities), with both caches rolled back to what was accepted; None when
+        the C kernel does not serve both models and caches (callers then use the
+        general loop)."""
+        mine = self._numpy_for(tcache) if self.backend in ("auto", "c") else None
+        theirs = draft._numpy_for(dcache) if isinstance(draft, NativeLM) and draft.backend in ("auto", "c") else None
+        if (not hasattr(mine, "greedy_round") or not hasattr(theirs, "greedy_round") or tcache.shared or dcache.shared
+                or self.cfg.is_reward_model or draft.cfg.is_reward_model or draft.vocab_size != self.vocab_size):
+            return None
+        return mine.greedy_round(theirs, list(t_feed), list(d_feed), k, tcache, dcache)
+
     def pad_batch(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Sequences of different lengths as one right-padded batch: ids [B, T] and the
         number of real tokens per row [B] (what ``forward`` takes as ``num_new``)."""
