@@ -196,3 +196,5 @@ def test_greedy_round_in_one_call_equals_draft_then_verify(arith_lm):
         assert d1.lengths.tolist() == [len(head) + 1 + min(a, 3)]
         seen.add(a)
     assert len(seen) > 1  # both accepted and rejected drafts were exercised
+    with pytest.raises(ValueError, match="token ids must be in"):
+        arith_lm.greedy_round(draft, [arith_lm.vocab_size], [1], 2, *[m.prefill([[1, 2]])[1] for m in (arith_lm, draft)])

@@ -276,11 +276,10 @@ class CLlama(NumpyLlama):
         their log-probabilities); both caches are rolled back to what was accepted."""
         if tcache.batch_size != 1 or dcache.batch_size != 1 or k < 1:
             raise ValueError("a greedy round takes one row per model and k >= 1")
+        if not t_feed or not d_feed:
+            raise ValueError("a greedy round needs pending tokens for both models")
         ids_t, ids_d = np.asarray(t_feed, dtype=np.int64), np.asarray(d_feed, dtype=np.int64)
-        V = self.cfg.vocab_size
-        for ids in (ids_t, ids_d):
-            if ids.size == 0 or ids.min() < 0 or ids.max() >= V:
-                raise ValueError(f"pending token ids must be non-empty and in [0, {V})")
+        V = self.cfg.vocab_size  # the kernel checks the ids' range itself
         t_start = np.array(tcache.lengths.numpy(), dtype=np.int64)  # copies: the kernel moves them
         d_start = np.array(dcache.lengths.numpy(), dtype=np.int64)
         t_end, d_end = int(t_start[0]) + len(t_feed) + k, int(d_start[0]) + len(d_feed) + k
@@ -296,6 +295,8 @@ class CLlama(NumpyLlama):
             t_start.ctypes.data, tk, tv, tcache.capacity, t_rope[2], t_rope[3], self._head_ptrs[0],
             d_start.ctypes.data, dk, dv, dcache.capacity, d_rope[2], d_rope[3], draft._head_ptrs[0], V,
             drafts.ctypes.data, best.ctypes.data, lp.ctypes.data)
+        if a == -2:
+            raise ValueError(f"token ids must be in [0, {V}); got {t_feed} and {d_feed}")
         if a < 0:
             raise MemoryError("the C kernel could not allocate its scratch memory")
         tcache.lengths, dcache.lengths = torch.from_numpy(t_start), torch.from_numpy(d_start)
