@@ -156,3 +156,21 @@ def test_cli_constraints(tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "unclosed group" in r.stderr
     r = run("Q: 3+4\\n", "--regex", "[0-9]", "--strategy", "contrastive-search")
     assert r.returncode == 2 and "does not take a constraint" in r.stderr
+
+
+def test_mask_unpacking_is_the_same_on_either_byte_order(monkeypatch):
+    """llguidance's bitmask (bit i of word w = token 32w + i) unpacks to the same tokens
+    through np.unpackbits (little-endian) and through the shift fallback."""
+    import types
+
+    import numpy as np
+
+    from ponder.decoding import constraints
+
+    rng = np.random.default_rng(0)
+    bits = rng.integers(-2**31, 2**31, size=(3, 9), dtype=np.int64).astype(np.int32)
+    fast = constraints._allowed(bits, 270)
+    expected = np.array([[(int(bits[b, t // 32]) >> (t % 32)) & 1 for t in range(270)] for b in range(3)], dtype=bool)
+    assert (fast == expected).all()
+    monkeypatch.setattr(constraints, "sys", types.SimpleNamespace(byteorder="big"))
+    assert (constraints._allowed(bits, 270) == expected).all()

@@ -170,6 +170,9 @@ def test_greedy_draft_in_one_call_equals_k_steps(arith_lm):
     for a, b in zip(fused.k + fused.v, manual.k + manual.v):
         assert torch.allclose(a[:, :n], b[:, :n], atol=1e-5)
     assert NativeLM(arith_lm.model, arith_lm.tokenizer, backend="torch").greedy_draft(feed, 2, fused) is None
+    with pytest.raises(ValueError, match="token ids must be in"):
+        arith_lm.greedy_draft([arith_lm.vocab_size], 2, fused)
+    assert fused.lengths.tolist() == [n]  # nothing was fed
 
 
 def test_greedy_round_in_one_call_equals_draft_then_verify(arith_lm):

@@ -26,8 +26,6 @@ import torch
 
 from .processors import NEG_INF, Processor, SettingError
 
-_BITS = torch.arange(32, dtype=torch.int32)
-
 
 def _one_line(message: str) -> str:
     """llguidance's multi-line diagnostics as one line (the source excerpt dropped)."""
@@ -154,9 +152,9 @@ class Grammar:
 
     def _mask(self, matcher) -> torch.Tensor:
         """Allowed next tokens [V] (bool) of one matcher."""
-        bits = torch.full((1, (self.lm.vocab_size + 31) // 32), -1, dtype=torch.int32)
-        matcher.unsafe_compute_mask_ptr(bits.data_ptr(), bits.numel() * 4)
-        return _unpack(bits, self.lm.vocab_size)[0]
+        bits = np.full((1, (self.lm.vocab_size + 31) // 32), -1, dtype=np.int32)
+        matcher.unsafe_compute_mask_ptr(bits.ctypes.data, bits.nbytes)
+        return torch.from_numpy(_allowed(bits, self.lm.vocab_size)[0])
 
     def constraint(self) -> "GrammarConstraint":
         return GrammarConstraint(self)
@@ -171,9 +169,12 @@ class Grammar:
         return f"Grammar({self.kind}: {self.source!r})"
 
 
-def _unpack(bits: torch.Tensor, vocab: int) -> torch.Tensor:
-    """int32 bitmask [B, ceil(V/32)] -> bool [B, V]."""
-    return ((bits[:, :, None] >> _BITS) & 1).bool().reshape(bits.shape[0], -1)[:, :vocab]
+def _allowed(bits: np.ndarray, vocab: int) -> np.ndarray:
+    """llguidance's int32 bitmask [B, ceil(V/32)] -> bool [B, V]: bit i of word w is
+    token 32w + i. On little-endian machines that is one np.unpackbits call."""
+    if sys.byteorder == "little":
+        return np.unpackbits(bits.view(np.uint8), axis=-1, count=vocab, bitorder="little").view(bool)
+    return ((bits[:, :, None] >> np.arange(32, dtype=np.int32)) & 1).astype(bool).reshape(bits.shape[0], -1)[:, :vocab]
 
 
 class GrammarConstraint(Processor):
@@ -202,10 +203,8 @@ class GrammarConstraint(Processor):
             if m.is_error():
                 raise RuntimeError(f"constraint {self.grammar!r} is in an error state: {m.get_error()}")
             m.unsafe_compute_mask_ptr(base + i * W * 4, W * 4)
-        if sys.byteorder == "little":  # bit i of word w is token 32w + i: one numpy unpack, not 4 torch ops
-            banned = np.unpackbits(bits.view(np.uint8), axis=-1, count=V, bitorder="little") == 0
-            return logits.masked_fill(torch.from_numpy(banned).to(logits.device), NEG_INF)
-        return logits.masked_fill(~_unpack(torch.from_numpy(bits), V).to(logits.device), NEG_INF)
+        banned = torch.from_numpy(~_allowed(bits, V))  # numpy: one call, not four torch ops
+        return logits.masked_fill(banned.to(logits.device), NEG_INF)
 
     def accept(self, tokens):
         ms = self._ensure(tokens.shape[0])

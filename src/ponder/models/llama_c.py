@@ -1,4 +1,5 @@
-"""``CLlama``: the forward pass of ``llama_numpy.NumpyLlama`` run by ``llama_kernel.c``.
+"""``CLlama``: the forward pass of ``llama_numpy.NumpyLlama``, logits included, run by
+``llama_kernel.c``.
 
 The C file is compiled with the system's C compiler (``cc``, or ``$CC``) on first use
 and cached under ``$PONDER_CACHE_DIR`` (default ``~/.cache/ponder``), keyed by the
@@ -85,7 +86,7 @@ def load_kernel() -> ctypes.CDLL | None:
         return None
     p = ctypes.c_void_p
     i = ctypes.c_int
-    lib.ponder_forward.argtypes = [p, p, i, i, p, p, p, ctypes.c_int64, p, p, p, p, p, p, p, p, i, p, i, p]
+    lib.ponder_forward.argtypes = [p, p, i, i, p, p, p, ctypes.c_int64, p, p, p, p, p, p, p, i, p, i, p]
     lib.ponder_forward.restype = ctypes.c_int
     lib.ponder_greedy_draft.argtypes = [p, p, i, i, p, p, p, ctypes.c_int64, p, p, p, i, p]
     lib.ponder_greedy_draft.restype = ctypes.c_int
@@ -118,8 +119,12 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 class CLlama(NumpyLlama):
-    """``NumpyLlama`` whose ``forward`` is one call into the C kernel (logits stay a
-    numpy matrix product). Build it only when ``load_kernel()`` is not None."""
+    """``NumpyLlama`` whose ``run_torch`` (what ``NativeLM`` calls) is one call into the C
+    kernel, logits included, and which runs whole greedy drafting and speculative rounds
+    there too. Build it only when ``load_kernel()`` is not None."""
+
+    kind = "c"
+    handles_shared_prefix = True
 
     def __init__(self, model: Transformer, lib: ctypes.CDLL) -> None:
         super().__init__(model)
@@ -160,8 +165,6 @@ class CLlama(NumpyLlama):
             cache._c_pointers = v
         return v[2], v[3]
 
-    handles_shared_prefix = True
-
     def _rope_table(self, n: int) -> tuple:
         """(cos, sin, cos pointer, sin pointer) covering positions < n."""
         state = self._rope_state
@@ -196,8 +199,9 @@ class CLlama(NumpyLlama):
             cache._c_shared = v
         return v[3]
 
-    def _call(self, input_ids: torch.Tensor, cache: KVCache, out: torch.Tensor | None,
-              logits: torch.Tensor | None, sel: torch.Tensor | None) -> np.ndarray:
+    def _call(self, input_ids: torch.Tensor, cache: KVCache, logits: torch.Tensor, sel: torch.Tensor | None
+              ) -> np.ndarray:
+        """Run the kernel over ``cache``, writing ``logits``; returns the rows' former lengths."""
         B, T = input_ids.shape
         ids = input_ids.contiguous().long()
         lengths = cache.lengths.contiguous()
@@ -210,28 +214,18 @@ class CLlama(NumpyLlama):
         rope = self._rope_table(end)
         status = self.lib.ponder_forward(
             self._struct_ptr, ids.data_ptr(), B, T, lengths.data_ptr(), ks, vs, cache.capacity, pk, pv,
-            None if plen is None else plen.ctypes.data, rope[2], rope[3],
-            None if out is None else out.data_ptr(), *self._head_ptrs, None if sel is None else sel.data_ptr(),
-            0 if sel is None else sel.shape[0], None if logits is None else logits.data_ptr())
+            None if plen is None else plen.ctypes.data, rope[2], rope[3], *self._head_ptrs,
+            None if sel is None else sel.data_ptr(), 0 if sel is None else sel.shape[0], logits.data_ptr())
         if status == 2:
             raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}); got {int(ids.min())}..{int(ids.max())}")
         if status != 0:
             raise MemoryError("the C kernel could not allocate its scratch memory")
         return start
 
-    def forward(self, input_ids: np.ndarray, cache: KVCache | None, num_new: np.ndarray | None = None) -> np.ndarray:
-        B, T = input_ids.shape
-        if cache is None:  # a whole causal sequence: run it through a scratch cache
-            cache = KVCache(self.cfg.num_hidden_layers, B, self.KV, self.D, T)
-        out = torch.empty((B, T, self.cfg.hidden_size))
-        start = self._call(torch.from_numpy(input_ids), cache, out, None, None)
-        cache.lengths = torch.from_numpy(start + (T if num_new is None else num_new))
-        return out.numpy()
-
     def run_torch(self, input_ids: torch.Tensor, cache: KVCache | None, num_new: torch.Tensor | None = None,
                   last_only: bool = False) -> torch.Tensor:
         B, T = input_ids.shape
-        if cache is None:
+        if cache is None:  # a whole causal sequence: run it through a scratch cache
             cache = KVCache(self.cfg.num_hidden_layers, B, self.KV, self.D, T)
         n_out = self.head.shape[1] if self.score is None else self.score[0].shape[1]
         sel = None
@@ -241,7 +235,7 @@ class CLlama(NumpyLlama):
             logits = torch.empty((B, n_out))
         else:
             logits = torch.empty((B, T, n_out))
-        start = self._call(input_ids, cache, None, logits, sel)
+        start = self._call(input_ids, cache, logits, sel)
         cache.lengths = torch.from_numpy(start + (T if num_new is None else num_new.numpy()))
         return logits
 
@@ -250,11 +244,9 @@ class CLlama(NumpyLlama):
         tokens, then each argmax; the last draft is not fed."""
         if cache.batch_size != 1 or self.score is not None:
             raise ValueError("greedy drafting takes one row of a language model")
-        ids = np.asarray(feed, dtype=np.int64)
-        if ids.size == 0 or k < 1:
+        if not feed or k < 1:
             raise ValueError("greedy drafting needs at least one pending token and k >= 1")
-        if ids.min() < 0 or ids.max() >= self.cfg.vocab_size:
-            raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}); got {ids.min()}..{ids.max()}")
+        ids = np.asarray(feed, dtype=np.int64)  # the kernel checks the ids' range itself
         start = np.array(cache.lengths.numpy(), dtype=np.int64)  # a copy: the kernel advances it
         end = int(start[0]) + len(feed) + k
         cache.reserve(end)
@@ -264,6 +256,8 @@ class CLlama(NumpyLlama):
         status = self.lib.ponder_greedy_draft(self._struct_ptr, ids.ctypes.data, len(feed), k, start.ctypes.data, ks,
                                               vs, cache.capacity, rope[2], rope[3], self._head_ptrs[0],
                                               self._head_ptrs[2], tokens.ctypes.data)
+        if status == 2:
+            raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}); got {feed}")
         if status != 0:
             raise MemoryError("the C kernel could not allocate its scratch memory")
         cache.lengths = torch.from_numpy(start)

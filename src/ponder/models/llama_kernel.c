@@ -178,15 +178,14 @@ static void rope(float *x, const float *cos, const float *sin, int D) {
     }
 }
 
-/* The whole pass. `out` [R, hidden] receives the final normed hidden states (NULL: not
- * wanted); `logits` [n_sel, head_rows] receives head·h (+ head_bias) for the token rows
- * listed in `sel` (NULL: every row, in order). Returns 0; 1 if scratch memory could
+/* The whole pass. `logits` [n_sel, head_rows] receives head·h (+ head_bias) for the
+ * token rows listed in `sel` (NULL: every row, in order, n_sel ignored). Returns 0; 1 if scratch memory could
  * not be allocated; 2 if a token id is outside [0, vocab). */
 static int forward_impl(const Model *m, const int64_t *ids, int B, int T, const int64_t *start,
                         float *const *kc, float *const *vc, int64_t cap, const float *const *pk,
                         const float *const *pv, const int64_t *plen, const float *cos, const float *sin,
-                        float *out, const float *head, const float *head_bias, int head_rows, const int64_t *sel,
-                        int n_sel, float *logits) {
+                        const float *head, const float *head_bias, int head_rows, const int64_t *sel, int n_sel,
+                        float *logits) {
     const int h = m->hidden, H = m->heads, KV = m->kv_heads, D = m->head_dim, F = m->ffn;
     const int G = H / KV, R = B * T, QKV = (H + 2 * KV) * D;
     const float scale = 1.0f / sqrtf((float)D);
@@ -272,14 +271,11 @@ static int forward_impl(const Model *m, const int64_t *ids, int B, int T, const 
         matmul(x, act, m->wd[l], m->bd[l], R, F, h, 1); /* residual */
     }
     for (int r = 0; r < R; r++) rmsnorm(xn + (size_t)r * h, x + (size_t)r * h, m->norm, h, m->eps);
-    if (out) memcpy(out, xn, sizeof(float) * (size_t)R * h);
-    if (logits) {
-        if (sel) { /* gather the selected rows, then one product */
-            for (int i = 0; i < n_sel; i++) memcpy(x + (size_t)i * h, xn + (size_t)sel[i] * h, sizeof(float) * h);
-            matmul(logits, x, head, head_bias, n_sel, h, head_rows, 0);
-        } else {
-            matmul(logits, xn, head, head_bias, R, h, head_rows, 0);
-        }
+    if (sel) { /* gather the selected rows, then one product */
+        for (int i = 0; i < n_sel; i++) memcpy(x + (size_t)i * h, xn + (size_t)sel[i] * h, sizeof(float) * h);
+        matmul(logits, x, head, head_bias, n_sel, h, head_rows, 0);
+    } else {
+        matmul(logits, xn, head, head_bias, R, h, head_rows, 0);
     }
     free(x); free(xn); free(qkv); free(att); free(gu); free(act); free(p);
     return 0;
@@ -300,11 +296,11 @@ static int forward_impl(const Model *m, const int64_t *ids, int B, int T, const 
 
 int ponder_forward(const Model *m, const int64_t *ids, int B, int T, const int64_t *start,
                    float *const *kc, float *const *vc, int64_t cap, const float *const *pk, const float *const *pv,
-                   const int64_t *plen, const float *cos, const float *sin, float *out, const float *head,
+                   const int64_t *plen, const float *cos, const float *sin, const float *head,
                    const float *head_bias, int head_rows, const int64_t *sel, int n_sel, float *logits) {
     FAST_FP_BEGIN
-    int status = forward_impl(m, ids, B, T, start, kc, vc, cap, pk, pv, plen, cos, sin, out, head, head_bias,
-                              head_rows, sel, n_sel, logits);
+    int status = forward_impl(m, ids, B, T, start, kc, vc, cap, pk, pv, plen, cos, sin, head, head_bias, head_rows,
+                              sel, n_sel, logits);
     FAST_FP_END
     return status;
 }
@@ -324,7 +320,7 @@ int ponder_greedy_draft(const Model *m, const int64_t *feed, int n_feed, int k, 
     int T = n_feed;
     for (int i = 0; i < k; i++) {
         int64_t last = T - 1;
-        int status = ponder_forward(m, ids, 1, T, start, kc, vc, cap, NULL, NULL, NULL, cos, sin, NULL, head, NULL,
+        int status = ponder_forward(m, ids, 1, T, start, kc, vc, cap, NULL, NULL, NULL, cos, sin, head, NULL,
                                     head_rows, &last, 1, logits); /* restores the caller's mode after each pass */
         if (status) {
             free(logits);
@@ -367,7 +363,7 @@ int ponder_greedy_round(const Model *tm, const Model *dm, const int64_t *t_feed,
     memcpy(ids, t_feed, sizeof(int64_t) * n_tfeed);
     memcpy(ids + n_tfeed, drafts, sizeof(int64_t) * k);
     for (int j = 0; j <= k; j++) sel[j] = n_tfeed - 1 + j;
-    status = ponder_forward(tm, ids, 1, T, t_start, tkc, tvc, tcap, NULL, NULL, NULL, tcos, tsin, NULL, thead, NULL,
+    status = ponder_forward(tm, ids, 1, T, t_start, tkc, tvc, tcap, NULL, NULL, NULL, tcos, tsin, thead, NULL,
                             vocab, sel, k + 1, logits);
     if (status) {
         free(ids); free(sel); free(logits);

@@ -5,11 +5,12 @@ Why a second implementation: a small model's decode step is some eighty tiny ope
 (17 of them matrix-vector products), and on a CPU each torch operation costs several
 microseconds of dispatch against about one for numpy, whose BLAS is also quicker at
 matrix-vector products on AMD processors than MKL. On the shipped 1.7M-parameter model
-this makes a decode step about three times faster. ``NativeLM`` runs every float32 CPU
-forward pass through it except those that need what only the torch model has: hidden
-states of every layer (DoLa, contrastive search) and cascade attention over a shared
-prefix. ``llama.py`` stays the reference (and the training model); the tests hold the
-two to each other and to transformers.
+this makes a decode step about three times faster than torch. ``NativeLM`` uses it for
+float32 CPU passes when the C kernel (``llama_c.py``, faster still, built on this
+class) is unavailable or the model is large; passes that need what only the torch model
+has (hidden states of every layer, cascade attention here) stay in torch. ``llama.py``
+stays the reference (and the training model); the tests hold all three to each other
+and to transformers.
 
 Shapes: B rows, T new tokens per row, S key slots, H query heads in KV groups of G.
 """
@@ -85,6 +86,7 @@ class NumpyLlama:
         self.score = (_np(model.score.weight).T, _np(model.score.bias)) if cfg.is_reward_model else None
         self._threads = _BlasThreads()
 
+    kind = "numpy"  # what NativeLM.backend_in_use reports
     handles_shared_prefix = False  # cascade attention over KVCache.shared (the C kernel does)
 
     @staticmethod
@@ -136,15 +138,14 @@ class NumpyLlama:
         lo, hi = (int(start[0]),) * 2 if B == 1 else (int(start.min()), int(start.max()))
         span = hi + T
         cos_t, sin_t = self._rope(span)
+        positions = start[:, None] + np.arange(T)  # [B, T] slot (= position) of each new token
         if lo == hi:  # every row at the same length: slices, not gathers
             cos, sin = cos_t[lo : lo + T, None], sin_t[lo : lo + T, None]  # [T, 1, D]
         else:
-            positions = start[:, None] + np.arange(T)  # [B, T] slot (= position) of each new token
             cos, sin = cos_t[positions][:, :, None], sin_t[positions][:, :, None]  # [B, T, 1, D]
         if T == 1 and lo == hi:
             bias = None  # one query per row that sees every valid slot
         else:
-            positions = start[:, None] + np.arange(T)
             # key slot j is visible to the token at slot p iff j <= p
             visible = np.arange(span)[None, None, :] <= positions[:, :, None]  # [B, T, S]
             bias = np.where(visible, np.float32(0), np.float32(-np.inf))[:, None, None]  # [B, 1, 1, T, S]

@@ -93,7 +93,7 @@ class NativeLM:
     ):
         """Logits [B, T, V] (float32), or [B, V] at each row's last new token when
         ``last_only``. With ``output_hidden_states`` returns (logits, hidden_states)."""
-        fast = self._numpy_for(cache) if not output_hidden_states else None
+        fast = self._fast_for(cache) if not output_hidden_states else None
         if fast is not None:  # no autograd outside torch: no inference-mode context to enter
             return fast.run_torch(input_ids, cache, num_new, last_only)
         return self._torch_forward(input_ids, cache, num_new, last_only, output_hidden_states)
@@ -110,7 +110,7 @@ class NativeLM:
         logits = self.model.logits(h).float()
         return (logits, hidden) if output_hidden_states else logits
 
-    def _numpy_for(self, cache: KVCache | None) -> NumpyLlama | None:
+    def _fast_for(self, cache: KVCache | None) -> NumpyLlama | None:
         """The model's twin outside torch (C or numpy), if this pass can run on it."""
         if self.backend == "torch":
             return None
@@ -145,20 +145,17 @@ class NativeLM:
     @property
     def backend_in_use(self) -> str:
         """Which implementation runs float32 passes: "c", "numpy" or "torch"."""
-        if self.backend == "torch" or not NumpyLlama.supports(self.model, None):
-            return "torch"
-        fast = self._numpy_for(None)
-        return "c" if type(fast).__name__ == "CLlama" else "numpy"
+        fast = self._fast_for(None) if NumpyLlama.supports(self.model, None) else None
+        return "torch" if fast is None else fast.kind
 
     def greedy_draft(self, feed: Sequence[int], k: int, cache: KVCache) -> list[int] | None:
         """k greedy tokens for a one-row cache in one call (speculative drafting): the
         pending ``feed`` then each argmax is fed, the last draft is not. None when the
         C kernel does not serve this model or cache (callers then step one by one)."""
-        fast = self._numpy_for(cache) if self.backend in ("auto", "c") else None
-        if (fast is None or not hasattr(fast, "greedy_draft") or cache.batch_size != 1 or cache.shared
-                or self.cfg.is_reward_model):
+        if cache.batch_size != 1 or cache.shared or self.cfg.is_reward_model:
             return None
-        return fast.greedy_draft(list(feed), k, cache)
+        fast = self._fast_for(cache)
+        return fast.greedy_draft(list(feed), k, cache) if fast is not None and fast.kind == "c" else None
 
     def greedy_round(self, draft: "NativeLM", t_feed: Sequence[int], d_feed: Sequence[int], k: int,
                      tcache: KVCache, dcache: KVCache) -> tuple[int, list[int], list[int], list[float]] | None:
@@ -168,10 +165,11 @@ class NativeLM:
         log-probabilities), with both caches rolled back to what was accepted; None when
         the C kernel does not serve both models and caches (callers then use the
         general loop)."""
-        mine = self._numpy_for(tcache) if self.backend in ("auto", "c") else None
-        theirs = draft._numpy_for(dcache) if isinstance(draft, NativeLM) and draft.backend in ("auto", "c") else None
-        if (not hasattr(mine, "greedy_round") or not hasattr(theirs, "greedy_round") or tcache.shared or dcache.shared
-                or self.cfg.is_reward_model or draft.cfg.is_reward_model or draft.vocab_size != self.vocab_size):
+        if (not isinstance(draft, NativeLM) or tcache.shared or dcache.shared or self.cfg.is_reward_model
+                or draft.cfg.is_reward_model or draft.vocab_size != self.vocab_size):
+            return None
+        mine, theirs = self._fast_for(tcache), draft._fast_for(dcache)
+        if mine is None or theirs is None or mine.kind != "c" or theirs.kind != "c":
             return None
         return mine.greedy_round(theirs, list(t_feed), list(d_feed), k, tcache, dcache)
 
