@@ -123,6 +123,44 @@ def test_fast_backends_agree_with_torch_on_mixed_steps(hf_checkpoints, backend):
         a.forward(torch.tensor([[a.vocab_size]]), None)
 
 
+@pytest.mark.parametrize("name", ["qwen2_bias", "llama_gqa"])
+def test_c_kernel_rows_do_not_depend_on_their_batch(hf_checkpoints, name):
+    """Every output of the packed matrix products is one sum in a fixed order, whatever
+    the tile: a row's logits are the same bits alone, among 13 rows (tiles of 6, 6 and
+    1), and in a 4-token pass (speculative verification) as in 4 single steps."""
+    folder, _ = hf_checkpoints[name]
+    lm = _native(folder, backend="c")
+    torch.manual_seed(11)
+    prompts = [torch.randint(1, lm.vocab_size, (n,)).tolist() for n in range(3, 16)]
+    batch_logits, batch_cache = lm.prefill(prompts)
+    tokens = torch.randint(1, lm.vocab_size, (len(prompts),))
+    batch_step = lm.step(tokens, batch_cache)
+    for i, p in enumerate(prompts):
+        alone_logits, alone_cache = lm.prefill([p])
+        assert torch.equal(alone_logits[0], batch_logits[i])
+        assert torch.equal(lm.step(tokens[i : i + 1], alone_cache)[0], batch_step[i])
+    _, c1 = lm.prefill([prompts[0]])
+    _, c4 = lm.prefill([prompts[0]])
+    feed = torch.randint(1, lm.vocab_size, (1, 4))
+    together = lm.forward(feed, c4)[0]
+    for t in range(4):
+        assert torch.equal(lm.step(feed[:, t], c1)[0], together[t])
+
+
+def test_c_kernel_repacks_weights_changed_in_place(hf_checkpoints):
+    """The kernel reads a packed copy of the matrices: a weight changed in place (a
+    training step, load_state_dict) must be seen by the next pass."""
+    folder, _ = hf_checkpoints["llama_tied"]
+    a, b = _native(folder, backend="c"), _native(folder, backend="torch")
+    ids = torch.tensor([[3, 9, 4, 7]])
+    assert (a.forward(ids, None) - b.forward(ids, None)).abs().max().item() < 1e-4
+    with torch.no_grad():
+        for lm in (a, b):
+            lm.model.layers[0].mlp.down_proj.weight.mul_(-2.0)
+            lm.model.embed_tokens.weight[5].add_(0.5)  # tied: the output head changes too
+    assert (a.forward(ids, None) - b.forward(ids, None)).abs().max().item() < 1e-4
+
+
 def test_c_kernel_reads_shared_prefixes_like_the_torch_model(hf_checkpoints):
     """Cascade attention (a prompt's KV kept once for the rows forked from it): the C
     kernel against the torch model's shared_prefix_attention, on ragged rows."""

@@ -102,6 +102,19 @@ def kernel_error() -> str | None:
 
 
 _LAYER_FIELDS = ("ln1", "wqkv", "bqkv", "wo", "bo", "ln2", "wgu", "bgu", "wd", "bd")
+_MATRICES = ("wqkv", "wo", "wgu", "wd")
+PANEL = 16  # output columns per packed panel (NR in llama_kernel.c)
+
+
+def pack_panels(w: torch.Tensor) -> np.ndarray:
+    """W [out, in] as the kernel reads it: panels of PANEL output columns, [ceil(out /
+    PANEL), in, PANEL], the last panel zero-padded. A panel is then one contiguous run
+    that a tile of rows streams through once."""
+    out, inn = w.shape
+    n = -(-out // PANEL)
+    a = np.zeros((n * PANEL, inn), np.float32)
+    a[:out] = w.detach().float().numpy()
+    return np.ascontiguousarray(a.reshape(n, PANEL, inn).transpose(0, 2, 1))
 
 
 class _Model(ctypes.Structure):
@@ -129,27 +142,52 @@ class CLlama(NumpyLlama):
     def __init__(self, model: Transformer, lib: ctypes.CDLL) -> None:
         super().__init__(model)
         self.lib = lib
-        cfg = model.cfg
-        per_layer = {n: [] for n in _LAYER_FIELDS}
+        self._packed_version = -1
+        self._pack()
+        # (cos, sin, their data pointers) of the rotary table in use, replaced as one
+        # tuple when the table grows: a call holds its tuple, so a table another thread
+        # replaces mid-call stays alive until the call ends
+        self._rope_state: tuple | None = None
+
+    def _weights_version(self) -> int:
+        """Changes whenever a weight is modified in place (training, load_state_dict)."""
+        return sum(t._version for t in self._tensors)
+
+    def _pack(self) -> None:
+        """Point the kernel's model struct at the weights, the matrices packed."""
+        model, cfg = self.model, self.cfg
+        per_layer: dict[str, list] = {n: [] for n in _LAYER_FIELDS}
+        keep: list[np.ndarray] = []  # the packed copies, alive as long as the struct
         for b in model.layers:
             a, m = b.self_attn, b.mlp
             for n, t in zip(_LAYER_FIELDS, (b.input_layernorm.weight, a.qkv_proj.weight, a.qkv_proj.bias,
                                             a.o_proj.weight, a.o_proj.bias, b.post_attention_layernorm.weight,
                                             m.gate_up_proj.weight, m.gate_up_proj.bias, m.down_proj.weight,
                                             m.down_proj.bias)):
-                per_layer[n].append(_ptr(t))
-        self._arrays = {n: (ctypes.c_void_p * len(v))(*v) for n, v in per_layer.items()}  # kept alive here
+                if n in _MATRICES:
+                    keep.append(pack_panels(t))
+                    per_layer[n].append(keep[-1].ctypes.data)
+                else:
+                    per_layer[n].append(_ptr(t))
+        if self.score is not None:
+            head_t, bias = model.score.weight, self.score[1]
+        else:
+            head_t, bias = (model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight), None
+        keep.append(pack_panels(head_t))
+        self._head_ptrs = (keep[-1].ctypes.data, None if bias is None else bias.ctypes.data, head_t.shape[0])
+        self._arrays = {n: (ctypes.c_void_p * len(v))(*v) for n, v in per_layer.items()}
         self._struct = _Model(cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
                               cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size, cfg.rms_norm_eps,
                               _ptr(model.embed_tokens.weight), _ptr(model.norm.weight),
                               *(ctypes.cast(self._arrays[n], ctypes.POINTER(ctypes.c_void_p)) for n in _LAYER_FIELDS))
         self._struct_ptr = ctypes.addressof(self._struct)
-        head, bias = (self.score[0].T, self.score[1]) if self.score is not None else (self.head.T, None)
-        self._head_ptrs = (head.ctypes.data, None if bias is None else bias.ctypes.data, head.shape[0])
-        # (cos, sin, their data pointers) of the rotary table in use, replaced as one
-        # tuple when the table grows: a call holds its tuple, so a table another thread
-        # replaces mid-call stays alive until the call ends
-        self._rope_state: tuple | None = None
+        self._packed, self._tensors = keep, list(model.parameters())
+        self._packed_version = self._weights_version()
+
+    def _fresh(self) -> None:
+        """Repack if a weight changed since the last packing (the copies would be stale)."""
+        if self._weights_version() != self._packed_version:
+            self._pack()
 
     @staticmethod
     def _pointers(cache: KVCache) -> tuple[ctypes.Array, ctypes.Array]:
@@ -202,6 +240,7 @@ class CLlama(NumpyLlama):
     def _call(self, input_ids: torch.Tensor, cache: KVCache, logits: torch.Tensor, sel: torch.Tensor | None
               ) -> np.ndarray:
         """Run the kernel over ``cache``, writing ``logits``; returns the rows' former lengths."""
+        self._fresh()
         B, T = input_ids.shape
         ids = input_ids.contiguous().long()
         lengths = cache.lengths.contiguous()
@@ -246,6 +285,7 @@ class CLlama(NumpyLlama):
             raise ValueError("greedy drafting takes one row of a language model")
         if not feed or k < 1:
             raise ValueError("greedy drafting needs at least one pending token and k >= 1")
+        self._fresh()
         ids = np.asarray(feed, dtype=np.int64)  # the kernel checks the ids' range itself
         start = np.array(cache.lengths.numpy(), dtype=np.int64)  # a copy: the kernel advances it
         end = int(start[0]) + len(feed) + k
@@ -272,6 +312,8 @@ class CLlama(NumpyLlama):
             raise ValueError("a greedy round takes one row per model and k >= 1")
         if not t_feed or not d_feed:
             raise ValueError("a greedy round needs pending tokens for both models")
+        self._fresh()
+        draft._fresh()
         ids_t, ids_d = np.asarray(t_feed, dtype=np.int64), np.asarray(d_feed, dtype=np.int64)
         V = self.cfg.vocab_size  # the kernel checks the ids' range itself
         t_start = np.array(tcache.lengths.numpy(), dtype=np.int64)  # copies: the kernel moves them

@@ -1,8 +1,9 @@
 /* One forward pass of a Llama-family decoder over ponder's KV cache, in plain C.
  *
  * Why: a small model's decode step is ~160 tiny operations; from Python each costs
- * 1-5 us of dispatch (numpy, torch), from C nothing. The weights, the KV cache and the
- * rotary table are the torch model's own tensors, passed as pointers (no copy). The
+ * 1-5 us of dispatch (numpy, torch), from C nothing. The KV cache, the rotary table,
+ * the norms and the embedding are the torch model's own tensors, passed as pointers;
+ * the matrices are a packed copy (see matmul), made once per model. The
  * maths is llama.py's: RMSNorm, fused q/k/v, rotate-half rotary embeddings (the sign
  * lives in the sin table), grouped-query attention, SwiGLU, optional biases.
  *
@@ -23,7 +24,8 @@ typedef struct {
     float eps;
     const float *embed;  /* [V, hidden] */
     const float *norm;   /* [hidden] */
-    /* per layer (arrays of `layers` pointers; a missing bias is NULL) */
+    /* per layer (arrays of `layers` pointers; a missing bias is NULL); the matrices
+     * wqkv, wo, wgu and wd packed in panels (see matmul) */
     const float **ln1, **wqkv, **bqkv, **wo, **bo, **ln2, **wgu, **bgu, **wd, **bd;
 } Model;
 
@@ -32,14 +34,6 @@ static void rmsnorm(float *out, const float *x, const float *w, int n, float eps
     for (int i = 0; i < n; i++) ss += x[i] * x[i];
     float r = 1.0f / sqrtf(ss / (float)n + eps);
     for (int i = 0; i < n; i++) out[i] = x[i] * r * w[i];
-}
-
-/* y[j..j+3] = s (+ b[j..j+3]), or += when accumulate. */
-static inline void put4(float *y, const float *s, const float *b, int j, int accumulate) {
-    for (int i = 0; i < 4; i++) {
-        float v = s[i] + (b ? b[j + i] : 0.0f);
-        y[i] = accumulate ? y[i] + v : v;
-    }
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -54,8 +48,8 @@ static inline float hsum8(__m256 v) {
 #endif
 
 #ifdef HAVE_AVX2
-/* s[4q + i] = W_i · x_q for 4 weight rows and nr (1-3) token rows; inlined with a
- * constant nr, so the 4·nr running sums stay in registers. */
+/* s[4q + i] = w_i · x_q for 4 rows w_i (attention keys) and nr (1-3) rows x_q (queries);
+ * inlined with a constant nr, so the 4·nr running sums stay in registers. */
 static inline __attribute__((always_inline)) void block4(const float *const *w, const float *x, int in, int nr,
                                                          float *s) {
     __m256 acc[12];
@@ -72,69 +66,108 @@ static inline __attribute__((always_inline)) void block4(const float *const *w, 
 }
 #endif
 
-/* y[r, :] = W x[r, :] + b (or y += ... when accumulate), W: [out, in] row-major.
- * Four weight rows at a time against every token row, so the weights, which dominate
- * the memory traffic, are read once per call however many tokens there are; token
- * rows go three at a time (12 running sums per 7 loads), which is what makes a
- * multi-token pass (prefill, speculative verification, n samples) compute-efficient. */
-static void matmul(float *y, const float *x, const float *W, const float *b, int R, int in, int out,
-                   int accumulate) {
-    int j = 0;
-    for (; j + 4 <= out; j += 4) {
-        const float *w0 = W + (size_t)j * in, *w1 = w0 + in, *w2 = w1 + in, *w3 = w2 + in;
-        int r = 0;
+/* Weights are used packed: W [out, in] as panels of 16 output columns, P[p][k][c] =
+ * W[16p + c, k] (the last panel zero-padded), made once by llama_c.py. A panel then
+ * streams through memory in order, and a tile of mr token rows × 16·np columns keeps
+ * its 2·mr·np running sums in registers: each step of k loads 2·np weight vectors and
+ * broadcasts mr inputs (outer products, no horizontal sums).
+ *
+ * Every output is one sum over k in increasing order, whatever the tile shape, so a
+ * row's result does not depend on how many rows share the call: a sequence decodes to
+ * the same bits alone, in a batch, or in a speculative verification pass. */
+#define NR 16
+
+static inline void put_tile(float *y, const float *s, const float *b, int j0, int ncol, int accumulate) {
+    for (int c = 0; c < ncol; c++) {
+        float v = s[c] + (b ? b[j0 + c] : 0.0f);
+        y[c] = accumulate ? y[c] + v : v;
+    }
+}
+
 #ifdef HAVE_AVX2
-        /* explicit 8-lane FMAs: gcc's own vectorisation of the loops below reaches
-         * about half of this (measured 13-16 vs 23-28 GFMA/s on an AMD EPYC) */
-        if (in % 8 == 0) {
-            const float *ws[4] = {w0, w1, w2, w3};
-            float s4[12];
-            while (r < R) {
-                /* token rows in blocks of 3, then 2 or 1 */
-                int left = R - r, nr = left >= 3 ? 3 : left;
-                const float *xr = x + (size_t)r * in;
-                if (nr == 3) block4(ws, xr, in, 3, s4);
-                else if (nr == 2) block4(ws, xr, in, 2, s4);
-                else block4(ws, xr, in, 1, s4);
-                for (int q = 0; q < nr; q++) put4(y + (size_t)(r + q) * out + j, s4 + 4 * q, b, j, accumulate);
-                r += nr;
+/* One tile: mr rows of x (stride in) × np consecutive panels from P. Inlined with
+ * constant mr and np, so the sums stay in registers. */
+static inline __attribute__((always_inline)) void tile(float *y, const float *x, const float *P, const float *b,
+                                                       int in, int out, int j0, int mr, int np, int accumulate) {
+    /* acc[2·(np·r + q) + h]: row r, panel q, half h; at most 12 (mr·np <= 6), which
+     * the compiler keeps in registers (a larger array it would spill) */
+    __m256 acc[12];
+    for (int i = 0; i < 2 * mr * np; i++) acc[i] = _mm256_setzero_ps();
+    const size_t panel = (size_t)in * NR;
+    for (int k = 0; k < in; k++) {
+        const float *w = P + (size_t)k * NR;
+        for (int r = 0; r < mr; r++) {
+            __m256 xb = _mm256_broadcast_ss(x + (size_t)r * in + k);
+            for (int q = 0; q < np; q++) {
+                acc[2 * (np * r + q)] = _mm256_fmadd_ps(_mm256_loadu_ps(w + q * panel), xb, acc[2 * (np * r + q)]);
+                acc[2 * (np * r + q) + 1] =
+                    _mm256_fmadd_ps(_mm256_loadu_ps(w + q * panel + 8), xb, acc[2 * (np * r + q) + 1]);
             }
         }
+    }
+    /* through memory from here: indexing the sums by a loop variable would make the
+     * compiler keep them in memory during the loop above too */
+    float s[12 * 8];
+    for (int i = 0; i < 2 * mr * np; i++) _mm256_storeu_ps(s + 8 * i, acc[i]);
+    for (int r = 0; r < mr; r++)
+        for (int q = 0; q < np; q++) {
+            int j = j0 + q * NR, ncol = out - j < NR ? out - j : NR;
+            put_tile(y + (size_t)r * out + j, s + NR * (np * r + q), b, j, ncol, accumulate);
+        }
+}
+
+/* Tiles of mr rows over panels [p0, p1): enough panels per tile (np) that 8 or more
+ * independent sums hide the FMA latency, one panel at a time at the end. */
+static inline __attribute__((always_inline)) void rows_tile(float *y, const float *x, const float *P,
+                                                            const float *b, int in, int out, int p0, int p1,
+                                                            int mr, int accumulate) {
+    const int np = mr == 1 ? 4 : mr <= 3 ? 2 : 1;
+    const size_t panel = (size_t)in * NR;
+    int p = p0;
+    for (; p + np <= p1; p += np) tile(y, x, P + p * panel, b, in, out, p * NR, mr, np, accumulate);
+    for (; p < p1; p++) tile(y, x, P + p * panel, b, in, out, p * NR, mr, 1, accumulate);
+}
 #endif
-        for (; r + 3 <= R; r += 3) {
-            const float *xa = x + (size_t)r * in, *xb = xa + in, *xc = xb + in;
-            float sa[4] = {0}, sb[4] = {0}, sc[4] = {0};
-            for (int k = 0; k < in; k++) {
-                float u = xa[k], v = xb[k], t = xc[k];
-                sa[0] += w0[k] * u; sa[1] += w1[k] * u; sa[2] += w2[k] * u; sa[3] += w3[k] * u;
-                sb[0] += w0[k] * v; sb[1] += w1[k] * v; sb[2] += w2[k] * v; sb[3] += w3[k] * v;
-                sc[0] += w0[k] * t; sc[1] += w1[k] * t; sc[2] += w2[k] * t; sc[3] += w3[k] * t;
-            }
-            put4(y + (size_t)r * out + j, sa, b, j, accumulate);
-            put4(y + (size_t)(r + 1) * out + j, sb, b, j, accumulate);
-            put4(y + (size_t)(r + 2) * out + j, sc, b, j, accumulate);
-        }
-        for (; r < R; r++) {
-            const float *xr = x + (size_t)r * in;
-            float s4[4] = {0};
-            for (int k = 0; k < in; k++) {
-                float v = xr[k];
-                s4[0] += w0[k] * v; s4[1] += w1[k] * v; s4[2] += w2[k] * v; s4[3] += w3[k] * v;
-            }
-            put4(y + (size_t)r * out + j, s4, b, j, accumulate);
+
+/* y[r, :] = W x[r, :] + b (or y += ... when accumulate) for rows r < R, over output
+ * panels [p0, p1) (all of them: 0, ceil(out / 16)). P is W packed. */
+static void matmul_panels(float *y, const float *x, const float *P, const float *b, int R, int in, int out, int p0,
+                          int p1, int accumulate) {
+#ifdef HAVE_AVX2
+    /* a few panels at a time (within L2), each reused from cache by every block of rows:
+     * blocks of 6 rows (12 sums), then the rest */
+    const int group = 8;
+    for (int g = p0; g < p1; g += group) {
+        int g1 = g + group < p1 ? g + group : p1, r = 0;
+        for (; r + 6 <= R; r += 6) rows_tile(y + (size_t)r * out, x + (size_t)r * in, P, b, in, out, g, g1, 6, accumulate);
+        float *yr = y + (size_t)r * out;
+        const float *xr = x + (size_t)r * in;
+        switch (R - r) {
+        case 5: rows_tile(yr, xr, P, b, in, out, g, g1, 5, accumulate); break;
+        case 4: rows_tile(yr, xr, P, b, in, out, g, g1, 4, accumulate); break;
+        case 3: rows_tile(yr, xr, P, b, in, out, g, g1, 3, accumulate); break;
+        case 2: rows_tile(yr, xr, P, b, in, out, g, g1, 2, accumulate); break;
+        case 1: rows_tile(yr, xr, P, b, in, out, g, g1, 1, accumulate); break;
         }
     }
-    for (; j < out; j++) { /* the last out % 4 weight rows */
-        const float *w0 = W + (size_t)j * in;
+#else
+    /* the same sums (each over k in increasing order) without vector intrinsics */
+    const size_t panel = (size_t)in * NR;
+    for (int p = p0; p < p1; p++) {
+        int j0 = p * NR, ncol = out - j0 < NR ? out - j0 : NR;
         for (int r = 0; r < R; r++) {
-            const float *xr = x + (size_t)r * in;
-            float s = 0.0f;
-            for (int k = 0; k < in; k++) s += w0[k] * xr[k];
-            if (b) s += b[j];
-            float *yr = y + (size_t)r * out + j;
-            if (accumulate) *yr += s; else *yr = s;
+            float s[NR] = {0};
+            const float *xr = x + (size_t)r * in, *w = P + p * panel;
+            for (int k = 0; k < in; k++)
+                for (int c = 0; c < NR; c++) s[c] += w[(size_t)k * NR + c] * xr[k];
+            put_tile(y + (size_t)r * out + j0, s, b, j0, ncol, accumulate);
         }
     }
+#endif
+}
+
+static void matmul(float *y, const float *x, const float *P, const float *b, int R, int in, int out, int accumulate) {
+    matmul_panels(y, x, P, b, R, in, out, 0, (out + NR - 1) / NR, accumulate);
 }
 
 /* p[g·stride_p + j] = q_g · K_j for the G query heads of one KV head (q: [G, D]) and
@@ -178,7 +211,7 @@ static void rope(float *x, const float *cos, const float *sin, int D) {
     }
 }
 
-/* The whole pass. `logits` [n_sel, head_rows] receives head·h (+ head_bias) for the
+/* The whole pass. `logits` [n_sel, head_rows] receives head·h (+ head_bias, head packed) for the
  * token rows listed in `sel` (NULL: every row, in order, n_sel ignored). Returns 0; 1 if scratch memory could
  * not be allocated; 2 if a token id is outside [0, vocab). */
 static int forward_impl(const Model *m, const int64_t *ids, int B, int T, const int64_t *start,
