@@ -126,15 +126,24 @@ def test_fast_backends_agree_with_torch_on_mixed_steps(hf_checkpoints, backend):
 @pytest.mark.parametrize("name", ["qwen2_bias", "llama_gqa"])
 def test_c_kernel_rows_do_not_depend_on_their_batch(hf_checkpoints, name):
     """Every output of the packed matrix products is one sum in a fixed order, whatever
-    the tile: a row's logits are the same bits alone, among 13 rows (tiles of 6, 6 and
-    1), and in a 4-token pass (speculative verification) as in 4 single steps."""
+    the tile or thread: a row's logits are the same bits alone, among 13 rows (tiles of
+    6, 6 and 1) on one thread or two, and in a 4-token pass (speculative verification)
+    as in 4 single steps."""
     folder, _ = hf_checkpoints[name]
     lm = _native(folder, backend="c")
     torch.manual_seed(11)
     prompts = [torch.randint(1, lm.vocab_size, (n,)).tolist() for n in range(3, 16)]
     batch_logits, batch_cache = lm.prefill(prompts)
     tokens = torch.randint(1, lm.vocab_size, (len(prompts),))
-    batch_step = lm.step(tokens, batch_cache)
+    threads = torch.get_num_threads()
+    try:  # the same pass on one thread and on two (OpenMP build): the same bits
+        torch.set_num_threads(1)
+        one_thread = lm.step(tokens, batch_cache.fork(list(range(len(prompts)))))
+        torch.set_num_threads(2)
+        batch_step = lm.step(tokens, batch_cache)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one_thread, batch_step)
     for i, p in enumerate(prompts):
         alone_logits, alone_cache = lm.prefill([p])
         assert torch.equal(alone_logits[0], batch_logits[i])

@@ -51,12 +51,31 @@ def _cpu_id() -> str:
     return platform.processor()
 
 
-def _build(cc: str, target: Path) -> None:
+def torch_openmp() -> str | None:
+    """The GNU OpenMP runtime torch loaded (a file path), if any. The kernel links to
+    that very library, so that its threads and torch's are one pool: two runtimes on
+    the same cores would each spin-wait while the other works."""
+    try:
+        for line in Path("/proc/self/maps").read_text().splitlines():
+            path = line.split()[-1]
+            if "/libgomp" in path and ".so" in path:
+                return path
+    except (OSError, IndexError):
+        pass
+    return None
+
+
+def _build(cc: str, target: Path, openmp: str | None) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         obj, out = Path(tmp) / "kernel.o", Path(tmp) / target.name
-        subprocess.run([cc, *FLAGS, "-c", "-o", str(obj), str(SOURCE)], check=True, capture_output=True, timeout=120)
-        subprocess.run([cc, "-shared", "-o", str(out), str(obj), "-lm"], check=True, capture_output=True, timeout=60)
+        omp_compile = ["-fopenmp"] if openmp else []
+        # the runtime by path (its soname is torch's, already loaded), not -lgomp
+        omp_link = [openmp, f"-Wl,-rpath,{Path(openmp).parent}"] if openmp else []
+        subprocess.run([cc, *FLAGS, *omp_compile, "-c", "-o", str(obj), str(SOURCE)], check=True,
+                       capture_output=True, timeout=120)
+        subprocess.run([cc, "-shared", "-o", str(out), str(obj), *omp_link, "-lm"], check=True, capture_output=True,
+                       timeout=60)
         os.replace(out, target)  # atomic: concurrent first uses never load half a file
 
 
@@ -73,26 +92,35 @@ def load_kernel() -> ctypes.CDLL | None:
     if cc is None:
         _kernel_error = "no C compiler found (set CC)"
         return None
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(FLAGS), cc, _cpu_id()]).encode()).hexdigest()[:16]
     root = Path(os.environ.get("PONDER_CACHE_DIR") or Path.home() / ".cache" / "ponder")
-    target = root / "kernels" / f"llama_{key}.so"
-    try:
-        if not target.exists():
-            _build(cc, target)
-        lib = ctypes.CDLL(str(target))
-    except (OSError, subprocess.SubprocessError) as e:
-        detail = getattr(e, "stderr", b"") or b""
-        _kernel_error = f"building {SOURCE.name} failed: {e} {detail.decode(errors='replace')[:500]}".strip()
+    lib = None
+    # with torch's OpenMP runtime when there is one (passes of many rows then use its
+    # threads); else, or if that build fails, a one-thread build
+    for openmp in dict.fromkeys([torch_openmp(), None]):
+        key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(FLAGS), cc, _cpu_id(), str(openmp)]).encode())
+        target = root / "kernels" / f"llama_{key.hexdigest()[:16]}.so"
+        try:
+            if not target.exists():
+                _build(cc, target, openmp)
+            lib = ctypes.CDLL(str(target))
+            break
+        except (OSError, subprocess.SubprocessError) as e:
+            detail = getattr(e, "stderr", b"") or b""
+            _kernel_error = f"building {SOURCE.name} failed: {e} {detail.decode(errors='replace')[:500]}".strip()
+    if lib is None:
         return None
+    _kernel_error = None
     p = ctypes.c_void_p
     i = ctypes.c_int
-    lib.ponder_forward.argtypes = [p, p, i, i, p, p, p, ctypes.c_int64, p, p, p, p, p, p, p, i, p, i, p]
+    lib.ponder_forward.argtypes = [p, p, i, i, p, p, p, ctypes.c_int64, p, p, p, p, p, p, p, i, p, i, p, i]
     lib.ponder_forward.restype = ctypes.c_int
     lib.ponder_greedy_draft.argtypes = [p, p, i, i, p, p, p, ctypes.c_int64, p, p, p, i, p]
     lib.ponder_greedy_draft.restype = ctypes.c_int
     c64 = ctypes.c_int64
-    lib.ponder_greedy_round.argtypes = [p, p, p, i, p, i, i, p, p, p, c64, p, p, p, p, p, p, c64, p, p, p, i, p, p, p]
+    lib.ponder_greedy_round.argtypes = [p, p, p, i, p, i, i, p, p, p, c64, p, p, p, p, p, p, c64, p, p, p, i, p, p, p,
+                                        i]
     lib.ponder_greedy_round.restype = ctypes.c_int
+    lib.ponder_openmp.restype = ctypes.c_int
     _kernel = lib
     return lib
 
@@ -138,12 +166,17 @@ class CLlama(NumpyLlama):
 
     kind = "c"
     handles_shared_prefix = True
+    # A pass over at least this many token rows runs on torch's threads
+    # (torch.get_num_threads(), through the same OpenMP runtime); below it, waking
+    # the threads costs more than they save. The split changes no bit of the result.
+    PARALLEL_MIN_ROWS = 8
 
     def __init__(self, model: Transformer, lib: ctypes.CDLL) -> None:
         super().__init__(model)
         self.lib = lib
         self._packed_version = -1
         self._pack()
+        self.parallel = bool(lib.ponder_openmp())  # built with OpenMP
         # (cos, sin, their data pointers) of the rotary table in use, replaced as one
         # tuple when the table grows: a call holds its tuple, so a table another thread
         # replaces mid-call stays alive until the call ends
@@ -237,6 +270,11 @@ class CLlama(NumpyLlama):
             cache._c_shared = v
         return v[3]
 
+    def threads_for(self, rows: int) -> int:
+        """Threads for a pass over ``rows`` token rows: torch's count
+        (``torch.get_num_threads()``) from PARALLEL_MIN_ROWS rows on, else one."""
+        return torch.get_num_threads() if rows >= self.PARALLEL_MIN_ROWS and self.parallel else 1
+
     def _call(self, input_ids: torch.Tensor, cache: KVCache, logits: torch.Tensor, sel: torch.Tensor | None
               ) -> np.ndarray:
         """Run the kernel over ``cache``, writing ``logits``; returns the rows' former lengths."""
@@ -254,7 +292,8 @@ class CLlama(NumpyLlama):
         status = self.lib.ponder_forward(
             self._struct_ptr, ids.data_ptr(), B, T, lengths.data_ptr(), ks, vs, cache.capacity, pk, pv,
             None if plen is None else plen.ctypes.data, rope[2], rope[3], *self._head_ptrs,
-            None if sel is None else sel.data_ptr(), 0 if sel is None else sel.shape[0], logits.data_ptr())
+            None if sel is None else sel.data_ptr(), 0 if sel is None else sel.shape[0], logits.data_ptr(),
+            self.threads_for(B * T))
         if status == 2:
             raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}); got {int(ids.min())}..{int(ids.max())}")
         if status != 0:
@@ -330,7 +369,7 @@ class CLlama(NumpyLlama):
             self._struct_ptr, draft._struct_ptr, ids_t.ctypes.data, len(t_feed), ids_d.ctypes.data, len(d_feed), k,
             t_start.ctypes.data, tk, tv, tcache.capacity, t_rope[2], t_rope[3], self._head_ptrs[0],
             d_start.ctypes.data, dk, dv, dcache.capacity, d_rope[2], d_rope[3], draft._head_ptrs[0], V,
-            drafts.ctypes.data, best.ctypes.data, lp.ctypes.data)
+            drafts.ctypes.data, best.ctypes.data, lp.ctypes.data, self.threads_for(len(t_feed) + k))
         if a == -2:
             raise ValueError(f"token ids must be in [0, {V}); got {t_feed} and {d_feed}")
         if a < 0:

@@ -19,6 +19,18 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* Built with OpenMP when it can be (llama_c.py), a pass of many rows splits across
+ * threads: each matrix product by output panels, the per-row steps by rows. Every
+ * value is computed by one thread in the same order as without threads, so the split
+ * changes no bit. The OpenMP runtime is torch's own (same library, already loaded), so
+ * its threads serve torch and the kernel in turn instead of fighting over the cores. */
+#ifdef _OPENMP
+#include <omp.h>
+#else
+static inline int omp_get_thread_num(void) { return 0; }
+static inline int omp_get_num_threads(void) { return 1; }
+#endif
+
 typedef struct {
     int hidden, heads, kv_heads, head_dim, ffn, layers, vocab;
     float eps;
@@ -166,8 +178,12 @@ static void matmul_panels(float *y, const float *x, const float *P, const float 
 #endif
 }
 
+/* In a parallel pass, each thread computes its share of the output panels, then waits
+ * for the others: what follows reads every column. */
 static void matmul(float *y, const float *x, const float *P, const float *b, int R, int in, int out, int accumulate) {
-    matmul_panels(y, x, P, b, R, in, out, 0, (out + NR - 1) / NR, accumulate);
+    int panels = (out + NR - 1) / NR, t = omp_get_thread_num(), n = omp_get_num_threads();
+    matmul_panels(y, x, P, b, R, in, out, panels * t / n, panels * (t + 1) / n, accumulate);
+#pragma omp barrier
 }
 
 /* p[g·stride_p + j] = q_g · K_j for the G query heads of one KV head (q: [G, D]) and
@@ -211,109 +227,6 @@ static void rope(float *x, const float *cos, const float *sin, int D) {
     }
 }
 
-/* The whole pass. `logits` [n_sel, head_rows] receives head·h (+ head_bias, head packed) for the
- * token rows listed in `sel` (NULL: every row, in order, n_sel ignored). Returns 0; 1 if scratch memory could
- * not be allocated; 2 if a token id is outside [0, vocab). */
-static int forward_impl(const Model *m, const int64_t *ids, int B, int T, const int64_t *start,
-                        float *const *kc, float *const *vc, int64_t cap, const float *const *pk,
-                        const float *const *pv, const int64_t *plen, const float *cos, const float *sin,
-                        const float *head, const float *head_bias, int head_rows, const int64_t *sel, int n_sel,
-                        float *logits) {
-    const int h = m->hidden, H = m->heads, KV = m->kv_heads, D = m->head_dim, F = m->ffn;
-    const int G = H / KV, R = B * T, QKV = (H + 2 * KV) * D;
-    const float scale = 1.0f / sqrtf((float)D);
-    for (int r = 0; r < R; r++)
-        if (ids[r] < 0 || ids[r] >= m->vocab) return 2;
-    int64_t span = 0, max_pre = 0; /* own slots; longest shared prefix */
-    for (int b = 0; b < B; b++) {
-        if (start[b] + T > span) span = start[b] + T;
-        if (plen && plen[b] > max_pre) max_pre = plen[b];
-    }
-    const int64_t stride = max_pre + span; /* of p: one row of scores per query head */
-    float *x = malloc(sizeof(float) * (size_t)R * h);
-    float *xn = malloc(sizeof(float) * (size_t)R * h);
-    float *qkv = malloc(sizeof(float) * (size_t)R * QKV);
-    float *att = malloc(sizeof(float) * (size_t)R * H * D);
-    float *gu = malloc(sizeof(float) * (size_t)R * 2 * F);
-    float *act = malloc(sizeof(float) * (size_t)R * F);
-    float *p = malloc(sizeof(float) * (size_t)G * stride);
-    if (!x || !xn || !qkv || !att || !gu || !act || !p) {
-        free(x); free(xn); free(qkv); free(att); free(gu); free(act); free(p);
-        return 1;
-    }
-    for (int r = 0; r < R; r++) memcpy(x + (size_t)r * h, m->embed + (size_t)ids[r] * h, sizeof(float) * h);
-
-    for (int l = 0; l < m->layers; l++) {
-        for (int r = 0; r < R; r++) rmsnorm(xn + (size_t)r * h, x + (size_t)r * h, m->ln1[l], h, m->eps);
-        matmul(qkv, xn, m->wqkv[l], m->bqkv[l], R, h, QKV, 0);
-        /* rotate q and k, then store k and v at each token's slot */
-        for (int b = 0; b < B; b++)
-            for (int t = 0; t < T; t++) {
-                int64_t pos = start[b] + t, at = pos + (plen ? plen[b] : 0); /* own slot; position */
-                float *row = qkv + (size_t)(b * T + t) * QKV;
-                for (int i = 0; i < H + KV; i++) rope(row + (size_t)i * D, cos + at * D, sin + at * D, D);
-                size_t slot = ((size_t)b * cap + pos) * KV * D;
-                memcpy(kc[l] + slot, row + (size_t)H * D, sizeof(float) * KV * D);
-                memcpy(vc[l] + slot, row + (size_t)(H + KV) * D, sizeof(float) * KV * D);
-            }
-        /* causal attention: the token in own slot pos sees its row's shared prefix (if
-         * any, stored once for all rows of its group: cascade attention) and own slots
-         * 0..pos; one softmax runs over both parts */
-        for (int b = 0; b < B; b++)
-            for (int t = 0; t < T; t++) {
-                int64_t pos = start[b] + t, pre = plen ? plen[b] : 0, n = pre + pos + 1;
-                const float *PK = pre ? pk[(size_t)b * m->layers + l] : NULL;
-                const float *PV = pre ? pv[(size_t)b * m->layers + l] : NULL;
-                const float *row = qkv + (size_t)(b * T + t) * QKV;
-                float *o = att + (size_t)(b * T + t) * H * D;
-                for (int g0 = 0; g0 < KV; g0++) { /* the G query heads that read KV head g0 */
-                    const float *K = kc[l] + (size_t)b * cap * KV * D + (size_t)g0 * D;
-                    const float *V = vc[l] + (size_t)b * cap * KV * D + (size_t)g0 * D;
-                    const float *qg = row + (size_t)g0 * G * D; /* [G, D], contiguous */
-                    if (pre) scores(p, qg, PK + (size_t)g0 * D, (size_t)KV * D, pre, G, D, stride);
-                    scores(p + pre, qg, K, (size_t)KV * D, pos + 1, G, D, stride);
-                    for (int g = 0; g < G; g++) {
-                        float *pg = p + (size_t)g * stride, mx = -FLT_MAX, sum = 0.0f;
-                        for (int64_t j = 0; j < n; j++) {
-                            pg[j] *= scale;
-                            if (pg[j] > mx) mx = pg[j];
-                        }
-                        for (int64_t j = 0; j < n; j++) {
-                            pg[j] = expf(pg[j] - mx);
-                            sum += pg[j];
-                        }
-                        float *oh = o + (size_t)(g0 * G + g) * D;
-                        for (int d = 0; d < D; d++) oh[d] = 0.0f;
-                        for (int64_t j = 0; j < n; j++) {
-                            const float *vj = j < pre ? PV + (size_t)g0 * D + (size_t)j * KV * D
-                                                      : V + (size_t)(j - pre) * KV * D;
-                            float w = pg[j] / sum;
-                            for (int d = 0; d < D; d++) oh[d] += w * vj[d];
-                        }
-                    }
-                }
-            }
-        matmul(x, att, m->wo[l], m->bo[l], R, H * D, h, 1); /* residual */
-        for (int r = 0; r < R; r++) rmsnorm(xn + (size_t)r * h, x + (size_t)r * h, m->ln2[l], h, m->eps);
-        matmul(gu, xn, m->wgu[l], m->bgu[l], R, h, 2 * F, 0);
-        for (int r = 0; r < R; r++) {
-            const float *g = gu + (size_t)r * 2 * F, *u = g + F;
-            float *a = act + (size_t)r * F;
-            for (int i = 0; i < F; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-        }
-        matmul(x, act, m->wd[l], m->bd[l], R, F, h, 1); /* residual */
-    }
-    for (int r = 0; r < R; r++) rmsnorm(xn + (size_t)r * h, x + (size_t)r * h, m->norm, h, m->eps);
-    if (sel) { /* gather the selected rows, then one product */
-        for (int i = 0; i < n_sel; i++) memcpy(x + (size_t)i * h, xn + (size_t)sel[i] * h, sizeof(float) * h);
-        matmul(logits, x, head, head_bias, n_sel, h, head_rows, 0);
-    } else {
-        matmul(logits, xn, head, head_bias, R, h, head_rows, 0);
-    }
-    free(x); free(xn); free(qkv); free(att); free(gu); free(act); free(p);
-    return 0;
-}
-
 /* Denormals (softmax weights of far-off keys, exp of large negatives) cost a microcode
  * assist per operation, and a small model makes many: the kernel flushes them to zero
  * while it runs (they are below 1e-38, far under float32's precision at the scale of
@@ -327,13 +240,134 @@ static int forward_impl(const Model *m, const int64_t *ids, int B, int T, const 
 #define FAST_FP_END
 #endif
 
+/* The whole pass. `logits` [n_sel, head_rows] receives head·h (+ head_bias, head packed) for the
+ * token rows listed in `sel` (NULL: every row, in order, n_sel ignored). Returns 0; 1 if scratch memory could
+ * not be allocated; 2 if a token id is outside [0, vocab). */
+static int forward_impl(const Model *m, const int64_t *ids, int B, int T, const int64_t *start,
+                        float *const *kc, float *const *vc, int64_t cap, const float *const *pk,
+                        const float *const *pv, const int64_t *plen, const float *cos, const float *sin,
+                        const float *head, const float *head_bias, int head_rows, const int64_t *sel, int n_sel,
+                        float *logits, int threads) {
+    const int h = m->hidden, H = m->heads, KV = m->kv_heads, D = m->head_dim, F = m->ffn;
+    const int G = H / KV, R = B * T, QKV = (H + 2 * KV) * D;
+    const float scale = 1.0f / sqrtf((float)D);
+    for (int r = 0; r < R; r++)
+        if (ids[r] < 0 || ids[r] >= m->vocab) return 2;
+    int64_t span = 0, max_pre = 0; /* own slots; longest shared prefix */
+    for (int b = 0; b < B; b++) {
+        if (start[b] + T > span) span = start[b] + T;
+        if (plen && plen[b] > max_pre) max_pre = plen[b];
+    }
+    if (threads < 1) threads = 1;
+    const int64_t stride = max_pre + span; /* of p: one row of scores per query head */
+    float *x = malloc(sizeof(float) * (size_t)R * h);
+    float *xn = malloc(sizeof(float) * (size_t)R * h);
+    float *qkv = malloc(sizeof(float) * (size_t)R * QKV);
+    float *att = malloc(sizeof(float) * (size_t)R * H * D);
+    float *gu = malloc(sizeof(float) * (size_t)R * 2 * F);
+    float *act = malloc(sizeof(float) * (size_t)R * F);
+    float *p_all = malloc(sizeof(float) * (size_t)G * stride * threads); /* a score buffer per thread */
+    if (!x || !xn || !qkv || !att || !gu || !act || !p_all) {
+        free(x); free(xn); free(qkv); free(att); free(gu); free(act); free(p_all);
+        return 1;
+    }
+    for (int r = 0; r < R; r++) memcpy(x + (size_t)r * h, m->embed + (size_t)ids[r] * h, sizeof(float) * h);
+
+    /* Every thread runs this block; `omp for` loops share out rows (and wait for each
+     * other at their end), matmul shares out panels. */
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+    FAST_FP_BEGIN /* the mode is per thread: the pool's threads set it too */
+    float *p = p_all + (size_t)G * stride * omp_get_thread_num();
+    for (int l = 0; l < m->layers; l++) {
+#pragma omp for schedule(static)
+        for (int r = 0; r < R; r++) rmsnorm(xn + (size_t)r * h, x + (size_t)r * h, m->ln1[l], h, m->eps);
+        matmul(qkv, xn, m->wqkv[l], m->bqkv[l], R, h, QKV, 0);
+        /* rotate q and k, then store k and v at each token's slot */
+#pragma omp for schedule(static)
+        for (int r = 0; r < R; r++) {
+            int b = r / T, t = r % T;
+            int64_t pos = start[b] + t, at = pos + (plen ? plen[b] : 0); /* own slot; position */
+            float *row = qkv + (size_t)r * QKV;
+            for (int i = 0; i < H + KV; i++) rope(row + (size_t)i * D, cos + at * D, sin + at * D, D);
+            size_t slot = ((size_t)b * cap + pos) * KV * D;
+            memcpy(kc[l] + slot, row + (size_t)H * D, sizeof(float) * KV * D);
+            memcpy(vc[l] + slot, row + (size_t)(H + KV) * D, sizeof(float) * KV * D);
+        }
+        /* causal attention: the token in own slot pos sees its row's shared prefix (if
+         * any, stored once for all rows of its group: cascade attention) and own slots
+         * 0..pos; one softmax runs over both parts */
+#pragma omp for schedule(static)
+        for (int r = 0; r < R; r++) {
+            int b = r / T, t = r % T;
+            int64_t pos = start[b] + t, pre = plen ? plen[b] : 0, n = pre + pos + 1;
+            const float *PK = pre ? pk[(size_t)b * m->layers + l] : NULL;
+            const float *PV = pre ? pv[(size_t)b * m->layers + l] : NULL;
+            const float *row = qkv + (size_t)r * QKV;
+            float *o = att + (size_t)r * H * D;
+            for (int g0 = 0; g0 < KV; g0++) { /* the G query heads that read KV head g0 */
+                const float *K = kc[l] + (size_t)b * cap * KV * D + (size_t)g0 * D;
+                const float *V = vc[l] + (size_t)b * cap * KV * D + (size_t)g0 * D;
+                const float *qg = row + (size_t)g0 * G * D; /* [G, D], contiguous */
+                if (pre) scores(p, qg, PK + (size_t)g0 * D, (size_t)KV * D, pre, G, D, stride);
+                scores(p + pre, qg, K, (size_t)KV * D, pos + 1, G, D, stride);
+                for (int g = 0; g < G; g++) {
+                    float *pg = p + (size_t)g * stride, mx = -FLT_MAX, sum = 0.0f;
+                    for (int64_t j = 0; j < n; j++) {
+                        pg[j] *= scale;
+                        if (pg[j] > mx) mx = pg[j];
+                    }
+                    for (int64_t j = 0; j < n; j++) {
+                        pg[j] = expf(pg[j] - mx);
+                        sum += pg[j];
+                    }
+                    float *oh = o + (size_t)(g0 * G + g) * D;
+                    for (int d = 0; d < D; d++) oh[d] = 0.0f;
+                    for (int64_t j = 0; j < n; j++) {
+                        const float *vj = j < pre ? PV + (size_t)g0 * D + (size_t)j * KV * D
+                                                  : V + (size_t)(j - pre) * KV * D;
+                        float w = pg[j] / sum;
+                        for (int d = 0; d < D; d++) oh[d] += w * vj[d];
+                    }
+                }
+            }
+        }
+        matmul(x, att, m->wo[l], m->bo[l], R, H * D, h, 1); /* residual */
+#pragma omp for schedule(static)
+        for (int r = 0; r < R; r++) rmsnorm(xn + (size_t)r * h, x + (size_t)r * h, m->ln2[l], h, m->eps);
+        matmul(gu, xn, m->wgu[l], m->bgu[l], R, h, 2 * F, 0);
+#pragma omp for schedule(static)
+        for (int r = 0; r < R; r++) {
+            const float *g = gu + (size_t)r * 2 * F, *u = g + F;
+            float *a = act + (size_t)r * F;
+            for (int i = 0; i < F; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+        }
+        matmul(x, act, m->wd[l], m->bd[l], R, F, h, 1); /* residual */
+    }
+#pragma omp for schedule(static)
+    for (int r = 0; r < R; r++) rmsnorm(xn + (size_t)r * h, x + (size_t)r * h, m->norm, h, m->eps);
+    if (sel) { /* gather the selected rows, then one product */
+#pragma omp for schedule(static)
+        for (int i = 0; i < n_sel; i++) memcpy(x + (size_t)i * h, xn + (size_t)sel[i] * h, sizeof(float) * h);
+        matmul(logits, x, head, head_bias, n_sel, h, head_rows, 0);
+    } else {
+        matmul(logits, xn, head, head_bias, R, h, head_rows, 0);
+    }
+    FAST_FP_END
+    }
+    free(x); free(xn); free(qkv); free(att); free(gu); free(act); free(p_all);
+    return 0;
+}
+
+
 int ponder_forward(const Model *m, const int64_t *ids, int B, int T, const int64_t *start,
                    float *const *kc, float *const *vc, int64_t cap, const float *const *pk, const float *const *pv,
                    const int64_t *plen, const float *cos, const float *sin, const float *head,
-                   const float *head_bias, int head_rows, const int64_t *sel, int n_sel, float *logits) {
+                   const float *head_bias, int head_rows, const int64_t *sel, int n_sel, float *logits,
+                   int threads) {
     FAST_FP_BEGIN
     int status = forward_impl(m, ids, B, T, start, kc, vc, cap, pk, pv, plen, cos, sin, head, head_bias, head_rows,
-                              sel, n_sel, logits);
+                              sel, n_sel, logits, threads);
     FAST_FP_END
     return status;
 }
@@ -354,7 +388,7 @@ int ponder_greedy_draft(const Model *m, const int64_t *feed, int n_feed, int k, 
     for (int i = 0; i < k; i++) {
         int64_t last = T - 1;
         int status = ponder_forward(m, ids, 1, T, start, kc, vc, cap, NULL, NULL, NULL, cos, sin, head, NULL,
-                                    head_rows, &last, 1, logits); /* restores the caller's mode after each pass */
+                                    head_rows, &last, 1, logits, 1); /* restores the caller's mode after each pass */
         if (status) {
             free(logits);
             return status;
@@ -383,7 +417,7 @@ int ponder_greedy_round(const Model *tm, const Model *dm, const int64_t *t_feed,
                         int n_dfeed, int k, int64_t *t_start, float *const *tkc, float *const *tvc, int64_t tcap,
                         const float *tcos, const float *tsin, const float *thead, int64_t *d_start,
                         float *const *dkc, float *const *dvc, int64_t dcap, const float *dcos, const float *dsin,
-                        const float *dhead, int vocab, int64_t *drafts, int64_t *best, float *lp) {
+                        const float *dhead, int vocab, int64_t *drafts, int64_t *best, float *lp, int threads) {
     int status = ponder_greedy_draft(dm, d_feed, n_dfeed, k, d_start, dkc, dvc, dcap, dcos, dsin, dhead, vocab, drafts);
     if (status) return -status;
     int T = n_tfeed + k;
@@ -397,7 +431,7 @@ int ponder_greedy_round(const Model *tm, const Model *dm, const int64_t *t_feed,
     memcpy(ids + n_tfeed, drafts, sizeof(int64_t) * k);
     for (int j = 0; j <= k; j++) sel[j] = n_tfeed - 1 + j;
     status = ponder_forward(tm, ids, 1, T, t_start, tkc, tvc, tcap, NULL, NULL, NULL, tcos, tsin, thead, NULL,
-                            vocab, sel, k + 1, logits);
+                            vocab, sel, k + 1, logits, threads);
     if (status) {
         free(ids); free(sel); free(logits);
         return -status;
@@ -419,4 +453,13 @@ int ponder_greedy_round(const Model *tm, const Model *dm, const int64_t *t_feed,
     if (a < k) *d_start -= k - 1 - a; /* the draft holds d_feed + drafts[0..k-1): keep drafts[0..a) */
     free(ids); free(sel); free(logits);
     return a;
+}
+
+/* 1 if the kernel was built with OpenMP (passes can use several threads), else 0. */
+int ponder_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
 }
