@@ -146,9 +146,11 @@ static inline __attribute__((always_inline)) void rows_tile(float *y, const floa
 static void matmul_panels(float *y, const float *x, const float *P, const float *b, int R, int in, int out, int p0,
                           int p1, int accumulate) {
 #ifdef HAVE_AVX2
-    /* a few panels at a time (within L2), each reused from cache by every block of rows:
-     * blocks of 6 rows (12 sums), then the rest */
-    const int group = 8;
+    /* a few panels at a time, each then reused from L2 by every block of rows (blocks of
+     * 6 rows, 12 sums, then the rest): ~256 KiB of panels, so that a large model's
+     * weights stream from memory once per pass, not once per block of rows */
+    int group = (int)(262144 / ((size_t)in * NR * sizeof(float)));
+    group = group < 2 ? 2 : group > 8 ? 8 : group;
     for (int g = p0; g < p1; g += group) {
         int g1 = g + group < p1 ? g + group : p1, r = 0;
         for (; r + 6 <= R; r += 6) rows_tile(y + (size_t)r * out, x + (size_t)r * in, P, b, in, out, g, g1, 6, accumulate);
