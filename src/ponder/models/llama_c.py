@@ -8,7 +8,10 @@ Without a compiler ``load_kernel()`` returns None and ``NativeLM`` uses numpy: t
 path is an accelerator, never a requirement. ``PONDER_NO_C=1`` turns it off.
 
 One call runs every layer of a pass (~160 numpy operations per decode step on the
-shipped model), so a step costs its memory traffic plus one ctypes call.
+shipped model), so a step costs its memory traffic plus one ctypes call. The kernel
+reads the matrices as a packed copy (``pack_panels``), remade when a weight changes in
+place. Where torch runs on GNU OpenMP the kernel is built against that same runtime,
+and a large enough pass (``CLlama.PARALLEL_MIN_MACS``) runs on torch's thread count.
 """
 
 from __future__ import annotations
