@@ -219,6 +219,57 @@ static void scores(float *p, const float *q, const float *K, size_t k_stride, in
     }
 }
 
+#ifdef HAVE_AVX2
+/* o[d0 .. d0 + 8·nv) += sum_j w[j]·V_j over n slots (V_j = V + j·stride); inlined with a
+ * constant nv, so the 8·nv sums stay in registers across the whole loop over slots. */
+static inline __attribute__((always_inline)) void wsum_chunk(float *o, const float *w, int64_t n, const float *V,
+                                                             size_t stride, int d0, int nv) {
+    __m256 acc[8];
+    for (int i = 0; i < nv; i++) acc[i] = _mm256_loadu_ps(o + d0 + 8 * i);
+    for (int64_t j = 0; j < n; j++) {
+        const float *vj = V + (size_t)j * stride + d0;
+        __m256 wj = _mm256_broadcast_ss(w + j);
+        for (int i = 0; i < nv; i++) acc[i] = _mm256_fmadd_ps(wj, _mm256_loadu_ps(vj + 8 * i), acc[i]);
+    }
+    for (int i = 0; i < nv; i++) _mm256_storeu_ps(o + d0 + 8 * i, acc[i]);
+}
+#endif
+
+/* o += sum_j w[j]·V_j for one head over n slots, D floats each. */
+static void wsum(float *o, const float *w, int64_t n, const float *V, size_t stride, int D) {
+#ifdef HAVE_AVX2
+    if (D % 8 == 0) {
+        for (int d0 = 0; d0 < D; d0 += 64) {
+            switch ((D - d0) / 8 >= 8 ? 8 : (D - d0) / 8) {
+            case 8: wsum_chunk(o, w, n, V, stride, d0, 8); break;
+            case 7: wsum_chunk(o, w, n, V, stride, d0, 7); break;
+            case 6: wsum_chunk(o, w, n, V, stride, d0, 6); break;
+            case 5: wsum_chunk(o, w, n, V, stride, d0, 5); break;
+            case 4: wsum_chunk(o, w, n, V, stride, d0, 4); break;
+            case 3: wsum_chunk(o, w, n, V, stride, d0, 3); break;
+            case 2: wsum_chunk(o, w, n, V, stride, d0, 2); break;
+            default: wsum_chunk(o, w, n, V, stride, d0, 1); break;
+            }
+        }
+        return;
+    }
+#endif
+    for (int64_t j = 0; j < n; j++) {
+        const float *vj = V + (size_t)j * stride;
+        for (int d = 0; d < D; d++) o[d] += w[j] * vj[d];
+    }
+}
+
+/* One head's attention output: o = (sum_j p[j]·V_j) · inv_sum over the shared prefix's
+ * `pre` slots (PV) then the row's own `own` slots (V), both with slot stride `stride`. */
+static void weighted_sum(float *o, const float *p, float inv_sum, int64_t pre, const float *PV, int64_t own,
+                         const float *V, size_t stride, int D) {
+    for (int d = 0; d < D; d++) o[d] = 0.0f;
+    if (pre) wsum(o, p, pre, PV, stride, D);
+    wsum(o, p + pre, own, V, stride, D);
+    for (int d = 0; d < D; d++) o[d] *= inv_sum;
+}
+
 /* x·cos + roll(x, D/2)·sin for one head (sin carries rotate-half's sign). */
 static void rope(float *x, const float *cos, const float *sin, int D) {
     int h = D / 2;
@@ -324,13 +375,8 @@ static int forward_impl(const Model *m, const int64_t *ids, int B, int T, const 
                         sum += pg[j];
                     }
                     float *oh = o + (size_t)(g0 * G + g) * D;
-                    for (int d = 0; d < D; d++) oh[d] = 0.0f;
-                    for (int64_t j = 0; j < n; j++) {
-                        const float *vj = j < pre ? PV + (size_t)g0 * D + (size_t)j * KV * D
-                                                  : V + (size_t)(j - pre) * KV * D;
-                        float w = pg[j] / sum;
-                        for (int d = 0; d < D; d++) oh[d] += w * vj[d];
-                    }
+                    weighted_sum(oh, pg, 1.0f / sum, pre, pre ? PV + (size_t)g0 * D : NULL, pos + 1, V,
+                                 (size_t)KV * D, D);
                 }
             }
         }
