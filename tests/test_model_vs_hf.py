@@ -248,3 +248,19 @@ def test_greedy_matches_transformers_on_the_shipped_model(arith_lm):
                           pad_token_id=eos, eos_token_id=eos)[0, ids.shape[1]:].tolist()
         assert g.token_ids == ref[: len(g.token_ids)]
         assert g.finish_reason == "stop" and all(t == eos for t in ref[len(g.token_ids):])
+
+
+def test_c_kernel_shares_torchs_openmp_runtime(arith_lm):
+    """Where torch runs on GNU OpenMP, the kernel is built against that very library:
+    one runtime (one pool of threads) in the process, and passes can use it."""
+    from pathlib import Path
+
+    from ponder.models.llama_c import torch_openmp
+
+    if torch_openmp() is None:
+        pytest.skip("torch does not use GNU OpenMP here")
+    fast = arith_lm._fast_for(None)
+    assert fast.kind == "c" and fast.parallel
+    loaded = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "/libgomp" in line}
+    assert len(loaded) == 1, loaded
+    assert fast.threads_for(1) == torch.get_num_threads()  # arith's one-row step is 1.7M multiply-adds
