@@ -88,7 +88,6 @@ class Speculative(GeneratorBase):
         a, new_tok = 0, None
         if self.greedy and procs.is_identity:  # argmax of the raw logits decides everything
             best = lg.argmax(-1).tolist()
-            a = 0
             while a < len(xs) and xs[a] == best[a]:
                 a += 1
             dprocs.rollback(len(xs) - a)

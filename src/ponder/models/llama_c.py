@@ -137,14 +137,14 @@ _MATRICES = ("wqkv", "wo", "wgu", "wd")
 PANEL = 16  # output columns per packed panel (NR in llama_kernel.c)
 
 
-def pack_panels(w: torch.Tensor) -> np.ndarray:
+def pack_panels(w: np.ndarray) -> np.ndarray:
     """W [out, in] as the kernel reads it: panels of PANEL output columns, [ceil(out /
     PANEL), in, PANEL], the last panel zero-padded. A panel is then one contiguous run
     that a tile of rows streams through once."""
     out, inn = w.shape
     n = -(-out // PANEL)
     a = np.zeros((n * PANEL, inn), np.float32)
-    a[:out] = w.detach().float().numpy()
+    a[:out] = w
     return np.ascontiguousarray(a.reshape(n, PANEL, inn).transpose(0, 2, 1))
 
 
@@ -154,12 +154,12 @@ class _Model(ctypes.Structure):
         (n, ctypes.POINTER(ctypes.c_void_p)) for n in _LAYER_FIELDS]
 
 
-def _ptr(t: torch.Tensor | None) -> int | None:
-    if t is None:
+def _ptr(a: np.ndarray | None) -> int | None:
+    if a is None:
         return None
-    if not t.is_contiguous() or t.dtype != torch.float32:
+    if not a.flags.c_contiguous or a.dtype != np.float32:
         raise ValueError("the C kernel needs contiguous float32 weights")
-    return t.data_ptr()
+    return a.ctypes.data
 
 
 class CLlama(NumpyLlama):
@@ -179,7 +179,6 @@ class CLlama(NumpyLlama):
     def __init__(self, model: Transformer, lib: ctypes.CDLL) -> None:
         super().__init__(model)
         self.lib = lib
-        self._packed_version = -1
         self._pack()
         self.parallel = bool(lib.ponder_openmp())  # built with OpenMP
         self._macs_per_row = self.cfg.num_parameters()  # multiply-adds per token row, near enough
@@ -193,34 +192,28 @@ class CLlama(NumpyLlama):
         return sum(t._version for t in self._tensors)
 
     def _pack(self) -> None:
-        """Point the kernel's model struct at the weights, the matrices packed."""
-        model, cfg = self.model, self.cfg
+        """Point the kernel's model struct at the weights: the numpy views NumpyLlama
+        holds for norms, biases and the embedding, packed copies of the matrices."""
+        cfg = self.cfg
         per_layer: dict[str, list] = {n: [] for n in _LAYER_FIELDS}
         keep: list[np.ndarray] = []  # the packed copies, alive as long as the struct
-        for b in model.layers:
-            a, m = b.self_attn, b.mlp
-            for n, t in zip(_LAYER_FIELDS, (b.input_layernorm.weight, a.qkv_proj.weight, a.qkv_proj.bias,
-                                            a.o_proj.weight, a.o_proj.bias, b.post_attention_layernorm.weight,
-                                            m.gate_up_proj.weight, m.gate_up_proj.bias, m.down_proj.weight,
-                                            m.down_proj.bias)):
+        for arrays in self.layers:  # in _LAYER_FIELDS order, the matrices as W.T views
+            for n, a in zip(_LAYER_FIELDS, arrays):
                 if n in _MATRICES:
-                    keep.append(pack_panels(t))
+                    keep.append(pack_panels(a.T))
                     per_layer[n].append(keep[-1].ctypes.data)
                 else:
-                    per_layer[n].append(_ptr(t))
-        if self.score is not None:
-            head_t, bias = model.score.weight, self.score[1]
-        else:
-            head_t, bias = (model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight), None
-        keep.append(pack_panels(head_t))
-        self._head_ptrs = (keep[-1].ctypes.data, None if bias is None else bias.ctypes.data, head_t.shape[0])
+                    per_layer[n].append(_ptr(a))
+        head, bias = (self.score[0].T, self.score[1]) if self.score is not None else (self.head.T, None)
+        keep.append(pack_panels(head))
+        self._head_ptrs = (keep[-1].ctypes.data, _ptr(bias), head.shape[0])
         self._arrays = {n: (ctypes.c_void_p * len(v))(*v) for n, v in per_layer.items()}
         self._struct = _Model(cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
                               cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size, cfg.rms_norm_eps,
-                              _ptr(model.embed_tokens.weight), _ptr(model.norm.weight),
+                              _ptr(self.embed), _ptr(self.norm),
                               *(ctypes.cast(self._arrays[n], ctypes.POINTER(ctypes.c_void_p)) for n in _LAYER_FIELDS))
         self._struct_ptr = ctypes.addressof(self._struct)
-        self._packed, self._tensors = keep, list(model.parameters())
+        self._packed, self._tensors = keep, list(self.model.parameters())
         self._packed_version = self._weights_version()
 
     def _fresh(self) -> None:

@@ -293,14 +293,15 @@ static void rope(float *x, const float *cos, const float *sin, int D) {
 #define FAST_FP_END
 #endif
 
-/* The whole pass. `logits` [n_sel, head_rows] receives head·h (+ head_bias, head packed) for the
- * token rows listed in `sel` (NULL: every row, in order, n_sel ignored). Returns 0; 1 if scratch memory could
- * not be allocated; 2 if a token id is outside [0, vocab). */
-static int forward_impl(const Model *m, const int64_t *ids, int B, int T, const int64_t *start,
-                        float *const *kc, float *const *vc, int64_t cap, const float *const *pk,
-                        const float *const *pv, const int64_t *plen, const float *cos, const float *sin,
-                        const float *head, const float *head_bias, int head_rows, const int64_t *sel, int n_sel,
-                        float *logits, int threads) {
+/* The whole pass, on `threads` threads. `logits` [n_sel, head_rows] receives head·h
+ * (+ head_bias; head packed) for the token rows listed in `sel` (NULL: every row, in
+ * order, n_sel ignored). Returns 0; 1 if scratch memory could not be allocated; 2 if a
+ * token id is outside [0, vocab). */
+int ponder_forward(const Model *m, const int64_t *ids, int B, int T, const int64_t *start,
+                   float *const *kc, float *const *vc, int64_t cap, const float *const *pk, const float *const *pv,
+                   const int64_t *plen, const float *cos, const float *sin, const float *head,
+                   const float *head_bias, int head_rows, const int64_t *sel, int n_sel, float *logits,
+                   int threads) {
     const int h = m->hidden, H = m->heads, KV = m->kv_heads, D = m->head_dim, F = m->ffn;
     const int G = H / KV, R = B * T, QKV = (H + 2 * KV) * D;
     const float scale = 1.0f / sqrtf((float)D);
@@ -330,7 +331,7 @@ static int forward_impl(const Model *m, const int64_t *ids, int B, int T, const 
      * other at their end), matmul shares out panels. */
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
-    FAST_FP_BEGIN /* the mode is per thread: the pool's threads set it too */
+    FAST_FP_BEGIN /* per thread (the pool's threads too), restored at the block's end */
     float *p = p_all + (size_t)G * stride * omp_get_thread_num();
     for (int l = 0; l < m->layers; l++) {
 #pragma omp for schedule(static)
@@ -408,16 +409,12 @@ static int forward_impl(const Model *m, const int64_t *ids, int B, int T, const 
 }
 
 
-int ponder_forward(const Model *m, const int64_t *ids, int B, int T, const int64_t *start,
-                   float *const *kc, float *const *vc, int64_t cap, const float *const *pk, const float *const *pv,
-                   const int64_t *plen, const float *cos, const float *sin, const float *head,
-                   const float *head_bias, int head_rows, const int64_t *sel, int n_sel, float *logits,
-                   int threads) {
-    FAST_FP_BEGIN
-    int status = forward_impl(m, ids, B, T, start, kc, vc, cap, pk, pv, plen, cos, sin, head, head_bias, head_rows,
-                              sel, n_sel, logits, threads);
-    FAST_FP_END
-    return status;
+/* The first index of the largest of x[0..n), as torch.argmax. */
+static int argmax(const float *x, int n) {
+    int best = 0;
+    for (int v = 1; v < n; v++)
+        if (x[v] > x[best]) best = v;
+    return best;
 }
 
 /* Greedy drafting for speculative decoding: k passes of one row, the first over the
@@ -436,17 +433,13 @@ int ponder_greedy_draft(const Model *m, const int64_t *feed, int n_feed, int k, 
     for (int i = 0; i < k; i++) {
         int64_t last = T - 1;
         int status = ponder_forward(m, ids, 1, T, start, kc, vc, cap, NULL, NULL, NULL, cos, sin, head, NULL,
-                                    head_rows, &last, 1, logits, 1); /* restores the caller's mode after each pass */
+                                    head_rows, &last, 1, logits, 1);
         if (status) {
             free(logits);
             return status;
         }
         *start += T;
-        int best = 0;
-        for (int v = 1; v < head_rows; v++)
-            if (logits[v] > logits[best]) best = v; /* the first maximum, as torch.argmax */
-        tokens[i] = best;
-        prev[0] = best;
+        tokens[i] = prev[0] = argmax(logits, head_rows);
         ids = prev;
         T = 1;
     }
@@ -488,9 +481,7 @@ int ponder_greedy_round(const Model *tm, const Model *dm, const int64_t *t_feed,
     int a = -1;
     for (int j = 0; j <= k; j++) {
         const float *l = logits + (size_t)j * vocab;
-        int b = 0;
-        for (int v = 1; v < vocab; v++)
-            if (l[v] > l[b]) b = v; /* the first maximum, as torch.argmax */
+        int b = argmax(l, vocab);
         double sum = 0.0;
         for (int v = 0; v < vocab; v++) sum += exp((double)l[v] - l[b]);
         best[j] = b;
