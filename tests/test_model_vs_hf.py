@@ -264,3 +264,20 @@ def test_c_kernel_shares_torchs_openmp_runtime(arith_lm):
     loaded = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "/libgomp" in line}
     assert len(loaded) == 1, loaded
     assert fast.threads_for(1) == torch.get_num_threads()  # arith's one-row step is 1.7M multiply-adds
+
+
+def test_c_kernel_wide_matrices_match_torch():
+    """A down projection 1100 wide: the kernel walks its output panels in groups of 3
+    (sized to L2), the last group partial; logits still match the torch model's."""
+    from ponder.models.llama import Transformer
+    from ponder.models.registry import resolve_model
+    from ponder.train import _init_weights, make_config
+
+    path, _ = resolve_model("arith")
+    tok = load_tokenizer(path)
+    torch.manual_seed(7)
+    model = Transformer(make_config(tok, hidden=64, layers=1, heads=4, kv_heads=2, ffn=1100))
+    _init_weights(model)
+    c, t = NativeLM(model, tok, backend="c"), NativeLM(model, tok, backend="torch")
+    ids = torch.randint(1, c.vocab_size, (13, 5))
+    assert (c.forward(ids, None) - t.forward(ids, None)).abs().max().item() < 1e-4
