@@ -7,7 +7,7 @@ import asyncio
 import pytest
 import torch
 
-from ponder.decoding.generate import Greedy, Options, Sample
+from ponder.decoding.generate import Greedy, Options, Sample, pick_sample
 from ponder.decoding.processors import SettingError
 from ponder.types import Usage
 
@@ -21,6 +21,34 @@ def test_greedy_solves_an_easy_problem(arith_lm):
     assert g.finish_reason == "stop" and g.stop == arith_lm.eos_token_ids[0]
     assert len(g.logprobs) == len(g.token_ids)
     assert all(lp <= 0 for lp in g.logprobs)
+
+
+def test_pick_sample_inverts_the_cdf_hand_computed():
+    """p = (0.1, 0.2, 0.7): cdf (0.1, 0.3, 1.0); a draw u picks the first token whose cdf
+    exceeds u; a zero-probability token is never picked, not even by u = 0."""
+    logits = torch.tensor([0.1, 0.2, 0.7]).log().expand(6, 3)
+    u = torch.tensor([0.0, 0.05, 0.1, 0.29, 0.31, 0.999], dtype=torch.float64)
+    assert pick_sample(logits, u).tolist() == [0, 0, 1, 1, 2, 2]
+    banned = torch.tensor([[float("-inf"), 0.0, 0.0]])
+    assert pick_sample(banned, torch.zeros(1, dtype=torch.float64)).tolist() == [1]
+
+
+def test_sampling_follows_the_model_distribution(arith_lm):
+    """4000 one-token samples of one request (all on one physical row, each drawing from
+    its own stream) follow softmax(logits / T): a chi-squared test at the 99.9% level."""
+    T, n = 2.0, 4000
+    ids = arith_lm.encode("Q: 7")
+    logits, _ = arith_lm.prefill([ids], capacity=len(ids) + 1)
+    law = (logits[0].double() / T).softmax(-1)
+    gens = Sample(arith_lm, temperature=T, max_tokens=1).generate(ids, n=n, seed=3)
+    counts = torch.bincount(torch.tensor([g.token_ids[0] for g in gens]), minlength=law.shape[0]).double()
+    big = law * n >= 5  # rarer tokens are pooled into one cell
+    obs = torch.cat([counts[big], counts[~big].sum()[None]])
+    exp = torch.cat([law[big] * n, (law[~big].sum() * n)[None]])
+    chi2 = float(((obs - exp) ** 2 / exp).sum())
+    dof = len(obs) - 1
+    bound = dof * (1 - 2 / (9 * dof) + 3.09 * (2 / (9 * dof)) ** 0.5) ** 3  # Wilson-Hilferty
+    assert dof >= 5 and chi2 < bound, (chi2, bound, dof)
 
 
 def test_seeded_sampling_reproduces_exactly(arith_lm):

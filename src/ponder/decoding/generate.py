@@ -47,19 +47,18 @@ class Options:
                 raise SettingError(f"stop_token_ids must be token ids >= 0; got {t!r}")
 
 
-def pick_greedy(logits: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+def pick_greedy(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
-def pick_sample(logits: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-    """Ancestral sampling from softmax(logits), row i drawing from its own RNG: one
-    uniform u_i per row, then the inverse CDF (the first token whose cumulative
-    probability exceeds u_i), for all rows at once in float64. Drawing one number per
-    row per step keeps each row's stream independent of the batch, and costs a tenth of
-    a torch.multinomial call per row."""
+def pick_sample(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Ancestral sampling from softmax(logits) [B, V] by the inverse CDF: row i takes
+    the first token whose cumulative probability exceeds its uniform draw u_i ([B],
+    float64 in [0, 1)), all rows at once in float64. The engine gives every sample its
+    own stream of draws, one per step, so a row's choice depends on nothing else in
+    the batch."""
     cdf = logits.double().softmax(dim=-1).cumsum(dim=-1)  # [B, V]
-    u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])
-    u = u * cdf[:, -1]  # the total is 1 up to rounding
+    u = uniforms * cdf[:, -1]  # the total is 1 up to rounding
     # right=True: the first index with cdf > u, never a zero-probability token
     return torch.searchsorted(cdf, u[:, None], right=True)[:, 0].clamp_(max=cdf.shape[-1] - 1)
 
@@ -90,7 +89,7 @@ def decode_loop(
     lm: Any,
     prompts: Sequence[Sequence[int]],
     n: int,
-    pick: Callable[[torch.Tensor, list[torch.Generator]], torch.Tensor],
+    pick: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     processors: Chain,
     options: Options,
     seed: int | None,
@@ -107,14 +106,17 @@ def decode_loop(
 
 
 class TokenGenerator(GeneratorBase):
-    """A token-level generator: a model, a way to pick tokens, processors and options."""
+    """A token-level generator: a model, a way to pick tokens, processors and options.
+    ``pick(scores [B, V], uniforms [B]) -> tokens [B]`` gets each row's processed scores
+    and one U(0, 1) draw (float64) from that sample's own stream; a deterministic pick
+    ignores the draws."""
 
     strategy = "custom"
 
     def __init__(
         self,
         lm: Any,
-        pick: Callable[[torch.Tensor, list[torch.Generator]], torch.Tensor],
+        pick: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         processors: Chain | None = None,
         options: Options | None = None,
         **option_kwargs: Any,

@@ -37,6 +37,7 @@ from ..decoding.stopping import IncrementalDetokenizer, StopStringMatcher
 from ..types import Generation, Usage
 
 MAX_SEED = 2**63 - 1
+DRAW_BLOCK = 64  # uniform draws taken from a sample's generator at a time
 
 
 def random_seed() -> int:
@@ -47,7 +48,9 @@ def random_seed() -> int:
 
 def row_generator(seed: int, sample: int) -> torch.Generator:
     """The RNG of sample ``sample`` of a request seeded with ``seed``: it depends on
-    nothing else, so a seeded request samples the same alone or inside a batch."""
+    nothing else, so a seeded request samples the same alone or inside a batch. The
+    engine reads it DRAW_BLOCK uniforms at a time (one torch call per sample per 64
+    steps instead of one per step)."""
     g = torch.Generator()
     g.manual_seed((seed * 1_000_003 + sample * 7_919 + 1) % MAX_SEED)
     return g
@@ -74,7 +77,6 @@ class _Row:
     released: int = 0
     finish: str | None = None
     stop: str | int | None = None
-    wall_s: float = 0.0
     computed: int = 0  # decode-step tokens this sample's physical row computed on its behalf
 
 
@@ -101,7 +103,14 @@ class Request:
         # All n samples start on one row and split only when they pick different tokens.
         self.phys: list[list[int]] = []
         self.procs: Any = None  # one state per physical row
+        self.samples: list[int] = []  # the live samples in physical-row order (phys, flattened)
+        self.sample_index: torch.Tensor | None = None  # the same as a tensor; None when it is 0 .. n-1
+        self.owner: torch.Tensor | None = None  # physical row of each live sample, when rows are shared
+        self.needs_text = False  # streaming, stop strings or healing: text is decoded as tokens come
         self.gens: list[torch.Generator] = []  # one RNG per sample
+        self.draws: torch.Tensor | None = None  # [n, DRAW_BLOCK] float64: every sample's next draws
+        self.steps = 0  # decode steps taken; every live sample draws once per step
+        self.wall = 0.0  # wall time billed so far to each sample still live (all started together)
         # Token history of each physical row (prompt + generated), what history-reading
         # processors see: the first hist_len columns of a buffer grown by doubling, so
         # a step writes one column instead of copying the whole history.
@@ -236,10 +245,12 @@ class Engine:
             cache.share_rows_(share)
         prefill_s = time.perf_counter() - t0
         for r in new:
-            need_text = r.stream or bool(r.stopper.stops) or bool(r.healed)
-            r.rows = [_Row(j, IncrementalDetokenizer(lm.decode) if need_text else None, released=len(r.healed))
+            r.needs_text = r.stream or bool(r.stopper.stops) or bool(r.healed)
+            r.rows = [_Row(j, IncrementalDetokenizer(lm.decode) if r.needs_text else None, released=len(r.healed))
                       for j in range(r.n)]
             r.phys = [list(range(r.n))]
+            r.samples, r.sample_index = list(range(r.n)), None
+            r.owner = torch.zeros(r.n, dtype=torch.long)
             r.gens = [row_generator(r.seed, j) for j in range(r.n)]
             r.history = torch.zeros((1, len(r.prompt) + 64), dtype=torch.long)
             r.history[0, : len(r.prompt)] = torch.tensor(r.prompt, dtype=torch.long)
@@ -274,8 +285,6 @@ class Engine:
         logits = self._logits  # [B, V], one row per physical row
         B = logits.shape[0]
         self.peak_rows = max(self.peak_rows, B)
-        if hasattr(self._cache, "nbytes_used"):
-            self.peak_kv_bytes = max(self.peak_kv_bytes, self.kv_bytes_in_use())
         parents: list[int] = []  # global physical row each new physical row continues
         next_tokens: list[int] = []
         n_samples = 0
@@ -286,26 +295,33 @@ class Engine:
             lg = logits[start : start + P]
             # [P, V], shared by a row's samples
             scores = lg if r.procs.is_identity else r.procs(r.history[:, : r.hist_len], lg)
-            samples = [s for group in r.phys for s in group]
+            samples, rows = r.samples, r.rows
+            draws = self._draws(r)  # [samples]
             if len(samples) == P:  # one sample per row: no gather
-                owner = list(range(P))
-                tokens = r.pick(scores, [r.gens[s] for s in samples])  # [samples]
+                tokens = r.pick(scores, draws)  # [samples]
                 lp = lg.log_softmax(-1).gather(-1, tokens[:, None])[:, 0].tolist()  # (logsumexp is 3x slower)
             else:
-                owner = [p for p, group in enumerate(r.phys) for _ in group]  # physical row of each sample
-                idx = torch.tensor(owner)
-                tokens = r.pick(scores[idx], [r.gens[s] for s in samples])
-                lp = lg.log_softmax(-1)[idx].gather(-1, tokens[:, None])[:, 0].tolist()
+                tokens = r.pick(scores[r.owner], draws)
+                lp = lg.log_softmax(-1)[r.owner].gather(-1, tokens[:, None])[:, 0].tolist()
             n_samples += len(samples)
-            stop_ids, max_tokens = r.stop_ids, r.options.max_tokens
+            toks = tokens.tolist()
+            for s, t, l in zip(samples, toks, lp):
+                row = rows[s]
+                row.ids.append(t)
+                row.logprobs.append(l)
+            # every live sample of a request has drawn the same number of tokens
+            at_max = len(rows[samples[0]].ids) >= r.options.max_tokens
+            if len(samples) == P and not (at_max or r.needs_text) and r.stop_ids.isdisjoint(toks):
+                plans.append((r, start, None, (), tokens))  # every row continues as it is
+                start += P
+                continue
             # new physical rows: (parent row, token) -> the samples that continue there
             split: dict[tuple[int, int], list[int]] = {}
             finished: list[tuple[int, int]] = []  # (sample, parent row)
-            for p, s, t, l in zip(owner, samples, tokens.tolist(), lp):
-                row = r.rows[s]
-                row.ids.append(t)
-                row.logprobs.append(l)
-                if t in stop_ids:
+            owner = range(P) if len(samples) == P else r.owner.tolist()
+            for p, s, t in zip(owner, samples, toks):
+                row = rows[s]
+                if t in r.stop_ids:
                     row.finish, row.stop = "stop", t
                 elif row.detok is not None:
                     delta = row.detok.add(t)
@@ -316,7 +332,7 @@ class Engine:
                         if hit is not None:
                             row.text = row.text[: hit[0]]
                             row.finish, row.stop = "stop", hit[1]
-                if row.finish is None and len(row.ids) >= max_tokens:
+                if row.finish is None and at_max:
                     row.finish = "length"
                 if row.finish is None:
                     split.setdefault((p, t), []).append(s)
@@ -327,15 +343,26 @@ class Engine:
                             row.released = safe
                 else:
                     finished.append((s, start + p))
-            plans.append((r, start, split, finished))
+            plans.append((r, start, split, finished, None))
             start += P
         share = (time.perf_counter() - t0) / max(1, n_samples)
         for r in self._active:
-            for group in r.phys:
-                for s in group:
-                    r.rows[s].wall_s += share
+            r.wall += share
+        if any(plan[3] for plan in plans) and hasattr(self._cache, "nbytes_used"):
+            # KV only grows between retirements: its peak is just before one
+            self.peak_kv_bytes = max(self.peak_kv_bytes, self.kv_bytes_in_use())
         # retire finished samples (their physical row still holds their KV), then regroup
-        for r, base, split, finished in plans:
+        for r, base, split, finished, tokens in plans:
+            if split is None:  # unchanged rows, each computing its sample's next token
+                self._extend_history(r, None, tokens)
+                if not r.procs.is_identity:
+                    r.procs.accept(tokens)
+                for s in r.samples:
+                    r.rows[s].computed += 1
+                P = len(r.samples)
+                parents += range(base, base + P)
+                next_tokens += tokens.tolist()
+                continue
             stored: set[int] = set()
             for s, g_row in finished:
                 # samples finishing on one physical row share its KV: store it once
@@ -354,6 +381,10 @@ class Engine:
                     r.procs = r.procs.fork(local)
                 r.procs.accept(toks_t)
             r.phys = list(split.values())
+            r.samples = [s for group in r.phys for s in group]
+            r.sample_index = None if r.samples == list(range(r.n)) else torch.tensor(r.samples)
+            if len(r.samples) != len(r.phys):
+                r.owner = torch.tensor([p for p, group in enumerate(r.phys) for _ in group])
             for group in r.phys:  # the row computes its next token once, billed to its first sample
                 r.rows[group[0]].computed += 1
             parents += [base + p for p in local]
@@ -366,6 +397,17 @@ class Engine:
         if len(parents) != B or parents != list(range(B)):
             self._cache.reorder_(torch.tensor(parents, dtype=torch.long))
         self._logits = lm.step(torch.tensor(next_tokens), self._cache)
+
+    @staticmethod
+    def _draws(r: Request) -> torch.Tensor:
+        """One U(0, 1) draw per live sample [samples], float64, each from its own
+        stream; read from the samples' generators DRAW_BLOCK at a time."""
+        col = r.steps % DRAW_BLOCK
+        if col == 0:
+            r.draws = torch.stack([torch.rand(DRAW_BLOCK, generator=g, dtype=torch.float64) for g in r.gens])
+        r.steps += 1
+        assert r.draws is not None
+        return r.draws[:, col] if r.sample_index is None else r.draws[r.sample_index, col]
 
     @staticmethod
     def _extend_history(r: Request, rows: list[int] | None, tokens: torch.Tensor) -> None:
@@ -418,7 +460,7 @@ class Engine:
             computed_tokens=gen_computed + prompt_computed,
             model_calls=len(row.ids),  # the forward passes it took part in: a prefill plus g - 1 steps
             flops=lm.flops(gen_computed, len(r.prompt)) + (lm.flops(prompt_computed, r.reused) if first else 0.0),
-            wall_s=row.wall_s + (r.prompt_wall if first else 0.0),
+            wall_s=r.wall + (r.prompt_wall if first else 0.0),
         )
         if first and r.reused:
             g.meta["prefix_cache_hit_tokens"] = r.reused
