@@ -213,3 +213,63 @@ def test_kv_cache_fork_reorder_truncate(arith_lm):
 def _drop_last(cache):
     cache.truncate_(1)
     return cache
+
+
+def _valid(cache, row):
+    """Row ``row``'s valid KV, every layer: [(k, v) over layers]."""
+    n = int(cache.lengths[row])
+    return [(k[row, :n].clone(), v[row, :n].clone()) for k, v in zip(cache.k, cache.v)]
+
+
+def test_kv_cache_moves_rows_in_place_and_appends_into_spare_rows():
+    """reorder_ inside the allocation rewrites only rows that change (any order, forks
+    and retirements alike) and equals a copy of the source rows' valid slots; append_
+    writes joining rows into spare rows without reallocating; decoding on top agrees."""
+    from ponder.models.kv_cache import KVCache
+
+    torch.manual_seed(0)
+    cache = KVCache(2, 6, 2, 4, capacity=10)
+    for t in cache.k + cache.v:
+        t.normal_()
+    cache.lengths = torch.tensor([3, 7, 1, 10, 5, 2])
+    before = [_valid(cache, b) for b in range(6)]
+    store = cache._k_rows[0].data_ptr()
+    for order in ([0, 1, 3, 4, 5], [1, 1, 0, 3, 3], [4, 0, 2]):  # retire; fork; permute
+        cache.reorder_(order)
+        assert cache._k_rows[0].data_ptr() == store  # no new allocation
+        before = [before[i] for i in order]
+        assert cache.batch_size == len(order)
+        for b, rows in enumerate(before):
+            for (k, v), (k2, v2) in zip(rows, _valid(cache, b)):
+                assert torch.equal(k, k2) and torch.equal(v, v2)
+    joining = KVCache(2, 2, 2, 4, capacity=6)
+    for t in joining.k + joining.v:
+        t.normal_()
+    joining.lengths = torch.tensor([6, 4])
+    expected = before + [_valid(joining, 0), _valid(joining, 1)]
+    cache.append_(joining)  # 3 + 2 rows fit in the 6 allocated
+    assert cache._k_rows[0].data_ptr() == store and cache.batch_size == 5
+    cache.append_(joining)  # 7 rows do not: one move to a larger allocation
+    expected += expected[-2:]
+    assert cache._k_rows[0].shape[0] >= 7 and cache.batch_size == 7
+    for b, rows in enumerate(expected):
+        for (k, v), (k2, v2) in zip(rows, _valid(cache, b)):
+            assert torch.equal(k, k2) and torch.equal(v, v2)
+    cache.reorder_([0] * 12)  # more rows than allocated: a new allocation with headroom
+    assert cache.batch_size == 12 and cache._k_rows[0].shape[0] >= 12
+    assert all(torch.equal(a[0], b[0]) for b_ in range(12) for a, b in zip(expected[0], _valid(cache, b_)))
+
+
+def test_batch_after_retirements_and_joins_decodes_as_fresh_rows(arith_lm):
+    """Rows moved in place (a retirement) and rows appended into spare rows decode
+    exactly as a freshly prefilled batch would."""
+    prompts = [arith_lm.encode(p) for p in ("Q: 1+2\n", "Q: 12-3+4\n", "Q: 5+5+5\n", "Q: 9-8\n")]
+    _, cache = arith_lm.prefill(prompts[:3], capacity=32)
+    cache.reorder_([0, 2])  # row 1 retires; row 2 moves into its place
+    _, extra = arith_lm.prefill(prompts[3:], capacity=16)
+    cache.append_(extra)  # joins into the spare row
+    nxt = torch.tensor([5, 6, 7])
+    got = arith_lm.step(nxt, cache)
+    _, fresh = arith_lm.prefill([prompts[0], prompts[2], prompts[3]], capacity=32)
+    want = arith_lm.step(nxt, fresh)
+    assert torch.allclose(got, want, atol=1e-5)

@@ -269,7 +269,10 @@ class Engine:
         if self._cache is None:
             self._cache, self._logits = cache, logits
         else:
-            self._cache = type(self._cache).concat([self._cache, cache])
+            if hasattr(self._cache, "append_"):  # into the running batch's spare rows when it has them
+                self._cache.append_(cache)
+            else:
+                self._cache = type(self._cache).concat([self._cache, cache])
             self._logits = torch.cat([self._logits, logits])
         self._active.extend(new)
 

@@ -6,7 +6,10 @@ left-aligned at slots ``0 .. lengths[b]-1``, so a token's slot is its position. 
 what makes the operations below trivial:
 
 * ``fork(rows)``: copy rows (with repeats) into a new cache, e.g. one prompt into N samples;
-* ``reorder_(rows)``: the same, in place, e.g. for beam search;
+* ``reorder_(rows)``: the same, in place, e.g. for beam search or rows retiring from a
+  batch. When the new rows fit in the allocated ones, only the rows that change are
+  rewritten, and only up to their valid slots: no new batch is allocated (fresh pages
+  cost more than the copy) and a retiring row costs what the rows behind it hold;
 * ``truncate_(k)``: roll back the last ``k`` tokens of any rows (speculative decoding)
   by lowering ``lengths``; stale slots are overwritten by the next write.
 
@@ -31,8 +34,8 @@ class KVCache:
         device: torch.device | str = "cpu",
     ) -> None:
         shape = (batch_size, capacity, num_kv_heads, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self._set_tensors([torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)],
+                          [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)])
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         # Shared prefixes (cascade layout): group g holds KV [P_g, n_kv_heads, head_dim] per
         # layer, kept once for every row that reads it. Row b reads group[b] (-1: none) as
@@ -40,6 +43,23 @@ class KVCache:
         self.shared: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
         self.group = torch.full((batch_size,), -1, dtype=torch.long, device=device)
         self.base = torch.zeros(batch_size, dtype=torch.long, device=device)
+
+    def _set_tensors(self, k: list[torch.Tensor], v: list[torch.Tensor], rows: int | None = None) -> None:
+        """New KV allocations (``_k_rows``, ``_v_rows``); ``k``, ``v`` are views of their
+        first ``rows`` rows (default: all). The rows beyond are spare: left by rows that
+        retired, or headroom for forks and requests joining."""
+        self._k_rows, self._v_rows = list(k), list(v)
+        self._view(k[0].shape[0] if k and rows is None else rows or 0)
+
+    def _view(self, rows: int) -> None:
+        self.k = [t[:rows] for t in self._k_rows]
+        self.v = [t[:rows] for t in self._v_rows]
+
+    def _grown(self, rows: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Zeroed allocations for ``rows`` rows and half as many again spare (a batch that
+        grows by forks then reallocates a few times, not at every fork)."""
+        shape = (rows + rows // 2, *self._k_rows[0].shape[1:])
+        return [t.new_zeros(shape) for t in self._k_rows], [t.new_zeros(shape) for t in self._v_rows]
 
     # -- introspection -------------------------------------------------------------
     @property
@@ -93,7 +113,7 @@ class KVCache:
                                   device=self.group.device)
 
     def nbytes_allocated(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        return sum(t.numel() * t.element_size() for t in self._k_rows + self._v_rows)
 
     # -- growth ----------------------------------------------------------------------
     def reserve(self, needed: int, exact: bool = False) -> None:
@@ -103,19 +123,21 @@ class KVCache:
         if needed <= cap:
             return
         new_cap = needed if exact else max(needed, 2 * cap)
+        grown = []
         for store in (self.k, self.v):
-            for i, t in enumerate(store):
-                grown = t.new_zeros((t.shape[0], new_cap, t.shape[2], t.shape[3]))
-                grown[:, :cap] = t
-                store[i] = grown
+            grown.append([])
+            for t in store:
+                g = t.new_zeros((t.shape[0], new_cap, t.shape[2], t.shape[3]))
+                g[:, :cap] = t
+                grown[-1].append(g)
+        self._set_tensors(*grown)
 
     # -- branching ---------------------------------------------------------------------
     def fork(self, rows: torch.Tensor | list[int]) -> "KVCache":
         """A new cache whose row i is a copy of row ``rows[i]`` of this one."""
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.lengths.device)
         new = KVCache.__new__(KVCache)
-        new.k = [t.index_select(0, rows) for t in self.k]
-        new.v = [t.index_select(0, rows) for t in self.v]
+        new._set_tensors([t.index_select(0, rows) for t in self.k], [t.index_select(0, rows) for t in self.v])
         new.lengths = self.lengths.index_select(0, rows).clone()
         new.shared = self.shared  # shared prefixes are read, never written: no copy
         new.group = self.group.index_select(0, rows).clone()
@@ -126,12 +148,35 @@ class KVCache:
     def reorder_(self, rows: torch.Tensor | list[int]) -> None:
         """In place: row i becomes a copy of former row ``rows[i]`` (beam reordering)."""
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.lengths.device)
-        self.k = [t.index_select(0, rows) for t in self.k]
-        self.v = [t.index_select(0, rows) for t in self.v]
+        if not self._move_rows(rows):
+            B = rows.shape[0]
+            k, v = self._grown(B)
+            for new, old in zip(k + v, self.k + self.v):
+                torch.index_select(old, 0, rows, out=new[:B])
+            self._set_tensors(k, v, B)
         self.lengths = self.lengths.index_select(0, rows)
         self.group = self.group.index_select(0, rows)
         self.base = self.base.index_select(0, rows)
         self._drop_unused_groups()
+
+    def _move_rows(self, rows: torch.Tensor) -> bool:
+        """``reorder_`` inside the allocated rows, if they are enough: rewrite rows from the
+        first that changes on, up to the longest valid length among their sources (the
+        sources are gathered before any row is written, so any order is safe)."""
+        B = rows.shape[0]
+        if not self.k or B > self._k_rows[0].shape[0]:
+            return False
+        changed = (rows != torch.arange(B, device=rows.device)).nonzero()
+        if changed.numel():
+            first = int(changed[0, 0])
+            src = rows[first:]
+            n = int(self.lengths.index_select(0, src).max())
+            if n:
+                with torch.inference_mode():  # the tensors may come from an inference-mode pass
+                    for t in self._k_rows + self._v_rows:
+                        t[first:B, :n].copy_(t[:, :n].index_select(0, src))  # (3-6x faster than t[src, :n])
+        self._view(B)
+        return True
 
     def truncate_(self, n: int | torch.Tensor) -> None:
         """Roll back the last ``n`` tokens (an int for all rows, or a [B] tensor)."""
@@ -173,6 +218,29 @@ class KVCache:
             self.v[i][row, :n] = v[i]
         self.lengths[row] = n
 
+    def append_(self, other: "KVCache") -> None:
+        """In place: ``other``'s rows join after this cache's (requests joining a running
+        batch), written into spare rows when there are enough; else the batch moves once
+        to a larger allocation with headroom."""
+        if not self.k:
+            raise ValueError("cannot append to a cache without layers")
+        self.reserve(other.capacity)
+        B, n = self.batch_size, other.batch_size
+        if B + n > self._k_rows[0].shape[0]:
+            k, v = self._grown(B + n)
+            for new, old in zip(k + v, self.k + self.v):
+                new[:B].copy_(old)
+            self._set_tensors(k, v, B)
+        with torch.inference_mode():  # the tensors may come from an inference-mode pass
+            for dst, src in zip(self._k_rows + self._v_rows, other.k + other.v):
+                dst[B : B + n, : src.shape[1]].copy_(src)
+        self._view(B + n)
+        offset = len(self.shared)
+        self.shared = self.shared + other.shared
+        self.lengths = torch.cat([self.lengths, other.lengths])
+        self.group = torch.cat([self.group, torch.where(other.group >= 0, other.group + offset, other.group)])
+        self.base = torch.cat([self.base, other.base])
+
     @staticmethod
     def concat(caches: list["KVCache"]) -> "KVCache":
         """Stack the rows of several caches into one batch (requests joining a batch)."""
@@ -180,8 +248,8 @@ class KVCache:
         for c in caches:
             c.reserve(cap, exact=True)
         new = KVCache.__new__(KVCache)
-        new.k = [torch.cat([c.k[i] for c in caches]) for i in range(len(caches[0].k))]
-        new.v = [torch.cat([c.v[i] for c in caches]) for i in range(len(caches[0].v))]
+        new._set_tensors([torch.cat([c.k[i] for c in caches]) for i in range(len(caches[0].k))],
+                         [torch.cat([c.v[i] for c in caches]) for i in range(len(caches[0].v))])
         new.lengths = torch.cat([c.lengths for c in caches])
         new.shared, groups, offset = [], [], 0
         for c in caches:
