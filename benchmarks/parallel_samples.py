@@ -4,7 +4,9 @@ single requests, on the shipped target model.
 Both sides run through the same engine and sample the same number of tokens (EOS held
 back until ``--tokens``), interleaved over rounds; the best round of each is compared.
 The last line is one JSON object; ``ratio`` is batched tokens/s over sequential tokens/s
-(goal: >= 8 at N = 16).
+(goal: >= 8 at N = 16). ``forward_ratio`` is the same comparison for the model's forward
+passes alone (N one-row steps against one N-row step, no engine): the ceiling that the
+hardware sets, since the engine's per-step work is the same or more for N rows.
 
     python benchmarks/parallel_samples.py [--n 16] [--tokens 64] [--rounds 3] [--threads 1]
 """
@@ -45,18 +47,36 @@ def main() -> None:
         toks = sum(len(gen.generate(args.prompt, n=1, seed=seed * 1000 + i)[0].token_ids) for i in range(args.n))
         return time.perf_counter() - t, toks
 
-    batched(0), sequential(0)  # warm-up
+    prompt = lm.encode(args.prompt)
+
+    def forward_steps(rows: int) -> float:
+        """Seconds per decode step of ``rows`` rows: the forward pass alone."""
+        logits, cache = lm.prefill([prompt] * rows, capacity=len(prompt) + args.tokens + 1)
+        tok = logits.argmax(-1)
+        t = time.perf_counter()
+        for _ in range(args.tokens):
+            lm.step(tok, cache)
+        return (time.perf_counter() - t) / args.tokens
+
+    batched(0), sequential(0), forward_steps(1), forward_steps(args.n)  # warm-up
     best_b = best_s = 0.0
+    step_1 = step_n = float("inf")
     for r in range(args.rounds):
         tb, nb = batched(r + 1)
         ts, ns = sequential(r + 1)
         best_b, best_s = max(best_b, nb / tb), max(best_s, ns / ts)
+        step_1, step_n = min(step_1, forward_steps(1)), min(step_n, forward_steps(args.n))
         print(f"round {r}: batched {nb / tb:8.1f} tok/s   sequential {ns / ts:8.1f} tok/s")
     ratio = best_b / best_s
+    forward_ratio = args.n * step_1 / step_n
+    print(f"forward passes alone: 1 row {step_1 * 1e3:.3f} ms, {args.n} rows {step_n * 1e3:.3f} ms per step: "
+          f"{forward_ratio:.2f}x the tokens/s")
     print(f"N={args.n}: batched {best_b:.1f} tok/s, sequential {best_s:.1f} tok/s, ratio {ratio:.2f}x")
     print(json.dumps({"benchmark": "parallel_samples", "model": lm.name, "n": args.n, "tokens_per_sample": args.tokens,
                       "threads": args.threads, "batched_tokens_per_s": round(best_b, 1),
-                      "sequential_tokens_per_s": round(best_s, 1), "ratio": round(ratio, 3)}))
+                      "sequential_tokens_per_s": round(best_s, 1), "forward_ms_1_row": round(step_1 * 1e3, 4),
+                      f"forward_ms_{args.n}_rows": round(step_n * 1e3, 4), "forward_ratio": round(forward_ratio, 3),
+                      "ratio": round(ratio, 3)}))
 
 
 if __name__ == "__main__":
