@@ -127,8 +127,9 @@ def test_fast_backends_agree_with_torch_on_mixed_steps(hf_checkpoints, backend):
 def test_c_kernel_rows_do_not_depend_on_their_batch(hf_checkpoints, name):
     """Every output of the packed matrix products is one sum in a fixed order, whatever
     the tile or thread: a row's logits are the same bits alone, among 13 rows (tiles of
-    6, 6 and 1) on one thread or two, and in a 4-token pass (speculative verification)
-    as in 4 single steps."""
+    6, 6 and 1) on one thread or two, among 4, 8, 10 or 16 rows (a 5-row tile with a
+    repeated fourth row; 5 + 3; 5 + 5; 6 + 5 + 5), and in a 4-token pass (speculative
+    verification) as in 4 single steps."""
     folder, _ = hf_checkpoints[name]
     lm = _native(folder, backend="c")
     torch.manual_seed(11)
@@ -144,10 +145,18 @@ def test_c_kernel_rows_do_not_depend_on_their_batch(hf_checkpoints, name):
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one_thread, batch_step)
+    alone = []
     for i, p in enumerate(prompts):
         alone_logits, alone_cache = lm.prefill([p])
         assert torch.equal(alone_logits[0], batch_logits[i])
-        assert torch.equal(lm.step(tokens[i : i + 1], alone_cache)[0], batch_step[i])
+        alone.append(lm.step(tokens[i : i + 1], alone_cache)[0])
+        assert torch.equal(alone[i], batch_step[i])
+    for rows in (4, 8, 10, 16):
+        picks = [i % len(prompts) for i in range(rows)]
+        _, cache = lm.prefill([prompts[i] for i in picks])
+        step = lm.step(tokens[picks], cache)
+        for j, i in enumerate(picks):
+            assert torch.equal(step[j], alone[i]), (rows, j)
     _, c1 = lm.prefill([prompts[0]])
     _, c4 = lm.prefill([prompts[0]])
     feed = torch.randint(1, lm.vocab_size, (1, 4))

@@ -97,10 +97,13 @@ static inline void put_tile(float *y, const float *s, const float *b, int j0, in
 }
 
 #ifdef HAVE_AVX2
-/* One tile: mr rows of x (stride in) × np consecutive panels from P. Inlined with
- * constant mr and np, so the sums stay in registers. */
+/* One tile: mr rows of x (stride in) × np consecutive panels from P, of which the first
+ * `live` rows are real; the others repeat the last real row and are not stored (a
+ * 5-row tile for 4 rows: see matmul_panels). Inlined with constant mr, live and np, so
+ * the sums stay in registers. */
 static inline __attribute__((always_inline)) void tile(float *y, const float *x, const float *P, const float *b,
-                                                       int in, int out, int j0, int mr, int np, int accumulate) {
+                                                       int in, int out, int j0, int mr, int live, int np,
+                                                       int accumulate) {
     /* acc[2·(np·r + q) + h]: row r, panel q, half h; at most 12 (mr·np <= 6), which
      * the compiler keeps in registers (a larger array it would spill) */
     __m256 acc[12];
@@ -109,7 +112,7 @@ static inline __attribute__((always_inline)) void tile(float *y, const float *x,
     for (int k = 0; k < in; k++) {
         const float *w = P + (size_t)k * NR;
         for (int r = 0; r < mr; r++) {
-            __m256 xb = _mm256_broadcast_ss(x + (size_t)r * in + k);
+            __m256 xb = _mm256_broadcast_ss(x + (size_t)(r < live ? r : live - 1) * in + k);
             for (int q = 0; q < np; q++) {
                 acc[2 * (np * r + q)] = _mm256_fmadd_ps(_mm256_loadu_ps(w + q * panel), xb, acc[2 * (np * r + q)]);
                 acc[2 * (np * r + q) + 1] =
@@ -121,7 +124,7 @@ static inline __attribute__((always_inline)) void tile(float *y, const float *x,
      * compiler keep them in memory during the loop above too */
     float s[12 * 8];
     for (int i = 0; i < 2 * mr * np; i++) _mm256_storeu_ps(s + 8 * i, acc[i]);
-    for (int r = 0; r < mr; r++)
+    for (int r = 0; r < live; r++)
         for (int q = 0; q < np; q++) {
             int j = j0 + q * NR, ncol = out - j < NR ? out - j : NR;
             put_tile(y + (size_t)r * out + j, s + NR * (np * r + q), b, j, ncol, accumulate);
@@ -132,12 +135,12 @@ static inline __attribute__((always_inline)) void tile(float *y, const float *x,
  * independent sums hide the FMA latency, one panel at a time at the end. */
 static inline __attribute__((always_inline)) void rows_tile(float *y, const float *x, const float *P,
                                                             const float *b, int in, int out, int p0, int p1,
-                                                            int mr, int accumulate) {
+                                                            int mr, int live, int accumulate) {
     const int np = mr == 1 ? 4 : mr <= 3 ? 2 : 1;
     const size_t panel = (size_t)in * NR;
     int p = p0;
-    for (; p + np <= p1; p += np) tile(y, x, P + p * panel, b, in, out, p * NR, mr, np, accumulate);
-    for (; p < p1; p++) tile(y, x, P + p * panel, b, in, out, p * NR, mr, 1, accumulate);
+    for (; p + np <= p1; p += np) tile(y, x, P + p * panel, b, in, out, p * NR, mr, live, np, accumulate);
+    for (; p < p1; p++) tile(y, x, P + p * panel, b, in, out, p * NR, mr, live, 1, accumulate);
 }
 #endif
 
@@ -152,16 +155,24 @@ static void matmul_panels(float *y, const float *x, const float *P, const float 
     int group = (int)(262144 / ((size_t)in * NR * sizeof(float)));
     group = group < 2 ? 2 : group > 8 ? 8 : group;
     for (int g = p0; g < p1; g += group) {
-        int g1 = g + group < p1 ? g + group : p1, r = 0;
-        for (; r + 6 <= R; r += 6) rows_tile(y + (size_t)r * out, x + (size_t)r * in, P, b, in, out, g, g1, 6, accumulate);
-        float *yr = y + (size_t)r * out;
-        const float *xr = x + (size_t)r * in;
-        switch (R - r) {
-        case 5: rows_tile(yr, xr, P, b, in, out, g, g1, 5, accumulate); break;
-        case 4: rows_tile(yr, xr, P, b, in, out, g, g1, 4, accumulate); break;
-        case 3: rows_tile(yr, xr, P, b, in, out, g, g1, 3, accumulate); break;
-        case 2: rows_tile(yr, xr, P, b, in, out, g, g1, 2, accumulate); break;
-        case 1: rows_tile(yr, xr, P, b, in, out, g, g1, 1, accumulate); break;
+        int g1 = g + group < p1 ? g + group : p1;
+        for (int r = 0; r < R;) {
+            /* Blocks of 6 rows, but never a 4-row tile: its 8 sums are too few to hide
+             * the FMA latency here (4 rows took 223 us where 5 took 192, arith's
+             * matrices, one thread). So 10 -> 5 + 5, 8 -> 5 + 3, and 4 runs as a 5-row
+             * tile whose fifth row repeats the fourth and is not stored. */
+            int left = R - r, mr = left == 10 || left == 8 ? 5 : left < 6 ? left : 6;
+            float *yr = y + (size_t)r * out;
+            const float *xr = x + (size_t)r * in;
+            switch (mr) {
+            case 6: rows_tile(yr, xr, P, b, in, out, g, g1, 6, 6, accumulate); break;
+            case 5: rows_tile(yr, xr, P, b, in, out, g, g1, 5, 5, accumulate); break;
+            case 4: rows_tile(yr, xr, P, b, in, out, g, g1, 5, 4, accumulate); break;
+            case 3: rows_tile(yr, xr, P, b, in, out, g, g1, 3, 3, accumulate); break;
+            case 2: rows_tile(yr, xr, P, b, in, out, g, g1, 2, 2, accumulate); break;
+            default: rows_tile(yr, xr, P, b, in, out, g, g1, 1, 1, accumulate); break;
+            }
+            r += mr;
         }
     }
 #else
