@@ -185,6 +185,7 @@ class GrammarConstraint(Processor):
         self.grammar = grammar
         self._matchers: list | None = None
         self._bits: np.ndarray | None = None  # [B, ceil(V/32)] int32, llguidance's mask layout
+        self._bits_at = 0  # its address (numpy's .ctypes costs microseconds per call)
 
     def _ensure(self, batch: int) -> list:
         if self._matchers is None or len(self._matchers) != batch:
@@ -197,14 +198,17 @@ class GrammarConstraint(Processor):
         W = (V + 31) // 32
         if self._bits is None or self._bits.shape != (B, W):
             self._bits = np.empty((B, W), dtype=np.int32)
-        bits = self._bits
-        base = bits.ctypes.data
+            self._bits_at = self._bits.ctypes.data
+        bits, base = self._bits, self._bits_at
         for i, m in enumerate(ms):
             if m.is_error():
                 raise RuntimeError(f"constraint {self.grammar!r} is in an error state: {m.get_error()}")
             m.unsafe_compute_mask_ptr(base + i * W * 4, W * 4)
-        banned = torch.from_numpy(~_allowed(bits, V))  # numpy: one call, not four torch ops
-        return logits.masked_fill(banned.to(logits.device), NEG_INF)
+        allowed = _allowed(bits, V)  # numpy: one call, not four torch ops
+        if logits.device.type == "cpu" and logits.dtype == torch.float32 and not logits.requires_grad:
+            # one numpy pass over the (CPU) logits instead of two more torch ops
+            return torch.from_numpy(np.where(allowed, logits.numpy(), np.float32(NEG_INF)))
+        return logits.masked_fill(torch.from_numpy(~allowed).to(logits.device), NEG_INF)
 
     def accept(self, tokens):
         ms = self._ensure(tokens.shape[0])
