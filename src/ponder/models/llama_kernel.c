@@ -304,46 +304,37 @@ static void rope(float *x, const float *cos, const float *sin, int D) {
 #define FAST_FP_END
 #endif
 
-/* The whole pass, on `threads` threads. `logits` [n_sel, head_rows] receives head·h
- * (+ head_bias; head packed) for the token rows listed in `sel` (NULL: every row, in
- * order, n_sel ignored). Returns 0; 1 if scratch memory could not be allocated; 2 if a
- * token id is outside [0, vocab). */
-int ponder_forward(const Model *m, const int64_t *ids, int B, int T, const int64_t *start,
-                   float *const *kc, float *const *vc, int64_t cap, const float *const *pk, const float *const *pv,
-                   const int64_t *plen, const float *cos, const float *sin, const float *head,
-                   const float *head_bias, int head_rows, const int64_t *sel, int n_sel, float *logits,
-                   int threads) {
-    const int h = m->hidden, H = m->heads, KV = m->kv_heads, D = m->head_dim, F = m->ffn;
-    const int G = H / KV, R = B * T, QKV = (H + 2 * KV) * D;
-    const float scale = 1.0f / sqrtf((float)D);
-    for (int r = 0; r < R; r++)
-        if (ids[r] < 0 || ids[r] >= m->vocab) return 2;
-    int64_t span = 0, max_pre = 0; /* own slots; longest shared prefix */
-    for (int b = 0; b < B; b++) {
-        if (start[b] + T > span) span = start[b] + T;
-        if (plen && plen[b] > max_pre) max_pre = plen[b];
-    }
-    if (threads < 1) threads = 1;
-    const int64_t stride = max_pre + span; /* of p: one row of scores per query head */
-    float *x = malloc(sizeof(float) * (size_t)R * h);
-    float *xn = malloc(sizeof(float) * (size_t)R * h);
-    float *qkv = malloc(sizeof(float) * (size_t)R * QKV);
-    float *att = malloc(sizeof(float) * (size_t)R * H * D);
-    float *gu = malloc(sizeof(float) * (size_t)R * 2 * F);
-    float *act = malloc(sizeof(float) * (size_t)R * F);
-    float *p_all = malloc(sizeof(float) * (size_t)G * stride * threads); /* a score buffer per thread */
-    if (!x || !xn || !qkv || !att || !gu || !act || !p_all) {
-        free(x); free(xn); free(qkv); free(att); free(gu); free(act); free(p_all);
-        return 1;
-    }
-    for (int r = 0; r < R; r++) memcpy(x + (size_t)r * h, m->embed + (size_t)ids[r] * h, sizeof(float) * h);
+/* What one forward pass reads and writes, for run_pass. */
+typedef struct {
+    const Model *m;
+    int B, T, n_sel, head_rows;
+    const int64_t *start, *plen, *sel;
+    float *const *kc, *const *vc;
+    const float *const *pk, *const *pv;
+    int64_t cap, stride;
+    const float *cos, *sin, *head, *head_bias;
+    float *x, *xn, *qkv, *att, *gu, *act, *p_all, *logits;
+} Pass;
 
-    /* Every thread runs this block; `omp for` loops share out rows (and wait for each
-     * other at their end), matmul shares out panels. */
-#pragma omp parallel num_threads(threads) if (threads > 1)
-    {
-    FAST_FP_BEGIN /* per thread (the pool's threads too), restored at the block's end */
-    float *p = p_all + (size_t)G * stride * omp_get_thread_num();
+/* The layers and the head over the embedded rows in s->x, run by every thread of a
+ * parallel team or by the caller alone (a one-thread pass skips the OpenMP runtime:
+ * entering a region of one thread still cost futex calls, ~8% of a draft model's
+ * step): `omp for` loops share out rows (and wait for each other at their end),
+ * matmul shares out panels. */
+static inline __attribute__((always_inline)) void run_pass(const Pass *s) {
+    const Model *m = s->m;
+    const int h = m->hidden, H = m->heads, KV = m->kv_heads, D = m->head_dim, F = m->ffn;
+    const int B = s->B, T = s->T, G = H / KV, R = B * T, QKV = (H + 2 * KV) * D, n_sel = s->n_sel;
+    const int head_rows = s->head_rows;
+    const float scale = 1.0f / sqrtf((float)D);
+    const int64_t *start = s->start, *plen = s->plen, *sel = s->sel, cap = s->cap, stride = s->stride;
+    float *const *kc = s->kc, *const *vc = s->vc;
+    const float *const *pk = s->pk, *const *pv = s->pv;
+    const float *cos = s->cos, *sin = s->sin, *head = s->head, *head_bias = s->head_bias;
+    float *x = s->x, *xn = s->xn, *qkv = s->qkv, *att = s->att, *gu = s->gu, *act = s->act, *logits = s->logits;
+    (void)B;
+    FAST_FP_BEGIN /* per thread (the pool's threads too), restored at the end */
+    float *p = s->p_all + (size_t)G * stride * omp_get_thread_num();
     for (int l = 0; l < m->layers; l++) {
 #pragma omp for schedule(static)
         for (int r = 0; r < R; r++) rmsnorm(xn + (size_t)r * h, x + (size_t)r * h, m->ln1[l], h, m->eps);
@@ -414,6 +405,48 @@ int ponder_forward(const Model *m, const int64_t *ids, int B, int T, const int64
         matmul(logits, xn, head, head_bias, R, h, head_rows, 0);
     }
     FAST_FP_END
+}
+
+/* The whole pass, on `threads` threads. `logits` [n_sel, head_rows] receives head·h
+ * (+ head_bias; head packed) for the token rows listed in `sel` (NULL: every row, in
+ * order, n_sel ignored). Returns 0; 1 if scratch memory could not be allocated; 2 if a
+ * token id is outside [0, vocab). */
+int ponder_forward(const Model *m, const int64_t *ids, int B, int T, const int64_t *start,
+                   float *const *kc, float *const *vc, int64_t cap, const float *const *pk, const float *const *pv,
+                   const int64_t *plen, const float *cos, const float *sin, const float *head,
+                   const float *head_bias, int head_rows, const int64_t *sel, int n_sel, float *logits,
+                   int threads) {
+    const int h = m->hidden, H = m->heads, KV = m->kv_heads, D = m->head_dim, F = m->ffn;
+    const int G = H / KV, R = B * T, QKV = (H + 2 * KV) * D;
+    for (int r = 0; r < R; r++)
+        if (ids[r] < 0 || ids[r] >= m->vocab) return 2;
+    int64_t span = 0, max_pre = 0; /* own slots; longest shared prefix */
+    for (int b = 0; b < B; b++) {
+        if (start[b] + T > span) span = start[b] + T;
+        if (plen && plen[b] > max_pre) max_pre = plen[b];
+    }
+    if (threads < 1) threads = 1;
+    const int64_t stride = max_pre + span; /* of p: one row of scores per query head */
+    float *x = malloc(sizeof(float) * (size_t)R * h);
+    float *xn = malloc(sizeof(float) * (size_t)R * h);
+    float *qkv = malloc(sizeof(float) * (size_t)R * QKV);
+    float *att = malloc(sizeof(float) * (size_t)R * H * D);
+    float *gu = malloc(sizeof(float) * (size_t)R * 2 * F);
+    float *act = malloc(sizeof(float) * (size_t)R * F);
+    float *p_all = malloc(sizeof(float) * (size_t)G * stride * threads); /* a score buffer per thread */
+    if (!x || !xn || !qkv || !att || !gu || !act || !p_all) {
+        free(x); free(xn); free(qkv); free(att); free(gu); free(act); free(p_all);
+        return 1;
+    }
+    for (int r = 0; r < R; r++) memcpy(x + (size_t)r * h, m->embed + (size_t)ids[r] * h, sizeof(float) * h);
+
+    Pass pass = {m, B, T, n_sel, head_rows, start, plen, sel, kc, vc, pk, pv, cap, stride, cos, sin, head,
+                 head_bias, x, xn, qkv, att, gu, act, p_all, logits};
+    if (threads > 1) {
+#pragma omp parallel num_threads(threads)
+        run_pass(&pass);
+    } else {
+        run_pass(&pass);
     }
     free(x); free(xn); free(qkv); free(att); free(gu); free(act); free(p_all);
     return 0;
