@@ -289,7 +289,7 @@ class Engine:
         B = logits.shape[0]
         self.peak_rows = max(self.peak_rows, B)
         parents: list[int] = []  # global physical row each new physical row continues
-        next_tokens: list[int] = []
+        next_tokens: list[torch.Tensor] = []  # [rows] per request, in batch order
         n_samples = 0
         start = 0
         plans = []
@@ -364,7 +364,7 @@ class Engine:
                     r.rows[s].computed += 1
                 P = len(r.samples)
                 parents += range(base, base + P)
-                next_tokens += tokens.tolist()
+                next_tokens.append(tokens)
                 continue
             stored: set[int] = set()
             for s, g_row in finished:
@@ -391,7 +391,7 @@ class Engine:
             for group in r.phys:  # the row computes its next token once, billed to its first sample
                 r.rows[group[0]].computed += 1
             parents += [base + p for p in local]
-            next_tokens += toks
+            next_tokens.append(toks_t)
         self._active = [r for r in self._active if r.phys]
         self.steps += 1
         if not self._active:
@@ -399,7 +399,8 @@ class Engine:
             return
         if len(parents) != B or parents != list(range(B)):
             self._cache.reorder_(torch.tensor(parents, dtype=torch.long))
-        self._logits = lm.step(torch.tensor(next_tokens), self._cache)
+        fed = next_tokens[0] if len(next_tokens) == 1 else torch.cat(next_tokens)
+        self._logits = lm.step(fed.long(), self._cache)
 
     @staticmethod
     def _draws(r: Request) -> torch.Tensor:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import operator
 import os
 import platform
 import shutil
@@ -132,6 +133,7 @@ def kernel_error() -> str | None:
     return _kernel_error
 
 
+_VERSION = operator.attrgetter("_version")
 _LAYER_FIELDS = ("ln1", "wqkv", "bqkv", "wo", "bo", "ln2", "wgu", "bgu", "wd", "bd")
 _MATRICES = ("wqkv", "wo", "wgu", "wd")
 PANEL = 16  # output columns per packed panel (NR in llama_kernel.c)
@@ -189,7 +191,7 @@ class CLlama(NumpyLlama):
 
     def _weights_version(self) -> int:
         """Changes whenever a weight is modified in place (training, load_state_dict)."""
-        return sum(t._version for t in self._tensors)
+        return sum(map(_VERSION, self._tensors))  # 2.1 us for 26 tensors (a generator: 2.6)
 
     def _pack(self) -> None:
         """Point the kernel's model struct at the weights: the numpy views NumpyLlama
