@@ -32,7 +32,7 @@ import torch
 
 from ..protocols import Access, require_access
 from ..types import Generation, Usage
-from .generate import Options, TokenGenerator, _stops, random_seed, row_generator, split_options
+from .generate import Options, TokenGenerator, _stops, pick_greedy, random_seed, row_generator, split_options
 from .processors import HISTORY_SETTINGS, Chain, SettingError, make_processors
 from .stopping import StopStringMatcher
 
@@ -287,7 +287,7 @@ class BeamSearch(TokenGenerator):
         options = split_options(settings, self._legal_settings(), self.strategy)
         extra = [processors] if isinstance(processors, Chain) else list(processors or ())
         chain_ = self._make_chain(lm, options, extra, settings)
-        super().__init__(lm, pick=lambda logits, gens: logits.argmax(-1), processors=chain_, **options)
+        super().__init__(lm, pick=pick_greedy, processors=chain_, **options)
         self.num_beams = num_beams
         self.length_penalty = float(length_penalty)
         self.early_stopping = early_stopping

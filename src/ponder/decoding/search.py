@@ -25,7 +25,7 @@ import torch
 
 from ..protocols import Access, require_access
 from ..types import Generation, Usage
-from .generate import OPTION_FIELDS, TokenGenerator
+from .generate import OPTION_FIELDS, TokenGenerator, pick_greedy
 from .processors import SettingError, _check
 
 
@@ -51,7 +51,7 @@ class ContrastiveSearch(TokenGenerator):
         if bad:
             raise SettingError(f"contrastive search does not take {', '.join(bad)}; it takes top_k, penalty_alpha, "
                                f"{', '.join(OPTION_FIELDS)}")
-        super().__init__(lm, pick=lambda logits, gens: logits.argmax(-1), **options)
+        super().__init__(lm, pick=pick_greedy, **options)
         self.top_k, self.alpha = top_k, float(penalty_alpha)
 
     def _one(self, ids: list[int]) -> Generation:
@@ -173,7 +173,7 @@ class BestFirstSearch(TokenGenerator):
         bad = [k for k in options if k not in OPTION_FIELDS]
         if bad:
             raise SettingError(f"best-first search does not take {', '.join(bad)}")
-        super().__init__(lm, pick=lambda logits, gens: logits.argmax(-1), **options)
+        super().__init__(lm, pick=pick_greedy, **options)
         self.expand, self.max_expansions, self.lookahead = expand, max_expansions, lookahead
         self.heuristic = heuristic or logprob_heuristic
 
