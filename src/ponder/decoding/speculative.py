@@ -202,19 +202,11 @@ class Speculative(GeneratorBase):
         while len(out) < opts.max_tokens:
             kk = min(k, opts.max_tokens - len(out) - 1)
             if one_call and kk > 0 and (res := T.greedy_round(D, t_pending, d_pending, kk, tcache, dcache)) is not None:
+                # steps 1-4 in the kernel, both caches rolled back there
                 a, xs, best, emitted_lp = res
-                drafted += kk
-                accepted += a
-                rounds += 1
-                calls += 1
+                new_tok = best[a]
                 t_computed += len(t_pending) + kk
                 d_computed += len(d_pending) + kk - 1
-                new_tok = best[a]
-                emitted = xs[:a] + [new_tok]
-                d_pending = [xs[-1], new_tok] if a == kk else [new_tok]
-                t_pending = [new_tok]
-                if self.adaptive:
-                    k = min(k + 2, 16) if a == kk else max(1, k - 1)
             else:
                 ctx = prompt + out
                 # 1. draft kk tokens (a lookup may find fewer, or none)
@@ -244,35 +236,31 @@ class Speculative(GeneratorBase):
                         xs.append(x)
                         feed = [x]
                 kk = len(xs)
-                drafted += kk
                 # 2. the target scores pending + drafts in one pass: rows predict x_1..x_kk, bonus
                 t_in = t_pending + xs
                 lg = T.forward(torch.tensor([t_in]), tcache)[0, len(t_pending) - 1 :]  # [kk+1, V]
                 t_computed += len(t_in)
-                calls += 1
-                rounds += 1
-                raw_lp = lg.log_softmax(-1)
                 # 3. accept / reject
                 a, new_tok = self._verify(procs, dprocs, ctx, xs, q_rows, lg, gen)
-                accepted += a
-                emitted = xs[:a] + [new_tok]
+                emitted_lp = lg.log_softmax(-1)[torch.arange(a + 1), torch.tensor(xs[:a] + [new_tok])].tolist()
                 # 4. roll back what the caches hold beyond the accepted prefix
                 tcache.truncate_(kk - a)  # the target holds pending + all kk drafts
                 if dcache is not None:
-                    if a == kk:
-                        d_pending = [xs[-1], new_tok] if kk else [new_tok]
-                        if not kk:
-                            dcache.truncate_(0)
-                    else:
+                    if a < kk:
                         dcache.truncate_(kk - 1 - a)  # the draft holds x_1..x_{kk-1}; keep x_1..x_a
-                        d_pending = [new_tok]
                     if kk == 0:  # nothing was drafted: the draft still has to see the pending token
                         D.forward(torch.tensor([[t_pending[0]]]), dcache)
                         d_computed += 1
-                t_pending = [new_tok]
-                if self.adaptive:
-                    k = min(k + 2, 16) if kk and a == kk else max(1, k - 1)
-                emitted_lp = raw_lp[torch.arange(len(emitted)), torch.tensor(emitted)].tolist()  # one gather
+            drafted += kk
+            accepted += a
+            calls += 1
+            rounds += 1
+            emitted = xs[:a] + [new_tok]
+            # the draft's pending tokens: the last draft too when every draft was accepted
+            d_pending = [xs[-1], new_tok] if kk and a == kk else [new_tok]
+            t_pending = [new_tok]
+            if self.adaptive:
+                k = min(k + 2, 16) if kk and a == kk else max(1, k - 1)
             # 5. emit, watching for stops
             for j, tok in enumerate(emitted):
                 out.append(tok)
