@@ -332,7 +332,6 @@ static inline __attribute__((always_inline)) void run_pass(const Pass *s) {
     const float *const *pk = s->pk, *const *pv = s->pv;
     const float *cos = s->cos, *sin = s->sin, *head = s->head, *head_bias = s->head_bias;
     float *x = s->x, *xn = s->xn, *qkv = s->qkv, *att = s->att, *gu = s->gu, *act = s->act, *logits = s->logits;
-    (void)B;
     FAST_FP_BEGIN /* per thread (the pool's threads too), restored at the end */
     float *p = s->p_all + (size_t)G * stride * omp_get_thread_num();
     for (int l = 0; l < m->layers; l++) {
