@@ -189,3 +189,61 @@ def test_stateful_processors_start_fresh_on_every_request(arith_lm):
     a = gen.generate("Q: 1+2\n")[0]
     b = gen.generate("Q: 1+2\n")[0]
     assert len(a.token_ids) >= 30 and a.token_ids == b.token_ids
+
+
+def test_logit_bias_comes_before_the_repetition_penalty_as_in_transformers():
+    # a seen token at logit 2.0, bias +1, penalty 1.3: transformers gives (2 + 1) / 1.3
+    hist = torch.tensor([[3]])
+    x = torch.zeros(1, V)
+    x[0, 3] = 2.0
+    out = make_processors(logit_bias={3: 1.0}, repetition_penalty=1.3)(hist, x)
+    assert out[0, 3].item() == pytest.approx(3.0 / 1.3)
+
+
+@pytest.mark.parametrize("settings", [
+    dict(logit_bias={3: 1.0, 7: -2.0}, repetition_penalty=1.3),
+    dict(logit_bias={1: 0.5}, repetition_penalty=0.8, temperature=0.7, top_k=10),
+    dict(logit_bias={5: 3.0}, repetition_penalty=1.2, no_repeat_ngram_size=2, top_p=0.9),
+    dict(logit_bias={2: -1.0, 9: 2.0}, repetition_penalty=1.5, bad_words_ids=[[4], [6, 8]], min_p=0.05,
+         temperature=1.3),
+    dict(repetition_penalty=1.1, min_tokens=20, typical_p=0.8, logit_bias={0: 1.5}),
+    dict(logit_bias={11: 2.5}, epsilon=0.01, top_k=20, top_p=0.95, temperature=0.9),
+])
+def test_whole_chain_matches_transformers(settings):
+    """The whole chain at once, in transformers' order: sequence bias, repetition
+    penalty, no-repeat-n-gram, bad words, min new tokens, then the warpers."""
+    from transformers.generation import logits_process as lp
+
+    eos = 0
+    for seed in range(3):
+        hist, x = _data(seed)
+        prompt_len = 4  # min_tokens counts generated tokens: the history's last 8 are generated
+        hf = []
+        if "logit_bias" in settings:
+            hf.append(lp.SequenceBiasLogitsProcessor({(k,): v for k, v in settings["logit_bias"].items()}))
+        if "repetition_penalty" in settings:
+            hf.append(lp.RepetitionPenaltyLogitsProcessor(settings["repetition_penalty"]))
+        if "no_repeat_ngram_size" in settings:
+            hf.append(lp.NoRepeatNGramLogitsProcessor(settings["no_repeat_ngram_size"]))
+        if "bad_words_ids" in settings:
+            hf.append(lp.NoBadWordsLogitsProcessor(settings["bad_words_ids"], eos_token_id=eos))
+        if "min_tokens" in settings:
+            hf.append(lp.MinNewTokensLengthLogitsProcessor(prompt_len, settings["min_tokens"], eos_token_id=eos))
+        if "temperature" in settings:
+            hf.append(lp.TemperatureLogitsWarper(settings["temperature"]))
+        if "top_k" in settings:
+            hf.append(lp.TopKLogitsWarper(settings["top_k"]))
+        if "top_p" in settings:
+            hf.append(lp.TopPLogitsWarper(settings["top_p"]))
+        if "min_p" in settings:
+            hf.append(lp.MinPLogitsWarper(settings["min_p"]))
+        if "typical_p" in settings:
+            hf.append(lp.TypicalLogitsWarper(settings["typical_p"]))
+        if "epsilon" in settings:
+            hf.append(lp.EpsilonLogitsWarper(settings["epsilon"]))
+        want = lp.LogitsProcessorList(hf)(hist, x.clone())
+        ours = make_processors(stop_token_ids=[eos], **settings)
+        if "min_tokens" in settings:
+            for t in hist[:, prompt_len:].T:
+                ours.accept(t)
+        _same(ours(hist, x.clone()), want)

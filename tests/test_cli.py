@@ -82,8 +82,10 @@ def test_eval_greedy_json():
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert res["problems"] == 20 and 0 <= res["accuracy"] <= 1
-    lo, hi = res["ci95"]
-    assert lo <= res["accuracy"] <= hi
+    from ponder.evaluate import wilson_interval
+
+    assert res["ci95"] == pytest.approx(list(wilson_interval(res["correct"], 20)))
+    assert res["accuracy"] == res["correct"] / 20
     assert res["usage_total"]["generated_tokens"] > 0
     assert res["usage_per_problem"]["generated_tokens"] == pytest.approx(res["usage_total"]["generated_tokens"] / 20)
 

@@ -88,8 +88,11 @@ def test_best_first_takes_a_pluggable_heuristic(arith_lm):
 
     out = BestFirstSearch(arith_lm, heuristic=prefer_short_lines, max_expansions=200, max_tokens=30).generate(PROMPT)[0]
     assert seen and out.score is not None
+    plain = BestFirstSearch(arith_lm, max_expansions=200, max_tokens=30).generate(PROMPT)[0]
     la = BestFirstSearch(arith_lm, lookahead=2, max_expansions=200, max_tokens=30).generate(PROMPT)[0]
-    assert la.usage.model_calls > out.usage.model_calls - 200  # rollouts are billed
+    # rollouts are billed: each scored child costs its 2-token lookahead on top
+    assert la.usage.computed_tokens > plain.usage.computed_tokens + 2 * plain.usage.generated_tokens
+    assert la.usage.model_calls > plain.usage.model_calls
     with pytest.raises(SettingError, match="expand"):
         BestFirstSearch(arith_lm, expand=0)
     short = BestFirstSearch(arith_lm, max_expansions=1, max_tokens=30).generate(PROMPT, n=2)

@@ -216,7 +216,8 @@ def make_processors(
     constraint: Any = None,
 ) -> Chain:
     """The standard chain, in the order transformers applies it: history processors
-    (penalties, bans, min tokens, logit bias) on the raw logits, then the sampling
+    (logit bias, as transformers' ``sequence_bias``, then penalties, bans, min tokens)
+    on the raw logits, then the sampling
     adapters (temperature, top-k, top-p, min-p, typical, epsilon, eta, top-nσ), then any
     extra (user) processors. A ``constraint`` (a grammar mask) comes first of all, so
     that every later adapter renormalises over legal tokens only. Every setting at its
@@ -228,9 +229,11 @@ def make_processors(
 
     return Chain(
         constraint,
+        # transformers' order: sequence bias first, then the repetition penalty
+        LogitBias(logit_bias or {}),
         RepetitionPenalty(repetition_penalty), FrequencyPenalty(frequency_penalty),
         PresencePenalty(presence_penalty), NoRepeatNGram(no_repeat_ngram_size),
-        bad_words(bad_words_ids) if bad_words_ids else None, LogitBias(logit_bias or {}),
+        bad_words(bad_words_ids) if bad_words_ids else None,
         MinTokens(min_tokens, stop_token_ids),
         Temperature(temperature), TopK(top_k), TopP(top_p), MinP(min_p),
         Typical(typical_p), Epsilon(epsilon), Eta(eta), TopNSigma(top_n_sigma),
