@@ -7,8 +7,11 @@ import sys
 from typing import Any, Optional
 
 import typer
-from typer._click.exceptions import ClickException
-from typer.exceptions import Abort, Exit
+from typer import Abort, Exit
+
+# click's base exception, whichever click typer runs on (its own vendored copy in newer
+# releases, the click package before): found through typer's public BadParameter.
+ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
 app = typer.Typer(
     add_completion=False,
