@@ -68,14 +68,14 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from ponder.engine.engine import Engine
+    from ponder.engine.engine import Engine, engine_for, set_engine
     from ponder.models.native import NativeLM
     from ponder.tasks.arith import ArithTask
 
     task = ArithTask()
     cached = NativeLM.from_pretrained(args.model)
     plain = NativeLM(cached.model, cached.tokenizer, cached.name)
-    plain._ponder_engine = Engine(plain, prefix_cache=None)
+    set_engine(plain, Engine(plain, prefix_cache=None))
     prompts = [cached.encode(task.prompt(p)) for p in task.problems("hard", args.problems)]
     run_tree(cached, prompts[:1], 1, 2, seed=99)  # warm-up (a different seed: no reuse of the runs below)
     run_tree(plain, prompts[:1], 1, 2, seed=99)
@@ -83,7 +83,7 @@ def main() -> None:
     t_plain, c_plain, seqs2 = run_tree(plain, prompts, args.depth, args.branch, seed=1)
     same = sorted(map(tuple, seqs)) == sorted(map(tuple, seqs2))
     unique = unique_tokens(seqs)
-    pc = cached._ponder_engine.prefix_cache
+    pc = engine_for(cached).prefix_cache
     print(f"tree: {len(seqs) - len(prompts)} generated steps over {args.problems} problems, {unique} unique tokens")
     print(f"with the prefix cache:    {c_cache} tokens computed ({c_cache / unique:.3f} per unique token), {t_cache:.2f}s")
     print(f"without the prefix cache: {c_plain} tokens computed ({c_plain / unique:.3f} per unique token), {t_plain:.2f}s")

@@ -32,7 +32,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from ponder.decoding.generate import Sample
-    from ponder.engine.engine import Engine
+    from ponder.engine.engine import Engine, engine_for, set_engine
     from ponder.models.native import NativeLM
 
     base = NativeLM.from_pretrained(args.model)
@@ -42,13 +42,12 @@ def main() -> None:
     rows = []
     for n in [int(x) for x in args.ns.split(",")]:
         lm = NativeLM(base.model, base.tokenizer, base.name)  # a fresh engine and prefix cache per N
-        lm._ponder_engine = Engine(lm)
+        eng = set_engine(lm, Engine(lm))
         gen = Sample(lm, max_tokens=args.tokens, min_tokens=args.tokens)
         gen.generate(prompt[:16], n=n, seed=0)  # warm-up on another prompt
         t = time.perf_counter()
         outs = gen.generate(prompt, n=n, seed=1)
         dt = time.perf_counter() - t
-        eng = lm._ponder_engine
         unique = len(prompt) + sum(len(g.token_ids) for g in outs)
         rows.append({"n": n, "seconds": round(dt, 4), "tokens_per_s": round(n * args.tokens / dt, 1),
                      "prefix_store_bytes": eng.prefix_cache.nbytes, "batch_peak_kv_bytes": eng.peak_kv_bytes,

@@ -9,7 +9,7 @@ import torch
 
 from ponder.decoding.generate import Greedy, Options, Sample, pick_greedy, pick_sample
 from ponder.decoding.processors import Chain, make_processors
-from ponder.engine.engine import Engine, Request
+from ponder.engine.engine import Engine, Request, engine_for
 from ponder.engine.prefix_cache import RadixCache
 from ponder.models.native import NativeLM
 
@@ -40,14 +40,12 @@ def test_requests_joining_mid_flight_equal_single_runs(fresh_lm):
     eng = Engine(lm, prefix_cache=None)
     first = [_req(lm, PROMPTS[1])]
     eng.submit(first)
-    with eng._lock:
-        for _ in range(5):  # the first request decodes alone for 5 steps
-            eng._step()
+    for _ in range(5):  # the first request decodes alone for 5 steps
+        eng.step()
     later = [_req(lm, p) for p in PROMPTS[:1] + PROMPTS[2:]]
     eng.submit(later[:2])
-    with eng._lock:
-        eng._step()
-        eng._step()
+    eng.step()
+    eng.step()
     outs = _drain(eng, first + later)  # the rest join two steps later still
     got = [outs[1][0], outs[0][0], outs[2][0], outs[3][0], outs[4][0]]
     assert eng.peak_rows >= 3
@@ -62,9 +60,8 @@ def test_seeded_samples_are_the_same_alone_or_joining_a_batch(fresh_lm):
     eng = Engine(lm, prefix_cache=None)
     other = [_req(lm, PROMPTS[1], n=2, sample=True, seed=5)]
     eng.submit(other)
-    with eng._lock:
-        eng._step()
-        eng._step()
+    eng.step()
+    eng.step()
     mine = [_req(lm, PROMPTS[0], n=3, sample=True, seed=11)]
     joined = _drain(eng, other + mine)[1]
     assert [g.token_ids for g in joined] == [g.token_ids for g in alone]
@@ -75,7 +72,7 @@ def test_concurrent_callers_share_forward_passes(fresh_lm):
     gen = Greedy(lm, max_tokens=40)
     want = {p: gen.generate(p)[0].token_ids for p in PROMPTS}
     got: dict[str, list[int]] = {}
-    steps_before = lm._ponder_engine.steps
+    steps_before = engine_for(lm).steps
 
     def call(p):
         got[p] = gen.generate(p)[0].token_ids
@@ -87,7 +84,7 @@ def test_concurrent_callers_share_forward_passes(fresh_lm):
         t.join()
     assert got == want
     # five requests of up to 40 tokens in fewer steps than running them one by one
-    assert lm._ponder_engine.steps - steps_before < sum(len(w) for w in want.values())
+    assert engine_for(lm).steps - steps_before < sum(len(w) for w in want.values())
 
 
 def test_prefix_cache_hits_show_in_the_bill_and_do_not_change_outputs(fresh_lm):
@@ -101,7 +98,7 @@ def test_prefix_cache_hits_show_in_the_bill_and_do_not_change_outputs(fresh_lm):
     assert a.token_ids == no_cache.token_ids
     assert b.meta["prefix_cache_hit_tokens"] >= n_shared  # prompt and the generated continuation
     assert b.usage.computed_tokens < len(lm.encode(shared + "8-6=2\n")) + len(b.token_ids) - 1 - n_shared + 1
-    pc = lm._ponder_engine.prefix_cache
+    pc = engine_for(lm).prefix_cache
     assert pc.stats.tokens_reused > 0 and pc.nbytes == pc.tokens * pc.bytes_per_token
 
 

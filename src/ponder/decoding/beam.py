@@ -34,7 +34,7 @@ from ..protocols import Access, require_access
 from ..types import Generation, Usage
 from .generate import Options, TokenGenerator, _stops, pick_greedy, random_seed, row_generator, split_options
 from .processors import HISTORY_SETTINGS, Chain, SettingError, make_processors
-from .stopping import StopStringMatcher
+from ..engine.stopping import StopStringMatcher
 
 NEG = -1.0e9  # transformers' "impossible" score; kept so that scores match it exactly
 EARLY_STOPPING = (True, False, "never")

@@ -165,6 +165,11 @@ class Grammar:
         ids = self.lm.encode(text, add_special_tokens=False)
         return m.consume_tokens(ids) and m.is_accepting()
 
+    def accepts_ids(self, ids: Sequence[int]) -> bool:
+        """Does the grammar accept these generated token ids as a complete output?"""
+        m = self.matcher()
+        return m.consume_tokens(list(ids)) and m.is_accepting()
+
     def __repr__(self) -> str:
         return f"Grammar({self.kind}: {self.source!r})"
 

@@ -11,15 +11,18 @@ reuse the same pieces: ``Options``, the processor chain, ``StopStringMatcher``.
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from ..engine.engine import MAX_SEED, Request, StreamEvent, engine_for, random_seed, row_generator  # noqa: F401 (re-exported)
+from ..errors import RequestCancelled
 from ..protocols import Access, GeneratorBase, require_access
 from ..types import Generation
 from .processors import ADAPTER_SETTINGS, HISTORY_SETTINGS, Chain, SettingError, make_processors
-from ..engine.engine import MAX_SEED, Request, StreamEvent, engine_for, random_seed, row_generator  # noqa: F401 (re-exported)
 
 OPTION_FIELDS = ("max_tokens", "stop", "stop_token_ids", "ignore_eos", "token_healing")  # the fields of Options
 
@@ -74,15 +77,34 @@ def split_options(settings: dict[str, Any], legal: Sequence[str] | set[str], who
 
 
 def encode_prompt(lm: Any, prompt: str | Sequence[int]) -> list[int]:
-    """Token ids of a prompt given as text or ids; an empty prompt is a SettingError."""
+    """Token ids of a prompt given as text or ids; an empty prompt, text that is not
+    valid Unicode, or ids that are not token ids of the model is a SettingError."""
     if isinstance(prompt, str):
         if prompt == "":
             raise SettingError("the prompt is empty; give at least one character of text")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise SettingError(f"the prompt is not valid Unicode text (a lone surrogate at character {e.start}); "
+                               "decode your input as UTF-8 first") from None
         return lm.encode(prompt)
+    if isinstance(prompt, bytes) or not isinstance(prompt, Sequence):
+        raise SettingError(f"a prompt is text or a list of token ids; got {type(prompt).__name__}")
     ids = list(prompt)
     if not ids:
         raise SettingError("the prompt is empty; give at least one token")
+    from ..engine.engine import check_prompt
+
+    check_prompt(lm, ids)
     return ids
+
+
+def check_seed(seed: Any) -> None:
+    """A seed is None or an integer in [0, 2**63 - 1]: larger seeds would wrap onto others."""
+    if seed is None:
+        return
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+        raise SettingError(f"seed must be an integer in [0, {MAX_SEED}] or None; got {seed!r}")
 
 
 def decode_loop(
@@ -94,15 +116,54 @@ def decode_loop(
     options: Options,
     seed: int | None,
     stream: bool = False,
+    cancel: threading.Event | None = None,
 ) -> Iterator[StreamEvent]:
     """Yield ``StreamEvent``s; every output ends with an event carrying its Generation.
     Each prompt is one request to the model's engine (``ponder.engine``), which batches
-    it with whatever else is running and reuses cached prefixes."""
+    it with whatever else is running and reuses cached prefixes. Setting ``cancel``
+    withdraws the requests (``RequestCancelled``)."""
     require_access(lm, Access.LOGITS, "token-level decoding")
     if seed is None:  # one random seed for the call, so its samples are distinct and reproducible together
         seed = random_seed()
-    reqs = [Request(p, n, pick, processors, options, seed, stream, index_base=i * n) for i, p in enumerate(prompts)]
-    yield from engine_for(lm).run(reqs)
+    reqs = []
+    for i, p in enumerate(prompts):
+        procs, healed = processors, ""
+        if options.token_healing:  # back off the prompt's last token; the output must re-spell it first
+            from .constraints import PrefixConstraint, heal_prompt
+
+            p, healed = heal_prompt(lm, p)
+            if healed:
+                procs = Chain(PrefixConstraint(lm, [healed]), processors)
+        reqs.append(Request(p, n, pick, procs, options, seed, stream, index_base=i * n, healed=healed))
+    yield from engine_for(lm).run(reqs, cancel)
+
+
+async def run_cancellable(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args, cancel=event)`` on a worker thread, so the event loop never blocks on
+    the engine. If the awaiting task is cancelled, the event is set, the worker
+    withdraws its requests from the batch (freeing their rows and KV), and only then
+    does the cancellation propagate."""
+    cancel = threading.Event()
+    task = asyncio.ensure_future(asyncio.to_thread(fn, *args, cancel=cancel))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        cancel.set()
+        try:
+            await task
+        except BaseException:
+            pass
+        raise
+
+
+def constraint_of(processors: Any) -> Any:
+    """The grammar a processor chain constrains to, if any."""
+    from .constraints import GrammarConstraint
+
+    for p in getattr(processors, "processors", [processors]):
+        if isinstance(p, GrammarConstraint):
+            return p.grammar
+    return None
 
 
 class TokenGenerator(GeneratorBase):
@@ -135,40 +196,79 @@ class TokenGenerator(GeneratorBase):
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise SettingError(f"n must be an integer >= 1; got {n!r}")
 
-    def generate_batch(self, prompts: Sequence[str | Sequence[int]], n: int = 1, seed: int | None = None) -> list[list[Generation]]:
+    def generate_batch(self, prompts: Sequence[str | Sequence[int]], n: int = 1, seed: int | None = None,
+                       cancel: threading.Event | None = None) -> list[list[Generation]]:
         """All prompts in one batched loop; returns n generations per prompt.
         Every prompt is its own request seeded with ``seed``."""
+        t0 = time.perf_counter()
         self._check_n(n)
+        check_seed(seed)
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+            raise SettingError(f"prompts must be a list of prompts; got {type(prompts).__name__}")
         if not prompts:
             return []
         ids = [self._encode(p) for p in prompts]
-        events = decode_loop(self.lm, ids, n, self.pick, self.processors, self.options, seed)
+        t_in = time.perf_counter() - t0
+        events = decode_loop(self.lm, ids, n, self.pick, self.processors, self.options, seed, cancel=cancel)
         out: list[Generation | None] = [None] * (len(ids) * n)
         for ev in events:
             if ev.generation is not None:
-                ev.generation.meta.setdefault("strategy", self.strategy)
                 out[ev.index] = ev.generation
+        t1 = time.perf_counter()
+        grammar = constraint_of(self.processors)
+        gens = [g for g in out if g is not None]
+        for g in gens:
+            g.meta.setdefault("strategy", self.strategy)
+            if grammar is not None:  # a constrained output cut by max_tokens is not valid yet: say so
+                done = g.token_ids[:-1] if g.finish_reason == "stop" and isinstance(g.stop, int) else g.token_ids
+                g.meta["constraint_complete"] = grammar.accepts_ids(done)
+        # the call's own work (encoding, assembling) is part of its bill
+        own = t_in + time.perf_counter() - t1
+        for g in gens:
+            g.usage.wall_s += own / len(gens)
         return [[g for g in out[i * n : (i + 1) * n] if g is not None] for i in range(len(ids))]
 
     async def agenerate(self, prompt: str, n: int = 1, seed: int | None = None) -> list[Generation]:
-        return (await asyncio.to_thread(self.generate_batch, [prompt], n, seed))[0]
+        return (await run_cancellable(self.generate_batch, [prompt], n, seed))[0]
 
     def generate(self, prompt: str, n: int = 1, seed: int | None = None) -> list[Generation]:
         return self.generate_batch([prompt], n, seed)[0]
 
     async def agenerate_many(self, prompts: Sequence[str], n: int = 1, seed: int | None = None) -> list[list[Generation]]:
-        return await asyncio.to_thread(self.generate_batch, list(prompts), n, seed)
+        return await run_cancellable(self.generate_batch, list(prompts), n, seed)
 
-    def stream(self, prompt: str | Sequence[int], n: int = 1, seed: int | None = None) -> Iterator[StreamEvent]:
+    def stream(self, prompt: str | Sequence[int], n: int = 1, seed: int | None = None,
+               cancel: threading.Event | None = None) -> Iterator[StreamEvent]:
         """Events as tokens are generated (text deltas never include a stop string)."""
         self._check_n(n)
-        return decode_loop(self.lm, [self._encode(prompt)], n, self.pick, self.processors, self.options, seed, stream=True)
+        check_seed(seed)
+        return decode_loop(self.lm, [self._encode(prompt)], n, self.pick, self.processors, self.options, seed,
+                           stream=True, cancel=cancel)
 
     async def astream(self, prompt: str, n: int = 1, seed: int | None = None):
-        """Async iterator over ``StreamEvent``s; yields control to the loop every step."""
-        for ev in self.stream(prompt, n, seed):
-            yield ev
-            await asyncio.sleep(0)
+        """Async iterator over ``StreamEvent``s. The engine steps on a worker thread, so
+        the event loop never blocks; cancelling the consuming task, or abandoning the
+        iterator, withdraws the request from the batch."""
+        cancel = threading.Event()
+        it = self.stream(prompt, n, seed, cancel=cancel)
+        end = object()
+        pending = None
+        try:
+            while True:
+                pending = asyncio.ensure_future(asyncio.to_thread(next, it, end))
+                ev = await asyncio.shield(pending)
+                pending = None
+                if ev is end:
+                    return
+                yield ev
+        finally:
+            cancel.set()
+            if pending is not None:  # the worker is inside next(): let it see the cancel and stop
+                try:
+                    await pending
+                except BaseException:
+                    pass
+            await asyncio.to_thread(it.close)
 
 
 class Greedy(TokenGenerator):

@@ -41,7 +41,7 @@ def reward_prefix_scorer(rm: Any, batch_size: int = 64) -> PrefixScorer:
         out = []
         for i in range(0, len(seqs), batch_size):
             chunk = seqs[i : i + batch_size]
-            logits = rm._logits(chunk)
+            logits = rm.token_logits(chunk)
             out += [float(torch.nn.functional.logsigmoid(lg[-1])) for lg in logits]
         return torch.tensor(out)
 

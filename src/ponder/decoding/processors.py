@@ -17,50 +17,15 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..errors import SettingError
+from ..processor import Chain, FunctionProcessor, Identity, Processor, chain  # noqa: F401 (the contract, re-exported)
+
 NEG_INF = float("-inf")
-
-
-class SettingError(ValueError):
-    """A generation setting is outside its legal range."""
 
 
 def _check(cond: bool, message: str) -> None:
     if not cond:
         raise SettingError(message)
-
-
-class Processor:
-    """Base class: stateless processors inherit no-op state hooks."""
-
-    is_identity = False
-
-    def __call__(self, tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    # Stateful processors override these; for stateless ones they do nothing.
-    def accept(self, tokens: torch.Tensor) -> None:
-        """Record the tokens [B] just chosen."""
-
-    def fork(self, rows: Sequence[int]) -> "Processor":
-        """A processor whose row i continues the state of row ``rows[i]``."""
-        return self
-
-    def rollback(self, n: int) -> None:
-        """Forget the last ``n`` accepted tokens."""
-
-    def reset(self) -> None:
-        """Back to the state before any token was accepted."""
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
-        return f"{type(self).__name__}({args})"
-
-
-class Identity(Processor):
-    is_identity = True
-
-    def __call__(self, tokens, logits):
-        return logits
 
 
 class Temperature(Processor):
@@ -128,67 +93,6 @@ class MinP(Processor):
         probs = logits.softmax(dim=-1)
         threshold = self.min_p * probs.max(dim=-1, keepdim=True).values
         return logits.masked_fill(probs < threshold, NEG_INF)
-
-
-class FunctionProcessor(Processor):
-    """Wrap a user's plain callable ``(tokens, logits) -> logits`` (per-request processors)."""
-
-    def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
-        _check(callable(fn), f"a processor must be callable; got {type(fn).__name__}")
-        self.fn = fn
-
-    def __call__(self, tokens, logits):
-        out = self.fn(tokens, logits)
-        if not isinstance(out, torch.Tensor) or out.shape != logits.shape:
-            raise SettingError(
-                f"processor {self.fn!r} must return a tensor of shape {tuple(logits.shape)}"
-            )
-        return out
-
-
-class Chain(Processor):
-    """Apply processors in order; a chain is itself a processor."""
-
-    def __init__(self, *processors: Any) -> None:
-        flat: list[Processor] = []
-        for p in processors:
-            if p is None:
-                continue
-            if not isinstance(p, Processor):
-                p = FunctionProcessor(p)
-            if isinstance(p, Chain):
-                flat.extend(p.processors)
-            elif not p.is_identity:
-                flat.append(p)
-        self.processors = flat
-        self.is_identity = not flat
-
-    def __call__(self, tokens, logits):
-        for p in self.processors:
-            logits = p(tokens, logits)
-        return logits
-
-    def accept(self, tokens):
-        for p in self.processors:
-            p.accept(tokens)
-
-    def fork(self, rows):
-        return Chain(*(p.fork(rows) for p in self.processors))
-
-    def rollback(self, n):
-        for p in self.processors:
-            p.rollback(n)
-
-    def reset(self):
-        for p in self.processors:
-            p.reset()
-
-    def __repr__(self) -> str:
-        return f"Chain({', '.join(map(repr, self.processors))})"
-
-
-def chain(*processors: Any) -> Chain:
-    return Chain(*processors)
 
 
 def make_processors(

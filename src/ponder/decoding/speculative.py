@@ -33,7 +33,7 @@ from ..protocols import Access, GeneratorBase, require_access
 from ..types import Generation, Usage
 from .generate import Options, encode_prompt, random_seed, row_generator, split_options
 from .processors import Chain, SettingError, make_processors
-from .stopping import StopStringMatcher
+from ..engine.stopping import StopStringMatcher
 
 
 class Speculative(GeneratorBase):
@@ -127,13 +127,9 @@ class Speculative(GeneratorBase):
         """Prefill through the model's prefix cache (shared with its engine), so that a
         speculative call reuses and leaves prompt KV like every other call. Returns the
         cache and the tokens reused per prompt."""
-        from ..engine.engine import engine_for, prefill_with_prefix_cache
+        from ..engine.engine import engine_for
 
-        eng = engine_for(lm) if hasattr(lm, "new_cache") else None
-        if eng is None or eng.prefix_cache is None:
-            return lm.prefill(prompts, capacity=cap)[1], [0] * len(prompts)
-        with eng._lock:
-            _, cache, hits = prefill_with_prefix_cache(lm, eng.prefix_cache, prompts, cap)
+        _, cache, hits = engine_for(lm).prefill_cached(prompts, cap)
         return cache, hits
 
     def _lookup(self, ctx: list[int], k: int) -> list[int]:

@@ -19,6 +19,12 @@ Requests join and leave between steps (continuous batching). The caller drives: 
 thread that waits for its requests takes the engine lock and steps it, which advances
 every request in the batch; concurrent callers (threads, ``asyncio.to_thread``) thus
 share forward passes without a scheduler thread to configure.
+
+What a server needs: a request that fails (invalid logits, a processor that raises, a
+prompt the model cannot take) fails alone and every other request continues; a
+cancelled request leaves the batch at the next step and frees its rows; admission is
+one policy object (``FifoAdmission``: a row cap and a KV budget); and every second of
+a step is billed to the requests it served (``Usage.wall_s``).
 """
 
 from __future__ import annotations
@@ -27,14 +33,16 @@ import collections
 import os
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from ..decoding.processors import Chain
-from ..decoding.stopping import IncrementalDetokenizer, StopStringMatcher
+from ..errors import InvalidLogitsError, RequestCancelled, SettingError
+from ..processor import Chain
 from ..types import Generation, Usage
+from .stopping import IncrementalDetokenizer, StopStringMatcher
 
 MAX_SEED = 2**63 - 1
 DRAW_BLOCK = 64  # uniform draws taken from a sample's generator at a time
@@ -84,13 +92,17 @@ class Request:
     """One prompt and its ``n`` samples, with everything that must not leak to others."""
 
     def __init__(self, prompt: Sequence[int], n: int, pick: Callable, processors: Chain, options: Any,
-                 seed: int | None, stream: bool = False, index_base: int = 0) -> None:
+                 seed: int | None, stream: bool = False, index_base: int = 0, healed: str = "") -> None:
         self.prompt = list(prompt)
         self.n, self.pick, self.template, self.options = n, pick, processors, options
         self.seed = random_seed() if seed is None else seed
         self.stream, self.index_base = stream, index_base
         self.stopper = StopStringMatcher(options.stop)
-        self.healed = ""  # text token healing took off the prompt's end
+        # Text token healing took off the prompt's end: the processors (built by the
+        # caller) make the output re-spell it first, and the engine strips it from the text.
+        self.healed = healed
+        self.max_new = options.max_tokens  # lowered on submission to what the context leaves
+        self.cancelled = False  # set by the caller's thread; the engine withdraws it at its next step
         self.outputs: list[Generation | None] = [None] * n
         self.events: collections.deque[StreamEvent] = collections.deque()
         self.error: BaseException | None = None
@@ -123,14 +135,50 @@ class Request:
         return self.error is not None or all(o is not None for o in self.outputs)
 
 
+@dataclass
+class FifoAdmission:
+    """The admission policy: waiting requests join in arrival order while the batch
+    stays within ``max_rows`` rows and ``max_kv_bytes`` of KV (None: no KV budget). A
+    request's KV is bounded by its worst case, n rows of prompt + max_new tokens; the
+    first waiting request always joins an empty batch, so none waits forever. A
+    priority or fair-share policy replaces this object (``Engine(admission=...)``)."""
+
+    max_rows: int = 256
+    max_kv_bytes: int | None = 4 * 2**30
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_rows, int) or self.max_rows < 1:
+            raise SettingError(f"max_rows must be an integer >= 1; got {self.max_rows!r}")
+        if self.max_kv_bytes is not None and not (isinstance(self.max_kv_bytes, int) and self.max_kv_bytes > 0):
+            raise SettingError(f"max_kv_bytes must be a positive integer or None; got {self.max_kv_bytes!r}")
+
+    def select(self, waiting: Sequence[Request], rows: int, kv_bytes: int,
+               kv_need: Callable[[Request], int]) -> list[Request]:
+        """The requests to admit now, a prefix of ``waiting``, given the running
+        batch's ``rows`` and live ``kv_bytes``."""
+        out: list[Request] = []
+        for r in waiting:
+            need = kv_need(r)
+            fits = rows + r.n <= self.max_rows and (self.max_kv_bytes is None or kv_bytes + need <= self.max_kv_bytes)
+            if not fits and (rows or out):
+                break
+            out.append(r)
+            rows += r.n
+            kv_bytes += need
+        return out
+
+
 class Engine:
     """Continuous batching for one logits-level model (``prefill`` / ``step`` and a
     cache with ``fork``, ``keep_rows_`` and ``concat``). ``prefix_cache`` (a
-    ``RadixCache``) is used when the model is ponder's native one; ``max_rows`` caps
-    the batch (requests wait beyond it)."""
+    ``RadixCache``) is used when the model is ponder's native one; ``admission``
+    decides which waiting requests join (``FifoAdmission``: ``max_rows`` rows and a
+    KV budget; requests wait beyond it)."""
 
-    def __init__(self, lm: Any, prefix_cache: Any = "auto", max_rows: int = 256, share_prompts_from: int = 128) -> None:
+    def __init__(self, lm: Any, prefix_cache: Any = "auto", max_rows: int = 256, share_prompts_from: int = 128,
+                 admission: Any = None) -> None:
         self.lm = lm
+        self.admission = admission if admission is not None else FifoAdmission(max_rows=max_rows)
         # A request with n > 1 samples and a prompt of at least this many tokens keeps its
         # prompt's KV once (cascade attention) instead of once per diverged sample: below
         # it, copying a short prompt costs less than attending to it in two parts.
@@ -142,7 +190,6 @@ class Engine:
 
                 prefix_cache = RadixCache.for_model(lm.model.cfg, lm.model.dtype, max_bytes=256 * 2**20)
         self.prefix_cache = prefix_cache
-        self.max_rows = max_rows
         self._lock = threading.Lock()
         self._waiting: collections.deque[Request] = collections.deque()
         self._active: list[Request] = []
@@ -152,18 +199,37 @@ class Engine:
         self.peak_rows = 0
         self.peak_kv_bytes = 0
 
+    @property
+    def max_rows(self) -> int:
+        return self.admission.max_rows
+
     # -- public ----------------------------------------------------------------------------
+    def check(self, r: Request) -> None:
+        """Refuse what the model cannot take (SettingError naming it), and lower the
+        request's budget to what the model's context leaves after its prompt, so that
+        generation ends there with finish_reason "length"."""
+        check_prompt(self.lm, r.prompt)
+        ctx = getattr(self.lm, "context_length", None)
+        if ctx is not None:
+            r.max_new = min(r.options.max_tokens, ctx - len(r.prompt))
+
     def submit(self, requests: Sequence[Request]) -> None:
-        """Queue requests; they join the batch at the next step (once each)."""
+        """Queue requests; they join the batch at the next step (once each). A request
+        the model cannot take is refused here, before any is queued."""
+        for r in requests:
+            if not r.submitted:
+                self.check(r)
         with self._lock:
             for r in requests:
                 if not r.submitted:
                     r.submitted = True
                     self._waiting.append(r)
 
-    def run(self, requests: Sequence[Request]) -> Iterator[StreamEvent]:
+    def run(self, requests: Sequence[Request], cancel: threading.Event | None = None) -> Iterator[StreamEvent]:
         """Submit ``requests`` and drive the engine until they are all done, yielding
-        their events (other callers' requests advance in the same forward passes)."""
+        their events (other callers' requests advance in the same forward passes).
+        Setting ``cancel`` (from any thread) withdraws them at the next step and raises
+        ``RequestCancelled``; so does closing this iterator, without the raise."""
         self.submit(requests)
         try:
             while True:
@@ -175,31 +241,67 @@ class Engine:
                         raise r.error
                 if all(r.done for r in requests):
                     return
+                if cancel is not None and cancel.is_set():
+                    raise RequestCancelled("the request was cancelled")
                 with self._lock:
                     if not all(r.done for r in requests):
                         self._step()
         finally:
             self._withdraw(requests)
 
+    def step(self) -> None:
+        """Advance every running request by one step (admitting waiting ones first)."""
+        with self._lock:
+            self._step()
+
+    def prefill_cached(self, prompts: Sequence[Sequence[int]], capacity: int):
+        """Prefill ``prompts`` into a new cache outside the batch, through this engine's
+        prefix cache (what speculative decoding uses): (logits, cache, reused tokens)."""
+        if self.prefix_cache is None:
+            logits, cache = self.lm.prefill([list(p) for p in prompts], capacity=capacity)
+            return logits, cache, [0] * len(prompts)
+        with self._lock:
+            return prefill_with_prefix_cache(self.lm, self.prefix_cache, prompts, capacity)
+
+    def live_kv_bytes(self) -> int:
+        """KV bytes the running batch holds for its valid tokens (0 when idle)."""
+        return self._cache.nbytes_used() if self._cache is not None and hasattr(self._cache, "nbytes_used") else 0
+
     def kv_bytes_in_use(self) -> int:
         """KV bytes of the running batch's valid tokens plus the prefix cache's store."""
-        live = self._cache.nbytes_used() if self._cache is not None and hasattr(self._cache, "nbytes_used") else 0
-        return live + (self.prefix_cache.nbytes if self.prefix_cache is not None else 0)
+        return self.live_kv_bytes() + (self.prefix_cache.nbytes if self.prefix_cache is not None else 0)
+
+    @property
+    def running(self) -> int:
+        """Requests in the batch or waiting to join it."""
+        return len(self._active) + len(self._waiting)
 
     # -- one step --------------------------------------------------------------------------------
     def _step(self) -> None:
+        gone = [r for r in list(self._active) + list(self._waiting) if r.cancelled and not r.done]
+        if gone:
+            self._drop(gone, RequestCancelled("the request was cancelled"))
         try:
-            t0 = time.perf_counter()
             self._admit()
             if self._logits is None or not self._active:
                 return
-            self._decode(t0)
-        except BaseException as e:  # every request in flight learns of it; the engine starts clean
-            for r in list(self._active) + list(self._waiting):
+            self._decode()
+        except BaseException as e:  # a failure of the batch as a whole (the forward pass):
+            for r in list(self._active) + list(self._waiting):  # every request in flight learns of it
                 r.error = e
             self._active, self._cache, self._logits = [], None, None
             self._waiting.clear()
             raise
+
+    def _drop(self, requests: Sequence[Request], error: BaseException) -> None:
+        """Remove requests from the queue and the batch (their rows and KV are freed)."""
+        ids = {id(r) for r in requests}
+        for r in requests:
+            if r in self._waiting:
+                self._waiting.remove(r)
+            r.error = r.error or error
+        if any(id(r) in ids for r in self._active):
+            self._retire_rows(ids)
 
     def _withdraw(self, requests: Sequence[Request]) -> None:
         """A caller gave up (error or closed stream): drop its requests from the engine."""
@@ -207,41 +309,40 @@ class Engine:
         if not gone:
             return
         with self._lock:
-            for r in gone:
-                if r in self._waiting:
-                    self._waiting.remove(r)
-                if r in self._active:
-                    self._retire_rows({id(r)})
-                r.error = r.error or RuntimeError("request withdrawn")
+            self._drop(gone, RequestCancelled("the request was withdrawn"))
+
+    def _kv_need(self, r: Request) -> int:
+        """A request's worst-case KV: n rows of prompt + max_new tokens."""
+        return int(getattr(self.lm, "kv_bytes_per_token", 0)) * (len(r.prompt) + r.max_new) * r.n
 
     def _admit(self) -> None:
         if not self._waiting:
             return
         rows_now = self._logits.shape[0] if self._logits is not None else 0
-        new: list[Request] = []
-        while self._waiting and (rows_now + self._waiting[0].n <= self.max_rows or not (self._active or new)):
-            r = self._waiting.popleft()
-            new.append(r)
-            rows_now += r.n
+        new = self.admission.select(list(self._waiting), rows_now, self.live_kv_bytes(), self._kv_need)
         if not new:
             return
+        for _ in new:
+            self._waiting.popleft()
         t0 = time.perf_counter()
         lm = self.lm
-        for r in new:
-            if r.options.token_healing:
-                from ..decoding.constraints import heal_prompt
-
-                r.prompt, r.healed = heal_prompt(lm, r.prompt)
         # Room for 64 new tokens; the cache doubles when it fills. Every fork copies the whole
         # capacity of the running batch, so reserving max_tokens up front would make each copy
         # several times larger than the tokens it holds.
-        cap = max(len(r.prompt) for r in new) + min(max(r.options.max_tokens for r in new), 64) + 1
-        if self.prefix_cache is not None:
-            logits, cache = self._prefill_with_reuse(new, cap)
-        else:
-            logits, cache = lm.prefill([r.prompt for r in new], capacity=cap)
+        cap = max(len(r.prompt) for r in new) + min(max(r.max_new for r in new), 64) + 1
+        try:
+            if self.prefix_cache is not None:
+                logits, cache = self._prefill_with_reuse(new, cap)
+            else:
+                logits, cache = lm.prefill([r.prompt for r in new], capacity=cap)
+        except Exception as e:  # the newcomers' prefill failed: they fail, the running batch goes on
+            for r in new:
+                r.error = e
+            return
+        # Cascade attention keeps a long prompt's KV once for its n samples, where the
+        # model's forward pass can read a shared prefix.
         share = [i for i, r in enumerate(new) if r.n > 1 and len(r.prompt) >= self.share_prompts_from]
-        if share and hasattr(cache, "share_rows_"):
+        if share and hasattr(cache, "share_rows_") and getattr(lm, "reads_shared_prefix", True):
             cache.share_rows_(share)
         prefill_s = time.perf_counter() - t0
         for r in new:
@@ -260,10 +361,6 @@ class Engine:
             if not procs.is_identity:
                 procs = procs.fork([0])
                 procs.reset()
-            if r.healed:  # the output must first re-spell what healing took off
-                from ..decoding.constraints import PrefixConstraint
-
-                procs = Chain(PrefixConstraint(lm, [r.healed]), procs)
             r.procs = procs
             r.prompt_wall = prefill_s / len(new)
         if self._cache is None:
@@ -283,37 +380,51 @@ class Engine:
             r.reused = m
         return logits, cache
 
-    def _decode(self, t0: float) -> None:
+    def _pick(self, r: Request, lg: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+        """Run the request's processors on its rows' logits lg [P, V] and pick one token
+        per live sample: (tokens [samples], the model's log-probabilities of them)."""
+        scores = lg if r.procs.is_identity else r.procs(r.history[:, : r.hist_len], lg)
+        # NaN and +inf propagate through max, and a row with every token masked has a
+        # max of -inf: one reduction finds all three.
+        if not bool(torch.isfinite(scores.amax(-1)).all()):
+            raise invalid_logits_error(r.procs, r.history[:, : r.hist_len], lg)
+        draws = self._draws(r)  # [samples]
+        if len(r.samples) == lg.shape[0]:  # one sample per row: no gather
+            tokens = r.pick(scores, draws)  # [samples]
+            lp = lg.log_softmax(-1).gather(-1, tokens[:, None])[:, 0].tolist()  # (logsumexp is 3x slower)
+        else:
+            tokens = r.pick(scores[r.owner], draws)
+            lp = lg.log_softmax(-1)[r.owner].gather(-1, tokens[:, None])[:, 0].tolist()
+        return tokens, lp
+
+    def _decode(self) -> None:
+        t0 = time.perf_counter()
         lm = self.lm
         logits = self._logits  # [B, V], one row per physical row
         B = logits.shape[0]
         self.peak_rows = max(self.peak_rows, B)
         parents: list[int] = []  # global physical row each new physical row continues
         next_tokens: list[torch.Tensor] = []  # [rows] per request, in batch order
-        n_samples = 0
+        n_samples = sum(len(r.samples) for r in self._active)
         start = 0
         plans = []
         for r in self._active:
             P = len(r.phys)
-            lg = logits[start : start + P]
-            # [P, V], shared by a row's samples
-            scores = lg if r.procs.is_identity else r.procs(r.history[:, : r.hist_len], lg)
             samples, rows = r.samples, r.rows
-            draws = self._draws(r)  # [samples]
-            if len(samples) == P:  # one sample per row: no gather
-                tokens = r.pick(scores, draws)  # [samples]
-                lp = lg.log_softmax(-1).gather(-1, tokens[:, None])[:, 0].tolist()  # (logsumexp is 3x slower)
-            else:
-                tokens = r.pick(scores[r.owner], draws)
-                lp = lg.log_softmax(-1)[r.owner].gather(-1, tokens[:, None])[:, 0].tolist()
-            n_samples += len(samples)
+            try:
+                tokens, lp = self._pick(r, logits[start : start + P])
+            except Exception as e:  # this request fails alone: its rows leave the batch
+                r.error = e
+                plans.append((r, start, {}, (), None))
+                start += P
+                continue
             toks = tokens.tolist()
             for s, t, l in zip(samples, toks, lp):
                 row = rows[s]
                 row.ids.append(t)
                 row.logprobs.append(l)
             # every live sample of a request has drawn the same number of tokens
-            at_max = len(rows[samples[0]].ids) >= r.options.max_tokens
+            at_max = len(rows[samples[0]].ids) >= r.max_new
             if len(samples) == P and not (at_max or r.needs_text) and r.stop_ids.isdisjoint(toks):
                 plans.append((r, start, None, (), tokens))  # every row continues as it is
                 start += P
@@ -348,9 +459,12 @@ class Engine:
                     finished.append((s, start + p))
             plans.append((r, start, split, finished, None))
             start += P
+        # Bill the step so far (processors, picks, stop checks) to every live sample.
         share = (time.perf_counter() - t0) / max(1, n_samples)
         for r in self._active:
             r.wall += share
+        t1 = time.perf_counter()
+        finishing: list[Generation] = []
         if any(plan[3] for plan in plans) and hasattr(self._cache, "nbytes_used"):
             # KV only grows between retirements: its peak is just before one
             self.peak_kv_bytes = max(self.peak_kv_bytes, self.kv_bytes_in_use())
@@ -369,7 +483,7 @@ class Engine:
             stored: set[int] = set()
             for s, g_row in finished:
                 # samples finishing on one physical row share its KV: store it once
-                self._finish(r, r.rows[s], g_row, store=g_row not in stored)
+                finishing.append(self._finish(r, r.rows[s], g_row, store=g_row not in stored))
                 stored.add(g_row)
             if not split:
                 r.phys = []
@@ -392,15 +506,25 @@ class Engine:
                 r.rows[group[0]].computed += 1
             parents += [base + p for p in local]
             next_tokens.append(toks_t)
-        self._active = [r for r in self._active if r.phys]
+        self._active = [r for r in self._active if r.phys and r.error is None]
         self.steps += 1
         if not self._active:
             self._cache, self._logits = None, None
-            return
-        if len(parents) != B or parents != list(range(B)):
-            self._cache.reorder_(torch.tensor(parents, dtype=torch.long))
-        fed = next_tokens[0] if len(next_tokens) == 1 else torch.cat(next_tokens)
-        self._logits = lm.step(fed.long(), self._cache)
+        else:
+            if len(parents) != B or parents != list(range(B)):
+                self._cache.reorder_(torch.tensor(parents, dtype=torch.long))
+            fed = next_tokens[0] if len(next_tokens) == 1 else torch.cat(next_tokens)
+            self._logits = lm.step(fed.long(), self._cache)
+        # Bill the rest (retirements, detokenising, the forward pass) to the samples it
+        # served: those going on, or, when none is left, those that just finished.
+        rest = time.perf_counter() - t1
+        live = sum(len(r.samples) for r in self._active)
+        if live:
+            for r in self._active:
+                r.wall += rest / live
+        elif finishing:
+            for g in finishing:
+                g.usage.wall_s += rest / len(finishing)
 
     @staticmethod
     def _draws(r: Request) -> torch.Tensor:
@@ -442,7 +566,7 @@ class Engine:
         self._cache.keep_rows_(t)
         self._logits = self._logits[t]
 
-    def _finish(self, r: Request, row: _Row, batch_row: int, store: bool = True) -> None:
+    def _finish(self, r: Request, row: _Row, batch_row: int, store: bool = True) -> Generation:
         lm = self.lm
         if store and self.prefix_cache is not None and len(row.ids) > 1 and hasattr(self._cache, "read_row"):
             # the row holds the prompt and every generated token but the last (never fed)
@@ -470,6 +594,7 @@ class Engine:
             g.meta["prefix_cache_hit_tokens"] = r.reused
         r.outputs[row.sample] = g
         r.events.append(StreamEvent(r.index_base + row.sample, row.ids[-1], row.text[min(row.released, len(row.text)):], g))
+        return g
 
 
 def prefill_with_prefix_cache(lm: Any, prefix_cache: Any, prompts: Sequence[Sequence[int]], capacity: int):
@@ -491,14 +616,70 @@ def prefill_with_prefix_cache(lm: Any, prefix_cache: Any, prompts: Sequence[Sequ
     return logits, cache, hits
 
 
+_ENGINES: "weakref.WeakKeyDictionary[Any, Engine]" = weakref.WeakKeyDictionary()
+_ENGINES_LOCK = threading.Lock()
+
+
 def engine_for(lm: Any) -> Engine:
-    """The model's engine, made on first use (one per model object, so every generator
-    over the same model shares its batch and prefix cache)."""
-    eng = getattr(lm, "_ponder_engine", None)
-    if eng is None:
-        eng = Engine(lm)
-        try:
-            lm._ponder_engine = eng
-        except AttributeError:
-            pass
-    return eng
+    """The model's engine, made on first use: one per model object, so every generator
+    over the same model shares its batch and prefix cache."""
+    with _ENGINES_LOCK:
+        eng = _ENGINES.get(lm)
+        if eng is None:
+            eng = _ENGINES[lm] = Engine(lm)
+        return eng
+
+
+def set_engine(lm: Any, engine: Engine) -> Engine:
+    """Make ``engine`` the one every generator over ``lm`` uses (e.g. one without a
+    prefix cache, or with another admission policy); returns it."""
+    if engine.lm is not lm:
+        raise SettingError("set_engine: the engine was made for another model")
+    with _ENGINES_LOCK:
+        _ENGINES[lm] = engine
+    return engine
+
+
+def check_prompt(lm: Any, ids: Sequence[int]) -> None:
+    """A prompt the model can take: non-empty, token ids in its vocabulary, and shorter
+    than its context (room for at least one new token). SettingError otherwise."""
+    if not ids:
+        raise SettingError("the prompt is empty; give at least one token")
+    vocab = getattr(lm, "vocab_size", None)
+    for t in ids:
+        if not isinstance(t, int) or isinstance(t, bool) or t < 0 or (vocab is not None and t >= vocab):
+            raise SettingError(f"prompt token ids must be integers in [0, {vocab}); got {t!r}")
+    ctx = getattr(lm, "context_length", None)
+    if ctx is not None and len(ids) >= ctx:
+        raise SettingError(
+            f"the prompt has {len(ids)} tokens, but model {getattr(lm, 'name', '')!r} has a context of {ctx} "
+            f"(max_position_embeddings), which must also hold the generated tokens; shorten the prompt "
+            f"to at most {ctx - 1} tokens")
+
+
+def invalid_logits_error(procs: Any, history: torch.Tensor, logits: torch.Tensor) -> InvalidLogitsError:
+    """Name what made a row's scores unusable: the model's own logits, or the first
+    processor of the chain whose output holds NaN or +inf, or masks every token.
+    Replays the chain step by step (processors' ``__call__`` changes no state)."""
+
+    def what(x: torch.Tensor) -> str | None:
+        if bool(torch.isnan(x).any()):
+            return "NaN"
+        if bool(torch.isposinf(x).any()):
+            return "+inf"
+        if not bool(torch.isfinite(x.amax(-1)).all()):
+            return "no finite score (every token masked)"
+        return None
+
+    bad = what(logits)
+    if bad is not None:
+        return InvalidLogitsError(f"the model's logits hold {bad}; the request cannot pick a token")
+    x = logits
+    for p in getattr(procs, "processors", [procs]):
+        x = p(history, x)
+        bad = what(x)
+        if bad is not None:
+            return InvalidLogitsError(
+                f"after processor {p!r} the scores hold {bad}; the request cannot pick a token: change that "
+                "setting (a logit bias of -inf on every token, a constraint the prompt cannot follow, ...)")
+    return InvalidLogitsError("the processed scores hold NaN, +inf or no finite entry")

@@ -66,6 +66,27 @@ class NativeLM:
     def vocab_size(self) -> int:
         return self.cfg.vocab_size
 
+    @property
+    def context_length(self) -> int:
+        """Positions the model was built for (``max_position_embeddings``): a prompt and
+        its generated tokens must fit in it."""
+        return self.cfg.max_position_embeddings
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """KV-cache bytes one token takes over every layer (keys and values)."""
+        cfg = self.cfg
+        return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * self.model.dtype.itemsize
+
+    @property
+    def reads_shared_prefix(self) -> bool:
+        """Whether every forward pass this model runs can read a shared prefix (cascade
+        attention): not when it is forced onto a backend without it (numpy)."""
+        if self.backend not in ("c", "numpy") or not NumpyLlama.supports(self.model, None):
+            return True
+        fast = self._fast_for(None)
+        return fast is None or fast.handles_shared_prefix
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 

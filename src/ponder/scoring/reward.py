@@ -62,7 +62,8 @@ class RewardModel:
         return ids, step_ends, len(ids) - 1
 
     @torch.inference_mode()
-    def _logits(self, seqs: list[list[int]]) -> list[torch.Tensor]:
+    def token_logits(self, seqs: list[list[int]]) -> list[torch.Tensor]:
+        """The head's logit at every token of each sequence (one batch, right-padded)."""
         T = max(map(len, seqs))
         ids = torch.full((len(seqs), T), self.eos, dtype=torch.long)
         for i, s in enumerate(seqs):
@@ -87,7 +88,7 @@ class RewardModel:
             lay = [self.layout(prompt, c) for c in completions[i : i + batch_size]]
             seqs = [ids for ids, _, _ in lay]
             t0 = time.perf_counter()
-            logits = self._logits(seqs)
+            logits = self.token_logits(seqs)
             for (ids, _, end), lg, u in zip(lay, logits, self._usage(seqs, time.perf_counter() - t0)):
                 out.append((float(torch.sigmoid(lg[end])), u))
         return out
@@ -97,7 +98,7 @@ class RewardModel:
         out: list[list[float]] = []
         for i in range(0, len(completions), batch_size):
             lay = [self.layout(prompt, c) for c in completions[i : i + batch_size]]
-            logits = self._logits([ids for ids, _, _ in lay])
+            logits = self.token_logits([ids for ids, _, _ in lay])
             for (_, ends, _), lg in zip(lay, logits):
                 out.append(torch.sigmoid(lg[ends]).tolist() if ends else [])
         return out

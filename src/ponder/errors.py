@@ -1,0 +1,24 @@
+"""The errors ponder raises on bad input. Imports nothing.
+
+Every layer raises these, so they sit at the bottom. Each message names the argument
+and its legal range; the CLI prints it as one line with exit status 2.
+"""
+
+from __future__ import annotations
+
+
+class SettingError(ValueError):
+    """A setting or input is outside its legal range (the message says what to change)."""
+
+
+class CheckpointError(SettingError):
+    """A checkpoint folder cannot be loaded: the message names the file and what is wrong."""
+
+
+class InvalidLogitsError(RuntimeError):
+    """After the processor chain a row's scores hold NaN or +inf, or no finite entry
+    (every token masked): the request cannot pick a token. Names the culprit."""
+
+
+class RequestCancelled(RuntimeError):
+    """The caller cancelled the request (asyncio cancellation, an abandoned stream)."""
