@@ -15,7 +15,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 @pytest.fixture(scope="session")
 def tokenizer_file(tmp_path_factory) -> Path:
-    from ponder.train import build_tokenizer, corpus
+    from ponder.train.common import build_tokenizer, corpus
 
     d = tmp_path_factory.mktemp("tok")
     tok = build_tokenizer(corpus(2000, seed=3))
@@ -40,7 +40,7 @@ def hf_checkpoints(tmp_path_factory, tokenizer_file):
     """name -> (folder, transformers model). Random weights, seeded."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    from ponder.train import _load_tok
+    from ponder.train.common import load_tok as _load_tok
 
     vocab = _load_tok(str(tokenizer_file)).get_vocab_size()
     out = {}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from ponder.evaluate import roc_auc, wilson_interval
 from ponder.meta.parallel import BestOfN, MajorityVote
@@ -91,3 +92,22 @@ def test_training_smoke(tmp_path, tokenizer_file):
 
     hf = AutoModelForCausalLM.from_pretrained(out)
     assert sum(p.numel() for p in hf.parameters()) == meta["parameters"]
+
+
+def test_training_with_steps_is_reproducible_bit_for_bit(tmp_path, tokenizer_file):
+    """--steps sets the schedule over steps, not over the wall clock: the same command
+    twice gives the same weights, and training.json records that command."""
+    from safetensors.torch import load_file
+
+    from ponder.train import main
+
+    args = ["--tokenizer", str(tokenizer_file), "--hidden", "32", "--layers", "1", "--heads", "2",
+            "--kv-heads", "1", "--batch", "4", "--steps", "20", "--minutes", "0.001"]
+    for name in ("a", "b"):
+        main(["lm", "--out", str(tmp_path / name), *args])
+    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    meta = json.loads((tmp_path / "a" / "training.json").read_text())
+    assert meta["steps"] == 20 and meta["reproducible"] is True
+    assert meta["command"].startswith("python -m ponder.train lm --out ") and "--steps 20" in meta["command"]
+    assert meta["args"]["steps"] == 20

@@ -280,7 +280,7 @@ def test_c_kernel_wide_matrices_match_torch():
     (sized to L2), the last group partial; logits still match the torch model's."""
     from ponder.models.llama import Transformer
     from ponder.models.registry import resolve_model
-    from ponder.train import _init_weights, make_config
+    from ponder.train.common import init_weights as _init_weights, make_config
 
     path, _ = resolve_model("arith")
     tok = load_tokenizer(path)

@@ -19,7 +19,6 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from ..engine.engine import MAX_SEED, Request, StreamEvent, engine_for, random_seed, row_generator  # noqa: F401 (re-exported)
-from ..errors import RequestCancelled
 from ..protocols import Access, GeneratorBase, require_access
 from ..types import Generation
 from .processors import ADAPTER_SETTINGS, HISTORY_SETTINGS, Chain, SettingError, make_processors

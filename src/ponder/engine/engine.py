@@ -155,7 +155,7 @@ class FifoAdmission:
     def select(self, waiting: Sequence[Request], rows: int, kv_bytes: int,
                kv_need: Callable[[Request], int]) -> list[Request]:
         """The requests to admit now, a prefix of ``waiting``, given the running
-        batch's ``rows`` and live ``kv_bytes``."""
+        batch's ``rows`` and the KV ``kv_bytes`` reserved for it."""
         out: list[Request] = []
         for r in waiting:
             need = kv_need(r)
@@ -319,7 +319,10 @@ class Engine:
         if not self._waiting:
             return
         rows_now = self._logits.shape[0] if self._logits is not None else 0
-        new = self.admission.select(list(self._waiting), rows_now, self.live_kv_bytes(), self._kv_need)
+        # KV is reserved at each running request's worst case: a request admitted now
+        # can never be starved of memory by others growing later.
+        reserved = sum(self._kv_need(r) for r in self._active)
+        new = self.admission.select(list(self._waiting), rows_now, reserved, self._kv_need)
         if not new:
             return
         for _ in new:

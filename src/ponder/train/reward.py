@@ -16,19 +16,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .models.llama import Transformer
-from .models.loader import load_tokenizer, load_transformer
-from .models.native import NativeLM
-from .scoring.reward import RewardModel
-from .tasks import arith
-from .train import _meta, lr_at, save_checkpoint
+from ..models.llama import Transformer
+from ..models.loader import load_tokenizer, load_transformer
+from ..models.native import NativeLM
+from ..scoring.reward import RewardModel
+from ..tasks import arith
+from .common import Schedule, lr_at, save_checkpoint, training_record
 
 # Reward data leans to the harder shapes, where the target errs and labels are mixed.
 SAMPLE_LEVELS = [arith.Level(f"rm{n}x{d}", n, n, d) for n in range(3, 7) for d in (1, 2, 2, 2)]
 
 
 def make_samples(args) -> None:
-    from .decoding.generate import Sample
+    from ..decoding.generate import Sample
 
     torch.set_num_threads(args.threads)
     lm = NativeLM(load_transformer(args.policy), load_tokenizer(args.policy), "policy")
@@ -81,15 +81,12 @@ def train_reward(args) -> None:
     print(f"{len(data)} labelled samples, {sum(r['correct'] for r in rows)} correct", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.05)
     t0 = time.time()
-    budget = args.minutes * 60
+    schedule = Schedule(args.steps, args.minutes)
     step, ema = 0, None
     last_save = t0
-    while True:
-        progress = (time.time() - t0) / budget
-        if progress >= 1 or (args.steps and step >= args.steps):
-            break
+    while not schedule.done(step):
         for g in opt.param_groups:
-            g["lr"] = lr_at(progress, args.lr)
+            g["lr"] = lr_at(schedule.progress(step), args.lr)
         batch = rng.sample(data, min(args.batch, len(data)))
         T = max(len(ids) for ids, _, _ in batch)
         x = torch.full((len(batch), T), rm.eos, dtype=torch.long)
@@ -110,7 +107,7 @@ def train_reward(args) -> None:
         if step % 25 == 0:
             print(f"step {step} bce {ema:.4f} t {time.time() - t0:.0f}s", flush=True)
         if time.time() - last_save > args.save_every * 60:
-            save_checkpoint(model, tok, Path(args.out), _meta(args, step, t0, ema, cfg))
+            save_checkpoint(model, tok, Path(args.out), training_record(args, step, t0, ema, cfg))
             last_save = time.time()
-    save_checkpoint(model, tok, Path(args.out), _meta(args, step, t0, ema, cfg))
+    save_checkpoint(model, tok, Path(args.out), training_record(args, step, t0, ema, cfg))
     print(f"done: {step} steps, bce {ema:.4f}", flush=True)

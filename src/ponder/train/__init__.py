@@ -1,0 +1,76 @@
+"""Train ponder's shipped models on the ``arith`` task, with the native model code.
+
+    python -m ponder.train tokenizer --out DIR
+    python -m ponder.train lm --out DIR --hidden 256 --layers 4 --minutes 60
+    python -m ponder.train samples --policy DIR --out samples.jsonl --problems 4000
+    python -m ponder.train reward --policy DIR --samples samples.jsonl --out DIR --minutes 20
+
+The learning rate follows warm-up then cosine decay. With ``--steps N`` it runs over
+the N steps, so the same command gives the same weights on any machine (the shipped
+models' cards give their commands); with only ``--minutes`` it runs over the fraction
+of the time budget spent, so a run fits the session it is given. Checkpoints
+(Hugging Face format, loadable by transformers) are written every ``--save-every``
+minutes and at the end, so an interrupted run still leaves a usable model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m ponder.train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("tokenizer", help="train the shared BPE tokenizer")
+    t.add_argument("--out", required=True)
+    t.add_argument("--vocab-size", type=int, default=320)
+    t.add_argument("--seed", type=int, default=0)
+    for name in ("lm", "reward"):
+        p = sub.add_parser(name, help=f"train a {'language' if name == 'lm' else 'reward'} model")
+        p.add_argument("--out", required=True)
+        p.add_argument("--tokenizer", required=True, help="folder or tokenizer.json")
+        p.add_argument("--hidden", type=int, default=256)
+        p.add_argument("--layers", type=int, default=4)
+        p.add_argument("--heads", type=int, default=4)
+        p.add_argument("--kv-heads", type=int, default=2)
+        p.add_argument("--ffn", type=int, default=None)
+        p.add_argument("--batch", type=int, default=64)
+        p.add_argument("--lr", type=float, default=2e-3)
+        p.add_argument("--minutes", type=float, default=60)
+        p.add_argument("--steps", type=int, default=0, help="train this many steps, the schedule over steps (reproducible); 0: over --minutes")
+        p.add_argument("--save-every", type=float, default=5.0, help="minutes between checkpoints")
+        p.add_argument("--threads", type=int, default=1)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--keep-checkpoints", action="store_true",
+                       help="also keep every checkpoint in OUT-stepN next to OUT")
+        p.add_argument("--init", default=None, help="checkpoint folder to start from")
+        p.add_argument("--min-operands", type=int, default=2)
+        p.add_argument("--max-operands", type=int, default=7)
+        p.add_argument("--digits", default="1,2,2,3,3,3",
+                       help="operand digit counts to draw from (repeats weight a size)")
+        if name == "reward":
+            p.add_argument("--policy", required=True, help="target model folder, used to initialise")
+            p.add_argument("--samples", required=True, help="labelled samples JSONL")
+    s = sub.add_parser("samples", help="sample and label target-model solutions for reward training")
+    s.add_argument("--policy", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--problems", type=int, default=3000)
+    s.add_argument("--per-problem", type=int, default=4)
+    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--min-operands", type=int, default=3)
+    s.add_argument("--max-operands", type=int, default=6)
+    s.add_argument("--digits", default="1,2,2,2")
+    args = ap.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
+    if args.cmd in ("tokenizer", "lm"):
+        from .lm import cmd_tokenizer, train_lm
+
+        (cmd_tokenizer if args.cmd == "tokenizer" else train_lm)(args)
+    else:
+        from .reward import make_samples, train_reward
+
+        (train_reward if args.cmd == "reward" else make_samples)(args)
