@@ -123,6 +123,7 @@ def beam_loop(
     and what the search cost."""
     require_access(lm, Access.LOGITS, "beam search")
     t0 = time.perf_counter()
+    options = options.within(lm, len(prompt))
     K, G = num_beams, groups
     k = K // G
     V = lm.vocab_size

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -45,8 +45,20 @@ class Options:
             if not isinstance(s, str) or not s:
                 raise SettingError(f"stop strings must be non-empty; got {s!r}")
         for t in self.stop_token_ids:
-            if not isinstance(t, int) or t < 0:
+            if not isinstance(t, int) or isinstance(t, bool) or t < 0:
                 raise SettingError(f"stop_token_ids must be token ids >= 0; got {t!r}")
+
+    def within(self, lm: Any, prompt_len: int) -> "Options":
+        """These options with ``max_tokens`` lowered to what the model's context leaves
+        after a prompt of ``prompt_len`` tokens (generation then ends with "length")."""
+        ctx = getattr(lm, "context_length", None)
+        if ctx is None or prompt_len + self.max_tokens <= ctx:
+            return self
+        if prompt_len >= ctx:
+            from ..engine.engine import check_prompt
+
+            check_prompt(lm, [0] * prompt_len)  # raises, naming the context
+        return replace(self, max_tokens=ctx - prompt_len)
 
 
 def pick_greedy(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:

@@ -121,7 +121,8 @@ class SMC(GeneratorBase):
 
     def run(self, prompt_ids: list[int], seed: int) -> tuple[list[Generation], torch.Tensor, Usage, int]:
         """All particles, their final log weights, the bill, and how many resamplings."""
-        lm, opt, N = self.lm, self.options, self.N
+        lm, N = self.lm, self.N
+        opt = self.options.within(lm, len(prompt_ids))
         t0 = time.perf_counter()
         stop_ids = set(opt.stop_token_ids) | (set() if opt.ignore_eos else set(lm.eos_token_ids))
         gen = row_generator(seed, 0)

@@ -55,7 +55,8 @@ class ContrastiveSearch(TokenGenerator):
         self.top_k, self.alpha = top_k, float(penalty_alpha)
 
     def _one(self, ids: list[int]) -> Generation:
-        lm, opt = self.lm, self.options
+        lm = self.lm
+        opt = self.options.within(lm, len(ids))
         t0 = time.perf_counter()
         stop_ids = set(opt.stop_token_ids) | (set() if opt.ignore_eos else set(lm.eos_token_ids))
         cache = lm.new_cache(1, len(ids) + opt.max_tokens + 2)
@@ -191,7 +192,8 @@ class BestFirstSearch(TokenGenerator):
         return total
 
     def _search(self, ids: list[int], n: int) -> tuple[list[Generation], Usage]:
-        lm, opt = self.lm, self.options
+        lm = self.lm
+        opt = self.options.within(lm, len(ids))
         t0 = time.perf_counter()
         stop_ids = set(opt.stop_token_ids) | (set() if opt.ignore_eos else set(lm.eos_token_ids))
         logits, root = lm.prefill([ids], capacity=len(ids) + opt.max_tokens + 2)

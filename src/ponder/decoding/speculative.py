@@ -169,7 +169,7 @@ class Speculative(GeneratorBase):
         t0 = time.perf_counter()
         T, D = self.target, self.draft
         k = self.k
-        opts = self.options
+        opts = self.options.within(T, len(prompt))
         stops = set(opts.stop_token_ids) | (set() if opts.ignore_eos else set(T.eos_token_ids))
         stopper = StopStringMatcher(opts.stop)
         procs = self.processors
@@ -294,7 +294,8 @@ class Speculative(GeneratorBase):
         """Speculate for every row at once; returns one Generation per row, in order."""
         t0 = time.perf_counter()
         T, D = self.target, self.draft
-        opts = self.options
+        # one budget for the batch: what the context leaves after its longest prompt
+        opts = self.options.within(T, max(len(p) for p, _ in rows))
         stops = set(opts.stop_token_ids) | (set() if opts.ignore_eos else set(T.eos_token_ids))
         stopper = StopStringMatcher(opts.stop)
         B = len(rows)

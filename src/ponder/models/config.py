@@ -39,6 +39,13 @@ class ModelConfig:
     # Reward models ship as LlamaForTokenClassification with num_labels=1.
     architecture: str = "LlamaForCausalLM"
     num_labels: int = 0
+    # SmolLM3: which layers apply RoPE (None: every layer); the others attend without
+    # positions (NoPE).
+    rope_layers: tuple[bool, ...] | None = None
+    # Sliding-window attention (Mistral; Qwen2 with use_sliding_window): the window,
+    # when some layer uses one. Within the window it equals full attention, so ponder
+    # runs such models with their context capped at the window (context_length).
+    sliding_window: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -49,6 +56,14 @@ class ModelConfig:
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
+
+    @property
+    def context_length(self) -> int:
+        """Positions ponder runs the model over: max_position_embeddings, or the
+        sliding window when a layer uses one (beyond it the window would drop keys)."""
+        if self.sliding_window is not None:
+            return min(self.max_position_embeddings, self.sliding_window)
+        return self.max_position_embeddings
 
     @property
     def is_reward_model(self) -> bool:
@@ -117,6 +132,27 @@ class ModelConfig:
                 rope_scaling = None
         archs = d.get("architectures") or ["LlamaForCausalLM"]
         is_qwen = model_type == "qwen2"
+        L = d["num_hidden_layers"]
+        rope_layers = None
+        if model_type == "smollm3":  # transformers' SmolLM3Config: 1 = RoPE, 0 = NoPE per layer
+            flags = d.get("no_rope_layers")
+            if flags is None:
+                every = d.get("no_rope_layer_interval", 4)
+                flags = [int((i + 1) % every != 0) for i in range(L)]
+            if len(flags) != L:
+                raise ValueError(f"no_rope_layers has {len(flags)} entries for {L} layers")
+            rope_layers = None if all(flags) else tuple(bool(f) for f in flags)
+        # Sliding windows, per layer as transformers decides them.
+        window = d.get("sliding_window")
+        types = d.get("layer_types")
+        if types is not None:
+            sliding = any(t == "sliding_attention" for t in types)
+        elif is_qwen:
+            sliding = bool(d.get("use_sliding_window", False)) and d.get("max_window_layers", L) < L
+        else:
+            sliding = window is not None
+        if sliding and not (isinstance(window, int) and window > 0):
+            raise ValueError(f"sliding_window must be a positive integer when a layer uses it; got {window!r}")
         attention_bias = bool(d.get("attention_bias", False))
         return cls(
             vocab_size=d["vocab_size"],
@@ -142,6 +178,8 @@ class ModelConfig:
             num_labels=(d.get("num_labels") or len(d.get("id2label", {})) or 1)
             if archs[0].endswith("ForTokenClassification")
             else 0,
+            rope_layers=rope_layers,
+            sliding_window=window if sliding else None,
         )
 
     @classmethod

@@ -67,8 +67,9 @@ def shared_prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, use_rope: bool = True) -> None:
         super().__init__()
+        self.use_rope = use_rope  # False: a NoPE layer (SmolLM3), attention without positions
         self.n_heads = cfg.num_attention_heads
         self.n_kv = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
@@ -92,7 +93,7 @@ class Attention(nn.Module):
         H, KV, D = self.n_heads, self.n_kv, self.head_dim
         qkv = self.qkv_proj(x).view(B, T, H + 2 * KV, D)
         # Rotate q and k together: one op instead of two.
-        qk = apply_rope(qkv[:, :, : H + KV], cos, sin)
+        qk = apply_rope(qkv[:, :, : H + KV], cos, sin) if self.use_rope else qkv[:, :, : H + KV]
         q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + KV :]
         if cache is not None:
             if isinstance(write_slots, int):  # every row at the same length: a slice copy
@@ -127,10 +128,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, use_rope: bool = True) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, use_rope)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
@@ -142,7 +143,8 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        rope = cfg.rope_layers or (True,) * cfg.num_hidden_layers
+        self.layers = nn.ModuleList(Block(cfg, rope[i]) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if cfg.is_reward_model:
             self.score = nn.Linear(cfg.hidden_size, cfg.num_labels, bias=True)

@@ -91,7 +91,9 @@ class NumpyLlama:
 
     @staticmethod
     def supports(model: Transformer, cache: KVCache | None) -> bool:
+        # NoPE layers (SmolLM3) run on the torch model only
         return (model.dtype == torch.float32 and model.embed_tokens.weight.device.type == "cpu"
+                and model.cfg.rope_layers is None
                 and (cache is None or (type(cache) is KVCache and not cache.has_shared)))
 
     def _rms(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:

@@ -68,9 +68,9 @@ class NativeLM:
 
     @property
     def context_length(self) -> int:
-        """Positions the model was built for (``max_position_embeddings``): a prompt and
-        its generated tokens must fit in it."""
-        return self.cfg.max_position_embeddings
+        """Positions a prompt and its generated tokens must fit in: the model's
+        ``max_position_embeddings``, or its sliding window when a layer uses one."""
+        return self.cfg.context_length
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -142,7 +142,7 @@ class NativeLM:
         if fast is None:
             if not NumpyLlama.supports(self.model, None):
                 if self.backend in ("c", "numpy"):
-                    raise ValueError(f"backend {self.backend!r} needs float32 weights on the CPU")
+                    raise ValueError(f"backend {self.backend!r} cannot run this model: it needs float32 weights on the CPU and RoPE in every layer; use backend='auto' or 'torch'")
                 return None
             fast = self._fast = self._make_fast()
         if cache is None or (type(cache) is KVCache and (not cache.shared or fast.handles_shared_prefix
