@@ -290,3 +290,54 @@ def test_c_kernel_wide_matrices_match_torch():
     c, t = NativeLM(model, tok, backend="c"), NativeLM(model, tok, backend="torch")
     ids = torch.randint(1, c.vocab_size, (13, 5))
     assert (c.forward(ids, None) - t.forward(ids, None)).abs().max().item() < 1e-4
+
+
+def test_scalar_kernel_without_avx2_matches_torch(tmp_path):
+    """The kernel's portable path (built for plain x86-64, no AVX2/FMA) against torch."""
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86-64 only")
+    code = """
+import torch
+from ponder.models.llama_c import load_kernel, kernel_error
+from ponder.models.native import NativeLM
+lib = load_kernel()
+assert lib is not None, kernel_error()
+assert lib.ponder_isa() == 0, lib.ponder_isa()
+c = NativeLM.from_pretrained("arith", backend="c")
+t = NativeLM(c.model, c.tokenizer, "arith", backend="torch")
+ids = torch.tensor([c.encode("Q: 3+4-2+8-1\\n3+4=7\\n")])
+d = (c.forward(ids, None) - t.forward(ids, None)).abs().max().item()
+assert d < 1e-4, d
+from ponder.decoding.generate import Greedy
+assert Greedy(c, max_tokens=40).generate("Q: 9-8+7\\n")[0].token_ids == Greedy(t, max_tokens=40).generate("Q: 9-8+7\\n")[0].token_ids
+print("ok", d)
+"""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PONDER_KERNEL_MARCH": "x86-64", "PONDER_CACHE_DIR": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr[-2000:]
+
+
+def test_a_cached_kernel_the_cpu_cannot_run_is_refused(tmp_path, monkeypatch):
+    from ponder.models import llama_c
+
+    assert llama_c.missing_features(3, {"avx2", "fma", "sse2"}) == []
+    assert llama_c.missing_features(3, {"avx2", "sse2"}) == ["fma"]
+    assert llama_c.missing_features(5, {"avx2", "fma"}) == ["avx512f"]
+    lib = llama_c.load_kernel()
+    if lib is None or lib.ponder_isa() == 0:
+        pytest.skip("no vector build here")
+    # the same build, seen from a host without AVX2: refused before any call into it
+    monkeypatch.setenv("PONDER_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(llama_c, "_kernel", None)
+    monkeypatch.setattr(llama_c, "_kernel_error", None)
+    monkeypatch.setattr(llama_c, "_cpu_id", lambda cc: "a host with the same model name")
+    real = llama_c.cpu_flags()
+    monkeypatch.setattr(llama_c, "cpu_flags", lambda: real - {"avx2", "fma", "avx512f"})
+    assert llama_c.load_kernel() is None
+    assert "lacks" in llama_c.kernel_error()

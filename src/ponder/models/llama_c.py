@@ -38,21 +38,45 @@ SOURCE = Path(__file__).with_name("llama_kernel.c")
 # sequential sum by float rounding only) and call glibc's vector expf; the kernel uses
 # no infinities or NaNs. It is given to the compile step only: linking a shared library
 # with it would add crtfastmath.o, which flushes denormals for the whole process.
-# -march=native because the library is built on the machine that runs it.
-FLAGS = ["-O3", "-march=native", "-fPIC", "-ffast-math"]
+# -march=native because the library is built on the machine that runs it;
+# PONDER_KERNEL_MARCH overrides it (x86-64 builds the portable scalar path).
+MARCH = os.environ.get("PONDER_KERNEL_MARCH", "native")
+FLAGS = ["-O3", f"-march={MARCH}", "-fPIC", "-ffast-math"]
+ISA_BITS = {1: "avx2", 2: "fma", 4: "avx512f"}  # ponder_isa()'s bits and their /proc/cpuinfo names
 
 _kernel: ctypes.CDLL | None = None
 _kernel_error: str | None = None
 
 
-def _cpu_id() -> str:
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (/proc/cpuinfo), empty where it cannot be read."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features", "model name")):
-                return line
-    except OSError:
+            if line.startswith(("flags", "Features")):
+                return set(line.split(":", 1)[1].split())
+    except (OSError, IndexError):
         pass
-    return platform.processor()
+    return set()
+
+
+def _cpu_id(cc: str) -> str:
+    """What the build's target means on this machine, for the cache key: the compiler's
+    own expansion of -march (every -m feature it turns on) and the CPU's flags. Two
+    hosts with the same model name but different features get different builds."""
+    try:
+        r = subprocess.run([cc, f"-march={MARCH}", "-###", "-E", "-x", "c", os.devnull], capture_output=True,
+                           text=True, timeout=30)
+        expanded = r.stderr
+    except (OSError, subprocess.SubprocessError):
+        expanded = ""
+    return expanded + "\n" + " ".join(sorted(cpu_flags())) + "\n" + platform.processor()
+
+
+def missing_features(isa: int, flags: set[str]) -> list[str]:
+    """Instruction sets a build uses (``ponder_isa()`` bits) that the CPU lacks."""
+    if not flags:  # nothing known of the CPU: trust the build made on it
+        return []
+    return [name for bit, name in ISA_BITS.items() if isa & bit and name not in flags]
 
 
 def torch_openmp() -> str | None:
@@ -100,8 +124,9 @@ def load_kernel() -> ctypes.CDLL | None:
     lib = None
     # with torch's OpenMP runtime when there is one (passes of many rows then use its
     # threads); else, or if that build fails, a one-thread build
+    cpu = _cpu_id(cc)
     for openmp in dict.fromkeys([torch_openmp(), None]):
-        key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(FLAGS), cc, _cpu_id(), str(openmp)]).encode())
+        key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(FLAGS), cc, cpu, str(openmp)]).encode())
         target = root / "kernels" / f"llama_{key.hexdigest()[:16]}.so"
         try:
             if not target.exists():
@@ -112,6 +137,14 @@ def load_kernel() -> ctypes.CDLL | None:
             detail = getattr(e, "stderr", b"") or b""
             _kernel_error = f"building {SOURCE.name} failed: {e} {detail.decode(errors='replace')[:500]}".strip()
     if lib is None:
+        return None
+    # Before calling anything else in: a build whose instructions this CPU lacks would
+    # die with SIGILL (a cache shared between different hosts).
+    lib.ponder_isa.restype = ctypes.c_int
+    missing = missing_features(lib.ponder_isa(), cpu_flags())
+    if missing:
+        _kernel_error = (f"the cached kernel {target.name} uses {', '.join(missing)}, which this CPU lacks; "
+                         f"delete {target} or set PONDER_CACHE_DIR")
         return None
     _kernel_error = None
     p = ctypes.c_void_p

@@ -545,3 +545,19 @@ int ponder_openmp(void) {
     return 0;
 #endif
 }
+
+/* The instruction sets this build was compiled to use (bit 0 AVX2, 1 FMA, 2 AVX-512F),
+   so that the loader can refuse a cached build the CPU cannot run before calling in. */
+int ponder_isa(void) {
+    int isa = 0;
+#ifdef __AVX2__
+    isa |= 1;
+#endif
+#ifdef __FMA__
+    isa |= 2;
+#endif
+#ifdef __AVX512F__
+    isa |= 4;
+#endif
+    return isa;
+}
