@@ -46,7 +46,7 @@ def main() -> None:
 
     from ponder.decoding.constraints import Grammar
     from ponder.decoding.generate import Sample
-    from ponder.models.native import NativeLM
+    from ponder.backends.native import NativeLM
 
     lm = NativeLM.from_pretrained(args.model)
     prompt = "Q: 12+7-3\n"

@@ -34,7 +34,7 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     from ponder.decoding.generate import Greedy
-    from ponder.models.native import NativeLM
+    from ponder.backends.native import NativeLM
 
     hf_logging.set_verbosity_error()
     lm = NativeLM.from_pretrained(args.model)

@@ -32,7 +32,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from ponder.decoding.generate import Sample
-    from ponder.models.native import NativeLM
+    from ponder.backends.native import NativeLM
 
     lm = NativeLM.from_pretrained(args.model)
     gen = Sample(lm, temperature=1.0, max_tokens=args.tokens, min_tokens=args.tokens)

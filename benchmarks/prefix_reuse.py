@@ -69,7 +69,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from ponder.engine.engine import Engine, engine_for, set_engine
-    from ponder.models.native import NativeLM
+    from ponder.backends.native import NativeLM
     from ponder.tasks.arith import ArithTask
 
     task = ArithTask()

@@ -33,7 +33,7 @@ def main() -> None:
 
     from ponder.decoding.generate import Sample
     from ponder.engine.engine import Engine, engine_for, set_engine
-    from ponder.models.native import NativeLM
+    from ponder.backends.native import NativeLM
 
     base = NativeLM.from_pretrained(args.model)
     text = "".join(f"Q: {i % 9}+{(i * 7) % 9}-{(i * 5) % 9}\n" for i in range(400))

@@ -32,7 +32,7 @@ def main() -> None:
 
     from ponder.decoding.generate import Greedy
     from ponder.decoding.speculative import Speculative
-    from ponder.models.native import NativeLM
+    from ponder.backends.native import NativeLM
     from ponder.tasks.arith import ArithTask
 
     lm = NativeLM.from_pretrained(args.model)

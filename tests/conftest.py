@@ -68,6 +68,6 @@ def hf_checkpoints(tmp_path_factory, tokenizer_file):
 
 @pytest.fixture(scope="session")
 def arith_lm():
-    from ponder.models.native import NativeLM
+    from ponder.backends.native import NativeLM
 
     return NativeLM.from_pretrained("arith")

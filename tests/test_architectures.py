@@ -9,7 +9,7 @@ import torch
 from ponder.decoding.generate import Greedy
 from ponder.errors import SettingError
 from ponder.models.config import ModelConfig
-from ponder.models.native import NativeLM
+from ponder.backends.native import NativeLM
 
 from conftest import TINY, _save
 

@@ -10,7 +10,7 @@ import torch
 from ponder.decoding.beam import BeamSample, BeamSearch, StochasticBeamSearch
 from ponder.decoding.processors import SettingError
 from ponder.models.loader import load_tokenizer, load_transformer
-from ponder.models.native import NativeLM
+from ponder.backends.native import NativeLM
 
 PROMPTS = ["Q: 3+4-2+7\n", "Q: 9-8+1-6-5\n", "Q: 1+"]
 SETTINGS = [(1.0, False), (0.5, True), (2.0, "never"), (-1.0, False)]

@@ -47,13 +47,13 @@ def test_generate_sampling_n_seed_stop():
     "args, phrase",
     [
         (["generate", "x", "--strategy", "sample", "--top-p", "1.5"], "top_p must be in (0, 1]"),
-        (["generate", "x", "--strategy", "sample", "--temperature", "0"], "temperature must be > 0"),
+        (["generate", "x", "--strategy", "sample", "--temperature", "-1"], "temperature must be >= 0"),
         (["generate", "x", "--max-tokens", "0"], "max_tokens must be an integer >= 1"),
         (["generate", "x", "--max-tokens", "many"], "--max-tokens"),
-        (["generate", "x", "--n", "0"], "--n must be >= 1"),
+        (["generate", "x", "--n", "0"], "n must be an integer in [1, 1000000]"),
         (["generate", "x", "--model", "no-such-model"], "neither a shipped model"),
         (["generate", "x", "--strategy", "nope"], "choose one of: greedy, sample"),
-        (["generate", "x", "--top-k", "5"], "only apply to sampling strategies"),
+        (["generate", "x", "--top-k", "5"], "does not take --top-k; use --strategy sample"),
         (["generate", ""], "PROMPT is empty"),
         (["generate", "x", "--dtype", "float8"], "dtype must be one of float32, bfloat16"),
         (["eval", "--level", "impossible"], "level must be one of easy, medium, hard"),
@@ -91,7 +91,7 @@ def test_eval_greedy_json():
 
 
 def test_core_does_not_import_transformers():
-    code = ("import sys, ponder.cli, ponder.models.native, ponder.decoding.generate, ponder.evaluate, "
+    code = ("import sys, ponder.cli, ponder.backends.native, ponder.decoding.generate, ponder.evaluate, "
             "ponder.strategies, ponder.meta.parallel, ponder.scoring.reward; "
             "print('transformers' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -14,7 +14,7 @@ from ponder.decoding.controlled import (
 from ponder.decoding.generate import Greedy
 from ponder.decoding.processors import SettingError
 from ponder.models.loader import load_tokenizer, load_transformer
-from ponder.models.native import NativeLM
+from ponder.backends.native import NativeLM
 
 
 @pytest.fixture(scope="module")

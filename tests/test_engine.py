@@ -11,7 +11,7 @@ from ponder.decoding.generate import Greedy, Options, Sample, pick_greedy, pick_
 from ponder.decoding.processors import Chain, make_processors
 from ponder.engine.engine import Engine, Request, engine_for
 from ponder.engine.prefix_cache import RadixCache
-from ponder.models.native import NativeLM
+from ponder.backends.native import NativeLM
 
 PROMPTS = ["Q: 1+2+3\n", "Q: 9-8+7-6+5-4+3\n", "Q: 4\n", "Q: 5+5-2+8-1\n3+", "Q: 2-9\n"]
 

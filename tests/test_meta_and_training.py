@@ -78,7 +78,7 @@ def test_majority_end_to_end_on_the_shipped_model(arith_lm):
 def test_training_smoke(tmp_path, tokenizer_file):
     """A few steps of ponder.train on a tiny config write a checkpoint that both ponder
     and transformers load."""
-    from ponder.models.native import NativeLM
+    from ponder.backends.native import NativeLM
     from ponder.train import main
 
     out = tmp_path / "m"

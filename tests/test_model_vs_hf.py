@@ -7,7 +7,7 @@ import torch
 
 from ponder.decoding.generate import Greedy
 from ponder.models.loader import load_tokenizer, load_transformer
-from ponder.models.native import NativeLM
+from ponder.backends.native import NativeLM
 
 NAMES = ["llama_gqa", "qwen2_bias", "llama_tied"]
 
@@ -211,7 +211,7 @@ def test_auto_backend_is_c_and_falls_back_to_numpy_without_a_compiler(hf_checkpo
     assert torch.tensor([1e-40]).item() != 0.0
     assert _native(folder, backend="torch").backend_in_use == "torch"
     assert _native(folder, "bfloat16").backend_in_use == "torch"
-    code = ("from ponder.models.native import NativeLM\nfrom ponder.models.loader import *\n"
+    code = ("from ponder.backends.native import NativeLM\nfrom ponder.models.loader import *\n"
             f"lm = NativeLM(load_transformer({str(folder)!r}), load_tokenizer({str(folder)!r}))\n"
             "print(lm.backend_in_use)\n"
             "from ponder.models.llama_c import kernel_error\nprint(kernel_error())")
@@ -301,7 +301,7 @@ def test_scalar_kernel_without_avx2_matches_torch(tmp_path):
     code = """
 import torch
 from ponder.models.llama_c import load_kernel, kernel_error
-from ponder.models.native import NativeLM
+from ponder.backends.native import NativeLM
 lib = load_kernel()
 assert lib is not None, kernel_error()
 assert lib.ponder_isa() == 0, lib.ponder_isa()

@@ -43,7 +43,7 @@ def target_samples():
     """The target model's own solutions to held-out problems, labelled by the checkers:
     what the reward model is for."""
     from ponder.decoding.generate import Sample
-    from ponder.models.native import NativeLM
+    from ponder.backends.native import NativeLM
 
     task = ArithTask()
     probs = task.problems("hard", limit=64)
@@ -86,7 +86,7 @@ def test_outcome_scores_pick_right_answers(rm, target_samples):
 
 
 def test_reward_model_errors_are_clear():
-    from ponder.models.native import NativeLM
+    from ponder.backends.native import NativeLM
 
     lm = NativeLM.from_pretrained("arith")
     with pytest.raises(ValueError, match="not a reward model"):

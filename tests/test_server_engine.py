@@ -15,7 +15,7 @@ from ponder.decoding.generate import Greedy, Sample
 from ponder.engine.engine import Engine, FifoAdmission, Request, engine_for, set_engine
 from ponder.errors import InvalidLogitsError, RequestCancelled, SettingError
 from ponder.meta.parallel import MajorityVote
-from ponder.models.native import NativeLM
+from ponder.backends.native import NativeLM
 from ponder.tasks.arith import ArithTask
 
 PROMPTS = ["Q: 1+2+3\n", "Q: 9-8+7-6+5-4+3\n", "Q: 4+4\n", "Q: 5+5-2+8-1\n"]

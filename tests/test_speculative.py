@@ -9,7 +9,7 @@ from ponder.decoding.generate import Greedy
 from ponder.decoding.processors import SettingError
 from ponder.decoding.speculative import Speculative
 from ponder.models.loader import load_tokenizer, load_transformer
-from ponder.models.native import NativeLM
+from ponder.backends.native import NativeLM
 
 
 @pytest.fixture(scope="module")

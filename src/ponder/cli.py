@@ -1,13 +1,25 @@
-"""The ``ponder`` command: generate, eval, models."""
+"""The ``ponder`` command: generate, eval, models, strategies.
+
+The token-level flags are not written here: they are derived from ``SamplingParams``'
+fields (their names, defaults, legal ranges and help), so the CLI, the library and the
+server cannot drift apart. Every bad input gets one line naming the argument and
+exit status 2; Ctrl-C exits with 130.
+"""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import sys
-from typing import Any, Optional
+from dataclasses import fields
+from typing import Any, Callable, List, Optional
 
 import typer
 from typer import Abort, Exit
+
+from .errors import SettingError
+from .params import SamplingParams, field_help
 
 # click's base exception, whichever click typer runs on (its own vendored copy in newer
 # releases, the click package before): found through typer's public BadParameter.
@@ -29,13 +41,62 @@ def _fail(msg: str) -> None:
     raise CliError(msg)
 
 
-def _load_lm(model: str, dtype: str):
-    from .models.native import NativeLM
+# -- flags from SamplingParams -----------------------------------------------------------------
+def _flag_type(name: str, default: Any) -> tuple[Any, Any]:
+    """(annotation, CLI default) of a SamplingParams field."""
+    if name == "logit_bias":
+        return Optional[str], None  # JSON on the command line
+    if name in ("stop", "bad_words"):
+        return List[str], []
+    if name == "stop_token_ids":
+        return List[int], []
+    if name == "seed":
+        return Optional[int], default
+    return type(default), default
 
-    try:
-        return NativeLM.from_pretrained(model, dtype=dtype)
-    except ValueError as e:
-        _fail(str(e))
+
+def with_sampling_params(defaults: dict[str, Any] | None = None, exclude: tuple[str, ...] = ()) -> Callable:
+    """Give a command one flag per ``SamplingParams`` field (``--top-p``, ``--seed``...)
+    and hand it the validated ``params``."""
+    defaults = defaults or {}
+
+    def deco(fn: Callable) -> Callable:
+        sig = inspect.signature(fn)
+        added, names = [], []
+        for f in fields(SamplingParams):
+            if f.name in exclude:
+                continue
+            help_, legal, alias = field_help(f.name)
+            ann, default = _flag_type(f.name, defaults.get(f.name, SamplingParams.default(f.name)))
+            flags = ["--" + f.name.replace("_", "-")] + ([alias] if alias else [])
+            opt = typer.Option(default, *flags, help=f"{help_} [{legal}]")
+            added.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=ann))
+            names.append(f.name)
+
+        @functools.wraps(fn)
+        def wrapper(**kw: Any) -> Any:
+            raw = {k: kw.pop(k) for k in names}
+            return fn(params=_params_from_flags(raw, defaults), **kw)
+
+        wrapper.__signature__ = sig.replace(parameters=[p for p in sig.parameters.values() if p.name != "params"] + added)
+        wrapper.__annotations__ = {**{k: v for k, v in fn.__annotations__.items() if k != "params"},
+                                   **{p.name: p.annotation for p in added}}
+        return wrapper
+
+    return deco
+
+
+def _params_from_flags(raw: dict[str, Any], defaults: dict[str, Any]) -> SamplingParams:
+    raw = dict(raw)
+    if raw.get("logit_bias") is not None:
+        try:
+            bias = json.loads(raw["logit_bias"])
+            raw["logit_bias"] = {int(k): float(v) for k, v in bias.items()}
+        except (ValueError, AttributeError, TypeError):
+            _fail('--logit-bias takes a JSON object of token id to bias, e.g. \'{"17": -100}\'')
+    else:
+        raw.pop("logit_bias", None)
+    return SamplingParams(**raw)
 
 
 def _parse_sets(pairs: list[str]) -> dict[str, Any]:
@@ -44,82 +105,52 @@ def _parse_sets(pairs: list[str]) -> dict[str, Any]:
         if "=" not in kv:
             _fail(f"--set takes KEY=VALUE; got {kv!r}")
         k, v = kv.split("=", 1)
+        key = k.strip().replace("-", "_")
+        if not key:
+            _fail(f"--set takes KEY=VALUE; got {kv!r}")
         try:
-            out[k.strip().replace("-", "_")] = json.loads(v)
+            out[key] = json.loads(v)
         except json.JSONDecodeError:
-            out[k.strip().replace("-", "_")] = v
+            out[key] = v
     return out
 
 
-def _settings(strategy: str, temperature, top_k, top_p, min_p, max_tokens, stop, sets, **more) -> dict[str, Any]:
-    from .decoding.processors import ADAPTER_DEFAULTS
-
-    s: dict[str, Any] = {"max_tokens": max_tokens, "stop": list(stop) if stop else None}
-    adapters = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                    **{k: more.pop(k) for k in list(more) if k in ADAPTER_DEFAULTS})
-    if strategy != "greedy":
-        s.update(adapters)
-    else:
-        changed = ["--" + k.replace("_", "-") for k, v in adapters.items() if v != ADAPTER_DEFAULTS[k]]
-        if changed:
-            _fail(f"{', '.join(changed)} only apply to sampling strategies; use --strategy sample")
-    s.update({k: v for k, v in more.items() if v is not None})
-    s.update(_parse_sets(sets))
-    return s
+def _split_sets(params: SamplingParams, sets: dict[str, Any]) -> tuple[SamplingParams, dict[str, Any]]:
+    """``--set`` may also give a SamplingParams field; it is validated like a flag."""
+    fields_ = {k: sets.pop(k) for k in list(sets) if k in SamplingParams.__dataclass_fields__}
+    return (params.replace(**fields_) if fields_ else params), sets
 
 
-def _history_settings(lm_encode, repetition_penalty, frequency_penalty, presence_penalty, no_repeat_ngram,
-                      min_tokens, logit_bias, bad_words) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if repetition_penalty != 1.0:
-        out["repetition_penalty"] = repetition_penalty
-    if frequency_penalty:
-        out["frequency_penalty"] = frequency_penalty
-    if presence_penalty:
-        out["presence_penalty"] = presence_penalty
-    if no_repeat_ngram:
-        out["no_repeat_ngram_size"] = no_repeat_ngram
-    if min_tokens:
-        out["min_tokens"] = min_tokens
-    if logit_bias:
-        try:
-            out["logit_bias"] = {int(k): float(v) for k, v in json.loads(logit_bias).items()}
-        except (ValueError, AttributeError, TypeError):
-            _fail('--logit-bias takes a JSON object of token id to bias, e.g. \'{"17": -100}\'')
-    if bad_words:
-        out["bad_words_ids"] = [lm_encode(w) for w in bad_words]
-    return out
+# -- loading --------------------------------------------------------------------------------
+def _load_lm(model: str, dtype: str, flag: str = "--model"):
+    from .backends.native import NativeLM
+
+    try:
+        return NativeLM.from_pretrained(model, dtype=dtype)
+    except SettingError as e:
+        _fail(f"{flag}: {e}")
 
 
+def _load_reward(name: str | None, flag: str):
+    if not name:
+        return None
+    from .scoring.reward import RewardModel
+
+    try:
+        return RewardModel.from_pretrained(name)
+    except SettingError as e:
+        _fail(f"{flag}: {e}")
+
+
+# -- commands -------------------------------------------------------------------------------
 @app.command()
+@with_sampling_params(defaults={"max_tokens": 128})
 def generate(
     prompt: str = typer.Argument(..., help="The prompt text."),
     model: str = typer.Option("arith", "--model", "-m", help="A shipped model's name or a local checkpoint folder."),
     strategy: str = typer.Option("greedy", "--strategy", "-s", help="greedy | sample | ... (see `ponder strategies`)."),
-    max_tokens: int = typer.Option(128, "--max-tokens", help="Most tokens to generate (>= 1)."),
-    temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature (> 0)."),
-    top_k: int = typer.Option(0, "--top-k", help="Keep the k most likely tokens (0 = off)."),
-    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus mass in (0, 1] (1 = off)."),
-    min_p: float = typer.Option(0.0, "--min-p", help="Min-p in [0, 1] (0 = off)."),
-    n: int = typer.Option(1, "--n", help="Number of outputs (>= 1)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed; the same seed gives the same output."),
-    stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable); not included in the output."),
-    typical_p: float = typer.Option(1.0, "--typical-p", help="Typical sampling mass in (0, 1] (1 = off)."),
-    epsilon: float = typer.Option(0.0, "--epsilon", help="Epsilon sampling cut-off in [0, 1) (0 = off)."),
-    eta: float = typer.Option(0.0, "--eta", help="Eta sampling in [0, 1) (0 = off)."),
-    top_n_sigma: float = typer.Option(0.0, "--top-n-sigma", help="Top-n-sigma, n >= 0 (0 = off)."),
-    mirostat: int = typer.Option(0, "--mirostat", help="Mirostat version 1 or 2 (0 = off); target surprise --mirostat-tau."),
-    mirostat_tau: float = typer.Option(5.0, "--mirostat-tau", help="Mirostat target surprise in bits (> 0)."),
-    mirostat_eta: float = typer.Option(0.1, "--mirostat-eta", help="Mirostat learning rate in (0, 1]."),
-    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="> 0 (1 = off)."),
-    frequency_penalty: float = typer.Option(0.0, "--frequency-penalty", help="In [-2, 2] (0 = off)."),
-    presence_penalty: float = typer.Option(0.0, "--presence-penalty", help="In [-2, 2] (0 = off)."),
-    no_repeat_ngram: int = typer.Option(0, "--no-repeat-ngram", help="Ban repeated n-grams of this size (0 = off)."),
-    min_tokens: int = typer.Option(0, "--min-tokens", help="Generate at least this many tokens before EOS."),
-    logit_bias: Optional[str] = typer.Option(None, "--logit-bias", help='JSON {"token_id": bias}.'),
-    bad_words: list[str] = typer.Option([], "--bad-words", help="Text never to generate (repeatable)."),
-    num_beams: Optional[int] = typer.Option(None, "--num-beams", help="Beams for the beam strategies (>= 1; default 4)."),
-    length_penalty: Optional[float] = typer.Option(None, "--length-penalty", help="Beam score = sum logprob / length**L (default 1)."),
+    num_beams: Optional[int] = typer.Option(None, "--num-beams", help="Beams for the beam strategies (>= 1)."),
+    length_penalty: Optional[float] = typer.Option(None, "--length-penalty", help="Beam score = sum logprob / length**L."),
     early_stopping: bool = typer.Option(False, "--early-stopping", help="Beam search stops once num_beams hypotheses are finished."),
     num_beam_groups: Optional[int] = typer.Option(None, "--num-beam-groups", help="Groups for diverse beam search."),
     diversity_penalty: Optional[float] = typer.Option(None, "--diversity-penalty", help="Diverse beam search penalty (>= 0)."),
@@ -127,15 +158,15 @@ def generate(
     json_schema: Optional[str] = typer.Option(None, "--json-schema", help="Constrain the output to this JSON schema (a file path or inline JSON)."),
     regex: Optional[str] = typer.Option(None, "--regex", help="Constrain the output to match this regex."),
     grammar: Optional[str] = typer.Option(None, "--grammar", help="Constrain the output to this Lark grammar file (llguidance dialect)."),
-    choice: list[str] = typer.Option([], "--choice", help="Constrain the output to one of these strings (repeatable)."),
-    token_healing: bool = typer.Option(False, "--token-healing", help="Back off the prompt's last token and let the model re-spell it."),
+    choice: List[str] = typer.Option([], "--choice", help="Constrain the output to one of these strings (repeatable)."),
     speculative: Optional[str] = typer.Option(None, "--speculative", help="draft (with --draft-model) or ngram (prompt lookup): lossless speculative decoding."),
     draft_model: str = typer.Option("arith-draft", "--draft-model", help="Draft model for --speculative draft."),
-    draft_tokens: str = typer.Option("4", "--draft-tokens", help="Tokens drafted per step (>= 1), or auto (adaptive)."),
-    set_: list[str] = typer.Option([], "--set", help="Extra strategy setting KEY=VALUE (repeatable)."),
+    draft_tokens: str = typer.Option("4", "--draft-tokens", help="Tokens drafted per step (1-64), or auto (adaptive)."),
+    set_: List[str] = typer.Option([], "--set", help="Extra strategy setting KEY=VALUE (repeatable)."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
     raw: bool = typer.Option(False, "--raw", help="Take PROMPT literally (do not read \\n and \\t as escapes)."),
+    params: SamplingParams = None,  # type: ignore[assignment]  (the flags above it, validated)
 ) -> None:
     """Generate text from PROMPT, streaming it as it comes. The escapes \\n and \\t in
     PROMPT become a newline and a tab (shells do not do it inside quotes) unless --raw."""
@@ -145,47 +176,34 @@ def generate(
         prompt = prompt.replace("\\n", "\n").replace("\\t", "\t")
     if not prompt:
         _fail("PROMPT is empty; give some text to continue")
-    if n < 1:
-        _fail(f"--n must be >= 1; got {n}")
+    params, sets = _split_sets(params, _parse_sets(set_))
+    settings: dict[str, Any] = dict(num_beams=num_beams, length_penalty=length_penalty,
+                                    early_stopping=early_stopping or None, num_beam_groups=num_beam_groups,
+                                    diversity_penalty=diversity_penalty, json_schema=json_schema, regex=regex,
+                                    grammar=grammar, choice=list(choice) or None, **sets)
     if speculative is not None:
         if speculative not in ("draft", "ngram"):
             _fail(f"--speculative takes 'draft' or 'ngram'; got {speculative!r}")
         if strategy not in ("greedy", "sample"):
             _fail("--speculative works with --strategy greedy or sample")
-        if draft_tokens != "auto" and not (draft_tokens.isdigit() and int(draft_tokens) >= 1):
-            _fail(f"--draft-tokens takes an integer >= 1 or 'auto'; got {draft_tokens!r}")
-        k = json.dumps(draft_tokens) if draft_tokens == "auto" else draft_tokens
-        dm = "ngram" if speculative == "ngram" else draft_model
-        set_ = list(set_) + [f"draft_model={json.dumps(dm)}", f"num_draft_tokens={k}"]
+        if draft_tokens != "auto" and not (draft_tokens.isdigit() and 1 <= int(draft_tokens) <= 64):
+            _fail(f"--draft-tokens takes an integer in [1, 64] or 'auto'; got {draft_tokens!r}")
+        settings.update(draft_model="ngram" if speculative == "ngram" else draft_model,
+                        num_draft_tokens=draft_tokens if draft_tokens == "auto" else int(draft_tokens))
         if strategy == "greedy":
-            set_.append("temperature=0")
+            params = params.replace(temperature=0.0)
         strategy = "speculative"
     lm = _load_lm(model, dtype)
-    history = _history_settings(lambda w: lm.encode(w, add_special_tokens=False), repetition_penalty,
-                                frequency_penalty, presence_penalty, no_repeat_ngram, min_tokens, logit_bias, bad_words)
-    settings = _settings(strategy, temperature, top_k, top_p, min_p, max_tokens, stop, set_, typical_p=typical_p,
-                         epsilon=epsilon, eta=eta, top_n_sigma=top_n_sigma, num_beams=num_beams,
-                         **(dict(mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta, mirostat_version=mirostat)
-                            if mirostat else {}),
-                         length_penalty=length_penalty, early_stopping=early_stopping or None,
-                         num_beam_groups=num_beam_groups, diversity_penalty=diversity_penalty,
-                         json_schema=json_schema, regex=regex, grammar=grammar, choice=list(choice) or None,
-                         token_healing=token_healing or None, **history)
-    rm = None
-    if reward_model:
-        from .scoring.reward import RewardModel
-
-        try:
-            rm = RewardModel.from_pretrained(reward_model)
-        except ValueError as e:
-            _fail(f"--reward-model: {e}")
-    gen = strategies.build(strategy, lm, settings, strategies.Context(reward_model=rm))
+    params.check_for(lm.vocab_size)
+    rm = _load_reward(reward_model, "--reward-model")
+    gen = strategies.build(strategy, lm, params.replace(n=1, seed=None), settings, strategies.Context(reward_model=rm))
+    n, seed = params.n, params.seed
     if as_json:
         gens = gen.generate_batch([prompt], n=n, seed=seed)[0]
         from .types import Usage
 
         print(json.dumps({
-            "model": lm.name, "strategy": strategy, "prompt": prompt,
+            "model": lm.name, "strategy": strategy, "prompt": prompt, "params": params.to_dict(),
             "generations": [g.to_dict() for g in gens],
             "usage": Usage.total(g.usage for g in gens).to_dict(),
         }))
@@ -210,76 +228,75 @@ def generate(
 
 
 @app.command("eval")
+@with_sampling_params(defaults={"max_tokens": 160, "seed": 0}, exclude=("n", "logprobs"))
 def eval_cmd(
-    task: str = typer.Option("arith", "--task", help="Task name (arith) or a GSM8K-style JSONL file."),
-    level: str = typer.Option("hard", "--level", help="arith level: easy | medium | hard."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate the first K problems only."),
+    task: str = typer.Option("arith", "--task", help="A task's name (arith) or a GSM8K-style JSONL file."),
+    level: Optional[str] = typer.Option(None, "--level", help="The task's level (arith: easy | medium | hard; default hard)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate the first K problems only (>= 1)."),
     model: str = typer.Option("arith", "--model", "-m"),
     strategy: str = typer.Option("greedy", "--strategy", "-s", help="greedy | sample | majority | best-of-n ..."),
-    samples: int = typer.Option(16, "--samples", help="Candidates per problem for majority / best-of-n."),
-    temperature: float = typer.Option(1.0, "--temperature"),
-    top_k: int = typer.Option(0, "--top-k"),
-    top_p: float = typer.Option(1.0, "--top-p"),
-    min_p: float = typer.Option(0.0, "--min-p"),
-    max_tokens: int = typer.Option(160, "--max-tokens"),
+    samples: Optional[int] = typer.Option(None, "--samples", help="Candidates per problem for majority / best-of-n (default 16)."),
     reward_model: Optional[str] = typer.Option(None, "--reward-model", help="Reward model for best-of-n (e.g. arith-reward)."),
     prm: Optional[str] = typer.Option(None, "--prm", help="Also report this PRM's step-score ROC-AUC on the candidates."),
-    seed: int = typer.Option(0, "--seed"),
-    chunk: int = typer.Option(0, "--chunk", help="Problems per batch (0 = automatic)."),
-    set_: list[str] = typer.Option([], "--set", help="Extra strategy setting KEY=VALUE (repeatable)."),
+    chunk: int = typer.Option(0, "--chunk", help="Problems per batch (>= 1; 0 = automatic)."),
+    set_: List[str] = typer.Option([], "--set", help="Extra strategy setting KEY=VALUE (repeatable)."),
     dtype: str = typer.Option("float32", "--dtype"),
-    threads: int = typer.Option(0, "--threads", help="torch threads (0 = leave torch's default)."),
+    threads: int = typer.Option(0, "--threads", help="torch threads (>= 1; 0 = leave torch's default)."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as one JSON object."),
+    params: SamplingParams = None,  # type: ignore[assignment]
 ) -> None:
     """Evaluate a strategy on a task: accuracy with a 95% CI, total and mean usage."""
-    import torch
-
     from . import strategies
-    from .evaluate import evaluate
-    from .scoring.reward import RewardModel
-    from .tasks.arith import ArithTask
-    from .tasks.base import JsonlTask
+    from .tasks.registry import load_task
+
+    if limit is not None and limit < 1:
+        _fail(f"--limit must be >= 1; got {limit}")
+    if samples is not None and samples < 1:
+        _fail(f"--samples must be >= 1; got {samples}")
+    if chunk < 0:
+        _fail(f"--chunk must be >= 1 (or 0 for automatic); got {chunk}")
+    if threads < 0:
+        _fail(f"--threads must be >= 1 (or 0 for torch's default); got {threads}")
+    if strategy not in strategies.STRATEGIES:
+        _fail(f"--strategy {strategy!r} is unknown; choose one of: {', '.join(strategies.STRATEGIES)}")
+    st = strategies.STRATEGIES[strategy]
+    if samples is not None and not st.meta:
+        _fail(f"--samples applies to strategies that draw several candidates (majority, best-of-n); not {strategy}")
+    t = load_task(task)
+    problems = t.problems(level, limit)
+    params, sets = _split_sets(params, _parse_sets(set_))
+    settings = {**sets, **({"samples": samples} if samples is not None else {})}
+    import torch
 
     if threads:
         torch.set_num_threads(threads)
-    if limit is not None and limit < 1:
-        _fail(f"--limit must be >= 1; got {limit}")
-    if samples < 1:
-        _fail(f"--samples must be >= 1; got {samples}")
-    if task == "arith":
-        t = ArithTask()
-        try:
-            problems = t.problems(level, limit)
-        except ValueError as e:
-            _fail(f"--level: {e}")
-    elif task.endswith(".jsonl"):
-        t = JsonlTask(task)
-        problems = t.problems(limit=limit)
-    else:
-        _fail(f"--task must be 'arith' or a .jsonl file; got {task!r}")
-    settings = _settings(strategy, temperature, top_k, top_p, min_p, max_tokens, [], set_)
-    if strategies.STRATEGIES.get(strategy) and strategies.STRATEGIES[strategy].meta:
-        settings["samples"] = samples
+    from .evaluate import evaluate
+
     lm = _load_lm(model, dtype)
-    rm = RewardModel.from_pretrained(reward_model) if reward_model else None
-    prm_model = rm if prm and prm == reward_model else (RewardModel.from_pretrained(prm) if prm else None)
-    gen = strategies.build(strategy, lm, settings, strategies.Context(task=t, reward_model=rm))
-    per = samples if strategies.STRATEGIES[strategy].meta else 1
+    params.check_for(lm.vocab_size)
+    rm = _load_reward(reward_model, "--reward-model")
+    prm_model = rm if prm and prm == reward_model else _load_reward(prm, "--prm")
+    gen = strategies.build(strategy, lm, params.replace(seed=None), settings, strategies.Context(task=t, reward_model=rm))
+    per = getattr(gen, "n", 1) if st.meta else 1
     chunk = chunk or max(1, 512 // per)
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    shown_level = level or getattr(t, "default_level", None) or ("hard" if t.name == "arith" else "")
+    label = f"{t.name}/{shown_level}" if shown_level else t.name
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  transient=True, console=__import__("rich.console").console.Console(stderr=True)) as bar:
-        job = bar.add_task(f"{strategy} on {t.name}/{level}", total=len(problems))
-        res = evaluate(t, gen, problems, chunk=chunk, seed=seed, prm=prm_model,
+                  transient=True, console=Console(stderr=True)) as bar:
+        job = bar.add_task(f"{strategy} on {label}", total=len(problems))
+        res = evaluate(t, gen, problems, chunk=chunk, seed=params.seed, prm=prm_model,
                        on_progress=lambda k: bar.advance(job, k))
-    res = {"task": t.name, "level": level, "model": lm.name, "strategy": strategy,
-           "settings": {k: v for k, v in settings.items() if v is not None}, "seed": seed, **res}
+    res = {"task": t.name, "level": shown_level, "model": lm.name, "strategy": strategy,
+           "settings": {**params.to_dict(), **{k: v for k, v in settings.items() if v is not None}},
+           "seed": params.seed, **res}
     if as_json:
         print(json.dumps(res))
         return
     lo, hi = res["ci95"]
-    print(f"{strategy} on {t.name}/{level}: accuracy {res['accuracy']:.3f} "
+    print(f"{strategy} on {label}: accuracy {res['accuracy']:.3f} "
           f"(95% CI {lo:.3f}-{hi:.3f}, {res['correct']}/{res['problems']})")
     for key in ("pass_at_n", "majority_of_samples", "prm_step_auc"):
         if key in res and res[key] is not None:
@@ -320,17 +337,20 @@ def list_strategies() -> None:
     from . import strategies
 
     for s in strategies.STRATEGIES.values():
-        print(f"{s.name:12s} {s.help}")
+        print(f"{s.name:18s} {s.help}")
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .decoding.processors import SettingError
-
     try:
-        app(args=argv, standalone_mode=False)
+        rc = app(args=argv, standalone_mode=False)
+        if rc == 130:  # typer hands back Ctrl-C as an exit code when not standalone
+            print("error: interrupted", file=sys.stderr)
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)
     except Exit as e:
         sys.exit(e.exit_code)
-    except Abort:
+    except (Abort, KeyboardInterrupt):
+        print("error: interrupted", file=sys.stderr)
         sys.exit(130)
     except ClickException as e:
         param = getattr(e, "param", None)

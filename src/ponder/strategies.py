@@ -1,8 +1,12 @@
 """Strategies by name: the registry the CLI (``--strategy``) and ``ponder eval`` use.
 
-A strategy is a factory ``(lm, settings, ctx) -> generator``. Later families register
-theirs here with ``register``; the CLI then reaches them with ``--strategy NAME`` and
-their settings as flags or ``--set key=value``.
+A strategy is a factory ``(lm, params, settings, ctx) -> generator``: ``params`` is a
+``SamplingParams`` (the token-level settings every strategy shares), ``settings`` the
+strategy's own (``num_beams``, ``samples``...), given as flags or ``--set key=value``.
+Each registration says which sampling adapters, history processors and options the
+strategy honours; ``build`` refuses the rest, naming them, so that nothing the user
+set is silently ignored. Defaults live once, in the generator classes: a factory
+passes only what was given.
 """
 
 from __future__ import annotations
@@ -10,8 +14,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .decoding.generate import OPTION_FIELDS as OPTION_SETTINGS
-from .decoding.processors import ADAPTER_DEFAULTS, ADAPTER_SETTINGS, HISTORY_SETTINGS, SettingError
+from .errors import SettingError
+from .params import SamplingParams
+
+ALL_ADAPTERS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon", "eta", "top_n_sigma", "mirostat",
+                "mirostat_tau", "mirostat_eta")
+ALL_OPTIONS = ("stop", "stop_token_ids", "ignore_eos", "token_healing")
+# Constraints, given by name on the CLI; a strategy takes them if it says so.
+CONSTRAINT_SETTINGS = ("json_schema", "regex", "grammar", "choice")
 
 
 @dataclass
@@ -19,9 +29,13 @@ class Strategy:
     name: str
     factory: Callable[..., Any]
     help: str
-    settings: tuple[str, ...] = ()
+    settings: tuple[str, ...] = ()  # its own settings
+    adapters: tuple[str, ...] = ()  # the sampling adapters it honours
+    history: bool = True  # penalties, biases, bans
+    options: tuple[str, ...] = ALL_OPTIONS  # stops and token healing it honours
+    constraint: bool = False
     needs: tuple[str, ...] = ()  # e.g. ("task",) or ("reward_model",)
-    meta: bool = False
+    meta: bool = False  # draws several candidates per problem (eval reports pass@N)
 
 
 @dataclass
@@ -35,266 +49,325 @@ class Context:
 
 STRATEGIES: dict[str, Strategy] = {}
 
-SAMPLING_SETTINGS = ADAPTER_SETTINGS + HISTORY_SETTINGS
-# Constraints, given by name on the CLI; a strategy takes them if it takes "constraint".
-CONSTRAINT_SETTINGS = ("json_schema", "regex", "grammar", "choice")
+
+def register(strategy: Strategy) -> None:
+    STRATEGIES[strategy.name] = strategy
 
 
-def register(name: str, factory: Callable[..., Any], help: str, settings: tuple[str, ...] = (),
-             needs: tuple[str, ...] = (), meta: bool = False) -> None:
-    STRATEGIES[name] = Strategy(name, factory, help, settings, needs, meta)
+def _flags(names: list[str]) -> str:
+    return ", ".join("--" + k.replace("_", "-") for k in names)
 
 
-def build(name: str, lm: Any, settings: dict[str, Any], ctx: Context | None = None) -> Any:
-    """Make the generator for strategy ``name``; unknown names and settings are errors
-    that list what is legal."""
+def build(name: str, lm: Any, params: SamplingParams | None = None, settings: dict[str, Any] | None = None,
+          ctx: Context | None = None) -> Any:
+    """Make the generator for strategy ``name``. Unknown names and settings, and
+    settings the strategy cannot honour, are errors that say what is legal."""
     if name not in STRATEGIES:
         raise SettingError(f"--strategy {name!r} is unknown; choose one of: {', '.join(STRATEGIES)}")
     st = STRATEGIES[name]
+    params = params or SamplingParams()
     ctx = ctx or Context()
     for need in st.needs:
         if getattr(ctx, need) is None:
-            flag = "--task" if need == "task" else "--reward-model"
-            raise SettingError(f"--strategy {name} needs {flag}")
-    legal = set(st.settings) | set(OPTION_SETTINGS)
-    settings = dict(settings)
+            raise SettingError(f"--strategy {name} needs {'--task' if need == 'task' else '--reward-model'}")
+    adapters = [k for k in params.changed("adapter") if k not in st.adapters]
+    if adapters:
+        hint = "; use --strategy sample" if name == "greedy" else ""
+        raise SettingError(f"--strategy {name} does not take {_flags(adapters)}{hint}")
+    if params.changed("history") and not st.history:
+        raise SettingError(f"--strategy {name} does not take {_flags(list(params.changed('history')))}")
+    options = [k for k in params.changed("option") if k in ALL_OPTIONS and k not in st.options]
+    if options:
+        raise SettingError(f"--strategy {name} does not take {_flags(options)}")
+    settings = {k: v for k, v in (settings or {}).items() if v is not None}
     given = {k: settings.pop(k) for k in CONSTRAINT_SETTINGS if k in settings}
     if any(given.values()):
-        if "constraint" not in legal:
+        if not st.constraint:
             raise SettingError(f"--strategy {name} does not take a constraint (--json-schema, --regex, --grammar, --choice)")
         from .decoding.constraints import Grammar
 
         settings["constraint"] = Grammar.from_settings(lm, **given).constraint()
-    # Adapters left at their defaults are no setting at all (the CLI passes them always).
-    settings = {k: v for k, v in settings.items()
-                if k in legal or not (k in ADAPTER_DEFAULTS and v == ADAPTER_DEFAULTS[k])}
-    unknown = [k for k, v in settings.items() if k not in legal and v is not None]
+    unknown = [k for k in settings if k not in st.settings and k != "constraint"]
     if unknown:
-        raise SettingError(
-            f"--strategy {name} does not take {', '.join(unknown)}; it takes {', '.join(sorted(legal))}"
-        )
-    return st.factory(lm, {k: v for k, v in settings.items() if v is not None}, ctx)
+        legal = ", ".join(sorted(st.settings)) or "no settings of its own"
+        raise SettingError(f"--strategy {name} does not take {', '.join(unknown)}; it takes {legal}")
+    return st.factory(lm, params, settings, ctx)
 
 
-def _options(s: dict[str, Any]) -> dict[str, Any]:
-    return {k: s[k] for k in OPTION_SETTINGS if k in s}
+# -- helpers the factories share ------------------------------------------------------------
+def _encode(lm: Any) -> Callable[[str], list[int]]:
+    return lambda w: lm.encode(w, add_special_tokens=False)
 
 
-def _greedy(lm, s, ctx):
-    from .decoding.generate import Greedy
-
-    return Greedy(lm, **{k: s[k] for k in HISTORY_SETTINGS if k in s}, **_options(s))
-
-
-def _sample(lm, s, ctx):
-    from .decoding.generate import Sample
-
-    return Sample(lm, **{k: s[k] for k in SAMPLING_SETTINGS if k in s}, **_options(s))
-
-
-def _majority(lm, s, ctx):
-    from .meta.parallel import MajorityVote
-
-    return MajorityVote(_sample(lm, s, ctx), ctx.task.extract_answer, n=s.get("samples", 16))
-
-
-def _best_of_n(lm, s, ctx):
-    from .meta.parallel import BestOfN
-
-    return BestOfN(_sample(lm, s, ctx), ctx.reward_model, n=s.get("samples", 16))
-
-
-register("greedy", _greedy, "argmax at every step", HISTORY_SETTINGS)
-register("sample", _sample, "ancestral sampling through temperature/top-k/top-p/min-p/typical/epsilon/eta/top-n-sigma", SAMPLING_SETTINGS)
-register("majority", _majority, "self-consistency: majority vote over N samples (Wang et al. 2023)",
-         SAMPLING_SETTINGS + ("samples",), needs=("task",), meta=True)
-register("best-of-n", _best_of_n, "best of N samples by a reward model (Stiennon et al. 2020)",
-         SAMPLING_SETTINGS + ("samples",), needs=("reward_model",), meta=True)
-
-
-def _load(name: str):
-    from .models.native import NativeLM
-
-    return NativeLM.from_pretrained(name)
-
-
-def _floats(v: Any) -> list[float]:
-    if isinstance(v, (list, tuple)):
-        return [float(x) for x in v]
-    return [float(x) for x in str(v).split(",") if x.strip()]
-
-
-def _controlled_options(s: dict[str, Any], sample: bool) -> dict[str, Any]:
-    """Options, history processors, and (when sampling) the adapters; adapters left at
-    their defaults are dropped for greedy decoding, changed ones are an error there."""
-    out = _options(s)
-    out.update({k: s[k] for k in HISTORY_SETTINGS if k in s})
-    out.update({k: s[k] for k in ADAPTER_SETTINGS if k in s and (sample or s[k] != ADAPTER_DEFAULTS[k])})
+def _token_level(lm: Any, p: SamplingParams, s: dict[str, Any], adapters: bool = True) -> dict[str, Any]:
+    """Keyword arguments for a token-level generator: options, history processors, the
+    constraint, and (if it samples) the adapters."""
+    out = {**p.options(), **p.history(_encode(lm))}
+    if adapters:
+        out.update(p.adapters())
+    if "constraint" in s:
+        out["constraint"] = s["constraint"]
     return out
 
 
-def _contrastive(lm, s, ctx):
+def _given(s: dict[str, Any], **names: str) -> dict[str, Any]:
+    """The settings that were given, renamed to the generator's argument names."""
+    return {arg: s[key] for arg, key in names.items() if key in s}
+
+
+def _bool(v: Any, name: str) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.lower() in ("true", "false", "1", "0", "yes", "no"):
+        return v.lower() in ("true", "1", "yes")
+    if isinstance(v, int) and v in (0, 1):
+        return bool(v)
+    raise SettingError(f"{name} must be true or false; got {v!r}")
+
+
+def _load(name: Any, role: str, kind: str = "causal-lm") -> Any:
+    from .backends.native import NativeLM
+    from .errors import CheckpointError
+
+    if not isinstance(name, str) or not name:
+        raise SettingError(f"{role} must be a model name or a checkpoint folder; got {name!r}")
+    try:
+        lm = NativeLM.from_pretrained(name)
+    except CheckpointError as e:
+        raise SettingError(f"{role}: {e}") from None
+    return lm
+
+
+def _floats(v: Any, name: str) -> list[float]:
+    items = v if isinstance(v, (list, tuple)) else str(v).split(",")
+    try:
+        return [float(x) for x in items if str(x).strip()]
+    except ValueError:
+        raise SettingError(f"{name} must be comma-separated numbers; got {v!r}") from None
+
+
+# -- token level ----------------------------------------------------------------------------
+def _greedy(lm, p, s, ctx):
+    from .decoding.generate import Greedy
+
+    return Greedy(lm, **_token_level(lm, p, s, adapters=False))
+
+
+def _sample(lm, p, s, ctx):
+    from .decoding.generate import Greedy, Sample
+
+    if p.greedy:  # temperature 0: greedy decoding (the OpenAI convention)
+        return Greedy(lm, **_token_level(lm, p, s, adapters=False))
+    return Sample(lm, **_token_level(lm, p, s))
+
+
+register(Strategy("greedy", _greedy, "argmax at every step", constraint=True))
+register(Strategy("sample", _sample, "ancestral sampling through temperature/top-k/top-p/min-p/typical/epsilon/eta/"
+                  "top-n-sigma/mirostat", adapters=ALL_ADAPTERS, constraint=True))
+
+
+# -- parallel meta-generators ---------------------------------------------------------------
+def _majority(lm, p, s, ctx):
+    from .meta.parallel import MajorityVote
+
+    return MajorityVote(_sample(lm, p, s, ctx), ctx.task.extract_answer, **_given(s, n="samples"))
+
+
+def _best_of_n(lm, p, s, ctx):
+    from .meta.parallel import BestOfN
+
+    return BestOfN(_sample(lm, p, s, ctx), ctx.reward_model, **_given(s, n="samples"))
+
+
+register(Strategy("majority", _majority, "self-consistency: majority vote over N samples (Wang et al. 2023)",
+                  ("samples",), ALL_ADAPTERS, constraint=True, needs=("task",), meta=True))
+register(Strategy("best-of-n", _best_of_n, "best of N samples by a reward model (Stiennon et al. 2020)",
+                  ("samples",), ALL_ADAPTERS, constraint=True, needs=("reward_model",), meta=True))
+
+
+# -- controlled generation with several models ------------------------------------------------
+def _controlled(lm, p, s) -> dict[str, Any]:
+    sample = _bool(s.get("sample", False), "sample")
+    if not sample and p.changed("adapter"):
+        raise SettingError(f"{_flags(list(p.changed('adapter')))} apply when sampling; add --set sample=true")
+    return dict(sample=sample, **_token_level(lm, p, s, adapters=sample))
+
+
+def _contrastive(lm, p, s, ctx):
     from .decoding.controlled import ContrastiveDecoding
 
-    return ContrastiveDecoding(lm, _load(s.get("amateur", "arith-draft")), alpha=s.get("alpha", 0.1),
-                               beta=s.get("beta", 1.0), sample=bool(s.get("sample", False)),
-                               **_controlled_options(s, bool(s.get("sample", False))))
+    amateur = _load(s.get("amateur", "arith-draft"), "--set amateur")
+    return ContrastiveDecoding(lm, amateur, **_given(s, alpha="alpha", beta="beta"), **_controlled(lm, p, s))
 
 
-def _product(lm, s, ctx):
+def _product(lm, p, s, ctx):
     from .decoding.controlled import ProductOfExperts
 
-    others = [_load(m) for m in str(s.get("models", "")).split(",") if m.strip()]
-    if not others:
+    names = [m for m in str(s.get("models", "")).split(",") if m.strip()]
+    if not names:
         raise SettingError("--strategy product needs --set models=NAME[,NAME...] (combined with --model)")
-    weights = _floats(s.get("weights", ",".join(["1"] * (1 + len(others)))))
-    return ProductOfExperts([lm, *others], weights, sample=bool(s.get("sample", True)),
-                            **_controlled_options(s, bool(s.get("sample", True))))
+    others = [_load(m.strip(), "--set models") for m in names]
+    weights = _floats(s["weights"], "weights") if "weights" in s else [1.0] * (1 + len(others))
+    return ProductOfExperts([lm, *others], weights, **_controlled(lm, p, {**s, "sample": s.get("sample", True)}))
 
 
-def _cfg(lm, s, ctx):
+def _cfg(lm, p, s, ctx):
     from .decoding.controlled import ClassifierFreeGuidance
 
-    return ClassifierFreeGuidance(lm, s.get("guidance_scale", 1.5), s.get("negative_prompt", ""),
-                                  sample=bool(s.get("sample", False)),
-                                  **_controlled_options(s, bool(s.get("sample", False))))
+    return ClassifierFreeGuidance(lm, **_given(s, guidance_scale="guidance_scale", negative_prompt="negative_prompt"),
+                                  **_controlled(lm, p, s))
 
 
-_CONTROLLED = ADAPTER_SETTINGS + HISTORY_SETTINGS + ("sample",)
-register("contrastive", _contrastive, "contrastive decoding, expert --model vs --set amateur=NAME (Li et al. 2023)",
-         _CONTROLLED + ("amateur", "alpha", "beta"))
-register("product", _product, "product of experts: --model and --set models=A,B with --set weights=w0,w1,w2",
-         _CONTROLLED + ("models", "weights"))
-register("cfg", _cfg, "classifier-free guidance, --set guidance_scale=G --set negative_prompt=TEXT (Sanchez et al. 2023)",
-         _CONTROLLED + ("guidance_scale", "negative_prompt"))
-
-
-def _speculative(lm, s, ctx):
-    from .decoding.speculative import Speculative
-
-    sample = {k: s[k] for k in ("temperature", "top_k", "top_p", "min_p") if k in s}
-    name = s.get("draft_model", "arith-draft")
-    draft = "ngram" if name == "ngram" else _load(name)
-    return Speculative(lm, draft, num_draft_tokens=s.get("num_draft_tokens", 4), max_ngram=s.get("max_ngram", 3),
-                       **sample, **{k: s[k] for k in HISTORY_SETTINGS if k in s}, **_options(s))
-
-
-register("speculative", _speculative,
-         "speculative decoding, lossless (Leviathan et al. 2023): --set draft_model=NAME or ngram (prompt lookup); "
-         "num_draft_tokens=K or auto; temperature 0 = greedy",
-         ("temperature", "top_k", "top_p", "min_p", "draft_model", "num_draft_tokens", "max_ngram") + HISTORY_SETTINGS)
-
-
-_BEAM = ("num_beams", "length_penalty", "early_stopping")
-
-
-def _early(v: Any) -> Any:
-    """early_stopping from a flag or --set: true/false/never."""
-    if isinstance(v, str):
-        low = v.lower()
-        if low in ("true", "false"):
-            return low == "true"
-        return low
-    return v
-
-
-def _beam(lm, s, ctx):
-    from .decoding.beam import BeamSearch
-
-    return BeamSearch(lm, num_beams=s.get("num_beams", 4), length_penalty=s.get("length_penalty", 1.0),
-                      early_stopping=_early(s.get("early_stopping", False)),
-                      num_beam_groups=s.get("num_beam_groups", 1), diversity_penalty=s.get("diversity_penalty", 0.0),
-                      **{k: s[k] for k in HISTORY_SETTINGS if k in s}, **_options(s))
-
-
-def _diverse_beam(lm, s, ctx):
-    s = dict(s)
-    s.setdefault("num_beams", 4)
-    s.setdefault("num_beam_groups", 2 if s["num_beams"] % 2 == 0 else 1)
-    s.setdefault("diversity_penalty", 1.0)
-    return _beam(lm, s, ctx)
-
-
-def _beam_sample(lm, s, ctx):
-    from .decoding.beam import BeamSample
-
-    return BeamSample(lm, num_beams=s.get("num_beams", 4), length_penalty=s.get("length_penalty", 1.0),
-                      early_stopping=_early(s.get("early_stopping", False)),
-                      **{k: s[k] for k in SAMPLING_SETTINGS if k in s}, **_options(s))
-
-
-def _stochastic_beam(lm, s, ctx):
-    from .decoding.beam import StochasticBeamSearch
-
-    return StochasticBeamSearch(lm, num_beams=s.get("num_beams", 4), temperature=s.get("temperature", 1.0),
-                                **{k: s[k] for k in HISTORY_SETTINGS if k in s}, **_options(s))
-
-
-register("beam", _beam, "beam search, transformers-compatible: --num-beams K --length-penalty L --early-stopping; --n K returns the K best",
-         HISTORY_SETTINGS + _BEAM + ("num_beam_groups", "diversity_penalty"))
-register("diverse-beam", _diverse_beam, "diverse (group) beam search: --num-beam-groups G --diversity-penalty D (Vijayakumar et al. 2018)",
-         HISTORY_SETTINGS + _BEAM + ("num_beam_groups", "diversity_penalty"))
-register("beam-sample", _beam_sample, "beam sampling: candidates drawn from softmax of beam scores (transformers do_sample + num_beams)",
-         SAMPLING_SETTINGS + _BEAM)
-register("stochastic-beam", _stochastic_beam, "stochastic beam search: K samples without replacement via Gumbel-top-k (Kool et al. 2019)",
-         HISTORY_SETTINGS + ("num_beams", "temperature"))
-
-
-def _contrastive_search(lm, s, ctx):
-    from .decoding.search import ContrastiveSearch
-
-    return ContrastiveSearch(lm, top_k=s.get("top_k", 4) or 4, penalty_alpha=s.get("penalty_alpha", 0.6), **_options(s))
-
-
-def _best_first(lm, s, ctx):
-    from .decoding.search import BestFirstSearch
-
-    return BestFirstSearch(lm, expand=s.get("expand", 4), max_expansions=s.get("max_expansions", 256),
-                           lookahead=s.get("lookahead", 0), **_options(s))
-
-
-def _dola(lm, s, ctx):
+def _dola(lm, p, s, ctx):
     from .decoding.controlled import DoLa
 
     layers = s.get("dola_layers", "low")
     if isinstance(layers, str) and layers not in ("low", "high"):
-        layers = [int(x) for x in layers.split(",") if x.strip()]
-    return DoLa(lm, layers=layers, alpha=s.get("alpha", 0.1), sample=bool(s.get("sample", False)),
-                **_controlled_options(s, bool(s.get("sample", False))))
+        try:
+            layers = [int(x) for x in layers.split(",") if x.strip()]
+        except ValueError:
+            raise SettingError(f"dola_layers must be low, high or comma-separated layer numbers; got {layers!r}") from None
+    return DoLa(lm, layers=layers, **_given(s, alpha="alpha"), **_controlled(lm, p, s))
 
 
-register("contrastive-search", _contrastive_search,
-         "contrastive search: --top-k K --set penalty_alpha=A (Su et al. 2022)", ("top_k", "penalty_alpha"))
-register("best-first", _best_first,
-         "best-first search by sequence log-prob (exact MAP within --set max_expansions=N); --set expand=K lookahead=D",
-         ("expand", "max_expansions", "lookahead"))
-register("dola", _dola, "DoLa: contrast final and early layers, --set dola_layers=low|high|0,2 alpha=A (Chuang et al. 2024)",
-         _CONTROLLED + ("dola_layers", "alpha"))
+register(Strategy("contrastive", _contrastive, "contrastive decoding, expert --model vs --set amateur=NAME (Li et al. 2023)",
+                  ("amateur", "alpha", "beta", "sample"), ALL_ADAPTERS))
+register(Strategy("product", _product, "product of experts: --model and --set models=A,B with --set weights=w0,w1,w2",
+                  ("models", "weights", "sample"), ALL_ADAPTERS))
+register(Strategy("cfg", _cfg, "classifier-free guidance, --set guidance_scale=G --set negative_prompt=TEXT "
+                  "(Sanchez et al. 2023)", ("guidance_scale", "negative_prompt", "sample"), ALL_ADAPTERS))
+register(Strategy("dola", _dola, "DoLa: contrast final and early layers, --set dola_layers=low|high|0,2 alpha=A "
+                  "(Chuang et al. 2024)", ("dola_layers", "alpha", "sample"), ALL_ADAPTERS))
 
 
-def _reward_guided(lm, s, ctx):
+# -- speculative decoding -------------------------------------------------------------------
+def _speculative(lm, p, s, ctx):
+    from .decoding.speculative import Speculative
+
+    name = s.get("draft_model", "arith-draft")
+    draft = "ngram" if name == "ngram" else _load(name, "--draft-model")
+    return Speculative(lm, draft, **_given(s, num_draft_tokens="num_draft_tokens", max_ngram="max_ngram"),
+                       **_token_level(lm, p, s, adapters=False),
+                       **{k: v for k, v in p.changed("adapter").items() if k != "temperature"},
+                       temperature=p.temperature)
+
+
+register(Strategy("speculative", _speculative,
+                  "speculative decoding, lossless (Leviathan et al. 2023): --set draft_model=NAME or ngram (prompt "
+                  "lookup); num_draft_tokens=K or auto; temperature 0 = greedy",
+                  ("draft_model", "num_draft_tokens", "max_ngram"), ("temperature", "top_k", "top_p", "min_p"),
+                  options=("stop", "stop_token_ids", "ignore_eos")))
+
+
+# -- the beam family ------------------------------------------------------------------------
+_BEAM = dict(num_beams="num_beams", length_penalty="length_penalty", early_stopping="early_stopping")
+
+
+def _early(v: Any) -> Any:
+    """early_stopping from a flag or --set: true/false/never."""
+    if isinstance(v, str) and v.lower() == "never":
+        return "never"
+    return _bool(v, "early_stopping")
+
+
+def _beam_settings(s: dict[str, Any]) -> dict[str, Any]:
+    out = _given(s, **_BEAM)
+    if "early_stopping" in out:
+        out["early_stopping"] = _early(out["early_stopping"])
+    return out
+
+
+def _beam(lm, p, s, ctx):
+    from .decoding.beam import BeamSearch
+
+    return BeamSearch(lm, **_beam_settings(s), **_given(s, num_beam_groups="num_beam_groups",
+                                                          diversity_penalty="diversity_penalty"),
+                      **_token_level(lm, p, s, adapters=False))
+
+
+def _diverse_beam(lm, p, s, ctx):
+    from .decoding.beam import DiverseBeamSearch
+
+    return DiverseBeamSearch(lm, **_beam_settings(s), **_given(s, num_beam_groups="num_beam_groups",
+                                                                 diversity_penalty="diversity_penalty"),
+                             **_token_level(lm, p, s, adapters=False))
+
+
+def _beam_sample(lm, p, s, ctx):
+    from .decoding.beam import BeamSample
+
+    return BeamSample(lm, **_beam_settings(s), **_token_level(lm, p, s))
+
+
+def _stochastic_beam(lm, p, s, ctx):
+    from .decoding.beam import StochasticBeamSearch
+
+    return StochasticBeamSearch(lm, **_given(s, num_beams="num_beams"), **_token_level(lm, p, s))
+
+
+_BEAM_OPTIONS = ("stop", "stop_token_ids", "ignore_eos")
+register(Strategy("beam", _beam, "beam search, transformers-compatible: --num-beams K --length-penalty L "
+                  "--early-stopping; --n K returns the K best",
+                  tuple(_BEAM) + ("num_beam_groups", "diversity_penalty"), options=_BEAM_OPTIONS, constraint=True))
+register(Strategy("diverse-beam", _diverse_beam, "diverse (group) beam search: --num-beam-groups G "
+                  "--diversity-penalty D (Vijayakumar et al. 2018)",
+                  tuple(_BEAM) + ("num_beam_groups", "diversity_penalty"), options=_BEAM_OPTIONS, constraint=True))
+register(Strategy("beam-sample", _beam_sample, "beam sampling: candidates drawn from softmax of beam scores "
+                  "(transformers do_sample + num_beams)", tuple(_BEAM), ALL_ADAPTERS[:8], options=_BEAM_OPTIONS,
+                  constraint=True))
+register(Strategy("stochastic-beam", _stochastic_beam, "stochastic beam search: K samples without replacement via "
+                  "Gumbel-top-k (Kool et al. 2019)", ("num_beams",), ("temperature",), options=_BEAM_OPTIONS,
+                  constraint=True))
+
+
+# -- search over tokens ---------------------------------------------------------------------
+def _contrastive_search(lm, p, s, ctx):
+    from .decoding.search import ContrastiveSearch
+
+    return ContrastiveSearch(lm, **({"top_k": p.top_k} if p.top_k else {}),
+                             **_given(s, penalty_alpha="penalty_alpha"), **p.options())
+
+
+def _best_first(lm, p, s, ctx):
+    from .decoding.search import BestFirstSearch
+
+    return BestFirstSearch(lm, **_given(s, expand="expand", max_expansions="max_expansions", lookahead="lookahead"),
+                           **p.options())
+
+
+_SEARCH_OPTIONS = ("stop", "stop_token_ids", "ignore_eos")
+register(Strategy("contrastive-search", _contrastive_search, "contrastive search: --top-k K --set penalty_alpha=A "
+                  "(Su et al. 2022)", ("penalty_alpha",), ("top_k",), history=False, options=_SEARCH_OPTIONS))
+register(Strategy("best-first", _best_first, "best-first search by sequence log-prob (exact MAP within --set "
+                  "max_expansions=N); --set expand=K lookahead=D", ("expand", "max_expansions", "lookahead"),
+                  history=False, options=_SEARCH_OPTIONS))
+
+
+# -- reward-guided decoding -----------------------------------------------------------------
+def _reward_guided(lm, p, s, ctx):
     from .decoding.guided import RewardGuidance, reward_prefix_scorer
+    from .processor import Chain
 
-    guide = RewardGuidance(reward_prefix_scorer(ctx.reward_model), top_k=s.get("guide_top_k", 8), weight=s.get("weight", 1.0))
-    sample = bool(s.get("sample", False))
-    base = {k: v for k, v in s.items() if k not in ("guide_top_k", "weight", "sample")}
-    gen = _sample(lm, base, ctx) if sample else _greedy(lm, {k: v for k, v in base.items() if k not in ADAPTER_SETTINGS}, ctx)
-    from .decoding.processors import Chain
-
+    guide = RewardGuidance(reward_prefix_scorer(ctx.reward_model), **_given(s, top_k="guide_top_k", weight="weight"))
+    sample = _bool(s.get("sample", False), "sample")
+    if not sample and p.changed("adapter"):
+        raise SettingError(f"{_flags(list(p.changed('adapter')))} apply when sampling; add --set sample=true")
+    gen = _sample(lm, p, s, ctx) if sample else _greedy(lm, p, s, ctx)
     gen.processors = Chain(guide, gen.processors)  # the guide sees raw logits, adapters act after it
     return gen
 
 
-def _smc(lm, s, ctx):
+def _smc(lm, p, s, ctx):
     from .decoding.guided import SMC, reward_prefix_scorer
 
-    return SMC(lm, reward_prefix_scorer(ctx.reward_model), num_particles=s.get("particles", 16),
-               boundary=s.get("boundary", "line"), every=s.get("every", 8), ess_threshold=s.get("ess_threshold", 0.5),
-               temperature=s.get("temperature", 1.0), **_options(s))
+    return SMC(lm, reward_prefix_scorer(ctx.reward_model),
+               **_given(s, num_particles="particles", boundary="boundary", every="every", ess_threshold="ess_threshold"),
+               temperature=p.temperature if p.temperature else 1.0, **p.options())
 
 
-register("reward-guided", _reward_guided,
-         "reward-guided token decoding (FUDGE): --reward-model scores the top --set guide_top_k=K tokens, --set weight=W",
-         SAMPLING_SETTINGS + ("guide_top_k", "weight", "sample"), needs=("reward_model",))
-register("smc", _smc, "sequential Monte Carlo steering towards p·reward (Lew et al. 2023): --set particles=N ess_threshold=E",
-         ("particles", "boundary", "every", "ess_threshold", "temperature"), needs=("reward_model",))
+register(Strategy("reward-guided", _reward_guided, "reward-guided token decoding (FUDGE): --reward-model scores the "
+                  "top --set guide_top_k=K tokens, --set weight=W", ("guide_top_k", "weight", "sample"), ALL_ADAPTERS,
+                  constraint=True, needs=("reward_model",)))
+register(Strategy("smc", _smc, "sequential Monte Carlo steering towards p·reward (Lew et al. 2023): --set particles=N "
+                  "ess_threshold=E", ("particles", "boundary", "every", "ess_threshold"), ("temperature",),
+                  history=False, options=("stop_token_ids", "ignore_eos"), needs=("reward_model",)))

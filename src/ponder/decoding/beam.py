@@ -289,6 +289,7 @@ class BeamSearch(TokenGenerator):
         extra = [processors] if isinstance(processors, Chain) else list(processors or ())
         chain_ = self._make_chain(lm, options, extra, settings)
         super().__init__(lm, pick=pick_greedy, processors=chain_, **options)
+        self.options.refuse(self.strategy, "token_healing")  # beams run their own loop, without healing
         self.num_beams = num_beams
         self.length_penalty = float(length_penalty)
         self.early_stopping = early_stopping
@@ -330,6 +331,22 @@ class BeamSearch(TokenGenerator):
 
         for i, g in enumerate(self.generate(prompt, n, seed)):
             yield StreamEvent(i, None, g.text, g)
+
+
+class DiverseBeamSearch(BeamSearch):
+    """Diverse (group) beam search (Vijayakumar et al., 2018): beam search whose beams
+    form groups that decode in turn, a token chosen by an earlier group at a step
+    losing ``diversity_penalty`` per use. Defaults: 2 groups (1 for an odd number of
+    beams) and a penalty of 1."""
+
+    strategy = "diverse-beam"
+
+    def __init__(self, lm: Any, num_beams: int = 4, num_beam_groups: int | None = None,
+                 diversity_penalty: float = 1.0, **settings: Any) -> None:
+        if num_beam_groups is None:
+            num_beam_groups = 2 if isinstance(num_beams, int) and num_beams % 2 == 0 else 1
+        super().__init__(lm, num_beams=num_beams, num_beam_groups=num_beam_groups,
+                         diversity_penalty=diversity_penalty, **settings)
 
 
 class BeamSample(BeamSearch):

@@ -48,6 +48,12 @@ class Options:
             if not isinstance(t, int) or isinstance(t, bool) or t < 0:
                 raise SettingError(f"stop_token_ids must be token ids >= 0; got {t!r}")
 
+    def refuse(self, who: str, *names: str) -> None:
+        """A SettingError if any of these options is set: ``who`` cannot honour it."""
+        for k in names:
+            if getattr(self, k) != getattr(Options, k):
+                raise SettingError(f"{who} does not take {k}={getattr(self, k)!r}")
+
     def within(self, lm: Any, prompt_len: int) -> "Options":
         """These options with ``max_tokens`` lowered to what the model's context leaves
         after a prompt of ``prompt_len`` tokens (generation then ends with "length")."""
@@ -111,11 +117,12 @@ def encode_prompt(lm: Any, prompt: str | Sequence[int]) -> list[int]:
 
 
 def check_seed(seed: Any) -> None:
-    """A seed is None or an integer in [0, 2**63 - 1]: larger seeds would wrap onto others."""
+    """A seed is None or an integer in [0, 2**63 - 2]: every seed there gives its own
+    streams (larger ones would wrap onto smaller ones)."""
     if seed is None:
         return
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
-        raise SettingError(f"seed must be an integer in [0, {MAX_SEED}] or None; got {seed!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < MAX_SEED:
+        raise SettingError(f"seed must be an integer in [0, {MAX_SEED - 1}] or None; got {seed!r}")
 
 
 def decode_loop(

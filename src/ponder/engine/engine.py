@@ -44,7 +44,7 @@ from ..processor import Chain
 from ..types import Generation, Usage
 from .stopping import IncrementalDetokenizer, StopStringMatcher
 
-MAX_SEED = 2**63 - 1
+from ..params import MAX_SEED  # noqa: E402 (seeds are in [0, MAX_SEED))
 DRAW_BLOCK = 64  # uniform draws taken from a sample's generator at a time
 
 

@@ -97,7 +97,7 @@ class MajorityVote(SampleThenAggregate):
 class BestOfN(SampleThenAggregate):
     """``scorer(prompt, completions) -> list[(score, Usage)]`` rates the samples."""
 
-    strategy = "best_of_n"
+    strategy = "best-of-n"
 
     def __init__(self, generator: Any, scorer: Any, n: int = 16) -> None:
         _check_n(n)

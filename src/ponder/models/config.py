@@ -49,6 +49,14 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive integer; got {v!r}")
+        for t in self.eos_ids + [x for x in (self.bos_token_id, self.pad_token_id) if x is not None]:
+            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size:
+                raise ValueError(f"special token ids (eos, bos, pad) must be in [0, {self.vocab_size}); got {t!r}")
         if self.hidden_size % self.num_attention_heads and self.head_dim is None:
             raise ValueError("hidden_size must be divisible by num_attention_heads")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -125,11 +133,15 @@ class ModelConfig:
             if params.get("rope_type", params.get("type", "default")) != "default":
                 rope_scaling = params
         if rope_scaling is not None:
+            if not isinstance(rope_scaling, dict):
+                raise ValueError(f"rope_scaling must be an object; got {rope_scaling!r}")
             kind = rope_scaling.get("rope_type", rope_scaling.get("type"))
             if kind not in (None, "default", "llama3", "linear"):
                 raise ValueError(f"rope_scaling type {kind!r} is not supported (llama3, linear)")
             if kind in (None, "default"):
                 rope_scaling = None
+            elif not isinstance(rope_scaling.get("factor"), (int, float)) or rope_scaling["factor"] <= 0:
+                raise ValueError(f"rope_scaling of type {kind} needs a positive factor; got {rope_scaling.get('factor')!r}")
         archs = d.get("architectures") or ["LlamaForCausalLM"]
         is_qwen = model_type == "qwen2"
         L = d["num_hidden_layers"]
@@ -233,7 +245,7 @@ def rope_inv_freq(cfg: ModelConfig) -> "torch.Tensor":  # noqa: F821
     if not sc:
         return inv
     kind = sc.get("rope_type", sc.get("type"))
-    factor = float(sc["factor"])
+    factor = float(sc["factor"])  # checked at load (from_dict)
     if kind == "linear":
         return inv / factor
     # Llama 3: leave high frequencies alone, divide low frequencies by `factor`,

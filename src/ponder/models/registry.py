@@ -5,6 +5,8 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
+from ..errors import CheckpointError
+
 SHIPPED = {
     "arith": "target model for the arith task",
     "arith-draft": "draft model for arith (speculative and contrastive decoding)",
@@ -31,7 +33,5 @@ def resolve_model(name_or_path: str) -> tuple[Path, str]:
         return p, p.name
     known = ", ".join(shipped) or "(none installed)"
     if p.exists():
-        raise ValueError(f"--model {name_or_path!r}: the folder has no config.json; give a Hugging Face checkpoint folder")
-    raise ValueError(
-        f"--model {name_or_path!r} is neither a shipped model ({known}) nor a local checkpoint folder"
-    )
+        raise CheckpointError(f"{name_or_path!r} has no config.json; give a Hugging Face checkpoint folder")
+    raise CheckpointError(f"{name_or_path!r} is neither a shipped model ({known}) nor a local checkpoint folder")

@@ -25,6 +25,7 @@ import torch
 
 from ..models.loader import load_tokenizer, load_transformer
 from ..models.llama import Transformer
+from ..errors import SettingError
 from ..types import Usage
 
 # The final answer line is read by the outcome score, not as a step.
@@ -34,7 +35,8 @@ _ANSWER_LINE = re.compile(r"^\s*(answer\b|####)", re.IGNORECASE)
 class RewardModel:
     def __init__(self, model: Transformer, tokenizer, name: str = "reward") -> None:
         if not model.cfg.is_reward_model:
-            raise ValueError(f"{name} is not a reward model: its config has no scalar head (num_labels)")
+            raise SettingError(f"{name} is not a reward model: its config has no scalar head (num_labels); "
+                               "give a token-classification checkpoint such as arith-reward")
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.eos = model.cfg.eos_ids[0]
 

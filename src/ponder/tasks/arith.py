@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from ..errors import SettingError
 from .base import Problem
 
 HELD_OUT_MODULUS = 16
@@ -198,9 +199,11 @@ class ArithTask:
         return Path(str(resources.files("ponder.tasks") / "data" / f"arith_{level}.jsonl"))
 
     def problems(self, level: str | None = None, limit: int | None = None) -> list[Problem]:
-        level = level or "hard"
+        level = "hard" if level is None else level
         if level not in LEVELS:
-            raise ValueError(f"level must be one of {', '.join(LEVELS)}; got {level!r}")
+            raise SettingError(f"level must be one of {', '.join(LEVELS)}; got {level!r}")
+        if limit is not None and (not isinstance(limit, int) or limit < 1):
+            raise SettingError(f"limit must be an integer >= 1; got {limit!r}")
         path = self._data_path(level)
         if path.exists():
             rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from ..errors import SettingError
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -59,11 +61,30 @@ class JsonlTask:
         self.prompt_template = prompt_template
 
     def problems(self, level: str | None = None, limit: int | None = None) -> list[Problem]:
-        rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        if level is not None:
+            raise SettingError(f"a JSONL task has no levels; got level {level!r}")
+        if limit is not None and (not isinstance(limit, int) or limit < 1):
+            raise SettingError(f"limit must be an integer >= 1; got {limit!r}")
+        try:
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise SettingError(f"task file {self.path}: cannot be read ({e})") from None
         out = []
-        for i, r in enumerate(rows):
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SettingError(f"task file {self.path}, line {n}: not JSON ({e.msg})") from None
+            missing = [k for k in ("question", "answer") if not isinstance(r, dict) or k not in r]
+            if missing:
+                raise SettingError(f"task file {self.path}, line {n}: a row needs the fields question and answer; "
+                                   f"missing {', '.join(missing)}")
             ans = self.extract_answer(str(r["answer"])) or str(r["answer"]).strip()
-            out.append(Problem(id=str(r.get("id", i)), question=r["question"], answer=ans, meta=r))
+            out.append(Problem(id=str(r.get("id", len(out))), question=str(r["question"]), answer=ans, meta=r))
+        if not out:
+            raise SettingError(f"task file {self.path} holds no problems")
         return out[:limit] if limit else out
 
     def prompt(self, problem: Problem) -> str:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..models.llama import Transformer
 from ..models.loader import load_tokenizer, load_transformer
-from ..models.native import NativeLM
+from ..backends.native import NativeLM
 from ..scoring.reward import RewardModel
 from ..tasks import arith
 from .common import Schedule, lr_at, save_checkpoint, training_record

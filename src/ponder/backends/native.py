@@ -7,11 +7,12 @@ from typing import Sequence
 
 import torch
 
+from ..errors import SettingError
 from ..protocols import Access
-from .kv_cache import KVCache
-from .llama import Transformer
-from .llama_numpy import NumpyLlama
-from .loader import load_tokenizer, load_transformer
+from ..models.kv_cache import KVCache
+from ..models.llama import Transformer
+from ..models.llama_numpy import NumpyLlama
+from ..models.loader import load_tokenizer, load_transformer
 
 
 class NativeLM:
@@ -45,6 +46,9 @@ class NativeLM:
         self.name = name
         self.path = path
         self.cfg = model.cfg
+        if self.cfg.is_reward_model:
+            raise SettingError(f"{name} is a reward model (a token-classification head), not a language model: "
+                               "it cannot generate; load it as a reward model (--reward-model, RewardModel)")
         eos = list(self.cfg.eos_ids)
         self._eos = eos
 
@@ -52,7 +56,7 @@ class NativeLM:
     def from_pretrained(cls, name_or_path: str | Path, dtype: str | torch.dtype = "float32",
                         backend: str = "auto") -> "NativeLM":
         """Load a shipped model by name (``arith``) or a checkpoint folder by path."""
-        from .registry import resolve_model
+        from ..models.registry import resolve_model
 
         path, name = resolve_model(str(name_or_path))
         return cls(load_transformer(path, dtype), load_tokenizer(path), name=name, path=str(path), backend=backend)
@@ -156,7 +160,7 @@ class NativeLM:
     def _make_fast(self) -> NumpyLlama:
         if self.backend == "numpy":
             return NumpyLlama(self.model)
-        from .llama_c import CLlama, kernel_error, load_kernel
+        from ..models.llama_c import CLlama, kernel_error, load_kernel
 
         small = self.num_parameters() <= self.C_MAX_PARAMETERS
         lib = load_kernel() if (small or self.backend == "c") else None
