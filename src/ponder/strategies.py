@@ -81,7 +81,7 @@ def build(name: str, lm: Any, params: SamplingParams | None = None, settings: di
         raise SettingError(f"--strategy {name} does not take {_flags(options)}")
     settings = {k: v for k, v in (settings or {}).items() if v is not None}
     given = {k: settings.pop(k) for k in CONSTRAINT_SETTINGS if k in settings}
-    if any(given.values()):
+    if given:  # an empty pattern is an error, not "no constraint"
         if not st.constraint:
             raise SettingError(f"--strategy {name} does not take a constraint (--json-schema, --regex, --grammar, --choice)")
         from .decoding.constraints import Grammar
@@ -127,15 +127,13 @@ def _bool(v: Any, name: str) -> bool:
 
 def _load(name: Any, role: str, kind: str = "causal-lm") -> Any:
     from .backends.native import NativeLM
-    from .errors import CheckpointError
 
     if not isinstance(name, str) or not name:
         raise SettingError(f"{role} must be a model name or a checkpoint folder; got {name!r}")
     try:
-        lm = NativeLM.from_pretrained(name)
-    except CheckpointError as e:
+        return NativeLM.from_pretrained(name)
+    except SettingError as e:  # say which of the command's models it was
         raise SettingError(f"{role}: {e}") from None
-    return lm
 
 
 def _floats(v: Any, name: str) -> list[float]:

@@ -48,7 +48,7 @@ class NativeLM:
         self.cfg = model.cfg
         if self.cfg.is_reward_model:
             raise SettingError(f"{name} is a reward model (a token-classification head), not a language model: "
-                               "it cannot generate; load it as a reward model (--reward-model, RewardModel)")
+                               "it cannot generate; load it as a reward model (RewardModel)")
         eos = list(self.cfg.eos_ids)
         self._eos = eos
 

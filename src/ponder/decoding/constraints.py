@@ -136,9 +136,12 @@ class Grammar:
     @classmethod
     def from_settings(cls, lm: Any, json_schema=None, regex=None, grammar=None, choice=None) -> "Grammar | None":
         given = [(k, v) for k, v in (("json_schema", json_schema), ("regex", regex), ("grammar", grammar),
-                                     ("choice", choice)) if v]
+                                     ("choice", choice)) if v is not None]
         if not given:
             return None
+        for k, v in given:
+            if isinstance(v, (str, list, tuple)) and not v:
+                raise SettingError(f"{k} is empty; give a non-empty {k.replace('_', ' ')} or leave it out")
         if len(given) > 1:
             raise SettingError(f"give one constraint, not {' and '.join(k for k, _ in given)}")
         kind, value = given[0]
