@@ -153,7 +153,7 @@ class SamplingParams:
     def options(self) -> dict[str, Any]:
         """Stops and lengths, as the token-level generators' keyword arguments."""
         out: dict[str, Any] = {"max_tokens": self.max_tokens}
-        for k in ("stop", "stop_token_ids", "ignore_eos", "token_healing"):
+        for k in ("stop", "stop_token_ids", "ignore_eos", "token_healing", "logprobs"):
             if getattr(self, k) != self.default(k):
                 out[k] = list(getattr(self, k)) if isinstance(getattr(self, k), tuple) else getattr(self, k)
         return out

@@ -1,23 +1,39 @@
 """The small protocols everything else is written against. Imports nothing heavy.
 
-* ``LanguageModel``: a backend, with an explicit ``access`` level that algorithms check
-  up front (``require_access``), so that an algorithm that needs logits fails clearly on
-  a text-only backend instead of deep inside a loop.
-* ``Generator``: prompt in, ``Generation``s out. Async first (``agenerate``), so that a
-  meta-generator written as plain async code can issue many concurrent requests that
-  an engine batches; ``generate`` is the synchronous convenience.
-* ``Processor``: ``(tokens, logits) -> logits``, batched. Optional ``accept`` /
-  ``fork`` / ``rollback`` / ``reset`` for stateful processors (the llama.cpp sampler
-  chain contract).
+Backends, by capability (each algorithm declares the lowest level it needs):
+
+* ``TextLM``: ``async generate(prompts, params) -> list[list[Generation]]``: text in,
+  ``params.n`` generations out per prompt, honouring ``stop``, ``seed`` and
+  ``max_tokens``. What any OpenAI-compatible server gives. Majority vote, best-of-N and
+  step-level search need only this for their policy.
+* ``LogprobsLM``: a ``TextLM`` whose generations also carry top-k log-probabilities
+  of their tokens (``params.logprobs``), plus prompt scoring: the log-probability of
+  each token of a continuation given a prompt (``score``).
+* ``LogitsLM``: the full next-token distribution and a KV cache: ``prefill`` /
+  ``step`` / ``forward`` / ``new_cache`` / ``flops`` over a ``Cache`` (``fork``,
+  ``reorder_``, ``truncate_``, ``keep_rows_``). Beam search, the logits processors,
+  speculative decoding and controlled generation need it.
+
+``access`` names the highest level a backend gives (``Access``); ``require_access``
+fails early, naming the level an algorithm needs. ponder's ``NativeLM`` with its
+engine implements all three.
+
+Generators (``Generator``): prompt in, ``Generation``s out; async first
+(``agenerate``), so that a meta-generator written as plain async code can issue many
+concurrent requests that an engine batches.
 """
 
 from __future__ import annotations
 
 import asyncio
 from enum import IntEnum
-from typing import Any, AsyncIterator, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Protocol, Sequence, runtime_checkable
 
+from .processor import Processor  # noqa: F401 (the processor contract, re-exported)
 from .types import Generation
+
+if TYPE_CHECKING:
+    from .params import SamplingParams
 
 
 class Access(IntEnum):
@@ -25,7 +41,7 @@ class Access(IntEnum):
 
     TEXT = 1  # sampling only (a chat API without logprobs)
     LOGPROBS = 2  # top-k logprobs per token and prompt scoring (OpenAI-compatible servers)
-    LOGITS = 3  # full next-token logits and hidden states (native engine, transformers)
+    LOGITS = 3  # full next-token logits and a KV cache (native engine, transformers)
 
 
 class AccessError(TypeError):
@@ -33,34 +49,107 @@ class AccessError(TypeError):
 
 
 @runtime_checkable
-class LanguageModel(Protocol):
+class TextLM(Protocol):
+    """Level 1: sampling text."""
+
     name: str
     access: Access
+
+    async def generate(self, prompts: Sequence[str], params: "SamplingParams") -> list[list[Generation]]: ...
+
+
+@runtime_checkable
+class LogprobsLM(TextLM, Protocol):
+    """Level 2: text plus top-k log-probabilities of generated tokens and prompt scoring."""
+
+    async def score(self, prompt: str, continuations: Sequence[str]) -> list[list[float]]:
+        """log p(token | prompt, earlier tokens) for every token of each continuation."""
+        ...
+
+
+@runtime_checkable
+class Cache(Protocol):
+    """A batch of per-row KV caches that token-level algorithms reshape."""
+
+    def fork(self, rows: Any) -> "Cache":
+        """A new cache whose row i copies row ``rows[i]`` (samples from one prompt)."""
+        ...
+
+    def reorder_(self, rows: Any) -> None:
+        """In place: row i becomes old row ``rows[i]`` (beams)."""
+        ...
+
+    def truncate_(self, n: Any) -> None:
+        """In place: drop the last ``n`` tokens (per row if ``n`` is a tensor; speculation)."""
+        ...
+
+    def keep_rows_(self, rows: Any) -> None:
+        """In place: keep only these rows (finished requests leave the batch)."""
+        ...
+
+
+@runtime_checkable
+class LogitsLM(Protocol):
+    """Level 3: next-token logits over a KV cache."""
+
+    name: str
+    access: Access
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def eos_token_ids(self) -> list[int]: ...
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
 
     def decode(self, ids: Sequence[int]) -> str: ...
 
-    @property
-    def eos_token_ids(self) -> list[int]: ...
+    def new_cache(self, batch_size: int, capacity: int = 256) -> Cache: ...
+
+    def prefill(self, prompts: Sequence[Sequence[int]], capacity: int | None = None,
+                cache: Cache | None = None) -> tuple[Any, Cache]:
+        """Last-token logits [B, V] of prompts of different lengths, and their cache."""
+        ...
+
+    def step(self, tokens: Any, cache: Cache) -> Any:
+        """One decode step: tokens [B] -> next-token logits [B, V]."""
+        ...
+
+    def forward(self, input_ids: Any, cache: Cache | None, num_new: Any = None, last_only: bool = False) -> Any:
+        """Logits [B, T, V] for new tokens appended to each row of ``cache``."""
+        ...
+
+    def flops(self, n_tokens: int, context_start: int) -> float:
+        """Forward FLOPs for ``n_tokens`` new tokens after ``context_start`` ones."""
+        ...
+
+
+# The protocol each level's backend must satisfy.
+LEVELS = {Access.TEXT: TextLM, Access.LOGPROBS: LogprobsLM, Access.LOGITS: LogitsLM}
 
 
 def require_access(model: Any, needed: Access, algorithm: str) -> None:
+    """Fail early, naming the level ``algorithm`` needs, if ``model`` does not give it."""
     have = getattr(model, "access", Access.TEXT)
+    name = getattr(model, "name", model)
     if have < needed:
-        raise AccessError(
-            f"{algorithm} needs {needed.name.lower()} access, but model "
-            f"{getattr(model, 'name', model)!r} only gives {Access(have).name.lower()}; "
-            f"use a native or transformers backend"
-        )
+        raise AccessError(f"{algorithm} needs {needed.name.lower()} access, but model {name!r} only gives "
+                          f"{Access(have).name.lower()}; use a native or transformers backend")
+    proto = LEVELS[needed]
+    if not isinstance(model, proto):
+        missing = sorted(m for m in _members(proto) if not hasattr(model, m))
+        raise AccessError(f"{algorithm} needs {needed.name.lower()} access: model {name!r} declares it but lacks "
+                          f"{', '.join(missing)} of the {proto.__name__} protocol")
 
 
-@runtime_checkable
-class Processor(Protocol):
-    """``tokens``: [B, T] history (prompt + generated), left-padded with -1 so every
-    row ends at the last column; ``logits``: [B, V]. Returns new logits [B, V]."""
+def _members(proto: type) -> set[str]:
+    attrs = getattr(proto, "__protocol_attrs__", None)
+    if attrs is None:  # Python < 3.12
+        import typing
 
-    def __call__(self, tokens: Any, logits: Any) -> Any: ...
+        attrs = typing._get_protocol_attrs(proto)  # type: ignore[attr-defined]
+    return set(attrs)
 
 
 class Generator(Protocol):

@@ -19,7 +19,7 @@ from .params import SamplingParams
 
 ALL_ADAPTERS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon", "eta", "top_n_sigma", "mirostat",
                 "mirostat_tau", "mirostat_eta")
-ALL_OPTIONS = ("stop", "stop_token_ids", "ignore_eos", "token_healing")
+ALL_OPTIONS = ("stop", "stop_token_ids", "ignore_eos", "token_healing", "logprobs")
 # Constraints, given by name on the CLI; a strategy takes them if it says so.
 CONSTRAINT_SETTINGS = ("json_schema", "regex", "grammar", "choice")
 

@@ -72,6 +72,9 @@ class Generation:
     usage: Usage = field(default_factory=Usage)
     score: float | None = None
     stop: str | int | None = None  # the stop string or stop token that ended it
+    # with SamplingParams.logprobs = k: each generated token's k most likely tokens
+    # under the model (before sampling adapters), {token id: log-probability}
+    top_logprobs: list[dict[int, float]] | None = None
     trace: list["Generation"] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -88,6 +91,8 @@ class Generation:
         }
         if self.logprobs is not None:
             d["logprobs"] = [round(x, 6) for x in self.logprobs]
+        if self.top_logprobs is not None:
+            d["top_logprobs"] = [{str(k): round(v, 6) for k, v in t.items()} for t in self.top_logprobs]
         if self.score is not None:
             d["score"] = self.score
         if self.stop is not None:

@@ -1,18 +1,28 @@
-"""``NativeLM``: ponder's own engine behind the ``LanguageModel`` protocol (logits access)."""
+"""``NativeLM``: ponder's own transformer, at every access level.
+
+``LogitsLM`` (``prefill`` / ``step`` / ``forward`` / ``new_cache`` / ``flops``) is the
+model itself; ``TextLM`` and ``LogprobsLM`` (``generate``, ``score``) run its engine's
+token-level sampler, so that an algorithm written for a remote text-only server runs
+here unchanged.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from ..errors import SettingError
-from ..protocols import Access
 from ..models.kv_cache import KVCache
 from ..models.llama import Transformer
 from ..models.llama_numpy import NumpyLlama
 from ..models.loader import load_tokenizer, load_transformer
+from ..protocols import Access
+
+if TYPE_CHECKING:
+    from ..params import SamplingParams
+    from ..types import Generation
 
 
 class NativeLM:
@@ -227,9 +237,33 @@ class NativeLM:
         """One decode step: tokens [B] -> next-token logits [B, V]."""
         return self.forward(tokens[:, None], cache)[:, 0]
 
+    # -- TextLM and LogprobsLM ------------------------------------------------------------------
+    async def generate(self, prompts: Sequence[str], params: "SamplingParams | None" = None) -> list[list["Generation"]]:
+        """``params.n`` generations per prompt from the model's engine (greedy at
+        temperature 0), with ``top_logprobs`` when ``params.logprobs`` > 0. Every prompt
+        joins the running batch; cancelling the call withdraws them."""
+        from ..params import SamplingParams
+
+        params = params or SamplingParams()
+        # The sampler (processor chain, picks) is the decoding layer's: the one place this
+        # backend reaches up, so that the native model is a TextLM like a remote server.
+        from ..decoding.generate import generator_for
+
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        return await generator_for(self, params).agenerate_many(list(prompts), n=params.n, seed=params.seed)
+
+    async def score(self, prompt: str, continuations: Sequence[str]) -> list[list[float]]:
+        """log p(token | prompt, earlier tokens) for every token of each continuation."""
+        import asyncio
+
+        prompt_ids = self.encode(prompt)
+        conts = [self.encode(c, add_special_tokens=False) for c in continuations]
+        return await asyncio.to_thread(lambda: [self.score_ids(prompt_ids, c) if c else [] for c in conts])
+
     @torch.inference_mode()
-    def score(self, prompt_ids: Sequence[int], continuation_ids: Sequence[int]) -> list[float]:
-        """Log-probabilities of each continuation token given the prompt (SL access)."""
+    def score_ids(self, prompt_ids: Sequence[int], continuation_ids: Sequence[int]) -> list[float]:
+        """Log-probabilities of each continuation token given the prompt."""
         ids = torch.tensor([list(prompt_ids) + list(continuation_ids)])
         logits = self.forward(ids, None)[0]
         lp = logits.log_softmax(-1)

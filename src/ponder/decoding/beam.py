@@ -289,7 +289,7 @@ class BeamSearch(TokenGenerator):
         extra = [processors] if isinstance(processors, Chain) else list(processors or ())
         chain_ = self._make_chain(lm, options, extra, settings)
         super().__init__(lm, pick=pick_greedy, processors=chain_, **options)
-        self.options.refuse(self.strategy, "token_healing")  # beams run their own loop, without healing
+        self.options.refuse(self.strategy, "token_healing", "logprobs")  # beams run their own loop
         self.num_beams = num_beams
         self.length_penalty = float(length_penalty)
         self.early_stopping = early_stopping

@@ -104,6 +104,18 @@ class CombinedLM:
     def step(self, tokens: torch.Tensor, cache: CompositeCache) -> torch.Tensor:
         return self.combine([m.step(tokens, c) for m, c in zip(self.members, cache.caches)])
 
+    def new_cache(self, batch_size: int, capacity: int = 256) -> CompositeCache:
+        return CompositeCache([m.new_cache(batch_size, capacity) for m in self.members])
+
+    def forward(self, input_ids: torch.Tensor, cache: CompositeCache | None, num_new: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """Combined scores [B, T, V] ([B, V] with ``last_only``) of new tokens appended
+        to every member's cache (the members' own prompts come from ``prefill``)."""
+        caches = cache.caches if cache is not None else [None] * len(self.members)
+        outs = [m.forward(input_ids, c, num_new, last_only=last_only) for m, c in zip(self.members, caches)]
+        shape = outs[0].shape
+        return self.combine([o.reshape(-1, shape[-1]) for o in outs]).reshape(shape)
+
 
 def contrastive_scores(alpha: float = 0.1, beta: float = 1.0) -> Callable[[list[torch.Tensor]], torch.Tensor]:
     """Li et al. (2023), Contrastive Decoding: expert minus amateur log-probabilities on
@@ -240,6 +252,20 @@ class LayerContrastLM:
     def step(self, tokens: torch.Tensor, cache: Any) -> torch.Tensor:
         _, hidden = self.lm.forward(tokens[:, None], cache, output_hidden_states=True)
         return self.scores([h[:, -1] for h in hidden])
+
+    def new_cache(self, batch_size: int, capacity: int = 256) -> Any:
+        return self.lm.new_cache(batch_size, capacity)
+
+    def forward(self, input_ids: torch.Tensor, cache: Any, num_new: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """DoLa scores [B, T, V] ([B, V] with ``last_only``) of new tokens."""
+        _, hidden = self.lm.forward(input_ids, cache, num_new, output_hidden_states=True)
+        B, T = input_ids.shape
+        if last_only:
+            at = (num_new - 1) if num_new is not None else torch.full((B,), T - 1)
+            return self.scores([h[torch.arange(B), at] for h in hidden])
+        flat = self.scores([h.reshape(B * T, -1) for h in hidden])
+        return flat.reshape(B, T, -1)
 
 
 def DoLa(lm: Any, layers: str | Sequence[int] = "low", alpha: float = 0.1, sample: bool = False, **settings: Any):

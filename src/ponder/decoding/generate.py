@@ -23,7 +23,7 @@ from ..protocols import Access, GeneratorBase, require_access
 from ..types import Generation
 from .processors import ADAPTER_SETTINGS, HISTORY_SETTINGS, Chain, SettingError, make_processors
 
-OPTION_FIELDS = ("max_tokens", "stop", "stop_token_ids", "ignore_eos", "token_healing")  # the fields of Options
+OPTION_FIELDS = ("max_tokens", "stop", "stop_token_ids", "ignore_eos", "token_healing", "logprobs")  # the fields of Options
 
 
 @dataclass
@@ -35,6 +35,7 @@ class Options:
     stop_token_ids: Sequence[int] = ()
     ignore_eos: bool = False
     token_healing: bool = False  # back off the prompt's last token and re-spell it (see constraints.heal_prompt)
+    logprobs: int = 0  # record each generated token's k most likely alternatives (Generation.top_logprobs)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
@@ -47,6 +48,8 @@ class Options:
         for t in self.stop_token_ids:
             if not isinstance(t, int) or isinstance(t, bool) or t < 0:
                 raise SettingError(f"stop_token_ids must be token ids >= 0; got {t!r}")
+        if not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool) or not 0 <= self.logprobs <= 20:
+            raise SettingError(f"logprobs must be an integer in [0, 20]; got {self.logprobs!r}")
 
     def refuse(self, who: str, *names: str) -> None:
         """A SettingError if any of these options is set: ``who`` cannot honour it."""
@@ -152,7 +155,8 @@ def decode_loop(
             p, healed = heal_prompt(lm, p)
             if healed:
                 procs = Chain(PrefixConstraint(lm, [healed]), processors)
-        reqs.append(Request(p, n, pick, procs, options, seed, stream, index_base=i * n, healed=healed))
+        reqs.append(Request(p, n, pick, procs, options, seed, stream, index_base=i * n, healed=healed,
+                            top_logprobs=options.logprobs))
     yield from engine_for(lm).run(reqs, cancel)
 
 
@@ -328,6 +332,17 @@ class Sample(TokenGenerator):
         self.settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, **settings)
 
 
+
+
+def generator_for(lm: Any, params: Any) -> TokenGenerator:
+    """The token-level generator a ``SamplingParams`` describes: greedy decoding at
+    temperature 0, else sampling through its adapters; penalties, biases and stops
+    as given."""
+    params.check_for(lm.vocab_size)
+    settings = {**params.options(), **params.history(lambda w: lm.encode(w, add_special_tokens=False))}
+    if params.greedy:
+        return Greedy(lm, **settings)
+    return Sample(lm, **settings, **params.adapters())
 
 
 def _stops(lm: Any, options: dict[str, Any]) -> list[int]:

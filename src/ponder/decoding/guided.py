@@ -117,7 +117,7 @@ class SMC(GeneratorBase):
         self.lm, self.potential, self.N = lm, potential, num_particles
         self.boundary, self.every, self.ess_threshold, self.temperature = boundary, every, float(ess_threshold), float(temperature)
         self.options = Options(**options)
-        self.options.refuse("SMC", "stop", "token_healing")  # particles resample at step boundaries, not stop strings
+        self.options.refuse("SMC", "stop", "token_healing", "logprobs")  # particles resample at step boundaries, not stop strings
         self._newline_ids = {t for t in range(lm.vocab_size) if "\n" in lm.decode([t])}
 
     def run(self, prompt_ids: list[int], seed: int) -> tuple[list[Generation], torch.Tensor, Usage, int]:

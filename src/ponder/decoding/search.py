@@ -52,7 +52,7 @@ class ContrastiveSearch(TokenGenerator):
             raise SettingError(f"contrastive search does not take {', '.join(bad)}; it takes top_k, penalty_alpha, "
                                f"{', '.join(OPTION_FIELDS)}")
         super().__init__(lm, pick=pick_greedy, **options)
-        self.options.refuse(self.strategy, "token_healing")
+        self.options.refuse(self.strategy, "token_healing", "logprobs")
         self.top_k, self.alpha = top_k, float(penalty_alpha)
 
     def _one(self, ids: list[int]) -> Generation:
@@ -176,7 +176,7 @@ class BestFirstSearch(TokenGenerator):
         if bad:
             raise SettingError(f"best-first search does not take {', '.join(bad)}")
         super().__init__(lm, pick=pick_greedy, **options)
-        self.options.refuse(self.strategy, "token_healing")
+        self.options.refuse(self.strategy, "token_healing", "logprobs")
         self.expand, self.max_expansions, self.lookahead = expand, max_expansions, lookahead
         self.heuristic = heuristic or logprob_heuristic
 

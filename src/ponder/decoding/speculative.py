@@ -68,7 +68,7 @@ class Speculative(GeneratorBase):
         self.max_ngram = max_ngram
         self.greedy = temperature == 0
         self.options = Options(**options)
-        self.options.refuse("speculative decoding", "token_healing")
+        self.options.refuse("speculative decoding", "token_healing", "logprobs")
         stops = list(self.options.stop_token_ids) + ([] if self.options.ignore_eos else list(target.eos_token_ids))
         self.processors: Chain = make_processors(1.0 if self.greedy else temperature, top_k, top_p, min_p,
                                                  extra=processors, stop_token_ids=stops, **settings)

@@ -81,6 +81,7 @@ class _Row:
     detok: IncrementalDetokenizer | None
     ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top: list[dict[int, float]] | None = None  # the top-k log-probabilities at each token, when asked
     text: str = ""
     released: int = 0
     finish: str | None = None
@@ -92,7 +93,8 @@ class Request:
     """One prompt and its ``n`` samples, with everything that must not leak to others."""
 
     def __init__(self, prompt: Sequence[int], n: int, pick: Callable, processors: Chain, options: Any,
-                 seed: int | None, stream: bool = False, index_base: int = 0, healed: str = "") -> None:
+                 seed: int | None, stream: bool = False, index_base: int = 0, healed: str = "",
+                 top_logprobs: int = 0) -> None:
         self.prompt = list(prompt)
         self.n, self.pick, self.template, self.options = n, pick, processors, options
         self.seed = random_seed() if seed is None else seed
@@ -102,6 +104,7 @@ class Request:
         # caller) make the output re-spell it first, and the engine strips it from the text.
         self.healed = healed
         self.max_new = options.max_tokens  # lowered on submission to what the context leaves
+        self.top_logprobs = top_logprobs  # k: record each token's k most likely alternatives
         self.cancelled = False  # set by the caller's thread; the engine withdraws it at its next step
         self.outputs: list[Generation | None] = [None] * n
         self.events: collections.deque[StreamEvent] = collections.deque()
@@ -383,6 +386,18 @@ class Engine:
             r.reused = m
         return logits, cache
 
+    @staticmethod
+    def _record_top(r: Request, lg: torch.Tensor) -> None:
+        """Each live sample's k most likely tokens at this step (the model's own log-probabilities)."""
+        vals, ids = lg.log_softmax(-1).topk(r.top_logprobs, dim=-1)  # [P, k]
+        rows = range(lg.shape[0]) if len(r.samples) == lg.shape[0] else r.owner.tolist()
+        v, i = vals.tolist(), ids.tolist()
+        for s, p in zip(r.samples, rows):
+            row = r.rows[s]
+            if row.top is None:
+                row.top = []
+            row.top.append(dict(zip(i[p], v[p])))
+
     def _pick(self, r: Request, lg: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
         """Run the request's processors on its rows' logits lg [P, V] and pick one token
         per live sample: (tokens [samples], the model's log-probabilities of them)."""
@@ -416,6 +431,8 @@ class Engine:
             samples, rows = r.samples, r.rows
             try:
                 tokens, lp = self._pick(r, logits[start : start + P])
+                if r.top_logprobs:
+                    self._record_top(r, logits[start : start + P])
             except Exception as e:  # this request fails alone: its rows leave the batch
                 r.error = e
                 plans.append((r, start, {}, (), None))
@@ -584,7 +601,7 @@ class Engine:
         prompt_computed = len(r.prompt) - r.reused if first else 0
         gen_computed = row.computed  # samples that shared a row computed their common tokens once
         g = Generation(text=text, token_ids=row.ids, logprobs=row.logprobs, finish_reason=row.finish,  # type: ignore[arg-type]
-                       stop=row.stop)
+                       stop=row.stop, top_logprobs=row.top)
         g.usage = Usage(
             prompt_tokens=len(r.prompt),
             generated_tokens=len(row.ids),
