@@ -12,7 +12,8 @@ from ponder.decoding.adapters import (
     Epsilon, Eta, FrequencyPenalty, LogitBias, MinTokens, NoRepeatNGram, PresencePenalty,
     RepetitionPenalty, SequenceBias, TopNSigma, Typical, bad_words,
 )
-from ponder.decoding.processors import SettingError, chain, make_processors
+from ponder.decoding.adapters import make_processors
+from ponder.decoding.processors import SettingError, chain
 
 V = 40
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from ponder.decoding.generate import Greedy, Options, Sample, pick_greedy, pick_sample
-from ponder.decoding.processors import Chain, make_processors
+from ponder.decoding.adapters import make_processors
+from ponder.decoding.processors import Chain
 from ponder.engine.engine import Engine, Request, engine_for
 from ponder.engine.prefix_cache import RadixCache
 from ponder.backends.native import NativeLM

@@ -7,9 +7,8 @@ import math
 import pytest
 import torch
 
-from ponder.decoding.processors import (
-    Chain, MinP, SettingError, Temperature, TopK, TopP, chain, make_processors,
-)
+from ponder.decoding.adapters import make_processors
+from ponder.decoding.processors import Chain, MinP, SettingError, Temperature, TopK, TopP, chain
 
 NEG = float("-inf")
 

@@ -57,7 +57,7 @@ def test_speculative_sampling_reproduces_the_target_distribution(models, drafter
     for g in gens:
         counts[tuple(g.token_ids)] = counts.get(tuple(g.token_ids), 0) + 1
     # exact target law
-    from ponder.decoding.processors import make_processors
+    from ponder.decoding.adapters import make_processors
 
     proc = make_processors(top_k=4)
     p1 = proc(None, target.forward(torch.tensor([prompt]), None)[:, -1]).softmax(-1)[0]

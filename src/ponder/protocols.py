@@ -29,7 +29,7 @@ import asyncio
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any, AsyncIterator, Protocol, Sequence, runtime_checkable
 
-from .processor import Processor  # noqa: F401 (the processor contract, re-exported)
+from .processor import Processor  # noqa: F401 (the processor contract lives in processor.py)
 from .types import Generation
 
 if TYPE_CHECKING:

@@ -14,11 +14,11 @@ validated at construction, identity when the setting does nothing.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
-from .processors import NEG_INF, Processor, _check
+from .processors import NEG_INF, Chain, MinP, Processor, Temperature, TopK, TopP, _check
 
 
 class Typical(Processor):
@@ -384,3 +384,63 @@ class MirostatV1(MirostatV2):
         self._surprisal = -out.log_softmax(-1) / math.log(2)
         return out
 
+
+# -- the standard chain ------------------------------------------------------------------
+def make_processors(
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    extra: Sequence[Any] = (),
+    *,
+    typical_p: float = 1.0,
+    epsilon: float = 0.0,
+    eta: float = 0.0,
+    top_n_sigma: float = 0.0,
+    repetition_penalty: float = 1.0,
+    frequency_penalty: float = 0.0,
+    presence_penalty: float = 0.0,
+    no_repeat_ngram_size: int = 0,
+    logit_bias: dict[int, float] | None = None,
+    bad_words_ids: Sequence[Sequence[int]] = (),
+    min_tokens: int = 0,
+    mirostat_tau: float = 0.0,
+    mirostat_eta: float = 0.1,
+    mirostat_version: int = 2,
+    stop_token_ids: Sequence[int] = (),
+    constraint: Any = None,
+) -> Chain:
+    """The standard chain, in the order transformers applies it: history processors
+    (logit bias, as transformers' ``sequence_bias``, then penalties, bans, min tokens)
+    on the raw logits, then the sampling
+    adapters (temperature, top-k, top-p, min-p, typical, epsilon, eta, top-nσ), then any
+    extra (user) processors. A ``constraint`` (a grammar mask) comes first of all, so
+    that every later adapter renormalises over legal tokens only. Every setting at its
+    default is the identity."""
+    return Chain(
+        constraint,
+        # transformers' order: sequence bias first, then the repetition penalty
+        LogitBias(logit_bias or {}),
+        RepetitionPenalty(repetition_penalty), FrequencyPenalty(frequency_penalty),
+        PresencePenalty(presence_penalty), NoRepeatNGram(no_repeat_ngram_size),
+        bad_words(bad_words_ids) if bad_words_ids else None,
+        MinTokens(min_tokens, stop_token_ids),
+        Temperature(temperature), TopK(top_k), TopP(top_p), MinP(min_p),
+        Typical(typical_p), Epsilon(epsilon), Eta(eta), TopNSigma(top_n_sigma),
+        _mirostat(mirostat_version, mirostat_tau, mirostat_eta) if mirostat_tau else None,
+        *extra,
+    )
+
+
+def _mirostat(version: int, tau: float, eta: float) -> Processor:
+    _check(version in (1, 2), f"mirostat_version must be 1 or 2; got {version!r}")
+    return MirostatV1(tau, eta) if version == 1 else MirostatV2(tau, eta)
+
+
+HISTORY_SETTINGS = ("repetition_penalty", "frequency_penalty", "presence_penalty", "no_repeat_ngram_size",
+                    "logit_bias", "bad_words_ids", "min_tokens", "constraint")
+# The sampling adapters' settings and the values at which they do nothing (as in
+# make_processors' signature); the CLI and the strategy registry read these.
+ADAPTER_DEFAULTS = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "typical_p": 1.0, "epsilon": 0.0,
+                    "eta": 0.0, "top_n_sigma": 0.0, "mirostat_tau": 0.0, "mirostat_eta": 0.1, "mirostat_version": 2}
+ADAPTER_SETTINGS = tuple(ADAPTER_DEFAULTS)

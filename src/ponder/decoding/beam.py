@@ -33,7 +33,8 @@ import torch
 from ..protocols import Access, require_access
 from ..types import Generation, Usage
 from .generate import Options, TokenGenerator, _stops, pick_greedy, random_seed, row_generator, split_options
-from .processors import HISTORY_SETTINGS, Chain, SettingError, make_processors
+from .adapters import HISTORY_SETTINGS, make_processors
+from .processors import Chain, SettingError
 from ..engine.stopping import StopStringMatcher
 
 NEG = -1.0e9  # transformers' "impossible" score; kept so that scores match it exactly
@@ -280,6 +281,7 @@ class BeamSearch(TokenGenerator):
         processors: Chain | Sequence[Any] | None = None,
         **settings: Any,
     ) -> None:
+        require_access(lm, Access.LOGITS, "beam search")
         _check_beam_settings(num_beams, length_penalty, early_stopping, num_beam_groups)
         if not isinstance(diversity_penalty, (int, float)) or diversity_penalty < 0:
             raise SettingError(f"diversity_penalty must be a number >= 0; got {diversity_penalty!r}")
@@ -364,7 +366,7 @@ class BeamSample(BeamSearch):
         super().__init__(lm, num_beams=num_beams, **settings)
 
     def _legal_settings(self) -> set[str]:
-        from .processors import ADAPTER_SETTINGS
+        from .adapters import ADAPTER_SETTINGS
 
         return set(HISTORY_SETTINGS) | set(ADAPTER_SETTINGS)
 

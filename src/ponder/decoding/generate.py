@@ -21,7 +21,8 @@ import torch
 from ..engine.engine import MAX_SEED, Request, StreamEvent, engine_for, random_seed, row_generator  # noqa: F401 (re-exported)
 from ..protocols import Access, GeneratorBase, require_access
 from ..types import Generation
-from .processors import ADAPTER_SETTINGS, HISTORY_SETTINGS, Chain, SettingError, make_processors
+from .adapters import ADAPTER_SETTINGS, HISTORY_SETTINGS, make_processors
+from .processors import Chain, SettingError
 
 OPTION_FIELDS = ("max_tokens", "stop", "stop_token_ids", "ignore_eos", "token_healing", "logprobs")  # the fields of Options
 
@@ -300,6 +301,7 @@ class Greedy(TokenGenerator):
     strategy = "greedy"
 
     def __init__(self, lm: Any, processors: Chain | Sequence[Any] | None = None, **settings: Any) -> None:
+        require_access(lm, Access.LOGITS, "Greedy")
         options = split_options(settings, HISTORY_SETTINGS, "greedy decoding")
         extra = [processors] if isinstance(processors, Chain) else list(processors or ())
         chain_ = make_processors(extra=extra, stop_token_ids=_stops(lm, options), **settings)
@@ -325,6 +327,7 @@ class Sample(TokenGenerator):
         processors: Sequence[Any] = (),
         **settings: Any,
     ) -> None:
+        require_access(lm, Access.LOGITS, "Sample")
         options = split_options(settings, set(HISTORY_SETTINGS) | set(ADAPTER_SETTINGS), "sampling")
         chain_ = make_processors(temperature, top_k, top_p, min_p, extra=processors,
                                  stop_token_ids=_stops(lm, options), **settings)

@@ -32,7 +32,8 @@ import torch
 from ..protocols import Access, GeneratorBase, require_access
 from ..types import Generation, Usage
 from .generate import Options, encode_prompt, random_seed, row_generator, split_options
-from .processors import Chain, SettingError, make_processors
+from .adapters import make_processors
+from .processors import Chain, SettingError
 from ..engine.stopping import StopStringMatcher
 
 
@@ -44,7 +45,7 @@ class Speculative(GeneratorBase):
     def __init__(self, target: Any, draft: Any, num_draft_tokens: int | str = 4, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, max_ngram: int = 3,
                  processors: Sequence[Any] = (), **settings: Any) -> None:
-        from .processors import HISTORY_SETTINGS
+        from .adapters import HISTORY_SETTINGS
 
         require_access(target, Access.LOGITS, "speculative decoding")
         self.ngram = isinstance(draft, str)
