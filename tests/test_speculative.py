@@ -136,7 +136,7 @@ def test_batched_speculation_equals_each_row_alone(arith_lm, drafter):
     together = sampler.generate_batch(prompts[:3], n=2, seed=9)
     for p, outs in zip(prompts[:3], together):
         for j, g in enumerate(outs):
-            alone = sampler._one(arith_lm.encode(p), row_generator(9, j))
+            alone = sampler._speculate([(arith_lm.encode(p), row_generator(9, j))])[0]
             assert g.token_ids == alone.token_ids
 
 
@@ -201,3 +201,23 @@ def test_greedy_round_in_one_call_equals_draft_then_verify(arith_lm):
     assert len(seen) > 1  # both accepted and rejected drafts were exercised
     with pytest.raises(ValueError, match="token ids must be in"):
         arith_lm.greedy_round(draft, [arith_lm.vocab_size], [1], 2, *[m.prefill([[1, 2]])[1] for m in (arith_lm, draft)])
+
+
+def test_one_round_function_for_one_row_and_many(arith_lm):
+    """The batched path adapts k with "auto" (it used to stay at 4) and bills draft
+    tokens at the draft's FLOPs (it used to bill them at the target's)."""
+    prompts = ["Q: 3+4-2+8-1\n", "Q: 9-8+7-6\n", "Q: 5+5-2\n"]
+    auto = Speculative(arith_lm, arith_lm, num_draft_tokens="auto", max_tokens=100)  # a draft that is always right
+    outs = [g[0] for g in auto.generate_batch(prompts)]
+    assert all(g.meta["batch"] == 3 and g.meta["acceptance_rate"] == 1.0 for g in outs)
+    assert max(g.meta["drafted"] / g.meta["rounds"] for g in outs) > 4  # k grew past its start
+    from ponder.backends.native import NativeLM
+
+    spec = Speculative(arith_lm, NativeLM.from_pretrained("arith-draft"), num_draft_tokens=4, max_tokens=60)
+    together = [g[0] for g in spec.generate_batch(prompts)]
+    for p, g in zip(prompts, together):
+        alone = spec.generate(p)[0]
+        assert g.token_ids == alone.token_ids
+        assert g.usage.flops == pytest.approx(alone.usage.flops, rel=0.15)
+        # every computed token billed at its own model's FLOPs: far below the target's rate for all
+        assert g.usage.flops < arith_lm.flops(g.usage.computed_tokens, len(arith_lm.encode(p))) * 0.9

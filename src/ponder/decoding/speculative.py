@@ -152,10 +152,7 @@ class Speculative(GeneratorBase):
             seed = random_seed()
         all_ids = [encode_prompt(self.target, p) for p in prompts]
         rows = [(ids, row_generator(seed, j)) for ids in all_ids for j in range(n)]
-        if len(rows) == 1:
-            flat = [self._one(*rows[0])]
-        else:
-            flat = self._batched(rows)
+        flat = self._speculate(rows)
         return [flat[i * n : (i + 1) * n] for i in range(len(all_ids))]
 
     def generate(self, prompt, n: int = 1, seed: int | None = None) -> list[Generation]:
@@ -167,152 +164,33 @@ class Speculative(GeneratorBase):
         return await asyncio.to_thread(self.generate, prompt, n, seed)
 
     @torch.inference_mode()
-    def _one(self, prompt: list[int], gen: torch.Generator) -> Generation:
+    def _speculate(self, rows: list[tuple[list[int], torch.Generator]]) -> list[Generation]:
+        """Speculate for every row at once (prompts x samples), one round at a time, as
+        gpt-fast's ``speculative_decode`` does for any batch size. Each round: draft k
+        tokens per row, score pending + drafts in one target pass, accept or reject per
+        row, roll each row's caches back by its own rejections. A lone greedy row with
+        no processors runs the whole round in one call into the C kernel. Returns one
+        Generation per row, in order."""
         t0 = time.perf_counter()
         T, D = self.target, self.draft
-        k = self.k
-        opts = self.options.within(T, len(prompt))
-        stops = set(opts.stop_token_ids) | (set() if opts.ignore_eos else set(T.eos_token_ids))
-        stopper = StopStringMatcher(opts.stop)
-        procs = self.processors
-        if not procs.is_identity:
-            procs = procs.fork([0])
-            procs.reset()
-        dprocs = procs.fork([0]) if not procs.is_identity else procs  # the draft's own copy of the state
-        cap = len(prompt) + opts.max_tokens + 2 * max(k, 8) + 2
-        head = [prompt[:-1]] if len(prompt) > 1 else [prompt]
-        # The caches hold every token but the last one emitted, which is "pending".
-        tcache, t_hit = self._prefill(T, head, cap)
-        dcache, d_hit = (None, [0]) if self.ngram else self._prefill(D, head, cap)
-        if len(prompt) == 1:  # nothing to prefill: start from empty caches
-            tcache.truncate_(1)
-            if dcache is not None:
-                dcache.truncate_(1)
-        t_pending, d_pending = [prompt[-1]], [prompt[-1]]
-        out: list[int] = []
-        logprobs: list[float] = []
-        drafted = accepted = t_computed = d_computed = calls = rounds = 0
-        t_computed += max(len(prompt) - 1, 0) - t_hit[0]
-        d_computed += 0 if self.ngram else max(len(prompt) - 1, 0) - d_hit[0]
-        finish, stop = "length", None
-        # greedy with no processors: a whole round is one call into the C kernel
-        one_call = not self.ngram and self.greedy and procs.is_identity and hasattr(T, "greedy_round")
-        while len(out) < opts.max_tokens:
-            kk = min(k, opts.max_tokens - len(out) - 1)
-            if one_call and kk > 0 and (res := T.greedy_round(D, t_pending, d_pending, kk, tcache, dcache)) is not None:
-                # steps 1-4 in the kernel, both caches rolled back there
-                a, xs, best, emitted_lp = res
-                new_tok = best[a]
-                t_computed += len(t_pending) + kk
-                d_computed += len(d_pending) + kk - 1
-            else:
-                ctx = prompt + out
-                # 1. draft kk tokens (a lookup may find fewer, or none)
-                q_rows: list[torch.Tensor | None] = []
-                if self.ngram:
-                    xs = self._lookup(ctx, kk) if kk > 0 else []
-                    for x in xs:
-                        dprocs.accept(torch.tensor([x]))
-                    q_rows = [None] * len(xs)
-                elif kk and self.greedy and dprocs.is_identity and (
-                        xs := (D.greedy_draft(d_pending, kk, dcache) if hasattr(D, "greedy_draft") else None)) is not None:
-                    d_computed += len(d_pending) + kk - 1  # all kk passes in one call to the C kernel
-                    q_rows = [None] * kk  # greedy drafts are point masses
-                else:
-                    xs = []
-                    feed = list(d_pending)
-                    for i in range(kk):
-                        lg = D.forward(torch.tensor([feed]), dcache)[0, -1]
-                        d_computed += len(feed)
-                        if self.greedy and dprocs.is_identity:  # a point mass at the argmax: no softmax needed
-                            q, x = None, int(lg.argmax())
-                        else:
-                            q = self._probs(dprocs, ctx + xs, lg)
-                            x = int(q.argmax()) if self.greedy else int(torch.multinomial(q, 1, generator=gen))
-                            dprocs.accept(torch.tensor([x]))
-                        q_rows.append(q)
-                        xs.append(x)
-                        feed = [x]
-                kk = len(xs)
-                # 2. the target scores pending + drafts in one pass: rows predict x_1..x_kk, bonus
-                t_in = t_pending + xs
-                lg = T.forward(torch.tensor([t_in]), tcache)[0, len(t_pending) - 1 :]  # [kk+1, V]
-                t_computed += len(t_in)
-                # 3. accept / reject
-                a, new_tok = self._verify(procs, dprocs, ctx, xs, q_rows, lg, gen)
-                emitted_lp = lg.log_softmax(-1)[torch.arange(a + 1), torch.tensor(xs[:a] + [new_tok])].tolist()
-                # 4. roll back what the caches hold beyond the accepted prefix
-                tcache.truncate_(kk - a)  # the target holds pending + all kk drafts
-                if dcache is not None:
-                    if a < kk:
-                        dcache.truncate_(kk - 1 - a)  # the draft holds x_1..x_{kk-1}; keep x_1..x_a
-                    if kk == 0:  # nothing was drafted: the draft still has to see the pending token
-                        D.forward(torch.tensor([[t_pending[0]]]), dcache)
-                        d_computed += 1
-            drafted += kk
-            accepted += a
-            calls += 1
-            rounds += 1
-            emitted = xs[:a] + [new_tok]
-            # the draft's pending tokens: the last draft too when every draft was accepted
-            d_pending = [xs[-1], new_tok] if kk and a == kk else [new_tok]
-            t_pending = [new_tok]
-            if self.adaptive:
-                k = min(k + 2, 16) if kk and a == kk else max(1, k - 1)
-            # 5. emit, watching for stops
-            for j, tok in enumerate(emitted):
-                out.append(tok)
-                logprobs.append(emitted_lp[j])
-                if tok in stops:
-                    finish, stop = "stop", tok
-                    break
-                if len(out) >= opts.max_tokens:
-                    break
-            if finish == "stop":
-                break
-            if stopper.stops:
-                text = T.decode(out)
-                hit = stopper.find(text, 0)
-                if hit is not None:
-                    finish, stop = "stop", hit[1]
-                    break
-        text = T.decode(out[:-1] if finish == "stop" and isinstance(stop, int) else out)
-        if isinstance(stop, str):
-            text = text[: text.find(stop)]
-        wall = time.perf_counter() - t0
-        flops = T.flops(t_computed, len(prompt)) + (0.0 if self.ngram else D.flops(d_computed, len(prompt)))
-        usage = Usage(
-            prompt_tokens=len(prompt), generated_tokens=len(out), computed_tokens=t_computed + d_computed,
-            model_calls=calls + (0 if self.ngram else drafted), flops=flops, wall_s=wall,
-        )
-        return Generation(text=text, token_ids=out, logprobs=logprobs, finish_reason=finish, usage=usage, stop=stop,
-                          meta={"strategy": self.strategy, "draft": "ngram" if self.ngram else getattr(D, "name", "draft"),
-                                "drafted": drafted, "accepted": accepted, "rounds": rounds,
-                                "prefix_cache_hit_tokens": t_hit[0],
-                                "acceptance_rate": accepted / drafted if drafted else 0.0})
-
-    @torch.inference_mode()
-    def _batched(self, rows: list[tuple[list[int], torch.Generator]]) -> list[Generation]:
-        """Speculate for every row at once; returns one Generation per row, in order."""
-        t0 = time.perf_counter()
-        T, D = self.target, self.draft
-        # one budget for the batch: what the context leaves after its longest prompt
-        opts = self.options.within(T, max(len(p) for p, _ in rows))
-        stops = set(opts.stop_token_ids) | (set() if opts.ignore_eos else set(T.eos_token_ids))
-        stopper = StopStringMatcher(opts.stop)
         B = len(rows)
         prompts = [list(r[0]) for r in rows]
         gens = [r[1] for r in rows]
+        budget = [self.options.within(T, len(p)).max_tokens for p in prompts]
+        opts = self.options
+        stops = set(opts.stop_token_ids) | (set() if opts.ignore_eos else set(T.eos_token_ids))
+        stopper = StopStringMatcher(opts.stop)
         k = self.k
         procs0 = self.processors
         if not procs0.is_identity:
             procs0 = procs0.fork([0])
             procs0.reset()
         procs = [procs0.fork([0]) if not procs0.is_identity else procs0 for _ in range(B)]
-        dprocs = [procs0.fork([0]) if not procs0.is_identity else procs0 for _ in range(B)]
-        cap = max(map(len, prompts)) + opts.max_tokens + 2 * max(k, 8) + 2
+        dprocs = [procs0.fork([0]) if not procs0.is_identity else procs0 for _ in range(B)]  # the draft's own state
+        cap = max(map(len, prompts)) + max(budget) + 2 * max(k, 8) + 2
+        # The caches hold every token but the last one emitted, which is "pending".
         heads = [p[:-1] if len(p) > 1 else p for p in prompts]
-        empty = torch.tensor([1 if len(p) == 1 else 0 for p in prompts])
+        empty = torch.tensor([1 if len(p) == 1 else 0 for p in prompts])  # nothing to prefill: start empty
         tcache, t_hit = self._prefill(T, heads, cap)
         tcache.truncate_(empty)
         dcache, d_hit = None, [0] * B
@@ -325,78 +203,42 @@ class Speculative(GeneratorBase):
         lps: list[list[float]] = [[] for _ in range(B)]
         finish: list[str | None] = [None] * B
         stop: list[str | int | None] = [None] * B
-        drafted, accepted = [0] * B, [0] * B
-        computed = sum(len(h) - e - t for h, e, t in zip(heads, empty.tolist(), t_hit))
-        computed += 0 if self.ngram else sum(len(h) - e - d for h, e, d in zip(heads, empty.tolist(), d_hit))
-        calls = rounds = 0
+        drafted, accepted, rounds = [0] * B, [0] * B, [0] * B
+        # tokens each row's target and draft computed (billed at each model's own FLOPs)
+        t_comp = [len(h) - e - t for h, e, t in zip(heads, empty.tolist(), t_hit)]
+        d_comp = [0 if self.ngram else len(h) - e - d for h, e, d in zip(heads, empty.tolist(), d_hit)]
+        one_call = not self.ngram and self.greedy and procs0.is_identity and hasattr(T, "greedy_round")
         alive = list(range(B))  # batch position -> row
         while alive:
-            n_alive = len(alive)
-            kk = min(k, min(opts.max_tokens - len(outs[r]) - 1 for r in alive))
-            kk = max(kk, 0)
-            ctx = [prompts[r] + outs[r] for r in alive]
-            # 1. drafts: xs[b] (m[b] of them are real; the rest pad the batch)
-            xs: list[list[int]] = [[] for _ in alive]
-            qs: list[list[torch.Tensor | None]] = [[] for _ in alive]
-            if self.ngram:
-                for b, r in enumerate(alive):
-                    xs[b] = self._lookup(ctx[b], kk) if kk else []
-                    for x in xs[b]:
-                        dprocs[r].accept(torch.tensor([x]))
-                    qs[b] = [None] * len(xs[b])
-            elif kk:
-                width = max(len(d_pending[r]) for r in alive)
-                feed = torch.zeros((n_alive, width), dtype=torch.long)
-                for b, r in enumerate(alive):
-                    feed[b, : len(d_pending[r])] = torch.tensor(d_pending[r])
-                num_new = torch.tensor([len(d_pending[r]) for r in alive])
-                lg = D.forward(feed, dcache, num_new, last_only=True)  # [n, V]
-                computed += int(num_new.sum())
-                for i in range(kk):
-                    nxt = []
-                    for b, r in enumerate(alive):
-                        q = self._probs(dprocs[r], ctx[b] + xs[b], lg[b])
-                        x = int(q.argmax()) if self.greedy else int(torch.multinomial(q, 1, generator=gens[r]))
-                        dprocs[r].accept(torch.tensor([x]))
-                        qs[b].append(q)
-                        xs[b].append(x)
-                        nxt.append(x)
-                    if i < kk - 1:
-                        lg = D.forward(torch.tensor(nxt)[:, None], dcache)[:, -1]
-                        computed += n_alive
-            m = [len(x) for x in xs]
-            pad = [x + [0] * (kk - len(x)) for x in xs]
-            # 2. the target scores pending + drafts for every row in one pass
-            t_in = torch.tensor([t_pending[r] + pad[b] for b, r in enumerate(alive)])
-            lg = T.forward(t_in, tcache)  # [n, kk+1, V]
-            computed += n_alive * (kk + 1)
-            calls += 1
-            rounds += 1
-            raw_lp = lg.log_softmax(-1)
-            keep, cut_t, cut_d = [], [], []
-            for b, r in enumerate(alive):
-                a, new_tok = self._verify(procs[r], dprocs[r], ctx[b], xs[b], qs[b], lg[b], gens[r])
-                drafted[r] += m[b]
+            kk = max(0, min(k, min(budget[r] - len(outs[r]) - 1 for r in alive)))
+            res = None
+            if one_call and len(alive) == 1 and kk > 0:  # drafts, target pass, acceptance, rollback: one call
+                r = alive[0]
+                res = T.greedy_round(D, t_pending[r], d_pending[r], kk, tcache, dcache)
+            if res is not None:
+                a, xs0, best, lp = res
+                t_comp[r] += len(t_pending[r]) + kk
+                d_comp[r] += len(d_pending[r]) + kk - 1
+                verdicts = [(xs0, a, best[a], lp)]
+            else:
+                verdicts = self._round(alive, kk, prompts, outs, t_pending, d_pending, procs, dprocs, gens,
+                                       tcache, dcache, t_comp, d_comp)
+            keep = []
+            for b, (r, (xs, a, new_tok, emitted_lp)) in enumerate(zip(alive, verdicts)):
+                m = len(xs)
+                drafted[r] += m
                 accepted[r] += a
-                cut_t.append(kk - a)  # the target holds pending + kk (padded) drafts
-                if dcache is not None:
-                    if kk == 0:
-                        cut_d.append(0)
-                        d_pending[r] = d_pending[r] + [new_tok]
-                    elif a == kk:
-                        cut_d.append(0)
-                        d_pending[r] = [xs[b][-1], new_tok]
-                    else:
-                        cut_d.append(kk - 1 - a)  # the draft holds x_1..x_{kk-1}
-                        d_pending[r] = [new_tok]
+                rounds[r] += 1
+                # the draft's pending tokens: the last draft too when every draft was accepted
+                d_pending[r] = (d_pending[r] + [new_tok] if m == 0 else [xs[-1], new_tok] if a == m else [new_tok])
                 t_pending[r] = [new_tok]
-                for j, tok in enumerate(xs[b][:a] + [new_tok]):
+                for j, tok in enumerate(xs[:a] + [new_tok]):  # emit, watching for stops
                     outs[r].append(tok)
-                    lps[r].append(float(raw_lp[b, j, tok]))
+                    lps[r].append(emitted_lp[j])
                     if tok in stops:
                         finish[r], stop[r] = "stop", tok
                         break
-                    if len(outs[r]) >= opts.max_tokens:
+                    if len(outs[r]) >= budget[r]:
                         finish[r] = "length"
                         break
                 if finish[r] is None and stopper.stops:
@@ -405,28 +247,101 @@ class Speculative(GeneratorBase):
                         finish[r], stop[r] = "stop", hit[1]
                 if finish[r] is None:
                     keep.append(b)
-            tcache.truncate_(torch.tensor(cut_t))
-            if dcache is not None:
-                dcache.truncate_(torch.tensor(cut_d))
-            if len(keep) < n_alive:
+            if self.adaptive:  # +2 after a round every row accepted whole, -1 otherwise (one k per batch)
+                whole = all(len(xs) and a == len(xs) for xs, a, _, _ in verdicts)
+                k = min(k + 2, 16) if whole else max(1, k - 1)
+            if len(keep) < len(alive):
                 idx = torch.tensor(keep, dtype=torch.long)
                 tcache.keep_rows_(idx)
                 if dcache is not None:
                     dcache.keep_rows_(idx)
                 alive = [alive[b] for b in keep]
         wall = time.perf_counter() - t0
+        draft_name = "ngram" if self.ngram else getattr(D, "name", "draft")
         result = []
         for r in range(B):
             ids = outs[r]
             text = T.decode(ids[:-1] if finish[r] == "stop" and isinstance(stop[r], int) else ids)
             if isinstance(stop[r], str):
                 text = text[: text.find(stop[r])]
-            usage = Usage(prompt_tokens=len(prompts[r]), generated_tokens=len(ids),
-                          computed_tokens=computed // B, model_calls=calls, flops=T.flops(computed // B, len(prompts[r])),
-                          wall_s=wall / B)
-            result.append(Generation(text=text, token_ids=ids, logprobs=lps[r], finish_reason=finish[r] or "length",  # type: ignore[arg-type]
-                                     usage=usage, stop=stop[r],
-                                     meta={"strategy": self.strategy, "draft": "ngram" if self.ngram else getattr(D, "name", "draft"),
-                                           "drafted": drafted[r], "accepted": accepted[r], "batch": B,
-                                           "acceptance_rate": accepted[r] / drafted[r] if drafted[r] else 0.0}))
+            flops = T.flops(t_comp[r], len(prompts[r])) + (0.0 if self.ngram else D.flops(d_comp[r], len(prompts[r])))
+            usage = Usage(prompt_tokens=len(prompts[r]), generated_tokens=len(ids), computed_tokens=t_comp[r] + d_comp[r],
+                          model_calls=rounds[r] + (0 if self.ngram else drafted[r]), flops=flops, wall_s=wall / B)
+            result.append(Generation(
+                text=text, token_ids=ids, logprobs=lps[r], finish_reason=finish[r] or "length",  # type: ignore[arg-type]
+                usage=usage, stop=stop[r],
+                meta={"strategy": self.strategy, "draft": draft_name, "drafted": drafted[r], "accepted": accepted[r],
+                      "rounds": rounds[r], "batch": B, "prefix_cache_hit_tokens": t_hit[r],
+                      "acceptance_rate": accepted[r] / drafted[r] if drafted[r] else 0.0}))
         return result
+
+    def _round(self, alive: list[int], kk: int, prompts, outs, t_pending, d_pending, procs, dprocs, gens,
+               tcache, dcache, t_comp, d_comp) -> list[tuple[list[int], int, int, list[float]]]:
+        """One general round for the alive rows: returns, per row, (its drafts, how many
+        were accepted, the token the target adds, the emitted tokens' log-probabilities),
+        with both caches rolled back to what was accepted."""
+        T, D = self.target, self.draft
+        n = len(alive)
+        ctx = [prompts[r] + outs[r] for r in alive]
+        # 1. drafts xs[b] (a lookup may find fewer than kk, or none)
+        xs: list[list[int]] = [[] for _ in alive]
+        qs: list[list[torch.Tensor | None]] = [[] for _ in alive]
+        if self.ngram:
+            for b, r in enumerate(alive):
+                xs[b] = self._lookup(ctx[b], kk) if kk else []
+                for x in xs[b]:
+                    dprocs[r].accept(torch.tensor([x]))
+                qs[b] = [None] * len(xs[b])
+        elif kk:
+            r0 = alive[0]
+            one = (n == 1 and self.greedy and dprocs[r0].is_identity and hasattr(D, "greedy_draft")
+                   and (drafts := D.greedy_draft(d_pending[r0], kk, dcache)) is not None)
+            if one:  # all kk draft passes in one call into the C kernel; greedy drafts are point masses
+                xs[0], qs[0] = drafts, [None] * kk
+                d_comp[r0] += len(d_pending[r0]) + kk - 1
+            else:
+                width = max(len(d_pending[r]) for r in alive)
+                feed = torch.zeros((n, width), dtype=torch.long)
+                for b, r in enumerate(alive):
+                    feed[b, : len(d_pending[r])] = torch.tensor(d_pending[r])
+                num_new = torch.tensor([len(d_pending[r]) for r in alive])
+                lg = D.forward(feed, dcache, num_new, last_only=True)  # [n, V]
+                for b, r in enumerate(alive):
+                    d_comp[r] += width
+                for i in range(kk):
+                    nxt = []
+                    for b, r in enumerate(alive):
+                        if self.greedy and dprocs[r].is_identity:  # a point mass at the argmax
+                            q, x = None, int(lg[b].argmax())
+                        else:
+                            q = self._probs(dprocs[r], ctx[b] + xs[b], lg[b])
+                            x = int(q.argmax()) if self.greedy else int(torch.multinomial(q, 1, generator=gens[r]))
+                            dprocs[r].accept(torch.tensor([x]))
+                        qs[b].append(q)
+                        xs[b].append(x)
+                        nxt.append(x)
+                    if i < kk - 1:
+                        lg = D.forward(torch.tensor(nxt)[:, None], dcache)[:, -1]
+                        for r in alive:
+                            d_comp[r] += 1
+        width = max(len(x) for x in xs)  # rows with fewer drafts are padded to the longest
+        # 2. the target scores pending + drafts for every row in one pass: [n, width + 1, V]
+        t_in = torch.tensor([t_pending[r] + x + [0] * (width - len(x)) for r, x in zip(alive, xs)])
+        lg = T.forward(t_in, tcache)
+        raw_lp = lg.log_softmax(-1)
+        out, cut_t, cut_d = [], [], []
+        for b, r in enumerate(alive):
+            t_comp[r] += width + 1
+            # 3. accept or reject this row's drafts
+            a, new_tok = self._verify(procs[r], dprocs[r], ctx[b], xs[b], qs[b], lg[b], gens[r])
+            emitted = xs[b][:a] + [new_tok]
+            out.append((xs[b], a, new_tok, [float(raw_lp[b, j, t]) for j, t in enumerate(emitted)]))
+            # 4. what to roll back: the target holds pending + width drafts; the draft
+            # holds its drafts but the last (fed only when every one was accepted)
+            cut_t.append(width - a)
+            m = len(xs[b])
+            cut_d.append(0 if m == 0 or a == m else m - 1 - a)
+        tcache.truncate_(torch.tensor(cut_t))
+        if dcache is not None and kk:
+            dcache.truncate_(torch.tensor(cut_d))
+        return out
