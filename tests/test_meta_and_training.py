@@ -111,3 +111,16 @@ def test_training_with_steps_is_reproducible_bit_for_bit(tmp_path, tokenizer_fil
     assert meta["steps"] == 20 and meta["reproducible"] is True
     assert meta["command"].startswith("python -m ponder.train lm --out ") and "--steps 20" in meta["command"]
     assert meta["args"]["steps"] == 20
+
+
+def test_meta_generators_name_a_bad_argument(arith_lm):
+    from ponder.decoding.generate import Sample
+    from ponder.errors import SettingError
+
+    task = ArithTask()
+    with pytest.raises(SettingError, match="scorer must have score_completions"):
+        BestOfN(Sample(arith_lm), None)
+    with pytest.raises(SettingError, match="generator must be a ponder generator"):
+        MajorityVote(None, task.extract_answer)
+    with pytest.raises(SettingError, match="extract_answer must be a callable"):
+        MajorityVote(Sample(arith_lm), None)

@@ -79,3 +79,18 @@ def test_score_gives_each_continuation_tokens_logprob(arith_lm):
     (scored, empty) = asyncio.run(arith_lm.score(prompt, [text.text, ""]))
     assert empty == []
     assert scored[: len(text.logprobs) - 1] == pytest.approx(text.logprobs[:-1], abs=1e-4)  # the EOS is not in text
+
+
+def test_every_strategy_reports_its_registry_name(arith_lm):
+    """One name everywhere: the registry, Generation.meta["strategy"] and results."""
+    from ponder import strategies
+    from ponder.scoring.reward import RewardModel
+    from ponder.tasks.arith import ArithTask
+
+    ctx = strategies.Context(task=ArithTask(), reward_model=RewardModel.from_pretrained("arith-reward"))
+    own = {"majority": {"samples": 2}, "best-of-n": {"samples": 2}, "product": {"models": "arith-draft"},
+           "smc": {"particles": 2}, "best-first": {"max_expansions": 8}}
+    for name in strategies.STRATEGIES:
+        gen = strategies.build(name, arith_lm, SamplingParams(max_tokens=8), own.get(name, {}), ctx)
+        (g,) = gen.generate("Q: 3+4\n", seed=0)
+        assert g.meta["strategy"] == name, (name, g.meta)

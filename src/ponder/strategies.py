@@ -91,7 +91,9 @@ def build(name: str, lm: Any, params: SamplingParams | None = None, settings: di
     if unknown:
         legal = ", ".join(sorted(st.settings)) or "no settings of its own"
         raise SettingError(f"--strategy {name} does not take {', '.join(unknown)}; it takes {legal}")
-    return st.factory(lm, params, settings, ctx)
+    gen = st.factory(lm, params, settings, ctx)
+    gen.strategy = st.name  # one name everywhere: the registry, Generation.meta["strategy"], results
+    return gen
 
 
 # -- helpers the factories share ------------------------------------------------------------

@@ -21,6 +21,11 @@ from ..protocols import GeneratorBase
 from ..types import Generation, Usage
 
 
+def _check_generator(gen: Any) -> None:
+    if not (callable(getattr(gen, "agenerate", None)) or callable(getattr(gen, "agenerate_many", None))):
+        raise SettingError(f"generator must be a ponder generator (with agenerate); got {gen!r}")
+
+
 def _check_n(n: int) -> None:
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise SettingError(f"n (samples per problem) must be an integer >= 1; got {n!r}")
@@ -77,6 +82,9 @@ class MajorityVote(SampleThenAggregate):
 
     def __init__(self, generator: Any, extract_answer: Callable[[str], str | None], n: int = 16) -> None:
         _check_n(n)
+        _check_generator(generator)
+        if not callable(extract_answer):
+            raise SettingError(f"extract_answer must be a callable (text -> answer or None); got {extract_answer!r}")
         self.generator, self.extract_answer, self.n = generator, extract_answer, n
 
     def aggregate(self, prompt: str, samples: list[Generation]) -> Generation:
@@ -101,6 +109,10 @@ class BestOfN(SampleThenAggregate):
 
     def __init__(self, generator: Any, scorer: Any, n: int = 16) -> None:
         _check_n(n)
+        _check_generator(generator)
+        if not callable(getattr(scorer, "score_completions", None)):
+            raise SettingError(f"scorer must have score_completions(prompt, completions) (e.g. a RewardModel); "
+                               f"got {scorer!r}")
         self.generator, self.scorer, self.n = generator, scorer, n
 
     def aggregate(self, prompt: str, samples: list[Generation]) -> Generation:
