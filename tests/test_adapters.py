@@ -219,29 +219,18 @@ def test_whole_chain_matches_transformers(settings):
     for seed in range(3):
         hist, x = _data(seed)
         prompt_len = 4  # min_tokens counts generated tokens: the history's last 8 are generated
-        hf = []
-        if "logit_bias" in settings:
-            hf.append(lp.SequenceBiasLogitsProcessor({(k,): v for k, v in settings["logit_bias"].items()}))
-        if "repetition_penalty" in settings:
-            hf.append(lp.RepetitionPenaltyLogitsProcessor(settings["repetition_penalty"]))
-        if "no_repeat_ngram_size" in settings:
-            hf.append(lp.NoRepeatNGramLogitsProcessor(settings["no_repeat_ngram_size"]))
-        if "bad_words_ids" in settings:
-            hf.append(lp.NoBadWordsLogitsProcessor(settings["bad_words_ids"], eos_token_id=eos))
-        if "min_tokens" in settings:
-            hf.append(lp.MinNewTokensLengthLogitsProcessor(prompt_len, settings["min_tokens"], eos_token_id=eos))
-        if "temperature" in settings:
-            hf.append(lp.TemperatureLogitsWarper(settings["temperature"]))
-        if "top_k" in settings:
-            hf.append(lp.TopKLogitsWarper(settings["top_k"]))
-        if "top_p" in settings:
-            hf.append(lp.TopPLogitsWarper(settings["top_p"]))
-        if "min_p" in settings:
-            hf.append(lp.MinPLogitsWarper(settings["min_p"]))
-        if "typical_p" in settings:
-            hf.append(lp.TypicalLogitsWarper(settings["typical_p"]))
-        if "epsilon" in settings:
-            hf.append(lp.EpsilonLogitsWarper(settings["epsilon"]))
+        # transformers' processors in transformers' order
+        hf_order = [
+            ("logit_bias", lambda v: lp.SequenceBiasLogitsProcessor({(k,): b for k, b in v.items()})),
+            ("repetition_penalty", lp.RepetitionPenaltyLogitsProcessor),
+            ("no_repeat_ngram_size", lp.NoRepeatNGramLogitsProcessor),
+            ("bad_words_ids", lambda v: lp.NoBadWordsLogitsProcessor(v, eos_token_id=eos)),
+            ("min_tokens", lambda v: lp.MinNewTokensLengthLogitsProcessor(prompt_len, v, eos_token_id=eos)),
+            ("temperature", lp.TemperatureLogitsWarper), ("top_k", lp.TopKLogitsWarper),
+            ("top_p", lp.TopPLogitsWarper), ("min_p", lp.MinPLogitsWarper), ("typical_p", lp.TypicalLogitsWarper),
+            ("epsilon", lp.EpsilonLogitsWarper),
+        ]
+        hf = [make(settings[k]) for k, make in hf_order if k in settings]
         want = lp.LogitsProcessorList(hf)(hist, x.clone())
         ours = make_processors(stop_token_ids=[eos], **settings)
         if "min_tokens" in settings:

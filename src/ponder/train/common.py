@@ -156,3 +156,10 @@ def load_tok(path: str):
     return Tokenizer.from_file(str(p / "tokenizer.json" if p.is_dir() else p))
 
 
+def optimizer_step(model: Transformer, opt: torch.optim.Optimizer, loss: torch.Tensor, ema: float | None) -> float:
+    """One update (gradients clipped to norm 1); returns the loss's moving average."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ..models.llama import Transformer
 from ..tasks import arith
-from .common import EOS, Schedule, build_tokenizer, corpus, init_weights, ints, load_tok, lr_at, make_config, save_checkpoint, training_record
+from .common import EOS, Schedule, optimizer_step, build_tokenizer, corpus, init_weights, ints, load_tok, lr_at, make_config, save_checkpoint, training_record
 
 
 def lm_batch(tok, stream, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,12 +63,8 @@ def train_lm(args) -> None:
         loss_tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
         wt = w[:, 1:].reshape(-1)
         loss = (loss_tok * wt).sum() / wt.sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        ema = optimizer_step(model, opt, loss, ema)
         step += 1
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         if step % 50 == 0:
             print(f"step {step} loss {ema:.4f} lr {opt.param_groups[0]['lr']:.2e} t {time.time()-t0:.0f}s", flush=True)
         if time.time() - last_save > args.save_every * 60:

@@ -21,7 +21,7 @@ from ..models.loader import load_tokenizer, load_transformer
 from ..backends.native import NativeLM
 from ..scoring.reward import RewardModel
 from ..tasks import arith
-from .common import Schedule, lr_at, save_checkpoint, training_record
+from .common import Schedule, lr_at, optimizer_step, save_checkpoint, training_record
 
 # Reward data leans to the harder shapes, where the target errs and labels are mixed.
 SAMPLE_LEVELS = [arith.Level(f"rm{n}x{d}", n, n, d) for n in range(3, 7) for d in (1, 2, 2, 2)]
@@ -98,12 +98,8 @@ def train_reward(args) -> None:
             yl += lab
         logits = model.logits(model(x))[..., 0]
         loss = F.binary_cross_entropy_with_logits(logits[torch.tensor(bi), torch.tensor(pi)], torch.tensor(yl))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        ema = optimizer_step(model, opt, loss, ema)
         step += 1
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         if step % 25 == 0:
             print(f"step {step} bce {ema:.4f} t {time.time() - t0:.0f}s", flush=True)
         if time.time() - last_save > args.save_every * 60:
