@@ -139,6 +139,7 @@ def decode_loop(
     seed: int | None,
     stream: bool = False,
     cancel: threading.Event | None = None,
+    started: float | None = None,
 ) -> Iterator[StreamEvent]:
     """Yield ``StreamEvent``s; every output ends with an event carrying its Generation.
     Each prompt is one request to the model's engine (``ponder.engine``), which batches
@@ -158,7 +159,7 @@ def decode_loop(
                 procs = Chain(PrefixConstraint(lm, [healed]), processors)
         reqs.append(Request(p, n, pick, procs, options, seed, stream, index_base=i * n, healed=healed,
                             top_logprobs=options.logprobs))
-    yield from engine_for(lm).run(reqs, cancel)
+    yield from engine_for(lm).run(reqs, cancel, started)
 
 
 async def run_cancellable(fn: Callable[..., Any], *args: Any) -> Any:
@@ -231,8 +232,9 @@ class TokenGenerator(GeneratorBase):
         if not prompts:
             return []
         ids = [self._encode(p) for p in prompts]
-        t_in = time.perf_counter() - t0
-        events = decode_loop(self.lm, ids, n, self.pick, self.processors, self.options, seed, cancel=cancel)
+        # the engine bills this call's time from t0 on (encoding included), steps aside
+        events = decode_loop(self.lm, ids, n, self.pick, self.processors, self.options, seed, cancel=cancel,
+                             started=t0)
         out: list[Generation | None] = [None] * (len(ids) * n)
         for ev in events:
             if ev.generation is not None:
@@ -245,8 +247,8 @@ class TokenGenerator(GeneratorBase):
             if grammar is not None:  # a constrained output cut by max_tokens is not valid yet: say so
                 done = g.token_ids[:-1] if g.finish_reason == "stop" and isinstance(g.stop, int) else g.token_ids
                 g.meta["constraint_complete"] = grammar.accepts_ids(done)
-        # the call's own work (encoding, assembling) is part of its bill
-        own = t_in + time.perf_counter() - t1
+        # the call's own work after the engine (assembling) is part of its bill
+        own = time.perf_counter() - t1
         for g in gens:
             g.usage.wall_s += own / len(gens)
         return [[g for g in out[i * n : (i + 1) * n] if g is not None] for i in range(len(ids))]

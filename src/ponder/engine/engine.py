@@ -228,27 +228,42 @@ class Engine:
                     r.submitted = True
                     self._waiting.append(r)
 
-    def run(self, requests: Sequence[Request], cancel: threading.Event | None = None) -> Iterator[StreamEvent]:
+    def run(self, requests: Sequence[Request], cancel: threading.Event | None = None,
+            started: float | None = None) -> Iterator[StreamEvent]:
         """Submit ``requests`` and drive the engine until they are all done, yielding
         their events (other callers' requests advance in the same forward passes).
         Setting ``cancel`` (from any thread) withdraws them at the next step and raises
-        ``RequestCancelled``; so does closing this iterator, without the raise."""
+        ``RequestCancelled``; so does closing this iterator, without the raise.
+
+        The steps bill themselves; what this call spends around them (submission, its
+        loop, since ``started`` if given) is billed to its own generations, while time
+        waiting for another caller's step is not (that step bills it)."""
+        begin = time.perf_counter() if started is None else started
+        stepping = yielded = 0.0
         self.submit(requests)
         try:
             while True:
                 for r in requests:
                     while r.events:
+                        t = time.perf_counter()
                         yield r.events.popleft()
+                        yielded += time.perf_counter() - t
                 for r in requests:
                     if r.error is not None:
                         raise r.error
                 if all(r.done for r in requests):
+                    gens = [g for r in requests for g in r.outputs if g is not None]
+                    own = time.perf_counter() - begin - stepping - yielded
+                    for g in gens:
+                        g.usage.wall_s += own / len(gens)
                     return
                 if cancel is not None and cancel.is_set():
                     raise RequestCancelled("the request was cancelled")
+                t = time.perf_counter()
                 with self._lock:
                     if not all(r.done for r in requests):
                         self._step()
+                stepping += time.perf_counter() - t
         finally:
             self._withdraw(requests)
 
