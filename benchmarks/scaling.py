@@ -1,4 +1,4 @@
-"""Time and KV memory against the number of samples N (1 to 64) of one 512-token prompt.
+"""Time and KV memory against the number of samples N (1 to 64) of one 480-token prompt (480 + 32 generated fill the shipped model's 512-position context).
 
 Each N is one request through the engine (the prompt is prefilled once and forked), on
 the shipped target model, after a warm-up. Prints a table and writes a PNG plot.
@@ -8,7 +8,7 @@ is what grows with N), and the unique tokens' KV (what a paged, shared-prefix la
 would hold). The last line is one JSON object with the series and
 ``time_ratio_64_over_1`` (sublinear if far below 64).
 
-    python benchmarks/scaling.py [--prompt-tokens 512] [--tokens 32] [--out scaling.png] [--threads 1]
+    python benchmarks/scaling.py [--prompt-tokens 480] [--tokens 32] [--out scaling.png] [--threads 1]
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="arith")
-    ap.add_argument("--prompt-tokens", type=int, default=512)
+    ap.add_argument("--prompt-tokens", type=int, default=480)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--ns", default="1,2,4,8,16,32,64")
     ap.add_argument("--threads", type=int, default=1)

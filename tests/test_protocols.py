@@ -94,3 +94,21 @@ def test_every_strategy_reports_its_registry_name(arith_lm):
         gen = strategies.build(name, arith_lm, SamplingParams(max_tokens=8), own.get(name, {}), ctx)
         (g,) = gen.generate("Q: 3+4\n", seed=0)
         assert g.meta["strategy"] == name, (name, g.meta)
+
+
+def test_meta_generators_run_on_a_text_only_backend():
+    """Majority vote needs only text from its policy: a scripted text-only backend."""
+    from ponder.decoding.text import TextGenerator
+    from ponder.meta.parallel import MajorityVote
+
+    class Scripted(TextOnly):
+        async def generate(self, prompts, params):
+            answers = ["7", "7", "8", "7", "9"]
+            return [[Generation(text=f"...\nAnswer: {answers[i % 5]}\n", token_ids=[]) for i in range(params.n)]
+                    for _ in prompts]
+
+    extract = lambda text: text.rsplit("Answer: ", 1)[-1].strip() or None  # noqa: E731
+    (g,) = MajorityVote(TextGenerator(Scripted()), extract, n=5).generate("Q: 3+4\n", seed=0)
+    assert g.meta["votes"] == {"7": 3, "8": 1, "9": 1} and g.text.endswith("Answer: 7\n") and len(g.trace) == 5
+    with pytest.raises(Exception, match="seed must be"):
+        TextGenerator(Scripted()).generate("x", seed=-1)

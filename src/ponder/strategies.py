@@ -186,8 +186,12 @@ register(Strategy("best-of-n", _best_of_n, "best of N samples by a reward model 
 
 
 # -- controlled generation with several models ------------------------------------------------
-def _controlled(lm, p, s) -> dict[str, Any]:
-    sample = _bool(s.get("sample", False), "sample")
+def _controlled(lm, p, s, generator: Callable[..., Any]) -> dict[str, Any]:
+    """Keyword arguments for a controlled generator; whether it samples by default is
+    read from its own signature (the default lives there)."""
+    import inspect
+
+    sample = _bool(s.get("sample", inspect.signature(generator).parameters["sample"].default), "sample")
     if not sample and p.changed("adapter"):
         raise SettingError(f"{_flags(list(p.changed('adapter')))} apply when sampling; add --set sample=true")
     return dict(sample=sample, **_token_level(lm, p, s, adapters=sample))
@@ -197,7 +201,8 @@ def _contrastive(lm, p, s, ctx):
     from .decoding.controlled import ContrastiveDecoding
 
     amateur = _load(s.get("amateur", "arith-draft"), "--set amateur")
-    return ContrastiveDecoding(lm, amateur, **_given(s, alpha="alpha", beta="beta"), **_controlled(lm, p, s))
+    return ContrastiveDecoding(lm, amateur, **_given(s, alpha="alpha", beta="beta"),
+                               **_controlled(lm, p, s, ContrastiveDecoding))
 
 
 def _product(lm, p, s, ctx):
@@ -208,26 +213,27 @@ def _product(lm, p, s, ctx):
         raise SettingError("--strategy product needs --set models=NAME[,NAME...] (combined with --model)")
     others = [_load(m.strip(), "--set models") for m in names]
     weights = _floats(s["weights"], "weights") if "weights" in s else [1.0] * (1 + len(others))
-    return ProductOfExperts([lm, *others], weights, **_controlled(lm, p, {**s, "sample": s.get("sample", True)}))
+    return ProductOfExperts([lm, *others], weights, **_controlled(lm, p, s, ProductOfExperts))
 
 
 def _cfg(lm, p, s, ctx):
     from .decoding.controlled import ClassifierFreeGuidance
 
     return ClassifierFreeGuidance(lm, **_given(s, guidance_scale="guidance_scale", negative_prompt="negative_prompt"),
-                                  **_controlled(lm, p, s))
+                                  **_controlled(lm, p, s, ClassifierFreeGuidance))
 
 
 def _dola(lm, p, s, ctx):
     from .decoding.controlled import DoLa
 
-    layers = s.get("dola_layers", "low")
-    if isinstance(layers, str) and layers not in ("low", "high"):
+    layers = _given(s, layers="dola_layers")
+    v = layers.get("layers")
+    if isinstance(v, str) and v not in ("low", "high"):
         try:
-            layers = [int(x) for x in layers.split(",") if x.strip()]
+            layers["layers"] = [int(x) for x in v.split(",") if x.strip()]
         except ValueError:
-            raise SettingError(f"dola_layers must be low, high or comma-separated layer numbers; got {layers!r}") from None
-    return DoLa(lm, layers=layers, **_given(s, alpha="alpha"), **_controlled(lm, p, s))
+            raise SettingError(f"dola_layers must be low, high or comma-separated layer numbers; got {v!r}") from None
+    return DoLa(lm, **layers, **_given(s, alpha="alpha"), **_controlled(lm, p, s, DoLa))
 
 
 register(Strategy("contrastive", _contrastive, "contrastive decoding, expert --model vs --set amateur=NAME (Li et al. 2023)",
@@ -362,7 +368,7 @@ def _smc(lm, p, s, ctx):
 
     return SMC(lm, reward_prefix_scorer(ctx.reward_model),
                **_given(s, num_particles="particles", boundary="boundary", every="every", ess_threshold="ess_threshold"),
-               temperature=p.temperature if p.temperature else 1.0, **p.options())
+               **p.adapters(), **p.options())
 
 
 register(Strategy("reward-guided", _reward_guided, "reward-guided token decoding (FUDGE): --reward-model scores the "

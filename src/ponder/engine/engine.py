@@ -30,6 +30,7 @@ a step is billed to the requests it served (``Usage.wall_s``).
 from __future__ import annotations
 
 import collections
+import math
 import os
 import threading
 import time
@@ -105,7 +106,6 @@ class Request:
         self.healed = healed
         self.max_new = options.max_tokens  # lowered on submission to what the context leaves
         self.top_logprobs = top_logprobs  # k: record each token's k most likely alternatives
-        self.cancelled = False  # set by the caller's thread; the engine withdraws it at its next step
         self.outputs: list[Generation | None] = [None] * n
         self.events: collections.deque[StreamEvent] = collections.deque()
         self.error: BaseException | None = None
@@ -296,9 +296,6 @@ class Engine:
 
     # -- one step --------------------------------------------------------------------------------
     def _step(self) -> None:
-        gone = [r for r in list(self._active) + list(self._waiting) if r.cancelled and not r.done]
-        if gone:
-            self._drop(gone, RequestCancelled("the request was cancelled"))
         try:
             self._admit()
             if self._logits is None or not self._active:
@@ -418,8 +415,9 @@ class Engine:
         per live sample: (tokens [samples], the model's log-probabilities of them)."""
         scores = lg if r.procs.is_identity else r.procs(r.history[:, : r.hist_len], lg)
         # NaN and +inf propagate through max, and a row with every token masked has a
-        # max of -inf: one reduction finds all three.
-        if not bool(torch.isfinite(scores.amax(-1)).all()):
+        # max of -inf: one reduction finds all three (NaN fails both comparisons).
+        top = scores.amax(-1).tolist()
+        if not (-math.inf < (top[0] if len(top) == 1 else sum(top)) < math.inf):  # a sum keeps NaN and +-inf
             raise invalid_logits_error(r.procs, r.history[:, : r.hist_len], lg)
         draws = self._draws(r)  # [samples]
         if len(r.samples) == lg.shape[0]:  # one sample per row: no gather
@@ -438,12 +436,13 @@ class Engine:
         self.peak_rows = max(self.peak_rows, B)
         parents: list[int] = []  # global physical row each new physical row continues
         next_tokens: list[torch.Tensor] = []  # [rows] per request, in batch order
-        n_samples = sum(len(r.samples) for r in self._active)
+        n_samples = 0
         start = 0
         plans = []
         for r in self._active:
             P = len(r.phys)
             samples, rows = r.samples, r.rows
+            n_samples += len(samples)
             try:
                 tokens, lp = self._pick(r, logits[start : start + P])
                 if r.top_logprobs:
@@ -495,10 +494,10 @@ class Engine:
             plans.append((r, start, split, finished, None))
             start += P
         # Bill the step so far (processors, picks, stop checks) to every live sample.
-        share = (time.perf_counter() - t0) / max(1, n_samples)
+        t1 = time.perf_counter()
+        share = (t1 - t0) / max(1, n_samples)
         for r in self._active:
             r.wall += share
-        t1 = time.perf_counter()
         finishing: list[Generation] = []
         if any(plan[3] for plan in plans) and hasattr(self._cache, "nbytes_used"):
             # KV only grows between retirements: its peak is just before one
