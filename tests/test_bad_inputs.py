@@ -139,6 +139,8 @@ def test_broken_checkpoints_are_named(capsys, broken, case, phrase):
     ("the prompt has 606 tokens", ["generate", "Q: " + "1+" * 300 + "1\n"]),
     ("not valid Unicode", ["generate", "Q: \udcff\n"]),
     ("--samples applies to strategies that draw several", ["eval", "--samples", "4", "--limit", "2"]),
+    ("after processor GrammarConstraint", ["generate", "Q: 3+4\n3+4=7\nAnsw", "--token-healing",
+                                           "--json-schema", '{"type":"object"}']),
 ])
 def test_bad_cli_inputs_get_one_line(capsys, phrase, args):
     refused(capsys, phrase, *args)

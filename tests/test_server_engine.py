@@ -211,6 +211,8 @@ def test_bad_prompts_name_the_problem(lm):
         gen.generate([1, 49.5])
     with pytest.raises(SettingError, match="token ids"):
         gen.generate([1, 10**6])
+    with pytest.raises(SettingError, match="stop_token_ids"):
+        Greedy(lm, max_tokens=4, stop_token_ids=[10**6]).generate("Q: 1\n")
 
 
 def _elapsed(fn):

@@ -18,7 +18,7 @@ from typing import Any, Callable, List, Optional
 import typer
 from typer import Abort, Exit
 
-from .errors import SettingError
+from .errors import InvalidLogitsError, SettingError
 from .params import SamplingParams, field_help
 
 # click's base exception, whichever click typer runs on (its own vendored copy in newer
@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> None:
         if msg:
             print(f"error: {where}{msg}", file=sys.stderr)
         sys.exit(2)
-    except (CliError, SettingError) as e:
+    except (CliError, SettingError, InvalidLogitsError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except BrokenPipeError:

@@ -212,6 +212,9 @@ class Engine:
         request's budget to what the model's context leaves after its prompt, so that
         generation ends there with finish_reason "length"."""
         check_prompt(self.lm, r.prompt)
+        vocab = getattr(self.lm, "vocab_size", None)
+        if vocab is not None and any(t >= vocab for t in r.options.stop_token_ids):
+            raise SettingError(f"stop_token_ids must be token ids in [0, {vocab}); got {max(r.options.stop_token_ids)}")
         ctx = getattr(self.lm, "context_length", None)
         if ctx is not None:
             r.max_new = min(r.options.max_tokens, ctx - len(r.prompt))
@@ -362,7 +365,6 @@ class Engine:
         share = [i for i, r in enumerate(new) if r.n > 1 and len(r.prompt) >= self.share_prompts_from]
         if share and hasattr(cache, "share_rows_") and getattr(lm, "reads_shared_prefix", True):
             cache.share_rows_(share)
-        prefill_s = time.perf_counter() - t0
         for r in new:
             r.needs_text = r.stream or bool(r.stopper.stops) or bool(r.healed)
             r.rows = [_Row(j, IncrementalDetokenizer(lm.decode) if r.needs_text else None, released=len(r.healed))
@@ -380,7 +382,6 @@ class Engine:
                 procs = procs.fork([0])
                 procs.reset()
             r.procs = procs
-            r.prompt_wall = prefill_s / len(new)
         if self._cache is None:
             self._cache, self._logits = cache, logits
         else:
@@ -390,6 +391,9 @@ class Engine:
                 self._cache = type(self._cache).concat([self._cache, cache])
             self._logits = torch.cat([self._logits, logits])
         self._active.extend(new)
+        admit_s = time.perf_counter() - t0  # lookup, prefill, and each newcomer's set-up and join
+        for r in new:
+            r.prompt_wall = admit_s / len(new)
 
     def _prefill_with_reuse(self, new: list[Request], cap: int):
         """Prefill only what the prefix cache lacks; store every prompt's KV afterwards."""
