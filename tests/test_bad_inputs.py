@@ -184,3 +184,18 @@ def test_ctrl_c_exits_130_with_one_line():
     out, err = p.communicate(timeout=60)
     assert p.returncode == 130, (p.returncode, err[-500:])
     assert "Traceback" not in err and "interrupted" in err
+
+
+def test_help_lists_the_flags_derived_from_sampling_params(capsys):
+    from dataclasses import fields
+
+    from ponder.params import SamplingParams
+
+    for cmd in ("generate", "eval"):
+        code, out, err = run(capsys, cmd, "--help")
+        assert code == 0, err
+        flat = " ".join(out.split())
+        skip = {"n", "logprobs"} if cmd == "eval" else set()
+        for f in fields(SamplingParams):
+            if f.name not in skip:
+                assert "--" + f.name.replace("_", "-") in flat, (cmd, f.name)
