@@ -42,8 +42,13 @@ def test_majority_tie_goes_to_the_first_reached():
 
 
 class LengthScorer:
-    def score_completions(self, prompt, completions):
-        return [(float(len(c)), Usage(computed_tokens=len(c), model_calls=1)) for c in completions]
+    name = "length"
+
+    def score(self, prompt, completions):
+        from ponder.scoring.base import Scores
+
+        return Scores([float(len(c)) for c in completions],
+                      Usage(computed_tokens=sum(map(len, completions)), model_calls=len(completions)))
 
 
 def test_best_of_n_takes_the_highest_score_and_bills_the_scorer():
@@ -118,7 +123,7 @@ def test_meta_generators_name_a_bad_argument(arith_lm):
     from ponder.errors import SettingError
 
     task = ArithTask()
-    with pytest.raises(SettingError, match="scorer must have score_completions"):
+    with pytest.raises(SettingError, match="scorer must have score"):
         BestOfN(Sample(arith_lm), None)
     with pytest.raises(SettingError, match="generator must be a ponder generator"):
         MajorityVote(None, task.extract_answer)

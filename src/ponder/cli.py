@@ -337,7 +337,8 @@ def list_strategies() -> None:
     from . import strategies
 
     for s in strategies.STRATEGIES.values():
-        print(f"{s.name:18s} {s.help}")
+        own = ", ".join(s.settings) or "-"
+        print(f"{s.name:18s} [{s.access} access; settings: {own}] {s.help}")
 
 
 def main(argv: list[str] | None = None) -> None:

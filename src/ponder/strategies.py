@@ -36,6 +36,7 @@ class Strategy:
     constraint: bool = False
     needs: tuple[str, ...] = ()  # e.g. ("task",) or ("reward_model",)
     meta: bool = False  # draws several candidates per problem (eval reports pass@N)
+    access: str = "logits"  # the lowest access level its policy needs: text, logprobs or logits
 
 
 @dataclass
@@ -179,10 +180,62 @@ def _best_of_n(lm, p, s, ctx):
     return BestOfN(_sample(lm, p, s, ctx), ctx.reward_model, **_given(s, n="samples"))
 
 
+def _weighted(lm, p, s, ctx):
+    from .meta.parallel import WeightedMajorityVote
+
+    weight = s.get("weight", "reward")
+    if weight == "reward" and ctx.reward_model is None:
+        raise SettingError("--strategy weighted-majority with weight=reward needs --reward-model (or --set weight=logprob)")
+    return WeightedMajorityVote(_sample(lm, p, s, ctx), ctx.task.extract_answer, ctx.reward_model,
+                                **_given(s, n="samples", weight="weight"))
+
+
+def _mbr(lm, p, s, ctx):
+    from .meta.parallel import MinimumBayesRisk
+    from .scoring.utility import utility_named
+
+    utility = utility_named(s.get("utility", "exact"), ctx.task.extract_answer)
+    return MinimumBayesRisk(_sample(lm, p, s, ctx), utility, **_given(s, n="samples"))
+
+
+def _rejection(lm, p, s, ctx):
+    from .meta.parallel import RejectionSampling
+
+    return RejectionSampling(_sample(lm, p, s, ctx), ctx.reward_model,
+                             **_given(s, n="samples", threshold="threshold", batch="batch"))
+
+
+def _oracle(lm, p, s, ctx):
+    from .meta.parallel import OracleSampling
+    from .scoring.verifiers import AnswerVerifier
+
+    return OracleSampling(_sample(lm, p, s, ctx), AnswerVerifier(ctx.task), **_given(s, n="samples", batch="batch"))
+
+
+def _usc(lm, p, s, ctx):
+    from .meta.parallel import UniversalSelfConsistency
+
+    return UniversalSelfConsistency(_sample(lm, p, s, ctx), **_given(s, n="samples"))
+
+
+_PARALLEL = dict(adapters=ALL_ADAPTERS, constraint=True, meta=True, access="text")
 register(Strategy("majority", _majority, "self-consistency: majority vote over N samples (Wang et al. 2023)",
-                  ("samples",), ALL_ADAPTERS, constraint=True, needs=("task",), meta=True))
+                  ("samples",), needs=("task",), **_PARALLEL))
 register(Strategy("best-of-n", _best_of_n, "best of N samples by a reward model (Stiennon et al. 2020)",
-                  ("samples",), ALL_ADAPTERS, constraint=True, needs=("reward_model",), meta=True))
+                  ("samples",), needs=("reward_model",), **_PARALLEL))
+register(Strategy("weighted-majority", _weighted, "majority vote weighted by --reward-model scores or, with --set "
+                  "weight=logprob, by sequence probability (Li et al. 2023)", ("samples", "weight"),
+                  needs=("task",), **_PARALLEL))
+register(Strategy("mbr", _mbr, "minimum Bayes risk over N samples, --set utility=exact|edit|bleu|chrf "
+                  "(Bertsch et al. 2023)", ("samples", "utility"), needs=("task",), **_PARALLEL))
+register(Strategy("rejection", _rejection, "rejection sampling: draw --set batch=B at a time until the "
+                  "--reward-model score reaches --set threshold=T, up to N", ("samples", "threshold", "batch"),
+                  needs=("reward_model",), **_PARALLEL))
+register(Strategy("oracle", _oracle, "repeated sampling until the task's exact verifier accepts (coverage, "
+                  "pass@k; Brown et al. 2024): an upper bound, it reads the answer", ("samples", "batch"),
+                  needs=("task",), **_PARALLEL))
+register(Strategy("usc", _usc, "universal self-consistency: the model picks the consensus of N samples "
+                  "(Chen et al. 2023)", ("samples",), **_PARALLEL))
 
 
 # -- controlled generation with several models ------------------------------------------------

@@ -27,6 +27,7 @@ from ..models.loader import load_tokenizer, load_transformer
 from ..models.llama import Transformer
 from ..errors import SettingError
 from ..types import Usage
+from .base import Scores, aggregate
 
 # The final answer line is read by the outcome score, not as a step.
 _ANSWER_LINE = re.compile(r"^\s*(answer\b|####)", re.IGNORECASE)
@@ -87,9 +88,9 @@ class RewardModel:
         """Outcome score in [0, 1] for each completion, with what scoring cost."""
         out: list[tuple[float, Usage]] = []
         for i in range(0, len(completions), batch_size):
+            t0 = time.perf_counter()
             lay = [self.layout(prompt, c) for c in completions[i : i + batch_size]]
             seqs = [ids for ids, _, _ in lay]
-            t0 = time.perf_counter()
             logits = self.token_logits(seqs)
             for (ids, _, end), lg, u in zip(lay, logits, self._usage(seqs, time.perf_counter() - t0)):
                 out.append((float(torch.sigmoid(lg[end])), u))
@@ -97,10 +98,46 @@ class RewardModel:
 
     def step_scores(self, prompt: str, completions: Sequence[str], batch_size: int = 64) -> list[list[float]]:
         """PRM: for each completion, the score after each step line."""
-        out: list[list[float]] = []
+        return self.score_steps(prompt, completions, batch_size).steps or []
+
+    # -- the Scorer contract (ponder.scoring.base) -------------------------------------------
+    def score(self, prompt: str, completions: Sequence[str]) -> Scores:
+        """As an outcome reward model (ORM): the probability that each answer is right."""
+        scored = self.score_completions(prompt, completions)
+        return Scores([s for s, _ in scored], Usage.total(u for _, u in scored))
+
+    def score_steps(self, prompt: str, completions: Sequence[str], batch_size: int = 64,
+                    aggregation: str = "last") -> Scores:
+        """As a process reward model (PRM): each step's probability that the solution is
+        right so far, and their ``aggregation`` per completion."""
+        steps: list[list[float]] = []
+        usage = Usage()
         for i in range(0, len(completions), batch_size):
+            t0 = time.perf_counter()
             lay = [self.layout(prompt, c) for c in completions[i : i + batch_size]]
-            logits = self.token_logits([ids for ids, _, _ in lay])
+            seqs = [ids for ids, _, _ in lay]
+            logits = self.token_logits(seqs)
             for (_, ends, _), lg in zip(lay, logits):
-                out.append(torch.sigmoid(lg[ends]).tolist() if ends else [])
-        return out
+                steps.append(torch.sigmoid(lg[ends]).tolist() if ends else [])
+            usage = usage + Usage.total(self._usage(seqs, time.perf_counter() - t0))
+        return Scores([aggregate(s, aggregation, empty=0.0) for s in steps], usage, steps)
+
+    def prm(self, aggregation: str = "last") -> "ProcessReward":
+        """This model as a step scorer whose ``score`` aggregates the steps."""
+        return ProcessReward(self, aggregation)
+
+
+class ProcessReward:
+    """A reward model read at step ends (PRM), each path scored by ``aggregation`` of its
+    steps: last, min, product or mean."""
+
+    def __init__(self, rm: RewardModel, aggregation: str = "last") -> None:
+        aggregate([], aggregation)  # validates the name
+        self.rm, self.aggregation = rm, aggregation
+        self.name = f"{rm.name}/prm-{aggregation}"
+
+    def score_steps(self, prompt: str, completions: Sequence[str]) -> Scores:
+        return self.rm.score_steps(prompt, completions, aggregation=self.aggregation)
+
+    def score(self, prompt: str, completions: Sequence[str]) -> Scores:
+        return self.score_steps(prompt, completions)

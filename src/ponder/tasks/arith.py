@@ -215,6 +215,19 @@ class ArithTask:
     def prompt(self, problem: Problem) -> str:
         return f"Q: {problem.question}\n"
 
+    def problem_of_prompt(self, prompt: str) -> Problem:
+        """The problem a prompt asks (its first line, ``Q: question``): arith needs no
+        answer key, the question is its own (what exact verifiers read)."""
+        first = (prompt or "").split("\n", 1)[0]
+        if not first.startswith("Q: "):
+            raise SettingError(f"not an arith prompt (it starts with 'Q: '): {first[:40]!r}")
+        question = first[3:].strip()
+        try:
+            _, answer = solve(question)
+        except ValueError:
+            raise SettingError(f"not an arith question: {question[:40]!r}") from None
+        return Problem(id="prompt", question=question, answer=str(answer))
+
     def extract_answer(self, completion: str) -> str | None:
         """The number on the last 'Answer:' line; None if there is none (never raises)."""
         found = _ANSWER.findall(completion or "")

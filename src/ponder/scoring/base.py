@@ -1,0 +1,60 @@
+"""The scorer contract: ``score(prompt, completions) -> Scores``, plus a step-level form.
+
+A scorer rates completions of one prompt. It returns one value per completion and what
+scoring cost (a ``Usage``, so a meta-generator's bill includes its scorers). A step
+scorer (a process reward model, an exact step checker) also rates each step of each
+completion; ``aggregate`` turns step values into one (last, min, product or mean, the
+choices of Lightman et al. 2023 and Wang et al. 2024).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence, runtime_checkable
+
+from ..errors import SettingError
+from ..types import Usage
+
+
+@dataclass
+class Scores:
+    """One value per completion (higher is better), and the bill of computing them.
+    ``steps``: per completion, one value per step, when the scorer reads steps."""
+
+    values: list[float]
+    usage: Usage = field(default_factory=Usage)
+    steps: list[list[float]] | None = None
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    name: str
+
+    def score(self, prompt: str, completions: Sequence[str]) -> Scores: ...
+
+
+@runtime_checkable
+class StepScorer(Scorer, Protocol):
+    def score_steps(self, prompt: str, completions: Sequence[str]) -> Scores:
+        """``Scores.steps``: each completion's step values; ``values``: their aggregate."""
+        ...
+
+
+AGGREGATIONS = ("last", "min", "product", "mean")
+
+
+def aggregate(steps: Sequence[float], how: str, empty: float = 0.0) -> float:
+    """One value from a path's step values: the last step's, the minimum, the product
+    or the mean. A path with no step gets ``empty``."""
+    if how not in AGGREGATIONS:
+        raise SettingError(f"aggregation must be one of {', '.join(AGGREGATIONS)}; got {how!r}")
+    if not steps:
+        return empty
+    if how == "last":
+        return float(steps[-1])
+    if how == "min":
+        return float(min(steps))
+    if how == "product":
+        return float(math.prod(steps))
+    return float(sum(steps) / len(steps))
