@@ -260,8 +260,9 @@ def eval_cmd(
     if strategy not in strategies.STRATEGIES:
         _fail(f"--strategy {strategy!r} is unknown; choose one of: {', '.join(strategies.STRATEGIES)}")
     st = strategies.STRATEGIES[strategy]
-    if samples is not None and not st.meta:
-        _fail(f"--samples applies to strategies that draw several candidates (majority, best-of-n); not {strategy}")
+    if samples is not None and "samples" not in st.settings:
+        _fail(f"--samples applies to strategies that draw several candidates (majority, best-of-n, prm-beam, ...); "
+              f"not {strategy}")
     t = load_task(task)
     problems = t.problems(level, limit)
     params, sets = _split_sets(params, _parse_sets(set_))
@@ -277,7 +278,7 @@ def eval_cmd(
     rm = _load_reward(reward_model, "--reward-model")
     prm_model = rm if prm and prm == reward_model else _load_reward(prm, "--prm")
     gen = strategies.build(strategy, lm, params.replace(seed=None), settings, strategies.Context(task=t, reward_model=rm))
-    per = getattr(gen, "n", 1) if st.meta else 1
+    per = getattr(gen, "n", 1) if "samples" in st.settings else 1
     chunk = chunk or max(1, 512 // per)
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn

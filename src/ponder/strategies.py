@@ -238,6 +238,48 @@ register(Strategy("usc", _usc, "universal self-consistency: the model picks the 
                   "(Chen et al. 2023)", ("samples",), **_PARALLEL))
 
 
+# -- step-level search ----------------------------------------------------------------------
+def _step_scorer(name: str, s: dict[str, Any], ctx: Context) -> Any:
+    kind = s.get("scorer", "prm")
+    if kind == "prm":
+        if ctx.reward_model is None:
+            raise SettingError(f"--strategy {name} needs --reward-model (a PRM), or --set scorer=steps "
+                               "(the task's exact step checker)")
+        return ctx.reward_model.prm("last")
+    if kind == "steps":
+        from .scoring.verifiers import StepVerifier
+
+        if ctx.task is None:
+            raise SettingError(f"--strategy {name} with scorer=steps needs a task (ponder eval --task NAME)")
+        return StepVerifier(ctx.task)
+    raise SettingError(f"scorer must be prm (with --reward-model) or steps (the task's step checker); got {kind!r}")
+
+
+def _search(cls_path: str, name: str, **names: str):
+    def factory(lm, p, s, ctx):
+        import importlib
+
+        module, cls = cls_path.rsplit(".", 1)
+        search = getattr(importlib.import_module(module), cls)
+        return search(lm, _step_scorer(name, s, ctx), params=p, **_given(s, n="samples", max_depth="max_depth", **names))
+
+    return factory
+
+
+_SEARCH = dict(adapters=ALL_ADAPTERS, options=("stop", "stop_token_ids", "ignore_eos"), access="text")
+register(Strategy("prm-beam", _search("ponder.meta.search.beam.PRMBeamSearch", "prm-beam", beam_width="beam_width"),
+                  "PRM beam search over steps (Snell et al. 2024): N paths, keep N/M, expand each M; --set beam_width=M "
+                  "scorer=prm|steps", ("samples", "beam_width", "max_depth", "scorer"), **_SEARCH))
+register(Strategy("dvts", _search("ponder.meta.search.dvts.DVTS", "dvts", beam_width="beam_width"),
+                  "diverse verifier tree search (Beeching et al. 2024): N/M independent greedy beams of width M",
+                  ("samples", "beam_width", "max_depth", "scorer"), **_SEARCH))
+register(Strategy("rebase", _search("ponder.meta.search.rebase.REBASE", "rebase", temperature="balance_temperature",
+                                    select="select"),
+                  "REBASE (Wu et al. 2024): each depth's budget split by softmax(score / T); --set "
+                  "balance_temperature=T", ("samples", "max_depth", "scorer", "balance_temperature", "select"),
+                  **_SEARCH))
+
+
 # -- controlled generation with several models ------------------------------------------------
 def _controlled(lm, p, s, generator: Callable[..., Any]) -> dict[str, Any]:
     """Keyword arguments for a controlled generator; whether it samples by default is

@@ -1,0 +1,175 @@
+"""What every step-level search shares: the tree, step expansion and partial-path scoring.
+
+A simpler split than llm-reasoners' WorldModel / SearchConfig / Algorithm, which fits
+text steps: the *state* is the path text (prompt + steps so far), an *action* is the
+next step the policy writes, and the *world model* is concatenation, so ``StepTree``
+holds states and ``expand`` / ``score`` are the search config. Each algorithm (beam.py,
+dvts.py, rebase.py, ...) is then only its selection rule.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from ...errors import SettingError
+from ...params import SamplingParams
+from ...protocols import Access, GeneratorBase, require_access
+from ...types import Generation, Usage
+from ...scoring.base import aggregate
+
+_FINAL = re.compile(r"^\s*(answer\b|####)", re.IGNORECASE)
+
+
+def answer_line(step: str) -> bool:
+    """The default final step: a line that gives the answer ("Answer: ...", "#### ...")."""
+    return bool(_FINAL.match(step))
+
+
+@dataclass
+class Node:
+    """One step of a path. The root (``depth`` 0) holds no step."""
+
+    id: int
+    step: str
+    parent: "Node | None"
+    depth: int
+    terminal: bool = False
+    finish: str = ""  # why the step ended: "delimiter", "final", "stop" (EOS), "length", "depth"
+    score: float | None = None  # the scorer's value of the path up to here
+    visits: int = 0
+    value: float = 0.0  # summed backed-up value (MCTS)
+    usage: Usage = field(default_factory=Usage)  # what generating this step cost
+    logprob: float = 0.0
+    children: list["Node"] = field(default_factory=list)
+
+    def path(self) -> str:
+        steps, n = [], self
+        while n is not None and n.parent is not None:
+            steps.append(n.step)
+            n = n.parent
+        return "".join(reversed(steps))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "step": self.step, "depth": self.depth, "terminal": self.terminal,
+                "finish": self.finish, "score": self.score, "visits": self.visits, "value": self.value,
+                "usage": self.usage.to_dict(), "children": [c.to_dict() for c in self.children]}
+
+
+class Tree:
+    """One search's tree: its root and the ids it has handed out (state of one search,
+    so concurrent searches over one object never share it)."""
+
+    def __init__(self) -> None:
+        self.root = Node(0, "", None, 0)
+        self.size = 0
+
+    def next_id(self) -> int:
+        self.size += 1
+        return self.size
+
+
+class StepSearch(GeneratorBase):
+    """The scaffolding of a step-level search over ``lm`` (any ``TextLM``) with a step
+    ``scorer`` (``score_steps(prompt, completions) -> Scores``). ``params`` are the
+    policy's sampling settings for one step (``max_tokens`` bounds a step); a step ends
+    at ``delimiter``. ``is_final(step)`` marks a path's last step (an answer line by
+    default); ``max_depth`` bounds the steps of a path."""
+
+    strategy = "step-search"
+
+    def __init__(self, lm: Any, scorer: Any, params: SamplingParams | None = None, delimiter: str = "\n",
+                 max_depth: int = 16, is_final: Callable[[str], bool] = answer_line) -> None:
+        require_access(lm, Access.TEXT, type(self).__name__)
+        if not callable(getattr(scorer, "score_steps", None)):
+            raise SettingError(f"scorer must have score_steps(prompt, completions) (a PRM or a step verifier); "
+                               f"got {scorer!r}")
+        if not isinstance(delimiter, str) or not delimiter:
+            raise SettingError(f"delimiter must be a non-empty string; got {delimiter!r}")
+        if not isinstance(max_depth, int) or isinstance(max_depth, bool) or max_depth < 1:
+            raise SettingError(f"max_depth must be an integer >= 1; got {max_depth!r}")
+        if params is not None and not isinstance(params, SamplingParams):
+            raise SettingError(f"params must be a SamplingParams; got {type(params).__name__}")
+        self.lm, self.scorer, self.delimiter, self.max_depth, self.is_final = lm, scorer, delimiter, max_depth, is_final
+        self.params = (params or SamplingParams(temperature=0.8, max_tokens=64)).replace(
+            stop=tuple(params.stop if params else ()) + (delimiter,))
+
+    # -- the tree ----------------------------------------------------------------------------
+    def _node(self, tree: Tree, parent: Node, g: Generation) -> Node:
+        if g.finish_reason == "stop" and g.stop == self.delimiter:
+            step, finish = g.text + self.delimiter, "delimiter"
+        else:
+            step, finish = g.text, ("stop" if g.finish_reason == "stop" else g.finish_reason)
+        node = Node(tree.next_id(), step, parent, parent.depth + 1, usage=g.usage,
+                    logprob=sum(g.logprobs) if g.logprobs else 0.0)
+        if finish != "delimiter":
+            node.terminal, node.finish = True, finish
+        elif self.is_final(step):
+            node.terminal, node.finish = True, "final"
+        elif node.depth >= self.max_depth:
+            node.terminal, node.finish = True, "depth"
+        else:
+            node.finish = finish
+        parent.children.append(node)
+        return node
+
+    async def expand(self, prompt: str, tree: Tree, nodes: Sequence[Node], k: int | Sequence[int],
+                     seed: int) -> list[list[Node]]:
+        """``k`` next steps for each node (one count for all, or one per node), sampled
+        concurrently: each node's request has its own seed, so equal prefixes still
+        branch, and an engine-backed policy batches them all."""
+        ks = [k] * len(nodes) if isinstance(k, int) else list(k)
+        calls = [self.lm.generate([prompt + n.path()], self.params.replace(n=kk, seed=(seed + 7_919 * n.id) % 2**62))
+                 for n, kk in zip(nodes, ks) if kk > 0]
+        outs = iter(await asyncio.gather(*calls))
+        return [[self._node(tree, n, g) for g in next(outs)[0]] if kk > 0 else [] for n, kk in zip(nodes, ks)]
+
+    async def score(self, prompt: str, nodes: Sequence[Node]) -> Usage:
+        """Score each node's path with the step scorer (its last step's value) and
+        return what scoring cost. The scorer runs on a worker thread: the event loop
+        (other searches, a server) goes on meanwhile."""
+        if not nodes:
+            return Usage()
+        scores = await asyncio.to_thread(self.scorer.score_steps, prompt, [n.path() for n in nodes])
+        for n, steps in zip(nodes, scores.steps or [[v] for v in scores.values]):
+            n.score = aggregate(steps, "last", empty=0.0)
+        return scores.usage
+
+    # -- the result -----------------------------------------------------------------------
+    def result(self, root: Node, best: Node, scorer_usage: Usage, **meta: Any) -> Generation:
+        nodes, stack = [], [root]
+        while stack:
+            n = stack.pop()
+            nodes.append(n)
+            stack.extend(n.children)
+        # every step's bill plus the scorer's (steps that ran together in one engine batch
+        # split their time there, so concurrent searches are not billed twice)
+        usage = Usage.total(n.usage for n in nodes) + scorer_usage
+        finish = "stop" if best.terminal and best.finish in ("final", "stop") else "length"
+        return Generation(text=best.path(), token_ids=[], finish_reason=finish, usage=usage, score=best.score,
+                          meta={"strategy": self.strategy, "tree": root.to_dict(), "nodes": len(nodes) - 1,
+                                "best_node": best.id, **meta})
+
+    async def search(self, prompt: str, seed: int) -> Generation:
+        raise NotImplementedError
+
+    async def agenerate(self, prompt: str, n: int = 1, seed: int | None = None) -> list[Generation]:
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise SettingError(f"n must be an integer >= 1; got {n!r}")
+        base = int.from_bytes(os.urandom(6), "little") if seed is None else seed
+        return [await self.search(prompt, base + k * 1_000_033) for k in range(n)]
+
+    async def agenerate_many(self, prompts: Sequence[str], n: int = 1, seed: int | None = None) -> list[list[Generation]]:
+        return list(await asyncio.gather(*(self.agenerate(p, n, seed) for p in prompts)))
+
+    def generate_batch(self, prompts: Sequence[str], n: int = 1, seed: int | None = None) -> list[list[Generation]]:
+        return asyncio.run(self.agenerate_many(prompts, n, seed))
+
+
+def best_terminal(nodes: Sequence[Node]) -> Node | None:
+    """The highest-scoring terminal node (ties to the first), or None."""
+    done = [n for n in nodes if n.terminal]
+    return max(done, key=lambda n: (n.score if n.score is not None else float("-inf"))) if done else None

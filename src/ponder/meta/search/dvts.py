@@ -1,0 +1,48 @@
+"""Diverse verifier tree search, DVTS (Beeching et al. 2024).
+
+The budget ``n`` is split into ``n / M`` independent subtrees, so that one high-scoring
+early step cannot pull every path into one region (the failure of beam search at large
+budgets). Each subtree starts from its own sampled first step and runs a greedy beam of
+width ``M``: expand its one path into ``M`` next steps, keep the one the scorer rates
+best. All subtrees advance together (one round of requests per depth). The answer is
+the best finished path over the subtrees.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ...errors import SettingError
+from ...types import Generation
+from .base import StepSearch, Tree, best_terminal
+
+
+class DVTS(StepSearch):
+    strategy = "dvts"
+
+    def __init__(self, lm: Any, scorer: Any, n: int = 16, beam_width: int = 4, **kw: Any) -> None:
+        super().__init__(lm, scorer, **kw)
+        for name, v in (("n", n), ("beam_width", beam_width)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise SettingError(f"{name} must be an integer >= 1; got {v!r}")
+        if beam_width > n:
+            raise SettingError(f"beam_width must be <= n ({n}); got {beam_width}")
+        self.n, self.beam_width = n, beam_width
+
+    async def search(self, prompt: str, seed: int) -> Generation:
+        tree = Tree()
+        root = tree.root
+        (heads,) = await self.expand(prompt, tree, [root], max(1, self.n // self.beam_width), seed)
+        scorer_usage = await self.score(prompt, heads)
+        finished = [h for h in heads if h.terminal]
+        open_ = [h for h in heads if not h.terminal]
+        depth = 1
+        while open_:
+            kids = await self.expand(prompt, tree, open_, self.beam_width, seed + depth)
+            scorer_usage = scorer_usage + await self.score(prompt, [c for cs in kids for c in cs])
+            best = [max(cs, key=lambda c: c.score) for cs in kids]  # each subtree keeps its best step
+            finished += [b for b in best if b.terminal]
+            open_ = [b for b in best if not b.terminal]
+            depth += 1
+        top = best_terminal(finished) or max(heads, key=lambda c: c.score)
+        return self.result(root, top, scorer_usage, subtrees=len(heads), depth=depth)

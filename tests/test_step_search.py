@@ -1,0 +1,138 @@
+"""Step-level search: hand-checked logic on a scripted text-only policy and scorer, the
+tree as JSON, and end to end on the shipped models (PRM and exact step checker)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from ponder.errors import SettingError
+from ponder.meta.search.beam import PRMBeamSearch
+from ponder.meta.search.dvts import DVTS
+from ponder.meta.search.rebase import REBASE, allocate
+from ponder.params import SamplingParams
+from ponder.protocols import Access
+from ponder.scoring.base import Scores
+from ponder.tasks.arith import ArithTask
+from ponder.types import Generation, Usage
+
+TASK = ArithTask()
+# the scripted world: from each path, the steps the policy may write next (in turn)
+STEPS = {
+    "": ["a\n", "b\n", "c\n"],
+    "a\n": ["a1\n", "a2\n"], "b\n": ["b1\n", "Answer: B\n"], "c\n": ["Answer: C\n"],
+    "a\na1\n": ["Answer: A1\n"], "a\na2\n": ["Answer: A2\n"], "b\nb1\n": ["Answer: B1\n"],
+}
+VALUE = {"a\n": 0.9, "b\n": 0.5, "c\n": 0.1, "a1\n": 0.3, "a2\n": 0.8, "b1\n": 0.6, "Answer: B\n": 0.4,
+         "Answer: C\n": 0.2, "Answer: A1\n": 0.3, "Answer: A2\n": 0.95, "Answer: B1\n": 0.7}
+
+
+class Policy:
+    """A text-only backend that writes the scripted steps, stopping at the delimiter."""
+
+    name = "scripted"
+    access = Access.TEXT
+
+    def __init__(self):
+        self.requests = 0
+
+    async def generate(self, prompts, params):
+        self.requests += 1
+        out = []
+        for p in prompts:
+            path = p.split("\n", 1)[1]  # after the question line
+            options = STEPS[path]
+            gens = []
+            for j in range(params.n):
+                step = options[(j + params.seed) % len(options)]
+                gens.append(Generation(text=step.rstrip("\n"), token_ids=[1], finish_reason="stop", stop="\n",
+                                       usage=Usage(generated_tokens=1, wall_s=0.01)))
+            out.append(gens)
+        return out
+
+
+class StepValues:
+    name = "values"
+
+    def score_steps(self, prompt, completions):
+        steps = [[VALUE[s + "\n"] for s in c.split("\n") if s] for c in completions]
+        return Scores([s[-1] for s in steps], Usage(model_calls=len(completions)), steps)
+
+
+def test_prm_beam_keeps_the_best_paths():
+    pol = Policy()
+    g = PRMBeamSearch(pol, StepValues(), n=4, beam_width=2).generate("Q: x\n", seed=0)[0]
+    # depth 1: a b c a (n=4); keep the 2 best open (a, a) -> each expands into a1, a2
+    # depth 2: a1 a2 a1 a2 -> keep a2 a2 -> Answer: A2 twice: 2 finished ... until 4 finished
+    assert g.text == "a\na2\nAnswer: A2\n" and g.score == pytest.approx(0.95)
+    tree = json.loads(json.dumps(g.meta["tree"]))  # the trace is JSON
+    assert [c["step"] for c in tree["children"]] == ["a\n", "b\n", "c\n", "a\n"]
+    assert g.usage.generated_tokens == g.meta["nodes"] and g.usage.model_calls > 0
+
+
+def test_dvts_subtrees_are_independent_greedy_beams():
+    g = DVTS(Policy(), StepValues(), n=4, beam_width=2).generate("Q: x\n", seed=0)[0]
+    tree = g.meta["tree"]
+    assert g.meta["subtrees"] == 2 and [c["step"] for c in tree["children"]] == ["a\n", "b\n"]
+    # subtree a: a1 (0.3) vs a2 (0.8) -> a2 -> Answer: A2; subtree b: b1 (0.6) vs Answer: B (0.4) -> b1 -> Answer: B1
+    assert g.text == "a\na2\nAnswer: A2\n"
+    b = tree["children"][1]
+    kids = {c["step"]: c for c in b["children"]}
+    assert set(kids) == {"b1\n", "Answer: B\n"} and kids["b1\n"]["children"] and not kids["Answer: B\n"]["children"]
+
+
+def test_rebase_allocates_the_budget_by_softmax_of_scores():
+    assert allocate([0.9, 0.5, 0.1], 10, 0.1) == [10, 0, 0]
+    assert allocate([0.5, 0.5], 3, 1.0) == [2, 1] and sum(allocate([0.3, 0.2, 0.9, 0.1], 7, 0.5)) == 7
+    g = REBASE(Policy(), StepValues(), n=3, temperature=0.1).generate("Q: x\n", seed=0)[0]
+    assert g.text == "a\na2\nAnswer: A2\n"
+    w = REBASE(Policy(), StepValues(), n=3, select="weighted", extract=lambda t: t.split()[-1]).generate("Q: x\n", seed=0)[0]
+    assert w.text.endswith("Answer: A2\n")
+
+
+def test_bad_search_settings():
+    with pytest.raises(SettingError, match="beam_width must be an integer >= 1"):
+        PRMBeamSearch(Policy(), StepValues(), beam_width=0)
+    with pytest.raises(SettingError, match="beam_width must be <= n"):
+        DVTS(Policy(), StepValues(), n=2, beam_width=4)
+    with pytest.raises(SettingError, match="scorer must have score_steps"):
+        PRMBeamSearch(Policy(), None)
+    with pytest.raises(SettingError, match="temperature"):
+        REBASE(Policy(), StepValues(), temperature=0)
+    with pytest.raises(SettingError, match="max_depth"):
+        REBASE(Policy(), StepValues(), max_depth=0)
+
+
+@pytest.mark.parametrize("algo", [PRMBeamSearch, DVTS, REBASE])
+def test_search_on_the_shipped_models_with_a_prm(arith_lm, algo):
+    from ponder.engine.engine import engine_for
+    from ponder.scoring.reward import RewardModel
+    from ponder.scoring.verifiers import StepVerifier
+
+    problems = TASK.problems("hard", 4)
+    params = SamplingParams(temperature=0.8, max_tokens=24)
+    search = algo(arith_lm, RewardModel.from_pretrained("arith-reward").prm("last"), n=8, params=params)
+    outs = search.generate_batch([TASK.prompt(p) for p in problems], seed=1)
+    again = search.generate_batch([TASK.prompt(p) for p in problems], seed=1)
+    assert [o[0].text for o in outs] == [o[0].text for o in again]  # seeded: the same trees
+    for p, (g,) in zip(problems, outs):
+        assert TASK.extract_answer(g.text) is not None and g.meta["nodes"] >= 8
+        # the tree's steps were prefilled mostly from the prefix cache: computed << requested
+        requested = sum(n["usage"]["prompt_tokens"] + n["usage"]["generated_tokens"] for n in _walk(g.meta["tree"]))
+        computed = sum(n["usage"]["computed_tokens"] for n in _walk(g.meta["tree"]))
+        assert computed < 0.5 * requested, (computed, requested)
+    # with the exact step checker as the scorer, the search finds right answers
+    exact = algo(arith_lm, StepVerifier(TASK), n=8, params=params)
+    right = sum(TASK.check_answer(p, g[0].text) for p, g in zip(problems, exact.generate_batch(
+        [TASK.prompt(p) for p in problems], seed=1)))
+    assert right >= 3
+
+
+def _walk(tree):
+    stack = [tree]
+    while stack:
+        n = stack.pop()
+        yield n
+        stack.extend(n["children"])
