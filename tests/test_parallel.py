@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 import pytest
 
 from ponder.errors import SettingError
@@ -202,3 +204,25 @@ def test_weighted_vote_and_oracle_on_the_shipped_models(arith_lm):
     covered = sum(o[0].meta["verified"] for o in oracle)
     correct = sum(TASK.check_answer(p, o[0].text) for p, o in zip(problems, oracle))
     assert covered == correct and covered >= 9  # pass@16 on hard is ~96%
+
+
+def test_prm_scoring_reuses_the_kv_of_earlier_steps():
+    """Scoring step k+1 of a path computes only its new tokens; values equal a fresh read."""
+    from ponder.scoring.reward import RewardModel
+
+    rm = RewardModel.from_pretrained("arith-reward")
+    fresh = RewardModel(rm.model, rm.tokenizer, "fresh", prefix_cache=False)
+    prompt = "Q: 3+4-2+8\n"
+    paths = ["3+4=7\n", "3+4=7\n7-2=5\n", "3+4=7\n7-2=5\n5+8=13\n", "3+4=7\n7-2=5\n5+8=13\nAnswer: 13\n"]
+    calls = [rm.score_steps(prompt, [p]) for p in paths]
+    for p, got in zip(paths, calls):
+        ids, ends, _ = rm.layout(prompt, p)
+        want = torch.sigmoid(fresh.token_logits([ids])[0][ends]).tolist()
+        assert got.steps[0] == pytest.approx(want, abs=1e-5)
+    # each later call computed about one step's tokens (plus the EOS the layout appends), not the whole path
+    step_tokens = [len(rm.layout(prompt, b)[0]) - len(rm.layout(prompt, a)[0]) for a, b in zip(paths, paths[1:])]
+    # (the answer line is not a step: its call reads nothing new)
+    assert [c.usage.computed_tokens for c in calls[1:]] == [step_tokens[0] + 1, step_tokens[1] + 1, 0]
+    assert calls[0].usage.computed_tokens == len(rm.layout(prompt, paths[0])[0])
+    again = rm.score_steps(prompt, paths[:3])
+    assert again.usage.computed_tokens == 0 and again.steps[2] == calls[2].steps[0]  # all remembered

@@ -17,6 +17,7 @@ this format; transformers loads it too (``AutoModelForTokenClassification``).
 from __future__ import annotations
 
 import re
+import threading
 import time
 from pathlib import Path
 from typing import Sequence
@@ -34,12 +35,26 @@ _ANSWER_LINE = re.compile(r"^\s*(answer\b|####)", re.IGNORECASE)
 
 
 class RewardModel:
-    def __init__(self, model: Transformer, tokenizer, name: str = "reward") -> None:
+    """``prefix_cache``: reuse KV across calls, so scoring step k+1 of a path reads
+    steps 1..k from the cache instead of recomputing them (a radix tree, LRU under
+    ``max_cache_bytes``); the head's logits already read are remembered too."""
+
+    MEMO_LIMIT = 500_000  # remembered logits before the memo starts afresh
+
+    def __init__(self, model: Transformer, tokenizer, name: str = "reward", prefix_cache: bool = True,
+                 max_cache_bytes: int = 128 * 2**20) -> None:
         if not model.cfg.is_reward_model:
             raise SettingError(f"{name} is not a reward model: its config has no scalar head (num_labels); "
                                "give a token-classification checkpoint such as arith-reward")
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.eos = model.cfg.eos_ids[0]
+        self.prefix_cache = None
+        if prefix_cache:
+            from ..engine.prefix_cache import RadixCache
+
+            self.prefix_cache = RadixCache.for_model(model.cfg, model.dtype, max_bytes=max_cache_bytes)
+        self._memo: dict[tuple[int, ...], float] = {}  # a prefix's ids -> the head's logit at its last token
+        self._lock = threading.Lock()  # searches score from several threads at once
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, dtype: str = "float32") -> "RewardModel":
@@ -75,14 +90,63 @@ class RewardModel:
         scores = self.model.logits(self.model(ids))[..., 0].float()
         return [scores[i, : len(s)] for i, s in enumerate(seqs)]
 
-    def _usage(self, seqs: list[list[int]], wall_s: float) -> list[Usage]:
-        """The bill of one scoring batch; its wall time is split evenly over the sequences."""
+    @torch.inference_mode()
+    def read(self, seqs: list[list[int]], wanted: list[list[int]]) -> tuple[list[dict[int, float]], list[int]]:
+        """The head's logit at the ``wanted`` positions of each sequence, computing only
+        what was never computed: a position whose prefix was read before comes from the
+        memo; the rest runs on the KV of the longest cached prefix. Returns the logits
+        and the tokens each sequence computed."""
+        with self._lock:
+            out = [dict() for _ in seqs]
+            todo = []  # (row, start): sequences that need the model, from where
+            for i, (s, want) in enumerate(zip(seqs, wanted)):
+                missing = []
+                for t in want:
+                    v = self._memo.get(tuple(s[: t + 1]))
+                    if v is None:
+                        missing.append(t)
+                    else:
+                        out[i][t] = v
+                if missing:
+                    todo.append((i, min(missing)))
+            computed = [0] * len(seqs)
+            if not todo:
+                return out, computed
+            cache = self.model.new_cache(len(todo), max(len(seqs[i]) for i, _ in todo) + 1)
+            starts = []
+            for row, (i, first) in enumerate(todo):
+                m, k, v = (0, None, None) if self.prefix_cache is None else self.prefix_cache.lookup(seqs[i], limit=first)
+                if m:
+                    cache.write_prefix_(row, k, v)
+                starts.append(m)
+            suffixes = [seqs[i][m:] for (i, _), m in zip(todo, starts)]
+            T = max(map(len, suffixes))
+            ids = torch.full((len(todo), T), self.eos, dtype=torch.long)
+            for row, suf in enumerate(suffixes):
+                ids[row, : len(suf)] = torch.tensor(suf)
+            num_new = torch.tensor([len(x) for x in suffixes])
+            head = self.model.logits(self.model(ids, cache, num_new))[..., 0].float()  # [rows, T]
+            if len(self._memo) > self.MEMO_LIMIT:
+                self._memo.clear()
+            for row, ((i, _), m) in enumerate(zip(todo, starts)):
+                s = seqs[i]
+                for t in wanted[i]:
+                    if t not in out[i]:
+                        out[i][t] = float(head[row, t - m])
+                        self._memo[tuple(s[: t + 1])] = out[i][t]
+                computed[i] = len(s) - m
+                if self.prefix_cache is not None:
+                    k, v = cache.read_row(row, len(s))
+                    self.prefix_cache.insert(s, k, v)
+            return out, computed
+
+    def _bill(self, seqs: list[list[int]], computed: list[int], wall_s: float) -> list[Usage]:
+        """Each sequence's share of a scoring batch: the tokens it computed (not those
+        read from the cache), their FLOPs, and the wall time split evenly."""
         cfg = self.model.cfg
-        return [
-            Usage(computed_tokens=len(s), model_calls=1, flops=len(s) * cfg.flops_per_token(len(s) // 2),
-                  wall_s=wall_s / len(seqs))
-            for s in seqs
-        ]
+        return [Usage(computed_tokens=c, model_calls=1 if c else 0,
+                      flops=c * cfg.flops_per_token(len(s) - c // 2), wall_s=wall_s / len(seqs))
+                for s, c in zip(seqs, computed)]
 
     def score_completions(self, prompt: str, completions: Sequence[str], batch_size: int = 64) -> list[tuple[float, Usage]]:
         """Outcome score in [0, 1] for each completion, with what scoring cost."""
@@ -91,9 +155,9 @@ class RewardModel:
             t0 = time.perf_counter()
             lay = [self.layout(prompt, c) for c in completions[i : i + batch_size]]
             seqs = [ids for ids, _, _ in lay]
-            logits = self.token_logits(seqs)
-            for (ids, _, end), lg, u in zip(lay, logits, self._usage(seqs, time.perf_counter() - t0)):
-                out.append((float(torch.sigmoid(lg[end])), u))
+            logits, computed = self.read(seqs, [[end] for _, _, end in lay])
+            for (_, _, end), lg, u in zip(lay, logits, self._bill(seqs, computed, time.perf_counter() - t0)):
+                out.append((float(torch.sigmoid(torch.tensor(lg[end]))), u))
         return out
 
     def step_scores(self, prompt: str, completions: Sequence[str], batch_size: int = 64) -> list[list[float]]:
@@ -116,10 +180,11 @@ class RewardModel:
             t0 = time.perf_counter()
             lay = [self.layout(prompt, c) for c in completions[i : i + batch_size]]
             seqs = [ids for ids, _, _ in lay]
-            logits = self.token_logits(seqs)
+            # a path's steps end where its prefix's did: earlier steps come from the memo and cache
+            logits, computed = self.read(seqs, [ends for _, ends, _ in lay])
             for (_, ends, _), lg in zip(lay, logits):
-                steps.append(torch.sigmoid(lg[ends]).tolist() if ends else [])
-            usage = usage + Usage.total(self._usage(seqs, time.perf_counter() - t0))
+                steps.append(torch.sigmoid(torch.tensor([lg[e] for e in ends])).tolist() if ends else [])
+            usage = usage + Usage.total(self._bill(seqs, computed, time.perf_counter() - t0))
         return Scores([aggregate(s, aggregation, empty=0.0) for s in steps], usage, steps)
 
     def prm(self, aggregation: str = "last") -> "ProcessReward":
