@@ -17,17 +17,22 @@ from ..types import Usage
 from .base import Scores, aggregate
 
 
+def problem_reader(task: Any, problem_of: Callable[[str], Any] | None) -> Callable[[str], Any]:
+    """How a verifier finds the problem a prompt asks: ``problem_of`` or the task's own."""
+    reader = problem_of or getattr(task, "problem_of_prompt", None)
+    if reader is None:
+        raise SettingError(f"task {getattr(task, 'name', task)!r} cannot read a problem from its prompt; "
+                           "give problem_of=prompt -> Problem")
+    return reader
+
+
 class AnswerVerifier:
     """1.0 if ``task.check_answer`` accepts the completion, else 0.0."""
 
     name = "answer-verifier"
 
     def __init__(self, task: Any, problem_of: Callable[[str], Any] | None = None) -> None:
-        self.task = task
-        self.problem_of = problem_of or getattr(task, "problem_of_prompt", None)
-        if self.problem_of is None:
-            raise SettingError(f"task {getattr(task, 'name', task)!r} cannot read a problem from its prompt; "
-                               "give problem_of=prompt -> Problem")
+        self.task, self.problem_of = task, problem_reader(task, problem_of)
 
     def score(self, prompt: str, completions: Sequence[str]) -> Scores:
         t0 = time.perf_counter()
@@ -47,11 +52,7 @@ class StepVerifier:
         aggregate([], aggregation)  # validates
         if not callable(getattr(task, "check_steps", None)):
             raise SettingError(f"task {getattr(task, 'name', task)!r} has no step checker")
-        self.task, self.aggregation = task, aggregation
-        self.problem_of = problem_of or getattr(task, "problem_of_prompt", None)
-        if self.problem_of is None:
-            raise SettingError(f"task {getattr(task, 'name', task)!r} cannot read a problem from its prompt; "
-                               "give problem_of=prompt -> Problem")
+        self.task, self.aggregation, self.problem_of = task, aggregation, problem_reader(task, problem_of)
 
     def score_steps(self, prompt: str, completions: Sequence[str]) -> Scores:
         t0 = time.perf_counter()

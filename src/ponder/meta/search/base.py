@@ -156,6 +156,32 @@ class StepSearch(GeneratorBase):
     async def search(self, prompt: str, seed: int) -> Generation:
         raise NotImplementedError
 
+    async def level_by_level(self, prompt: str, n: int, seed: int,
+                             choose: Callable[[list[Node], int], list[tuple[Node, int]]]) -> Generation:
+        """The loop of the searches that grow a level at a time: sample ``n`` first
+        steps, then, until ``n`` paths have finished or none is open, score the new
+        level and let ``choose(open nodes, paths still to finish)`` say which to expand
+        and into how many steps. The answer is the finished path scored best."""
+        tree = Tree()
+        (frontier,) = await self.expand(prompt, tree, [tree.root], n, seed)
+        scorer_usage, finished, depth = Usage(), [], 1
+        while True:
+            scorer_usage = scorer_usage + await self.score(prompt, frontier)
+            finished += [c for c in frontier if c.terminal]
+            open_ = [c for c in frontier if not c.terminal]
+            if not open_ or len(finished) >= n:
+                break
+            chosen = [(c, k) for c, k in choose(open_, n - len(finished)) if k > 0]
+            kids = await self.expand(prompt, tree, [c for c, _ in chosen], [k for _, k in chosen], seed + depth)
+            frontier = [c for cs in kids for c in cs]
+            depth += 1
+        best = best_terminal(finished) or max(frontier, key=lambda c: c.score)
+        return self.result(tree.root, self.pick(best, finished), scorer_usage, finished=len(finished), depth=depth)
+
+    def pick(self, best: Node, finished: list[Node]) -> Node:
+        """The answer among the finished paths (the best scored; REBASE may vote)."""
+        return best
+
     async def agenerate(self, prompt: str, n: int = 1, seed: int | None = None) -> list[Generation]:
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise SettingError(f"n must be an integer >= 1; got {n!r}")
@@ -167,6 +193,19 @@ class StepSearch(GeneratorBase):
 
     def generate_batch(self, prompts: Sequence[str], n: int = 1, seed: int | None = None) -> list[list[Generation]]:
         return asyncio.run(self.agenerate_many(prompts, n, seed))
+
+
+class BeamBudget(StepSearch):
+    """A search with a budget of ``n`` paths explored ``beam_width`` at a time."""
+
+    def __init__(self, lm: Any, scorer: Any, n: int = 16, beam_width: int = 4, **kw: Any) -> None:
+        super().__init__(lm, scorer, **kw)
+        for name, v in (("n", n), ("beam_width", beam_width)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise SettingError(f"{name} must be an integer >= 1; got {v!r}")
+        if beam_width > n:
+            raise SettingError(f"beam_width must be <= n ({n}); got {beam_width}")
+        self.n, self.beam_width = n, beam_width
 
 
 def best_terminal(nodes: Sequence[Node]) -> Node | None:

@@ -10,24 +10,12 @@ the best finished path over the subtrees.
 
 from __future__ import annotations
 
-from typing import Any
-
-from ...errors import SettingError
 from ...types import Generation
-from .base import StepSearch, Tree, best_terminal
+from .base import BeamBudget, Tree, best_terminal
 
 
-class DVTS(StepSearch):
+class DVTS(BeamBudget):
     strategy = "dvts"
-
-    def __init__(self, lm: Any, scorer: Any, n: int = 16, beam_width: int = 4, **kw: Any) -> None:
-        super().__init__(lm, scorer, **kw)
-        for name, v in (("n", n), ("beam_width", beam_width)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise SettingError(f"{name} must be an integer >= 1; got {v!r}")
-        if beam_width > n:
-            raise SettingError(f"beam_width must be <= n ({n}); got {beam_width}")
-        self.n, self.beam_width = n, beam_width
 
     async def search(self, prompt: str, seed: int) -> Generation:
         tree = Tree()

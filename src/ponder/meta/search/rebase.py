@@ -14,8 +14,8 @@ from collections import defaultdict
 from typing import Any, Callable
 
 from ...errors import SettingError
-from ...types import Generation, Usage
-from .base import StepSearch, Tree, best_terminal
+from ...types import Generation
+from .base import Node, StepSearch
 
 
 def allocate(scores: list[float], budget: int, temperature: float) -> list[int]:
@@ -49,29 +49,22 @@ class REBASE(StepSearch):
             raise SettingError("select='weighted' needs extract (text -> answer)")
         self.n, self.temperature, self.select, self.extract = n, float(temperature), select, extract
 
+    def balance(self, open_: list[Node], to_finish: int) -> list[tuple[Node, int]]:
+        """The paths still to finish, split over the open nodes by softmax(score / T)."""
+        return list(zip(open_, allocate([c.score for c in open_], to_finish, self.temperature)))
+
+    def pick(self, best: Node, finished: list[Node]) -> Node:
+        if self.select != "weighted" or not finished:
+            return best
+        total: dict[Any, float] = defaultdict(float)
+        for c in finished:
+            a = self.extract(c.path())
+            if a is not None:
+                total[a] += c.score or 0.0
+        if not total:
+            return best
+        win = max(total, key=total.get)
+        return max((c for c in finished if self.extract(c.path()) == win), key=lambda c: c.score)
+
     async def search(self, prompt: str, seed: int) -> Generation:
-        tree = Tree()
-        root = tree.root
-        (frontier,) = await self.expand(prompt, tree, [root], self.n, seed)
-        scorer_usage, finished, depth = Usage(), [], 1
-        while True:
-            scorer_usage = scorer_usage + await self.score(prompt, frontier)
-            finished += [c for c in frontier if c.terminal]
-            open_ = [c for c in frontier if not c.terminal]
-            budget = self.n - len(finished)
-            if not open_ or budget <= 0:
-                break
-            counts = allocate([c.score for c in open_], budget, self.temperature)
-            frontier = [c for cs in await self.expand(prompt, tree, open_, counts, seed + depth) for c in cs]
-            depth += 1
-        best = best_terminal(finished) or max(frontier, key=lambda c: c.score)
-        if self.select == "weighted" and finished:
-            total: dict[Any, float] = defaultdict(float)
-            for c in finished:
-                a = self.extract(c.path())
-                if a is not None:
-                    total[a] += c.score or 0.0
-            if total:
-                win = max(total, key=total.get)
-                best = max((c for c in finished if self.extract(c.path()) == win), key=lambda c: c.score)
-        return self.result(root, best, scorer_usage, finished=len(finished), depth=depth)
+        return await self.level_by_level(prompt, self.n, seed, self.balance)
