@@ -91,7 +91,8 @@ def test_every_strategy_reports_its_registry_name(arith_lm):
     own = {"majority": {"samples": 2}, "best-of-n": {"samples": 2}, "product": {"models": "arith-draft"},
            "weighted-majority": {"samples": 2}, "mbr": {"samples": 2}, "rejection": {"samples": 2},
            "oracle": {"samples": 2}, "usc": {"samples": 2}, "prm-beam": {"samples": 2, "beam_width": 2},
-           "dvts": {"samples": 2, "beam_width": 2}, "rebase": {"samples": 2},
+           "dvts": {"samples": 2, "beam_width": 2}, "rebase": {"samples": 2}, "particles": {"samples": 2},
+           "mcts": {"iterations": 3},
            "smc": {"particles": 2}, "best-first": {"max_expansions": 8}}
     for name in strategies.STRATEGIES:
         gen = strategies.build(name, arith_lm, SamplingParams(max_tokens=8), own.get(name, {}), ctx)

@@ -11,6 +11,8 @@ import pytest
 from ponder.errors import SettingError
 from ponder.meta.search.beam import PRMBeamSearch
 from ponder.meta.search.dvts import DVTS
+from ponder.meta.search.mcts import MCTS
+from ponder.meta.search.particles import ParticleFilter
 from ponder.meta.search.rebase import REBASE, allocate
 from ponder.params import SamplingParams
 from ponder.protocols import Access
@@ -92,6 +94,29 @@ def test_rebase_allocates_the_budget_by_softmax_of_scores():
     assert w.text.endswith("Answer: A2\n")
 
 
+def test_mcts_finds_the_best_valued_path_and_counts_visits():
+    g = MCTS(Policy(), StepValues(), iterations=40, width=3, c=0.5).generate("Q: x\n", seed=0)[0]
+    assert g.text == "a\na2\nAnswer: A2\n"
+    tree = g.meta["tree"]
+    assert sum(c["visits"] for c in tree["children"]) == 40  # every iteration backed up through one child
+    a = next(c for c in tree["children"] if c["step"] == "a\n")
+    assert a["visits"] == max(c["visits"] for c in tree["children"])  # the best first step is visited most
+    with pytest.raises(SettingError, match="needs rollout_scorer"):
+        MCTS(Policy(), StepValues(), value="rollout")
+    with pytest.raises(SettingError, match="value must be one of prm, rollout, both"):
+        MCTS(Policy(), StepValues(), value="mean")
+
+
+def test_particle_filter_resamples_towards_high_values():
+    g = ParticleFilter(Policy(), StepValues(), n=6, temperature=0.05).generate("Q: x\n", seed=0)[0]
+    assert g.text == "a\na2\nAnswer: A2\n"
+    tree = g.meta["tree"]
+    a = [c for c in tree["children"] if c["step"] == "a\n"]
+    rest = [c for c in tree["children"] if c["step"] != "a\n"]
+    # all six particles went on from the best first step; the weak first steps died out
+    assert sum(len(c["children"]) for c in a) == 6 and not any(c["children"] for c in rest)
+
+
 def test_bad_search_settings():
     with pytest.raises(SettingError, match="beam_width must be an integer >= 1"):
         PRMBeamSearch(Policy(), StepValues(), beam_width=0)
@@ -105,7 +130,7 @@ def test_bad_search_settings():
         REBASE(Policy(), StepValues(), max_depth=0)
 
 
-@pytest.mark.parametrize("algo", [PRMBeamSearch, DVTS, REBASE])
+@pytest.mark.parametrize("algo", [PRMBeamSearch, DVTS, REBASE, ParticleFilter])
 def test_search_on_the_shipped_models_with_a_prm(arith_lm, algo):
     from ponder.engine.engine import engine_for
     from ponder.scoring.reward import RewardModel
@@ -136,3 +161,17 @@ def _walk(tree):
         n = stack.pop()
         yield n
         stack.extend(n["children"])
+
+
+def test_mcts_on_the_shipped_models_with_a_rollout_verifier(arith_lm):
+    from ponder.scoring.reward import RewardModel
+    from ponder.scoring.verifiers import AnswerVerifier
+
+    problems = TASK.problems("hard", 3)
+    search = MCTS(arith_lm, RewardModel.from_pretrained("arith-reward").prm(), iterations=12, width=2, value="both",
+                  rollout_scorer=AnswerVerifier(TASK), params=SamplingParams(temperature=0.8, max_tokens=24))
+    outs = search.generate_batch([TASK.prompt(p) for p in problems], seed=2)
+    for p, (g,) in zip(problems, outs):
+        assert TASK.extract_answer(g.text) is not None
+        assert g.usage.generated_tokens > sum(n["usage"]["generated_tokens"] for n in _walk(g.meta["tree"]))  # rollouts billed
+    assert sum(TASK.check_answer(p, g[0].text) for p, g in zip(problems, outs)) >= 2

@@ -278,6 +278,38 @@ register(Strategy("rebase", _search("ponder.meta.search.rebase.REBASE", "rebase"
                   "REBASE (Wu et al. 2024): each depth's budget split by softmax(score / T); --set "
                   "balance_temperature=T", ("samples", "max_depth", "scorer", "balance_temperature", "select"),
                   **_SEARCH))
+register(Strategy("particles", _search("ponder.meta.search.particles.ParticleFilter", "particles",
+                                       temperature="balance_temperature"),
+                  "particle filtering over steps (Puri et al. 2025): N particles resampled by softmax(PRM / T) after "
+                  "each step", ("samples", "max_depth", "scorer", "balance_temperature"), **_SEARCH))
+
+
+def _mcts(lm, p, s, ctx):
+    from .meta.search.mcts import MCTS
+
+    rollout = None
+    if s.get("value", "prm") != "prm":
+        kind = s.get("rollout_scorer", "orm")
+        if kind == "orm":
+            if ctx.reward_model is None:
+                raise SettingError("--strategy mcts with value=rollout|both needs --reward-model (an ORM) or "
+                                   "--set rollout_scorer=verifier (the task's exact answer checker)")
+            rollout = ctx.reward_model
+        elif kind == "verifier":
+            from .scoring.verifiers import AnswerVerifier
+
+            if ctx.task is None:
+                raise SettingError("rollout_scorer=verifier needs a task (ponder eval --task NAME)")
+            rollout = AnswerVerifier(ctx.task)
+        else:
+            raise SettingError(f"rollout_scorer must be orm or verifier; got {kind!r}")
+    return MCTS(lm, _step_scorer("mcts", s, ctx), params=p, rollout_scorer=rollout,
+                **_given(s, iterations="iterations", width="width", c="c", value="value", max_depth="max_depth"))
+
+
+register(Strategy("mcts", _mcts, "Monte Carlo tree search over steps, UCT (Hao et al. 2023): --set iterations=I "
+                  "width=W c=C value=prm|rollout|both rollout_scorer=orm|verifier",
+                  ("iterations", "width", "c", "value", "rollout_scorer", "max_depth", "scorer"), **_SEARCH))
 
 
 # -- controlled generation with several models ------------------------------------------------

@@ -42,6 +42,7 @@ class Node:
     score: float | None = None  # the scorer's value of the path up to here
     visits: int = 0
     value: float = 0.0  # summed backed-up value (MCTS)
+    tried: int = 0  # expansions drawn here (MCTS: a node is expanded `width` times, duplicates included)
     usage: Usage = field(default_factory=Usage)  # what generating this step cost
     logprob: float = 0.0
     children: list["Node"] = field(default_factory=list)
