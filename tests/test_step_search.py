@@ -175,3 +175,19 @@ def test_mcts_on_the_shipped_models_with_a_rollout_verifier(arith_lm):
         assert TASK.extract_answer(g.text) is not None
         assert g.usage.generated_tokens > sum(n["usage"]["generated_tokens"] for n in _walk(g.meta["tree"]))  # rollouts billed
     assert sum(TASK.check_answer(p, g[0].text) for p, g in zip(problems, outs)) >= 2
+
+
+def test_a_search_calls_bills_sum_to_its_elapsed_time(arith_lm):
+    """Concurrent searches overlap (scoring on one thread, the engine on another): the
+    call's bills are scaled to its elapsed time instead of counting overlaps twice."""
+    import time
+
+    from ponder.scoring.reward import RewardModel
+
+    prompts = [TASK.prompt(p) for p in TASK.problems("hard", 6)]
+    search = DVTS(arith_lm, RewardModel.from_pretrained("arith-reward").prm(), n=4, beam_width=2,
+                  params=SamplingParams(temperature=0.8, max_tokens=24))
+    t = time.perf_counter()
+    outs = search.generate_batch(prompts, seed=3)
+    elapsed = time.perf_counter() - t
+    assert sum(g[0].usage.wall_s for g in outs) == pytest.approx(elapsed, rel=0.05)

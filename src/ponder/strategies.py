@@ -71,7 +71,9 @@ def build(name: str, lm: Any, params: SamplingParams | None = None, settings: di
     for need in st.needs:
         if getattr(ctx, need) is None:
             raise SettingError(f"--strategy {name} needs {'--task' if need == 'task' else '--reward-model'}")
-    adapters = [k for k in params.changed("adapter") if k not in st.adapters]
+    # temperature 0 means greedy, which a strategy that does not sample already is
+    adapters = [k for k in params.changed("adapter") if k not in st.adapters
+                and not (k == "temperature" and params.greedy)]
     if adapters:
         hint = "; use --strategy sample" if name == "greedy" else ""
         raise SettingError(f"--strategy {name} does not take {_flags(adapters)}{hint}")

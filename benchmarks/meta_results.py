@@ -1,0 +1,115 @@
+"""Every meta-generation strategy on `arith` hard, at N = 16 where N applies: accuracy
+with a 95% interval, tokens per problem (policy and scorer apart), and the wall time
+per problem, billed and elapsed (the bill must add up to the elapsed time).
+
+    python benchmarks/meta_results.py [--problems 200] [--n 16] [--threads 1] [--only a,b]
+
+The last line is one JSON object: the rows, and "prm_beam_over_best_of_n_time" (the
+wall time of PRM beam search at N over best-of-N's, in this run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+
+def tree_usage(tree: dict) -> dict:
+    tot = {"generated_tokens": 0, "computed_tokens": 0}
+    stack = [tree]
+    while stack:
+        n = stack.pop()
+        for k in tot:
+            tot[k] += n["usage"][k]
+        stack.extend(n["children"])
+    return tot
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--problems", type=int, default=200)
+    ap.add_argument("--n", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--only", default="", help="comma-separated strategy names")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from ponder import strategies
+    from ponder.backends.native import NativeLM
+    from ponder.evaluate import wilson_interval
+    from ponder.params import SamplingParams
+    from ponder.scoring.reward import RewardModel
+    from ponder.tasks.arith import ArithTask
+
+    task = ArithTask()
+    problems = task.problems("hard", args.problems)
+    prompts = [task.prompt(p) for p in problems]
+    lm = NativeLM.from_pretrained("arith")
+    N = args.n
+    runs = [
+        ("greedy", "greedy", {}, SamplingParams(temperature=0, max_tokens=160)),
+        ("majority", "majority", {"samples": N}, None),
+        ("weighted-majority", "weighted-majority", {"samples": N}, None),
+        ("best-of-n", "best-of-n", {"samples": N}, None),
+        ("mbr", "mbr", {"samples": N}, None),
+        ("prm-beam", "prm-beam", {"samples": N, "beam_width": 4}, None),
+        ("dvts", "dvts", {"samples": N, "beam_width": 4}, None),
+        ("rebase", "rebase", {"samples": N}, None),
+        ("particles", "particles", {"samples": N}, None),
+        ("mcts", "mcts", {"iterations": 2 * N, "value": "both"}, None),
+        ("majority@64", "majority", {"samples": 64}, None),
+    ]
+    only = {x for x in args.only.split(",") if x}
+    rows = []
+    print(f"{'strategy':18s} {'N':>3s} {'accuracy':>8s} {'95% CI':>13s} {'gen/prob':>9s} {'policy':>9s} "
+          f"{'scorer':>9s} {'billed s':>9s} {'elapsed s':>9s}")
+    for label, name, own, params in runs:
+        if only and label not in only:
+            continue
+        rm = RewardModel.from_pretrained("arith-reward")  # a fresh reward model: no cache from other rows
+        gen = strategies.build(name, lm, params or SamplingParams(temperature=args.temperature, max_tokens=160),
+                               dict(own), strategies.Context(task=task, reward_model=rm))
+        t = time.perf_counter()
+        outs = gen.generate_batch(prompts, seed=0)
+        elapsed = time.perf_counter() - t
+        gens = [o[0] for o in outs]
+        correct = sum(task.check_answer(p, g.text) for p, g in zip(problems, gens))
+        lo, hi = wilson_interval(correct, len(problems))
+        policy = gen_tok = 0
+        for g in gens:
+            if "tree" in g.meta:
+                u = tree_usage(g.meta["tree"])
+                policy += u["computed_tokens"]
+                gen_tok += u["generated_tokens"]
+            elif g.trace:
+                policy += sum(c.usage.computed_tokens for c in g.trace)
+                gen_tok += sum(c.usage.generated_tokens for c in g.trace)
+            else:
+                policy += g.usage.computed_tokens
+                gen_tok += g.usage.generated_tokens
+        total_computed = sum(g.usage.computed_tokens for g in gens)
+        billed = sum(g.usage.wall_s for g in gens)
+        P = len(problems)
+        row = {"strategy": label, "n": own.get("samples", own.get("iterations", 1)), "accuracy": correct / P,
+               "ci95": [round(lo, 4), round(hi, 4)], "generated_per_problem": round(gen_tok / P, 1),
+               "policy_computed_per_problem": round(policy / P, 1),
+               "scorer_computed_per_problem": round((total_computed - policy) / P, 1),
+               "billed_wall_s_per_problem": round(billed / P, 4), "elapsed_s_per_problem": round(elapsed / P, 4)}
+        rows.append(row)
+        print(f"{label:18s} {row['n']:3d} {row['accuracy']:8.3f} {lo:6.3f}-{hi:6.3f} {row['generated_per_problem']:9.1f} "
+              f"{row['policy_computed_per_problem']:9.1f} {row['scorer_computed_per_problem']:9.1f} "
+              f"{row['billed_wall_s_per_problem']:9.3f} {row['elapsed_s_per_problem']:9.3f}", flush=True)
+    by = {r["strategy"]: r for r in rows}
+    ratio = (by["prm-beam"]["elapsed_s_per_problem"] / by["best-of-n"]["elapsed_s_per_problem"]
+             if "prm-beam" in by and "best-of-n" in by else None)
+    print(json.dumps({"benchmark": "meta_results", "model": "arith", "problems": len(problems), "n": N,
+                      "threads": args.threads, "rows": rows,
+                      "prm_beam_over_best_of_n_time": None if ratio is None else round(ratio, 3)}))
+
+
+if __name__ == "__main__":
+    main()
