@@ -92,7 +92,8 @@ def test_every_strategy_reports_its_registry_name(arith_lm):
            "weighted-majority": {"samples": 2}, "mbr": {"samples": 2}, "rejection": {"samples": 2},
            "oracle": {"samples": 2}, "usc": {"samples": 2}, "prm-beam": {"samples": 2, "beam_width": 2},
            "dvts": {"samples": 2, "beam_width": 2}, "rebase": {"samples": 2}, "particles": {"samples": 2},
-           "mcts": {"iterations": 3},
+           "mcts": {"iterations": 3}, "lookahead": {"samples": 2, "beam_width": 2, "lookahead": 1},
+           "tot-bfs": {"breadth": 1, "k": 2}, "tot-dfs": {"k": 2, "max_expansions": 3},
            "smc": {"particles": 2}, "best-first": {"max_expansions": 8}}
     for name in strategies.STRATEGIES:
         gen = strategies.build(name, arith_lm, SamplingParams(max_tokens=8), own.get(name, {}), ctx)

@@ -11,7 +11,9 @@ import pytest
 from ponder.errors import SettingError
 from ponder.meta.search.beam import PRMBeamSearch
 from ponder.meta.search.dvts import DVTS
+from ponder.meta.search.lookahead import LookaheadSearch
 from ponder.meta.search.mcts import MCTS
+from ponder.meta.search.tot import TreeOfThoughtsBFS, TreeOfThoughtsDFS
 from ponder.meta.search.particles import ParticleFilter
 from ponder.meta.search.rebase import REBASE, allocate
 from ponder.params import SamplingParams
@@ -117,6 +119,31 @@ def test_particle_filter_resamples_towards_high_values():
     assert sum(len(c["children"]) for c in a) == 6 and not any(c["children"] for c in rest)
 
 
+def test_lookahead_values_a_step_by_where_its_greedy_rollout_ends():
+    pol = Policy()
+    g = LookaheadSearch(pol, StepValues(), n=3, beam_width=3, lookahead=1).generate("Q: x\n", seed=0)[0]
+    first = {c["step"]: c for c in g.meta["tree"]["children"]}
+    # the scripted greedy rollout writes each path's first option: a -> a1 (0.3), b -> b1 (0.6); c -> Answer: C (0.2)
+    assert first["a\n"]["score"] == pytest.approx(0.3) and first["b\n"]["score"] == pytest.approx(0.6)
+    assert first["c\n"]["score"] == pytest.approx(0.2)
+    # the rollouts' tokens are billed to the nodes they valued, though their steps are not in the tree
+    assert first["a\n"]["usage"]["generated_tokens"] > 1
+    with pytest.raises(SettingError, match="lookahead must be an integer >= 0"):
+        LookaheadSearch(pol, StepValues(), lookahead=-1)
+
+
+def test_tree_of_thoughts_bfs_and_dfs():
+    g = TreeOfThoughtsBFS(Policy(), StepValues(), breadth=2, k=2).generate("Q: x\n", seed=0)[0]
+    assert g.text == "a\na2\nAnswer: A2\n"
+    d = TreeOfThoughtsDFS(Policy(), StepValues(), k=3, threshold=0.5).generate("Q: x\n", seed=0)[0]
+    assert d.text == "a\na2\nAnswer: A2\n" and d.meta["found"] is True
+    assert d.meta["expansions"] == 3  # root, a, a2: the best-first dive, no backtracking needed
+    e = TreeOfThoughtsDFS(Policy(), StepValues(), k=3, threshold=0.99).generate("Q: x\n", seed=0)[0]
+    assert e.meta["found"] is False  # nothing clears the bar: every state pruned, the best seen returned
+    with pytest.raises(SettingError, match="breadth must be an integer >= 1"):
+        TreeOfThoughtsBFS(Policy(), StepValues(), breadth=0)
+
+
 def test_bad_search_settings():
     with pytest.raises(SettingError, match="beam_width must be an integer >= 1"):
         PRMBeamSearch(Policy(), StepValues(), beam_width=0)
@@ -130,7 +157,7 @@ def test_bad_search_settings():
         REBASE(Policy(), StepValues(), max_depth=0)
 
 
-@pytest.mark.parametrize("algo", [PRMBeamSearch, DVTS, REBASE, ParticleFilter])
+@pytest.mark.parametrize("algo", [PRMBeamSearch, DVTS, REBASE, ParticleFilter, LookaheadSearch])
 def test_search_on_the_shipped_models_with_a_prm(arith_lm, algo):
     from ponder.engine.engine import engine_for
     from ponder.scoring.reward import RewardModel

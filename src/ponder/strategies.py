@@ -280,6 +280,18 @@ register(Strategy("rebase", _search("ponder.meta.search.rebase.REBASE", "rebase"
                   "REBASE (Wu et al. 2024): each depth's budget split by softmax(score / T); --set "
                   "balance_temperature=T", ("samples", "max_depth", "scorer", "balance_temperature", "select"),
                   **_SEARCH))
+register(Strategy("lookahead", _search("ponder.meta.search.lookahead.LookaheadSearch", "lookahead",
+                                       beam_width="beam_width", lookahead="lookahead"),
+                  "lookahead search (Snell et al. 2024): PRM beam search valuing each step by a greedy rollout of "
+                  "--set lookahead=K more steps", ("samples", "beam_width", "lookahead", "max_depth", "scorer"),
+                  **_SEARCH))
+register(Strategy("tot-bfs", _search("ponder.meta.search.tot.TreeOfThoughtsBFS", "tot-bfs", breadth="breadth", k="k"),
+                  "tree of thoughts, breadth-first (Yao et al. 2023): keep --set breadth=B states, k proposals each",
+                  ("breadth", "k", "max_depth", "scorer"), **_SEARCH))
+register(Strategy("tot-dfs", _search("ponder.meta.search.tot.TreeOfThoughtsDFS", "tot-dfs", k="k",
+                                     threshold="threshold", max_expansions="max_expansions"),
+                  "tree of thoughts, depth-first (Yao et al. 2023): best proposal first, prune below --set "
+                  "threshold=V, backtrack", ("k", "threshold", "max_expansions", "max_depth", "scorer"), **_SEARCH))
 register(Strategy("particles", _search("ponder.meta.search.particles.ParticleFilter", "particles",
                                        temperature="balance_temperature"),
                   "particle filtering over steps (Puri et al. 2025): N particles resampled by softmax(PRM / T) after "

@@ -100,21 +100,23 @@ class StepSearch(GeneratorBase):
             stop=tuple(params.stop if params else ()) + (delimiter,))
 
     # -- the tree ----------------------------------------------------------------------------
-    def _node(self, tree: Tree, parent: Node, g: Generation) -> Node:
+    def step_of(self, g: Generation, depth: int) -> tuple[str, str, bool]:
+        """A generation as a step at ``depth``: (its text, why it ended, whether the path
+        ends with it): a delimiter goes on, an answer line, EOS, "length" or the depth
+        bound end the path."""
         if g.finish_reason == "stop" and g.stop == self.delimiter:
-            step, finish = g.text + self.delimiter, "delimiter"
-        else:
-            step, finish = g.text, ("stop" if g.finish_reason == "stop" else g.finish_reason)
-        node = Node(tree.next_id(), step, parent, parent.depth + 1, usage=g.usage,
-                    logprob=sum(g.logprobs) if g.logprobs else 0.0)
-        if finish != "delimiter":
-            node.terminal, node.finish = True, finish
-        elif self.is_final(step):
-            node.terminal, node.finish = True, "final"
-        elif node.depth >= self.max_depth:
-            node.terminal, node.finish = True, "depth"
-        else:
-            node.finish = finish
+            step = g.text + self.delimiter
+            if self.is_final(step):
+                return step, "final", True
+            if depth >= self.max_depth:
+                return step, "depth", True
+            return step, "delimiter", False
+        return g.text, ("stop" if g.finish_reason == "stop" else g.finish_reason), True
+
+    def _node(self, tree: Tree, parent: Node, g: Generation) -> Node:
+        step, finish, terminal = self.step_of(g, parent.depth + 1)
+        node = Node(tree.next_id(), step, parent, parent.depth + 1, terminal=terminal, finish=finish,
+                    usage=g.usage, logprob=sum(g.logprobs) if g.logprobs else 0.0)
         parent.children.append(node)
         return node
 
