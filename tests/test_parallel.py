@@ -226,3 +226,26 @@ def test_prm_scoring_reuses_the_kv_of_earlier_steps():
     assert calls[0].usage.computed_tokens == len(rm.layout(prompt, paths[0])[0])
     again = rm.score_steps(prompt, paths[:3])
     assert again.usage.computed_tokens == 0 and again.steps[2] == calls[2].steps[0]  # all remembered
+
+
+def test_step_tag_prm_matches_a_hand_computation(hf_checkpoints):
+    """Math-Shepherd's format on a tiny random causal LM: p(good) over {good, bad} at each tag."""
+    from ponder.backends.native import NativeLM
+    from ponder.models.loader import load_tokenizer, load_transformer
+    from ponder.scoring.step_tag import StepTagPRM
+
+    folder, hf = hf_checkpoints["llama_tied"]
+    lm = NativeLM(load_transformer(folder), load_tokenizer(folder), "tiny")
+    prm = StepTagPRM(lm, step_tag="#", good="+", bad="-", aggregation="min")
+    prompt, completion = "Q: 3+4-2\n", "3+4=7\n7-2=5\n"
+    got = prm.score_steps(prompt, [completion, ""])
+    ids = lm.encode(prompt) + lm.encode("3+4=7", add_special_tokens=False) + [prm.tag]
+    first = len(ids) - 1
+    ids += lm.encode("7-2=5", add_special_tokens=False) + [prm.tag]
+    with torch.no_grad():
+        logits = hf(torch.tensor([ids])).logits[0]
+    want = [torch.softmax(logits[t, [prm.good, prm.bad]], -1)[0].item() for t in (first, len(ids) - 1)]
+    assert got.steps[0] == pytest.approx(want, abs=1e-4) and got.steps[1] == []
+    assert got.values[0] == pytest.approx(min(want), abs=1e-4) and got.usage.computed_tokens == len(ids)
+    with pytest.raises(SettingError, match="must be exactly one"):
+        StepTagPRM(lm, step_tag="Answer: 42")
