@@ -249,3 +249,26 @@ def test_step_tag_prm_matches_a_hand_computation(hf_checkpoints):
     assert got.values[0] == pytest.approx(min(want), abs=1e-4) and got.usage.computed_tokens == len(ids)
     with pytest.raises(SettingError, match="must be exactly one"):
         StepTagPRM(lm, step_tag="Answer: 42")
+
+
+def test_two_label_token_classification_prm(tmp_path, tokenizer_file):
+    """ponder's head format with two labels (bad, good): a step's value is the softmax's
+    "good" probability, checked on a tiny random checkpoint built by transformers."""
+    from transformers import LlamaConfig, LlamaForTokenClassification
+
+    from conftest import TINY, _save
+    from ponder.scoring.reward import RewardModel
+    from ponder.train.common import load_tok
+
+    torch.manual_seed(5)
+    cfg = LlamaConfig(vocab_size=load_tok(str(tokenizer_file)).get_vocab_size(), num_labels=2, **TINY)
+    hf = LlamaForTokenClassification(cfg).eval()
+    folder = _save(hf, tmp_path / "prm2", tokenizer_file)
+    rm = RewardModel.from_pretrained(str(folder))
+    prompt, completion = "Q: 3+4-2\n", "3+4=7\n7-2=5\nAnswer: 5\n"
+    got = rm.score_steps(prompt, [completion])
+    ids, ends, eos = rm.layout(prompt, completion)
+    with torch.no_grad():
+        p_good = hf(torch.tensor([ids])).logits[0].softmax(-1)[:, 1]
+    assert got.steps[0] == pytest.approx(p_good[ends].tolist(), abs=1e-5)
+    assert rm.score(prompt, [completion]).values[0] == pytest.approx(p_good[eos].item(), abs=1e-5)

@@ -187,7 +187,8 @@ class ModelConfig:
             eos_token_id=d.get("eos_token_id"),
             pad_token_id=d.get("pad_token_id"),
             architecture=archs[0],
-            num_labels=(d.get("num_labels") or len(d.get("id2label", {})) or 1)
+            # transformers' default is two labels, and it leaves defaults out of config.json
+            num_labels=(d.get("num_labels") or len(d.get("id2label", {})) or 2)
             if archs[0].endswith("ForTokenClassification")
             else 0,
             rope_layers=rope_layers,

@@ -43,6 +43,9 @@ class RewardModel:
 
     def __init__(self, model: Transformer, tokenizer, name: str = "reward", prefix_cache: bool = True,
                  max_cache_bytes: int = 128 * 2**20) -> None:
+        if model.cfg.num_labels > 2:
+            raise SettingError(f"{name} has {model.cfg.num_labels} labels; a reward model has one (a scalar) or two "
+                               "(bad, good)")
         if not model.cfg.is_reward_model:
             raise SettingError(f"{name} is not a reward model: its config has no scalar head (num_labels); "
                                "give a token-classification checkpoint such as arith-reward")
@@ -79,6 +82,14 @@ class RewardModel:
         ids.append(self.eos)
         return ids, step_ends, len(ids) - 1
 
+    def _log_odds(self, out: torch.Tensor) -> torch.Tensor:
+        """The head's log-odds that the path is right, [B, T]: its one logit (a scalar
+        head, sigmoid), or label 1's logit minus label 0's (a two-label head: its
+        softmax's "good" probability is the sigmoid of that difference)."""
+        if out.shape[-1] == 1:
+            return out[..., 0].float()
+        return (out[..., 1] - out[..., 0]).float()
+
     @torch.inference_mode()
     def token_logits(self, seqs: list[list[int]]) -> list[torch.Tensor]:
         """The head's logit at every token of each sequence (one batch, right-padded)."""
@@ -87,7 +98,7 @@ class RewardModel:
         for i, s in enumerate(seqs):
             ids[i, : len(s)] = torch.tensor(s)
         # Right padding with a causal mask: padding never influences real positions.
-        scores = self.model.logits(self.model(ids))[..., 0].float()
+        scores = self._log_odds(self.model.logits(self.model(ids)))
         return [scores[i, : len(s)] for i, s in enumerate(seqs)]
 
     @torch.inference_mode()
@@ -125,7 +136,7 @@ class RewardModel:
             for row, suf in enumerate(suffixes):
                 ids[row, : len(suf)] = torch.tensor(suf)
             num_new = torch.tensor([len(x) for x in suffixes])
-            head = self.model.logits(self.model(ids, cache, num_new))[..., 0].float()  # [rows, T]
+            head = self._log_odds(self.model.logits(self.model(ids, cache, num_new)))  # [rows, T]
             if len(self._memo) > self.MEMO_LIMIT:
                 self._memo.clear()
             for row, ((i, _), m) in enumerate(zip(todo, starts)):
