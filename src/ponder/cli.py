@@ -122,15 +122,6 @@ def _split_sets(params: SamplingParams, sets: dict[str, Any]) -> tuple[SamplingP
 
 
 # -- loading --------------------------------------------------------------------------------
-def _load_lm(model: str, dtype: str, flag: str = "--model"):
-    from .backends.native import NativeLM
-
-    try:
-        return NativeLM.from_pretrained(model, dtype=dtype)
-    except SettingError as e:
-        _fail(f"{flag}: {e}")
-
-
 def _load_reward(name: str | None, flag: str):
     if not name:
         return None
@@ -193,7 +184,7 @@ def generate(
         if strategy == "greedy":
             params = params.replace(temperature=0.0)
         strategy = "speculative"
-    lm = _load_lm(model, dtype)
+    lm = strategies.load_model(model, "--model", dtype)
     params.check_for(lm.vocab_size)
     rm = _load_reward(reward_model, "--reward-model")
     gen = strategies.build(strategy, lm, params.replace(n=1, seed=None), settings, strategies.Context(reward_model=rm))
@@ -273,7 +264,7 @@ def eval_cmd(
         torch.set_num_threads(threads)
     from .evaluate import evaluate
 
-    lm = _load_lm(model, dtype)
+    lm = strategies.load_model(model, "--model", dtype)
     params.check_for(lm.vocab_size)
     rm = _load_reward(reward_model, "--reward-model")
     prm_model = rm if prm and prm == reward_model else _load_reward(prm, "--prm")

@@ -130,14 +130,16 @@ def _bool(v: Any, name: str) -> bool:
     raise SettingError(f"{name} must be true or false; got {v!r}")
 
 
-def _load(name: Any, role: str, kind: str = "causal-lm") -> Any:
+def load_model(name: Any, role: str, dtype: str = "float32") -> Any:
+    """A shipped model or a checkpoint folder as a NativeLM; errors say which of the
+    command's models (``role``: --model, --draft-model, ...) it was."""
     from .backends.native import NativeLM
 
     if not isinstance(name, str) or not name:
         raise SettingError(f"{role} must be a model name or a checkpoint folder; got {name!r}")
     try:
-        return NativeLM.from_pretrained(name)
-    except SettingError as e:  # say which of the command's models it was
+        return NativeLM.from_pretrained(name, dtype=dtype)
+    except SettingError as e:
         raise SettingError(f"{role}: {e}") from None
 
 
@@ -341,7 +343,7 @@ def _controlled(lm, p, s, generator: Callable[..., Any]) -> dict[str, Any]:
 def _contrastive(lm, p, s, ctx):
     from .decoding.controlled import ContrastiveDecoding
 
-    amateur = _load(s.get("amateur", "arith-draft"), "--set amateur")
+    amateur = load_model(s.get("amateur", "arith-draft"), "--set amateur")
     return ContrastiveDecoding(lm, amateur, **_given(s, alpha="alpha", beta="beta"),
                                **_controlled(lm, p, s, ContrastiveDecoding))
 
@@ -352,7 +354,7 @@ def _product(lm, p, s, ctx):
     names = [m for m in str(s.get("models", "")).split(",") if m.strip()]
     if not names:
         raise SettingError("--strategy product needs --set models=NAME[,NAME...] (combined with --model)")
-    others = [_load(m.strip(), "--set models") for m in names]
+    others = [load_model(m.strip(), "--set models") for m in names]
     weights = _floats(s["weights"], "weights") if "weights" in s else [1.0] * (1 + len(others))
     return ProductOfExperts([lm, *others], weights, **_controlled(lm, p, s, ProductOfExperts))
 
@@ -392,7 +394,7 @@ def _speculative(lm, p, s, ctx):
     from .decoding.speculative import Speculative
 
     name = s.get("draft_model", "arith-draft")
-    draft = "ngram" if name == "ngram" else _load(name, "--draft-model")
+    draft = "ngram" if name == "ngram" else load_model(name, "--draft-model")
     return Speculative(lm, draft, **_given(s, num_draft_tokens="num_draft_tokens", max_ngram="max_ngram"),
                        **_token_level(lm, p, s, adapters=False),
                        **{k: v for k, v in p.changed("adapter").items() if k != "temperature"},

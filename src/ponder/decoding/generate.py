@@ -18,7 +18,10 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from ..engine.engine import MAX_SEED, Request, StreamEvent, engine_for, random_seed, row_generator  # noqa: F401 (re-exported)
+from ..engine.engine import engine_for
+from ..engine.requests import (  # noqa: F401 (row_generator re-exported)
+    MAX_SEED, Request, StreamEvent, check_prompt, context_budget, random_seed, row_generator,
+)
 from ..protocols import Access, GeneratorBase, require_access
 from ..types import Generation
 from .adapters import ADAPTER_SETTINGS, HISTORY_SETTINGS, make_processors
@@ -61,14 +64,8 @@ class Options:
     def within(self, lm: Any, prompt_len: int) -> "Options":
         """These options with ``max_tokens`` lowered to what the model's context leaves
         after a prompt of ``prompt_len`` tokens (generation then ends with "length")."""
-        ctx = getattr(lm, "context_length", None)
-        if ctx is None or prompt_len + self.max_tokens <= ctx:
-            return self
-        if prompt_len >= ctx:
-            from ..engine.engine import check_prompt
-
-            check_prompt(lm, [0] * prompt_len)  # raises, naming the context
-        return replace(self, max_tokens=ctx - prompt_len)
+        budget = context_budget(lm, prompt_len, self.max_tokens)
+        return self if budget == self.max_tokens else replace(self, max_tokens=budget)
 
 
 def pick_greedy(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
@@ -114,8 +111,6 @@ def encode_prompt(lm: Any, prompt: str | Sequence[int]) -> list[int]:
     ids = list(prompt)
     if not ids:
         raise SettingError("the prompt is empty; give at least one token")
-    from ..engine.engine import check_prompt
-
     check_prompt(lm, ids)
     return ids
 

@@ -14,7 +14,7 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from ...errors import SettingError
 from ...params import SamplingParams
@@ -54,6 +54,14 @@ class Node:
             steps.append(n.step)
             n = n.parent
         return "".join(reversed(steps))
+
+    def walk(self) -> Iterator["Node"]:
+        """This node and every node below it."""
+        stack = [self]
+        while stack:
+            n = stack.pop()
+            yield n
+            stack.extend(n.children)
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "step": self.step, "depth": self.depth, "terminal": self.terminal,
@@ -144,11 +152,7 @@ class StepSearch(GeneratorBase):
 
     # -- the result -----------------------------------------------------------------------
     def result(self, root: Node, best: Node, scorer_usage: Usage, **meta: Any) -> Generation:
-        nodes, stack = [], [root]
-        while stack:
-            n = stack.pop()
-            nodes.append(n)
-            stack.extend(n.children)
+        nodes = list(root.walk())
         # every step's bill plus the scorer's (steps that ran together in one engine batch
         # split their time there, so concurrent searches are not billed twice)
         usage = Usage.total(n.usage for n in nodes) + scorer_usage

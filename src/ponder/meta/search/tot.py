@@ -65,14 +65,7 @@ class TreeOfThoughtsDFS(StepSearch):
                 best = max(done, key=lambda c: c.score)
                 return self.result(tree.root, best, usage, expansions=expansions, found=True)
             stack += sorted((c for c in good if not c.terminal), key=lambda c: c.score)  # best on top
-        best = best_terminal(finished) or max((n for n in _all(tree.root) if n is not tree.root),
+        best = best_terminal(finished) or max((n for n in tree.root.walk() if n is not tree.root),
                                                key=lambda n: n.score or 0.0, default=tree.root)
         return self.result(tree.root, best, usage, expansions=expansions, found=False)
 
-
-def _all(root: Node):
-    stack = [root]
-    while stack:
-        n = stack.pop()
-        yield n
-        stack.extend(n.children)
