@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
                        help="operand digit counts to draw from (repeats weight a size)")
         if name == "reward":
             p.add_argument("--policy", required=True, help="target model folder, used to initialise")
-            p.add_argument("--samples", required=True, help="labelled samples JSONL")
+            p.add_argument("--samples", required=True, nargs="+", help="labelled samples JSONL (one or more files)")
     s = sub.add_parser("samples", help="sample and label target-model solutions for reward training")
     s.add_argument("--policy", required=True)
     s.add_argument("--out", required=True)

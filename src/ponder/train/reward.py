@@ -69,7 +69,8 @@ def train_reward(args) -> None:
     torch.nn.init.zeros_(model.score.weight)
     torch.nn.init.zeros_(model.score.bias)
     model.train()
-    rows = [json.loads(x) for x in Path(args.samples).read_text().splitlines() if x.strip()]
+    # Several sample files (say one per temperature) are read in the order given.
+    rows = [json.loads(x) for path in args.samples for x in Path(path).read_text().splitlines() if x.strip()]
     rng = random.Random(args.seed)
     rm = RewardModel(model, tok, "reward")
     data = []
