@@ -25,6 +25,7 @@ class Scores:
     values: list[float]
     usage: Usage = field(default_factory=Usage)
     steps: list[list[float]] | None = None
+    meta: dict = field(default_factory=dict)  # scorer-specific notes (e.g. a judge's verdicts)
 
 
 @runtime_checkable
@@ -58,3 +59,20 @@ def aggregate(steps: Sequence[float], how: str, empty: float = 0.0) -> float:
     if how == "product":
         return float(math.prod(steps))
     return float(sum(steps) / len(steps))
+
+
+def run_sync(coro):
+    """Run a coroutine to completion from synchronous code, also when called inside a
+    running event loop (a meta-generator's ``aggregate`` is synchronous code running in
+    its loop): then it runs on a fresh loop in a helper thread. Scorers that call an
+    async backend (a judge, a remote model) use this, so ``score`` stays synchronous."""
+    import asyncio
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
