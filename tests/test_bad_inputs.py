@@ -167,7 +167,7 @@ def test_generation_ends_at_the_context(capsys):
 
 
 def test_constrained_output_cut_by_max_tokens_says_so(capsys):
-    schema = '{"type":"object","properties":{"a":{"type":"boolean"}},"required":["a"]}'
+    schema = '{"type":"object","properties":{"a":{"type":"boolean"}},"required":["a"],"additionalProperties":false}'
     code, out, _ = run(capsys, "generate", "Q: 3+4\n", "--json-schema", schema, "--max-tokens", "3", "--json")
     (g,) = json.loads(out)["generations"]
     assert code == 0 and g["finish_reason"] == "length" and g["meta"]["constraint_complete"] is False

@@ -167,7 +167,7 @@ def test_long_shared_prompts_are_kept_once(fresh_lm):
     outs, peaks = [], []
     for threshold in (10**9, 100):  # never share / share prompts of 100+ tokens
         eng = Engine(lm, prefix_cache=None, share_prompts_from=threshold)
-        reqs = [Request(prompt, 6, pick_sample, make_processors(temperature=1.5), Options(max_tokens=16), 4),
+        reqs = [Request(prompt, 6, pick_sample, make_processors(temperature=3.0), Options(max_tokens=16), 4),
                 _req(lm, "Q: 3+4\n", max_tokens=16)]  # a short prompt in the same batch is not shared
         outs.append(_drain(eng, reqs))
         peaks.append(eng.peak_kv_bytes)
