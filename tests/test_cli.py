@@ -96,3 +96,17 @@ def test_core_does_not_import_transformers():
             "print('transformers' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.stdout.strip() == "False", r.stderr
+
+
+def test_eval_nests_majority_over_speculative_sampling():
+    # majority vote whose samples come from speculative sampling with the draft model
+    r = ponder("eval", "--level", "medium", "--limit", "4", "--strategy", "majority", "--samples", "4",
+               "--temperature", "0.7", "--set", "over=speculative", "--set", "over.num_draft_tokens=3", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["problems"] == 4 and res["usage_total"]["generated_tokens"] > 0
+    bad = ponder("eval", "--limit", "1", "--strategy", "majority", "--set", "over=speculative",
+                 "--set", "over.num_beams=4")
+    assert bad.returncode == 2 and "--strategy speculative does not take num_beams" in bad.stderr
+    nested = ponder("eval", "--limit", "1", "--strategy", "majority", "--set", "over=best-of-n")
+    assert nested.returncode == 2 and "cannot draw its samples from best-of-n" in nested.stderr

@@ -90,7 +90,8 @@ def build(name: str, lm: Any, params: SamplingParams | None = None, settings: di
         from .decoding.constraints import Grammar
 
         settings["constraint"] = Grammar.from_settings(lm, **given).constraint()
-    unknown = [k for k in settings if k not in st.settings and k != "constraint"]
+    unknown = [k for k in settings if k not in st.settings and k != "constraint"
+               and not (k.startswith("over.") and "over" in st.settings)]
     if unknown:
         legal = ", ".join(sorted(st.settings)) or "no settings of its own"
         raise SettingError(f"--strategy {name} does not take {', '.join(unknown)}; it takes {legal}")
@@ -172,16 +173,31 @@ register(Strategy("sample", _sample, "ancestral sampling through temperature/top
 
 
 # -- parallel meta-generators ---------------------------------------------------------------
+def _inner(lm, p, s, ctx):
+    """The generator a parallel method draws its samples from: sampling, or with
+    ``--set over=NAME`` any registered strategy (majority vote over speculative
+    sampling, best-of-N over beam search), built by the registry with the same
+    sampling parameters and the settings given as ``over.KEY=VALUE``; the inner
+    strategy refuses what it cannot honour, by name."""
+    if "over" not in s:
+        return _sample(lm, p, s, ctx)
+    inner = {k[len("over."):]: v for k, v in s.items() if k.startswith("over.")}
+    if s["over"] in _NOT_INNER:
+        raise SettingError(f"--set over={s['over']}: a parallel method cannot draw its samples from "
+                           f"{s['over']}; choose a token-level strategy (sample, beam, speculative, ...)")
+    return build(s["over"], lm, p, inner, ctx)
+
+
 def _majority(lm, p, s, ctx):
     from .meta.parallel import MajorityVote
 
-    return MajorityVote(_sample(lm, p, s, ctx), ctx.task.extract_answer, **_given(s, n="samples"))
+    return MajorityVote(_inner(lm, p, s, ctx), ctx.task.extract_answer, **_given(s, n="samples"))
 
 
 def _best_of_n(lm, p, s, ctx):
     from .meta.parallel import BestOfN
 
-    return BestOfN(_sample(lm, p, s, ctx), ctx.reward_model, **_given(s, n="samples"))
+    return BestOfN(_inner(lm, p, s, ctx), ctx.reward_model, **_given(s, n="samples"))
 
 
 def _weighted(lm, p, s, ctx):
@@ -190,7 +206,7 @@ def _weighted(lm, p, s, ctx):
     weight = s.get("weight", "reward")
     if weight == "reward" and ctx.reward_model is None:
         raise SettingError("--strategy weighted-majority with weight=reward needs --reward-model (or --set weight=logprob)")
-    return WeightedMajorityVote(_sample(lm, p, s, ctx), ctx.task.extract_answer, ctx.reward_model,
+    return WeightedMajorityVote(_inner(lm, p, s, ctx), ctx.task.extract_answer, ctx.reward_model,
                                 **_given(s, n="samples", weight="weight"))
 
 
@@ -199,13 +215,13 @@ def _mbr(lm, p, s, ctx):
     from .scoring.utility import utility_named
 
     utility = utility_named(s.get("utility", "exact"), ctx.task.extract_answer)
-    return MinimumBayesRisk(_sample(lm, p, s, ctx), utility, **_given(s, n="samples"))
+    return MinimumBayesRisk(_inner(lm, p, s, ctx), utility, **_given(s, n="samples"))
 
 
 def _rejection(lm, p, s, ctx):
     from .meta.parallel import RejectionSampling
 
-    return RejectionSampling(_sample(lm, p, s, ctx), ctx.reward_model,
+    return RejectionSampling(_inner(lm, p, s, ctx), ctx.reward_model,
                              **_given(s, n="samples", threshold="threshold", batch="batch"))
 
 
@@ -213,33 +229,34 @@ def _oracle(lm, p, s, ctx):
     from .meta.parallel import OracleSampling
     from .scoring.verifiers import AnswerVerifier
 
-    return OracleSampling(_sample(lm, p, s, ctx), AnswerVerifier(ctx.task), **_given(s, n="samples", batch="batch"))
+    return OracleSampling(_inner(lm, p, s, ctx), AnswerVerifier(ctx.task), **_given(s, n="samples", batch="batch"))
 
 
 def _usc(lm, p, s, ctx):
     from .meta.parallel import UniversalSelfConsistency
 
-    return UniversalSelfConsistency(_sample(lm, p, s, ctx), **_given(s, n="samples"))
+    return UniversalSelfConsistency(_inner(lm, p, s, ctx), **_given(s, n="samples"))
 
 
 _PARALLEL = dict(adapters=ALL_ADAPTERS, constraint=True, meta=True, access="text")
-register(Strategy("majority", _majority, "self-consistency: majority vote over N samples (Wang et al. 2023)",
-                  ("samples",), needs=("task",), **_PARALLEL))
+_NOT_INNER = ("majority", "best-of-n", "weighted-majority", "mbr", "rejection", "oracle", "usc")
+register(Strategy("majority", _majority, "self-consistency: majority vote over N samples (Wang et al. 2023); --set over=NAME draws them from another strategy (e.g. speculative, beam-sample), its settings as over.KEY=V",
+                  ("samples", "over"), needs=("task",), **_PARALLEL))
 register(Strategy("best-of-n", _best_of_n, "best of N samples by a reward model (Stiennon et al. 2020)",
-                  ("samples",), needs=("reward_model",), **_PARALLEL))
+                  ("samples", "over"), needs=("reward_model",), **_PARALLEL))
 register(Strategy("weighted-majority", _weighted, "majority vote weighted by --reward-model scores or, with --set "
-                  "weight=logprob, by sequence probability (Li et al. 2023)", ("samples", "weight"),
+                  "weight=logprob, by sequence probability (Li et al. 2023)", ("samples", "over", "weight"),
                   needs=("task",), **_PARALLEL))
 register(Strategy("mbr", _mbr, "minimum Bayes risk over N samples, --set utility=exact|edit|bleu|chrf "
-                  "(Bertsch et al. 2023)", ("samples", "utility"), needs=("task",), **_PARALLEL))
+                  "(Bertsch et al. 2023)", ("samples", "over", "utility"), needs=("task",), **_PARALLEL))
 register(Strategy("rejection", _rejection, "rejection sampling: draw --set batch=B at a time until the "
-                  "--reward-model score reaches --set threshold=T, up to N", ("samples", "threshold", "batch"),
+                  "--reward-model score reaches --set threshold=T, up to N", ("samples", "over", "threshold", "batch"),
                   needs=("reward_model",), **_PARALLEL))
 register(Strategy("oracle", _oracle, "repeated sampling until the task's exact verifier accepts (coverage, "
-                  "pass@k; Brown et al. 2024): an upper bound, it reads the answer", ("samples", "batch"),
+                  "pass@k; Brown et al. 2024): an upper bound, it reads the answer", ("samples", "over", "batch"),
                   needs=("task",), **_PARALLEL))
 register(Strategy("usc", _usc, "universal self-consistency: the model picks the consensus of N samples "
-                  "(Chen et al. 2023)", ("samples",), **_PARALLEL))
+                  "(Chen et al. 2023)", ("samples", "over"), **_PARALLEL))
 
 
 # -- step-level search ----------------------------------------------------------------------
