@@ -171,5 +171,8 @@ class GeneratorBase:
         """Concurrent requests; an engine-backed generator batches them."""
         return list(await asyncio.gather(*(self.agenerate(p, n=n, seed=seed) for p in prompts)))
 
+    def generate_batch(self, prompts: Sequence[str], n: int = 1, seed: int | None = None) -> list[list[Generation]]:
+        return asyncio.run(self.agenerate_many(prompts, n=n, seed=seed))
+
     def astream(self, prompt: str, seed: int | None = None) -> AsyncIterator[Any]:
         raise NotImplementedError(f"{type(self).__name__} does not stream")

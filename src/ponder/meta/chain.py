@@ -45,10 +45,20 @@ class Link:
 
 
 def _fields(template: str) -> set[str]:
+    if not isinstance(template, str):
+        raise SettingError(f"a template must be a string; got {template!r}")
     try:
-        return {f for _, f, _, _ in string.Formatter().parse(template) if f}
+        return {f.split(".")[0].split("[")[0] for _, f, _, _ in string.Formatter().parse(template) if f}
     except ValueError as e:
         raise SettingError(f"template {template!r} is not a valid format string: {e}") from None
+
+
+def check_template(template: str, allowed: set[str], name: str) -> None:
+    """A format-string template may use only ``allowed`` fields (named, not positional)."""
+    unknown = _fields(template) - allowed
+    if unknown or "{}" in template:
+        raise SettingError(f"{name} uses {', '.join(sorted(unknown)) or 'a positional field {}'}; "
+                           f"it may use {', '.join('{' + a + '}' for a in sorted(allowed))}")
 
 
 def link(name: str, generator: Any, template: str = "{input}") -> Link:

@@ -47,6 +47,7 @@ class Node:
     usage: Usage = field(default_factory=Usage)  # what generating this step cost
     logprob: float = 0.0
     children: list["Node"] = field(default_factory=list)
+    drafts: list[dict[str, Any]] = field(default_factory=list)  # earlier steps refined away (step, score)
 
     def path(self) -> str:
         steps, n = [], self
@@ -66,7 +67,7 @@ class Node:
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "step": self.step, "depth": self.depth, "terminal": self.terminal,
                 "finish": self.finish, "score": self.score, "visits": self.visits, "value": self.value,
-                "usage": self.usage.to_dict(), "children": [c.to_dict() for c in self.children]}
+                "usage": self.usage.to_dict(), "drafts": self.drafts, "children": [c.to_dict() for c in self.children]}
 
 
 class Tree:
@@ -87,12 +88,18 @@ class StepSearch(GeneratorBase):
     ``scorer`` (``score_steps(prompt, completions) -> Scores``). ``params`` are the
     policy's sampling settings for one step (``max_tokens`` bounds a step); a step ends
     at ``delimiter``. ``is_final(step)`` marks a path's last step (an answer line by
-    default); ``max_depth`` bounds the steps of a path."""
+    default); ``max_depth`` bounds the steps of a path.
+
+    Refinement inside the tree: with ``refine=R``, a new step that scores below
+    ``refine_threshold`` is drawn again, in place, up to R times (the better-scored
+    draw stays; the others are kept in the node's ``drafts``), before the search
+    selects among the steps. The bill includes every draw."""
 
     strategy = "step-search"
 
     def __init__(self, lm: Any, scorer: Any, params: SamplingParams | None = None, delimiter: str = "\n",
-                 max_depth: int = 16, is_final: Callable[[str], bool] = answer_line) -> None:
+                 max_depth: int = 16, is_final: Callable[[str], bool] = answer_line, refine: int = 0,
+                 refine_threshold: float = 0.5) -> None:
         require_access(lm, Access.TEXT, type(self).__name__)
         if not callable(getattr(scorer, "score_steps", None)):
             raise SettingError(f"scorer must have score_steps(prompt, completions) (a PRM or a step verifier); "
@@ -103,6 +110,13 @@ class StepSearch(GeneratorBase):
             raise SettingError(f"max_depth must be an integer >= 1; got {max_depth!r}")
         if params is not None and not isinstance(params, SamplingParams):
             raise SettingError(f"params must be a SamplingParams; got {type(params).__name__}")
+        if not isinstance(refine, int) or isinstance(refine, bool) or refine < 0:
+            raise SettingError(f"refine (redraws of a step scored below refine_threshold) must be an integer >= 0; "
+                               f"got {refine!r}")
+        if isinstance(refine_threshold, bool) or not isinstance(refine_threshold, (int, float)) \
+                or not 0.0 <= refine_threshold <= 1.0:
+            raise SettingError(f"refine_threshold must be a number in [0, 1]; got {refine_threshold!r}")
+        self.refine, self.refine_threshold = refine, float(refine_threshold)
         self.lm, self.scorer, self.delimiter, self.max_depth, self.is_final = lm, scorer, delimiter, max_depth, is_final
         self.params = (params or SamplingParams(temperature=0.8, max_tokens=64)).replace(
             stop=tuple(params.stop if params else ()) + (delimiter,))
@@ -139,16 +153,46 @@ class StepSearch(GeneratorBase):
         outs = iter(await asyncio.gather(*calls))
         return [[self._node(tree, n, g) for g in next(outs)[0]] if kk > 0 else [] for n, kk in zip(nodes, ks)]
 
-    async def score(self, prompt: str, nodes: Sequence[Node]) -> Usage:
+    async def score(self, prompt: str, nodes: Sequence[Node], seed: int = 0) -> Usage:
         """Score each node's path with the step scorer (its last step's value) and
-        return what scoring cost. The scorer runs on a worker thread: the event loop
-        (other searches, a server) goes on meanwhile."""
+        return what scoring cost; with ``refine``, redraw the steps scored below the
+        threshold first (``seed`` seeds the redraws). The scorer runs on a worker
+        thread: the event loop (other searches, a server) goes on meanwhile."""
         if not nodes:
             return Usage()
+        usage = await self._score(prompt, nodes)
+        for r in range(self.refine):
+            low = [n for n in nodes if n.score is not None and n.score < self.refine_threshold]
+            if not low:
+                break
+            usage = usage + await self._redraw(prompt, low, (seed + 104_729 * (r + 1)) % 2**62)
+        return usage
+
+    async def _score(self, prompt: str, nodes: Sequence[Node]) -> Usage:
         scores = await asyncio.to_thread(self.scorer.score_steps, prompt, [n.path() for n in nodes])
         for n, steps in zip(nodes, scores.steps or [[v] for v in scores.values]):
             n.score = aggregate(steps, "last", empty=0.0)
         return scores.usage
+
+    async def _redraw(self, prompt: str, nodes: Sequence[Node], seed: int) -> Usage:
+        """Draw each node's step again from its parent; keep the better-scored step."""
+        calls = [self.lm.generate([prompt + n.parent.path()], self.params.replace(n=1, seed=(seed + 7_919 * n.id) % 2**62))
+                 for n in nodes]
+        outs = await asyncio.gather(*calls)
+        trial = []
+        for n, ((g,),) in zip(nodes, outs):
+            step, finish, terminal = self.step_of(g, n.depth)
+            trial.append((n, g, Node(n.id, step, n.parent, n.depth, terminal=terminal, finish=finish, usage=g.usage,
+                                    logprob=sum(g.logprobs) if g.logprobs else 0.0)))
+        usage = await self._score(prompt, [t for _, _, t in trial])
+        for n, g, t in trial:
+            n.usage = n.usage + t.usage  # every draw is billed to the node that kept its place
+            if t.score > n.score:
+                n.drafts.append({"step": n.step, "score": n.score})
+                n.step, n.finish, n.terminal, n.score, n.logprob = t.step, t.finish, t.terminal, t.score, t.logprob
+            else:
+                n.drafts.append({"step": t.step, "score": t.score})
+        return usage
 
     # -- the result -----------------------------------------------------------------------
     def result(self, root: Node, best: Node, scorer_usage: Usage, **meta: Any) -> Generation:
@@ -174,7 +218,7 @@ class StepSearch(GeneratorBase):
         (frontier,) = await self.expand(prompt, tree, [tree.root], n, seed)
         scorer_usage, finished, depth = Usage(), [], 1
         while True:
-            scorer_usage = scorer_usage + await self.score(prompt, frontier)
+            scorer_usage = scorer_usage + await self.score(prompt, frontier, seed + 31 * depth)
             finished += [c for c in frontier if c.terminal]
             open_ = [c for c in frontier if not c.terminal]
             if not open_ or len(finished) >= n:

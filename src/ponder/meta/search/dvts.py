@@ -21,13 +21,13 @@ class DVTS(BeamBudget):
         tree = Tree()
         root = tree.root
         (heads,) = await self.expand(prompt, tree, [root], max(1, self.n // self.beam_width), seed)
-        scorer_usage = await self.score(prompt, heads)
+        scorer_usage = await self.score(prompt, heads, seed)
         finished = [h for h in heads if h.terminal]
         open_ = [h for h in heads if not h.terminal]
         depth = 1
         while open_:
             kids = await self.expand(prompt, tree, open_, self.beam_width, seed + depth)
-            scorer_usage = scorer_usage + await self.score(prompt, [c for cs in kids for c in cs])
+            scorer_usage = scorer_usage + await self.score(prompt, [c for cs in kids for c in cs], seed + depth)
             best = [max(cs, key=lambda c: c.score) for cs in kids]  # each subtree keeps its best step
             finished += [b for b in best if b.terminal]
             open_ = [b for b in best if not b.terminal]

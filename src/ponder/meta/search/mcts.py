@@ -54,7 +54,7 @@ class MCTS(StepSearch):
 
     async def evaluate(self, prompt: str, node: Node, seed: int) -> tuple[float, Usage, tuple[float, str] | None]:
         """The node's value, what it cost, and the rollout's (score, finished text) if any."""
-        usage = await self.score(prompt, [node])
+        usage = await self.score(prompt, [node], seed)
         prm = node.score or 0.0
         if self.value == "prm":
             return prm, usage, None

@@ -37,7 +37,7 @@ class ParticleFilter(StepSearch):
         usage, depth = Usage(), 1
         fresh = particles
         while True:
-            usage = usage + await self.score(prompt, fresh)
+            usage = usage + await self.score(prompt, fresh, seed + 31 * depth)
             if all(p.terminal for p in particles):
                 break
             top = max(p.score for p in particles)

@@ -57,7 +57,7 @@ class TreeOfThoughtsDFS(StepSearch):
             node = stack.pop()
             (kids,) = await self.expand(prompt, tree, [node], self.k, seed + expansions)
             expansions += 1
-            usage = usage + await self.score(prompt, kids)
+            usage = usage + await self.score(prompt, kids, seed + expansions)
             good = [c for c in kids if c.score >= self.threshold]  # prune the rest
             done = [c for c in good if c.terminal]
             finished += [c for c in kids if c.terminal]
