@@ -38,8 +38,8 @@ class LookaheadSearch(PRMBeamSearch):
                 break
         return text
 
-    async def score(self, prompt: str, nodes: Sequence[Node]) -> Usage:
-        usage = await super().score(prompt, nodes)  # finished nodes keep this value
+    async def _score(self, prompt: str, nodes: Sequence[Node]) -> Usage:
+        usage = await super()._score(prompt, nodes)  # finished nodes keep this value
         todo = [n for n in nodes if not n.terminal]
         if not self.lookahead or not todo:
             return usage
