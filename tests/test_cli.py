@@ -110,3 +110,24 @@ def test_eval_nests_majority_over_speculative_sampling():
     assert bad.returncode == 2 and "--strategy speculative does not take num_beams" in bad.stderr
     nested = ponder("eval", "--limit", "1", "--strategy", "majority", "--set", "over=best-of-n")
     assert nested.returncode == 2 and "cannot draw its samples from best-of-n" in nested.stderr
+
+
+def test_eval_refinement_and_compute_optimal_from_the_command_line():
+    r = ponder("eval", "--level", "hard", "--limit", "6", "--strategy", "refine-steps", "--temperature", "0.7",
+               "--set", "scorer=steps", "--set", "rounds=3", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["strategy"] == "refine-steps" and res["correct"] >= 4 and "pass_at_n" not in res
+    # compute-optimal, its policy naming majority vote whose own settings come as majority.KEY=V
+    r = ponder("eval", "--level", "hard", "--limit", "4", "--strategy", "compute-optimal", "--temperature", "0.7",
+               "--set", "policy=0.25:probe,1:majority", "--set", "majority.samples=4", "--set", "probe=2", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["usage_total"]["generated_tokens"] > 0
+    bad = ponder("eval", "--limit", "1", "--strategy", "compute-optimal", "--set", "policy=0.25:probe,1:majority",
+                 "--set", "majority.bogus=1")
+    assert bad.returncode == 2 and "--strategy majority does not take bogus" in bad.stderr
+    bad = ponder("eval", "--limit", "1", "--strategy", "refine-steps", "--set", "scorer=steps", "--temperature", "0")
+    assert bad.returncode == 2 and "--temperature must be > 0" in bad.stderr
+    listed = ponder("strategies").stdout
+    for name in ("cot", "tool-use", "self-refine", "reflexion", "refine-steps", "compute-optimal"):
+        assert f"\n{name} " in "\n" + listed and "[text access" in listed.split(f"\n{name} ", 1)[1].splitlines()[0]

@@ -12,7 +12,7 @@ import math
 from typing import Any, Callable, Sequence
 
 from .tasks.base import Problem
-from .meta.parallel import majority_index
+from .meta.parallel import SampleThenAggregate, majority_index
 from .types import Generation, Usage
 
 
@@ -60,6 +60,9 @@ def evaluate(
     usage = Usage()
     covered = voted = 0
     traced = False
+    # pass@N and the vote over candidates mean something only where the trace holds the
+    # candidates (parallel methods); a chain's or a refinement's trace holds its calls
+    candidates = isinstance(generator, SampleThenAggregate)
     step_scores: list[float] = []
     step_labels: list[bool] = []
     records = []
@@ -72,8 +75,8 @@ def evaluate(
             ok = task.check_answer(p, g.text)
             correct += ok
             usage = usage + g.usage
-            cands = g.trace or [g]
-            if g.trace:
+            cands = (g.trace if candidates else None) or [g]
+            if candidates and g.trace:
                 traced = True
                 covered += any(task.check_answer(p, c.text) for c in cands)
                 i = majority_index([task.extract_answer(c.text) for c in cands])

@@ -37,6 +37,7 @@ class Strategy:
     needs: tuple[str, ...] = ()  # e.g. ("task",) or ("reward_model",)
     meta: bool = False  # draws several candidates per problem (eval reports pass@N)
     access: str = "logits"  # the lowest access level its policy needs: text, logprobs or logits
+    nested: tuple[str, ...] = ("over",)  # settings NAME whose value's own settings come as NAME.KEY=V
 
 
 @dataclass
@@ -91,7 +92,7 @@ def build(name: str, lm: Any, params: SamplingParams | None = None, settings: di
 
         settings["constraint"] = Grammar.from_settings(lm, **given).constraint()
     unknown = [k for k in settings if k not in st.settings and k != "constraint"
-               and not (k.startswith("over.") and "over" in st.settings)]
+               and not ("." in k and _nested_ok(st, settings, k.split(".", 1)[0]))]
     if unknown:
         legal = ", ".join(sorted(st.settings)) or "no settings of its own"
         raise SettingError(f"--strategy {name} does not take {', '.join(unknown)}; it takes {legal}")
@@ -101,6 +102,21 @@ def build(name: str, lm: Any, params: SamplingParams | None = None, settings: di
 
 
 # -- helpers the factories share ------------------------------------------------------------
+def _nested_ok(st: Strategy, settings: dict[str, Any], prefix: str) -> bool:
+    """``over.KEY=V`` passes through when the strategy takes ``over``; compute-optimal's
+    ``best-of-n.samples=8`` when best-of-n is a strategy its policy names."""
+    if prefix in st.nested and prefix in st.settings:
+        return True
+    return "policy" in st.nested and prefix in _policy_names(settings)
+
+
+def _policy_names(settings: dict[str, Any]) -> set[str]:
+    policy = settings.get("policy")
+    if not isinstance(policy, str):
+        return set()
+    return {part.partition(":")[2].strip() for part in policy.split(",")}
+
+
 def _encode(lm: Any) -> Callable[[str], list[int]]:
     return lambda w: lm.encode(w, add_special_tokens=False)
 
@@ -194,10 +210,29 @@ def _majority(lm, p, s, ctx):
     return MajorityVote(_inner(lm, p, s, ctx), ctx.task.extract_answer, **_given(s, n="samples"))
 
 
+def _outcome_scorer(name: str, lm: Any, s: dict[str, Any], ctx: Context) -> Any:
+    """--set scorer=reward (the --reward-model), logprob (mean token log-probability under
+    the policy) or judge (the policy model grades each answer, LLM-as-judge)."""
+    kind = s.get("scorer", "reward")
+    if kind == "reward":
+        if ctx.reward_model is None:
+            raise SettingError(f"--strategy {name} needs --reward-model, or --set scorer=logprob|judge")
+        return ctx.reward_model
+    if kind == "logprob":
+        from .scoring.logprob import SequenceLogprob
+
+        return SequenceLogprob(lm, "mean")
+    if kind == "judge":
+        from .scoring.judge import LLMJudge
+
+        return LLMJudge(lm, **_given(s, samples="judge_samples"))
+    raise SettingError(f"scorer must be reward (--reward-model), logprob or judge; got {kind!r}")
+
+
 def _best_of_n(lm, p, s, ctx):
     from .meta.parallel import BestOfN
 
-    return BestOfN(_inner(lm, p, s, ctx), ctx.reward_model, **_given(s, n="samples"))
+    return BestOfN(_inner(lm, p, s, ctx), _outcome_scorer("best-of-n", lm, s, ctx), **_given(s, n="samples"))
 
 
 def _weighted(lm, p, s, ctx):
@@ -221,7 +256,7 @@ def _mbr(lm, p, s, ctx):
 def _rejection(lm, p, s, ctx):
     from .meta.parallel import RejectionSampling
 
-    return RejectionSampling(_inner(lm, p, s, ctx), ctx.reward_model,
+    return RejectionSampling(_inner(lm, p, s, ctx), _outcome_scorer("rejection", lm, s, ctx),
                              **_given(s, n="samples", threshold="threshold", batch="batch"))
 
 
@@ -239,19 +274,21 @@ def _usc(lm, p, s, ctx):
 
 
 _PARALLEL = dict(adapters=ALL_ADAPTERS, constraint=True, meta=True, access="text")
-_NOT_INNER = ("majority", "best-of-n", "weighted-majority", "mbr", "rejection", "oracle", "usc")
+_NOT_INNER = ("majority", "best-of-n", "weighted-majority", "mbr", "rejection", "oracle", "usc", "cot", "tool-use",
+              "self-refine", "reflexion", "refine-steps", "compute-optimal")
 register(Strategy("majority", _majority, "self-consistency: majority vote over N samples (Wang et al. 2023); --set over=NAME draws them from another strategy (e.g. speculative, beam-sample), its settings as over.KEY=V",
                   ("samples", "over"), needs=("task",), **_PARALLEL))
-register(Strategy("best-of-n", _best_of_n, "best of N samples by a reward model (Stiennon et al. 2020)",
-                  ("samples", "over"), needs=("reward_model",), **_PARALLEL))
+register(Strategy("best-of-n", _best_of_n, "best of N samples by a scorer (Stiennon et al. 2020): --set "
+                  "scorer=reward (--reward-model)|logprob|judge (the model grades, judge_samples=K)",
+                  ("samples", "over", "scorer", "judge_samples"), **_PARALLEL))
 register(Strategy("weighted-majority", _weighted, "majority vote weighted by --reward-model scores or, with --set "
                   "weight=logprob, by sequence probability (Li et al. 2023)", ("samples", "over", "weight"),
                   needs=("task",), **_PARALLEL))
 register(Strategy("mbr", _mbr, "minimum Bayes risk over N samples, --set utility=exact|edit|bleu|chrf "
                   "(Bertsch et al. 2023)", ("samples", "over", "utility"), needs=("task",), **_PARALLEL))
 register(Strategy("rejection", _rejection, "rejection sampling: draw --set batch=B at a time until the "
-                  "--reward-model score reaches --set threshold=T, up to N", ("samples", "over", "threshold", "batch"),
-                  needs=("reward_model",), **_PARALLEL))
+                  "score (--set scorer=reward|logprob|judge) reaches --set threshold=T, up to N",
+                  ("samples", "over", "threshold", "batch", "scorer", "judge_samples"), **_PARALLEL))
 register(Strategy("oracle", _oracle, "repeated sampling until the task's exact verifier accepts (coverage, "
                   "pass@k; Brown et al. 2024): an upper bound, it reads the answer", ("samples", "over", "batch"),
                   needs=("task",), **_PARALLEL))
@@ -282,7 +319,9 @@ def _search(cls_path: str, name: str, **names: str):
 
         module, cls = cls_path.rsplit(".", 1)
         search = getattr(importlib.import_module(module), cls)
-        return search(lm, _step_scorer(name, s, ctx), params=p, **_given(s, n="samples", max_depth="max_depth", **names))
+        return search(lm, _step_scorer(name, s, ctx), params=p,
+                      **_given(s, n="samples", max_depth="max_depth", refine="refine", refine_threshold="refine_threshold",
+                               **names))
 
     return factory
 
@@ -337,7 +376,8 @@ def _mcts(lm, p, s, ctx):
         else:
             raise SettingError(f"rollout_scorer must be orm or verifier; got {kind!r}")
     return MCTS(lm, _step_scorer("mcts", s, ctx), params=p, rollout_scorer=rollout,
-                **_given(s, iterations="iterations", width="width", c="c", value="value", max_depth="max_depth"))
+                **_given(s, iterations="iterations", width="width", c="c", value="value", max_depth="max_depth",
+                         refine="refine", refine_threshold="refine_threshold"))
 
 
 register(Strategy("mcts", _mcts, "Monte Carlo tree search over steps, UCT (Hao et al. 2023): --set iterations=I "
@@ -346,6 +386,124 @@ register(Strategy("mcts", _mcts, "Monte Carlo tree search over steps, UCT (Hao e
 
 
 # -- controlled generation with several models ------------------------------------------------
+# refinement inside the tree: every step-level search can redraw low-scored steps in place
+_SEARCHES = ("prm-beam", "dvts", "rebase", "lookahead", "tot-bfs", "tot-dfs", "particles", "mcts")
+for _name in _SEARCHES:
+    STRATEGIES[_name].settings += ("refine", "refine_threshold")
+
+
+# -- chains, tools and refinement -----------------------------------------------------------
+def _cot(lm, p, s, ctx):
+    from .meta.chain import ChainOfThought
+
+    return ChainOfThought(_inner(lm, p, s, ctx), ctx.task.extract_answer, **_given(s, cue="cue", trigger="trigger"))
+
+
+def _tool_use(lm, p, s, ctx):
+    from .meta.chain import ToolUse
+    from .meta.tools import Calculator, PythonSandbox
+
+    known = {"calc": Calculator, "python": PythonSandbox}
+    names = s.get("tools", "calc")
+    names = [t.strip() for t in (names.split(",") if isinstance(names, str) else [])]
+    if not names or any(t not in known for t in names):
+        raise SettingError(f"tools must be a comma-separated list of {', '.join(known)}; got {s.get('tools')!r}")
+    return ToolUse(lm, {t: known[t]() for t in names}, params=p, **_given(s, max_calls="max_calls"))
+
+
+def _evaluator(name: str, s: dict[str, Any], ctx: Context) -> Any:
+    kind = s.get("evaluator", "reward")
+    if kind == "reward":
+        if ctx.reward_model is None:
+            raise SettingError(f"--strategy {name} needs --reward-model, or --set evaluator=verifier "
+                               "(the task's exact answer checker)")
+        return ctx.reward_model
+    if kind == "verifier":
+        from .scoring.verifiers import AnswerVerifier
+
+        if ctx.task is None:
+            raise SettingError(f"--strategy {name} with evaluator=verifier needs a task (ponder eval --task NAME)")
+        return AnswerVerifier(ctx.task)
+    raise SettingError(f"evaluator must be reward (--reward-model) or verifier; got {kind!r}")
+
+
+def _self_refine(lm, p, s, ctx):
+    from .meta.refine import SelfRefine
+
+    return SelfRefine(_inner(lm, p, s, ctx), **_given(s, rounds="rounds", feedback_template="feedback_template",
+                                                      revise_template="revise_template"))
+
+
+def _reflexion(lm, p, s, ctx):
+    from .meta.refine import Reflexion
+
+    return Reflexion(_inner(lm, p, s, ctx), _evaluator("reflexion", s, ctx),
+                     **_given(s, trials="trials", threshold="threshold", memory="memory",
+                              attempt_template="attempt_template", reflect_template="reflect_template",
+                              memory_template="memory_template"))
+
+
+def _refine_steps(lm, p, s, ctx):
+    from .meta.refine import StepFeedbackRefine
+
+    first = s.get("first", "greedy")
+    if first not in ("greedy", "sample"):
+        raise SettingError(f"first (the first attempt) must be greedy or sample; got {first!r}")
+    if p.greedy:
+        raise SettingError("--strategy refine-steps redraws from the first wrong step by sampling: "
+                           "--temperature must be > 0 (the first attempt is greedy unless --set first=sample)")
+    retry = _inner(lm, p, s, ctx)
+    opening = _greedy(lm, p, s, ctx) if first == "greedy" else None
+    return StepFeedbackRefine(retry, _step_scorer("refine-steps", s, ctx), first=opening,
+                              **_given(s, rounds="rounds", threshold="threshold"))
+
+
+_TEXT = dict(adapters=ALL_ADAPTERS, meta=True, access="text")
+register(Strategy("cot", _cot, "zero-shot chain-of-thought with answer extraction (Kojima et al. 2022): --set "
+                  "cue=TEXT trigger=TEXT; over=NAME", ("over", "cue", "trigger"), needs=("task",), **_TEXT))
+register(Strategy("tool-use", _tool_use, "inline tool calls <calc>..</calc>, <python>..</python> (sandboxed), "
+                  "results appended as <output>: --set tools=calc,python max_calls=K",
+                  ("tools", "max_calls"), **_TEXT))
+register(Strategy("self-refine", _self_refine, "Self-Refine (Madaan et al. 2023): the model critiques, then "
+                  "revises, --set rounds=R feedback_template=.. revise_template=..",
+                  ("over", "rounds", "feedback_template", "revise_template"), **_TEXT))
+register(Strategy("reflexion", _reflexion, "Reflexion (Shinn et al. 2023): attempts judged by --set "
+                  "evaluator=reward|verifier at threshold=T; reflections kept as memory=M across trials=K",
+                  ("over", "evaluator", "trials", "threshold", "memory", "attempt_template", "reflect_template",
+                   "memory_template"), **_TEXT))
+register(Strategy("refine-steps", _refine_steps, "refinement from a step checker (--set scorer=prm|steps): keep "
+                  "the steps before the first one below threshold=T, sample the rest again, up to rounds=R",
+                  ("over", "scorer", "rounds", "threshold", "first"), **_TEXT))
+
+
+# -- compute-optimal ------------------------------------------------------------------------
+def _compute_optimal(lm, p, s, ctx):
+    from .meta.compute_optimal import PROBE, ComputeOptimal
+
+    policy = s.get("policy", "0.25:probe,0.5:best-of-n,1:prm-beam")
+    if not isinstance(policy, str):
+        raise SettingError(f"policy must be BOUND:STRATEGY,... (e.g. 0.25:probe,1:prm-beam); got {policy!r}")
+    names = sorted(_policy_names({"policy": policy}) - {PROBE})
+    inner = {}
+    for name in names:
+        if name not in STRATEGIES or name == "compute-optimal":
+            raise SettingError(f"policy names {name!r}; choose probe or registered strategies "
+                               f"(majority, best-of-n, prm-beam, ...)")
+        own = {k[len(name) + 1:]: v for k, v in s.items() if k.startswith(name + ".")}
+        if "samples" in STRATEGIES[name].settings and "samples" in s:
+            own.setdefault("samples", s["samples"])
+        inner[name] = build(name, lm, p, own, ctx)
+    scorer = ctx.reward_model if s.get("difficulty") == "reward" else None
+    return ComputeOptimal(_sample(lm, p, s, ctx), ctx.task.extract_answer, inner, policy=policy,
+                          **_given(s, probe_n="probe", difficulty="difficulty"), scorer=scorer)
+
+
+register(Strategy("compute-optimal", _compute_optimal, "compute-optimal selection (Snell et al. 2024): --set probe=K "
+                  "samples estimate difficulty (difficulty=agreement|reward), then --set policy=0.25:probe,"
+                  "0.5:best-of-n,1:prm-beam runs the named strategy (settings as NAME.KEY=V; samples=N for all)",
+                  ("probe", "difficulty", "policy", "samples"), nested=("policy",), needs=("task",), **_TEXT))
+
+
 def _controlled(lm, p, s, generator: Callable[..., Any]) -> dict[str, Any]:
     """Keyword arguments for a controlled generator; whether it samples by default is
     read from its own signature (the default lives there)."""
