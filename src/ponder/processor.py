@@ -23,6 +23,12 @@ class Processor:
     def __call__(self, tokens: Any, logits: Any) -> Any:
         raise NotImplementedError
 
+    def batch_key(self) -> Any:
+        """A hashable value equal for processors that act alike on every row and read
+        no history (so the engine may run one over several requests' rows at once);
+        None (the default) when that is not known."""
+        return None
+
     # Stateful processors override these; for stateless ones they do nothing.
     def accept(self, tokens: Any) -> None:
         """Record the tokens [B] just chosen."""
@@ -47,6 +53,9 @@ class Identity(Processor):
 
     def __call__(self, tokens, logits):
         return logits
+
+    def batch_key(self):
+        return ()
 
 
 class FunctionProcessor(Processor):
@@ -88,6 +97,10 @@ class Chain(Processor):
         for p in self.processors:
             logits = p(tokens, logits)
         return logits
+
+    def batch_key(self):
+        keys = tuple(p.batch_key() for p in self.processors)
+        return None if any(k is None for k in keys) else keys
 
     def accept(self, tokens):
         for p in self.processors:

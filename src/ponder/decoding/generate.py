@@ -11,6 +11,7 @@ reuse the same pieces: ``Options``, the processor chain, ``StopStringMatcher``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -135,6 +136,7 @@ def decode_loop(
     stream: bool = False,
     cancel: threading.Event | None = None,
     started: float | None = None,
+    arrived: Callable[[], None] | None = None,
 ) -> Iterator[StreamEvent]:
     """Yield ``StreamEvent``s; every output ends with an event carrying its Generation.
     Each prompt is one request to the model's engine (``ponder.engine``), which batches
@@ -154,16 +156,29 @@ def decode_loop(
                 procs = Chain(PrefixConstraint(lm, [healed]), processors)
         reqs.append(Request(p, n, pick, procs, options, seed, stream, index_base=i * n, healed=healed,
                             top_logprobs=options.logprobs))
-    yield from engine_for(lm).run(reqs, cancel, started)
+    yield from engine_for(lm).run(reqs, cancel, started, arrived)
 
 
-async def run_cancellable(fn: Callable[..., Any], *args: Any) -> Any:
+async def run_cancellable(fn: Callable[..., Any], *args: Any, engine: Any = None) -> Any:
     """``fn(*args, cancel=event)`` on a worker thread, so the event loop never blocks on
     the engine. If the awaiting task is cancelled, the event is set, the worker
     withdraws its requests from the batch (freeing their rows and KV), and only then
-    does the cancellation propagate."""
+    does the cancellation propagate.
+
+    With ``engine``, the thread is one of the engine's callers, and the engine is told
+    at once that a caller is on its way (``expect``): the requests that a search makes
+    concurrently join one batch instead of trickling in a step at a time."""
     cancel = threading.Event()
-    task = asyncio.ensure_future(asyncio.to_thread(fn, *args, cancel=cancel))
+    extra: dict[str, Any] = {}
+    executor = None
+    if engine is not None:
+        executor, extra["arrived"] = engine.callers, engine.expect()
+    call = functools.partial(fn, *args, cancel=cancel, **extra)
+    try:
+        task = asyncio.ensure_future(asyncio.get_running_loop().run_in_executor(executor, call))
+    except BaseException:
+        extra.get("arrived", lambda: None)()
+        raise
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
@@ -216,9 +231,19 @@ class TokenGenerator(GeneratorBase):
             raise SettingError(f"n must be an integer >= 1; got {n!r}")
 
     def generate_batch(self, prompts: Sequence[str | Sequence[int]], n: int = 1, seed: int | None = None,
-                       cancel: threading.Event | None = None) -> list[list[Generation]]:
+                       cancel: threading.Event | None = None,
+                       arrived: Callable[[], None] | None = None) -> list[list[Generation]]:
         """All prompts in one batched loop; returns n generations per prompt.
-        Every prompt is its own request seeded with ``seed``."""
+        Every prompt is its own request seeded with ``seed``. ``arrived`` (from the
+        engine's ``expect``) is called once the requests are submitted, or failed."""
+        try:
+            return self._generate_batch(prompts, n, seed, cancel, arrived)
+        finally:
+            if arrived is not None:
+                arrived()  # idempotent: a call that failed before submitting must not hold steps back
+
+    def _generate_batch(self, prompts: Sequence[str | Sequence[int]], n: int, seed: int | None,
+                        cancel: threading.Event | None, arrived: Callable[[], None] | None) -> list[list[Generation]]:
         t0 = time.perf_counter()
         self._check_n(n)
         check_seed(seed)
@@ -229,7 +254,7 @@ class TokenGenerator(GeneratorBase):
         ids = [self._encode(p) for p in prompts]
         # the engine bills this call's time from t0 on (encoding included), steps aside
         events = decode_loop(self.lm, ids, n, self.pick, self.processors, self.options, seed, cancel=cancel,
-                             started=t0)
+                             started=t0, arrived=arrived)
         out: list[Generation | None] = [None] * (len(ids) * n)
         for ev in events:
             if ev.generation is not None:
@@ -249,13 +274,19 @@ class TokenGenerator(GeneratorBase):
         return [[g for g in out[i * n : (i + 1) * n] if g is not None] for i in range(len(ids))]
 
     async def agenerate(self, prompt: str, n: int = 1, seed: int | None = None) -> list[Generation]:
-        return (await run_cancellable(self.generate_batch, [prompt], n, seed))[0]
+        return (await run_cancellable(self.generate_batch, [prompt], n, seed, engine=self._engine()))[0]
 
     def generate(self, prompt: str, n: int = 1, seed: int | None = None) -> list[Generation]:
         return self.generate_batch([prompt], n, seed)[0]
 
     async def agenerate_many(self, prompts: Sequence[str], n: int = 1, seed: int | None = None) -> list[list[Generation]]:
-        return await run_cancellable(self.generate_batch, list(prompts), n, seed)
+        return await run_cancellable(self.generate_batch, list(prompts), n, seed, engine=self._engine())
+
+    def _engine(self) -> Any:
+        """The engine async calls join: its caller threads (one per concurrent call; the
+        event loop's default pool has only a few, and would let a search's hundreds of
+        concurrent steps in a few at a time) and its arrival count."""
+        return engine_for(self.lm) if hasattr(self.lm, "prefill") else None
 
     def stream(self, prompt: str | Sequence[int], n: int = 1, seed: int | None = None,
                cancel: threading.Event | None = None) -> Iterator[StreamEvent]:

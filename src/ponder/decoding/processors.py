@@ -39,6 +39,9 @@ class Temperature(Processor):
         self.temperature = float(temperature)
         self.is_identity = self.temperature == 1.0
 
+    def batch_key(self):
+        return ("Temperature", self.temperature)
+
     def __call__(self, tokens, logits):
         return logits if self.is_identity else logits / self.temperature
 
@@ -50,6 +53,9 @@ class TopK(Processor):
         _check(isinstance(k, int) and not isinstance(k, bool) and k >= 0, f"top_k must be an integer >= 0 (0 disables it); got {k}")
         self.k = k
         self.is_identity = k == 0
+
+    def batch_key(self):
+        return ("TopK", self.k)
 
     def __call__(self, tokens, logits):
         if self.is_identity or self.k >= logits.shape[-1]:
@@ -66,6 +72,9 @@ class TopP(Processor):
         _check(isinstance(p, (int, float)) and 0 < p <= 1, f"top_p must be in (0, 1] (1 disables it); got {p}")
         self.p = float(p)
         self.is_identity = self.p == 1.0
+
+    def batch_key(self):
+        return ("TopP", self.p)
 
     def __call__(self, tokens, logits):
         if self.is_identity:
@@ -86,6 +95,9 @@ class MinP(Processor):
         _check(isinstance(min_p, (int, float)) and 0 <= min_p <= 1, f"min_p must be in [0, 1] (0 disables it); got {min_p}")
         self.min_p = float(min_p)
         self.is_identity = self.min_p == 0.0
+
+    def batch_key(self):
+        return ("MinP", self.min_p)
 
     def __call__(self, tokens, logits):
         if self.is_identity:

@@ -30,11 +30,12 @@ a step is billed to the requests it served (``Usage.wall_s``).
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import math
 import threading
 import time
 import weakref
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -70,9 +71,13 @@ class Engine:
                 prefix_cache = RadixCache.for_model(lm.model.cfg, lm.model.dtype, max_bytes=256 * 2**20)
         self.prefix_cache = prefix_cache
         self._lock = threading.Lock()
+        self._callers: concurrent.futures.ThreadPoolExecutor | None = None
+        self._expected = 0  # async callers on their way to submit (see expect)
+        self._arrivals = threading.Condition(threading.Lock())
         self._waiting: collections.deque[Request] = collections.deque()
         self._active: list[Request] = []
         self._cache: Any = None
+        self._spare: Any = None  # an emptied batch's KV allocation, kept for the next batch
         self._logits: torch.Tensor | None = None  # [B, V] pending next-token logits of every live row
         self.steps = 0
         self.peak_rows = 0
@@ -81,6 +86,43 @@ class Engine:
     @property
     def max_rows(self) -> int:
         return self.admission.max_rows
+
+    @property
+    def callers(self) -> concurrent.futures.ThreadPoolExecutor:
+        """Threads for async callers, each driving the shared batch (``run``) until its
+        own requests finish: as many as the batch has rows, created on demand."""
+        with self._lock:
+            if self._callers is None:
+                self._callers = concurrent.futures.ThreadPoolExecutor(max(32, self.max_rows),
+                                                                      thread_name_prefix="ponder-engine")
+            return self._callers
+
+    # Longest a step waits for announced callers to submit: a few decode steps' time.
+    ARRIVAL_WAIT_S = 0.005
+
+    def expect(self) -> Callable[[], None]:
+        """Announce a caller that will submit soon (from the event loop, before its
+        worker thread starts); returns ``arrived``, to call once it has submitted (or
+        failed; calling again does nothing). While callers are announced, a step waits
+        for them, at most ARRIVAL_WAIT_S: a search's concurrent requests then start in
+        one step, rather than one or two a step as their threads come in."""
+        with self._arrivals:
+            self._expected += 1
+        done = threading.Event()
+
+        def arrived() -> None:
+            if not done.is_set():
+                done.set()
+                with self._arrivals:
+                    self._expected -= 1
+                    self._arrivals.notify_all()
+
+        return arrived
+
+    def _await_arrivals(self) -> None:
+        if self._expected > 0:
+            with self._arrivals:
+                self._arrivals.wait_for(lambda: self._expected <= 0, timeout=self.ARRIVAL_WAIT_S)
 
     # -- public ----------------------------------------------------------------------------
     def check(self, r: Request) -> None:
@@ -106,7 +148,7 @@ class Engine:
                     self._waiting.append(r)
 
     def run(self, requests: Sequence[Request], cancel: threading.Event | None = None,
-            started: float | None = None) -> Iterator[StreamEvent]:
+            started: float | None = None, arrived: Callable[[], None] | None = None) -> Iterator[StreamEvent]:
         """Submit ``requests`` and drive the engine until they are all done, yielding
         their events (other callers' requests advance in the same forward passes).
         Setting ``cancel`` (from any thread) withdraws them at the next step and raises
@@ -118,6 +160,8 @@ class Engine:
         begin = time.perf_counter() if started is None else started
         stepping = yielded = 0.0
         self.submit(requests)
+        if arrived is not None:
+            arrived()
         try:
             while True:
                 for r in requests:
@@ -137,6 +181,7 @@ class Engine:
                 if cancel is not None and cancel.is_set():
                     raise RequestCancelled("the request was cancelled")
                 t = time.perf_counter()
+                self._await_arrivals()  # time spent for the batch, not for this call: unbilled here
                 with self._lock:
                     if not all(r.done for r in requests):
                         self._step()
@@ -256,8 +301,13 @@ class Engine:
                 procs = procs.fork([0])
                 procs.reset()
             r.procs = procs
+        if self._cache is None and self._spare is not None and self._spare.capacity >= cache.capacity:
+            self._cache, self._spare = self._spare, None  # last batch's allocation: no regrowing from one row
         if self._cache is None:
             self._cache, self._logits = cache, logits
+        elif self._logits is None:
+            self._cache.append_(cache)
+            self._logits = logits
         else:
             if hasattr(self._cache, "append_"):  # into the running batch's spare rows when it has them
                 self._cache.append_(cache)
@@ -306,12 +356,53 @@ class Engine:
             lp = lg.log_softmax(-1)[r.owner].gather(-1, tokens[:, None])[:, 0].tolist()
         return tokens, lp
 
+    def _pick_together(self, logits: torch.Tensor) -> dict[int, tuple[torch.Tensor, list[float]]]:
+        """Pick for several requests at once where that cannot change a token: requests
+        with the same pick function and processors that act alike
+        on every row without reading history (equal ``batch_key``), e.g. the many small
+        step requests of a tree search. Row i's choice depends only on row i's logits
+        and draw, so the tokens equal per-request picking. A group whose scores are not
+        all finite, or whose processors raise, is left to ``_pick``, which names the
+        request at fault. Returns {id(request): (tokens, log-probabilities)}."""
+        groups: dict[Any, list[tuple[Request, torch.Tensor]]] = {}
+        start = 0
+        for r in self._active:
+            P = len(r.phys)
+            if not r.top_logprobs:
+                key = r.procs.batch_key()
+                if key is not None:  # each live sample reads its physical row
+                    rows = torch.arange(start, start + P) if len(r.samples) == P else start + r.owner
+                    groups.setdefault((r.pick, key), []).append((r, rows))
+            start += P
+        out: dict[int, tuple[torch.Tensor, list[float]]] = {}
+        for (pick, _), members in groups.items():
+            if len(members) < 2:
+                continue
+            lg = logits.index_select(0, torch.cat([rows for _, rows in members]))  # [samples of the group, V]
+            procs = members[0][0].procs
+            try:
+                scores = lg if procs.is_identity else procs(None, lg)
+            except Exception:
+                continue
+            if not bool(torch.isfinite(scores.amax(-1)).all()):
+                continue
+            draws = torch.cat([self._draws(r) for r, _ in members])  # [samples]
+            tokens = pick(scores, draws)
+            lp = lg.log_softmax(-1).gather(-1, tokens[:, None])[:, 0].tolist()
+            k = 0
+            for r, rows in members:
+                m = rows.shape[0]
+                out[id(r)] = (tokens[k : k + m], lp[k : k + m])
+                k += m
+        return out
+
     def _decode(self) -> None:
         t0 = time.perf_counter()
         lm = self.lm
         logits = self._logits  # [B, V], one row per physical row
         B = logits.shape[0]
         self.peak_rows = max(self.peak_rows, B)
+        picked = self._pick_together(logits) if len(self._active) > 1 else {}
         parents: list[int] = []  # global physical row each new physical row continues
         next_tokens: list[torch.Tensor] = []  # [rows] per request, in batch order
         n_samples = 0
@@ -322,7 +413,8 @@ class Engine:
             samples, rows = r.samples, r.rows
             n_samples += len(samples)
             try:
-                tokens, lp = self._pick(r, logits[start : start + P])
+                got = picked.get(id(r))
+                tokens, lp = got if got is not None else self._pick(r, logits[start : start + P])
                 if r.top_logprobs:
                     self._record_top(r, logits[start : start + P])
             except Exception as e:  # this request fails alone: its rows leave the batch
@@ -421,7 +513,7 @@ class Engine:
         self._active = [r for r in self._active if r.phys and r.error is None]
         self.steps += 1
         if not self._active:
-            self._cache, self._logits = None, None
+            self._go_idle()
         else:
             if len(parents) != B or parents != list(range(B)):
                 self._cache.reorder_(torch.tensor(parents, dtype=torch.long))
@@ -462,6 +554,18 @@ class Engine:
         r.history = h
         r.hist_len += 1
 
+    # Largest emptied allocation kept for the next batch (a search's levels start a new
+    # batch each time; regrowing it row by row costs more than the step itself).
+    SPARE_BYTES = 256 * 2**20
+
+    def _go_idle(self) -> None:
+        """No row is left: keep the allocation (emptied) if it is small enough."""
+        cache, self._cache, self._logits = self._cache, None, None
+        if (hasattr(cache, "append_") and hasattr(cache, "nbytes_allocated")
+                and cache.nbytes_allocated() <= self.SPARE_BYTES):
+            cache.keep_rows_(torch.zeros(0, dtype=torch.long))
+            self._spare = cache
+
     def _retire_rows(self, request_ids: set[int]) -> None:
         """Drop every row of the given requests (withdrawn callers)."""
         keep, start = [], 0
@@ -472,7 +576,7 @@ class Engine:
             start += nb
         self._active = [r for r in self._active if id(r) not in request_ids]
         if not keep:
-            self._cache, self._logits = None, None
+            self._go_idle()
             return
         t = torch.tensor(keep, dtype=torch.long)
         self._cache.keep_rows_(t)

@@ -16,6 +16,7 @@ this format; transformers loads it too (``AutoModelForTokenClassification``).
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 import time
@@ -32,6 +33,10 @@ from .base import Scores, aggregate
 
 # The final answer line is read by the outcome score, not as a step.
 _ANSWER_LINE = re.compile(r"^\s*(answer\b|####)", re.IGNORECASE)
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
 
 class RewardModel:
@@ -56,6 +61,7 @@ class RewardModel:
             from ..engine.prefix_cache import RadixCache
 
             self.prefix_cache = RadixCache.for_model(model.cfg, model.dtype, max_bytes=max_cache_bytes)
+        self._ids: dict[tuple[str, bool], tuple[int, ...]] = {}  # tokenised prompts and lines
         self._memo: dict[tuple[int, ...], float] = {}  # a prefix's ids -> the head's logit at its last token
         self._lock = threading.Lock()  # searches score from several threads at once
 
@@ -69,18 +75,29 @@ class RewardModel:
     def layout(self, prompt: str, completion: str) -> tuple[list[int], list[int], int]:
         """Token ids of prompt + completion + EOS, the index of each step's last token,
         and the index of the EOS (where the outcome score is read)."""
-        ids = self.tokenizer.encode(prompt).ids
+        ids = list(self._encode(prompt, True))
         step_ends = []
         lines = completion.split("\n")
         for k, line in enumerate(lines):
             piece = line + ("\n" if k < len(lines) - 1 else "")
             if not piece:
                 continue
-            ids += self.tokenizer.encode(piece, add_special_tokens=False).ids
+            ids += self._encode(piece, False)
             if line.strip() and k < len(lines) - 1 and not _ANSWER_LINE.match(line):
                 step_ends.append(len(ids) - 1)
         ids.append(self.eos)
         return ids, step_ends, len(ids) - 1
+
+    def _encode(self, text: str, special: bool) -> tuple[int, ...]:
+        """Token ids of a prompt or a line, remembered: a search scores the same prompt
+        and steps again and again."""
+        key = (text, special)
+        ids = self._ids.get(key)
+        if ids is None:
+            if len(self._ids) > self.MEMO_LIMIT // 10:
+                self._ids.clear()
+            ids = self._ids[key] = tuple(self.tokenizer.encode(text, add_special_tokens=special).ids)
+        return ids
 
     def _log_odds(self, out: torch.Tensor) -> torch.Tensor:
         """The head's log-odds that the path is right, [B, T]: its one logit (a scalar
@@ -185,18 +202,31 @@ class RewardModel:
                     aggregation: str = "last") -> Scores:
         """As a process reward model (PRM): each step's probability that the solution is
         right so far, and their ``aggregation`` per completion."""
+        return self.score_steps_many([(prompt, completions)], batch_size, aggregation)[0]
+
+    def score_steps_many(self, requests: Sequence[tuple[str, Sequence[str]]], batch_size: int = 256,
+                         aggregation: str = "last") -> list[Scores]:
+        """``score_steps`` of several (prompt, completions) requests in shared batches:
+        concurrent searches score one level together, in one forward pass per batch
+        instead of one per search. Each request is billed its own rows' share."""
+        flat = [(prompt, c) for prompt, cs in requests for c in cs]
         steps: list[list[float]] = []
-        usage = Usage()
-        for i in range(0, len(completions), batch_size):
+        usages: list[Usage] = []
+        for i in range(0, len(flat), batch_size):
             t0 = time.perf_counter()
-            lay = [self.layout(prompt, c) for c in completions[i : i + batch_size]]
+            lay = [self.layout(prompt, c) for prompt, c in flat[i : i + batch_size]]
             seqs = [ids for ids, _, _ in lay]
             # a path's steps end where its prefix's did: earlier steps come from the memo and cache
             logits, computed = self.read(seqs, [ends for _, ends, _ in lay])
-            for (_, ends, _), lg in zip(lay, logits):
-                steps.append(torch.sigmoid(torch.tensor([lg[e] for e in ends])).tolist() if ends else [])
-            usage = usage + Usage.total(self._bill(seqs, computed, time.perf_counter() - t0))
-        return Scores([aggregate(s, aggregation, empty=0.0) for s in steps], usage, steps)
+            steps += [[_sigmoid(lg[e]) for e in ends] for (_, ends, _), lg in zip(lay, logits)]
+            usages += self._bill(seqs, computed, time.perf_counter() - t0)
+        out, k = [], 0
+        for _, cs in requests:
+            mine = steps[k : k + len(cs)]
+            out.append(Scores([aggregate(x, aggregation, empty=0.0) for x in mine], Usage.total(usages[k : k + len(cs)]),
+                              mine))
+            k += len(cs)
+        return out
 
     def prm(self, aggregation: str = "last") -> "ProcessReward":
         """This model as a step scorer whose ``score`` aggregates the steps."""
@@ -217,3 +247,6 @@ class ProcessReward:
 
     def score(self, prompt: str, completions: Sequence[str]) -> Scores:
         return self.score_steps(prompt, completions)
+
+    def score_steps_many(self, requests: Sequence[tuple[str, Sequence[str]]]) -> list[Scores]:
+        return self.rm.score_steps_many(requests, aggregation=self.aggregation)

@@ -13,6 +13,7 @@ import asyncio
 import os
 import re
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -169,7 +170,7 @@ class StepSearch(GeneratorBase):
         return usage
 
     async def _score(self, prompt: str, nodes: Sequence[Node]) -> Usage:
-        scores = await asyncio.to_thread(self.scorer.score_steps, prompt, [n.path() for n in nodes])
+        scores = await _batcher(self.scorer).score(prompt, [n.path() for n in nodes])
         for n, steps in zip(nodes, scores.steps or [[v] for v in scores.values]):
             n.score = aggregate(steps, "last", empty=0.0)
         return scores.usage
@@ -257,6 +258,64 @@ class StepSearch(GeneratorBase):
 
     def generate_batch(self, prompts: Sequence[str], n: int = 1, seed: int | None = None) -> list[list[Generation]]:
         return asyncio.run(self.agenerate_many(prompts, n, seed))
+
+
+class ScoreBatcher:
+    """Coalesces the step-scoring requests of concurrent searches: while one batch is
+    being scored (on a worker thread), new requests queue; then they all go in one
+    call. A scorer with ``score_steps_many`` (the reward model) scores them in shared
+    forward passes, so 200 searches at one level cost a few passes, not 200; any other
+    scorer gets one ``score_steps`` call per request, still off the event loop."""
+
+    def __init__(self, scorer: Any) -> None:
+        self.scorer = scorer
+        self.pending: list[tuple[str, list[str], asyncio.Future]] = []
+        self.running = False
+
+    async def score(self, prompt: str, texts: list[str]) -> Any:
+        fut = asyncio.get_running_loop().create_future()
+        self.pending.append((prompt, texts, fut))
+        if not self.running:
+            self.running = True
+            asyncio.get_running_loop().create_task(self._drain())
+        return await fut
+
+    def _score_many(self, requests: list[tuple[str, list[str]]]) -> list[Any]:
+        many = getattr(self.scorer, "score_steps_many", None)
+        if callable(many):
+            return many(requests)
+        return [self.scorer.score_steps(p, t) for p, t in requests]
+
+    async def _drain(self) -> None:
+        try:
+            await asyncio.sleep(0)  # let the searches resumed in this tick add theirs
+            while self.pending:
+                batch, self.pending = self.pending, []
+                try:
+                    results = await asyncio.to_thread(self._score_many, [(p, t) for p, t, _ in batch])
+                except BaseException as e:  # every waiting search gets the scorer's error
+                    for _, _, f in batch:
+                        if not f.done():
+                            f.set_exception(e)
+                    continue
+                for (_, _, f), r in zip(batch, results):
+                    if not f.done():
+                        f.set_result(r)
+        finally:
+            self.running = False
+
+
+_BATCHERS: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, ScoreBatcher]]" = weakref.WeakKeyDictionary()
+
+
+def _batcher(scorer: Any) -> ScoreBatcher:
+    """The batcher of ``scorer`` in the running event loop (one per loop and scorer,
+    so that the searches of one call share it and nothing outlives the loop)."""
+    per_loop = _BATCHERS.setdefault(asyncio.get_running_loop(), {})
+    b = per_loop.get(id(scorer))
+    if b is None or b.scorer is not scorer:
+        b = per_loop[id(scorer)] = ScoreBatcher(scorer)
+    return b
 
 
 class BeamBudget(StepSearch):
