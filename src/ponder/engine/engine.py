@@ -587,8 +587,8 @@ class Engine:
         if store and self.prefix_cache is not None and len(row.ids) > 1 and hasattr(self._cache, "read_row"):
             # the row holds the prompt and every generated token but the last (never fed)
             seq = r.prompt + row.ids[:-1]
-            k, v = self._cache.read_row(batch_row, len(seq))
-            self.prefix_cache.insert(seq, k, v)
+            cache = self._cache
+            self.prefix_cache.insert_from(seq, lambda i, j: cache.read_row(batch_row, j, start=i))
         if row.detok is None:
             row.text = lm.decode(row.ids)
         head = r.healed
@@ -627,8 +627,7 @@ def prefill_with_prefix_cache(lm: Any, prefix_cache: Any, prompts: Sequence[Sequ
     logits, _ = lm.prefill([list(p[m:]) for p, m in zip(prompts, hits)], cache=cache)
     for i, p in enumerate(prompts):
         if hits[i] < len(p):
-            k, v = cache.read_row(i, len(p))
-            prefix_cache.insert(list(p), k, v)
+            prefix_cache.insert_from(list(p), lambda a, b, row=i: cache.read_row(row, b, start=a))
     return logits, cache, hits
 
 

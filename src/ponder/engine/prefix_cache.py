@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -122,15 +123,22 @@ class RadixCache:
     # -- insertion ------------------------------------------------------------------------
     def insert(self, ids: list[int], k: torch.Tensor, v: torch.Tensor) -> int:
         """Store KV ``[L, len(ids), H, D]`` for ``ids``; returns the tokens newly stored."""
-        ids = list(ids)
         if k.shape[1] < len(ids):
             raise ValueError(f"KV for {k.shape[1]} tokens given for {len(ids)} ids")
+        return self.insert_from(ids, lambda i, j: (k[:, i:j].clone(), v[:, i:j].clone()))
+
+    def insert_from(self, ids: list[int], read: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]) -> int:
+        """Store ``ids``, asking ``read(i, j)`` for the KV [L, j - i, H, D] of positions
+        i..j-1 only where the tree lacks them: a sequence whose prefix is cached copies
+        just its new tail (scoring step k+1 of a path copies that step, not the path)."""
+        ids = list(ids)
         now = next(self._clock)
         node, i = self.root, 0
         while i < len(ids):
             child = node.children.get(ids[i])
             if child is None:
-                leaf = _Node(ids[i:], k[:, i:len(ids)].clone(), v[:, i:len(ids)].clone(), node, last_used=now)
+                k, v = read(i, len(ids))
+                leaf = _Node(ids[i:], k, v, node, last_used=now)
                 node.children[ids[i]] = leaf
                 added = len(ids) - i
                 self.tokens += added

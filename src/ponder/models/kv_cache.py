@@ -196,13 +196,16 @@ class KVCache:
         self.reorder_(rows)
 
     # -- prefix reuse -----------------------------------------------------------------
-    def read_row(self, row: int, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The KV of row ``row``'s first ``n`` tokens (default: all, shared prefix
-        included), as [L, n, H, D] copies."""
+    def read_row(self, row: int, n: int | None = None, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The KV of row ``row``'s tokens ``start``..``n``-1 (default: all, shared prefix
+        included), as [L, n - start, H, D] copies."""
         base, g = int(self.base[row]), int(self.group[row])
         n = base + int(self.lengths[row]) if n is None else n
         if g < 0:
-            return (torch.stack([t[row, :n] for t in self.k]), torch.stack([t[row, :n] for t in self.v]))
+            return (torch.stack([t[row, start:n] for t in self.k]), torch.stack([t[row, start:n] for t in self.v]))
+        if start:
+            k, v = self.read_row(row, n)
+            return k[:, start:].clone(), v[:, start:].clone()
         sk, sv = self.shared[g]
         head = min(n, base)
         k = torch.stack([torch.cat([sk[i][:head], self.k[i][row, : n - head]]) for i in range(len(self.k))])

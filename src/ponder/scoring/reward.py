@@ -21,7 +21,7 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -140,33 +140,48 @@ class RewardModel:
             computed = [0] * len(seqs)
             if not todo:
                 return out, computed
-            cache = self.model.new_cache(len(todo), max(len(seqs[i]) for i, _ in todo) + 1)
-            starts = []
-            for row, (i, first) in enumerate(todo):
+            found = []  # (sequence, cached prefix length, its KV)
+            for i, first in todo:
                 m, k, v = (0, None, None) if self.prefix_cache is None else self.prefix_cache.lookup(seqs[i], limit=first)
-                if m:
-                    cache.write_prefix_(row, k, v)
-                starts.append(m)
-            suffixes = [seqs[i][m:] for (i, _), m in zip(todo, starts)]
-            T = max(map(len, suffixes))
-            ids = torch.full((len(todo), T), self.eos, dtype=torch.long)
-            for row, suf in enumerate(suffixes):
-                ids[row, : len(suf)] = torch.tensor(suf)
-            num_new = torch.tensor([len(x) for x in suffixes])
-            head = self._log_odds(self.model.logits(self.model(ids, cache, num_new)))  # [rows, T]
+                found.append((i, m, k, v))
             if len(self._memo) > self.MEMO_LIMIT:
                 self._memo.clear()
-            for row, ((i, _), m) in enumerate(zip(todo, starts)):
-                s = seqs[i]
-                for t in wanted[i]:
-                    if t not in out[i]:
-                        out[i][t] = float(head[row, t - m])
-                        self._memo[tuple(s[: t + 1])] = out[i][t]
-                computed[i] = len(s) - m
-                if self.prefix_cache is not None:
-                    k, v = cache.read_row(row, len(s))
-                    self.prefix_cache.insert(s, k, v)
+            # rows of similar suffix length run together: one long suffix (a path whose
+            # prefix was never cached) must not pad hundreds of one-step rows to its length
+            found.sort(key=lambda f: len(seqs[f[0]]) - f[1])
+            group: list[tuple[int, int, Any, Any]] = []
+            for f in found:
+                if group and len(seqs[f[0]]) - f[1] > 2 * (len(seqs[group[0][0]]) - group[0][1]) + 8:
+                    self._forward_rows(seqs, wanted, group, out, computed)
+                    group = []
+                group.append(f)
+            self._forward_rows(seqs, wanted, group, out, computed)
             return out, computed
+
+    def _forward_rows(self, seqs: list[list[int]], wanted: list[list[int]], rows: list[tuple[int, int, Any, Any]],
+                      out: list[dict[int, float]], computed: list[int]) -> None:
+        """One forward pass over ``rows`` (sequence, cached length m, its KV): each row
+        runs its tokens from m on, over the cached KV; the wanted logits go to ``out``
+        and the memo, the new KV to the prefix cache."""
+        cache = self.model.new_cache(len(rows), max(len(seqs[i]) for i, _, _, _ in rows) + 1)
+        for row, (_, m, k, v) in enumerate(rows):
+            if m:
+                cache.write_prefix_(row, k, v)
+        suffixes = [seqs[i][m:] for i, m, _, _ in rows]
+        ids = torch.full((len(rows), max(map(len, suffixes))), self.eos, dtype=torch.long)
+        for row, suf in enumerate(suffixes):
+            ids[row, : len(suf)] = torch.tensor(suf)
+        num_new = torch.tensor([len(x) for x in suffixes])
+        head = self._log_odds(self.model.logits(self.model(ids, cache, num_new)))  # [rows, T]
+        for row, (i, m, _, _) in enumerate(rows):
+            s = seqs[i]
+            for t in wanted[i]:
+                if t not in out[i]:
+                    out[i][t] = float(head[row, t - m])
+                    self._memo[tuple(s[: t + 1])] = out[i][t]
+            computed[i] = len(s) - m
+            if self.prefix_cache is not None:
+                self.prefix_cache.insert_from(s, lambda a, b, row=row: cache.read_row(row, b, start=a))
 
     def _bill(self, seqs: list[list[int]], computed: list[int], wall_s: float) -> list[Usage]:
         """Each sequence's share of a scoring batch: the tokens it computed (not those
