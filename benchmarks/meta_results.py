@@ -17,6 +17,17 @@ import time
 import torch
 
 
+def policy_usage(g) -> dict:
+    """Generated and computed tokens of the policy alone (not the scorers): a search's
+    tree nodes, or, recursively, the generations in a trace."""
+    if "tree" in g.meta:
+        return tree_usage(g.meta["tree"])
+    if g.trace:
+        parts = [policy_usage(c) for c in g.trace]
+        return {k: sum(p[k] for p in parts) for k in ("generated_tokens", "computed_tokens")}
+    return {"generated_tokens": g.usage.generated_tokens, "computed_tokens": g.usage.computed_tokens}
+
+
 def tree_usage(tree: dict) -> dict:
     tot = {"generated_tokens": 0, "computed_tokens": 0}
     stack = [tree]
@@ -35,6 +46,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--only", default="", help="comma-separated strategy names")
+    ap.add_argument("--dev", type=int, default=60, help="development problems (hard, after the test ones) on which "
+                    "compute-optimal fits its policy")
+    ap.add_argument("--budget", type=float, default=600, help="compute-optimal's budget: mean generated tokens "
+                    "per problem")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -46,7 +61,11 @@ def main() -> None:
     from ponder.tasks.arith import ArithTask
 
     task = ArithTask()
-    problems = task.problems("hard", args.problems)
+    hard = task.problems("hard")
+    if args.problems + args.dev > len(hard):
+        raise SystemExit(f"--problems + --dev must be at most {len(hard)}")
+    problems = hard[: args.problems]
+    dev = hard[len(hard) - args.dev :]
     prompts = [task.prompt(p) for p in problems]
     lm = NativeLM.from_pretrained("arith")
     N = args.n
@@ -60,8 +79,20 @@ def main() -> None:
         ("dvts", "dvts", {"samples": N, "beam_width": 4}, None),
         ("rebase", "rebase", {"samples": N}, None),
         ("particles", "particles", {"samples": N}, None),
+        ("lookahead", "lookahead", {"samples": N, "beam_width": 4, "lookahead": 1}, None),
+        ("tot-bfs", "tot-bfs", {"breadth": 4, "k": 4}, None),
+        ("tot-dfs", "tot-dfs", {"k": 3, "max_expansions": 2 * N}, None),
         ("mcts", "mcts", {"iterations": 2 * N, "value": "both"}, None),
+        ("prm-beam+refine", "prm-beam", {"samples": N, "beam_width": 4, "refine": 1}, None),
+        ("refine-steps(prm)", "refine-steps", {"rounds": 4}, None),
+        ("rejection", "rejection", {"samples": N, "threshold": 0.9, "batch": 4}, None),
+        ("compute-optimal", "compute-optimal", {"samples": N}, None),
         ("majority@64", "majority", {"samples": 64}, None),
+        # oracles: they read the answer key (upper bounds, not methods)
+        ("oracle@16", "oracle", {"samples": N}, None),
+        ("refine-steps(exact)", "refine-steps", {"rounds": 4, "scorer": "steps"}, None),
+        ("reflexion(exact)", "reflexion", {"trials": 4, "evaluator": "verifier", "attempt_template": "{input}",
+                                          "reflect_template": "{input}", "memory_template": "{reflection}"}, None),
     ]
     only = {x for x in args.only.split(",") if x}
     rows = []
@@ -71,8 +102,19 @@ def main() -> None:
         if only and label not in only:
             continue
         rm = RewardModel.from_pretrained("arith-reward")  # a fresh reward model: no cache from other rows
-        gen = strategies.build(name, lm, params or SamplingParams(temperature=args.temperature, max_tokens=160),
-                               dict(own), strategies.Context(task=task, reward_model=rm))
+        sampling = params or SamplingParams(temperature=args.temperature, max_tokens=160)
+        ctx = strategies.Context(task=task, reward_model=rm)
+        gen = strategies.build(name, lm, sampling, dict(own), ctx)
+        fitted = None
+        if name == "compute-optimal":  # fit the policy on the development problems, within the budget
+            gen.strategies = {k: strategies.build(k, lm, sampling, {"samples": N}, ctx)
+                              for k in ("majority", "weighted-majority", "best-of-n", "prm-beam")}
+            t = time.perf_counter()
+            fitted = gen.fit([task.prompt(p) for p in dev],
+                             lambda prompt, text: task.check_answer(task.problem_of_prompt(prompt), text),
+                             budget=args.budget, bins=(0.0, 0.25, 0.5, 1.0), seed=1)
+            print(f"  compute-optimal policy fitted on {len(dev)} dev problems in {time.perf_counter() - t:.0f} s "
+                  f"(budget {args.budget:g} generated tokens): {gen.policy}", flush=True)
         t = time.perf_counter()
         outs = gen.generate_batch(prompts, seed=0)
         elapsed = time.perf_counter() - t
@@ -81,16 +123,9 @@ def main() -> None:
         lo, hi = wilson_interval(correct, len(problems))
         policy = gen_tok = 0
         for g in gens:
-            if "tree" in g.meta:
-                u = tree_usage(g.meta["tree"])
-                policy += u["computed_tokens"]
-                gen_tok += u["generated_tokens"]
-            elif g.trace:
-                policy += sum(c.usage.computed_tokens for c in g.trace)
-                gen_tok += sum(c.usage.generated_tokens for c in g.trace)
-            else:
-                policy += g.usage.computed_tokens
-                gen_tok += g.usage.generated_tokens
+            u = policy_usage(g)
+            policy += u["computed_tokens"]
+            gen_tok += u["generated_tokens"]
         total_computed = sum(g.usage.computed_tokens for g in gens)
         billed = sum(g.usage.wall_s for g in gens)
         P = len(problems)
@@ -99,6 +134,10 @@ def main() -> None:
                "policy_computed_per_problem": round(policy / P, 1),
                "scorer_computed_per_problem": round((total_computed - policy) / P, 1),
                "billed_wall_s_per_problem": round(billed / P, 4), "elapsed_s_per_problem": round(elapsed / P, 4)}
+        if fitted is not None:
+            row["policy"] = gen.policy
+            row["chose"] = {k: sum(g.meta.get("chose") == k for g in gens) for k in ("probe", *gen.strategies)}
+            row["fit"] = fitted
         rows.append(row)
         print(f"{label:18s} {row['n']:3d} {row['accuracy']:8.3f} {lo:6.3f}-{hi:6.3f} {row['generated_per_problem']:9.1f} "
               f"{row['policy_computed_per_problem']:9.1f} {row['scorer_computed_per_problem']:9.1f} "

@@ -26,6 +26,7 @@ concurrent requests that an engine batches.
 from __future__ import annotations
 
 import asyncio
+import time
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any, AsyncIterator, Protocol, Sequence, runtime_checkable
 
@@ -158,6 +159,18 @@ class Generator(Protocol):
     async def agenerate(self, prompt: str, n: int = 1, seed: int | None = None) -> list[Generation]: ...
 
 
+def bill_to_elapsed(outs: list[list[Generation]], elapsed: float) -> list[list[Generation]]:
+    """Scale every output's ``wall_s`` by the same factor, so that the bills of a call
+    whose parts ran concurrently sum to its elapsed time (none is counted twice, and
+    none is left out)."""
+    billed = sum(g.usage.wall_s for gs in outs for g in gs)
+    if billed > 0:
+        for gs in outs:
+            for g in gs:
+                g.usage.wall_s *= elapsed / billed
+    return outs
+
+
 class GeneratorBase:
     """Sync wrappers over ``agenerate``; subclasses implement the async method."""
 
@@ -168,8 +181,12 @@ class GeneratorBase:
         return asyncio.run(self.agenerate(prompt, n=n, seed=seed))
 
     async def agenerate_many(self, prompts: Sequence[str], n: int = 1, seed: int | None = None) -> list[list[Generation]]:
-        """Concurrent requests; an engine-backed generator batches them."""
-        return list(await asyncio.gather(*(self.agenerate(p, n=n, seed=seed) for p in prompts)))
+        """Concurrent requests; an engine-backed generator batches them. Their parts
+        overlap in time (one's scorer on a thread while the engine steps another's
+        requests), so their bills are scaled to add up to the call's elapsed time."""
+        t0 = time.perf_counter()
+        outs = list(await asyncio.gather(*(self.agenerate(p, n=n, seed=seed) for p in prompts)))
+        return bill_to_elapsed(outs, time.perf_counter() - t0)
 
     def generate_batch(self, prompts: Sequence[str], n: int = 1, seed: int | None = None) -> list[list[Generation]]:
         return asyncio.run(self.agenerate_many(prompts, n=n, seed=seed))

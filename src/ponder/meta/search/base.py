@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from ...errors import SettingError
 from ...params import SamplingParams
-from ...protocols import Access, GeneratorBase, require_access
+from ...protocols import Access, GeneratorBase, bill_to_elapsed, require_access
 from ...types import Generation, Usage
 from ...scoring.base import aggregate
 
@@ -248,13 +248,7 @@ class StepSearch(GeneratorBase):
         the same factor, so that the call's bills sum to its elapsed time."""
         t0 = time.perf_counter()
         outs = list(await asyncio.gather(*(self.agenerate(p, n, seed) for p in prompts)))
-        elapsed = time.perf_counter() - t0
-        billed = sum(g.usage.wall_s for gs in outs for g in gs)
-        if billed > 0:
-            for gs in outs:
-                for g in gs:
-                    g.usage.wall_s *= elapsed / billed
-        return outs
+        return bill_to_elapsed(outs, time.perf_counter() - t0)
 
     def generate_batch(self, prompts: Sequence[str], n: int = 1, seed: int | None = None) -> list[list[Generation]]:
         return asyncio.run(self.agenerate_many(prompts, n, seed))
