@@ -272,3 +272,31 @@ def test_two_label_token_classification_prm(tmp_path, tokenizer_file):
         p_good = hf(torch.tensor([ids])).logits[0].softmax(-1)[:, 1]
     assert got.steps[0] == pytest.approx(p_good[ends].tolist(), abs=1e-5)
     assert rm.score(prompt, [completion]).values[0] == pytest.approx(p_good[eos].item(), abs=1e-5)
+
+
+def test_mbr_rejection_and_usc_on_the_shipped_models(arith_lm):
+    from ponder.decoding.generate import Sample
+    from ponder.scoring.reward import RewardModel
+
+    rm = RewardModel.from_pretrained("arith-reward")
+    problems = TASK.problems("hard", 8)
+    prompts = [TASK.prompt(p) for p in problems]
+    sampler = Sample(arith_lm, temperature=0.7, max_tokens=160)
+    mbr = MinimumBayesRisk(sampler, utility_named("exact", TASK.extract_answer), n=8).generate_batch(prompts, seed=0)
+    mv = MajorityVote(sampler, TASK.extract_answer, n=8).generate_batch(prompts, seed=0)
+    for (b,), (m,) in zip(mbr, mv):
+        # with exact-match utility, MBR is majority vote: the same answer from the same samples
+        assert TASK.extract_answer(b.text) == TASK.extract_answer(m.text)
+        assert b.usage.generated_tokens == sum(t.usage.generated_tokens for t in b.trace)
+    rej = RejectionSampling(sampler, rm, n=16, threshold=0.9, batch=4).generate_batch(prompts, seed=0)
+    for (g,) in rej:
+        drawn = len(g.trace)
+        assert drawn % 4 == 0 and drawn <= 16
+        assert (g.score >= 0.9) == g.meta["verified"] and (drawn == 16 or g.meta["verified"])
+    assert sum(TASK.check_answer(p, g[0].text) for p, g in zip(problems, rej)) >= 6
+    # USC's prompt holds every sample: two arith samples fit the 512-token context; the
+    # arith model is no judge, so its verdict is unreadable and the first sample stands
+    usc = UniversalSelfConsistency(sampler, n=2, template="{responses}\nThe most consistent response is Response")
+    for (g,) in usc.generate_batch(prompts[:3], seed=0):
+        assert g.meta["chosen"] in (None, 0, 1) and g.text in [t.text for t in g.trace]
+        assert g.usage.generated_tokens > sum(t.usage.generated_tokens for t in g.trace)  # the verdict is billed

@@ -303,7 +303,7 @@ class OracleSampling(GeneratorBase):
                 m = min(self.batch, self.n - len(samples))
                 s = None if s0 is None else s0 + len(samples) * 7_919
                 (group,) = await _samples(self.generator, [prompt], m, s)
-                scores = self.verifier.score(prompt, [g.text for g in group])
+                scores = await asyncio.to_thread(self.verifier.score, prompt, [g.text for g in group])
                 usage = usage + Usage.total(g.usage for g in group) + scores.usage
                 for g, v in zip(group, scores.values):
                     g.score = v
@@ -318,12 +318,6 @@ class OracleSampling(GeneratorBase):
                                 samples_drawn=len(samples), first_verified=found,
                                 pass_at_k={k_: pass_at_k(len(samples), correct, k_) for k_ in ks}))
         return outs
-
-    def generate_batch(self, prompts: Sequence[str], n: int = 1, seed: int | None = None) -> list[list[Generation]]:
-        async def run():
-            return list(await asyncio.gather(*(self.agenerate(p, n, seed) for p in prompts)))
-
-        return asyncio.run(run())
 
 
 class RejectionSampling(OracleSampling):
