@@ -197,6 +197,8 @@ def test_compute_optimal_fit_picks_per_bin_within_the_budget():
     assert rows[1]["candidates"]["dear"] == {"accuracy": 1.0, "cost": 6.0}
     co.fit(prompts, lambda p, t: TASK.extract_answer(t) == right[p.split()[1]], budget=5, bins=(0.0, 0.5, 1.0))
     assert co.policy[1] == (0.5, "probe")  # nothing else fits in 5 tokens
+    with pytest.raises(SettingError, match="below what the probe alone costs"):
+        co.fit(prompts, lambda p, t: True, budget=3)
     with pytest.raises(SettingError, match="budget"):
         co.fit(prompts, lambda p, t: True, budget=0)
 

@@ -157,6 +157,15 @@ def test_bad_search_settings():
         REBASE(Policy(), StepValues(), max_depth=0)
 
 
+def test_a_step_budget_below_one_step_is_named(arith_lm):
+    from ponder.scoring.verifiers import StepVerifier
+
+    search = PRMBeamSearch(arith_lm, StepVerifier(TASK), n=4, beam_width=2,
+                           params=SamplingParams(temperature=0.8, max_tokens=2))
+    with pytest.raises(SettingError, match="max_tokens=2 is below one step"):
+        search.generate(TASK.prompt(TASK.problems("hard", 1)[0]), seed=0)
+
+
 @pytest.mark.parametrize("algo", [PRMBeamSearch, DVTS, REBASE, ParticleFilter, LookaheadSearch])
 def test_search_on_the_shipped_models_with_a_prm(arith_lm, algo):
     from ponder.engine.engine import engine_for

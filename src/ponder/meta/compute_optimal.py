@@ -150,6 +150,9 @@ class ComputeOptimal(GeneratorBase):
             runs[name] = [gs[0] for gs in await asyncio.gather(*(gen.agenerate(p, n=1, seed=seed + 7_919 * i + 1)
                                                                    for i, p in enumerate(prompts)))]
         probe_cost = [getattr(Usage.total(g.usage for g in pr) + u, cost) for _, pr, u in est]
+        if sum(probe_cost) / len(probe_cost) > budget:
+            raise SettingError(f"budget {budget:g} is below what the probe alone costs ({sum(probe_cost) / len(probe_cost):.0f} "
+                               f"{cost} per problem with probe_n={self.probe_n}); raise the budget or lower probe_n")
         rows, policy, lo = [], [], -1.0
         for bound, _ in bounds:
             idx = [i for i, (d, _, _) in enumerate(est) if lo < d <= bound + 1e-12]

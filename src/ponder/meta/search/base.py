@@ -152,7 +152,12 @@ class StepSearch(GeneratorBase):
         calls = [self.lm.generate([prompt + n.path()], self.params.replace(n=kk, seed=(seed + 7_919 * n.id) % 2**62))
                  for n, kk in zip(nodes, ks) if kk > 0]
         outs = iter(await asyncio.gather(*calls))
-        return [[self._node(tree, n, g) for g in next(outs)[0]] if kk > 0 else [] for n, kk in zip(nodes, ks)]
+        kids = [[self._node(tree, n, g) for g in next(outs)[0]] if kk > 0 else [] for n, kk in zip(nodes, ks)]
+        first = kids[0] if len(nodes) == 1 and nodes[0] is tree.root else []
+        if len(first) >= 2 and all(c.finish == "length" for c in first):
+            raise SettingError(f"max_tokens={self.params.max_tokens} is below one step: every first step was cut "
+                               f"before the delimiter {self.delimiter!r}; raise max_tokens (the budget of one step)")
+        return kids
 
     async def score(self, prompt: str, nodes: Sequence[Node], seed: int = 0) -> Usage:
         """Score each node's path with the step scorer (its last step's value) and
