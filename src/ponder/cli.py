@@ -1,4 +1,4 @@
-"""The ``ponder`` command: generate, eval, models, strategies.
+"""The ``ponder`` command: generate, eval, sweep, report, models, strategies.
 
 The token-level flags are not written here: they are derived from ``SamplingParams``'
 fields (their names, defaults, legal ranges and help), so the CLI, the library and the
@@ -331,6 +331,96 @@ def list_strategies() -> None:
     for s in strategies.STRATEGIES.values():
         own = ", ".join(s.settings) or "-"
         print(f"{s.name:18s} [{s.access} access; settings: {own}] {s.help}")
+
+
+@app.command()
+def sweep(
+    config: Optional[str] = typer.Argument(None, help="A sweep file (TOML); default: the shipped sweep of arith hard."),
+    db: Optional[str] = typer.Option(None, "--db", help="The results store (SQLite); default: the file's db, "
+                                     "else ponder-results.sqlite."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Cap every task at its first K problems (>= 1)."),
+    threads: int = typer.Option(1, "--threads", help="torch threads (>= 1)."),
+    out: Optional[str] = typer.Option("ponder-report", "--report", help="Write the report (report.md, report.json, "
+                                      "plots) to this folder after the sweep; '' to skip."),
+) -> None:
+    """Run a grid of strategies x settings x tasks x models into the results store;
+    rerunning resumes and recomputes nothing that was stored."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .sweep.run import default_config_path, load_config
+    from .sweep.store import ResultsStore
+
+    if limit is not None and limit < 1:
+        _fail(f"--limit must be >= 1; got {limit}")
+    if threads < 1:
+        _fail(f"--threads must be >= 1; got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
+    cfg = load_config(config or default_config_path())
+    if limit is not None:
+        for t in cfg.tasks:
+            t["limit"] = min(limit, t.get("limit") or limit)
+    store = ResultsStore(db or cfg.db or "ponder-results.sqlite")
+    from .sweep.run import sweep as run_sweep
+
+    console = Console(stderr=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
+                  TimeRemainingColumn(), transient=True, console=console) as bar:
+        job = bar.add_task("sweep", total=None)
+
+        def progress(st: dict) -> None:
+            acc = st["correct"] / st["scored"] if st["scored"] else 0.0
+            bar.update(job, total=st["total"], completed=st["done"],
+                       description=f"{st['run'][:48]:48s} accuracy so far {acc:.3f}")
+
+        counts = run_sweep(cfg, store, " ".join(sys.argv), on_progress=progress)
+    print(f"sweep: {counts['computed']} problems computed, {counts['cached']} already in {store.path}",
+          file=sys.stderr)
+    _print_report(store, out or None)
+
+
+@app.command()
+def report(
+    db: str = typer.Option("ponder-results.sqlite", "--db", help="The results store a sweep wrote."),
+    out: Optional[str] = typer.Option("ponder-report", "--out", help="Folder for report.md, report.json and the "
+                                      "plots; '' to print only."),
+    task: Optional[str] = typer.Option(None, "--task", help="Only this task (its name, e.g. arith)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of markdown."),
+) -> None:
+    """Tables and plots of quality against compute, from the store alone (nothing is recomputed)."""
+    from pathlib import Path
+
+    from .sweep.store import ResultsStore
+
+    if not Path(db).is_file():
+        _fail(f"--db {db} does not exist; run ponder sweep first (or give --db)")
+    _print_report(ResultsStore(db), out or None, task, as_json)
+
+
+def _print_report(store: Any, out: Optional[str], task: Optional[str] = None, as_json: bool = False) -> None:
+    from pathlib import Path
+
+    from .sweep.report import markdown, plot, summarise
+
+    summary = summarise(store.rows(task))
+    if not summary:
+        _fail(f"the store {store.path} holds no results" + (f" for task {task}" if task else ""))
+    text = markdown(summary)
+    print(json.dumps(summary) if as_json else text)
+    if out:
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "report.md").write_text(text)
+        (folder / "report.json").write_text(json.dumps(summary, indent=1))
+        try:
+            pngs = plot(summary, folder)
+        except ImportError:
+            print(f"report written to {folder} (no plots: pip install matplotlib)", file=sys.stderr)
+        else:
+            print(f"report written to {folder}: report.md, report.json, {', '.join(p.name for p in pngs)}",
+                  file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -147,6 +147,18 @@ def _bool(v: Any, name: str) -> bool:
     raise SettingError(f"{name} must be true or false; got {v!r}")
 
 
+def load_reward_model(name: Any, role: str = "--reward-model") -> Any:
+    """A shipped reward model or a checkpoint folder; errors name ``role``."""
+    from .scoring.reward import RewardModel
+
+    if not isinstance(name, str) or not name:
+        raise SettingError(f"{role} must be a reward model name or a checkpoint folder; got {name!r}")
+    try:
+        return RewardModel.from_pretrained(name)
+    except SettingError as e:
+        raise SettingError(f"{role}: {e}") from None
+
+
 def load_model(name: Any, role: str, dtype: str = "float32") -> Any:
     """A shipped model or a checkpoint folder as a NativeLM; errors say which of the
     command's models (``role``: --model, --draft-model, ...) it was."""

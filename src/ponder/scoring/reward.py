@@ -55,6 +55,7 @@ class RewardModel:
             raise SettingError(f"{name} is not a reward model: its config has no scalar head (num_labels); "
                                "give a token-classification checkpoint such as arith-reward")
         self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.path: Path | None = None
         self.eos = model.cfg.eos_ids[0]
         self.prefix_cache = None
         if prefix_cache:
@@ -70,7 +71,9 @@ class RewardModel:
         from ..models.registry import resolve_model
 
         path, name = resolve_model(str(name_or_path))
-        return cls(load_transformer(path, dtype), load_tokenizer(path), name)
+        rm = cls(load_transformer(path, dtype), load_tokenizer(path), name)
+        rm.path = path  # where its weights are (the results store identifies a model by them)
+        return rm
 
     def layout(self, prompt: str, completion: str) -> tuple[list[int], list[int], int]:
         """Token ids of prompt + completion + EOS, the index of each step's last token,

@@ -1,0 +1,222 @@
+"""``ponder sweep``: a grid of strategies x settings x tasks x models, into the store.
+
+A sweep is a TOML file (or the same as a dict)::
+
+    seed = 0
+    chunk = 25                      # problems per batch (run concurrently) and per transaction
+    reward_model = "arith-reward"   # for the strategies that score
+
+    [[model]]
+    name = "arith"                  # a shipped model or a checkpoint folder
+
+    [[task]]
+    name = "arith"                  # a registered task or a .jsonl file
+    level = "hard"
+    limit = 200
+
+    [[strategy]]
+    name = "majority"
+    temperature = 0.7               # SamplingParams fields go to the sampler...
+    samples = [4, 16, 64]           # ...the rest to the strategy; a list is a grid axis
+
+Every (model, task, strategy setting, problem) is one row of the store, keyed by a
+hash of the configuration, the model's identity and the problem: what is stored is
+never computed again, so a killed sweep resumes where it stopped. Each problem's
+output depends only on the seed and its own prompt (never on which problems share
+its batch), so a resumed sweep stores exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import itertools
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import SettingError
+from ..params import SamplingParams
+from .store import ResultsStore, canonical, digest, row, weights_id
+
+TOP_KEYS = {"seed", "chunk", "reward_model", "model", "task", "strategy", "db", "dtype"}
+
+
+@dataclass
+class Run:
+    """One point of the grid: a strategy with its settings."""
+
+    strategy: str
+    params: dict[str, Any]
+    settings: dict[str, Any]
+    label: str = ""
+
+    def setting(self) -> dict[str, Any]:
+        return {**self.params, **self.settings}
+
+
+@dataclass
+class SweepConfig:
+    models: list[str]
+    tasks: list[dict[str, Any]]
+    runs: list[Run]
+    seed: int = 0
+    chunk: int = 25
+    reward_model: str | None = None
+    dtype: str = "float32"
+    db: str | None = None
+    source: dict[str, Any] = field(default_factory=dict)
+
+
+def load_config(path: str | Path) -> SweepConfig:
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SettingError(f"sweep file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SettingError(f"sweep file {path} cannot be read ({e})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise SettingError(f"sweep file {path} is not TOML: {e}") from None
+    return parse_config(raw, str(path))
+
+
+def parse_config(raw: dict[str, Any], where: str = "the sweep") -> SweepConfig:
+    """Validate a sweep description; every mistake names its place and what is legal."""
+    unknown = set(raw) - TOP_KEYS
+    if unknown:
+        raise SettingError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; legal: {', '.join(sorted(TOP_KEYS))}")
+
+    def table_list(key: str) -> list[dict[str, Any]]:
+        v = raw.get(key, [])
+        if isinstance(v, dict):
+            v = [v]
+        if not isinstance(v, list) or not v or not all(isinstance(x, dict) for x in v):
+            raise SettingError(f"{where}: give at least one [[{key}]] table")
+        return v
+
+    models = []
+    for m in table_list("model"):
+        if not isinstance(m.get("name"), str) or not m["name"]:
+            raise SettingError(f"{where}: each [[model]] needs name = \"<shipped model or folder>\"")
+        models.append(m["name"])
+    tasks = []
+    for t in table_list("task"):
+        if not isinstance(t.get("name"), str):
+            raise SettingError(f"{where}: each [[task]] needs name = \"arith\" (or a .jsonl file)")
+        extra = set(t) - {"name", "level", "limit"}
+        if extra:
+            raise SettingError(f"{where}: [[task]] {t['name']} has unknown key(s) {', '.join(sorted(extra))}; "
+                               "legal: name, level, limit")
+        limit = t.get("limit")
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+            raise SettingError(f"{where}: [[task]] {t['name']}: limit must be an integer >= 1; got {limit!r}")
+        tasks.append(t)
+    runs = []
+    fields_ = set(SamplingParams.__dataclass_fields__)
+    for s in table_list("strategy"):
+        if not isinstance(s.get("name"), str):
+            raise SettingError(f"{where}: each [[strategy]] needs name = \"<strategy>\" (see ponder strategies)")
+        axes = {k: (v if isinstance(v, list) else [v]) for k, v in s.items() if k not in ("name", "label")}
+        for k, v in axes.items():
+            if not v:
+                raise SettingError(f"{where}: [[strategy]] {s['name']}: {k} = [] gives no setting")
+        keys = list(axes)
+        for combo in itertools.product(*(axes[k] for k in keys)):
+            point = dict(zip(keys, combo))
+            runs.append(Run(s["name"], {k: v for k, v in point.items() if k in fields_},
+                            {k: v for k, v in point.items() if k not in fields_}, s.get("label", "")))
+    seed, chunk = raw.get("seed", 0), raw.get("chunk", 25)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise SettingError(f"{where}: seed must be an integer >= 0; got {seed!r}")
+    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+        raise SettingError(f"{where}: chunk (problems per batch) must be an integer >= 1; got {chunk!r}")
+    return SweepConfig(models, tasks, runs, seed, chunk, raw.get("reward_model"), raw.get("dtype", "float32"),
+                       raw.get("db"), raw)
+
+
+def model_identity(lm: Any, name: str) -> str:
+    """A hash of the weights for a local model; its endpoint and name for a remote one."""
+    folder = getattr(lm, "path", None)
+    if folder is not None and Path(folder).is_dir():
+        return weights_id(folder)
+    return f"{getattr(lm, 'endpoint', 'in-process')}:{getattr(lm, 'name', name)}"
+
+
+def sweep(cfg: SweepConfig, store: ResultsStore, command: str = "",
+          on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, int]:
+    """Run every (model, task, run, problem) the store lacks, a chunk at a time, each
+    chunk committed in one transaction. Returns {"computed": n, "cached": m}."""
+    from .. import strategies
+    from ..tasks.registry import load_task
+
+    session = store.start_session(command)
+    rm = strategies.load_reward_model(cfg.reward_model) if cfg.reward_model else None
+    rm_id = model_identity(rm, cfg.reward_model) if rm is not None else None
+    # validate every run before computing anything: a typo in the last strategy must not
+    # surface after an hour of the first
+    loaded = []
+    for model_name in cfg.models:
+        lm = strategies.load_model(model_name, "[[model]] name", cfg.dtype)
+        mid = model_identity(lm, model_name)
+        for t in cfg.tasks:
+            task = load_task(t["name"])
+            problems = task.problems(t.get("level"), t.get("limit"))
+            level = t.get("level") or getattr(task, "default_level", "") or ""
+            for run in cfg.runs:
+                params = SamplingParams(**run.params)
+                params.check_for(lm.vocab_size)
+                gen = strategies.build(run.strategy, lm, params, dict(run.settings),
+                                       strategies.Context(task=task, reward_model=rm))
+                config = {"strategy": run.strategy, "params": params.changed(), "settings": run.settings,
+                          "seed": cfg.seed, "reward_model": rm_id if run.strategy in _SCORED or "scorer" in run.settings
+                          else None}
+                loaded.append((model_name, mid, task, level, problems, run, gen, config))
+    total = sum(len(x[4]) for x in loaded)
+    counts = {"computed": 0, "cached": 0}
+    state = {"done": 0, "total": total, "correct": 0, "scored": 0}
+    for model_name, mid, task, level, problems, run, gen, config in loaded:
+        chash = digest(canonical(config))
+        keys = [digest(chash, mid, task.name, level, p.id) for p in problems]
+        have = store.done(keys)
+        todo = [(p, k) for p, k in zip(problems, keys) if k not in have]
+        cached = len(problems) - len(todo)
+        counts["cached"] += cached
+        if cached:
+            store.add([], session, cached=cached)
+            state["done"] += cached
+            for r in store.conn.execute(
+                    f"SELECT correct FROM results WHERE key IN ({','.join('?' * len(have))})", list(have)):
+                state["correct"] += r[0]
+                state["scored"] += 1
+        label = run.label or run.strategy
+        for i in range(0, len(todo), cfg.chunk):
+            part = todo[i : i + cfg.chunk]
+            prompts = [task.prompt(p) for p, _ in part]
+            # one seed for every chunk: a problem's output depends on the seed and its prompt only
+            outs = gen.generate_batch(prompts, n=1, seed=cfg.seed)
+            rows = []
+            for (p, k), gens in zip(part, outs):
+                g = gens[0]
+                ok = task.check_answer(p, g.text)
+                rows.append(row(k, chash, config, model_name, mid, task.name, level, label, run.setting(), p.id,
+                                g, task.extract_answer(g.text), ok))
+                state["correct"] += ok
+                state["scored"] += 1
+            store.add(rows, session)
+            counts["computed"] += len(rows)
+            state["done"] += len(rows)
+            if on_progress:
+                on_progress({**state, "run": f"{label} {canonical(run.setting())}"})
+        if on_progress and not todo:
+            on_progress({**state, "run": f"{label} {canonical(run.setting())}"})
+    return counts
+
+
+# strategies whose result depends on the reward model (its identity goes into their key)
+_SCORED = {"best-of-n", "weighted-majority", "rejection", "prm-beam", "dvts", "rebase", "lookahead", "tot-bfs",
+           "tot-dfs", "particles", "mcts", "refine-steps", "reflexion", "compute-optimal", "reward-guided", "smc"}
+
+
+def default_config_path() -> Path:
+    return Path(__file__).parent / "default.toml"
+

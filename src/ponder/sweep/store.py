@@ -1,0 +1,184 @@
+"""The results store: one SQLite file holding every generation a sweep computed.
+
+Each row is one (configuration, model, task, problem): the answer, whether it is
+right, its score, its usage (generated, computed and prompt tokens, model calls,
+FLOPs, wall time), the exact configuration (JSON), the model's identity (a hash of
+its weights, or its endpoint and name) and, compressed, its trace (a search's tree).
+Rows are keyed by a hash of configuration, model and problem, so a repeated run is a
+cache hit. Writes go in transactions (a chunk of problems at a time) with SQLite's
+write-ahead log: a sweep killed at any point loses at most the chunk in flight, and
+rerunning it recomputes nothing that was committed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from ..errors import SettingError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS results (
+    key TEXT PRIMARY KEY,
+    config_hash TEXT NOT NULL,
+    config TEXT NOT NULL,
+    model TEXT NOT NULL,
+    model_id TEXT NOT NULL,
+    task TEXT NOT NULL,
+    level TEXT NOT NULL,
+    strategy TEXT NOT NULL,
+    setting TEXT NOT NULL,
+    problem_id TEXT NOT NULL,
+    answer TEXT,
+    correct INTEGER NOT NULL,
+    score REAL,
+    text TEXT NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    generated_tokens INTEGER NOT NULL,
+    computed_tokens INTEGER NOT NULL,
+    model_calls INTEGER NOT NULL,
+    flops REAL NOT NULL,
+    wall_s REAL NOT NULL,
+    meta TEXT NOT NULL,
+    trace BLOB,
+    created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS results_by_config ON results (config_hash);
+CREATE TABLE IF NOT EXISTS sessions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    started REAL NOT NULL,
+    command TEXT NOT NULL,
+    computed INTEGER NOT NULL DEFAULT 0,
+    cached INTEGER NOT NULL DEFAULT 0
+);
+"""
+
+
+def canonical(obj: Any) -> str:
+    """JSON with sorted keys and no spaces: equal configurations give equal text."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def digest(*parts: str) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def weights_id(folder: str | Path) -> str:
+    """A model's identity: the SHA-256 of its config and weight files (so a retrained
+    model with the same name is a different model to the store)."""
+    folder = Path(folder)
+    files = sorted([*folder.glob("*.safetensors"), *folder.glob("config.json"), *folder.glob("tokenizer.json")])
+    if not files:
+        raise SettingError(f"{folder} holds no config.json or *.safetensors to identify the model by")
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return "sha256:" + h.hexdigest()[:32]
+
+
+class ResultsStore:
+    """``ResultsStore(path)`` opens (or creates) the store."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if self.path.exists() and self.path.is_dir():
+            raise SettingError(f"--db {self.path} is a directory; give a file name (e.g. results.sqlite)")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.conn = sqlite3.connect(str(self.path), timeout=30)
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a commit survives a killed process
+            self.conn.executescript(SCHEMA)
+        except sqlite3.DatabaseError as e:
+            raise SettingError(f"--db {self.path} is not a ponder results store ({e})") from None
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> "ResultsStore":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- writing ----------------------------------------------------------------------------
+    def start_session(self, command: str) -> int:
+        with self.conn:
+            cur = self.conn.execute("INSERT INTO sessions (started, command) VALUES (?, ?)", (time.time(), command))
+        return int(cur.lastrowid)
+
+    def add(self, rows: Sequence[dict[str, Any]], session: int | None = None, cached: int = 0) -> None:
+        """Insert ``rows`` (see ``row``) in one transaction, and count them (and any
+        cache hits) against ``session``."""
+        with self.conn:
+            self.conn.executemany(
+                "INSERT OR REPLACE INTO results VALUES (:key, :config_hash, :config, :model, :model_id, :task, :level, "
+                ":strategy, :setting, :problem_id, :answer, :correct, :score, :text, :prompt_tokens, :generated_tokens, "
+                ":computed_tokens, :model_calls, :flops, :wall_s, :meta, :trace, :created)", rows)
+            if session is not None:
+                self.conn.execute("UPDATE sessions SET computed = computed + ?, cached = cached + ? WHERE id = ?",
+                                  (len(rows), cached, session))
+
+    # -- reading ----------------------------------------------------------------------------
+    def done(self, keys: Iterable[str]) -> set[str]:
+        keys = list(keys)
+        out: set[str] = set()
+        for i in range(0, len(keys), 500):
+            part = keys[i : i + 500]
+            q = f"SELECT key FROM results WHERE key IN ({','.join('?' * len(part))})"
+            out |= {k for (k,) in self.conn.execute(q, part)}
+        return out
+
+    def rows(self, task: str | None = None) -> list[dict[str, Any]]:
+        """Every stored result (``trace`` left compressed), optionally of one task."""
+        cur = self.conn.execute("SELECT * FROM results" + (" WHERE task = ?" if task else "") + " ORDER BY rowid",
+                                (task,) if task else ())
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, r)) for r in cur]
+
+    def sessions(self) -> list[dict[str, Any]]:
+        cur = self.conn.execute("SELECT * FROM sessions ORDER BY id")
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, r)) for r in cur]
+
+    @staticmethod
+    def trace(row: dict[str, Any]) -> Any:
+        """A stored row's trace, decompressed (None if it had none)."""
+        return None if row.get("trace") is None else json.loads(zlib.decompress(row["trace"]))
+
+
+def row(key: str, config_hash: str, config: dict[str, Any], model: str, model_id: str, task: str, level: str,
+        strategy: str, setting: dict[str, Any], problem_id: str, generation: Any, answer: str | None,
+        correct: bool) -> dict[str, Any]:
+    """A store row from one generation."""
+    u = generation.usage
+    trace = None
+    if "tree" in generation.meta:
+        trace = generation.meta["tree"]
+    elif generation.trace:
+        trace = [{"text": g.text, "score": g.score, "usage": g.usage.to_dict(), "meta": _jsonable(g.meta)}
+                 for g in generation.trace]
+    meta = {k: v for k, v in generation.meta.items() if k != "tree"}
+    return {"key": key, "config_hash": config_hash, "config": canonical(config), "model": model, "model_id": model_id,
+            "task": task, "level": level, "strategy": strategy, "setting": canonical(setting),
+            "problem_id": problem_id, "answer": answer, "correct": int(bool(correct)), "score": generation.score,
+            "text": generation.text, "prompt_tokens": u.prompt_tokens, "generated_tokens": u.generated_tokens,
+            "computed_tokens": u.computed_tokens, "model_calls": u.model_calls, "flops": float(u.flops),
+            "wall_s": float(u.wall_s), "meta": canonical(_jsonable(meta)),
+            "trace": None if trace is None else zlib.compress(canonical(trace).encode(), 6), "created": time.time()}
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
