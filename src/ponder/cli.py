@@ -115,6 +115,16 @@ def _parse_sets(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+def _parse_pairs(pairs: list[str], flag: str) -> dict[str, str]:
+    out = {}
+    for kv in pairs:
+        k, sep, v = kv.partition("=")
+        if not sep or not k.strip():
+            _fail(f"{flag} takes KEY=VALUE; got {kv!r}")
+        out[k.strip()] = v
+    return out
+
+
 def _split_sets(params: SamplingParams, sets: dict[str, Any]) -> tuple[SamplingParams, dict[str, Any]]:
     """``--set`` may also give a SamplingParams field; it is validated like a flag."""
     fields_ = {k: sets.pop(k) for k in list(sets) if k in SamplingParams.__dataclass_fields__}
@@ -221,7 +231,9 @@ def generate(
 @app.command("eval")
 @with_sampling_params(defaults={"max_tokens": 160, "seed": 0}, exclude=("n", "logprobs"))
 def eval_cmd(
-    task: str = typer.Option("arith", "--task", help="A task's name (arith) or a GSM8K-style JSONL file."),
+    task: str = typer.Option("arith", "--task", help="A task's name (arith) or a GSM8K- or MATH-style JSONL file."),
+    task_option: List[str] = typer.Option([], "--task-option", help="For a JSONL task: question_field=, "
+                                          "answer_field=, id_field=, format=gsm8k|math, prompt= (repeatable)."),
     level: Optional[str] = typer.Option(None, "--level", help="The task's level (arith: easy | medium | hard; default hard)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate the first K problems only (>= 1)."),
     model: str = typer.Option("arith", "--model", "-m"),
@@ -254,7 +266,7 @@ def eval_cmd(
     if samples is not None and "samples" not in st.settings:
         _fail(f"--samples applies to strategies that draw several candidates (majority, best-of-n, prm-beam, ...); "
               f"not {strategy}")
-    t = load_task(task)
+    t = load_task(task, **_parse_pairs(task_option, "--task-option"))
     problems = t.problems(level, limit)
     params, sets = _split_sets(params, _parse_sets(set_))
     settings = {**sets, **({"samples": samples} if samples is not None else {})}

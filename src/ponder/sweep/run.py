@@ -103,10 +103,12 @@ def parse_config(raw: dict[str, Any], where: str = "the sweep") -> SweepConfig:
     for t in table_list("task"):
         if not isinstance(t.get("name"), str):
             raise SettingError(f"{where}: each [[task]] needs name = \"arith\" (or a .jsonl file)")
-        extra = set(t) - {"name", "level", "limit"}
+        from ..tasks.registry import JSONL_OPTIONS
+
+        extra = set(t) - {"name", "level", "limit", *JSONL_OPTIONS}
         if extra:
             raise SettingError(f"{where}: [[task]] {t['name']} has unknown key(s) {', '.join(sorted(extra))}; "
-                               "legal: name, level, limit")
+                               f"legal: name, level, limit, and for a .jsonl file {', '.join(JSONL_OPTIONS)}")
         limit = t.get("limit")
         if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
             raise SettingError(f"{where}: [[task]] {t['name']}: limit must be an integer >= 1; got {limit!r}")
@@ -159,7 +161,7 @@ def sweep(cfg: SweepConfig, store: ResultsStore, command: str = "",
         lm = strategies.load_model(model_name, "[[model]] name", cfg.dtype)
         mid = model_identity(lm, model_name)
         for t in cfg.tasks:
-            task = load_task(t["name"])
+            task = load_task(t["name"], **{k: v for k, v in t.items() if k not in ("name", "level", "limit")})
             problems = task.problems(t.get("level"), t.get("limit"))
             level = t.get("level") or getattr(task, "default_level", "") or ""
             for run in cfg.runs:

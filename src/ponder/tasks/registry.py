@@ -18,17 +18,30 @@ def register(name: str, factory: Callable[[], Any]) -> None:
     TASKS[name] = factory
 
 
-def load_task(name_or_path: str) -> Any:
-    """A registered task by name, or a JSONL file of ``{"question", "answer"}`` rows."""
+JSONL_OPTIONS = ("question_field", "answer_field", "id_field", "format", "prompt", "name")
+
+
+def load_task(name_or_path: str, **options: Any) -> Any:
+    """A registered task by name, or a JSONL file of problems (GSM8K or MATH style;
+    ``options``: question_field, answer_field, id_field, format = gsm8k | math,
+    prompt = a template with {question}, name)."""
     if name_or_path in TASKS:
+        if options:
+            raise SettingError(f"task {name_or_path} takes no options; got {', '.join(options)}")
         return TASKS[name_or_path]()
     if str(name_or_path).endswith(".jsonl"):
         from .base import JsonlTask
 
+        unknown = set(options) - set(JSONL_OPTIONS)
+        if unknown:
+            raise SettingError(f"a JSONL task does not take {', '.join(sorted(unknown))}; it takes "
+                               f"{', '.join(JSONL_OPTIONS)}")
         path = Path(name_or_path)
         if not path.is_file():
             raise SettingError(f"task file {name_or_path} does not exist")
-        return JsonlTask(path)
+        if "prompt" in options:
+            options["prompt_template"] = options.pop("prompt")
+        return JsonlTask(path, **options)
     raise SettingError(f"task {name_or_path!r} is unknown; choose one of {', '.join(TASKS)} or give a .jsonl file")
 
 
