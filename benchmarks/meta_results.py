@@ -48,8 +48,8 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated strategy names")
     ap.add_argument("--dev", type=int, default=60, help="development problems (hard, after the test ones) on which "
                     "compute-optimal fits its policy")
-    ap.add_argument("--budget", type=float, default=600, help="compute-optimal's budget: mean generated tokens "
-                    "per problem")
+    ap.add_argument("--budget", type=float, default=500, help="compute-optimal's budget: mean generated tokens "
+                    "per problem (its 4 probe samples included)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -80,13 +80,15 @@ def main() -> None:
         ("rebase", "rebase", {"samples": N}, None),
         ("particles", "particles", {"samples": N}, None),
         ("lookahead", "lookahead", {"samples": N, "beam_width": 4, "lookahead": 1}, None),
-        ("tot-bfs", "tot-bfs", {"breadth": 4, "k": 4}, None),
+        ("tot-bfs", "tot-bfs", {"breadth": 4, "k": 4}, None),  # breadth 4 x k 4 is PRM beam search at 16, 4
         ("tot-dfs", "tot-dfs", {"k": 3, "max_expansions": 2 * N}, None),
         ("mcts", "mcts", {"iterations": 2 * N, "value": "both"}, None),
         ("prm-beam+refine", "prm-beam", {"samples": N, "beam_width": 4, "refine": 1}, None),
         ("refine-steps(prm)", "refine-steps", {"rounds": 4}, None),
         ("rejection", "rejection", {"samples": N, "threshold": 0.9, "batch": 4}, None),
-        ("compute-optimal", "compute-optimal", {"samples": N}, None),
+        ("best-of-n@8", "best-of-n", {"samples": N // 2}, None),
+        ("weighted@8", "weighted-majority", {"samples": N // 2}, None),
+        ("compute-optimal", "compute-optimal", {"samples": N, "difficulty": "reward"}, None),
         ("majority@64", "majority", {"samples": 64}, None),
         # oracles: they read the answer key (upper bounds, not methods)
         ("oracle@16", "oracle", {"samples": N}, None),
@@ -107,12 +109,14 @@ def main() -> None:
         gen = strategies.build(name, lm, sampling, dict(own), ctx)
         fitted = None
         if name == "compute-optimal":  # fit the policy on the development problems, within the budget
-            gen.strategies = {k: strategies.build(k, lm, sampling, {"samples": N}, ctx)
-                              for k in ("majority", "weighted-majority", "best-of-n", "prm-beam")}
+            gen.strategies = {f"{k}@{m}": strategies.build(k, lm, sampling, {"samples": m, **extra}, ctx)
+                              for k, m, extra in (("best-of-n", 4, {}), ("best-of-n", 8, {}), ("best-of-n", 16, {}),
+                                                  ("weighted-majority", 8, {}), ("weighted-majority", 16, {}),
+                                                  ("majority", 16, {}), ("prm-beam", 16, {"beam_width": 4}))}
             t = time.perf_counter()
             fitted = gen.fit([task.prompt(p) for p in dev],
                              lambda prompt, text: task.check_answer(task.problem_of_prompt(prompt), text),
-                             budget=args.budget, bins=(0.0, 0.25, 0.5, 1.0), seed=1)
+                             budget=args.budget, bins=(0.02, 0.1, 0.3, 1.0), seed=1)
             print(f"  compute-optimal policy fitted on {len(dev)} dev problems in {time.perf_counter() - t:.0f} s "
                   f"(budget {args.budget:g} generated tokens): {gen.policy}", flush=True)
         t = time.perf_counter()
@@ -129,14 +133,16 @@ def main() -> None:
         total_computed = sum(g.usage.computed_tokens for g in gens)
         billed = sum(g.usage.wall_s for g in gens)
         P = len(problems)
-        row = {"strategy": label, "n": own.get("samples", own.get("iterations", 1)), "accuracy": correct / P,
+        n_of = own.get("samples", own.get("iterations", own.get("breadth", 1) * own.get("k", 1)))
+        row = {"strategy": label, "n": n_of, "accuracy": correct / P,
                "ci95": [round(lo, 4), round(hi, 4)], "generated_per_problem": round(gen_tok / P, 1),
                "policy_computed_per_problem": round(policy / P, 1),
                "scorer_computed_per_problem": round((total_computed - policy) / P, 1),
                "billed_wall_s_per_problem": round(billed / P, 4), "elapsed_s_per_problem": round(elapsed / P, 4)}
         if fitted is not None:
             row["policy"] = gen.policy
-            row["chose"] = {k: sum(g.meta.get("chose") == k for g in gens) for k in ("probe", *gen.strategies)}
+            row["chose"] = {k: n for k in ("probe", *gen.strategies)
+                            if (n := sum(g.meta.get("chose") == k for g in gens))}
             row["fit"] = fitted
         rows.append(row)
         print(f"{label:18s} {row['n']:3d} {row['accuracy']:8.3f} {lo:6.3f}-{hi:6.3f} {row['generated_per_problem']:9.1f} "

@@ -195,8 +195,11 @@ def test_compute_optimal_fit_picks_per_bin_within_the_budget():
     assert [r["problems"] for r in rows] == [2, 2, 0]
     assert co.policy == [(0.0, "probe"), (0.5, "dear"), (1.0, "dear")]  # probe is cheap and right when easy
     assert rows[1]["candidates"]["dear"] == {"accuracy": 1.0, "cost": 6.0}
+    # a mean of 5 tokens a problem: the easy half spends 4 (the probe), so the hard half may spend 6
     co.fit(prompts, lambda p, t: TASK.extract_answer(t) == right[p.split()[1]], budget=5, bins=(0.0, 0.5, 1.0))
-    assert co.policy[1] == (0.5, "probe")  # nothing else fits in 5 tokens
+    assert co.policy[:2] == [(0.0, "probe"), (0.5, "dear")]
+    co.fit(prompts, lambda p, t: TASK.extract_answer(t) == right[p.split()[1]], budget=4.5, bins=(0.0, 0.5, 1.0))
+    assert co.policy[1] == (0.5, "probe")  # 4 + 6 is more than twice 4.5
     with pytest.raises(SettingError, match="below what the probe alone costs"):
         co.fit(prompts, lambda p, t: True, budget=3)
     with pytest.raises(SettingError, match="budget"):

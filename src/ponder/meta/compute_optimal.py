@@ -5,8 +5,9 @@ The best way to spend test-time compute depends on how hard the problem is: on e
 problems a few samples already agree and more search buys nothing, on hard ones a
 verifier-guided search pays. So each problem is first *probed*: a few samples whose
 agreement rate (or a reward model's confidence in them) estimates its difficulty in
-[0, 1]. A *policy* maps difficulty bins to a strategy: ``"probe"`` (answer by majority
-over the probes; nothing more is spent) or one of the given strategies.
+[0, 1]. A *policy* maps difficulty bins to a strategy: ``"probe"`` (answer from the
+probes, by majority or by the reward model; nothing more is spent) or one of the
+given strategies.
 
 ``fit`` chooses the policy from a development set, as the paper does: it runs the probe
 and every candidate on the development problems, and in each difficulty bin picks the
@@ -62,11 +63,36 @@ def parse_policy(policy: Any) -> list[tuple[float, str]]:
     return out
 
 
+def _allocate(rows: list[dict[str, Any]], budget_total: float) -> list[str]:
+    """The candidate per bin that maximises right answers with total cost within
+    ``budget_total``: every assignment is tried (bins x candidates is small), else
+    the cheapest everywhere."""
+    import itertools
+
+    names = list(rows[0]["candidates"])
+    filled = [r for r in rows if r["problems"]]
+    best: tuple[float, float, tuple[str, ...]] | None = None
+    if len(names) ** len(filled) <= 200_000:
+        for combo in itertools.product(names, repeat=len(filled)):
+            right = sum(r["candidates"][n]["_right"] for r, n in zip(filled, combo))
+            spent = sum(r["candidates"][n]["_cost"] for r, n in zip(filled, combo))
+            if spent <= budget_total + 1e-9 and (best is None or (right, -spent) > (best[0], best[1])):
+                best = (right, -spent, combo)
+    chosen = iter(best[2]) if best is not None else iter(PROBE for _ in filled)
+    out, last = [], PROBE
+    for r in rows:  # an empty bin takes the choice of the bin below it
+        last = next(chosen) if r["problems"] else last
+        out.append(last)
+    return out
+
+
 class ComputeOptimal(GeneratorBase):
     """Probe with ``probe_n`` samples from ``probe``, estimate difficulty, run the
     strategy the policy names for that difficulty. ``strategies`` maps names to
-    generators; ``difficulty`` is "agreement" (1 - agreement of the probes' answers) or
-    "reward" (1 - the mean ``scorer`` score of the probes)."""
+    generators; ``difficulty`` is "agreement" (1 - agreement of the probes' answers;
+    the probe's own answer is their majority) or "reward" (1 - the best ``scorer``
+    score among the probes, the reward model's confidence; the probe's answer is that
+    best probe)."""
 
     strategy = "compute-optimal"
 
@@ -99,14 +125,20 @@ class ComputeOptimal(GeneratorBase):
         return next(name for bound, name in self.policy if difficulty <= bound + 1e-12)
 
     async def estimate(self, prompt: str, seed: int | None) -> tuple[float, list[Generation], Usage]:
-        """(difficulty, the probe samples, what scoring them cost)."""
+        """(difficulty, the probe samples, what scoring them cost). With a reward
+        scorer each probe carries its score."""
         probes = await self.probe.agenerate(prompt, n=self.probe_n, seed=seed)
         if self.difficulty == "agreement":
             return 1.0 - agreement([self.extract_answer(g.text) for g in probes]), probes, Usage()
         scores = await asyncio.to_thread(self.scorer.score, prompt, [g.text for g in probes])
-        return 1.0 - sum(scores.values) / len(scores.values), probes, scores.usage
+        for g, v in zip(probes, scores.values):
+            g.score = float(v)
+        return 1.0 - max(scores.values), probes, scores.usage
 
     def probe_answer(self, probes: list[Generation]) -> Generation:
+        """The probes' answer: their majority, or, when they were scored, the best."""
+        if self.difficulty == "reward":
+            return max(probes, key=lambda g: g.score)
         i = majority_index([self.extract_answer(g.text) for g in probes])
         return probes[0 if i is None else i]
 
@@ -133,9 +165,11 @@ class ComputeOptimal(GeneratorBase):
                    bins: Sequence[float] = (0.0, 0.25, 0.5, 1.0), cost: str = "generated_tokens",
                    seed: int = 0) -> list[dict[str, Any]]:
         """Choose the policy on development ``prompts`` (``is_correct(prompt, text)``
-        judges an answer): per bin of difficulty, the most accurate of the probe and the
-        strategies whose mean ``cost`` per problem (probe included) is within
-        ``budget``; ties go to the cheaper; an empty bin takes the choice below it. Sets ``self.policy`` and returns one row
+        judges an answer): one candidate (the probe or a strategy) per bin of
+        difficulty, the assignment that answers most development problems right while
+        their mean ``cost`` (probe included) stays within ``budget``; so easy bins may
+        spend less and hard ones more, as in Snell et al. Ties go to the cheaper; an
+        empty bin takes the choice of the bin below it. Sets ``self.policy`` and returns one row
         per bin with every candidate's accuracy and cost."""
         if cost not in COSTS:
             raise SettingError(f"cost must be one of {', '.join(COSTS)}; got {cost!r}")
@@ -153,21 +187,26 @@ class ComputeOptimal(GeneratorBase):
         if sum(probe_cost) / len(probe_cost) > budget:
             raise SettingError(f"budget {budget:g} is below what the probe alone costs ({sum(probe_cost) / len(probe_cost):.0f} "
                                f"{cost} per problem with probe_n={self.probe_n}); raise the budget or lower probe_n")
-        rows, policy, lo = [], [], -1.0
+        rows, lo = [], -1.0
         for bound, _ in bounds:
             idx = [i for i, (d, _, _) in enumerate(est) if lo < d <= bound + 1e-12]
             row: dict[str, Any] = {"bin": [max(lo, 0.0), bound], "problems": len(idx), "candidates": {}}
             for name, gens in runs.items():
                 extra = [0.0 if name == PROBE else getattr(gens[i].usage, cost) for i in idx]
-                mean_cost = sum(probe_cost[i] + e for i, e in zip(idx, extra)) / len(idx) if idx else 0.0
-                acc = sum(is_correct(prompts[i], gens[i].text) for i in idx) / len(idx) if idx else 0.0
-                row["candidates"][name] = {"accuracy": round(acc, 4), "cost": round(mean_cost, 1)}
-            within = [(c["accuracy"], -c["cost"], name) for name, c in row["candidates"].items() if c["cost"] <= budget]
-            # an empty bin has nothing to judge by: it takes the choice of the bin below
-            row["chose"] = (max(within)[2] if within else PROBE) if idx else (policy[-1][1] if policy else PROBE)
-            policy.append((bound, row["chose"]))
+                total_cost = sum(probe_cost[i] + e for i, e in zip(idx, extra))
+                right = sum(is_correct(prompts[i], gens[i].text) for i in idx)
+                row["candidates"][name] = {"accuracy": round(right / len(idx), 4) if idx else 0.0,
+                                           "cost": round(total_cost / len(idx), 1) if idx else 0.0,
+                                           "_right": right, "_cost": total_cost}
             rows.append(row)
             lo = bound
+        choice = _allocate(rows, budget * len(prompts))
+        policy = []
+        for row, name in zip(rows, choice):
+            row["chose"] = name
+            for c in row["candidates"].values():
+                c.pop("_right"), c.pop("_cost")
+            policy.append((row["bin"][1], name))
         self.policy = policy
         return rows
 
