@@ -309,20 +309,28 @@ register(Strategy("usc", _usc, "universal self-consistency: the model picks the 
 
 
 # -- step-level search ----------------------------------------------------------------------
-def _step_scorer(name: str, s: dict[str, Any], ctx: Context) -> Any:
-    kind = s.get("scorer", "prm")
-    if kind == "prm":
+def _reward_or_exact(name: str, key: str, s: dict[str, Any], ctx: Context, choices: tuple[str, str],
+                     use_reward: Callable[[Any], Any], make_exact: Callable[[Any], Any]) -> Any:
+    """The scorer ``--set KEY=`` names: the reward model (``choices[0]``, from
+    --reward-model) or the task's exact checker (``choices[1]``)."""
+    reward, exact = choices
+    kind = s.get(key, reward)
+    if kind == reward:
         if ctx.reward_model is None:
-            raise SettingError(f"--strategy {name} needs --reward-model (a PRM), or --set scorer=steps "
-                               "(the task's exact step checker)")
-        return ctx.reward_model.prm("last")
-    if kind == "steps":
-        from .scoring.verifiers import StepVerifier
-
+            raise SettingError(f"--strategy {name} needs --reward-model, or --set {key}={exact} "
+                               "(the task's exact checker)")
+        return use_reward(ctx.reward_model)
+    if kind == exact:
         if ctx.task is None:
-            raise SettingError(f"--strategy {name} with scorer=steps needs a task (ponder eval --task NAME)")
-        return StepVerifier(ctx.task)
-    raise SettingError(f"scorer must be prm (with --reward-model) or steps (the task's step checker); got {kind!r}")
+            raise SettingError(f"--strategy {name} with {key}={exact} needs a task (ponder eval --task NAME)")
+        return make_exact(ctx.task)
+    raise SettingError(f"{key} must be {reward} (--reward-model) or {exact} (the task's exact checker); got {kind!r}")
+
+
+def _step_scorer(name: str, s: dict[str, Any], ctx: Context) -> Any:
+    from .scoring.verifiers import StepVerifier
+
+    return _reward_or_exact(name, "scorer", s, ctx, ("prm", "steps"), lambda rm: rm.prm("last"), StepVerifier)
 
 
 def _search(cls_path: str, name: str, **names: str):
@@ -424,19 +432,9 @@ def _tool_use(lm, p, s, ctx):
 
 
 def _evaluator(name: str, s: dict[str, Any], ctx: Context) -> Any:
-    kind = s.get("evaluator", "reward")
-    if kind == "reward":
-        if ctx.reward_model is None:
-            raise SettingError(f"--strategy {name} needs --reward-model, or --set evaluator=verifier "
-                               "(the task's exact answer checker)")
-        return ctx.reward_model
-    if kind == "verifier":
-        from .scoring.verifiers import AnswerVerifier
+    from .scoring.verifiers import AnswerVerifier
 
-        if ctx.task is None:
-            raise SettingError(f"--strategy {name} with evaluator=verifier needs a task (ponder eval --task NAME)")
-        return AnswerVerifier(ctx.task)
-    raise SettingError(f"evaluator must be reward (--reward-model) or verifier; got {kind!r}")
+    return _reward_or_exact(name, "evaluator", s, ctx, ("reward", "verifier"), lambda rm: rm, AnswerVerifier)
 
 
 def _self_refine(lm, p, s, ctx):

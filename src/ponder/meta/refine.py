@@ -38,6 +38,11 @@ def _check_generator(g: Any, role: str) -> None:
         raise SettingError(f"{role} must be a ponder generator (with agenerate); got {g!r}")
 
 
+def _check_scorer(obj: Any, method: str, role: str, what: str) -> None:
+    if not callable(getattr(obj, method, None)):
+        raise SettingError(f"{role} must have {method}(prompt, completions) ({what}); got {obj!r}")
+
+
 def _check_count(v: Any, name: str, low: int) -> None:
     if not isinstance(v, int) or isinstance(v, bool) or v < low:
         raise SettingError(f"{name} must be an integer >= {low}; got {v!r}")
@@ -153,12 +158,9 @@ class Reflexion(_Repeat):
                  reflect_template: str = "{input}{answer}\nThis attempt was judged wrong (score {score:.2f}). "
                                          "In one sentence, what went wrong and what to do instead?\n",
                  memory_template: str = "Reflection on an earlier attempt: {reflection}\n") -> None:
-        _check_generator(generator, "generator")
-        if reflector is not None:
-            _check_generator(reflector, "reflector")
-        if not callable(getattr(evaluator, "score", None)):
-            raise SettingError(f"evaluator must have score(prompt, completions) -> Scores (a verifier or a reward "
-                               f"model); got {evaluator!r}")
+        for role, g in (("generator", generator), ("reflector", reflector or generator)):
+            _check_generator(g, role)
+        _check_scorer(evaluator, "score", "evaluator", "a verifier or a reward model")
         _check_count(trials, "trials", 1)
         _check_count(memory, "memory", 0)
         check_template(attempt_template, {"memory", "input"}, "attempt_template")
@@ -209,12 +211,9 @@ class StepFeedbackRefine(_Repeat):
 
     def __init__(self, generator: Any, checker: Any, first: Any = None, rounds: int = 4, threshold: float = 0.5,
                  delimiter: str = "\n", keep_best: bool = True) -> None:
-        _check_generator(generator, "generator")
-        if first is not None:
-            _check_generator(first, "first")
-        if not callable(getattr(checker, "score_steps", None)):
-            raise SettingError(f"checker must have score_steps(prompt, completions) (a step verifier or a PRM); "
-                               f"got {checker!r}")
+        for role, g in (("generator", generator), ("first", first or generator)):
+            _check_generator(g, role)
+        _check_scorer(checker, "score_steps", "checker", "a step verifier or a PRM")
         _check_count(rounds, "rounds", 0)
         if not isinstance(delimiter, str) or not delimiter:
             raise SettingError(f"delimiter must be a non-empty string; got {delimiter!r}")
