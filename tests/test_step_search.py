@@ -227,3 +227,29 @@ def test_a_search_calls_bills_sum_to_its_elapsed_time(arith_lm):
     outs = search.generate_batch(prompts, seed=3)
     elapsed = time.perf_counter() - t
     assert sum(g[0].usage.wall_s for g in outs) == pytest.approx(elapsed, rel=0.05)
+
+
+def test_tree_of_thoughts_on_the_shipped_models(arith_lm):
+    from ponder.scoring.reward import RewardModel
+    from ponder.scoring.verifiers import StepVerifier
+
+    problems = TASK.problems("hard", 4)
+    prompts = [TASK.prompt(p) for p in problems]
+    params = SamplingParams(temperature=0.8, max_tokens=24)
+    prm = RewardModel.from_pretrained("arith-reward").prm("last")
+    bfs = TreeOfThoughtsBFS(arith_lm, prm, breadth=2, k=3, params=params)
+    outs = bfs.generate_batch(prompts, seed=4)
+    assert [o[0].text for o in outs] == [o[0].text for o in bfs.generate_batch(prompts, seed=4)]  # seeded
+    for (g,) in outs:
+        assert TASK.extract_answer(g.text) is not None and g.meta["nodes"] >= 6
+        requested = sum(n["usage"]["prompt_tokens"] + n["usage"]["generated_tokens"] for n in _walk(g.meta["tree"]))
+        computed = sum(n["usage"]["computed_tokens"] for n in _walk(g.meta["tree"]))
+        assert computed < 0.5 * requested, (computed, requested)
+    # depth first with the exact step checker: it prunes every wrong step, so what it finds is right
+    # (the checker does not read the answer line itself, hence "nearly")
+    dfs = TreeOfThoughtsDFS(arith_lm, StepVerifier(TASK), k=3, threshold=0.5, max_expansions=24, params=params)
+    outs = dfs.generate_batch(prompts, seed=4)
+    found = [g.meta["found"] for (g,) in outs]
+    right = [TASK.check_answer(p, g.text) for p, (g,) in zip(problems, outs)]
+    assert sum(found) >= 3 and sum(f and r for f, r in zip(found, right)) >= sum(found) - 1
+    assert all(g.meta["expansions"] <= 24 for (g,) in outs)

@@ -390,7 +390,7 @@ def sweep(
         counts = run_sweep(cfg, store, " ".join(sys.argv), on_progress=progress)
     print(f"sweep: {counts['computed']} problems computed, {counts['cached']} already in {store.path}",
           file=sys.stderr)
-    _print_report(store, out or None)
+    _print_report(store, out or None, configs=counts["configs"])  # this sweep's rows, not all the store's
 
 
 @app.command()
@@ -411,12 +411,13 @@ def report(
     _print_report(ResultsStore(db), out or None, task, as_json)
 
 
-def _print_report(store: Any, out: Optional[str], task: Optional[str] = None, as_json: bool = False) -> None:
+def _print_report(store: Any, out: Optional[str], task: Optional[str] = None, as_json: bool = False,
+                  configs: Optional[set] = None) -> None:
     from pathlib import Path
 
     from .sweep.report import markdown, plot, summarise
 
-    summary = summarise(store.rows(task))
+    summary = summarise([r for r in store.rows(task) if configs is None or r["config_hash"] in configs])
     if not summary:
         _fail(f"the store {store.path} holds no results" + (f" for task {task}" if task else ""))
     text = markdown(summary)

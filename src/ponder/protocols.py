@@ -180,13 +180,16 @@ class GeneratorBase:
     def generate(self, prompt: str, n: int = 1, seed: int | None = None) -> list[Generation]:
         return asyncio.run(self.agenerate(prompt, n=n, seed=seed))
 
+    # A meta-generator whose parts run concurrently (a scorer on a thread while the
+    # engine serves another part) sets this: its bills then overlap, and a batch call
+    # scales them to add up to its elapsed time.
+    overlapping_bills = False
+
     async def agenerate_many(self, prompts: Sequence[str], n: int = 1, seed: int | None = None) -> list[list[Generation]]:
-        """Concurrent requests; an engine-backed generator batches them. Their parts
-        overlap in time (one's scorer on a thread while the engine steps another's
-        requests), so their bills are scaled to add up to the call's elapsed time."""
+        """Concurrent requests; an engine-backed generator batches them."""
         t0 = time.perf_counter()
         outs = list(await asyncio.gather(*(self.agenerate(p, n=n, seed=seed) for p in prompts)))
-        return bill_to_elapsed(outs, time.perf_counter() - t0)
+        return bill_to_elapsed(outs, time.perf_counter() - t0) if self.overlapping_bills else outs
 
     def generate_batch(self, prompts: Sequence[str], n: int = 1, seed: int | None = None) -> list[list[Generation]]:
         return asyncio.run(self.agenerate_many(prompts, n=n, seed=seed))

@@ -88,6 +88,7 @@ class Chain(GeneratorBase):
     ``output``), with ``meta["state"]`` holding every link's text."""
 
     strategy = "chain"
+    overlapping_bills = True
 
     def __init__(self, links: Sequence[Link], output: str | None = None) -> None:
         if not links:
@@ -141,6 +142,7 @@ class ChainOfThought(GeneratorBase):
     second call ``prompt + cue + reasoning + trigger``. ``meta["answer"]`` holds it."""
 
     strategy = "cot"
+    overlapping_bills = True
 
     def __init__(self, generator: Any, extract_answer: Callable[[str], str | None],
                  cue: str = "Let's think step by step.\n", trigger: str = "\nTherefore, the answer is",
@@ -181,6 +183,7 @@ class ToolUse(GeneratorBase):
     answered with an error saying so). ``lm`` needs only text access."""
 
     strategy = "tool-use"
+    overlapping_bills = True
 
     def __init__(self, lm: Any, tools: dict[str, Callable[[str], ToolResult]], params: SamplingParams | None = None,
                  max_calls: int = 4) -> None:

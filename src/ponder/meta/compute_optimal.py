@@ -95,6 +95,7 @@ class ComputeOptimal(GeneratorBase):
     best probe)."""
 
     strategy = "compute-optimal"
+    overlapping_bills = True
 
     def __init__(self, probe: Any, extract_answer: Callable[[str], str | None], strategies: dict[str, Any],
                  policy: Any = None, probe_n: int = 4, difficulty: str = "agreement", scorer: Any = None) -> None:

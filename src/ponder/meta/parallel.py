@@ -282,6 +282,7 @@ class OracleSampling(GeneratorBase):
     unbiased pass@k estimates for k = 1, 2, 4, ... <= samples drawn."""
 
     strategy = "oracle"
+    overlapping_bills = True
 
     def __init__(self, generator: Any, verifier: Any, n: int = 16, batch: int = 4, threshold: float = 1.0) -> None:
         _check_n(n)

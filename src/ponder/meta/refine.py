@@ -76,6 +76,8 @@ def _seed(seed: int | None, k: int) -> int | None:
 class _Repeat(GeneratorBase):
     """``n`` independent runs of ``_once``, each with its own seed."""
 
+    overlapping_bills = True
+
     async def _once(self, prompt: str, seed: int | None) -> Generation:
         raise NotImplementedError
 

@@ -145,9 +145,10 @@ def model_identity(lm: Any, name: str) -> str:
 
 
 def sweep(cfg: SweepConfig, store: ResultsStore, command: str = "",
-          on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, int]:
+          on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run every (model, task, run, problem) the store lacks, a chunk at a time, each
-    chunk committed in one transaction. Returns {"computed": n, "cached": m}."""
+    chunk committed in one transaction. Returns {"computed": n, "cached": m,
+    "configs": the configuration hashes of this sweep}."""
     from .. import strategies
     from ..tasks.registry import load_task
 
@@ -174,10 +175,11 @@ def sweep(cfg: SweepConfig, store: ResultsStore, command: str = "",
                           else None}
                 loaded.append((model_name, mid, task, level, problems, run, gen, config))
     total = sum(len(x[4]) for x in loaded)
-    counts = {"computed": 0, "cached": 0}
+    counts: dict[str, Any] = {"computed": 0, "cached": 0, "configs": set()}
     state = {"done": 0, "total": total, "correct": 0, "scored": 0}
     for model_name, mid, task, level, problems, run, gen, config in loaded:
         chash = digest(canonical(config))
+        counts["configs"].add(chash)
         keys = [digest(chash, mid, task.name, level, p.id) for p in problems]
         have = store.done(keys)
         todo = [(p, k) for p, k in zip(problems, keys) if k not in have]
