@@ -68,7 +68,9 @@ def main() -> None:
     ponder_tps, hf_tps = args.tokens / best_p, args.tokens / best_h
     print(f"ponder {ponder_tps:.1f} tok/s, transformers {hf_tps:.1f} tok/s, ratio {ponder_tps / hf_tps:.2f}x, "
           f"identical tokens: {same}")
-    print(json.dumps({
+    from ponder.models.llama_c import cpu_summary
+
+    print(json.dumps({**cpu_summary(),
         "benchmark": "decode_speed", "model": lm.name, "parameters": lm.num_parameters(), "batch": 1,
         "new_tokens": args.tokens, "threads": args.threads, "ponder_tokens_per_s": round(ponder_tps, 1),
         "hf_tokens_per_s": round(hf_tps, 1), "ratio": round(ponder_tps / hf_tps, 3), "identical_tokens": same,

@@ -151,7 +151,9 @@ def main() -> None:
     by = {r["strategy"]: r for r in rows}
     ratio = (by["prm-beam"]["elapsed_s_per_problem"] / by["best-of-n"]["elapsed_s_per_problem"]
              if "prm-beam" in by and "best-of-n" in by else None)
-    print(json.dumps({"benchmark": "meta_results", "model": "arith", "problems": len(problems), "n": N,
+    from ponder.models.llama_c import cpu_summary
+
+    print(json.dumps({**cpu_summary(), "benchmark": "meta_results", "model": "arith", "problems": len(problems), "n": N,
                       "threads": args.threads, "rows": rows,
                       "prm_beam_over_best_of_n_time": None if ratio is None else round(ratio, 3)}))
 

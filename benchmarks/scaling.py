@@ -79,7 +79,9 @@ def main() -> None:
         print(f"plot: {args.out}")
     except ImportError:
         print("matplotlib is not installed: no plot")
-    print(json.dumps({"benchmark": "scaling", "model": base.name, "prompt_tokens": len(prompt), "tokens": args.tokens,
+    from ponder.models.llama_c import cpu_summary
+
+    print(json.dumps({**cpu_summary(), "benchmark": "scaling", "model": base.name, "prompt_tokens": len(prompt), "tokens": args.tokens,
                       "threads": args.threads, "rows": rows,
                       "time_ratio_64_over_1": round(rows[-1]["seconds"] / rows[0]["seconds"], 3)}))
 

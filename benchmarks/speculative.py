@@ -72,7 +72,9 @@ def main() -> None:
     for name in ("draft", "ngram"):
         print(f"{name:6s}: speedup {speed[name]:.2f}x, acceptance {acc[name]:.3f}")
     print(f"plain greedy {tokens / best['greedy']:.1f} tok/s; outputs identical: {identical}")
-    print(json.dumps({"benchmark": "speculative", "model": lm.name, "draft_model": draft.name, "level": args.level,
+    from ponder.models.llama_c import cpu_summary
+
+    print(json.dumps({**cpu_summary(), "benchmark": "speculative", "model": lm.name, "draft_model": draft.name, "level": args.level,
                       "problems": len(prompts), "draft_tokens": args.draft_tokens, "threads": args.threads,
                       "speedup_draft": round(speed["draft"], 3), "speedup_ngram": round(speed["ngram"], 3),
                       "acceptance_draft": round(acc["draft"], 3), "acceptance_ngram": round(acc["ngram"], 3),

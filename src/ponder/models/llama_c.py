@@ -59,6 +59,20 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def cpu_summary() -> dict[str, object]:
+    """What benchmarks print so that figures from different machines can be told
+    apart: the CPU's model name, its SIMD features and the core count."""
+    name = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    flags = cpu_flags()
+    simd = [x for x in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if x in flags]
+    return {"cpu": name or platform.processor() or platform.machine(), "simd": simd, "cores": os.cpu_count()}
+
+
 def _cpu_id(cc: str) -> str:
     """What the build's target means on this machine, for the cache key: the compiler's
     own expansion of -march (every -m feature it turns on) and the CPU's flags. Two
