@@ -121,12 +121,35 @@ class RewardModel:
         scores = self._log_odds(self.model.logits(self.model(ids)))
         return [scores[i, : len(s)] for i, s in enumerate(seqs)]
 
-    @torch.inference_mode()
     def read(self, seqs: list[list[int]], wanted: list[list[int]]) -> tuple[list[dict[int, float]], list[int]]:
         """The head's logit at the ``wanted`` positions of each sequence, computing only
         what was never computed: a position whose prefix was read before comes from the
         memo; the rest runs on the KV of the longest cached prefix. Returns the logits
-        and the tokens each sequence computed."""
+        and the tokens each sequence computed.
+
+        Equal sequences (a search's duplicate steps) are computed once and share their
+        values: computed in different rows of a batch they could differ in the last
+        bits, and a search choosing between equal paths would then choose by noise."""
+        first: dict[tuple[int, ...], int] = {}
+        for s in seqs:
+            first.setdefault(tuple(s), len(first))
+        if len(first) == len(seqs):
+            return self._read(seqs, wanted)
+        uniq = [list(k) for k in first]
+        merged: list[set[int]] = [set() for _ in uniq]
+        for s, w in zip(seqs, wanted):
+            merged[first[tuple(s)]].update(w)
+        vals, comp = self._read(uniq, [sorted(m) for m in merged])
+        out, computed, seen = [], [], set()
+        for s, w in zip(seqs, wanted):
+            j = first[tuple(s)]
+            out.append({t: vals[j][t] for t in w})
+            computed.append(comp[j] if j not in seen else 0)  # a duplicate computes nothing
+            seen.add(j)
+        return out, computed
+
+    @torch.inference_mode()
+    def _read(self, seqs: list[list[int]], wanted: list[list[int]]) -> tuple[list[dict[int, float]], list[int]]:
         with self._lock:
             out = [dict() for _ in seqs]
             todo = []  # (row, start): sequences that need the model, from where
