@@ -120,7 +120,8 @@ def test_eval_refinement_and_compute_optimal_from_the_command_line():
     assert res["strategy"] == "refine-steps" and res["correct"] >= 4 and "pass_at_n" not in res
     # compute-optimal, its policy naming majority vote whose own settings come as majority.KEY=V
     r = ponder("eval", "--level", "hard", "--limit", "4", "--strategy", "compute-optimal", "--temperature", "0.7",
-               "--set", "policy=0.25:probe,1:majority", "--set", "majority.samples=4", "--set", "probe=2", "--json")
+               "--set", "policy=0.25:probe,0.5:majority,1:best-of-n", "--set", "majority.samples=4",
+               "--set", "best-of-n.samples=2", "--reward-model", "arith-reward", "--set", "probe=2", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["usage_total"]["generated_tokens"] > 0
     bad = ponder("eval", "--limit", "1", "--strategy", "compute-optimal", "--set", "policy=0.25:probe,1:majority",

@@ -107,7 +107,8 @@ def _nested_ok(st: Strategy, settings: dict[str, Any], prefix: str) -> bool:
     ``best-of-n.samples=8`` when best-of-n is a strategy its policy names."""
     if prefix in st.nested and prefix in st.settings:
         return True
-    return "policy" in st.nested and prefix in _policy_names(settings)
+    # the CLI's --set turns dashes into underscores: best-of-n.samples arrives as best_of_n.samples
+    return "policy" in st.nested and prefix.replace("-", "_") in {n.replace("-", "_") for n in _policy_names(settings)}
 
 
 def _policy_names(settings: dict[str, Any]) -> set[str]:
@@ -499,7 +500,8 @@ def _compute_optimal(lm, p, s, ctx):
         if name not in STRATEGIES or name == "compute-optimal":
             raise SettingError(f"policy names {name!r}; choose probe or registered strategies "
                                f"(majority, best-of-n, prm-beam, ...)")
-        own = {k[len(name) + 1:]: v for k, v in s.items() if k.startswith(name + ".")}
+        prefixes = (name + ".", name.replace("-", "_") + ".")
+        own = {k.split(".", 1)[1]: v for k, v in s.items() if k.startswith(prefixes)}
         if "samples" in STRATEGIES[name].settings and "samples" in s:
             own.setdefault("samples", s["samples"])
         inner[name] = build(name, lm, p, own, ctx)
