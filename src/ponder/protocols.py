@@ -30,6 +30,7 @@ import time
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any, AsyncIterator, Protocol, Sequence, runtime_checkable
 
+from .errors import SettingError
 from .processor import Processor  # noqa: F401 (the processor contract lives in processor.py)
 from .types import Generation
 
@@ -196,3 +197,19 @@ class GeneratorBase:
 
     def astream(self, prompt: str, seed: int | None = None) -> AsyncIterator[Any]:
         raise NotImplementedError(f"{type(self).__name__} does not stream")
+
+
+class IndependentRuns(GeneratorBase):
+    """A generator whose ``n`` outputs are independent runs of ``_once(prompt, seed)``,
+    run concurrently, each with its own seed (chains, refinement, compute-optimal)."""
+
+    SEED_STRIDE = 1_000_033  # seeds of successive runs, far apart
+
+    async def _once(self, prompt: str, seed: int | None) -> Generation:
+        raise NotImplementedError
+
+    async def agenerate(self, prompt: str, n: int = 1, seed: int | None = None) -> list[Generation]:
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise SettingError(f"n must be an integer >= 1; got {n!r}")
+        return list(await asyncio.gather(*(self._once(prompt, None if seed is None else seed + self.SEED_STRIDE * k)
+                                           for k in range(n))))

@@ -305,15 +305,12 @@ class Engine:
             self._cache, self._spare = self._spare, None  # last batch's allocation: no regrowing from one row
         if self._cache is None:
             self._cache, self._logits = cache, logits
-        elif self._logits is None:
-            self._cache.append_(cache)
-            self._logits = logits
-        else:
-            if hasattr(self._cache, "append_"):  # into the running batch's spare rows when it has them
+        else:  # into the running batch's (or the kept allocation's) spare rows when it has them
+            if hasattr(self._cache, "append_"):
                 self._cache.append_(cache)
             else:
                 self._cache = type(self._cache).concat([self._cache, cache])
-            self._logits = torch.cat([self._logits, logits])
+            self._logits = logits if self._logits is None else torch.cat([self._logits, logits])
         self._active.extend(new)
         admit_s = time.perf_counter() - t0  # lookup, prefill, and each newcomer's set-up and join
         for r in new:

@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 
 from ..errors import SettingError
 from ..params import SamplingParams
-from ..protocols import Access, GeneratorBase, require_access
+from ..protocols import Access, IndependentRuns, require_access
 from ..types import Generation, Usage
 from .tools import ToolResult
 
@@ -83,7 +83,7 @@ def tool_generation(result: ToolResult, name: str) -> Generation:
                       usage=Usage(wall_s=result.wall_s), meta={"tool": name, "ok": result.ok, "reason": result.reason})
 
 
-class Chain(GeneratorBase):
+class Chain(IndependentRuns):
     """Run ``links`` in order; the result is the last link's output (or the link named
     ``output``), with ``meta["state"]`` holding every link's text."""
 
@@ -108,7 +108,7 @@ class Chain(GeneratorBase):
             raise SettingError(f"output must name a link ({', '.join(names[1:])}); got {output!r}")
         self.links, self.output = list(links), output or links[-1].name
 
-    async def _run_once(self, prompt: str, seed: int | None) -> Generation:
+    async def _once(self, prompt: str, seed: int | None) -> Generation:
         state: dict[str, str] = {"input": prompt}
         trace: list[Generation] = []
         for i, ln in enumerate(self.links):
@@ -126,9 +126,6 @@ class Chain(GeneratorBase):
                           finish_reason=out.finish_reason, usage=Usage.total(g.usage for g in trace), trace=trace,
                           meta={"strategy": self.strategy, "state": {k: v for k, v in state.items() if k != "input"}})
 
-    async def agenerate(self, prompt: str, n: int = 1, seed: int | None = None) -> list[Generation]:
-        return list(await asyncio.gather(*(self._run_once(prompt, None if seed is None else seed + 1_000_033 * k)
-                                           for k in range(n))))
 
 
 def chain(*links: Link, output: str | None = None) -> Chain:
@@ -136,7 +133,7 @@ def chain(*links: Link, output: str | None = None) -> Chain:
     return Chain(links, output)
 
 
-class ChainOfThought(GeneratorBase):
+class ChainOfThought(IndependentRuns):
     """Zero-shot chain-of-thought (Kojima et al. 2022): ``prompt + cue`` -> reasoning;
     the answer is ``extract_answer(reasoning)``, or, if it finds none, the answer to a
     second call ``prompt + cue + reasoning + trigger``. ``meta["answer"]`` holds it."""
@@ -170,12 +167,9 @@ class ChainOfThought(GeneratorBase):
                           finish_reason=trace[-1].finish_reason, usage=Usage.total(g.usage for g in trace), trace=trace,
                           meta={"strategy": self.strategy, "answer": answer, "second_call": len(trace) > 1})
 
-    async def agenerate(self, prompt: str, n: int = 1, seed: int | None = None) -> list[Generation]:
-        return list(await asyncio.gather(*(self._once(prompt, None if seed is None else seed + 1_000_033 * k)
-                                           for k in range(n))))
 
 
-class ToolUse(GeneratorBase):
+class ToolUse(IndependentRuns):
     """Generation with inline tool calls. ``tools`` maps a tag to a tool: the model
     writes ``<tag>input</tag>``; at the closing tag (a stop string) the tool runs on the
     input and ``<output>result</output>`` is appended to the text; generation goes on
@@ -234,6 +228,3 @@ class ToolUse(GeneratorBase):
                           usage=Usage.total(g.usage for g in trace), trace=trace,
                           meta={"strategy": self.strategy, "tool_calls": calls})
 
-    async def agenerate(self, prompt: str, n: int = 1, seed: int | None = None) -> list[Generation]:
-        return list(await asyncio.gather(*(self._once(prompt, None if seed is None else seed + 1_000_033 * k)
-                                           for k in range(n))))

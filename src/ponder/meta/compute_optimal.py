@@ -23,7 +23,7 @@ from collections import Counter
 from typing import Any, Callable, Sequence
 
 from ..errors import SettingError
-from ..protocols import GeneratorBase
+from ..protocols import IndependentRuns
 from ..types import Generation, Usage
 from .parallel import majority_index
 
@@ -86,7 +86,7 @@ def _allocate(rows: list[dict[str, Any]], budget_total: float) -> list[str]:
     return out
 
 
-class ComputeOptimal(GeneratorBase):
+class ComputeOptimal(IndependentRuns):
     """Probe with ``probe_n`` samples from ``probe``, estimate difficulty, run the
     strategy the policy names for that difficulty. ``strategies`` maps names to
     generators; ``difficulty`` is "agreement" (1 - agreement of the probes' answers;
@@ -156,11 +156,6 @@ class ComputeOptimal(GeneratorBase):
                           score=best.score, trace=trace,
                           meta={"strategy": self.strategy, "difficulty": round(d, 4), "chose": chose})
 
-    async def agenerate(self, prompt: str, n: int = 1, seed: int | None = None) -> list[Generation]:
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise SettingError(f"n must be an integer >= 1; got {n!r}")
-        return list(await asyncio.gather(*(self._once(prompt, None if seed is None else seed + 1_000_033 * k)
-                                           for k in range(n))))
 
     async def afit(self, prompts: Sequence[str], is_correct: Callable[[str, str], bool], budget: float,
                    bins: Sequence[float] = (0.0, 0.25, 0.5, 1.0), cost: str = "generated_tokens",

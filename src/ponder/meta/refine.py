@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import re
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 from ..errors import SettingError
-from ..protocols import GeneratorBase
+from ..protocols import IndependentRuns
 from ..types import Generation, Usage
 from .chain import check_template
 
@@ -59,10 +59,6 @@ async def _one(gen: Any, prompt: str, seed: int | None) -> Generation:
     return g
 
 
-def _scored(scores: Any) -> Usage:
-    return scores.usage if scores is not None else Usage()
-
-
 def _result(best: Generation, trace: list[Generation], extra: Usage, strategy: str, **meta: Any) -> Generation:
     return Generation(text=best.text, token_ids=best.token_ids, logprobs=best.logprobs,
                       finish_reason=best.finish_reason, usage=Usage.total(g.usage for g in trace) + extra,
@@ -73,18 +69,10 @@ def _seed(seed: int | None, k: int) -> int | None:
     return None if seed is None else (seed + 7_919 * k) % 2**62
 
 
-class _Repeat(GeneratorBase):
-    """``n`` independent runs of ``_once``, each with its own seed."""
+class _Repeat(IndependentRuns):
+    """``n`` independent runs of ``_once``; their scorers run on threads beside the engine."""
 
     overlapping_bills = True
-
-    async def _once(self, prompt: str, seed: int | None) -> Generation:
-        raise NotImplementedError
-
-    async def agenerate(self, prompt: str, n: int = 1, seed: int | None = None) -> list[Generation]:
-        _check_count(n, "n", 1)
-        return list(await asyncio.gather(*(self._once(prompt, None if seed is None else seed + 1_000_033 * k)
-                                           for k in range(n))))
 
 
 _FINE = re.compile(r"\b(no (issues|errors|mistakes|problems)|looks (good|correct|right)|is (correct|right)|"
@@ -182,7 +170,7 @@ class Reflexion(_Repeat):
             memory = "".join(self.memory_template.format(reflection=r) for r in mem)
             g = await _one(self.generator, self.attempt_template.format(memory=memory, input=prompt), _seed(seed, 2 * t))
             scores = await asyncio.to_thread(self.evaluator.score, prompt, [g.text])
-            scorer_usage = scorer_usage + _scored(scores)
+            scorer_usage = scorer_usage + scores.usage
             g.score = float(scores.values[0])
             g.meta.update(role="attempt", trial=t)
             trace.append(g)

@@ -12,14 +12,13 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 from ...errors import SettingError
 from ...params import SamplingParams
-from ...protocols import Access, GeneratorBase, bill_to_elapsed, require_access
+from ...protocols import Access, GeneratorBase, require_access
 from ...types import Generation, Usage
 from ...scoring.base import aggregate
 
@@ -97,6 +96,9 @@ class StepSearch(GeneratorBase):
     selects among the steps. The bill includes every draw."""
 
     strategy = "step-search"
+    # The searches of several prompts overlap in time (one's scorer on a thread while the
+    # engine steps another's requests): a batch call's bills are scaled to its elapsed time.
+    overlapping_bills = True
 
     def __init__(self, lm: Any, scorer: Any, params: SamplingParams | None = None, delimiter: str = "\n",
                  max_depth: int = 16, is_final: Callable[[str], bool] = answer_line, refine: int = 0,
@@ -118,6 +120,7 @@ class StepSearch(GeneratorBase):
                 or not 0.0 <= refine_threshold <= 1.0:
             raise SettingError(f"refine_threshold must be a number in [0, 1]; got {refine_threshold!r}")
         self.refine, self.refine_threshold = refine, float(refine_threshold)
+        self._batchers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> ScoreBatcher
         self.lm, self.scorer, self.delimiter, self.max_depth, self.is_final = lm, scorer, delimiter, max_depth, is_final
         self.params = (params or SamplingParams(temperature=0.8, max_tokens=64)).replace(
             stop=tuple(params.stop if params else ()) + (delimiter,))
@@ -136,10 +139,14 @@ class StepSearch(GeneratorBase):
             return step, "delimiter", False
         return g.text, ("stop" if g.finish_reason == "stop" else g.finish_reason), True
 
-    def _node(self, tree: Tree, parent: Node, g: Generation) -> Node:
+    def _step_node(self, node_id: int, parent: Node, g: Generation) -> Node:
+        """A generation as the node of a step below ``parent`` (not yet attached)."""
         step, finish, terminal = self.step_of(g, parent.depth + 1)
-        node = Node(tree.next_id(), step, parent, parent.depth + 1, terminal=terminal, finish=finish,
-                    usage=g.usage, logprob=sum(g.logprobs) if g.logprobs else 0.0)
+        return Node(node_id, step, parent, parent.depth + 1, terminal=terminal, finish=finish, usage=g.usage,
+                    logprob=sum(g.logprobs) if g.logprobs else 0.0)
+
+    def _node(self, tree: Tree, parent: Node, g: Generation) -> Node:
+        node = self._step_node(tree.next_id(), parent, g)
         parent.children.append(node)
         return node
 
@@ -175,23 +182,28 @@ class StepSearch(GeneratorBase):
         return usage
 
     async def _score(self, prompt: str, nodes: Sequence[Node]) -> Usage:
-        scores = await _batcher(self.scorer).score(prompt, [n.path() for n in nodes])
+        scores = await self._batcher().score(prompt, [n.path() for n in nodes])
         for n, steps in zip(nodes, scores.steps or [[v] for v in scores.values]):
             n.score = aggregate(steps, "last", empty=0.0)
         return scores.usage
+
+    def _batcher(self) -> "ScoreBatcher":
+        """This search's scoring batcher in the running event loop: the searches of one
+        call (one loop) share it, and none outlives its loop."""
+        loop = asyncio.get_running_loop()
+        b = self._batchers.get(loop)
+        if b is None:
+            b = self._batchers[loop] = ScoreBatcher(self.scorer)
+        return b
 
     async def _redraw(self, prompt: str, nodes: Sequence[Node], seed: int) -> Usage:
         """Draw each node's step again from its parent; keep the better-scored step."""
         calls = [self.lm.generate([prompt + n.parent.path()], self.params.replace(n=1, seed=(seed + 7_919 * n.id) % 2**62))
                  for n in nodes]
         outs = await asyncio.gather(*calls)
-        trial = []
-        for n, ((g,),) in zip(nodes, outs):
-            step, finish, terminal = self.step_of(g, n.depth)
-            trial.append((n, g, Node(n.id, step, n.parent, n.depth, terminal=terminal, finish=finish, usage=g.usage,
-                                    logprob=sum(g.logprobs) if g.logprobs else 0.0)))
-        usage = await self._score(prompt, [t for _, _, t in trial])
-        for n, g, t in trial:
+        trial = [(n, self._step_node(n.id, n.parent, g)) for n, ((g,),) in zip(nodes, outs)]
+        usage = await self._score(prompt, [t for _, t in trial])
+        for n, t in trial:
             n.usage = n.usage + t.usage  # every draw is billed to the node that kept its place
             if t.score > n.score:
                 n.drafts.append({"step": n.step, "score": n.score})
@@ -246,19 +258,6 @@ class StepSearch(GeneratorBase):
         base = int.from_bytes(os.urandom(6), "little") if seed is None else seed
         return [await self.search(prompt, base + k * 1_000_033) for k in range(n)]
 
-    async def agenerate_many(self, prompts: Sequence[str], n: int = 1, seed: int | None = None) -> list[list[Generation]]:
-        """The searches of all prompts at once. Their parts overlap in time (one search's
-        scorer on one thread while the engine steps others' requests on another), so the
-        parts' bills add up to more than the call took: each search's bill is scaled by
-        the same factor, so that the call's bills sum to its elapsed time."""
-        t0 = time.perf_counter()
-        outs = list(await asyncio.gather(*(self.agenerate(p, n, seed) for p in prompts)))
-        return bill_to_elapsed(outs, time.perf_counter() - t0)
-
-    def generate_batch(self, prompts: Sequence[str], n: int = 1, seed: int | None = None) -> list[list[Generation]]:
-        return asyncio.run(self.agenerate_many(prompts, n, seed))
-
-
 class ScoreBatcher:
     """Coalesces the step-scoring requests of concurrent searches: while one batch is
     being scored (on a worker thread), new requests queue; then they all go in one
@@ -302,19 +301,6 @@ class ScoreBatcher:
                         f.set_result(r)
         finally:
             self.running = False
-
-
-_BATCHERS: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, ScoreBatcher]]" = weakref.WeakKeyDictionary()
-
-
-def _batcher(scorer: Any) -> ScoreBatcher:
-    """The batcher of ``scorer`` in the running event loop (one per loop and scorer,
-    so that the searches of one call share it and nothing outlives the loop)."""
-    per_loop = _BATCHERS.setdefault(asyncio.get_running_loop(), {})
-    b = per_loop.get(id(scorer))
-    if b is None or b.scorer is not scorer:
-        b = per_loop[id(scorer)] = ScoreBatcher(scorer)
-    return b
 
 
 class BeamBudget(StepSearch):
