@@ -17,7 +17,7 @@ ROOT = Path(ponder.__file__).parent
 RANK = {
     "errors": 0, "types": 0, "processor": 0, "params": 0, "protocols": 0,
     "tasks": 1, "models": 2, "backends": 3, "engine": 4, "decoding": 5, "scoring": 6, "meta": 7,
-    "strategies": 8, "evaluate": 8, "train": 8, "sweep": 9, "cli": 10,
+    "strategies": 8, "evaluate": 8, "train": 8, "sweep": 9, "server": 9, "cli": 10,
 }
 # (importer, imported): why the edge exists
 ALLOWED_UP = {

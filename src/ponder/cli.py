@@ -18,7 +18,8 @@ from typing import Any, Callable, List, Optional
 import typer
 from typer import Abort, Exit
 
-from .errors import InvalidLogitsError, SettingError
+from .errors import BackendError, InvalidLogitsError, SettingError
+from .protocols import AccessError
 from .params import SamplingParams, field_help
 
 # click's base exception, whichever click typer runs on (its own vendored copy in newer
@@ -195,7 +196,8 @@ def generate(
             params = params.replace(temperature=0.0)
         strategy = "speculative"
     lm = strategies.load_model(model, "--model", dtype)
-    params.check_for(lm.vocab_size)
+    if hasattr(lm, "vocab_size"):
+        params.check_for(lm.vocab_size)
     rm = _load_reward(reward_model, "--reward-model")
     gen = strategies.build(strategy, lm, params.replace(n=1, seed=None), settings, strategies.Context(reward_model=rm))
     n, seed = params.n, params.seed
@@ -277,7 +279,8 @@ def eval_cmd(
     from .evaluate import evaluate
 
     lm = strategies.load_model(model, "--model", dtype)
-    params.check_for(lm.vocab_size)
+    if hasattr(lm, "vocab_size"):
+        params.check_for(lm.vocab_size)
     rm = _load_reward(reward_model, "--reward-model")
     prm_model = rm if prm and prm == reward_model else _load_reward(prm, "--prm")
     gen = strategies.build(strategy, lm, params.replace(seed=None), settings, strategies.Context(task=t, reward_model=rm))
@@ -394,6 +397,41 @@ def sweep(
 
 
 @app.command()
+def serve(
+    model: str = typer.Option("arith", "--model", "-m", help="A shipped model's name or a local checkpoint folder."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (127.0.0.1: this machine only)."),
+    port: int = typer.Option(8000, "--port", help="TCP port."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="PONDER_API_KEY",
+                                          help="Require Authorization: Bearer KEY (or set PONDER_API_KEY)."),
+    reward_model: Optional[str] = typer.Option(None, "--reward-model", help="Reward model the strategies may use (e.g. arith-reward)."),
+    task: Optional[str] = typer.Option("arith", "--task", help="Task whose answer format voting strategies read (ponder.task overrides)."),
+    max_tokens: int = typer.Option(4096, "--max-tokens-limit", help="Largest max_tokens a request may ask (also capped by the context)."),
+    max_n: int = typer.Option(64, "--max-n", help="Largest n a request may ask."),
+    max_body_bytes: int = typer.Option(1 << 20, "--max-body-bytes", help="Largest request body."),
+    max_inflight: int = typer.Option(256, "--max-inflight", help="Requests served at once; beyond, 429 with Retry-After."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16."),
+) -> None:
+    """Serve MODEL over the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models,
+    /health), with continuous batching and every strategy through the `ponder` field."""
+    from . import strategies
+    from .server.api import Limits
+    from .server.app import serve as run_server
+
+    for flag, v, lo in (("--port", port, 1), ("--max-tokens-limit", max_tokens, 1), ("--max-n", max_n, 1),
+                        ("--max-body-bytes", max_body_bytes, 1024), ("--max-inflight", max_inflight, 1)):
+        if v < lo or (flag == "--port" and v > 65535):
+            _fail(f"{flag} must be >= {lo}{' and <= 65535' if flag == '--port' else ''}; got {v}")
+    lm = strategies.load_model(model, "--model", dtype)
+    if not hasattr(lm, "engine") and not hasattr(lm, "vocab_size"):
+        _fail("--model: ponder serve runs a model in-process; give a shipped name or a checkpoint folder")
+    rm = _load_reward(reward_model, "--reward-model")
+    print(f"ponder serve: {lm.name} on http://{host}:{port}/v1", file=sys.stderr)
+    run_server(lm, host=host, port=port, reward_model=rm, task=task, api_key=api_key or None,
+               limits=Limits(max_tokens=max_tokens, max_n=max_n, max_body_bytes=max_body_bytes,
+                             max_inflight=max_inflight))
+
+
+@app.command()
 def report(
     db: str = typer.Option("ponder-results.sqlite", "--db", help="The results store a sweep wrote."),
     out: Optional[str] = typer.Option("ponder-report", "--out", help="Folder for report.md, report.json and the "
@@ -456,9 +494,12 @@ def main(argv: list[str] | None = None) -> None:
         if msg:
             print(f"error: {where}{msg}", file=sys.stderr)
         sys.exit(2)
-    except (CliError, SettingError, InvalidLogitsError) as e:
+    except (CliError, SettingError, InvalidLogitsError, AccessError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except BackendError as e:  # a server failed after the bounded retries: not the user's input
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     except BrokenPipeError:
         sys.exit(0)
 

@@ -22,3 +22,9 @@ class InvalidLogitsError(RuntimeError):
 
 class RequestCancelled(RuntimeError):
     """The caller cancelled the request (asyncio cancellation, an abandoned stream)."""
+
+
+class BackendError(RuntimeError):
+    """A remote model server could not serve a request: unreachable, or still failing
+    after the bounded retries, or answering something that is not a completion. The
+    message names the server, the request and what it answered."""

@@ -69,6 +69,11 @@ def build(name: str, lm: Any, params: SamplingParams | None = None, settings: di
     st = STRATEGIES[name]
     params = params or SamplingParams()
     ctx = ctx or Context()
+    from .protocols import Access, require_access
+
+    require_access(lm, Access[st.access.upper()], f"--strategy {name}")
+    if _remote(lm):
+        lm.check(params)  # settings a server cannot honour, by name, before anything runs
     for need in st.needs:
         if getattr(ctx, need) is None:
             raise SettingError(f"--strategy {name} needs {'--task' if need == 'task' else '--reward-model'}")
@@ -160,13 +165,34 @@ def load_reward_model(name: Any, role: str = "--reward-model") -> Any:
         raise SettingError(f"{role}: {e}") from None
 
 
+def load_endpoint(spec: str, role: str = "--model", **options: Any) -> Any:
+    """``URL[,URL...][#MODEL]``: a model behind OpenAI-compatible servers (replicas),
+    probed for what it gives. ``OPENAI_API_KEY`` is sent if set; ``PONDER_TOKENIZER``
+    names the model's tokenizer.json for exact scoring and token counts."""
+    import os
+
+    from .backends.openai import OpenAILM, parse_endpoint
+    from .errors import BackendError
+
+    urls, model = parse_endpoint(spec)
+    options.setdefault("api_key", os.environ.get("OPENAI_API_KEY") or None)
+    options.setdefault("tokenizer", os.environ.get("PONDER_TOKENIZER") or None)
+    try:
+        return OpenAILM(urls, model, **options)
+    except (SettingError, BackendError) as e:
+        raise SettingError(f"{role}: {e}") from None
+
+
 def load_model(name: Any, role: str, dtype: str = "float32") -> Any:
-    """A shipped model or a checkpoint folder as a NativeLM; errors say which of the
+    """A shipped model, a checkpoint folder (a NativeLM), or ``http(s)://...`` (an
+    OpenAI-compatible endpoint, ``URL[,URL...][#MODEL]``); errors say which of the
     command's models (``role``: --model, --draft-model, ...) it was."""
     from .backends.native import NativeLM
 
     if not isinstance(name, str) or not name:
         raise SettingError(f"{role} must be a model name or a checkpoint folder; got {name!r}")
+    if name.startswith(("http://", "https://")):
+        return load_endpoint(name, role)
     try:
         return NativeLM.from_pretrained(name, dtype=dtype)
     except SettingError as e:
@@ -182,23 +208,44 @@ def _floats(v: Any, name: str) -> list[float]:
 
 
 # -- token level ----------------------------------------------------------------------------
+def _remote(lm: Any) -> bool:
+    """A backend below the logits level (an OpenAI-compatible server): its server runs
+    the token-level loop, so greedy and sampling are a request with the parameters."""
+    from .protocols import Access
+
+    return getattr(lm, "access", Access.LOGITS) < Access.LOGITS
+
+
+def _text(lm, p, s):
+    from .decoding.text import TextGenerator
+
+    if "constraint" in s:
+        raise SettingError(f"a constraint (--json-schema, --regex, --grammar, --choice) needs the model's logits; "
+                           f"{getattr(lm, 'name', lm)!r} is a remote server: run the model in-process")
+    return TextGenerator(lm, p)
+
+
 def _greedy(lm, p, s, ctx):
     from .decoding.generate import Greedy
 
+    if _remote(lm):
+        return _text(lm, p.replace(temperature=0.0), s)
     return Greedy(lm, **_token_level(lm, p, s, adapters=False))
 
 
 def _sample(lm, p, s, ctx):
     from .decoding.generate import Greedy, Sample
 
+    if _remote(lm):
+        return _text(lm, p, s)
     if p.greedy:  # temperature 0: greedy decoding (the OpenAI convention)
         return Greedy(lm, **_token_level(lm, p, s, adapters=False))
     return Sample(lm, **_token_level(lm, p, s))
 
 
-register(Strategy("greedy", _greedy, "argmax at every step", constraint=True))
+register(Strategy("greedy", _greedy, "argmax at every step", constraint=True, access="text"))
 register(Strategy("sample", _sample, "ancestral sampling through temperature/top-k/top-p/min-p/typical/epsilon/eta/"
-                  "top-n-sigma/mirostat", adapters=ALL_ADAPTERS, constraint=True))
+                  "top-n-sigma/mirostat", adapters=ALL_ADAPTERS, constraint=True, access="text"))
 
 
 # -- parallel meta-generators ---------------------------------------------------------------

@@ -1,0 +1,489 @@
+"""``OpenAILM``: a model behind any OpenAI-compatible completions server (vLLM,
+SGLang, llama.cpp, Ollama, ``transformers serve``, a hosted API, ``ponder serve``)
+as a ``TextLM``, or a ``LogprobsLM`` where the server gives top-k log-probabilities
+and scores prompts.
+
+What a server can do is found by probing it at construction, not by trusting the
+request: ``transformers serve`` accepts ``logprobs`` and ``n`` and silently ignores
+both, so a client that believed them would vote over one sample or score by nothing.
+The probes are five tiny completions: plain, with ``n``, with ``logprobs``, with
+``echo`` (prompt scoring), and with vLLM's token-id extensions.
+
+Scale-out and faults:
+
+* several base URLs are replicas; each request goes to the one with the fewest
+  requests outstanding (least-outstanding-requests), skipping one that failed in
+  the last seconds;
+* a request that meets 429, 5xx, a timeout, a dropped connection or malformed JSON is
+  retried on another replica, with exponential backoff and jitter (``stamina``),
+  honouring ``Retry-After``; retries are bounded by count and by time, and a request
+  that still fails raises ``BackendError`` naming the server and every error;
+* each result slot is filled by exactly one response, so nothing is lost or counted
+  twice (a retried request's abandoned attempt is never read);
+* ``n`` goes to the server where it honours it and no seed is set (vLLM draws all n
+  samples from one seed: n copies), else (or for what it returned short) k parallel
+  requests with seeds ``seed + i``: the failure of many meta-generation
+  proxies (optillm issues #8 and #99).
+
+Usage is read from the server's responses; where a server gives none, ponder counts
+with the model's tokenizer if it has one (``tokenizer=``), and each generation's
+``meta["usage_counted_by"]`` says whose count it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..errors import BackendError, SettingError
+from ..protocols import Access
+from ..types import Generation, Usage
+
+# statuses worth another attempt (elsewhere): rate limits, overload, gateway faults
+RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+
+# SamplingParams a completions request carries: OpenAI's own, then vLLM's (and SGLang's)
+# extensions, sent only when set. The rest need logits, which a remote server does not give.
+_OPENAI_FIELDS = ("temperature", "top_p", "frequency_penalty", "presence_penalty", "logit_bias")
+_EXTENSION_FIELDS = ("top_k", "min_p", "repetition_penalty", "min_tokens", "stop_token_ids", "ignore_eos")
+_LOCAL_ONLY = ("typical_p", "epsilon", "eta", "top_n_sigma", "mirostat", "mirostat_tau", "mirostat_eta",
+               "no_repeat_ngram_size", "bad_words", "token_healing")
+
+
+class _Retry(Exception):
+    """One attempt failed in a way another attempt may not (a retryable fault)."""
+
+    def __init__(self, msg: str, wait: float | None = None) -> None:
+        super().__init__(msg)
+        self.wait = wait
+
+
+@dataclass
+class Replica:
+    """One base URL and what dispatch knows of it."""
+
+    url: str
+    outstanding: int = 0
+    served: int = 0
+    failures: int = 0  # consecutive
+    down_until: float = 0.0
+
+    COOLDOWN_S = 1.0  # after a failure, doubled per consecutive failure, at most 30 s
+
+    def failed(self) -> None:
+        self.failures += 1
+        self.down_until = time.monotonic() + min(30.0, self.COOLDOWN_S * 2 ** (self.failures - 1))
+
+    def succeeded(self) -> None:
+        self.failures, self.down_until = 0, 0.0
+        self.served += 1
+
+
+@dataclass
+class _LoopState:
+    """What is bound to one event loop: the HTTP client and the concurrency limit."""
+
+    client: Any
+    limit: asyncio.Semaphore
+    tasks: set = field(default_factory=set)
+
+
+def _retry_after(headers: Any) -> float | None:
+    try:
+        v = float(headers.get("retry-after", ""))
+    except ValueError:
+        return None
+    return min(max(v, 0.0), 60.0)
+
+
+def _error_text(r: Any) -> str:
+    try:
+        body = r.json()
+        err = body.get("error", body) if isinstance(body, dict) else body
+        msg = err.get("message", err) if isinstance(err, dict) else err
+        return str(msg)[:300]
+    except ValueError:
+        return r.text[:300]
+
+
+class OpenAILM:
+    """A model behind one or more OpenAI-compatible servers (replicas of one model).
+
+    ``base_url``: one URL or several, each ending at the API root (``.../v1``).
+    ``model``: the served model's name; the first one ``/v1/models`` lists by default.
+    ``tokenizer``: the model's ``tokenizer.json`` (or its folder, or a ``tokenizers``
+    object): exact prompt scoring by token ids, and token counts where a server gives
+    none. ``max_concurrency``: requests in flight at once, over all replicas.
+    ``attempts`` and ``retry_timeout`` bound the retries of one request.
+    """
+
+    def __init__(self, base_url: str | Sequence[str], model: str | None = None, *, api_key: str | None = None,
+                 tokenizer: Any = None, max_concurrency: int = 64, timeout: float = 300.0, attempts: int = 6,
+                 retry_timeout: float = 600.0, connect_timeout: float = 10.0) -> None:
+        urls = [base_url] if isinstance(base_url, str) else list(base_url)
+        if not urls or not all(isinstance(u, str) and u.startswith(("http://", "https://")) for u in urls):
+            raise SettingError(f"base_url must be one or more http(s):// URLs of an OpenAI-compatible API "
+                               f"(e.g. http://127.0.0.1:8000/v1); got {base_url!r}")
+        if not isinstance(max_concurrency, int) or max_concurrency < 1:
+            raise SettingError(f"max_concurrency must be an integer >= 1; got {max_concurrency!r}")
+        if not isinstance(attempts, int) or attempts < 1:
+            raise SettingError(f"attempts must be an integer >= 1; got {attempts!r}")
+        for name, v in (("timeout", timeout), ("retry_timeout", retry_timeout), ("connect_timeout", connect_timeout)):
+            if not isinstance(v, (int, float)) or v <= 0:
+                raise SettingError(f"{name} must be a number of seconds > 0; got {v!r}")
+        self.replicas = [Replica(u.rstrip("/")) for u in urls]
+        self.endpoint = ",".join(r.url for r in self.replicas)
+        self.api_key = api_key
+        self.tokenizer = _load_tokenizer(tokenizer)
+        self.max_concurrency, self.attempts, self.retry_timeout = max_concurrency, attempts, float(retry_timeout)
+        self.timeout, self.connect_timeout = float(timeout), float(connect_timeout)
+        self._loops: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState]" = weakref.WeakKeyDictionary()
+        self.retries = 0  # attempts that failed and were retried, over this object's life
+        self._probe(model)
+
+    # -- probing ---------------------------------------------------------------------------
+    def _probe(self, model: str | None) -> None:
+        import httpx
+
+        with httpx.Client(timeout=httpx.Timeout(self.timeout, connect=self.connect_timeout),
+                          headers=self._headers()) as c:
+            served: list[str] = []
+            for rep in self.replicas:  # every replica must answer and serve the model
+                try:
+                    r = c.get(rep.url + "/models")
+                except httpx.HTTPError as e:
+                    raise BackendError(f"cannot reach {rep.url}/models ({type(e).__name__}: {e}); "
+                                       "is the server running at that address?") from None
+                if r.status_code == 401:
+                    raise BackendError(f"{rep.url} refused the API key (401): pass api_key= (--api-key)")
+                if r.status_code != 200:
+                    raise BackendError(f"{rep.url}/models answered {r.status_code}: {_error_text(r)}")
+                try:
+                    ids = [m["id"] for m in r.json()["data"]]
+                except (ValueError, KeyError, TypeError):
+                    raise BackendError(f"{rep.url}/models did not answer an OpenAI model list: {r.text[:200]!r}") from None
+                if model is not None and ids and model not in ids:
+                    raise SettingError(f"{rep.url} does not serve model {model!r}; it serves {', '.join(ids)}")
+                served = served or ids
+            if model is None:
+                if not served:
+                    raise BackendError(f"{self.replicas[0].url}/models lists no model; pass model=")
+                model = served[0]
+            self.name = self.model = model
+
+            url = self.replicas[0].url + "/completions"
+
+            def ask(**extra: Any) -> dict | None:
+                body = {"model": model, "prompt": "1", "max_tokens": 2, "temperature": 1.0, "seed": 0, **extra}
+                try:
+                    r = c.post(url, json=body)
+                except httpx.HTTPError as e:
+                    raise BackendError(f"cannot reach {url} ({type(e).__name__}: {e})") from None
+                if r.status_code != 200:
+                    return None
+                try:
+                    data = r.json()
+                    return data if isinstance(data.get("choices"), list) and data["choices"] else None
+                except ValueError:
+                    return None
+
+            plain = ask()
+            if plain is None:
+                raise BackendError(f"{url} did not complete a one-token prompt; is it an OpenAI-compatible "
+                                   "completions server serving a base model?")
+            with_n = ask(n=2)
+            self.supports_n = with_n is not None and len(with_n["choices"]) == 2
+            with_lp = ask(logprobs=2)
+            lp = (with_lp or {}).get("choices", [{}])[0].get("logprobs") or {}
+            top = lp.get("top_logprobs") or []
+            self.gives_top_logprobs = bool(top) and isinstance(top[0], dict) and len(top[0]) >= 1
+            self.scores_prompts = False
+            if self.gives_top_logprobs:
+                echo = ask(prompt="1 2 3", echo=True, logprobs=0, max_tokens=1)
+                lps = ((echo or {}).get("choices", [{}])[0].get("logprobs") or {}).get("token_logprobs") or []
+                # the prompt's own tokens come back (the first has no logprob)
+                self.scores_prompts = len(lps) >= 3 and any(x is not None for x in lps[:-1])
+            ext = ask(logprobs=1, return_token_ids=True, return_tokens_as_token_ids=True)
+            ch = (ext or {}).get("choices", [{}])[0]
+            self.returns_token_ids = isinstance(ch.get("token_ids"), list) and len(ch["token_ids"]) > 0
+            toks = (ch.get("logprobs") or {}).get("tokens") or []
+            self.tokens_as_ids = bool(toks) and all(isinstance(t, str) and t.startswith("token_id:") for t in toks)
+            self.gives_usage = isinstance(plain.get("usage"), dict) and "completion_tokens" in plain["usage"]
+        self.access = Access.LOGPROBS if self.gives_top_logprobs and self.scores_prompts else Access.TEXT
+
+    def capabilities(self) -> dict[str, Any]:
+        """What probing found (what ``ponder models --endpoint`` prints)."""
+        return {"model": self.model, "endpoint": self.endpoint, "access": self.access.name.lower(),
+                "n": self.supports_n, "top_logprobs": self.gives_top_logprobs, "prompt_scoring": self.scores_prompts,
+                "token_ids": self.returns_token_ids, "usage": self.gives_usage}
+
+    # -- requests --------------------------------------------------------------------------
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def _state(self) -> _LoopState:
+        """The HTTP client and the limit of the running event loop (both are bound to
+        one loop; the synchronous wrappers start a new loop per call)."""
+        import httpx
+
+        loop = asyncio.get_running_loop()
+        st = self._loops.get(loop)
+        if st is None:
+            limits = httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
+            client = httpx.AsyncClient(timeout=httpx.Timeout(self.timeout, connect=self.connect_timeout),
+                                       limits=limits, headers=self._headers())
+            st = self._loops[loop] = _LoopState(client, asyncio.Semaphore(self.max_concurrency))
+        return st
+
+    def _pick(self, tried: set[int]) -> Replica:
+        """Least outstanding requests among replicas not failed lately and not yet tried
+        by this request; failing that, among untried ones; failing that, any."""
+        now = time.monotonic()
+        fresh = [r for i, r in enumerate(self.replicas) if i not in tried]
+        healthy = [r for r in fresh if r.down_until <= now]
+        pool = healthy or fresh or self.replicas
+        return min(pool, key=lambda r: (r.outstanding, r.down_until, r.served))
+
+    async def _post(self, path: str, body: dict[str, Any]) -> tuple[dict[str, Any], float]:
+        """POST to a replica, with bounded retries elsewhere; returns (JSON, seconds)."""
+        import httpx
+        import stamina
+
+        st = self._state()
+        errors: list[str] = []
+        tried: set[int] = set()
+
+        def retry_on(exc: Exception) -> bool | float:
+            if isinstance(exc, _Retry):
+                return exc.wait if exc.wait is not None else True
+            return False
+
+        async with st.limit:
+            try:
+                async for attempt in stamina.retry_context(on=retry_on, attempts=self.attempts,
+                                                           timeout=self.retry_timeout, wait_initial=0.1,
+                                                           wait_max=5.0, wait_jitter=0.5):
+                    with attempt:
+                        if attempt.num > 1:
+                            self.retries += 1
+                        if len(tried) == len(self.replicas):
+                            tried.clear()
+                        rep = self._pick(tried)
+                        tried.add(self.replicas.index(rep))
+                        rep.outstanding += 1
+                        t0 = time.perf_counter()
+                        try:
+                            r = await st.client.post(rep.url + path, json=body)
+                            data = r.json() if r.status_code == 200 else None
+                        except (httpx.TransportError, httpx.DecodingError) as e:
+                            rep.failed()
+                            errors.append(f"{rep.url}: {type(e).__name__} {e}".strip())
+                            raise _Retry(errors[-1]) from None
+                        except ValueError as e:  # a 200 whose body is not JSON
+                            rep.failed()
+                            errors.append(f"{rep.url}: malformed JSON ({e})")
+                            raise _Retry(errors[-1]) from None
+                        finally:
+                            rep.outstanding -= 1
+                        if r.status_code in RETRY_STATUS:
+                            rep.failed()
+                            errors.append(f"{rep.url}: {r.status_code} {_error_text(r)}")
+                            raise _Retry(errors[-1], _retry_after(r.headers))
+                        if r.status_code != 200:  # the request itself is wrong: another try cannot help
+                            raise BackendError(f"{rep.url}{path} refused the request ({r.status_code}): {_error_text(r)}")
+                        if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
+                            rep.failed()
+                            errors.append(f"{rep.url}: not a completion ({str(data)[:120]})")
+                            raise _Retry(errors[-1])
+                        rep.succeeded()
+                        return data, time.perf_counter() - t0
+            except _Retry:
+                pass
+        raise BackendError(f"{path} to {self.endpoint} failed after {len(errors)} attempt(s) "
+                           f"(at most {self.attempts}, {self.retry_timeout:g} s): " + "; ".join(errors[-4:]))
+
+    # -- TextLM ----------------------------------------------------------------------------
+    def _body(self, prompt: str | list[int], params: Any, n: int, seed: int | None) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": self.model, "prompt": prompt, "max_tokens": params.max_tokens, "n": n}
+        changed = params.changed()
+        for f in _OPENAI_FIELDS + _EXTENSION_FIELDS:
+            if f in changed or f == "temperature":
+                v = getattr(params, f)
+                body[f] = ({str(k): b for k, b in v.items()} if f == "logit_bias"
+                           else list(v) if isinstance(v, tuple) else v)
+        if params.stop:
+            body["stop"] = list(params.stop)
+        if seed is not None:
+            body["seed"] = seed
+        if self.gives_top_logprobs:  # the chosen tokens' logprobs always (sequence scores), top-k if asked
+            body["logprobs"] = params.logprobs
+        if self.returns_token_ids:
+            body["return_token_ids"] = True
+        if self.tokens_as_ids and self.gives_top_logprobs:
+            body["return_tokens_as_token_ids"] = True
+        return body
+
+    def check(self, params: Any) -> None:
+        """Refuse settings a completions server cannot honour, naming them."""
+        changed = params.changed()
+        local = [f for f in _LOCAL_ONLY if f in changed]
+        if local:
+            raise SettingError(f"{', '.join(local)} need the model's logits, which {self.endpoint} does not give; "
+                               "drop them or run the model in-process (native or transformers backend)")
+        if params.logprobs and not self.gives_top_logprobs:
+            raise SettingError(f"logprobs: {self.endpoint} returns no log-probabilities (probed); set logprobs 0")
+
+    async def generate(self, prompts: Sequence[str], params: Any = None) -> list[list[Generation]]:
+        """``params.n`` generations per prompt, all requests concurrent (up to
+        ``max_concurrency``)."""
+        from ..params import SamplingParams
+
+        params = params or SamplingParams()
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        self.check(params)
+        for p in prompts:
+            if not isinstance(p, str) or not p:
+                raise SettingError(f"every prompt must be a non-empty string; got {p!r}")
+        return list(await asyncio.gather(*(self._samples(p, params) for p in prompts)))
+
+    async def _samples(self, prompt: str, params: Any) -> list[Generation]:
+        n, seed = params.n, params.seed
+        # vLLM draws every one of n samples from the one seed (n identical copies), so a
+        # seeded request is n requests seeded seed + i, the same on every server
+        if self.supports_n and n > 1 and seed is None:
+            gens = await self._complete(prompt, params, n, seed)
+        else:
+            gens = []
+        # where the server ignores n, refuses it, or returned short: one request per sample
+        missing = range(len(gens), n)
+        more = await asyncio.gather(*(self._complete(prompt, params, 1, None if seed is None else seed + i)
+                                      for i in missing))
+        for g in more:
+            if gens:  # the prompt was billed once already
+                g[0].usage.prompt_tokens = 0
+                g[0].usage.computed_tokens = g[0].usage.generated_tokens
+            gens.extend(g[:1])
+        return gens[:n]
+
+    async def _complete(self, prompt: str, params: Any, n: int, seed: int | None) -> list[Generation]:
+        data, elapsed = await self._post("/completions", self._body(prompt, params, n, seed))
+        choices = sorted(data["choices"], key=lambda c: c.get("index", 0))
+        if not choices:
+            raise BackendError(f"{self.endpoint} answered a completion with no choices")
+        usage = data.get("usage") if isinstance(data.get("usage"), dict) else None
+        gens = [self._generation(c) for c in choices]
+        self._bill(gens, prompt, usage, elapsed)
+        return gens
+
+    def _generation(self, c: dict[str, Any]) -> Generation:
+        text = c.get("text") or ""
+        lp = c.get("logprobs") or {}
+        tokens = lp.get("tokens")
+        ids = c.get("token_ids") if isinstance(c.get("token_ids"), list) else None
+        if ids is None and tokens and self.tokens_as_ids:
+            ids = [int(t.split(":", 1)[1]) for t in tokens]
+        if ids is None and self.tokenizer is not None:
+            ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        top = None
+        if lp.get("top_logprobs"):
+            top = [{self._token_key(k): float(v) for k, v in (t or {}).items()} for t in lp["top_logprobs"]]
+        logprobs = [float(x) for x in lp["token_logprobs"]] if lp.get("token_logprobs") else None
+        reason = c.get("finish_reason")
+        stop = c.get("stop_reason")
+        return Generation(text=text, token_ids=list(ids or []), logprobs=logprobs,
+                          finish_reason="length" if reason == "length" else "stop",
+                          stop=stop if isinstance(stop, (str, int)) else None, top_logprobs=top,
+                          meta={"endpoint": self.endpoint, "model": self.model})
+
+    def _token_key(self, k: str) -> Any:
+        """A top-logprobs key as a token id where the server or the tokenizer tells it."""
+        if k.startswith("token_id:"):
+            return int(k.split(":", 1)[1])
+        if self.tokenizer is not None:
+            tid = self.tokenizer.token_to_id(k)
+            if tid is not None:
+                return tid
+        return k
+
+    def _bill(self, gens: list[Generation], prompt: str, usage: dict | None, elapsed: float) -> None:
+        """The server's usage, split among its choices: the prompt billed to the first
+        (it was computed once), each choice its own tokens."""
+        counts = [len(g.logprobs) if g.logprobs is not None else len(g.token_ids) for g in gens]
+        by = "server"
+        if usage is not None and "completion_tokens" in usage:
+            total = int(usage["completion_tokens"])
+            if sum(counts) != total or not all(counts):
+                base, extra = divmod(total, len(gens))
+                counts = [base + (i < extra) for i in range(len(gens))]
+            prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        elif self.tokenizer is not None:
+            by = "ponder's tokenizer"
+            counts = [len(self.tokenizer.encode(g.text, add_special_tokens=False).ids) for g in gens]
+            prompt_tokens = len(self.tokenizer.encode(prompt).ids)
+        else:
+            by = "none"
+            prompt_tokens = 0
+        for i, (g, k) in enumerate(zip(gens, counts)):
+            p = prompt_tokens if i == 0 else 0
+            g.usage = Usage(prompt_tokens=p, generated_tokens=k, computed_tokens=p + k, model_calls=k,
+                            wall_s=elapsed / len(gens))
+            g.meta["usage_counted_by"] = by
+
+    # -- LogprobsLM ------------------------------------------------------------------------
+    async def score(self, prompt: str, continuations: Sequence[str]) -> list[list[float]]:
+        """log p(token | prompt, earlier tokens) of each continuation's tokens, by
+        ``echo`` with ``logprobs``: exact token boundaries with a tokenizer (the request
+        goes as token ids), else by the echoed text offsets."""
+        if not self.scores_prompts:
+            raise SettingError(f"{self.endpoint} does not score prompts (no echo with logprobs; probed): "
+                               "use a scorer that needs only text")
+        return list(await asyncio.gather(*(self._score_one(prompt, c) for c in continuations)))
+
+    async def _score_one(self, prompt: str, cont: str) -> list[float]:
+        if not cont:
+            return []
+        body = {"model": self.model, "echo": True, "logprobs": 0, "max_tokens": 1, "temperature": 0.0}
+        if self.tokenizer is not None:
+            p_ids = self.tokenizer.encode(prompt).ids
+            c_ids = self.tokenizer.encode(cont, add_special_tokens=False).ids
+            data, _ = await self._post("/completions", {**body, "prompt": p_ids + c_ids})
+            lps = data["choices"][0]["logprobs"]["token_logprobs"]
+            return [float(x) for x in lps[len(p_ids): len(p_ids) + len(c_ids)]]
+        data, _ = await self._post("/completions", {**body, "prompt": prompt + cont})
+        lp = data["choices"][0]["logprobs"]
+        offsets, lps = lp["text_offset"], lp["token_logprobs"]
+        # the echoed prompt is followed by one generated token, which starts at the end
+        # of prompt + cont; offsets may count a BOS string (vLLM), hence the shift
+        n_prompt = len(lps) - 1
+        shift = offsets[n_prompt] - len(prompt + cont)
+        return [float(x) for o, x in zip(offsets[:n_prompt], lps[:n_prompt])
+                if o - shift >= len(prompt) and x is not None]
+
+    def __repr__(self) -> str:
+        return f"OpenAILM({self.model!r} at {self.endpoint}, access={self.access.name.lower()})"
+
+
+def _load_tokenizer(tok: Any) -> Any:
+    if tok is None or (not isinstance(tok, (str, Path)) and hasattr(tok, "encode")):
+        return tok
+    from tokenizers import Tokenizer
+
+    p = Path(tok)
+    f = p / "tokenizer.json" if p.is_dir() else p
+    if not f.is_file():
+        raise SettingError(f"tokenizer must be a tokenizer.json file or a folder holding one; {tok} is neither")
+    return Tokenizer.from_file(str(f))
+
+
+def parse_endpoint(spec: str) -> tuple[list[str], str | None]:
+    """``URL[,URL...][#MODEL]`` -> (base URLs, model name or None)."""
+    urls, _, model = spec.partition("#")
+    return [u.strip() for u in urls.split(",") if u.strip()], (model or None)
+
+
+__all__ = ["OpenAILM", "Replica", "RETRY_STATUS", "parse_endpoint"]

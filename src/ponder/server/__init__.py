@@ -1,0 +1,1 @@
+"""``ponder serve``: the OpenAI API over the native engine and every strategy."""
