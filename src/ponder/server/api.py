@@ -79,6 +79,7 @@ class Job:
     token_ids: bool = False
     tokens_as_ids: bool = False
     model: str = ""
+    score_only: bool = False  # echo with max_tokens 0: the prompt's logprobs, nothing generated
 
 
 def _int(body: dict, name: str, lo: int, hi: int | None, default: Any = None) -> Any:
@@ -148,8 +149,10 @@ def parse(body: Any, chat: bool, limits: Limits, context: int, served: str) -> J
         job.echo = _bool(body, "echo")
     if job.top_logprobs is not None:
         raw["logprobs"] = job.top_logprobs
-    if mt == 0 and not job.echo:
-        raise bad("max_tokens must be >= 1 (0 is for scoring a prompt with echo)", "max_tokens")
+    if mt == 0:
+        if not job.echo:
+            raise bad("max_tokens must be >= 1 (0 is for scoring a prompt with echo)", "max_tokens")
+        job.score_only, raw["max_tokens"] = True, 1
 
     rf = body.get("response_format")
     if rf is not None:

@@ -50,6 +50,20 @@ def create_app(lm: Any, *, reward_model: Any = None, task: str | None = "arith",
     state = {"inflight": 0}
     app = FastAPI(title="ponder", version="0.1.0", docs_url=None, redoc_url=None)
 
+    class ClosingStream(StreamingResponse):
+        """A streaming response that runs ``on_close`` when it ends, however it ends
+        (the client gone, the stream done): so a disconnect stops the generation."""
+
+        def __init__(self, content: Any, on_close: Any, **kw: Any) -> None:
+            super().__init__(content, **kw)
+            self.on_close = on_close
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                await self.on_close()
+
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError) -> Any:
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
@@ -140,7 +154,7 @@ def create_app(lm: Any, *, reward_model: Any = None, task: str | None = "arith",
 
     async def run(job: Job, gen: Any, ids: list[list[int]]) -> list[list[Generation]]:
         n, seed = job.params.n, job.params.seed
-        if job.params.max_tokens == 0:  # echo-only scoring: nothing generated
+        if job.score_only:  # echo-only scoring: nothing generated
             return [[Generation(text="", token_ids=[], finish_reason="length",
                                 usage=Usage(prompt_tokens=len(x) if k == 0 else 0,
                                             computed_tokens=len(x) if k == 0 else 0)) for k in range(n)] for x in ids]
@@ -177,8 +191,11 @@ def create_app(lm: Any, *, reward_model: Any = None, task: str | None = "arith",
             out["ponder"] = ponder_object(job, outs)
         return out
 
-    async def stream(job: Job, gen: Any, ids: list[list[int]]):
-        """Server-sent events: one chunk per released text delta, then [DONE]."""
+    def stream(job: Job, gen: Any, ids: list[list[int]]) -> tuple[Any, Any]:
+        """Server-sent events: one chunk per released text delta, then [DONE]. Returns
+        the events and ``close``, which the response calls when it ends however it
+        ends: the events' generator itself is not closed when a client goes away (it
+        stays suspended until collected), so its producers would run on."""
         n, seed = job.params.n, job.params.seed
         rid, created, kind = new_id("chatcmpl" if job.chat else "cmpl"), int(time.time()), \
             "chat.completion.chunk" if job.chat else "text_completion"
@@ -194,6 +211,18 @@ def create_app(lm: Any, *, reward_model: Any = None, task: str | None = "arith",
                 return
             await queue.put((pi, done))
 
+        workers = [asyncio.ensure_future(pump(pi, p)) for pi, p in enumerate(job.prompts)]
+        closed = {"done": False}
+
+        async def close() -> None:  # idempotent
+            if closed["done"]:
+                return
+            closed["done"] = True
+            state["inflight"] -= 1  # first: the server may cancel this very call below
+            for w in workers:  # each producer's own finally withdraws its rows from the batch
+                w.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+
         def chunk(i: int, text: str | None, finish: str | None, first: bool = False) -> str:
             if job.chat:
                 delta = ({"role": "assistant", "content": ""} if first else {}) | ({"content": text} if text else {})
@@ -203,39 +232,38 @@ def create_app(lm: Any, *, reward_model: Any = None, task: str | None = "arith",
             return "data: " + json.dumps({"id": rid, "object": kind, "created": created, "model": served,
                                           "choices": [c]}) + "\n\n"
 
-        workers = [asyncio.ensure_future(pump(pi, p)) for pi, p in enumerate(job.prompts)]
-        finished: list[Generation] = []
-        try:
-            for pi in range(len(job.prompts)):
-                for j in range(n):
-                    head = job.prompts[pi] if (job.echo and isinstance(job.prompts[pi], str)) else None
-                    if job.chat or head:
-                        yield chunk(pi * n + j, head, None, first=True)
-            open_ = len(workers)
-            while open_:
-                pi, ev = await queue.get()
-                if ev is done:
-                    open_ -= 1
-                    continue
-                if isinstance(ev, BaseException):
-                    msg = str(ev) if isinstance(ev, (SettingError, InvalidLogitsError)) else f"{type(ev).__name__}: {ev}"
-                    yield "data: " + json.dumps({"error": {"message": msg, "type": "server_error"}}) + "\n\n"
-                    open_ -= 1
-                    continue
-                i = pi * n + ev.index
-                if ev.text:
-                    yield chunk(i, ev.text, None)
-                if ev.generation is not None:
-                    finished.append(ev.generation)
-                    yield chunk(i, None, ev.generation.finish_reason)
-            yield "data: " + json.dumps({"id": rid, "object": kind, "created": created, "model": served,
-                                         "choices": [], "usage": usage_of(finished)}) + "\n\n"
-            yield "data: [DONE]\n\n"
-        finally:  # the client went away, or we are done: stop every producer (frees rows)
-            for w in workers:
-                w.cancel()
-            await asyncio.gather(*workers, return_exceptions=True)
-            state["inflight"] -= 1
+        async def events():
+            finished: list[Generation] = []
+            try:
+                for pi in range(len(job.prompts)):
+                    for j in range(n):
+                        head = job.prompts[pi] if (job.echo and isinstance(job.prompts[pi], str)) else None
+                        if job.chat or head:
+                            yield chunk(pi * n + j, head, None, first=True)
+                open_ = len(workers)
+                while open_:
+                    pi, ev = await queue.get()
+                    if ev is done:
+                        open_ -= 1
+                        continue
+                    if isinstance(ev, BaseException):
+                        msg = str(ev) if isinstance(ev, (SettingError, InvalidLogitsError)) else f"{type(ev).__name__}: {ev}"
+                        yield "data: " + json.dumps({"error": {"message": msg, "type": "server_error"}}) + "\n\n"
+                        open_ -= 1
+                        continue
+                    i = pi * n + ev.index
+                    if ev.text:
+                        yield chunk(i, ev.text, None)
+                    if ev.generation is not None:
+                        finished.append(ev.generation)
+                        yield chunk(i, None, ev.generation.finish_reason)
+                yield "data: " + json.dumps({"id": rid, "object": kind, "created": created, "model": served,
+                                             "choices": [], "usage": usage_of(finished)}) + "\n\n"
+                yield "data: [DONE]\n\n"
+            finally:
+                await close()
+
+        return events(), close
 
     async def handle(request: Request, chat: bool) -> Any:
         check_key(request)
@@ -249,7 +277,8 @@ def create_app(lm: Any, *, reward_model: Any = None, task: str | None = "arith",
                            headers={"Retry-After": str(limits.retry_after_s)})
         state["inflight"] += 1
         if job.stream:
-            return StreamingResponse(stream(job, gen, ids), media_type="text/event-stream")
+            events, close = stream(job, gen, ids)
+            return ClosingStream(events, close, media_type="text/event-stream")
         try:
             work = asyncio.ensure_future(run(job, gen, ids))
             outs = await until_done(work, request)

@@ -1,0 +1,311 @@
+"""The OpenAI-compatible client backend against real servers on loopback (vLLM's CPU
+build, ``transformers serve``, ``ponder serve``), replicas with failover, and faults
+injected by a proxy in front of a real server."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import httpx
+import pytest
+
+from ponder import strategies
+from ponder.backends.native import NativeLM
+from ponder.backends.openai import OpenAILM
+from ponder.errors import BackendError, SettingError
+from ponder.params import SamplingParams
+from ponder.protocols import Access, AccessError
+from ponder.scoring.reward import RewardModel
+from ponder.tasks.registry import load_task
+
+from servers import ARITH, FaultProxy, ponder_serve, stop_vllm, transformers_serve, vllm_serve
+
+pytestmark = pytest.mark.slow
+
+TASK = load_task("arith")
+PROBLEMS = TASK.problems("hard", 8)
+PROMPTS = [TASK.prompt(p) for p in PROBLEMS]
+
+
+@pytest.fixture(scope="module")
+def native():
+    return NativeLM.from_pretrained("arith")
+
+
+@pytest.fixture(scope="module")
+def reward():
+    return RewardModel.from_pretrained("arith-reward")
+
+
+@pytest.fixture(scope="module")
+def native_greedy(native):
+    gen = strategies.build("greedy", native, SamplingParams(max_tokens=160))
+    return [g[0].text for g in gen.generate_batch(PROMPTS)]
+
+
+@pytest.fixture(scope="module")
+def vllm():
+    srv = vllm_serve()
+    yield srv
+    stop_vllm(srv)
+
+
+@pytest.fixture(scope="module")
+def hf_serve():
+    srv = transformers_serve()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def pserve():
+    srv = ponder_serve("--reward-model", "arith-reward")
+    yield srv
+    srv.stop()
+
+
+def _strategies_run(lm, native_greedy, reward):
+    """Greedy equals in-process; sampling, majority vote, best-of-N by arith-reward
+    (scored in-process) and PRM beam search run and answer most problems."""
+    greedy = strategies.build("greedy", lm, SamplingParams(max_tokens=160))
+    assert [g[0].text for g in greedy.generate_batch(PROMPTS)] == native_greedy
+    ctx = strategies.Context(task=TASK, reward_model=reward)
+    p = SamplingParams(temperature=0.7, max_tokens=160)
+    sample = strategies.build("sample", lm, p)
+    outs = sample.generate_batch(PROMPTS[:2], n=4, seed=5)
+    assert [len(o) for o in outs] == [4, 4]
+    assert all(g.usage.generated_tokens > 0 for o in outs for g in o)
+    correct = {}
+    for name, settings in (("majority", {"samples": 4}), ("best-of-n", {"samples": 4}),
+                           ("prm-beam", {"samples": 4, "beam_width": 2})):
+        gen = strategies.build(name, lm, p, settings, ctx)
+        res = gen.generate_batch(PROMPTS, n=1, seed=0)
+        correct[name] = sum(TASK.check_answer(pr, r[0].text) for pr, r in zip(PROBLEMS, res))
+        assert all(r[0].usage.generated_tokens > 0 for r in res), name
+    assert all(c >= 3 for c in correct.values()), correct  # greedy gets about half of the hard set
+    return correct
+
+
+def test_vllm_logprobs_level(vllm, native, native_greedy, reward):
+    lm = OpenAILM(vllm.url, tokenizer=ARITH)
+    assert lm.access == Access.LOGPROBS and lm.supports_n and lm.scores_prompts
+    # prompt scoring by echo equals the in-process model's log-probabilities
+    conts = ["3+4=7\n", "3+4=8\n"]
+    remote = asyncio.run(lm.score(PROMPTS[0], conts))
+    local = asyncio.run(native.score(PROMPTS[0], conts))
+    assert [len(r) for r in remote] == [len(x) for x in local]
+    assert all(abs(a - b) < 2e-3 for r, x in zip(remote, local) for a, b in zip(r, x))
+    # the same without a tokenizer: token boundaries from the echoed offsets
+    bare = OpenAILM(vllm.url)
+    assert all(abs(a - b) < 2e-3 for r, x in zip(asyncio.run(bare.score(PROMPTS[0], conts)), local) for a, b in zip(r, x))
+    # top-k logprobs come back by token id; n and a seed reproduce
+    gens = asyncio.run(lm.generate([PROMPTS[0]], SamplingParams(temperature=1.0, n=3, seed=3, logprobs=2,
+                                                                max_tokens=30)))[0]
+    again = asyncio.run(lm.generate([PROMPTS[0]], SamplingParams(temperature=1.0, n=3, seed=3, max_tokens=30)))[0]
+    assert [g.text for g in gens] == [g.text for g in again]
+    assert all(isinstance(k, int) for k in gens[0].top_logprobs[0]) and len(gens[0].top_logprobs[0]) == 2
+    assert gens[0].usage.prompt_tokens > 0 and gens[1].usage.prompt_tokens == 0  # the prompt billed once
+    assert gens[0].meta["usage_counted_by"] == "server"
+    # weighted vote by sequence probability needs logprobs: it runs here
+    gen = strategies.build("weighted-majority", lm, SamplingParams(temperature=0.7, max_tokens=160),
+                           {"samples": 4, "weight": "logprob"}, strategies.Context(task=TASK))
+    assert gen.generate_batch(PROMPTS[:2], seed=0)[0][0].text
+    _strategies_run(lm, native_greedy, reward)
+
+
+def test_transformers_serve_text_level(hf_serve, native_greedy, reward):
+    lm = OpenAILM(hf_serve.url)
+    # it accepts logprobs and n and ignores both: probing says text level, no n
+    assert lm.access == Access.TEXT and not lm.supports_n and not lm.gives_top_logprobs
+    with pytest.raises(AccessError, match="logits access"):
+        strategies.build("beam", lm, SamplingParams(), {"num_beams": 2})
+    with pytest.raises(SettingError, match="logprobs"):
+        asyncio.run(lm.generate(["Q: 1+1\n"], SamplingParams(logprobs=2)))
+    with pytest.raises(SettingError, match="typical_p"):
+        strategies.build("sample", lm, SamplingParams(typical_p=0.5))
+    # n falls back to parallel requests: 4 samples come back from a server that gives 1
+    outs = asyncio.run(lm.generate([PROMPTS[1]], SamplingParams(temperature=1.0, n=4, max_tokens=60)))
+    assert len(outs[0]) == 4
+    _strategies_run(lm, native_greedy, reward)
+
+
+def test_ponder_serve_backend(pserve, native, native_greedy, reward):
+    lm = OpenAILM(pserve.url, tokenizer=ARITH)
+    assert lm.access == Access.LOGPROBS and lm.supports_n and lm.returns_token_ids
+    greedy = asyncio.run(lm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=160)))
+    local = asyncio.run(native.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=160)))
+    assert [g[0].token_ids for g in greedy] == [g[0].token_ids for g in local]  # token for token
+    _strategies_run(lm, native_greedy, reward)
+
+
+def test_ponder_serve_with_the_openai_client(pserve, native_greedy):
+    import openai
+
+    client = openai.OpenAI(base_url=pserve.url, api_key="unused")
+    assert [m.id for m in client.models.list().data] == ["arith"]
+    r = client.completions.create(model="arith", prompt=PROMPTS[0], max_tokens=160, temperature=0)
+    assert r.choices[0].text == native_greedy[0] and r.usage.completion_tokens > 0
+    r = client.completions.create(model="arith", prompt=PROMPTS[0], max_tokens=20, temperature=1.0, n=3, seed=1,
+                                  logprobs=3)
+    assert len(r.choices) == 3 and len(r.choices[0].logprobs.top_logprobs[0]) == 3
+    assert all(x <= 0 for x in r.choices[0].logprobs.token_logprobs)
+    r = client.completions.create(model="arith", prompt=PROMPTS[0], max_tokens=0, echo=True, logprobs=0)
+    assert r.choices[0].text == PROMPTS[0] and r.choices[0].logprobs.token_logprobs[0] is None
+    chat = client.chat.completions.create(model="arith", messages=[{"role": "user", "content": PROMPTS[0]}],
+                                          max_tokens=160, temperature=0, logprobs=True, top_logprobs=2)
+    assert chat.choices[0].message.content == native_greedy[0]
+    assert len(chat.choices[0].logprobs.content[0].top_logprobs) == 2
+    text = "".join(c.choices[0].text for c in client.completions.create(
+        model="arith", prompt=PROMPTS[0], max_tokens=160, temperature=0, stream=True) if c.choices)
+    assert text == native_greedy[0]
+    text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="arith", messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=160, temperature=0,
+        stream=True) if c.choices)
+    assert text == native_greedy[0]
+    # a JSON schema through constrained decoding
+    schema = {"type": "object", "properties": {"answer": {"type": "integer", "minimum": 0, "maximum": 99}},
+              "required": ["answer"], "additionalProperties": False}
+    r = client.chat.completions.create(model="arith", messages=[{"role": "user", "content": "Q: 1+1\n"}],
+                                       max_tokens=40, temperature=0,
+                                       response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}})
+    import json
+
+    assert isinstance(json.loads(r.choices[0].message.content)["answer"], int)
+    # a strategy server-side: usage counts every internal token, the trace comes back
+    r = httpx.post(pserve.url + "/completions", json={
+        "prompt": PROMPTS[0], "max_tokens": 160, "temperature": 0.7, "seed": 0,
+        "ponder": {"strategy": "majority", "settings": {"samples": 4}, "trace": True}}, timeout=120).json()
+    assert r["ponder"]["strategy"] == "majority" and len(r["ponder"]["outputs"][0]["trace"]) == 4
+    assert r["usage"]["completion_tokens"] == sum(t["usage"]["generated_tokens"] for t in r["ponder"]["outputs"][0]["trace"])
+    r = httpx.post(pserve.url + "/completions", json={
+        "prompt": PROMPTS[0], "max_tokens": 160, "temperature": 0.7, "seed": 0,
+        "ponder": {"strategy": "prm-beam", "settings": {"samples": 4, "beam_width": 2}}}, timeout=120).json()
+    assert r["choices"][0]["text"] and "tree" in r["ponder"]["outputs"][0]["meta"]
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"prompt": "Q: 1+1\n", "max_tokens": "ten"}, "max_tokens"),
+    ({"prompt": "Q: 1+1\n", "max_tokens": 10 ** 9}, "max_tokens"),
+    ({"prompt": "Q: 1+1\n", "temperature": -1}, "temperature"),
+    ({"prompt": "Q: 1+1\n", "top_p": 2}, "top_p"),
+    ({"prompt": "Q: 1+1\n", "n": 0}, "n"),
+    ({"prompt": "Q: 1+1\n", "n": 1000}, "n"),
+    ({"prompt": "", "max_tokens": 4}, "prompt"),
+    ({"prompt": 5}, "prompt"),
+    ({"prompt": [10 ** 7]}, "prompt"),
+    ({"prompt": "Q: 1+1\n", "stop": [3]}, "stop"),
+    ({"prompt": "Q: 1+1\n", "logprobs": 50}, "logprobs"),
+    ({"prompt": "Q: 1+1\n", "frobnicate": 1}, "frobnicate"),
+    ({"prompt": "Q: 1+1\n", "ponder": {"strategy": "no-such-strategy"}}, "ponder"),
+    ({"prompt": "Q: 1+1\n", "ponder": {"strategy": "majority", "settings": {"bogus": 1}}}, "bogus"),
+    ({"prompt": "Q: 1+1\n", "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "nonsense"}}}},
+     "response_format"),
+    ({"prompt": "Q: 1+1\n", "response_format": {"type": "yaml"}}, "response_format"),
+    ({"prompt": "1+" * 400}, "context"),
+])
+def test_ponder_serve_bad_requests(pserve, body, field):
+    r = httpx.post(pserve.url + "/completions", json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    assert field in r.json()["error"]["message"] or field == r.json()["error"]["param"], r.text
+
+
+def test_ponder_serve_bad_bodies(pserve):
+    r = httpx.post(pserve.url + "/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    r = httpx.post(pserve.url + "/completions", content=b'{"prompt": "' + b"x" * (2 << 20) + b'"}',
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "bytes" in r.json()["error"]["message"]
+    r = httpx.post(pserve.url + "/chat/completions", json={"messages": [{"role": "wizard", "content": "hi"}]})
+    assert r.status_code == 400 and "role" in r.json()["error"]["message"]
+    r = httpx.post(pserve.url + "/completions", json={"model": "gpt-9", "prompt": "Q: 1+1\n"})
+    assert r.status_code == 404 and "arith" in r.json()["error"]["message"]
+
+
+def test_api_key_saturation_and_disconnect():
+    srv = ponder_serve("--api-key", "s3cret", "--max-inflight", "1")
+    try:
+        assert httpx.get(srv.url + "/models").status_code == 401
+        auth = {"Authorization": "Bearer s3cret"}
+        assert httpx.get(srv.url + "/models", headers=auth).status_code == 200
+        assert httpx.get(srv.url + "/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        # one long request in flight: the next is 429 with Retry-After
+        long = {"prompt": "Q: 1+1\n", "max_tokens": 400, "temperature": 1.0, "ignore_eos": True, "n": 8}
+        box = {}
+        t = threading.Thread(target=lambda: box.update(r=httpx.post(srv.url + "/completions", json=long,
+                                                                   headers=auth, timeout=120)))
+        t.start()
+        deadline = time.monotonic() + 30
+        while httpx.get(f"http://127.0.0.1:{srv.port}/health").json()["inflight"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        r = httpx.post(srv.url + "/completions", json={"prompt": "Q: 1+1\n"}, headers=auth)
+        assert r.status_code == 429 and r.headers["retry-after"]
+        t.join()
+        assert box["r"].status_code == 200
+        # a client that goes away mid-stream cancels its work
+        with httpx.stream("POST", srv.url + "/completions", json={**long, "stream": True}, headers=auth,
+                          timeout=60) as s:
+            for _ in s.iter_lines():
+                break
+        deadline = time.monotonic() + 10
+        while httpx.get(f"http://127.0.0.1:{srv.port}/health").json()["inflight"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert httpx.get(f"http://127.0.0.1:{srv.port}/health").json()["inflight"] == 0
+        # a client that times out on a plain request cancels it too
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(srv.url + "/completions", json={**long, "max_tokens": 450}, headers=auth, timeout=0.5)
+        deadline = time.monotonic() + 10
+        while httpx.get(f"http://127.0.0.1:{srv.port}/health").json()["inflight"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert httpx.get(f"http://127.0.0.1:{srv.port}/health").json()["inflight"] == 0
+    finally:
+        srv.stop()
+
+
+def test_replicas_spread_and_failover(pserve, native_greedy):
+    """Two endpoints: requests spread over both; killing one mid-run loses none."""
+    second = ponder_serve()
+    try:
+        lm = OpenAILM([pserve.url, second.url], max_concurrency=8, attempts=6)
+        prompts = PROMPTS * 6
+        gen = strategies.build("greedy", lm, SamplingParams(max_tokens=160))
+        first = gen.generate_batch(prompts)
+        assert all(r.served > 0 for r in lm.replicas)
+        assert [g[0].text for g in first] == native_greedy * 6
+        killer = threading.Timer(0.3, second.kill)
+        killer.start()
+        outs = gen.generate_batch(prompts * 2)
+        killer.join()
+        assert second.proc.poll() is not None  # it did die mid-run
+        assert [g[0].text for g in outs] == native_greedy * 12  # every request answered, in order, once
+    finally:
+        second.stop()
+
+
+@pytest.mark.parametrize("fault", ["429", "503", "stall", "drop", "malformed"])
+def test_faults_are_retried(pserve, native_greedy, fault):
+    proxy = FaultProxy(pserve.url, [], stall_s=5)
+    try:
+        lm = OpenAILM(proxy.url, timeout=2.0, attempts=4)
+        proxy.faults = [fault, None, fault]
+        outs = asyncio.run(lm.generate(PROMPTS[:3], SamplingParams(temperature=0, max_tokens=160)))
+        assert [g[0].text for g in outs] == native_greedy[:3]
+        assert lm.retries == 2 and proxy.seen.count(fault) == 2
+    finally:
+        proxy.close()
+
+
+def test_persistent_faults_fail_clearly(pserve):
+    proxy = FaultProxy(pserve.url, [])
+    try:
+        lm = OpenAILM(proxy.url, attempts=3, timeout=5)
+        proxy.faults = ["503"] * 3
+        with pytest.raises(BackendError, match=r"failed after 3 attempt.*503"):
+            asyncio.run(lm.generate(["Q: 1+1\n"], SamplingParams(temperature=0)))
+    finally:
+        proxy.close()
+    with pytest.raises(BackendError, match="is the server running"):
+        OpenAILM(proxy.url)
+    with pytest.raises(SettingError, match="http"):
+        OpenAILM("localhost:8000")
