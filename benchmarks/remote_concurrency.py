@@ -1,0 +1,102 @@
+"""64 requests of the `arith` hard prompts through ``OpenAILM`` at a concurrency limit
+of 64 against a limit of 1, against ``ponder serve`` and against the real vLLM engine
+(CPU build) serving the same shipped model, each started here on loopback.
+
+Greedy, 160 tokens at most (the model stops at its answer, about 50 tokens), the same
+prompts for both servers; generated tokens are the servers' own usage counts. After a
+warm-up, each server runs the limit-1 pass and the limit-64 pass once each, in that
+order. The last line is one JSON object: ``ratio`` is ponder serve's throughput at 64
+over its throughput at 1 (goal >= 10, which needs continuous batching), ``vllm_ratio``
+the same for vLLM, ``ponder_over_vllm_throughput`` the two servers' tokens/s at 64.
+
+    python benchmarks/remote_concurrency.py [--requests 64] [--threads 1] [--skip-vllm]
+
+vLLM comes from the venv that ``bash scripts/vllm-venv.sh`` makes (or $PONDER_VLLM_PYTHON).
+``--threads`` sets ponder serve's torch threads (and this client's); vLLM's CPU
+backend binds its own OpenMP threads (all cores, its default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+
+def run(url: str, prompts: list[str], limit: int, tokenizer: str) -> dict:
+    from ponder.backends.openai import OpenAILM
+    from ponder.params import SamplingParams
+
+    lm = OpenAILM(url, tokenizer=tokenizer, max_concurrency=limit)
+    params = SamplingParams(temperature=0.0, max_tokens=160)
+    asyncio.run(lm.generate(prompts[:2], params))  # warm-up (connections, caches)
+    t0 = time.perf_counter()
+    outs = asyncio.run(lm.generate(prompts, params))
+    wall = time.perf_counter() - t0
+    tokens = sum(g.usage.generated_tokens for o in outs for g in o)
+    return {"limit": limit, "wall_s": round(wall, 3), "tokens": tokens, "tok_s": round(tokens / wall, 1),
+            "texts": [o[0].text for o in outs]}
+
+
+def measure(name: str, start, stop, prompts: list[str], tokenizer: str) -> dict:
+    t0 = time.perf_counter()
+    srv = start()
+    print(f"{name}: up in {time.perf_counter() - t0:.0f} s", flush=True)
+    try:
+        one = run(srv.url, prompts, 1, tokenizer)
+        print(f"{name} limit 1:  {one['tokens']} tokens in {one['wall_s']:.2f} s = {one['tok_s']:.0f} tok/s", flush=True)
+        many = run(srv.url, prompts, len(prompts), tokenizer)
+        print(f"{name} limit {len(prompts)}: {many['tokens']} tokens in {many['wall_s']:.2f} s = "
+              f"{many['tok_s']:.0f} tok/s", flush=True)
+    finally:
+        stop(srv)
+    same = sum(a == b for a, b in zip(one["texts"], many["texts"]))
+    print(f"{name}: {same}/{len(prompts)} answers identical at both limits; ratio {many['tok_s'] / one['tok_s']:.2f}",
+          flush=True)
+    return {"one": one, "many": many, "identical": same}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--skip-vllm", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from ponder.models.llama_c import cpu_summary
+    from ponder.tasks.registry import load_task
+    from servers import ARITH, Server, free_port, stop_vllm, vllm_serve
+
+    task = load_task("arith")
+    prompts = [task.prompt(p) for p in task.problems("hard", args.requests)]
+    cpu = cpu_summary()
+    print(f"cpu: {cpu}", flush=True)
+
+    def start_ponder():  # torch in the server takes its thread count from OMP_NUM_THREADS
+        port = free_port()
+        cmd = [sys.executable, "-m", "ponder.cli", "serve", "--port", str(port)]
+        return Server(cmd, port, env={"OMP_NUM_THREADS": str(args.threads)}, startup_s=120, name="ponder-serve")
+
+    p = measure("ponder serve", start_ponder, lambda s: s.stop(), prompts, str(ARITH))
+    out = {**cpu, "requests": args.requests, "threads": args.threads,
+           "ponder_tok_s_1": p["one"]["tok_s"], "ponder_tok_s_64": p["many"]["tok_s"],
+           "ratio": round(p["many"]["tok_s"] / p["one"]["tok_s"], 2)}
+    if not args.skip_vllm:
+        v = measure("vLLM", vllm_serve, stop_vllm, prompts, str(ARITH))
+        out.update(vllm_tok_s_1=v["one"]["tok_s"], vllm_tok_s_64=v["many"]["tok_s"],
+                   vllm_ratio=round(v["many"]["tok_s"] / v["one"]["tok_s"], 2),
+                   ponder_over_vllm_throughput=round(p["many"]["tok_s"] / v["many"]["tok_s"], 2),
+                   same_greedy_answers=sum(a == b for a, b in zip(p["many"]["texts"], v["many"]["texts"])))
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
