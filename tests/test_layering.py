@@ -21,8 +21,9 @@ RANK = {
 }
 # (importer, imported): why the edge exists
 ALLOWED_UP = {
-    ("ponder.backends.native", "ponder.decoding.generate"):
-        "NativeLM's TextLM face (generate) runs the token-level sampler, which sits above the engine",
+    ("ponder.backends.forward", "ponder.decoding.generate"):
+        "the TextLM face (generate) of a logits-level model (NativeLM, HFLM) runs the token-level sampler, "
+        "which sits above the engine",
 }
 
 

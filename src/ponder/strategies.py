@@ -184,8 +184,9 @@ def load_endpoint(spec: str, role: str = "--model", **options: Any) -> Any:
 
 
 def load_model(name: Any, role: str, dtype: str = "float32") -> Any:
-    """A shipped model, a checkpoint folder (a NativeLM), or ``http(s)://...`` (an
-    OpenAI-compatible endpoint, ``URL[,URL...][#MODEL]``); errors say which of the
+    """A shipped model, a checkpoint folder (a NativeLM), ``hf:NAME_OR_FOLDER`` (the
+    same run by transformers, an HFLM), or ``http(s)://...`` (an OpenAI-compatible
+    endpoint, ``URL[,URL...][#MODEL]``); errors say which of the
     command's models (``role``: --model, --draft-model, ...) it was."""
     from .backends.native import NativeLM
 
@@ -194,6 +195,10 @@ def load_model(name: Any, role: str, dtype: str = "float32") -> Any:
     if name.startswith(("http://", "https://")):
         return load_endpoint(name, role)
     try:
+        if name.startswith("hf:"):  # the same checkpoint run by transformers (extra `hf`)
+            from .backends.hf import HFLM
+
+            return HFLM.from_pretrained(name[3:], dtype=dtype)
         return NativeLM.from_pretrained(name, dtype=dtype)
     except SettingError as e:
         raise SettingError(f"{role}: {e}") from None

@@ -9,7 +9,7 @@ here unchanged.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch
 
@@ -19,13 +19,11 @@ from ..models.llama import Transformer
 from ..models.llama_numpy import NumpyLlama
 from ..models.loader import load_tokenizer, load_transformer
 from ..protocols import Access
-
-if TYPE_CHECKING:
-    from ..params import SamplingParams
-    from ..types import Generation
+from .forward import ForwardLM
 
 
-class NativeLM:
+
+class NativeLM(ForwardLM):
     """A Hugging Face Llama-family checkpoint run by ponder's native transformer.
 
     ``forward`` is the one primitive: new tokens for each row of a KV cache in, float32
@@ -210,66 +208,6 @@ class NativeLM:
         if mine is None or theirs is None or mine.kind != "c" or theirs.kind != "c":
             return None
         return mine.greedy_round(theirs, list(t_feed), list(d_feed), k, tcache, dcache)
-
-    def pad_batch(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sequences of different lengths as one right-padded batch: ids [B, T] and the
-        number of real tokens per row [B] (what ``forward`` takes as ``num_new``)."""
-        lens = [len(p) for p in seqs]
-        if min(lens) == 0:
-            raise ValueError("a prompt must hold at least one token")
-        pad = self._eos[0] if self._eos else 0
-        ids = torch.full((len(seqs), max(lens)), pad, dtype=torch.long)
-        for i, p in enumerate(seqs):
-            ids[i, : len(p)] = torch.as_tensor(list(p), dtype=torch.long)
-        return ids, torch.tensor(lens, dtype=torch.long)
-
-    def prefill(self, prompts: Sequence[Sequence[int]], capacity: int | None = None,
-                cache: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
-        """Run prompts of different lengths in one batch: returns last-token logits [B, V]
-        and a cache holding each prompt. With ``cache``, row i's prompt is appended to
-        what row i already holds (e.g. the rest of a prompt after a prefix-cache hit)."""
-        ids, num_new = self.pad_batch(prompts)
-        if cache is None:
-            cache = self.new_cache(len(prompts), capacity or ids.shape[1] + 128)
-        return self.forward(ids, cache, num_new, last_only=True), cache
-
-    def step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """One decode step: tokens [B] -> next-token logits [B, V]."""
-        return self.forward(tokens[:, None], cache)[:, 0]
-
-    # -- TextLM and LogprobsLM ------------------------------------------------------------------
-    async def generate(self, prompts: Sequence[str], params: "SamplingParams | None" = None) -> list[list["Generation"]]:
-        """``params.n`` generations per prompt from the model's engine (greedy at
-        temperature 0), with ``top_logprobs`` when ``params.logprobs`` > 0. Every prompt
-        joins the running batch; cancelling the call withdraws them."""
-        from ..params import SamplingParams
-
-        params = params or SamplingParams()
-        # The sampler (processor chain, picks) is the decoding layer's: the one place this
-        # backend reaches up, so that the native model is a TextLM like a remote server.
-        from ..decoding.generate import generator_for
-
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        return await generator_for(self, params).agenerate_many(list(prompts), n=params.n, seed=params.seed)
-
-    async def score(self, prompt: str, continuations: Sequence[str]) -> list[list[float]]:
-        """log p(token | prompt, earlier tokens) for every token of each continuation."""
-        import asyncio
-
-        prompt_ids = self.encode(prompt)
-        conts = [self.encode(c, add_special_tokens=False) for c in continuations]
-        return await asyncio.to_thread(lambda: [self.score_ids(prompt_ids, c) if c else [] for c in conts])
-
-    @torch.inference_mode()
-    def score_ids(self, prompt_ids: Sequence[int], continuation_ids: Sequence[int]) -> list[float]:
-        """Log-probabilities of each continuation token given the prompt."""
-        ids = torch.tensor([list(prompt_ids) + list(continuation_ids)])
-        logits = self.forward(ids, None)[0]
-        lp = logits.log_softmax(-1)
-        n = len(prompt_ids)
-        tgt = ids[0, n:]
-        return lp[n - 1 : -1].gather(-1, tgt[:, None])[:, 0].tolist()
 
     def __repr__(self) -> str:
         return f"NativeLM({self.name!r}, params={self.num_parameters():,}, dtype={self.model.dtype})"
