@@ -166,6 +166,7 @@ def generate(
     draft_tokens: str = typer.Option("4", "--draft-tokens", help="Tokens drafted per step (1-64), or auto (adaptive)."),
     set_: List[str] = typer.Option([], "--set", help="Extra strategy setting KEY=VALUE (repeatable)."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16."),
+    chat_template: Optional[str] = typer.Option(None, "--chat-template", help="Render the prompt as a user message of a chat model: auto (the model's tokenizer_config.json), a checkpoint folder, a tokenizer_config.json or a Jinja file."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
     raw: bool = typer.Option(False, "--raw", help="Take PROMPT literally (do not read \\n and \\t as escapes)."),
     params: SamplingParams = None,  # type: ignore[assignment]  (the flags above it, validated)
@@ -198,6 +199,10 @@ def generate(
     lm = strategies.load_model(model, "--model", dtype)
     if hasattr(lm, "vocab_size"):
         params.check_for(lm.vocab_size)
+    if chat_template is not None:
+        from .backends.chat import ChatTemplate
+
+        prompt = ChatTemplate.load(chat_template, lm).prompt_for(prompt)
     rm = _load_reward(reward_model, "--reward-model")
     gen = strategies.build(strategy, lm, params.replace(n=1, seed=None), settings, strategies.Context(reward_model=rm))
     n, seed = params.n, params.seed
@@ -247,6 +252,7 @@ def eval_cmd(
     set_: List[str] = typer.Option([], "--set", help="Extra strategy setting KEY=VALUE (repeatable)."),
     dtype: str = typer.Option("float32", "--dtype"),
     threads: int = typer.Option(0, "--threads", help="torch threads (>= 1; 0 = leave torch's default)."),
+    chat_template: Optional[str] = typer.Option(None, "--chat-template", help="Render the prompt as a user message of a chat model: auto (the model's tokenizer_config.json), a checkpoint folder, a tokenizer_config.json or a Jinja file."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as one JSON object."),
     params: SamplingParams = None,  # type: ignore[assignment]
 ) -> None:
@@ -281,6 +287,11 @@ def eval_cmd(
     lm = strategies.load_model(model, "--model", dtype)
     if hasattr(lm, "vocab_size"):
         params.check_for(lm.vocab_size)
+    if chat_template is not None:  # the task's prompts become user messages; answers are checked as before
+        from .backends.chat import ChatTemplate
+        from .tasks.base import FormattedTask
+
+        t = FormattedTask(t, ChatTemplate.load(chat_template, lm).prompt_for)
     rm = _load_reward(reward_model, "--reward-model")
     prm_model = rm if prm and prm == reward_model else _load_reward(prm, "--prm")
     gen = strategies.build(strategy, lm, params.replace(seed=None), settings, strategies.Context(task=t, reward_model=rm))

@@ -83,6 +83,43 @@ class ChatTemplate:
                    if k in ("bos_token", "eos_token", "unk_token", "pad_token") and v}
         return cls(tpl if isinstance(tpl, str) else None, special)
 
+    @classmethod
+    def load(cls, spec: str, model: Any = None) -> "ChatTemplate":
+        """``spec``: ``auto`` (the model's own folder: an in-process model's checkpoint,
+        a remote model's ``tokenizer=`` folder), a checkpoint folder, a
+        ``tokenizer_config.json``, or a Jinja file. Unlike ``from_folder``, a template
+        must be found: asking for one and silently getting the plain fallback would
+        send a chat model prompts it was not trained on."""
+        if not isinstance(spec, str) or not spec:
+            raise SettingError(f"--chat-template must be auto, a checkpoint folder, a tokenizer_config.json or a "
+                               f"Jinja file; got {spec!r}")
+        if spec == "auto":
+            folder = getattr(model, "path", None) or getattr(model, "tokenizer_folder", None)
+            if folder is None:
+                raise SettingError(f"--chat-template auto: model {getattr(model, 'name', model)!r} has no local folder "
+                                   "to read a chat template from; give the template's folder or file (for a "
+                                   "remote model, pass its tokenizer folder)")
+            p = Path(folder)
+        else:
+            p = Path(spec).expanduser()
+        if p.is_dir():
+            p = p / "tokenizer_config.json"
+        if not p.is_file():
+            raise SettingError(f"--chat-template: {p} does not exist")
+        if p.suffix == ".json":
+            tpl = cls.from_folder(p.parent) if p.name == "tokenizer_config.json" else None
+            if tpl is None or tpl.source is None:
+                raise SettingError(f"--chat-template: {p} holds no chat_template; give a model's "
+                                   "tokenizer_config.json that has one, or a Jinja file")
+            return tpl
+        return cls(p.read_text())
+
+    def prompt_for(self, text: str) -> str:
+        """``text`` as one user message, rendered up to the assistant's turn: what a
+        task's prompt becomes for a chat model. Whatever an algorithm appends (its
+        steps so far) then continues the assistant turn."""
+        return self.render([{"role": "user", "content": text}], add_generation_prompt=True)
+
     def render(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
         messages = check_messages(list(messages))
         continue_final = messages[-1]["role"] == "assistant"
@@ -91,11 +128,14 @@ class ChatTemplate:
         if not continue_final:
             return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                          **self.special)
-        # continue the final assistant turn: render it closed, then cut at its content's end
-        text = self._template.render(messages=messages, add_generation_prompt=False, **self.special)
+        # Continue the final assistant turn as transformers does: mark the content's end
+        # with a tag, render, cut at the tag (and drop trailing space the template trimmed).
+        tag = "CONTINUE_FINAL_MESSAGE_TAG "
         last = messages[-1]["content"]
-        at = text.rfind(last) if last else -1
-        if at < 0:
+        tagged = messages[:-1] + [{**messages[-1], "content": last + tag}]
+        text = self._template.render(messages=tagged, add_generation_prompt=False, **self.special)
+        at = text.rfind(tag.strip())
+        if at < 0 or last.strip() not in text:
             raise SettingError("cannot continue the final assistant message: the chat template does not "
                                "reproduce its content")
-        return text[: at + len(last)]
+        return text[:at] if text[at : at + len(tag)] == tag else text[:at].rstrip()

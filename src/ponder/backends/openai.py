@@ -141,6 +141,9 @@ class OpenAILM:
         self.endpoint = ",".join(r.url for r in self.replicas)
         self.api_key = api_key
         self.tokenizer = _load_tokenizer(tokenizer)
+        # where a chat template may be found (tokenizer_config.json next to tokenizer.json)
+        self.tokenizer_folder = (None if not isinstance(tokenizer, (str, Path))
+                                 else str(Path(tokenizer) if Path(tokenizer).is_dir() else Path(tokenizer).parent))
         self.max_concurrency, self.attempts, self.retry_timeout = max_concurrency, attempts, float(retry_timeout)
         self.timeout, self.connect_timeout = float(timeout), float(connect_timeout)
         self._loops: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState]" = weakref.WeakKeyDictionary()

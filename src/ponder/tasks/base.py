@@ -187,3 +187,21 @@ def _same_number(a: str, b: str) -> bool:
         return float(a) == float(b)
     except ValueError:
         return a.strip() == b.strip()
+
+
+class FormattedTask:
+    """A task whose prompts pass through ``format_prompt`` (a chat template's
+    ``prompt_for``, say); answers, checks and steps are the task's own."""
+
+    def __init__(self, task: Any, format_prompt: Any) -> None:
+        self.task = task
+        self.format_prompt = format_prompt
+
+    def prompt(self, problem: Problem) -> str:
+        return self.format_prompt(self.task.prompt(problem))
+
+    def __getattr__(self, name: str) -> Any:  # everything else is the wrapped task's
+        if name == "task":  # not set yet (a copy being built): no recursion
+            raise AttributeError(name)
+        return getattr(self.task, name)
+
