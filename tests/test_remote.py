@@ -326,3 +326,30 @@ def test_load_has_no_errors(pserve):
     out = run_load(pserve.url, clients=16, duration=10.0)
     assert out["errors"] == 0, out["error_examples"]
     assert all(out["per_kind"][k]["requests"] > 0 for k in KINDS), out["per_kind"]
+
+
+def test_a_sweep_over_vllm_resumes_from_the_store(vllm, native_greedy, tmp_path):
+    """``[[model]] name = URL``: a sweep runs against the real vLLM with a request
+    limit, stores every problem, and a rerun is all cache hits."""
+    from ponder.sweep.run import parse_config, sweep
+    from ponder.sweep.store import ResultsStore
+
+    cfg = parse_config({
+        "seed": 0, "chunk": 4,
+        "model": [{"name": vllm.url, "concurrency": 4, "tokenizer": str(ARITH)}],
+        "task": [{"name": "arith", "level": "hard", "limit": len(PROBLEMS)}],
+        "strategy": [{"name": "greedy", "max_tokens": 160},
+                     {"name": "majority", "temperature": 0.7, "max_tokens": 160, "samples": 4}],
+    })
+    with ResultsStore(tmp_path / "r.sqlite") as store:
+        first = sweep(cfg, store)
+        assert first["computed"] == 2 * len(PROBLEMS) and first["cached"] == 0
+        rows = store.conn.execute("SELECT strategy, problem_id, text, generated_tokens FROM results").fetchall()
+        greedy = {pid: text for s, pid, text, _ in rows if s == "greedy"}
+        assert [greedy[p.id] for p in PROBLEMS] == native_greedy
+        assert all(tokens > 0 for *_, tokens in rows)
+        again = sweep(cfg, store)
+        assert again["computed"] == 0 and again["cached"] == 2 * len(PROBLEMS)
+    with pytest.raises(SettingError, match="remote model"):
+        parse_config({"model": [{"name": "arith", "concurrency": 4}], "task": [{"name": "arith"}],
+                      "strategy": [{"name": "greedy"}]})

@@ -7,7 +7,13 @@ A sweep is a TOML file (or the same as a dict)::
     reward_model = "arith-reward"   # for the strategies that score
 
     [[model]]
-    name = "arith"                  # a shipped model or a checkpoint folder
+    name = "arith"                  # a shipped model, a checkpoint folder or hf:folder
+
+    [[model]]                       # or a model behind vLLM (replicas: URL,URL)
+    name = "http://127.0.0.1:8000/v1#my-model"
+    concurrency = 64                # requests in flight at once
+    tokenizer = "/models/my-model"  # optional: exact scoring and token counts
+    chat_template = "auto"          # optional: task prompts as user messages
 
     [[task]]
     name = "arith"                  # a registered task or a .jsonl file
@@ -39,6 +45,9 @@ from ..params import SamplingParams
 from .store import ResultsStore, canonical, digest, row, weights_id
 
 TOP_KEYS = {"seed", "chunk", "reward_model", "model", "task", "strategy", "db", "dtype"}
+# name: a shipped model, a folder, hf:folder or URL[,URL][#MODEL]; concurrency and
+# tokenizer: a remote model's request limit and local tokenizer; chat_template: auto or a path
+MODEL_KEYS = {"name", "concurrency", "tokenizer", "chat_template"}
 
 
 @dataclass
@@ -56,7 +65,7 @@ class Run:
 
 @dataclass
 class SweepConfig:
-    models: list[str]
+    models: list[dict[str, Any]]  # [[model]] tables: name and options (MODEL_KEYS)
     tasks: list[dict[str, Any]]
     runs: list[Run]
     seed: int = 0
@@ -97,8 +106,22 @@ def parse_config(raw: dict[str, Any], where: str = "the sweep") -> SweepConfig:
     models = []
     for m in table_list("model"):
         if not isinstance(m.get("name"), str) or not m["name"]:
-            raise SettingError(f"{where}: each [[model]] needs name = \"<shipped model or folder>\"")
-        models.append(m["name"])
+            raise SettingError(f"{where}: each [[model]] needs name = \"<shipped model, folder, hf:folder or URL>\"")
+        extra = set(m) - MODEL_KEYS
+        if extra:
+            raise SettingError(f"{where}: [[model]] {m['name']} has unknown key(s) {', '.join(sorted(extra))}; "
+                               f"legal: {', '.join(sorted(MODEL_KEYS))}")
+        remote = m["name"].startswith(("http://", "https://"))
+        for k in ("concurrency", "tokenizer"):
+            if k in m and not remote:
+                raise SettingError(f"{where}: [[model]] {m['name']}: {k} applies to a remote model (a URL) only")
+        c = m.get("concurrency")
+        if c is not None and (not isinstance(c, int) or isinstance(c, bool) or c < 1):
+            raise SettingError(f"{where}: [[model]] {m['name']}: concurrency must be an integer >= 1; got {c!r}")
+        for k in ("tokenizer", "chat_template"):
+            if k in m and (not isinstance(m[k], str) or not m[k]):
+                raise SettingError(f"{where}: [[model]] {m['name']}: {k} must be a path (or auto); got {m[k]!r}")
+        models.append(dict(m))
     tasks = []
     for t in table_list("task"):
         if not isinstance(t.get("name"), str):
@@ -144,6 +167,19 @@ def model_identity(lm: Any, name: str) -> str:
     return f"{getattr(lm, 'endpoint', 'in-process')}:{getattr(lm, 'name', name)}"
 
 
+def load_sweep_model(spec: dict[str, Any], dtype: str) -> Any:
+    """A [[model]] table's model: in-process, or remote with its request limit (problems
+    of a chunk run concurrently; their requests share ``concurrency`` connections)."""
+    from .. import strategies
+
+    name = spec["name"]
+    if name.startswith(("http://", "https://")):
+        options = {k2: spec[k1] for k1, k2 in (("concurrency", "max_concurrency"), ("tokenizer", "tokenizer"))
+                   if k1 in spec}
+        return strategies.load_endpoint(name, "[[model]] name", **options)
+    return strategies.load_model(name, "[[model]] name", dtype)
+
+
 def sweep(cfg: SweepConfig, store: ResultsStore, command: str = "",
           on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run every (model, task, run, problem) the store lacks, a chunk at a time, each
@@ -158,16 +194,28 @@ def sweep(cfg: SweepConfig, store: ResultsStore, command: str = "",
     # validate every run before computing anything: a typo in the last strategy must not
     # surface after an hour of the first
     loaded = []
-    for model_name in cfg.models:
-        lm = strategies.load_model(model_name, "[[model]] name", cfg.dtype)
+    for spec in cfg.models:
+        model_name = spec["name"]
+        lm = load_sweep_model(spec, cfg.dtype)
         mid = model_identity(lm, model_name)
+        chat = None
+        if spec.get("chat_template"):
+            from ..backends.chat import ChatTemplate
+
+            chat = ChatTemplate.load(spec["chat_template"], lm)
+            mid += f"|chat:{digest(chat.source or '')}"  # another prompt format is another model
         for t in cfg.tasks:
             task = load_task(t["name"], **{k: v for k, v in t.items() if k not in ("name", "level", "limit")})
+            if chat is not None:
+                from ..tasks.base import FormattedTask
+
+                task = FormattedTask(task, chat.prompt_for)
             problems = task.problems(t.get("level"), t.get("limit"))
             level = t.get("level") or getattr(task, "default_level", "") or ""
             for run in cfg.runs:
                 params = SamplingParams(**run.params)
-                params.check_for(lm.vocab_size)
+                if hasattr(lm, "vocab_size"):  # a remote model's vocabulary is the server's to check
+                    params.check_for(lm.vocab_size)
                 gen = strategies.build(run.strategy, lm, params, dict(run.settings),
                                        strategies.Context(task=task, reward_model=rm))
                 config = {"strategy": run.strategy, "params": params.changed(), "settings": run.settings,
