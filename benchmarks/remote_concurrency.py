@@ -6,7 +6,9 @@ Greedy, 160 tokens at most (the model stops at its answer, about 50 tokens), the
 prompts for both servers; generated tokens are the servers' own usage counts. After a
 warm-up, each server runs the limit-1 pass and the limit-64 pass once each, in that
 order. The last line is one JSON object: ``ratio`` is ponder serve's throughput at 64
-over its throughput at 1 (goal >= 10, which needs continuous batching), ``vllm_ratio``
+over its throughput at 1 (goal >= 10, which needs continuous batching), ``in_process_ratio``
+the same 64 requests on the in-process engine all at once over one at a time (no HTTP:
+the ceiling of any server's ratio over this engine on this machine), ``vllm_ratio``
 the same for vLLM, ``ponder_over_vllm_throughput`` the two servers' tokens/s at 64.
 
     python benchmarks/remote_concurrency.py [--requests 64] [--threads 1] [--skip-vllm]
@@ -63,6 +65,26 @@ def measure(name: str, start, stop, prompts: list[str], tokenizer: str) -> dict:
     return {"one": one, "many": many, "identical": same}
 
 
+def in_process_ceiling(prompts: list[str]) -> dict:
+    """The same 64 greedy requests on the in-process engine, one at a time against all
+    at once: the most any server over this engine can gain from concurrency here."""
+    from ponder.backends.native import NativeLM
+    from ponder.decoding.generate import Greedy
+
+    gen = Greedy(NativeLM.from_pretrained("arith"), max_tokens=160)
+    gen.generate_batch(prompts[:2])
+    t0 = time.perf_counter()
+    one = sum(gen.generate_batch([p])[0][0].usage.generated_tokens for p in prompts)
+    t1 = time.perf_counter()
+    many = sum(o[0].usage.generated_tokens for o in gen.generate_batch(prompts))
+    t2 = time.perf_counter()
+    out = {"tok_s_1": round(one / (t1 - t0), 1), "tok_s_64": round(many / (t2 - t1), 1)}
+    out["ratio"] = round(out["tok_s_64"] / out["tok_s_1"], 2)
+    print(f"in-process engine: {out['tok_s_1']:.0f} tok/s one at a time, {out['tok_s_64']:.0f} all at once; "
+          f"ratio {out['ratio']:.2f} (the ceiling of a server's ratio on this machine)", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=64)
@@ -86,9 +108,11 @@ def main() -> None:
         return Server(cmd, port, env={"OMP_NUM_THREADS": str(args.threads)}, startup_s=120, name="ponder-serve")
 
     p = measure("ponder serve", start_ponder, lambda s: s.stop(), prompts, str(ARITH))
+    ceiling = in_process_ceiling(prompts)
     out = {**cpu, "requests": args.requests, "threads": args.threads,
            "ponder_tok_s_1": p["one"]["tok_s"], "ponder_tok_s_64": p["many"]["tok_s"],
-           "ratio": round(p["many"]["tok_s"] / p["one"]["tok_s"], 2)}
+           "ratio": round(p["many"]["tok_s"] / p["one"]["tok_s"], 2),
+           "in_process_ratio": ceiling["ratio"], "in_process_tok_s_64": ceiling["tok_s_64"]}
     if not args.skip_vllm:
         v = measure("vLLM", vllm_serve, stop_vllm, prompts, str(ARITH))
         out.update(vllm_tok_s_1=v["one"]["tok_s"], vllm_tok_s_64=v["many"]["tok_s"],
