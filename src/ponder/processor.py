@@ -29,6 +29,12 @@ class Processor:
         None (the default) when that is not known."""
         return None
 
+    def banned(self) -> tuple[list[int], int] | None:
+        """(ids, k) when all this processor does is forbid ``ids`` for the next k tokens
+        (min_tokens does: EOS until the k-th): the engine may then decode several
+        greedy steps per call, applying the ban itself. None (the default): anything else."""
+        return None
+
     # Stateful processors override these; for stateless ones they do nothing.
     def accept(self, tokens: Any) -> None:
         """Record the tokens [B] just chosen."""
@@ -50,6 +56,9 @@ class Processor:
 
 class Identity(Processor):
     is_identity = True
+
+    def banned(self):
+        return [], 0
 
     def __call__(self, tokens, logits):
         return logits
@@ -101,6 +110,12 @@ class Chain(Processor):
     def batch_key(self):
         keys = tuple(p.batch_key() for p in self.processors)
         return None if any(k is None for k in keys) else keys
+
+    def banned(self):
+        bans = [p.banned() for p in self.processors]
+        if not bans:
+            return [], 0
+        return bans[0] if len(bans) == 1 else None  # one ban; two of them are left to the step path
 
     def accept(self, tokens):
         for p in self.processors:

@@ -193,6 +193,24 @@ class NativeLM(ForwardLM):
         fast = self._fast_for(cache)
         return fast.greedy_draft(list(feed), k, cache) if fast is not None and fast.kind == "c" else None
 
+    def greedy_steps(self, first: int, n: int, cache: KVCache, stop_ids: Sequence[int], feed_last: bool = True,
+                     ban: Sequence[int] = (), ban_steps: int = 0):
+        """Multi-step greedy decoding of a one-row cache in one C call: feed ``first``,
+        then up to ``n`` argmax tokens (never ``ban`` among the first ``ban_steps``:
+        min_tokens), ending after a stop id. Returns (tokens, their
+        log-probabilities, next-token logits [1, V] or None when the row ended or
+        ``feed_last`` is False); None when the C kernel does not serve this model or
+        cache (the engine then steps one token at a time)."""
+        if cache.batch_size != 1 or cache.shared or self.cfg.is_reward_model:
+            return None
+        fast = self._fast_for(cache)
+        if fast is None or fast.kind != "c":
+            return None
+        import numpy as np
+
+        return fast.greedy_steps(first, n, cache, np.asarray(list(stop_ids), dtype=np.int64), feed_last,
+                                 np.asarray(list(ban), dtype=np.int64), ban_steps)
+
     def greedy_round(self, draft: "NativeLM", t_feed: Sequence[int], d_feed: Sequence[int], k: int,
                      tcache: KVCache, dcache: KVCache) -> tuple[int, list[int], list[int], list[float]] | None:
         """One round of greedy speculative decoding with ``draft``, in one C call: k

@@ -289,6 +289,9 @@ class MinTokens(Processor):
             return logits
         return logits.index_fill(-1, torch.tensor(self.stop_token_ids, device=logits.device), NEG_INF)
 
+    def banned(self):
+        return self.stop_token_ids, max(0, self.min_tokens - self._generated)
+
     def accept(self, tokens):
         self._generated += 1
 

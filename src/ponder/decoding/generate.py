@@ -73,6 +73,9 @@ def pick_greedy(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
+pick_greedy.is_argmax = True  # type: ignore[attr-defined]  (the engine may then decode several steps per call)
+
+
 def pick_sample(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """Ancestral sampling from softmax(logits) [B, V] by the inverse CDF: row i takes
     the first token whose cumulative probability exceeds its uniform draw u_i ([B],

@@ -101,6 +101,7 @@ class Engine:
         self._spare: Any = None  # an emptied batch's KV allocation, kept for the next batch
         self._logits: torch.Tensor | None = None  # [B, V] pending next-token logits of every live row
         self.steps = 0
+        self.multi_step_calls = 0  # steps decoded several tokens at once (_decode_steps)
         self.peak_rows = 0
         self.peak_kv_bytes = 0
 
@@ -247,13 +248,85 @@ class Engine:
             self._admit()
             if self._logits is None or not self._active:
                 return
-            self._decode()
+            r = self._multi_step_request()
+            if r is None or not self._decode_steps(r):
+                self._decode()
         except BaseException as e:  # a failure of the batch as a whole (the forward pass):
             for r in list(self._active) + list(self._waiting):  # every request in flight learns of it
                 r.error = e
             self._active, self._cache, self._logits = [], None, None
             self._waiting.clear()
             raise
+
+    # Tokens a multi-step call may decode (see _decode_steps): enough to amortise the
+    # return to Python; few enough that a request arriving meanwhile waits ~ms. 0: off.
+    MULTI_STEP = 16
+
+    def _multi_step_request(self) -> Request | None:
+        """The one running request if nothing needs Python between its tokens: a single
+        greedy row, no processors, stop strings, stream or top logprobs, nobody waiting
+        to join or leave, and a model that can decode several steps per call."""
+        if self.MULTI_STEP < 1 or len(self._active) != 1 or self._waiting or self._withdrawn or self._expected > 0:
+            return None
+        r = self._active[0]
+        if (r.n != 1 or len(r.phys) != 1 or not getattr(r.pick, "is_argmax", False) or r.procs.banned() is None
+                or r.top_logprobs or r.needs_text or not hasattr(self.lm, "greedy_steps")
+                or r.max_new - len(r.rows[0].ids) < 3):
+            return None
+        return r
+
+    def _decode_steps(self, r: Request) -> bool:
+        """Multi-step decoding (vLLM's multi-step scheduling): pick the next token as a
+        step would, then let the model decode up to MULTI_STEP more greedily in one
+        call, which stops after a stop token and does not feed a token that reaches
+        max_tokens. The tokens, log-probabilities, cache and bill are a step's, repeated.
+        False (nothing done) when the model's kernel cannot serve the cache."""
+        t0 = time.perf_counter()
+        row = r.rows[0]
+        left = r.max_new - len(row.ids) - 1  # tokens allowed after this step's
+        n = min(self.MULTI_STEP, left)
+        lg = self._logits  # [1, V]
+        ban, ban_steps = r.procs.banned()  # ids forbidden for the next ban_steps tokens (min_tokens)
+        scores = lg.index_fill(-1, torch.tensor(ban, dtype=torch.long), -math.inf) if ban and ban_steps else lg
+        if not math.isfinite(float(scores.amax())):  # the step path names the fault
+            return False
+        first = int(scores.argmax(-1))  # the greedy pick (it reads no draw)
+        new, lps, logits = [first], [float(lg.log_softmax(-1)[0, first])], None
+        if first not in r.stop_ids:
+            got = self.lm.greedy_steps(first, n, self._cache, sorted(r.stop_ids), feed_last=n < left, ban=ban,
+                                       ban_steps=ban_steps - 1)
+            if got is None:
+                return False
+            toks, more, logits = got
+            self.multi_step_calls += 1
+            new += toks
+            lps += more
+        self.peak_rows = max(self.peak_rows, 1)
+        for t, lp_t in zip(new, lps):
+            row.ids.append(t)
+            row.logprobs.append(lp_t)
+            t_ = torch.tensor([t])
+            self._extend_history(r, None, t_)
+            if not r.procs.is_identity:
+                r.procs.accept(t_)
+        row.computed += len(new) - 1 + (logits is not None)  # every token fed: all but a last that was not
+        self.steps += len(new)
+        last = new[-1]
+        if last in r.stop_ids:
+            row.finish, row.stop = "stop", last
+        elif len(row.ids) >= r.max_new:
+            row.finish = "length"
+        r.wall += time.perf_counter() - t0
+        if row.finish is None:
+            self._logits = logits
+            return True
+        if hasattr(self._cache, "nbytes_used"):
+            self.peak_kv_bytes = max(self.peak_kv_bytes, self.kv_bytes_in_use())
+        self._finish(r, row, 0)
+        r.phys = []
+        self._active = []
+        self._go_idle()
+        return True
 
     def _drop(self, requests: Sequence[Request], error: BaseException) -> None:
         """Remove requests from the queue and the batch (their rows and KV are freed)."""

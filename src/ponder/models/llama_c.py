@@ -167,6 +167,9 @@ def load_kernel() -> ctypes.CDLL | None:
     lib.ponder_forward.restype = ctypes.c_int
     lib.ponder_greedy_draft.argtypes = [p, p, i, i, p, p, p, ctypes.c_int64, p, p, p, i, p]
     lib.ponder_greedy_draft.restype = ctypes.c_int
+    lib.ponder_greedy_steps.argtypes = [p, ctypes.c_int64, i, p, p, p, ctypes.c_int64, p, p, p, i, p, i, p, i, i, i, p, p,
+                                        p, i]
+    lib.ponder_greedy_steps.restype = ctypes.c_int
     c64 = ctypes.c_int64
     lib.ponder_greedy_round.argtypes = [p, p, p, i, p, i, i, p, p, p, c64, p, p, p, p, p, p, c64, p, p, p, i, p, p, p,
                                         i]
@@ -391,6 +394,40 @@ class CLlama(NumpyLlama):
             raise MemoryError("the C kernel could not allocate its scratch memory")
         cache.lengths = torch.from_numpy(start)
         return tokens.tolist()
+
+    def greedy_steps(self, first: int, n: int, cache: KVCache, stop_ids: "np.ndarray", feed_last: bool,
+                     ban: "np.ndarray" = None, ban_steps: int = 0) -> tuple[list[int], list[float], torch.Tensor | None]:
+        """Multi-step greedy decoding of one row (see ``ponder_greedy_steps``): feed
+        ``first``, then up to ``n`` argmaxes (never ``ban`` in the first ``ban_steps``),
+        ending after a stop id. Returns (tokens, their log-probabilities, the next-token
+        logits [1, V] when the last token was fed: n tokens and ``feed_last``; else None)."""
+        if cache.batch_size != 1 or cache.shared or self.score is not None or n < 1:
+            raise ValueError("multi-step greedy decoding takes one unshared row of a language model and n >= 1")
+        self._fresh()
+        start = np.array(cache.lengths.numpy(), dtype=np.int64)  # a copy: the kernel advances it
+        end = int(start[0]) + n + 1
+        cache.reserve(end)
+        ks, vs = self._pointers(cache)
+        rope = self._rope_table(end)
+        rows = self._head_ptrs[2]
+        tokens, lps = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.float32)
+        logits = torch.empty((1, rows))
+        stop = np.ascontiguousarray(stop_ids, dtype=np.int64)
+        ban = np.ascontiguousarray([] if ban is None else ban, dtype=np.int64)
+        got = self.lib.ponder_greedy_steps(self._struct_ptr, int(first), n, start.ctypes.data, ks, vs, cache.capacity,
+                                           rope[2], rope[3], self._head_ptrs[0], rows, stop.ctypes.data, len(stop),
+                                           ban.ctypes.data, len(ban), int(ban_steps), int(feed_last),
+                                           tokens.ctypes.data, lps.ctypes.data, logits.data_ptr(), self.threads_for(1))
+        if got == -3:
+            raise ValueError("every token is banned")
+        if got == -2:
+            raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}); got {first}")
+        if got < 0:
+            raise MemoryError("the C kernel could not allocate its scratch memory")
+        cache.lengths = torch.from_numpy(start)
+        out = tokens[:got].tolist()
+        fed = got == n and feed_last and out[-1] not in set(stop.tolist())  # a stop token is never fed
+        return out, lps[:got].tolist(), (logits if fed else None)
 
     def greedy_round(self, draft: "CLlama", t_feed: list[int], d_feed: list[int], k: int, tcache: KVCache,
                      dcache: KVCache) -> tuple[int, list[int], list[int], list[float]]:

@@ -490,6 +490,53 @@ int ponder_greedy_draft(const Model *m, const int64_t *feed, int n_feed, int k, 
     return 0;
 }
 
+/* Multi-step greedy decoding of one row in one call (vLLM's multi-step scheduling):
+ * feed `first`, then up to n times take the argmax (tokens[i], its log-probability
+ * lps[i]) and feed it, stopping after a token in stop[0..n_stop), which is not fed.
+ * After n tokens, the last is fed too if `feed_last` (its pass writes `logits`
+ * [head_rows], the next token's distribution), else not (the row ends there).
+ * While i < ban_steps, the ids ban[0..n_ban) are never picked (min_tokens).
+ * Returns the number of tokens written (negative on failure: -1 memory, -2 token id,
+ * -3 every token banned);
+ * *start advances by the tokens fed. Between tokens nothing returns to Python, which
+ * at batch 1 on a small model costs as much as the arithmetic. */
+int ponder_greedy_steps(const Model *m, int64_t first, int n, int64_t *start, float *const *kc, float *const *vc,
+                        int64_t cap, const float *cos, const float *sin, const float *head, int head_rows,
+                        const int64_t *stop, int n_stop, const int64_t *ban, int n_ban, int ban_steps, int feed_last,
+                        int64_t *tokens, float *lps, float *logits, int threads) {
+    int64_t id[1] = {first}, last = 0;
+    for (int i = 0; i < n; i++) {
+        int status = ponder_forward(m, id, 1, 1, start, kc, vc, cap, NULL, NULL, NULL, cos, sin, head, NULL,
+                                    head_rows, &last, 1, logits, threads);
+        if (status) return -status;
+        *start += 1;
+        /* the argmax outside ban[] while the ban lasts (min_tokens); the log-probability is
+           the model's own, over every token, as the step path reports it */
+        int b = -1, top = 0;
+        for (int v = 0; v < head_rows; v++) {
+            if (logits[v] > logits[top]) top = v;
+            int banned = 0;
+            for (int j = 0; i < ban_steps && j < n_ban; j++) banned |= ban[j] == v;
+            if (!banned && (b < 0 || logits[v] > logits[b])) b = v;
+        }
+        if (b < 0) return -3; /* everything banned */
+        double sum = 0.0;
+        for (int v = 0; v < head_rows; v++) sum += exp((double)logits[v] - logits[top]);
+        tokens[i] = b;
+        lps[i] = (float)((double)logits[b] - logits[top] - log(sum));
+        for (int j = 0; j < n_stop; j++)
+            if (stop[j] == b) return i + 1;
+        id[0] = b;
+    }
+    if (feed_last) {
+        int status = ponder_forward(m, id, 1, 1, start, kc, vc, cap, NULL, NULL, NULL, cos, sin, head, NULL,
+                                    head_rows, &last, 1, logits, threads);
+        if (status) return -status;
+        *start += 1;
+    }
+    return n;
+}
+
 /* One round of greedy speculative decoding in one call: the draft model `dm` drafts k
  * tokens after its pending `d_feed`; the target `tm` scores its pending `t_feed` and the
  * drafts in one pass; best[j] is the target's argmax after j drafts and lp[j] its
