@@ -221,3 +221,52 @@ def test_one_round_function_for_one_row_and_many(arith_lm):
         assert g.usage.flops == pytest.approx(alone.usage.flops, rel=0.15)
         # every computed token billed at its own model's FLOPs: far below the target's rate for all
         assert g.usage.flops < arith_lm.flops(g.usage.computed_tokens, len(arith_lm.encode(p))) * 0.9
+
+
+@pytest.mark.parametrize("drafter", ["model", "ngram"])
+def test_whole_decodes_in_one_call_equal_greedy_at_every_budget(arith_lm, drafter):
+    """A lone greedy row speculates round after round inside the C kernel: the budget
+    landing mid-round, EOS or a stop token inside a round, all give plain greedy's
+    tokens, finish reasons and log-probabilities."""
+    from ponder.tasks.arith import ArithTask
+
+    task = ArithTask()
+    prompts = [task.prompt(p) for p in task.problems("hard", 6)]
+    draft = NativeLM.from_pretrained("arith-draft") if drafter == "model" else "ngram"
+    newline = arith_lm.encode("\n", add_special_tokens=False)[-1]
+    for opts in ({"max_tokens": m} for m in (1, 2, 3, 5, 8, 17, 40, 160)):
+        for extra in ({}, {"stop_token_ids": [newline]}):
+            o = {**opts, **extra}
+            want = [Greedy(arith_lm, **o).generate(p)[0] for p in prompts]
+            for k in (4, "auto"):
+                got = [Speculative(arith_lm, draft, num_draft_tokens=k, **o).generate(p)[0] for p in prompts]
+                assert [g.token_ids for g in got] == [w.token_ids for w in want], (o, k)
+                assert [(g.finish_reason, g.stop) for g in got] == [(w.finish_reason, w.stop) for w in want]
+                for g, w in zip(got, want):
+                    assert g.logprobs == pytest.approx(w.logprobs, abs=1e-4)
+                    assert g.usage.generated_tokens == len(g.token_ids)
+
+
+def test_ngram_lookup_stops_drafting_where_drafts_do_not_pay(arith_lm):
+    """On arith the lookup's drafts are rarely right (about 1 in 10): the row soon
+    decodes plainly, drafting again only to probe; on answers that repeat their prompt
+    it keeps drafting and most drafts are accepted."""
+    import random
+
+    from ponder.tasks.arith import ArithTask
+
+    task = ArithTask()
+    spec = Speculative(arith_lm, "ngram", num_draft_tokens=4, max_tokens=160)
+    outs = [spec.generate(task.prompt(p))[0] for p in task.problems("hard", 20)]
+    drafted, rounds = sum(g.meta["drafted"] for g in outs), sum(g.meta["rounds"] for g in outs)
+    assert drafted < rounds  # at k = 4, drafting every round would draft about 4 per round
+    rng = random.Random(0)
+    copying = []
+    for _ in range(10):
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        copying.append(f"Q: {a}" + f"+{b}-{b}" * 4 + f"\n{a}+{b}={a + b}\n{a + b}-{b}={a}\n")
+    outs = [spec.generate(p)[0] for p in copying]
+    acc = sum(g.meta["accepted"] for g in outs) / sum(g.meta["drafted"] for g in outs)
+    assert acc > 0.5 and sum(g.meta["drafted"] for g in outs) > 2 * sum(g.meta["rounds"] for g in outs)
+    plain = [Greedy(arith_lm, max_tokens=160).generate(p)[0] for p in copying]
+    assert [g.token_ids for g in outs] == [p.token_ids for p in plain]

@@ -211,6 +211,32 @@ class NativeLM(ForwardLM):
         return fast.greedy_steps(first, n, cache, np.asarray(list(stop_ids), dtype=np.int64), feed_last,
                                  np.asarray(list(ban), dtype=np.int64), ban_steps)
 
+    def greedy_speculate(self, draft: "NativeLM", t_feed: Sequence[int], d_feed: Sequence[int], k: int, adaptive: bool,
+                         budget: int, stop_ids: Sequence[int], tcache: KVCache, dcache: KVCache) -> dict | None:
+        """Greedy speculative decoding with ``draft``, round after round in one C call,
+        until a stop token or ``budget`` tokens (see ``CLlama.greedy_speculate``); None
+        when the C kernel does not serve both models and caches."""
+        if (not isinstance(draft, NativeLM) or tcache.shared or dcache.shared or self.cfg.is_reward_model
+                or draft.cfg.is_reward_model or draft.vocab_size != self.vocab_size):
+            return None
+        mine, theirs = self._fast_for(tcache), draft._fast_for(dcache)
+        if mine is None or theirs is None or mine.kind != "c" or theirs.kind != "c":
+            return None
+        return mine.greedy_speculate(theirs, list(t_feed), list(d_feed), k, adaptive, budget, list(stop_ids),
+                                     tcache, dcache)
+
+    def ngram_speculate(self, ctx: Sequence[int], k: int, max_ngram: int, budget: int, stop_ids: Sequence[int],
+                        cache: KVCache, credit: float = 1.0) -> dict | None:
+        """Greedy decoding with prompt-lookup drafts, every round in one C call, drafting
+        only while drafts pay (see ``CLlama.ngram_speculate``); None when the C kernel
+        does not serve this model or cache."""
+        if cache.batch_size != 1 or cache.shared or self.cfg.is_reward_model:
+            return None
+        fast = self._fast_for(cache)
+        if fast is None or fast.kind != "c":
+            return None
+        return fast.ngram_speculate(list(ctx), k, max_ngram, budget, list(stop_ids), cache, credit)
+
     def greedy_round(self, draft: "NativeLM", t_feed: Sequence[int], d_feed: Sequence[int], k: int,
                      tcache: KVCache, dcache: KVCache) -> tuple[int, list[int], list[int], list[float]] | None:
         """One round of greedy speculative decoding with ``draft``, in one C call: k

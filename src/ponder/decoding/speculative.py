@@ -208,9 +208,50 @@ class Speculative(GeneratorBase):
         t_comp = [len(h) - e - t for h, e, t in zip(heads, empty.tolist(), t_hit)]
         d_comp = [0 if self.ngram else len(h) - e - d for h, e, d in zip(heads, empty.tolist(), d_hit)]
         one_call = not self.ngram and self.greedy and procs0.is_identity and hasattr(T, "greedy_round")
+        lookup_call = self.ngram and self.greedy and procs0.is_identity and hasattr(T, "ngram_speculate")
+        credit = [1.0] * B  # each row's recent acceptance of lookup drafts (the C loop drafts while it pays)
         alive = list(range(B))  # batch position -> row
         while alive:
             kk = max(0, min(k, min(budget[r] - len(outs[r]) - 1 for r in alive)))
+            if lookup_call and len(alive) == 1 and not stopper.stops and len(t_pending[alive[0]]) == 1:
+                r = alive[0]
+                got = T.ngram_speculate(prompts[r] + outs[r], k, self.max_ngram, budget[r] - len(outs[r]),
+                                        sorted(stops), tcache, credit[r])
+                if got is not None:
+                    outs[r] += got["tokens"]
+                    lps[r] += got["logprobs"]
+                    drafted[r] += got["drafted"]
+                    accepted[r] += got["accepted"]
+                    rounds[r] += got["rounds"]
+                    t_comp[r] += got["t_computed"]
+                    credit[r] = got["credit"]
+                    if outs[r] and outs[r][-1] in stops:
+                        finish[r], stop[r] = "stop", outs[r][-1]
+                    else:
+                        finish[r] = "length"  # the call returns at a stop token or the budget
+                    alive = []
+                    continue
+            if one_call and len(alive) == 1 and kk > 0 and not stopper.stops and hasattr(T, "greedy_speculate"):
+                # a lone greedy row: every round until a stop token or the budget, in one call
+                r = alive[0]
+                got = T.greedy_speculate(D, t_pending[r], d_pending[r], k, self.adaptive, budget[r] - len(outs[r]),
+                                         sorted(stops), tcache, dcache)
+                if got is not None:
+                    outs[r] += got["tokens"]
+                    lps[r] += got["logprobs"]
+                    drafted[r] += got["drafted"]
+                    accepted[r] += got["accepted"]
+                    rounds[r] += got["rounds"]
+                    t_comp[r] += got["t_computed"]
+                    d_comp[r] += got["d_computed"]
+                    k, t_pending[r], d_pending[r] = (got["k"] if self.adaptive else k), got["t_pending"], got["d_pending"]
+                    if outs[r] and outs[r][-1] in stops:
+                        finish[r], stop[r] = "stop", outs[r][-1]
+                    elif len(outs[r]) >= budget[r]:
+                        finish[r] = "length"
+                    if finish[r] is not None:
+                        alive = []
+                    continue
             res = None
             if one_call and len(alive) == 1 and kk > 0:  # drafts, target pass, acceptance, rollback: one call
                 r = alive[0]

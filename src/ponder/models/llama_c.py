@@ -174,6 +174,11 @@ def load_kernel() -> ctypes.CDLL | None:
     lib.ponder_greedy_round.argtypes = [p, p, p, i, p, i, i, p, p, p, c64, p, p, p, p, p, p, c64, p, p, p, i, p, p, p,
                                         i]
     lib.ponder_greedy_round.restype = ctypes.c_int
+    lib.ponder_greedy_speculate.argtypes = [p, p, p, i, p, i, i, i, i, p, i, p, p, p, c64, p, p, p, p, p, p, c64, p, p,
+                                            p, i, p, p, p, p, p, i]
+    lib.ponder_greedy_speculate.restype = ctypes.c_int
+    lib.ponder_ngram_speculate.argtypes = [p, p, c64, i, i, i, p, i, p, p, p, c64, p, p, p, i, p, p, p, p, i]
+    lib.ponder_ngram_speculate.restype = ctypes.c_int
     lib.ponder_openmp.restype = ctypes.c_int
     _kernel = lib
     return lib
@@ -428,6 +433,81 @@ class CLlama(NumpyLlama):
         out = tokens[:got].tolist()
         fed = got == n and feed_last and out[-1] not in set(stop.tolist())  # a stop token is never fed
         return out, lps[:got].tolist(), (logits if fed else None)
+
+    def greedy_speculate(self, draft: "CLlama", t_feed: list[int], d_feed: list[int], k: int, adaptive: bool,
+                         budget: int, stop_ids: list[int], tcache: KVCache, dcache: KVCache) -> dict:
+        """Greedy speculative rounds until a stop token or ``budget`` tokens, in one call
+        (see ``ponder_greedy_speculate``). Returns {tokens, logprobs, drafted, accepted,
+        rounds, t_computed, d_computed, k, t_pending, d_pending}; the caches hold what
+        was accepted, the pending tokens excepted."""
+        if tcache.batch_size != 1 or dcache.batch_size != 1 or k < 1 or budget < 2:
+            raise ValueError("greedy speculation takes one row per model, k >= 1 and a budget >= 2")
+        if not t_feed or not d_feed:
+            raise ValueError("greedy speculation needs pending tokens for both models")
+        self._fresh()
+        draft._fresh()
+        ids_t, ids_d = np.asarray(t_feed, dtype=np.int64), np.asarray(d_feed, dtype=np.int64)
+        V = self.cfg.vocab_size
+        t_start = np.array(tcache.lengths.numpy(), dtype=np.int64)
+        d_start = np.array(dcache.lengths.numpy(), dtype=np.int64)
+        room = budget + 16 + 2  # every token fed in the call: the feeds, the emitted tokens, one round's drafts
+        t_end, d_end = int(t_start[0]) + len(t_feed) + room, int(d_start[0]) + len(d_feed) + room
+        tcache.reserve(t_end)
+        dcache.reserve(d_end)
+        tk, tv = self._pointers(tcache)
+        dk, dv = draft._pointers(dcache)
+        t_rope, d_rope = self._rope_table(t_end), draft._rope_table(d_end)
+        out, lp = np.empty(budget, dtype=np.int64), np.empty(budget, dtype=np.float32)
+        stats, t_pend, d_pend = np.zeros(7, dtype=np.int64), np.zeros(1, dtype=np.int64), np.zeros(2, dtype=np.int64)
+        stop = np.ascontiguousarray(stop_ids, dtype=np.int64)
+        n = self.lib.ponder_greedy_speculate(
+            self._struct_ptr, draft._struct_ptr, ids_t.ctypes.data, len(t_feed), ids_d.ctypes.data, len(d_feed), k,
+            int(adaptive), budget, stop.ctypes.data, len(stop), t_start.ctypes.data, tk, tv, tcache.capacity,
+            t_rope[2], t_rope[3], self._head_ptrs[0], d_start.ctypes.data, dk, dv, dcache.capacity, d_rope[2],
+            d_rope[3], draft._head_ptrs[0], V, out.ctypes.data, lp.ctypes.data, stats.ctypes.data,
+            t_pend.ctypes.data, d_pend.ctypes.data, self.threads_for(1 + k))
+        if n == -2:
+            raise ValueError(f"token ids must be in [0, {V}); got {t_feed} and {d_feed}")
+        if n < 0:
+            raise MemoryError("the C kernel could not allocate its scratch memory")
+        tcache.lengths, dcache.lengths = torch.from_numpy(t_start), torch.from_numpy(d_start)
+        st = stats.tolist()
+        return {"tokens": out[:n].tolist(), "logprobs": lp[:n].tolist(), "drafted": st[0], "accepted": st[1],
+                "rounds": st[2], "t_computed": st[3], "d_computed": st[4], "k": st[5],
+                "t_pending": t_pend.tolist(), "d_pending": d_pend[: st[6]].tolist()}
+
+    def ngram_speculate(self, ctx: list[int], k: int, max_ngram: int, budget: int, stop_ids: list[int],
+                        cache: KVCache, credit: float) -> dict:
+        """Greedy decoding with prompt-lookup drafts, round after round in one call (see
+        ``ponder_ngram_speculate``): ``ctx`` is the prompt and the tokens so far, its
+        last one pending. Returns {tokens, logprobs, drafted, accepted, rounds,
+        t_computed, credit}."""
+        if cache.batch_size != 1 or k < 1 or budget < 1 or len(ctx) < 1:
+            raise ValueError("n-gram speculation takes one row, k >= 1, a budget >= 1 and a pending token")
+        self._fresh()
+        V = self.cfg.vocab_size
+        buf = np.zeros(len(ctx) + budget, dtype=np.int64)
+        buf[: len(ctx)] = ctx
+        start = np.array(cache.lengths.numpy(), dtype=np.int64)
+        end = int(start[0]) + budget + 16 + 2
+        cache.reserve(end)
+        ks, vs = self._pointers(cache)
+        rope = self._rope_table(end)
+        out, lp = np.empty(budget, dtype=np.int64), np.empty(budget, dtype=np.float32)
+        stats, cr = np.zeros(6, dtype=np.int64), np.array([credit], dtype=np.float32)
+        stop = np.ascontiguousarray(stop_ids, dtype=np.int64)
+        n = self.lib.ponder_ngram_speculate(
+            self._struct_ptr, buf.ctypes.data, len(ctx), k, max_ngram, budget, stop.ctypes.data, len(stop),
+            start.ctypes.data, ks, vs, cache.capacity, rope[2], rope[3], self._head_ptrs[0], V, out.ctypes.data,
+            lp.ctypes.data, stats.ctypes.data, cr.ctypes.data, self.threads_for(1 + k))
+        if n == -2:
+            raise ValueError(f"token ids must be in [0, {V})")
+        if n < 0:
+            raise MemoryError("the C kernel could not allocate its scratch memory")
+        cache.lengths = torch.from_numpy(start)
+        st = stats.tolist()
+        return {"tokens": out[:n].tolist(), "logprobs": lp[:n].tolist(), "drafted": st[0], "accepted": st[1],
+                "rounds": st[2], "t_computed": st[3], "credit": float(cr[0])}
 
     def greedy_round(self, draft: "CLlama", t_feed: list[int], d_feed: list[int], k: int, tcache: KVCache,
                      dcache: KVCache) -> tuple[int, list[int], list[int], list[float]]:

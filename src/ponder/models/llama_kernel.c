@@ -584,6 +584,139 @@ int ponder_greedy_round(const Model *tm, const Model *dm, const int64_t *t_feed,
     return a;
 }
 
+/* Greedy speculative decoding of one row, round after round in one call, until a stop
+ * token or `budget` tokens (what gpt-fast's loop does in Python, without returning
+ * there between rounds). Each round is ponder_greedy_round with the pending tokens it
+ * leaves: the target's is the token it added, the draft's that one (and the last
+ * draft when every draft was accepted). A round drafts min(k, budget - emitted - 1)
+ * tokens; with `adaptive`, k grows by 2 (at most 16) after a round accepted whole
+ * and shrinks by 1 (at least 1) otherwise. Writes the emitted tokens and their
+ * log-probabilities to out/out_lp, stats[0..5) = drafted, accepted, rounds, tokens
+ * the target computed, tokens the draft computed, and stats[5] the final k; the
+ * pending tokens to t_pend (1) and d_pend (stats[6] of them, at most 2). Returns the
+ * number of tokens emitted; negative on failure (-1 memory, -2 token id). */
+int ponder_greedy_speculate(const Model *tm, const Model *dm, const int64_t *t_feed, int n_tfeed,
+                            const int64_t *d_feed, int n_dfeed, int k, int adaptive, int budget, const int64_t *stop,
+                            int n_stop, int64_t *t_start, float *const *tkc, float *const *tvc, int64_t tcap,
+                            const float *tcos, const float *tsin, const float *thead, int64_t *d_start,
+                            float *const *dkc, float *const *dvc, int64_t dcap, const float *dcos, const float *dsin,
+                            const float *dhead, int vocab, int64_t *out, float *out_lp, int64_t *stats,
+                            int64_t *t_pend, int64_t *d_pend, int threads) {
+    enum { KMAX = 16 };
+    int64_t drafts[KMAX], best[KMAX + 1], tf[2], df[2];
+    float lp[KMAX + 1];
+    const int64_t *tp = t_feed, *dp = d_feed;
+    int ntf = n_tfeed, ndf = n_dfeed, emitted = 0, kcur = k < 1 ? 1 : (k > KMAX ? KMAX : k);
+    for (int j = 0; j < 5; j++) stats[j] = 0;
+    for (;;) {
+        int kk = budget - emitted - 1 < kcur ? budget - emitted - 1 : kcur;
+        if (kk <= 0) break;
+        int a = ponder_greedy_round(tm, dm, tp, ntf, dp, ndf, kk, t_start, tkc, tvc, tcap, tcos, tsin, thead,
+                                    d_start, dkc, dvc, dcap, dcos, dsin, dhead, vocab, drafts, best, lp, threads);
+        if (a < 0) return a;
+        stats[0] += kk; stats[1] += a; stats[2] += 1; stats[3] += ntf + kk; stats[4] += ndf + kk - 1;
+        int64_t next = best[a];
+        int done = 0;
+        for (int j = 0; j <= a && !done; j++) { /* emit drafts[0..a) and the target's token */
+            int64_t tok = j < a ? drafts[j] : next;
+            out[emitted] = tok;
+            out_lp[emitted] = lp[j];
+            emitted++;
+            for (int s = 0; s < n_stop; s++) done |= stop[s] == tok;
+            done |= emitted >= budget;
+        }
+        tf[0] = next; tp = tf; ntf = 1;
+        if (a == kk) { df[0] = drafts[kk - 1]; df[1] = next; ndf = 2; } else { df[0] = next; ndf = 1; }
+        dp = df;
+        if (adaptive) kcur = a == kk ? (kcur + 2 > KMAX ? KMAX : kcur + 2) : (kcur > 1 ? kcur - 1 : 1);
+        if (done) break;
+    }
+    stats[5] = kcur;
+    t_pend[0] = tp[ntf - 1];
+    for (int j = 0; j < ndf && j < 2; j++) d_pend[j] = dp[ndf - (ndf > 2 ? 2 : ndf) + j];
+    stats[6] = ndf > 2 ? 2 : ndf;
+    return emitted;
+}
+
+/* Prompt lookup (Saxena 2023): up to k tokens that followed the latest earlier
+ * occurrence of ctx's last n-gram, n from max_n down to 1; written to out, counted. */
+static int ngram_lookup(const int64_t *ctx, int64_t n_ctx, int max_n, int k, int64_t *out) {
+    for (int n = max_n < n_ctx - 1 ? max_n : (int)n_ctx - 1; n >= 1; n--) {
+        const int64_t *tail = ctx + n_ctx - n;
+        for (int64_t s = n_ctx - n - 1; s >= 0; s--) {
+            int same = 1;
+            for (int j = 0; j < n && same; j++) same = ctx[s + j] == tail[j];
+            if (!same) continue;
+            int got = 0;
+            for (int64_t j = s + n; j < n_ctx && got < k; j++) out[got++] = ctx[j];
+            if (got) return got;
+        }
+    }
+    return 0;
+}
+
+/* Greedy decoding of one row with prompt-lookup drafts, round after round in one
+ * call, until a stop token or `budget` tokens. ctx[0..n_ctx) is the prompt and the
+ * tokens emitted so far; its last token is pending (not yet in the cache); ctx has
+ * room for `budget` more. Each round drafts up to min(k, budget - emitted - 1) tokens
+ * by lookup, and one target pass over the pending token and the drafts gives the
+ * argmax after each: the drafts that equal it are accepted, plus the target's next
+ * token, exactly plain greedy's tokens. A draft is a bet: a pass over 1 + d tokens
+ * costs more than over one, so drafting is switched off while it does not pay:
+ * `credit` (in/out) tracks the recent acceptance (an exponential average of
+ * accepted/drafted per drafting round); below 1/4 the row decodes plainly, and drafts
+ * again only on every 16th round (a probe, which lifts the credit if the drafts now
+ * match). stats as ponder_greedy_speculate's (no draft model: stats[4] is 0).
+ * Returns the tokens emitted; negative on failure. */
+int ponder_ngram_speculate(const Model *m, int64_t *ctx, int64_t n_ctx, int k, int max_n, int budget,
+                           const int64_t *stop, int n_stop, int64_t *start, float *const *kc, float *const *vc,
+                           int64_t cap, const float *cos, const float *sin, const float *head, int vocab,
+                           int64_t *out, float *out_lp, int64_t *stats, float *credit, int threads) {
+    enum { KMAX = 16 };
+    int64_t ids[KMAX + 1], sel[KMAX + 1];
+    float *logits = malloc(sizeof(float) * (size_t)(KMAX + 1) * vocab);
+    if (!logits) return -1;
+    int emitted = 0, kcur = k < 1 ? 1 : (k > KMAX ? KMAX : k), since_probe = 0;
+    float c = *credit;
+    for (int j = 0; j < 6; j++) stats[j] = 0;
+    for (;;) {
+        int room = budget - emitted - 1;
+        if (room < 0) break;
+        int kk = room < kcur ? room : kcur, d = 0;
+        int drafting = c >= 0.25f || ++since_probe >= 16;
+        if (kk > 0 && drafting) d = ngram_lookup(ctx, n_ctx, max_n, kk, ids + 1);
+        if (d > 0) since_probe = 0;
+        ids[0] = ctx[n_ctx - 1];
+        for (int j = 0; j <= d; j++) sel[j] = j;
+        int status = ponder_forward(m, ids, 1, d + 1, start, kc, vc, cap, NULL, NULL, NULL, cos, sin, head, NULL,
+                                    vocab, sel, d + 1, logits, threads);
+        if (status) { free(logits); return -status; }
+        int a = 0, done = 0; /* a: drafts accepted (and emitted) */
+        for (int j = 0; j <= d; j++) {
+            const float *l = logits + (size_t)j * vocab;
+            int b = argmax(l, vocab);
+            double sum = 0.0;
+            for (int v = 0; v < vocab; v++) sum += exp((double)l[v] - l[b]);
+            out[emitted] = b;
+            out_lp[emitted] = (float)-log(sum);
+            ctx[n_ctx++] = b;
+            emitted++;
+            for (int s = 0; s < n_stop; s++) done |= stop[s] == b;
+            done |= emitted >= budget;
+            if (j < d && ids[1 + j] == b) a = j + 1;
+            if (done || j == d || ids[1 + j] != b) break;
+        }
+        *start += 1 + a; /* the cache keeps the pending token and the accepted drafts */
+        stats[0] += d; stats[1] += a; stats[2] += 1; stats[3] += 1 + d;
+        if (d > 0) c = 0.7f * c + 0.3f * (float)a / (float)d;
+        if (done) break;
+    }
+    *credit = c;
+    stats[5] = kcur;
+    free(logits);
+    return emitted;
+}
+
 /* 1 if the kernel was built with OpenMP (passes can use several threads), else 0. */
 int ponder_openmp(void) {
 #ifdef _OPENMP
