@@ -353,3 +353,28 @@ def test_a_sweep_over_vllm_resumes_from_the_store(vllm, native_greedy, tmp_path)
     with pytest.raises(SettingError, match="remote model"):
         parse_config({"model": [{"name": "arith", "concurrency": 4}], "task": [{"name": "arith"}],
                       "strategy": [{"name": "greedy"}]})
+
+
+def test_a_stop_string_left_in_the_text_leaves_the_ids_and_logprobs_too():
+    """One rule for the ids of a generation: the server's, unless a stop string was cut
+    from the text (transformers serve leaves it there), then the kept text's; the
+    per-token lists are cut to match. (Choices as servers send them; no server needed.)"""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(ARITH / "tokenizer.json"))
+    lm = OpenAILM.__new__(OpenAILM)
+    lm.tokenizer, lm.tokens_as_ids, lm.endpoint, lm.model = tok, True, "http://x/v1", "arith"
+    kept, stop = "3+4=7", "\n"
+    full = tok.encode(kept + stop, add_special_tokens=False).ids
+    lps = [-0.1] * len(full)
+    for choice in ({"text": kept + stop, "finish_reason": "stop", "token_ids": full,
+                    "logprobs": {"token_logprobs": lps}},
+                   {"text": kept + stop, "finish_reason": "stop",
+                    "logprobs": {"tokens": [f"token_id:{i}" for i in full], "token_logprobs": lps}}):
+        g = lm._generation(choice, [stop])
+        assert g.text == kept and g.stop == stop
+        assert g.token_ids == tok.encode(kept, add_special_tokens=False).ids
+        assert len(g.logprobs) == len(g.token_ids)
+    # a server that reports the stop (vLLM): its ids are taken as they are
+    g = lm._generation({"text": kept, "finish_reason": "stop", "stop_reason": stop, "token_ids": full[:-1]}, [stop])
+    assert g.token_ids == full[:-1] and g.text == kept

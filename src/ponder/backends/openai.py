@@ -420,6 +420,7 @@ class OpenAILM:
         text = c.get("text") or ""
         reason = c.get("finish_reason")
         stop = c.get("stop_reason")
+        cut = False  # a stop string was taken out of the text
         if reason == "stop" and not isinstance(stop, (str, int)):
             # Which stop string ended it, where the server does not say (vLLM and ponder
             # serve do, in stop_reason). transformers serve keeps the stop string in the
@@ -428,24 +429,32 @@ class OpenAILM:
             # drops the string and does not say (OpenAI's own) cannot be told from EOS.
             stop = next((s for s in stops if s and text.endswith(s)), None)
             if stop is not None:
-                text = text[:-len(stop)]
-                if isinstance(c.get("token_ids"), list) and self.tokenizer is not None:
-                    c = {**c, "token_ids": None}  # re-encoded from the text below
+                text, cut = text[:-len(stop)], True
         lp = c.get("logprobs") or {}
-        tokens = lp.get("tokens")
-        ids = c.get("token_ids") if isinstance(c.get("token_ids"), list) else None
-        if ids is None and tokens and self.tokens_as_ids:
-            ids = [int(t.split(":", 1)[1]) for t in tokens]
-        if ids is None and self.tokenizer is not None:
-            ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        ids = self._kept_ids(c, lp, text, cut)
         top = None
         if lp.get("top_logprobs"):
             top = [{self._token_key(k): float(v) for k, v in (t or {}).items()} for t in lp["top_logprobs"]]
         logprobs = [float(x) for x in lp["token_logprobs"]] if lp.get("token_logprobs") else None
-        return Generation(text=text, token_ids=list(ids or []), logprobs=logprobs,
+        if cut and ids:  # the stop string's tokens leave the per-token lists too
+            logprobs = logprobs[: len(ids)] if logprobs is not None else None
+            top = top[: len(ids)] if top is not None else None
+        return Generation(text=text, token_ids=ids, logprobs=logprobs,
                           finish_reason="length" if reason == "length" else "stop",
                           stop=stop if isinstance(stop, (str, int)) else None, top_logprobs=top,
                           meta={"endpoint": self.endpoint, "model": self.model})
+
+    def _kept_ids(self, c: dict[str, Any], lp: dict[str, Any], text: str, cut: bool) -> list[int]:
+        """The token ids of the generation's text: the server's own (``token_ids``, or
+        vLLM's tokens as ids), unless a stop string was cut from the text, whose tokens
+        they include; then (or where the server gives none) the text re-encoded by
+        ponder's tokenizer; [] without one."""
+        if not cut:
+            if isinstance(c.get("token_ids"), list):
+                return [int(t) for t in c["token_ids"]]
+            if lp.get("tokens") and self.tokens_as_ids:
+                return [int(t.split(":", 1)[1]) for t in lp["tokens"]]
+        return self.tokenizer.encode(text, add_special_tokens=False).ids if self.tokenizer is not None else []
 
     def _token_key(self, k: str) -> Any:
         """A top-logprobs key as a token id where the server or the tokenizer tells it."""
