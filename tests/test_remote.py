@@ -378,3 +378,24 @@ def test_a_stop_string_left_in_the_text_leaves_the_ids_and_logprobs_too():
     # a server that reports the stop (vLLM): its ids are taken as they are
     g = lm._generation({"text": kept, "finish_reason": "stop", "stop_reason": stop, "token_ids": full[:-1]}, [stop])
     assert g.token_ids == full[:-1] and g.text == kept
+
+
+def test_a_chat_endpoint(pserve, native_greedy, reward):
+    """A URL ending in /chat/completions: each prompt goes as one user message (ponder
+    serve's plain template for arith renders it unchanged, so greedy equals
+    in-process); n, top logprobs the chat way, and the strategies run."""
+    lm = strategies.load_endpoint(pserve.url + "/chat/completions", tokenizer=str(ARITH))
+    assert lm.chat and lm.access == Access.TEXT and lm.supports_n and lm.gives_top_logprobs
+    greedy = strategies.build("greedy", lm, SamplingParams(max_tokens=160))
+    assert [g[0].text for g in greedy.generate_batch(PROMPTS)] == native_greedy
+    gens = asyncio.run(lm.generate([PROMPTS[0]], SamplingParams(temperature=1.0, n=3, logprobs=2, max_tokens=20)))[0]
+    assert len(gens) == 3 and all(g.logprobs and len(g.top_logprobs[0]) == 2 for g in gens)
+    assert all(isinstance(k, int) for k in gens[0].top_logprobs[0])  # token texts mapped to ids by the tokenizer
+    ctx = strategies.Context(task=TASK, reward_model=reward)
+    gen = strategies.build("best-of-n", lm, SamplingParams(temperature=0.7, max_tokens=160), {"samples": 4}, ctx)
+    out = gen.generate_batch(PROMPTS[:4], seed=0)
+    assert sum(TASK.check_answer(p, o[0].text) for p, o in zip(PROBLEMS, out)) >= 2
+    with pytest.raises(SettingError, match="all be chat or all be completions"):
+        strategies.load_endpoint(pserve.url + "/chat/completions," + pserve.url + "/completions")
+    with pytest.raises(SettingError, match="does not score prompts"):
+        asyncio.run(lm.score(PROMPTS[0], ["3+4=7\n"]))

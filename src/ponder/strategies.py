@@ -167,18 +167,18 @@ def load_reward_model(name: Any, role: str = "--reward-model") -> Any:
 
 def load_endpoint(spec: str, role: str = "--model", **options: Any) -> Any:
     """``URL[,URL...][#MODEL]``: a model behind OpenAI-compatible servers (replicas),
-    probed for what it gives. ``OPENAI_API_KEY`` is sent if set; ``PONDER_TOKENIZER``
+    probed for what it gives; a URL ending in ``/chat/completions`` sends chat requests. ``OPENAI_API_KEY`` is sent if set; ``PONDER_TOKENIZER``
     names the model's tokenizer.json for exact scoring and token counts."""
     import os
 
     from .backends.openai import OpenAILM, parse_endpoint
     from .errors import BackendError
 
-    urls, model = parse_endpoint(spec)
-    options.setdefault("api_key", os.environ.get("OPENAI_API_KEY") or None)
-    options.setdefault("tokenizer", os.environ.get("PONDER_TOKENIZER") or None)
     try:
-        return OpenAILM(urls, model, **options)
+        urls, model, chat = parse_endpoint(spec)
+        options.setdefault("api_key", os.environ.get("OPENAI_API_KEY") or None)
+        options.setdefault("tokenizer", os.environ.get("PONDER_TOKENIZER") or None)
+        return OpenAILM(urls, model, chat=chat, **options)
     except (SettingError, BackendError) as e:
         raise SettingError(f"{role}: {e}") from None
 

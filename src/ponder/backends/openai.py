@@ -27,6 +27,10 @@ Scale-out and faults:
   requests with seeds ``seed + i``: the failure of many meta-generation
   proxies (optillm issues #8 and #99).
 
+A base URL ending in ``/chat/completions`` (or ``chat=True``) sends each prompt as one
+user message to the chat endpoint, for hosted APIs that have no other; the server's
+chat template renders it, and the level is text (no prompt scoring there).
+
 Usage is read from the server's responses; where a server gives none, ponder counts
 with the model's tokenizer if it has one (``tokenizer=``), and each generation's
 ``meta["usage_counted_by"]`` says whose count it is.
@@ -120,12 +124,17 @@ class OpenAILM:
     ``tokenizer``: the model's ``tokenizer.json`` (or its folder, or a ``tokenizers``
     object): exact prompt scoring by token ids, and token counts where a server gives
     none. ``max_concurrency``: requests in flight at once, over all replicas.
-    ``attempts`` and ``retry_timeout`` bound the retries of one request.
+    ``attempts`` and ``retry_timeout`` bound the retries of one request. ``chat``:
+    send each prompt as one user message to ``/chat/completions`` (hosted chat-only
+    APIs); the server's template renders it, and the level is text (a chat endpoint
+    does not score prompts). A step-level search's partial solution is then part of
+    the user message rather than a continued assistant turn: for step search prefer
+    the completions endpoint with a chat template rendered by ponder (``ChatTemplate``).
     """
 
     def __init__(self, base_url: str | Sequence[str], model: str | None = None, *, api_key: str | None = None,
                  tokenizer: Any = None, max_concurrency: int = 64, timeout: float = 300.0, attempts: int = 6,
-                 retry_timeout: float = 600.0, connect_timeout: float = 10.0) -> None:
+                 retry_timeout: float = 600.0, connect_timeout: float = 10.0, chat: bool = False) -> None:
         urls = [base_url] if isinstance(base_url, str) else list(base_url)
         if not urls or not all(isinstance(u, str) and u.startswith(("http://", "https://")) for u in urls):
             raise SettingError(f"base_url must be one or more http(s):// URLs of an OpenAI-compatible API "
@@ -137,7 +146,11 @@ class OpenAILM:
         for name, v in (("timeout", timeout), ("retry_timeout", retry_timeout), ("connect_timeout", connect_timeout)):
             if not isinstance(v, (int, float)) or v <= 0:
                 raise SettingError(f"{name} must be a number of seconds > 0; got {v!r}")
-        self.replicas = [Replica(u.rstrip("/")) for u in urls]
+        if not isinstance(chat, bool):
+            raise SettingError(f"chat must be True (each prompt a user message to /chat/completions) or False; got {chat!r}")
+        split = [_api_root(u) for u in urls]
+        self.chat = chat or any(c for _, c in split)  # a URL ending in /chat/completions says so itself
+        self.replicas = [Replica(root) for root, _ in split]
         self.endpoint = ",".join(r.url for r in self.replicas)
         self.api_key = api_key
         self.tokenizer = _load_tokenizer(tokenizer)
@@ -180,10 +193,12 @@ class OpenAILM:
                 model = served[0]
             self.name = self.model = model
 
-            url = self.replicas[0].url + "/completions"
+            url = self.replicas[0].url + ("/chat/completions" if self.chat else "/completions")
 
             def ask(**extra: Any) -> dict | None:
                 body = {"model": model, "prompt": "1", "max_tokens": 2, "temperature": 1.0, "seed": 0, **extra}
+                if self.chat:
+                    body["messages"] = [{"role": "user", "content": body.pop("prompt")}]
                 try:
                     r = c.post(url, json=body)
                 except httpx.HTTPError as e:
@@ -199,24 +214,31 @@ class OpenAILM:
             plain = ask()
             if plain is None:
                 raise BackendError(f"{url} did not complete a one-token prompt; is it an OpenAI-compatible "
-                                   "completions server serving a base model?")
+                                   + ("chat server?" if self.chat else "completions server serving a base model? "
+                                      "(a chat-only API: end the URL with /chat/completions)"))
             with_n = ask(n=2)
             self.supports_n = with_n is not None and len(with_n["choices"]) == 2
-            with_lp = ask(logprobs=2)
-            lp = (with_lp or {}).get("choices", [{}])[0].get("logprobs") or {}
-            top = lp.get("top_logprobs") or []
-            self.gives_top_logprobs = bool(top) and isinstance(top[0], dict) and len(top[0]) >= 1
-            self.scores_prompts = False
-            if self.gives_top_logprobs:
+            self.scores_prompts = self.returns_token_ids = self.tokens_as_ids = False
+            if self.chat:  # top-k logprobs the chat way; no echo, no token-id extensions
+                with_lp = ask(logprobs=True, top_logprobs=2)
+                content = ((with_lp or {}).get("choices", [{}])[0].get("logprobs") or {}).get("content") or []
+                self.gives_top_logprobs = bool(content) and bool((content[0] or {}).get("top_logprobs"))
+            else:
+                with_lp = ask(logprobs=2)
+                lp = (with_lp or {}).get("choices", [{}])[0].get("logprobs") or {}
+                top = lp.get("top_logprobs") or []
+                self.gives_top_logprobs = bool(top) and isinstance(top[0], dict) and len(top[0]) >= 1
+            if self.gives_top_logprobs and not self.chat:
                 echo = ask(prompt="1 2 3", echo=True, logprobs=0, max_tokens=1)
                 lps = ((echo or {}).get("choices", [{}])[0].get("logprobs") or {}).get("token_logprobs") or []
                 # the prompt's own tokens come back (the first has no logprob)
                 self.scores_prompts = len(lps) >= 3 and any(x is not None for x in lps[:-1])
-            ext = ask(logprobs=1, return_token_ids=True, return_tokens_as_token_ids=True)
-            ch = (ext or {}).get("choices", [{}])[0]
-            self.returns_token_ids = isinstance(ch.get("token_ids"), list) and len(ch["token_ids"]) > 0
-            toks = (ch.get("logprobs") or {}).get("tokens") or []
-            self.tokens_as_ids = bool(toks) and all(isinstance(t, str) and t.startswith("token_id:") for t in toks)
+            if not self.chat:
+                ext = ask(logprobs=1, return_token_ids=True, return_tokens_as_token_ids=True)
+                ch = (ext or {}).get("choices", [{}])[0]
+                self.returns_token_ids = isinstance(ch.get("token_ids"), list) and len(ch["token_ids"]) > 0
+                toks = (ch.get("logprobs") or {}).get("tokens") or []
+                self.tokens_as_ids = bool(toks) and all(isinstance(t, str) and t.startswith("token_id:") for t in toks)
             self.gives_usage = isinstance(plain.get("usage"), dict) and "completion_tokens" in plain["usage"]
             self.sampling = self._probe_sampling(ask)
         self.access = Access.LOGPROBS if self.gives_top_logprobs and self.scores_prompts else Access.TEXT
@@ -229,8 +251,8 @@ class OpenAILM:
         temperature 2 over 12 tokens: identical answers mean greedy (for a model with a
         vocabulary of more than a few tokens, the chance of three equal samples is nil)."""
         def texts(**extra: Any) -> set[str]:
-            out = {(ask(prompt="1", max_tokens=12, temperature=2.0, seed=s, **extra) or {})
-                   .get("choices", [{}])[0].get("text") for s in (0, 1, 2)}
+            out = {_choice_text((ask(prompt="1", max_tokens=12, temperature=2.0, seed=s, **extra) or {})
+                                .get("choices", [{}])[0]) for s in (0, 1, 2)}
             return out - {None}
         if len(texts()) > 1:
             return "standard"
@@ -240,7 +262,7 @@ class OpenAILM:
 
     def capabilities(self) -> dict[str, Any]:
         """What probing found (what ``ponder models --endpoint`` prints)."""
-        return {"model": self.model, "endpoint": self.endpoint, "access": self.access.name.lower(),
+        return {"model": self.model, "endpoint": self.endpoint, "chat": self.chat, "access": self.access.name.lower(),
                 "n": self.supports_n, "top_logprobs": self.gives_top_logprobs, "prompt_scoring": self.scores_prompts,
                 "token_ids": self.returns_token_ids, "usage": self.gives_usage, "sampling": self.sampling}
 
@@ -331,7 +353,11 @@ class OpenAILM:
 
     # -- TextLM ----------------------------------------------------------------------------
     def _body(self, prompt: str | list[int], params: Any, n: int, seed: int | None) -> dict[str, Any]:
-        body: dict[str, Any] = {"model": self.model, "prompt": prompt, "max_tokens": params.max_tokens, "n": n}
+        body: dict[str, Any] = {"model": self.model, "max_tokens": params.max_tokens, "n": n}
+        if self.chat:
+            body["messages"] = [{"role": "user", "content": prompt}]
+        else:
+            body["prompt"] = prompt
         changed = params.changed()
         for f in _OPENAI_FIELDS + _EXTENSION_FIELDS:
             if f in changed or f == "temperature":
@@ -342,7 +368,11 @@ class OpenAILM:
             body["stop"] = list(params.stop)
         if seed is not None:
             body["seed"] = seed
-        if self.gives_top_logprobs:  # the chosen tokens' logprobs always (sequence scores), top-k if asked
+        if self.gives_top_logprobs and self.chat:  # the chat API's spelling of the same
+            body["logprobs"] = True
+            if params.logprobs:
+                body["top_logprobs"] = params.logprobs
+        elif self.gives_top_logprobs:  # the chosen tokens' logprobs always (sequence scores), top-k if asked
             body["logprobs"] = params.logprobs
         if self.returns_token_ids:
             body["return_token_ids"] = True
@@ -407,7 +437,8 @@ class OpenAILM:
         return gens[:n]
 
     async def _complete(self, prompt: str, params: Any, n: int, seed: int | None) -> list[Generation]:
-        data, elapsed = await self._post("/completions", self._body(prompt, params, n, seed))
+        data, elapsed = await self._post("/chat/completions" if self.chat else "/completions",
+                                         self._body(prompt, params, n, seed))
         choices = sorted(data["choices"], key=lambda c: c.get("index", 0))
         if not choices:
             raise BackendError(f"{self.endpoint} answered a completion with no choices")
@@ -417,6 +448,8 @@ class OpenAILM:
         return gens
 
     def _generation(self, c: dict[str, Any], stops: Sequence[str] = ()) -> Generation:
+        if "message" in c:  # a chat choice: the same fields, spelled the chat way
+            c = _chat_choice(c)
         text = c.get("text") or ""
         reason = c.get("finish_reason")
         stop = c.get("stop_reason")
@@ -524,6 +557,29 @@ class OpenAILM:
         return f"OpenAILM({self.model!r} at {self.endpoint}, access={self.access.name.lower()})"
 
 
+def _choice_text(c: dict[str, Any]) -> str | None:
+    """A completion's or a chat completion's text."""
+    if "message" in c:
+        return (c.get("message") or {}).get("content")
+    return c.get("text")
+
+
+def _chat_choice(c: dict[str, Any]) -> dict[str, Any]:
+    """A chat choice as a completions choice: ``message.content`` as ``text``, and
+    ``logprobs.content`` [{token, logprob, top_logprobs: [{token, logprob}]}] as
+    ``token_logprobs`` and ``top_logprobs``."""
+    out = {k: v for k, v in c.items() if k not in ("message", "logprobs")}
+    out["text"] = (c.get("message") or {}).get("content") or ""
+    content = (c.get("logprobs") or {}).get("content")
+    if isinstance(content, list) and content:
+        out["logprobs"] = {
+            "token_logprobs": [t.get("logprob") for t in content],
+            "top_logprobs": [{x["token"]: x["logprob"] for x in (t.get("top_logprobs") or [])} for t in content]
+            if any(t.get("top_logprobs") for t in content) else None,
+        }
+    return out
+
+
 def _load_tokenizer(tok: Any) -> Any:
     if tok is None or (not isinstance(tok, (str, Path)) and hasattr(tok, "encode")):
         return tok
@@ -536,10 +592,25 @@ def _load_tokenizer(tok: Any) -> Any:
     return Tokenizer.from_file(str(f))
 
 
-def parse_endpoint(spec: str) -> tuple[list[str], str | None]:
-    """``URL[,URL...][#MODEL]`` -> (base URLs, model name or None)."""
+def parse_endpoint(spec: str) -> tuple[list[str], str | None, bool]:
+    """``URL[,URL...][#MODEL]`` -> (base URLs, model name or None, chat). A URL may end
+    at the API root (``.../v1``) or at its endpoint: ``/chat/completions`` asks for
+    chat requests (a chat-only hosted API), ``/completions`` for completions."""
     urls, _, model = spec.partition("#")
-    return [u.strip() for u in urls.split(",") if u.strip()], (model or None)
+    split = [_api_root(u) for u in urls.split(",") if u.strip()]
+    if len({c for _, c in split}) > 1:
+        raise SettingError(f"{spec}: the replicas must all be chat or all be completions endpoints")
+    return [root for root, _ in split], (model or None), any(c for _, c in split)
+
+
+def _api_root(url: str) -> tuple[str, bool]:
+    """A URL as (the API root, whether it named the chat endpoint)."""
+    u = url.strip().rstrip("/")
+    if u.endswith("/chat/completions"):
+        return u[: -len("/chat/completions")], True
+    if u.endswith("/completions"):
+        return u[: -len("/completions")], False
+    return u, False
 
 
 __all__ = ["OpenAILM", "Replica", "RETRY_STATUS", "parse_endpoint"]

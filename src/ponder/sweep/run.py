@@ -164,7 +164,8 @@ def model_identity(lm: Any, name: str) -> str:
     folder = getattr(lm, "path", None)
     if folder is not None and Path(folder).is_dir():
         return weights_id(folder)
-    return f"{getattr(lm, 'endpoint', 'in-process')}:{getattr(lm, 'name', name)}"
+    chat = "(chat)" if getattr(lm, "chat", False) else ""  # the server's template: other prompts
+    return f"{getattr(lm, 'endpoint', 'in-process')}{chat}:{getattr(lm, 'name', name)}"
 
 
 def load_sweep_model(spec: dict[str, Any], dtype: str) -> Any:
