@@ -26,6 +26,11 @@ import json
 import time
 from typing import Any
 
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from .. import strategies
+from ..backends.chat import ChatTemplate, check_messages
 from ..errors import BackendError, InvalidLogitsError, SettingError
 from ..protocols import AccessError
 from ..types import Generation, Usage
@@ -33,111 +38,109 @@ from .api import (ApiError, Job, Limits, bad, chat_logprobs, completion_logprobs
                   ponder_object, prompts_of, usage_of)
 
 
-def create_app(lm: Any, *, reward_model: Any = None, task: str | None = "arith", api_key: str | None = None,
-               limits: Limits | None = None, name: str | None = None) -> Any:
-    """The FastAPI app serving ``lm`` (a NativeLM)."""
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
+class ClosingStream(StreamingResponse):
+    """A streaming response that runs ``on_close`` when it ends, however it ends (the
+    client gone, the stream done): so a disconnect stops the generation."""
 
-    from .. import strategies
-    from ..backends.chat import ChatTemplate, check_messages
+    def __init__(self, content: Any, on_close: Any, **kw: Any) -> None:
+        super().__init__(content, **kw)
+        self.on_close = on_close
 
-    limits = limits or Limits()
-    served = name or lm.name
-    context = int(lm.context_length)
-    template = ChatTemplate.from_folder(getattr(lm, "path", None))
-    tasks: dict[str, Any] = {}
-    state = {"inflight": 0}
-    app = FastAPI(title="ponder", version="0.1.0", docs_url=None, redoc_url=None)
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.on_close()
 
-    class ClosingStream(StreamingResponse):
-        """A streaming response that runs ``on_close`` when it ends, however it ends
-        (the client gone, the stream done): so a disconnect stops the generation."""
 
-        def __init__(self, content: Any, on_close: Any, **kw: Any) -> None:
-            super().__init__(content, **kw)
-            self.on_close = on_close
+class Service:
+    """One served model and what a request goes through: the key, the body, parsing
+    into a ``Job`` (api.py), the strategy built through the registry, the prompts'
+    lengths against the context, the run on the engine (cancelled if the client goes
+    away), and the answer, whole or streamed. The routes of ``create_app`` call it."""
 
-        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-            try:
-                await super().__call__(scope, receive, send)
-            finally:
-                await self.on_close()
+    def __init__(self, lm: Any, reward_model: Any = None, task: str | None = "arith", api_key: str | None = None,
+                 limits: Limits | None = None, name: str | None = None) -> None:
+        self.lm, self.reward_model, self.task, self.api_key = lm, reward_model, task, api_key
+        self.limits = limits or Limits()
+        self.served = name or lm.name
+        self.context = int(lm.context_length)
+        self.template = ChatTemplate.from_folder(getattr(lm, "path", None))
+        self.tasks: dict[str, Any] = {}
+        self.inflight = 0
 
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, e: ApiError) -> Any:
-        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
-
-    def check_key(request: Request) -> None:
-        if api_key is None:
+    # -- reading a request -------------------------------------------------------------
+    def check_key(self, request: Request) -> None:
+        if self.api_key is None:
             return
         got = request.headers.get("authorization", "")
         token = got[7:] if got.lower().startswith("bearer ") else ""
-        if not hmac.compare_digest(token.encode(), api_key.encode()):
+        if not hmac.compare_digest(token.encode(), self.api_key.encode()):
             raise ApiError(401, "missing or wrong API key: send Authorization: Bearer KEY")
 
-    async def read_json(request: Request) -> Any:
+    async def read_json(self, request: Request) -> Any:
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
-            raise ApiError(413, f"the body is {declared} bytes; at most {limits.max_body_bytes} are accepted")
+        if declared is not None and declared.isdigit() and int(declared) > self.limits.max_body_bytes:
+            raise ApiError(413, f"the body is {declared} bytes; at most {self.limits.max_body_bytes} are accepted")
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
-            if size > limits.max_body_bytes:
-                raise ApiError(413, f"the body is over {limits.max_body_bytes} bytes")
+            if size > self.limits.max_body_bytes:
+                raise ApiError(413, f"the body is over {self.limits.max_body_bytes} bytes")
             chunks.append(chunk)
         try:
             return json.loads(b"".join(chunks) or b"null")
         except ValueError as e:
             raise bad(f"the body is not valid JSON: {e}") from None
 
-    def task_for(job: Job) -> Any:
-        name_ = job.task or task
+    def task_for(self, job: Job) -> Any:
+        name_ = job.task or self.task
         if name_ is None:
             return None
-        if name_ not in tasks:
+        if name_ not in self.tasks:
             from ..tasks.registry import load_task
 
             try:
-                tasks[name_] = load_task(name_)
+                self.tasks[name_] = load_task(name_)
             except SettingError as e:
                 raise bad(f"ponder.task: {e}", "ponder.task") from None
-        return tasks[name_]
+        return self.tasks[name_]
 
-    def generator(job: Job) -> Any:
+    def generator(self, job: Job) -> Any:
         name_ = job.strategy or "sample"
         settings = {**job.settings, **job.constraint}
-        ctx = strategies.Context(task=task_for(job) if job.strategy else None, reward_model=reward_model)
+        ctx = strategies.Context(task=self.task_for(job) if job.strategy else None, reward_model=self.reward_model)
         try:
-            return strategies.build(name_, lm, job.params.replace(n=1, seed=None), settings, ctx)
+            return strategies.build(name_, self.lm, job.params.replace(n=1, seed=None), settings, ctx)
         except (SettingError, AccessError) as e:
             param = "response_format" if job.constraint and "schema" in str(e).lower() else (
                 "ponder.settings" if job.strategy else None)
             msg = str(e).replace("--strategy", "ponder.strategy").replace("--set ", "ponder.settings.")
             raise bad(msg, param) from None
 
-    def prompts(job: Job, body: dict) -> list[Any]:
+    def prompts(self, job: Job, body: dict) -> list[Any]:
         if job.chat:
             try:
-                return [template.render(check_messages(body.get("messages")))]
+                return [self.template.render(check_messages(body.get("messages")))]
             except SettingError as e:
                 raise bad(str(e), "messages") from None
-        ps = prompts_of(body, lm.vocab_size)
-        if len(ps) > limits.max_prompts:
-            raise bad(f"prompt holds {len(ps)} prompts; at most {limits.max_prompts} per request", "prompt")
+        ps = prompts_of(body, self.lm.vocab_size)
+        if len(ps) > self.limits.max_prompts:
+            raise bad(f"prompt holds {len(ps)} prompts; at most {self.limits.max_prompts} per request", "prompt")
         if job.strategy:  # strategies take text
-            ps = [p if isinstance(p, str) else lm.decode(p) for p in ps]
+            ps = [p if isinstance(p, str) else self.lm.decode(p) for p in ps]
         return ps
 
-    def check_lengths(job: Job) -> list[list[int]]:
-        ids = [lm.encode(p) if isinstance(p, str) else list(p) for p in job.prompts]
+    def check_lengths(self, job: Job) -> list[list[int]]:
+        ids = [self.lm.encode(p) if isinstance(p, str) else list(p) for p in job.prompts]
         for i, x in enumerate(ids):
-            if len(x) >= context:
-                raise bad(f"prompt {i} is {len(x)} tokens; the model's context is {context} tokens, and generation "
+            if len(x) >= self.context:
+                raise bad(f"prompt {i} is {len(x)} tokens; the model's context is {self.context} tokens, and generation "
                           "needs room: shorten the prompt", "messages" if job.chat else "prompt")
         return ids
 
-    async def until_done(work: "asyncio.Task[Any]", request: Request) -> Any:
+    # -- running it ----------------------------------------------------------------------
+    async def until_done(self, work: "asyncio.Task[Any]", request: Request) -> Any:
         """The work's result, or its cancellation when the client goes away (its rows
         then leave the engine's batch)."""
         while True:
@@ -152,7 +155,7 @@ def create_app(lm: Any, *, reward_model: Any = None, task: str | None = "arith",
                     pass
                 raise ApiError(499, "the client disconnected; the request was cancelled")
 
-    async def run(job: Job, gen: Any, ids: list[list[int]]) -> list[list[Generation]]:
+    async def run(self, job: Job, gen: Any, ids: list[list[int]]) -> list[list[Generation]]:
         n, seed = job.params.n, job.params.seed
         if job.score_only:  # echo-only scoring: nothing generated
             return [[Generation(text="", token_ids=[], finish_reason="length",
@@ -160,26 +163,26 @@ def create_app(lm: Any, *, reward_model: Any = None, task: str | None = "arith",
                                             computed_tokens=len(x) if k == 0 else 0)) for k in range(n)] for x in ids]
         return await gen.agenerate_many(job.prompts, n=n, seed=seed)
 
-    async def prompt_logprobs(ids: list[int]) -> list[float | None]:
-        scored = await asyncio.to_thread(lm.score_ids, ids[:1], ids[1:]) if len(ids) > 1 else []
+    async def prompt_logprobs(self, ids: list[int]) -> list[float | None]:
+        scored = await asyncio.to_thread(self.lm.score_ids, ids[:1], ids[1:]) if len(ids) > 1 else []
         return [None] + [float(x) for x in scored]
 
-    async def respond(job: Job, outs: list[list[Generation]], ids: list[list[int]]) -> dict[str, Any]:
+    async def respond(self, job: Job, outs: list[list[Generation]], ids: list[list[int]]) -> dict[str, Any]:
         choices, flat = [], []
         for pi, gens in enumerate(outs):
-            p_text = job.prompts[pi] if isinstance(job.prompts[pi], str) else lm.decode(ids[pi])
-            p_lps = await prompt_logprobs(ids[pi]) if job.echo and job.top_logprobs is not None else None
+            p_text = job.prompts[pi] if isinstance(job.prompts[pi], str) else self.lm.decode(ids[pi])
+            p_lps = await self.prompt_logprobs(ids[pi]) if job.echo and job.top_logprobs is not None else None
             for g in gens:
                 i = len(flat)
                 flat.append(g)
                 if job.chat:
                     choice = {"index": i, "message": {"role": "assistant", "content": g.text},
-                              "logprobs": chat_logprobs(lm, g, job) if job.top_logprobs is not None else None,
+                              "logprobs": chat_logprobs(self.lm, g, job) if job.top_logprobs is not None else None,
                               "finish_reason": g.finish_reason}
                 else:
                     lp = None
                     if job.top_logprobs is not None:
-                        lp = completion_logprobs(lm, g, job, 0, (ids[pi], p_lps) if p_lps is not None else None)
+                        lp = completion_logprobs(self.lm, g, job, 0, (ids[pi], p_lps) if p_lps is not None else None)
                     choice = {"index": i, "text": (p_text if job.echo else "") + g.text, "logprobs": lp,
                               "finish_reason": g.finish_reason, "stop_reason": g.stop}
                 if job.token_ids:
@@ -191,7 +194,7 @@ def create_app(lm: Any, *, reward_model: Any = None, task: str | None = "arith",
             out["ponder"] = ponder_object(job, outs)
         return out
 
-    def stream(job: Job, gen: Any, ids: list[list[int]]) -> tuple[Any, Any]:
+    def stream(self, job: Job, gen: Any, ids: list[list[int]]) -> tuple[Any, Any]:
         """Server-sent events: one chunk per released text delta, then [DONE]. Returns
         the events and ``close``, which the response calls when it ends however it
         ends: the events' generator itself is not closed when a client goes away (it
@@ -218,7 +221,7 @@ def create_app(lm: Any, *, reward_model: Any = None, task: str | None = "arith",
             if closed["done"]:
                 return
             closed["done"] = True
-            state["inflight"] -= 1  # first: the server may cancel this very call below
+            self.inflight -= 1  # first: the server may cancel this very call below
             for w in workers:  # each producer's own finally withdraws its rows from the batch
                 w.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
@@ -229,7 +232,7 @@ def create_app(lm: Any, *, reward_model: Any = None, task: str | None = "arith",
                 c = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
             else:
                 c = {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}
-            return "data: " + json.dumps({"id": rid, "object": kind, "created": created, "model": served,
+            return "data: " + json.dumps({"id": rid, "object": kind, "created": created, "model": self.served,
                                           "choices": [c]}) + "\n\n"
 
         async def events():
@@ -257,7 +260,7 @@ def create_app(lm: Any, *, reward_model: Any = None, task: str | None = "arith",
                     if ev.generation is not None:
                         finished.append(ev.generation)
                         yield chunk(i, None, ev.generation.finish_reason)
-                yield "data: " + json.dumps({"id": rid, "object": kind, "created": created, "model": served,
+                yield "data: " + json.dumps({"id": rid, "object": kind, "created": created, "model": self.served,
                                              "choices": [], "usage": usage_of(finished)}) + "\n\n"
                 yield "data: [DONE]\n\n"
             finally:
@@ -265,24 +268,24 @@ def create_app(lm: Any, *, reward_model: Any = None, task: str | None = "arith",
 
         return events(), close
 
-    async def handle(request: Request, chat: bool) -> Any:
-        check_key(request)
-        body = await read_json(request)
-        job = parse(body, chat, limits, context, served)
-        job.prompts = prompts(job, body)
-        ids = check_lengths(job)
-        gen = generator(job)
-        if state["inflight"] >= limits.max_inflight:
-            raise ApiError(429, f"the server is saturated ({limits.max_inflight} requests in flight); retry later",
-                           headers={"Retry-After": str(limits.retry_after_s)})
-        state["inflight"] += 1
+    async def handle(self, request: Request, chat: bool) -> Any:
+        self.check_key(request)
+        body = await self.read_json(request)
+        job = parse(body, chat, self.limits, self.context, self.served)
+        job.prompts = self.prompts(job, body)
+        ids = self.check_lengths(job)
+        gen = self.generator(job)
+        if self.inflight >= self.limits.max_inflight:
+            raise ApiError(429, f"the server is saturated ({self.limits.max_inflight} requests in flight); retry later",
+                           headers={"Retry-After": str(self.limits.retry_after_s)})
+        self.inflight += 1
         if job.stream:
-            events, close = stream(job, gen, ids)
+            events, close = self.stream(job, gen, ids)
             return ClosingStream(events, close, media_type="text/event-stream")
         try:
-            work = asyncio.ensure_future(run(job, gen, ids))
-            outs = await until_done(work, request)
-            return JSONResponse(await respond(job, outs, ids))
+            work = asyncio.ensure_future(self.run(job, gen, ids))
+            outs = await self.until_done(work, request)
+            return JSONResponse(await self.respond(job, outs, ids))
         except (SettingError, AccessError) as e:
             raise bad(str(e)) from None
         except InvalidLogitsError as e:
@@ -290,31 +293,44 @@ def create_app(lm: Any, *, reward_model: Any = None, task: str | None = "arith",
         except BackendError as e:
             raise ApiError(502, str(e)) from None
         finally:
-            state["inflight"] -= 1
+            self.inflight -= 1
+
+
+
+def create_app(lm: Any, *, reward_model: Any = None, task: str | None = "arith", api_key: str | None = None,
+               limits: Limits | None = None, name: str | None = None) -> Any:
+    """The FastAPI app serving ``lm`` (an in-process logits-level model: NativeLM or HFLM)."""
+    svc = Service(lm, reward_model, task, api_key, limits, name)
+    app = FastAPI(title="ponder", version="0.1.0", docs_url=None, redoc_url=None)
+    app.state.service = svc
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, e: ApiError) -> Any:
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
-        return await handle(request, chat=False)
+        return await svc.handle(request, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
-        return await handle(request, chat=True)
+        return await svc.handle(request, chat=True)
 
     @app.get("/v1/models")
     async def models(request: Request) -> Any:
-        check_key(request)
-        return {"object": "list", "data": [{"id": served, "object": "model", "created": 0, "owned_by": "ponder",
-                                            "max_model_len": context}]}
+        svc.check_key(request)
+        return {"object": "list", "data": [{"id": svc.served, "object": "model", "created": 0, "owned_by": "ponder",
+                                            "max_model_len": svc.context}]}
 
     @app.get("/v1/strategies")
     async def list_strategies(request: Request) -> Any:
-        check_key(request)
+        svc.check_key(request)
         return {"object": "list", "data": [{"id": s.name, "access": s.access, "settings": list(s.settings),
                                             "help": s.help} for s in strategies.STRATEGIES.values()]}
 
     @app.get("/health")
     async def health() -> Any:
-        return {"status": "ok", "inflight": state["inflight"]}
+        return {"status": "ok", "inflight": svc.inflight}
 
     return app
 
