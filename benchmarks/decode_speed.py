@@ -19,6 +19,42 @@ import time
 import torch
 
 
+def race(lm, hf, ids: list[int], tokens: int, rounds: int, say: bool = True) -> tuple[float, float, bool]:
+    """Batch-1 greedy decoding of ``tokens`` tokens after ``ids`` by ponder (``lm``) and
+    by transformers' ``generate`` (``hf``), EOS masked on both sides until the last
+    token (min_tokens = min_new_tokens) so the counts are equal; after a warm-up,
+    ``rounds`` interleaved rounds. Returns (ponder's best seconds, transformers' best
+    seconds, whether every round gave identical tokens)."""
+    from ponder.decoding.generate import Greedy
+
+    ours = Greedy(lm, max_tokens=tokens, min_tokens=tokens)
+    x = torch.tensor([ids])
+
+    def run_ponder() -> tuple[float, list[int]]:
+        t = time.perf_counter()
+        (g,) = ours.generate(ids)
+        return time.perf_counter() - t, g.token_ids
+
+    def run_hf() -> tuple[float, list[int]]:
+        t = time.perf_counter()
+        with torch.inference_mode():
+            out = hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=tokens,
+                              min_new_tokens=tokens, pad_token_id=lm.eos_token_ids[0])
+        return time.perf_counter() - t, out[0, len(ids):].tolist()
+
+    run_ponder(), run_hf()  # warm-up
+    best_p = best_h = float("inf")
+    same = True
+    for r in range(rounds):
+        tp, a = run_ponder()
+        th, b = run_hf()
+        same &= a == b
+        best_p, best_h = min(best_p, tp), min(best_h, th)
+        if say:
+            print(f"round {r}: ponder {tokens / tp:7.1f} tok/s   transformers {tokens / th:7.1f} tok/s", flush=True)
+    return best_p, best_h, same
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="arith")
@@ -33,38 +69,13 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from ponder.decoding.generate import Greedy
     from ponder.backends.native import NativeLM
 
     hf_logging.set_verbosity_error()
     lm = NativeLM.from_pretrained(args.model)
     hf = AutoModelForCausalLM.from_pretrained(lm.path, dtype=torch.float32).eval()
     ids = lm.encode(args.prompt)
-    # EOS is masked until the last token on both sides (min_tokens = min_new_tokens).
-    ours = Greedy(lm, max_tokens=args.tokens, min_tokens=args.tokens)
-    x = torch.tensor([ids])
-
-    def run_ponder() -> tuple[float, list[int]]:
-        t = time.perf_counter()
-        (g,) = ours.generate(ids)
-        return time.perf_counter() - t, g.token_ids
-
-    def run_hf() -> tuple[float, list[int]]:
-        t = time.perf_counter()
-        with torch.inference_mode():
-            out = hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=args.tokens,
-                              min_new_tokens=args.tokens, pad_token_id=lm.eos_token_ids[0])
-        return time.perf_counter() - t, out[0, len(ids):].tolist()
-
-    run_ponder(), run_hf()  # warm-up
-    best_p = best_h = float("inf")
-    same = True
-    for r in range(args.rounds):
-        tp, a = run_ponder()
-        th, b = run_hf()
-        same &= a == b
-        best_p, best_h = min(best_p, tp), min(best_h, th)
-        print(f"round {r}: ponder {args.tokens / tp:7.1f} tok/s   transformers {args.tokens / th:7.1f} tok/s")
+    best_p, best_h, same = race(lm, hf, ids, args.tokens, args.rounds)
     ponder_tps, hf_tps = args.tokens / best_p, args.tokens / best_h
     print(f"ponder {ponder_tps:.1f} tok/s, transformers {hf_tps:.1f} tok/s, ratio {ponder_tps / hf_tps:.2f}x, "
           f"identical tokens: {same}")

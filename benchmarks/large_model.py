@@ -77,8 +77,9 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
+    from decode_speed import race  # the same race as decode_speed.py's (this folder is on sys.path)
+
     from ponder.backends.native import NativeLM
-    from ponder.decoding.generate import Greedy
     from ponder.models.llama_c import cpu_summary
 
     hf_logging.set_verbosity_error()
@@ -97,34 +98,12 @@ def main() -> None:
         print(f"model: {params / 1e6:.1f}M parameters, {weight_bytes / 2**20:.0f} MiB of float32 weights read per token; "
               f"ponder runs it on {lm.backend_in_use}", flush=True)
         ids = lm.encode("Q: 123+456-789+12-345+678\n")
-        ours = Greedy(lm, max_tokens=args.tokens, min_tokens=args.tokens)
-        x = torch.tensor([ids])
-
-        def run_ponder() -> tuple[float, list[int]]:
-            t = time.perf_counter()
-            (g,) = ours.generate(ids)
-            return time.perf_counter() - t, g.token_ids
-
-        def run_hf() -> tuple[float, list[int]]:
-            t = time.perf_counter()
-            with torch.inference_mode():
-                out = hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=args.tokens,
-                                  min_new_tokens=args.tokens, pad_token_id=0)
-            return time.perf_counter() - t, out[0, len(ids):].tolist()
-
         result = {**cpu, "benchmark": "large_model", "parameters": params, "weight_mib": round(weight_bytes / 2**20),
                   "new_tokens": args.tokens, "backend": lm.backend_in_use}
         for threads in [int(t) for t in args.threads.split(",")]:
             bw = copy_bandwidth(threads)
             torch.set_num_threads(threads)
-            run_ponder(), run_hf()  # warm-up
-            best_p = best_h = float("inf")
-            same = True
-            for r in range(args.rounds):
-                tp, a = run_ponder()
-                th, b = run_hf()
-                same &= a == b
-                best_p, best_h = min(best_p, tp), min(best_h, th)
+            best_p, best_h, same = race(lm, hf, ids, args.tokens, args.rounds, say=False)
             ms_p, ms_h = 1e3 * best_p / args.tokens, 1e3 * best_h / args.tokens
             limit_ms = 1e3 * weight_bytes / bw
             print(f"{threads} thread(s): ponder {ms_p:.1f} ms/token, transformers {ms_h:.1f} ms/token "

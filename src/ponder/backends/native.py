@@ -184,14 +184,28 @@ class NativeLM(ForwardLM):
         fast = self._fast_for(None) if NumpyLlama.supports(self.model, None) else None
         return "torch" if fast is None else fast.kind
 
+    def _kernel_for_row(self, cache: KVCache):
+        """The C kernel, if it serves this one-row, unshared cache of a language model;
+        else None (the one-call paths below then decline, and callers step in Python)."""
+        if cache.batch_size != 1 or cache.shared or self.cfg.is_reward_model:
+            return None
+        fast = self._fast_for(cache)
+        return fast if fast is not None and fast.kind == "c" else None
+
+    def _kernels_with(self, draft: "NativeLM", tcache: KVCache, dcache: KVCache):
+        """(this model's kernel, the draft's), if the C kernel serves both caches; else None."""
+        if (not isinstance(draft, NativeLM) or draft.vocab_size != self.vocab_size or draft.cfg.is_reward_model
+                or tcache.shared or dcache.shared or self.cfg.is_reward_model):
+            return None
+        mine, theirs = self._fast_for(tcache), draft._fast_for(dcache)
+        return (mine, theirs) if mine is not None and theirs is not None and mine.kind == theirs.kind == "c" else None
+
     def greedy_draft(self, feed: Sequence[int], k: int, cache: KVCache) -> list[int] | None:
         """k greedy tokens for a one-row cache in one call (speculative drafting): the
         pending ``feed`` then each argmax is fed, the last draft is not. None when the
         C kernel does not serve this model or cache (callers then step one by one)."""
-        if cache.batch_size != 1 or cache.shared or self.cfg.is_reward_model:
-            return None
-        fast = self._fast_for(cache)
-        return fast.greedy_draft(list(feed), k, cache) if fast is not None and fast.kind == "c" else None
+        fast = self._kernel_for_row(cache)
+        return fast.greedy_draft(list(feed), k, cache) if fast is not None else None
 
     def greedy_steps(self, first: int, n: int, cache: KVCache, stop_ids: Sequence[int], feed_last: bool = True,
                      ban: Sequence[int] = (), ban_steps: int = 0):
@@ -201,10 +215,8 @@ class NativeLM(ForwardLM):
         log-probabilities, next-token logits [1, V] or None when the row ended or
         ``feed_last`` is False); None when the C kernel does not serve this model or
         cache (the engine then steps one token at a time)."""
-        if cache.batch_size != 1 or cache.shared or self.cfg.is_reward_model:
-            return None
-        fast = self._fast_for(cache)
-        if fast is None or fast.kind != "c":
+        fast = self._kernel_for_row(cache)
+        if fast is None:
             return None
         import numpy as np
 
@@ -216,12 +228,10 @@ class NativeLM(ForwardLM):
         """Greedy speculative decoding with ``draft``, round after round in one C call,
         until a stop token or ``budget`` tokens (see ``CLlama.greedy_speculate``); None
         when the C kernel does not serve both models and caches."""
-        if (not isinstance(draft, NativeLM) or tcache.shared or dcache.shared or self.cfg.is_reward_model
-                or draft.cfg.is_reward_model or draft.vocab_size != self.vocab_size):
+        pair = self._kernels_with(draft, tcache, dcache)
+        if pair is None:
             return None
-        mine, theirs = self._fast_for(tcache), draft._fast_for(dcache)
-        if mine is None or theirs is None or mine.kind != "c" or theirs.kind != "c":
-            return None
+        mine, theirs = pair
         return mine.greedy_speculate(theirs, list(t_feed), list(d_feed), k, adaptive, budget, list(stop_ids),
                                      tcache, dcache)
 
@@ -230,10 +240,8 @@ class NativeLM(ForwardLM):
         """Greedy decoding with prompt-lookup drafts, every round in one C call, drafting
         only while drafts pay (see ``CLlama.ngram_speculate``); None when the C kernel
         does not serve this model or cache."""
-        if cache.batch_size != 1 or cache.shared or self.cfg.is_reward_model:
-            return None
-        fast = self._fast_for(cache)
-        if fast is None or fast.kind != "c":
+        fast = self._kernel_for_row(cache)
+        if fast is None:
             return None
         return fast.ngram_speculate(list(ctx), k, max_ngram, budget, list(stop_ids), cache, credit)
 
@@ -245,12 +253,10 @@ class NativeLM(ForwardLM):
         log-probabilities), with both caches rolled back to what was accepted; None when
         the C kernel does not serve both models and caches (callers then use the
         general loop)."""
-        if (not isinstance(draft, NativeLM) or tcache.shared or dcache.shared or self.cfg.is_reward_model
-                or draft.cfg.is_reward_model or draft.vocab_size != self.vocab_size):
+        pair = self._kernels_with(draft, tcache, dcache)
+        if pair is None:
             return None
-        mine, theirs = self._fast_for(tcache), draft._fast_for(dcache)
-        if mine is None or theirs is None or mine.kind != "c" or theirs.kind != "c":
-            return None
+        mine, theirs = pair
         return mine.greedy_round(theirs, list(t_feed), list(d_feed), k, tcache, dcache)
 
     def __repr__(self) -> str:

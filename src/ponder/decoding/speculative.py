@@ -213,45 +213,35 @@ class Speculative(GeneratorBase):
         alive = list(range(B))  # batch position -> row
         while alive:
             kk = max(0, min(k, min(budget[r] - len(outs[r]) - 1 for r in alive)))
-            if lookup_call and len(alive) == 1 and not stopper.stops and len(t_pending[alive[0]]) == 1:
+            got = None
+            if len(alive) == 1 and not stopper.stops:  # a lone greedy row: every round in one C call
                 r = alive[0]
-                got = T.ngram_speculate(prompts[r] + outs[r], k, self.max_ngram, budget[r] - len(outs[r]),
-                                        sorted(stops), tcache, credit[r])
-                if got is not None:
-                    outs[r] += got["tokens"]
-                    lps[r] += got["logprobs"]
-                    drafted[r] += got["drafted"]
-                    accepted[r] += got["accepted"]
-                    rounds[r] += got["rounds"]
-                    t_comp[r] += got["t_computed"]
-                    credit[r] = got["credit"]
-                    if outs[r] and outs[r][-1] in stops:
-                        finish[r], stop[r] = "stop", outs[r][-1]
-                    else:
-                        finish[r] = "length"  # the call returns at a stop token or the budget
+                left = budget[r] - len(outs[r])
+                if lookup_call and len(t_pending[r]) == 1:
+                    got = T.ngram_speculate(prompts[r] + outs[r], k, self.max_ngram, left, sorted(stops), tcache,
+                                            credit[r])
+                elif one_call and kk > 0 and hasattr(T, "greedy_speculate"):
+                    got = T.greedy_speculate(D, t_pending[r], d_pending[r], k, self.adaptive, left, sorted(stops),
+                                             tcache, dcache)
+            if got is not None:  # back at a stop token, the budget, or one token short (no room for a draft)
+                outs[r] += got["tokens"]
+                lps[r] += got["logprobs"]
+                drafted[r] += got["drafted"]
+                accepted[r] += got["accepted"]
+                rounds[r] += got["rounds"]
+                t_comp[r] += got["t_computed"]
+                d_comp[r] += got.get("d_computed", 0)
+                credit[r] = got.get("credit", credit[r])
+                if "t_pending" in got:
+                    t_pending[r], d_pending[r] = got["t_pending"], got["d_pending"]
+                    k = got["k"] if self.adaptive else k
+                if outs[r] and outs[r][-1] in stops:
+                    finish[r], stop[r] = "stop", outs[r][-1]
+                elif len(outs[r]) >= budget[r]:
+                    finish[r] = "length"
+                if finish[r] is not None:
                     alive = []
-                    continue
-            if one_call and len(alive) == 1 and kk > 0 and not stopper.stops and hasattr(T, "greedy_speculate"):
-                # a lone greedy row: every round until a stop token or the budget, in one call
-                r = alive[0]
-                got = T.greedy_speculate(D, t_pending[r], d_pending[r], k, self.adaptive, budget[r] - len(outs[r]),
-                                         sorted(stops), tcache, dcache)
-                if got is not None:
-                    outs[r] += got["tokens"]
-                    lps[r] += got["logprobs"]
-                    drafted[r] += got["drafted"]
-                    accepted[r] += got["accepted"]
-                    rounds[r] += got["rounds"]
-                    t_comp[r] += got["t_computed"]
-                    d_comp[r] += got["d_computed"]
-                    k, t_pending[r], d_pending[r] = (got["k"] if self.adaptive else k), got["t_pending"], got["d_pending"]
-                    if outs[r] and outs[r][-1] in stops:
-                        finish[r], stop[r] = "stop", outs[r][-1]
-                    elif len(outs[r]) >= budget[r]:
-                        finish[r] = "length"
-                    if finish[r] is not None:
-                        alive = []
-                    continue
+                continue
             res = None
             if one_call and len(alive) == 1 and kk > 0:  # drafts, target pass, acceptance, rollback: one call
                 r = alive[0]
