@@ -219,6 +219,24 @@ def _ptr(a: np.ndarray | None) -> int | None:
     return a.ctypes.data
 
 
+class _PairArgs:
+    """A two-model call's arguments (see ``CLlama._pair_args``); ``finish`` checks the
+    call's status and moves both caches' lengths to where the kernel left them."""
+
+    def __init__(self, ids_t: np.ndarray, ids_d: np.ndarray, t_start: np.ndarray, d_start: np.ndarray,
+                 vocab: int) -> None:
+        self.ids_t, self.ids_d, self.t_start, self.d_start, self.vocab = ids_t, ids_d, t_start, d_start, vocab
+        self.target: tuple = ()
+        self.draft: tuple = ()
+
+    def finish(self, status: int, tcache: KVCache, dcache: KVCache) -> None:
+        if status == -2:
+            raise ValueError(f"token ids must be in [0, {self.vocab}); got {self.ids_t.tolist()} and {self.ids_d.tolist()}")
+        if status < 0:
+            raise MemoryError("the C kernel could not allocate its scratch memory")
+        tcache.lengths, dcache.lengths = torch.from_numpy(self.t_start), torch.from_numpy(self.d_start)
+
+
 class CLlama(NumpyLlama):
     """``NumpyLlama`` whose ``run_torch`` (what ``NativeLM`` calls) is one call into the C
     kernel, logits included, and which runs whole greedy drafting and speculative rounds
@@ -444,33 +462,17 @@ class CLlama(NumpyLlama):
             raise ValueError("greedy speculation takes one row per model, k >= 1 and a budget >= 2")
         if not t_feed or not d_feed:
             raise ValueError("greedy speculation needs pending tokens for both models")
-        self._fresh()
-        draft._fresh()
-        ids_t, ids_d = np.asarray(t_feed, dtype=np.int64), np.asarray(d_feed, dtype=np.int64)
-        V = self.cfg.vocab_size
-        t_start = np.array(tcache.lengths.numpy(), dtype=np.int64)
-        d_start = np.array(dcache.lengths.numpy(), dtype=np.int64)
         room = budget + 16 + 2  # every token fed in the call: the feeds, the emitted tokens, one round's drafts
-        t_end, d_end = int(t_start[0]) + len(t_feed) + room, int(d_start[0]) + len(d_feed) + room
-        tcache.reserve(t_end)
-        dcache.reserve(d_end)
-        tk, tv = self._pointers(tcache)
-        dk, dv = draft._pointers(dcache)
-        t_rope, d_rope = self._rope_table(t_end), draft._rope_table(d_end)
+        a = self._pair_args(draft, t_feed, d_feed, room, tcache, dcache)
         out, lp = np.empty(budget, dtype=np.int64), np.empty(budget, dtype=np.float32)
         stats, t_pend, d_pend = np.zeros(7, dtype=np.int64), np.zeros(1, dtype=np.int64), np.zeros(2, dtype=np.int64)
         stop = np.ascontiguousarray(stop_ids, dtype=np.int64)
         n = self.lib.ponder_greedy_speculate(
-            self._struct_ptr, draft._struct_ptr, ids_t.ctypes.data, len(t_feed), ids_d.ctypes.data, len(d_feed), k,
-            int(adaptive), budget, stop.ctypes.data, len(stop), t_start.ctypes.data, tk, tv, tcache.capacity,
-            t_rope[2], t_rope[3], self._head_ptrs[0], d_start.ctypes.data, dk, dv, dcache.capacity, d_rope[2],
-            d_rope[3], draft._head_ptrs[0], V, out.ctypes.data, lp.ctypes.data, stats.ctypes.data,
-            t_pend.ctypes.data, d_pend.ctypes.data, self.threads_for(1 + k))
-        if n == -2:
-            raise ValueError(f"token ids must be in [0, {V}); got {t_feed} and {d_feed}")
-        if n < 0:
-            raise MemoryError("the C kernel could not allocate its scratch memory")
-        tcache.lengths, dcache.lengths = torch.from_numpy(t_start), torch.from_numpy(d_start)
+            self._struct_ptr, draft._struct_ptr, a.ids_t.ctypes.data, len(t_feed), a.ids_d.ctypes.data, len(d_feed), k,
+            int(adaptive), budget, stop.ctypes.data, len(stop), *a.target, *a.draft, self.cfg.vocab_size,
+            out.ctypes.data, lp.ctypes.data, stats.ctypes.data, t_pend.ctypes.data, d_pend.ctypes.data,
+            self.threads_for(1 + k))
+        a.finish(n, tcache, dcache)
         st = stats.tolist()
         return {"tokens": out[:n].tolist(), "logprobs": lp[:n].tolist(), "drafted": st[0], "accepted": st[1],
                 "rounds": st[2], "t_computed": st[3], "d_computed": st[4], "k": st[5],
@@ -518,28 +520,32 @@ class CLlama(NumpyLlama):
             raise ValueError("a greedy round takes one row per model and k >= 1")
         if not t_feed or not d_feed:
             raise ValueError("a greedy round needs pending tokens for both models")
-        self._fresh()
-        draft._fresh()
-        ids_t, ids_d = np.asarray(t_feed, dtype=np.int64), np.asarray(d_feed, dtype=np.int64)
-        V = self.cfg.vocab_size  # the kernel checks the ids' range itself
-        t_start = np.array(tcache.lengths.numpy(), dtype=np.int64)  # copies: the kernel moves them
-        d_start = np.array(dcache.lengths.numpy(), dtype=np.int64)
-        t_end, d_end = int(t_start[0]) + len(t_feed) + k, int(d_start[0]) + len(d_feed) + k
-        tcache.reserve(t_end)
-        dcache.reserve(d_end)
-        tk, tv = self._pointers(tcache)
-        dk, dv = draft._pointers(dcache)
-        t_rope, d_rope = self._rope_table(t_end), draft._rope_table(d_end)
+        args = self._pair_args(draft, t_feed, d_feed, k, tcache, dcache)
         drafts, best = np.empty(k, dtype=np.int64), np.empty(k + 1, dtype=np.int64)
         lp = np.empty(k + 1, dtype=np.float32)
         a = self.lib.ponder_greedy_round(
-            self._struct_ptr, draft._struct_ptr, ids_t.ctypes.data, len(t_feed), ids_d.ctypes.data, len(d_feed), k,
-            t_start.ctypes.data, tk, tv, tcache.capacity, t_rope[2], t_rope[3], self._head_ptrs[0],
-            d_start.ctypes.data, dk, dv, dcache.capacity, d_rope[2], d_rope[3], draft._head_ptrs[0], V,
-            drafts.ctypes.data, best.ctypes.data, lp.ctypes.data, self.threads_for(len(t_feed) + k))
-        if a == -2:
-            raise ValueError(f"token ids must be in [0, {V}); got {t_feed} and {d_feed}")
-        if a < 0:
-            raise MemoryError("the C kernel could not allocate its scratch memory")
-        tcache.lengths, dcache.lengths = torch.from_numpy(t_start), torch.from_numpy(d_start)
+            self._struct_ptr, draft._struct_ptr, args.ids_t.ctypes.data, len(t_feed), args.ids_d.ctypes.data,
+            len(d_feed), k, *args.target, *args.draft, self.cfg.vocab_size, drafts.ctypes.data, best.ctypes.data,
+            lp.ctypes.data, self.threads_for(len(t_feed) + k))
+        args.finish(a, tcache, dcache)
         return a, drafts.tolist(), best.tolist(), lp.tolist()
+
+    def _pair_args(self, draft: "CLlama", t_feed: list[int], d_feed: list[int], room: int, tcache: KVCache,
+                   dcache: KVCache) -> "_PairArgs":
+        """What a call running this model and ``draft`` over one row each takes: the
+        feeds, each cache's start (copies: the kernel moves them), pointers, capacity,
+        RoPE tables and head, with room for ``room`` more tokens after the feeds."""
+        self._fresh()
+        draft._fresh()
+        args = _PairArgs(np.asarray(t_feed, dtype=np.int64), np.asarray(d_feed, dtype=np.int64),
+                         np.array(tcache.lengths.numpy(), dtype=np.int64),
+                         np.array(dcache.lengths.numpy(), dtype=np.int64), self.cfg.vocab_size)
+        parts = []
+        for lm, cache, start, n in ((self, tcache, args.t_start, len(t_feed)), (draft, dcache, args.d_start, len(d_feed))):
+            end = int(start[0]) + n + room
+            cache.reserve(end)  # may replace the tensors: pointers after
+            k, v = lm._pointers(cache)
+            rope = lm._rope_table(end)
+            parts.append((start.ctypes.data, k, v, cache.capacity, rope[2], rope[3], lm._head_ptrs[0]))
+        args.target, args.draft = parts
+        return args
