@@ -130,10 +130,12 @@ def test_constrained_decoding_on_transformers(hf_lm):
     assert all(re.fullmatch(rx, x.text) for x in gens)
 
 
-def test_a_random_checkpoint_with_gqa_and_rope_scaling(hf_checkpoints):
+@pytest.mark.parametrize("name", ["llama_gqa", "qwen2_bias"])
+def test_random_checkpoints_of_other_shapes(hf_checkpoints, name):
     """Not only the shipped model: an untied, grouped-query Llama-3-scaled checkpoint
-    gives the native model's greedy tokens (both read the same folder)."""
-    folder, _ = hf_checkpoints["llama_gqa"]
+    and a Qwen2 with q/k/v biases give the native model's greedy tokens (both read the
+    same folder)."""
+    folder, _ = hf_checkpoints[name]
     h = HFLM.from_pretrained(str(folder))
     n = NativeLM(load_transformer(folder), load_tokenizer(folder), "tiny")
     ps = [f"Q: {i}+{i * 7 % 13}\n" for i in range(6)]

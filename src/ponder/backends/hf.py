@@ -221,7 +221,18 @@ class HFLM(ForwardLM):
 
     @property
     def context_length(self) -> int:
-        return int(getattr(self.config, "max_position_embeddings", 0) or 2**31 - 1)
+        """max_position_embeddings, or the sliding window when a layer uses one: as for
+        the native model (ponder's reading of config.json), since ``HFCache`` columns
+        may outnumber positions (holes) and transformers' window counts columns."""
+        from ..models.config import ModelConfig
+
+        try:
+            return ModelConfig.from_dict(self.config.to_dict()).context_length
+        except Exception:  # an architecture ponder's reader does not know: transformers' own limit
+            window = getattr(self.config, "sliding_window", None) if getattr(self.config, "use_sliding_window",
+                                                                             True) else None
+            limit = int(getattr(self.config, "max_position_embeddings", 0) or 2**31 - 1)
+            return min(limit, int(window)) if window else limit
 
     @property
     def kv_bytes_per_token(self) -> int:
