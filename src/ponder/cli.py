@@ -163,7 +163,7 @@ def generate(
     choice: List[str] = typer.Option([], "--choice", help="Constrain the output to one of these strings (repeatable)."),
     speculative: Optional[str] = typer.Option(None, "--speculative", help="draft (with --draft-model) or ngram (prompt lookup): lossless speculative decoding."),
     draft_model: str = typer.Option("arith-draft", "--draft-model", help="Draft model for --speculative draft."),
-    draft_tokens: str = typer.Option("4", "--draft-tokens", help="Tokens drafted per step (1-64), or auto (adaptive)."),
+    draft_tokens: str = typer.Option("5", "--draft-tokens", help="Tokens drafted per step (1-64), or auto (adaptive)."),
     set_: List[str] = typer.Option([], "--set", help="Extra strategy setting KEY=VALUE (repeatable)."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16."),
     chat_template: Optional[str] = typer.Option(None, "--chat-template", help="Render the prompt as a user message of a chat model: auto (the model's tokenizer_config.json), a checkpoint folder, a tokenizer_config.json or a Jinja file."),
