@@ -1,6 +1,7 @@
 """Multi-step decoding: a lone greedy row decodes several tokens per call into the C
 kernel, token-identical (and bill-identical) to one step per token, wherever the row
-ends: EOS or a stop token inside a call, max_tokens landing mid-call, min_tokens."""
+ends: EOS or a stop token inside a call, max_tokens landing mid-call, min_tokens, a
+stop string in the text (then the bill keeps the tokens computed past it), streams."""
 
 from __future__ import annotations
 
@@ -68,13 +69,38 @@ def test_min_tokens_bans_eos_inside_calls(arith_lm, monkeypatch):
     assert all(len(g.token_ids) == 40 for g in ignored)
 
 
-def test_stop_strings_and_batches_keep_to_one_step(arith_lm, monkeypatch):
-    """A stop string needs the text between tokens: no multi-step call; several rows
-    in the batch: none either. Both still give the lone row's tokens."""
-    plain, _ = _run(arith_lm, monkeypatch, 0, max_tokens=80, stop=["Answer"])
-    fast, calls = _run(arith_lm, monkeypatch, 16, max_tokens=80, stop=["Answer"])
-    _same(fast, plain)
-    assert calls == 0 and all("Answer" not in g.text for g in fast)
+@pytest.mark.parametrize("stop", [["Answer"], ["=5\n", "=1\n"], ["\n"]])
+def test_stop_strings_inside_a_call(arith_lm, monkeypatch, stop):
+    """A stop string is found in the text after the call; the tokens past it are
+    dropped (the model computed them, so the bill keeps them: computed >= the step
+    path's). Text, tokens, finish reason and the stop string equal the step path's."""
+    plain, _ = _run(arith_lm, monkeypatch, 0, max_tokens=80, stop=stop)
+    fast, calls = _run(arith_lm, monkeypatch, 16, max_tokens=80, stop=stop)
+    assert calls > 0
+    assert [g.token_ids for g in fast] == [g.token_ids for g in plain]
+    assert [(g.text, g.finish_reason, g.stop) for g in fast] == [(g.text, g.finish_reason, g.stop) for g in plain]
+    assert any(g.stop in stop for g in fast)
+    for f, p in zip(fast, plain):
+        assert f.logprobs == pytest.approx(p.logprobs, abs=1e-5)
+        assert f.usage.generated_tokens == p.usage.generated_tokens
+        assert p.usage.computed_tokens <= f.usage.computed_tokens <= p.usage.computed_tokens + Engine.MULTI_STEP
+
+
+def test_streams_and_batches(arith_lm, monkeypatch):
+    """A stream gets the same events as one step per token (a call's tokens arrive
+    together), never past a stop string; several rows in the batch keep to one step
+    per token, and give each row's lone tokens."""
+    def streamed(multi):
+        monkeypatch.setattr(Engine, "MULTI_STEP", multi)
+        eng = engine_for(arith_lm)
+        monkeypatch.setattr(eng, "prefix_cache", None)
+        before = eng.multi_step_calls
+        gen = Greedy(arith_lm, max_tokens=80, stop=["Answer"])
+        return [[(ev.token_id, ev.text) for ev in gen.stream(p)] for p in PROMPTS[:4]], eng.multi_step_calls - before
+
+    (plain, _), (fast, calls) = streamed(0), streamed(16)
+    assert calls > 0 and fast == plain  # an event per token, the same text released at each
+    assert all("Answer" not in "".join(t for _, t in x) for x in fast)
     monkeypatch.setattr(Engine, "MULTI_STEP", 16)
     batch = Greedy(arith_lm, max_tokens=80).generate_batch(PROMPTS)
     alone, _ = _run(arith_lm, monkeypatch, 16, max_tokens=80)

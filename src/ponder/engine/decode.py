@@ -33,14 +33,16 @@ class Decoding:
     MULTI_STEP = 16
 
     def _multi_step_request(self) -> Request | None:
-        """The one running request if nothing needs Python between its tokens: a single
-        greedy row, no processors, stop strings, stream or top logprobs, nobody waiting
-        to join or leave, and a model that can decode several steps per call."""
+        """The one running request if no choice needs Python between its tokens: a
+        single greedy row whose processors at most ban tokens for a while (min_tokens),
+        no top logprobs or token healing, nobody waiting to join or leave, and a model
+        that can decode several steps per call. Stop strings and streams are checked
+        after the call (the tokens past a stop string are dropped)."""
         if self.MULTI_STEP < 1 or len(self._active) != 1 or self._waiting or self._withdrawn or self._expected > 0:
             return None
         r = self._active[0]
         if (r.n != 1 or len(r.phys) != 1 or not getattr(r.pick, "is_argmax", False) or r.procs.banned() is None
-                or r.top_logprobs or r.needs_text or not hasattr(self.lm, "greedy_steps")
+                or r.top_logprobs or r.healed or not hasattr(self.lm, "greedy_steps")
                 or r.max_new - len(r.rows[0].ids) < 3):
             return None
         return r
@@ -49,8 +51,11 @@ class Decoding:
         """Multi-step decoding (vLLM's multi-step scheduling): pick the next token as a
         step would, then let the model decode up to MULTI_STEP more greedily in one
         call, which stops after a stop token and does not feed a token that reaches
-        max_tokens. The tokens, log-probabilities, cache and bill are a step's, repeated.
-        False (nothing done) when the model's kernel cannot serve the cache."""
+        max_tokens. The tokens are then taken as steps take them (stop tokens, stop
+        strings in the text, max_tokens, stream events), so outputs equal one step per
+        token; where a stop string ends the row inside the call, the tokens after it are
+        dropped (the model computed them: they stay in the bill). False (nothing done)
+        when the model's kernel cannot serve the cache."""
         t0 = time.perf_counter()
         row = r.rows[0]
         left = r.max_new - len(row.ids) - 1  # tokens allowed after this step's
@@ -72,20 +77,35 @@ class Decoding:
             new += toks
             lps += more
         self.peak_rows = max(self.peak_rows, 1)
-        for t, lp_t in zip(new, lps):
+        row.computed += len(new) - 1 + (logits is not None)  # every token fed: all but a last that was not
+        for t, lp_t in zip(new, lps):  # as _decode takes a token, one after another
             row.ids.append(t)
             row.logprobs.append(lp_t)
+            self.steps += 1
             t_ = torch.tensor([t])
             self._extend_history(r, None, t_)
             if not r.procs.is_identity:
                 r.procs.accept(t_)
-        row.computed += len(new) - 1 + (logits is not None)  # every token fed: all but a last that was not
-        self.steps += len(new)
-        last = new[-1]
-        if last in r.stop_ids:
-            row.finish, row.stop = "stop", last
-        elif len(row.ids) >= r.max_new:
-            row.finish = "length"
+            if t in r.stop_ids:
+                row.finish, row.stop = "stop", t
+            elif row.detok is not None:
+                delta = row.detok.add(t)
+                if delta:
+                    old = len(row.text)
+                    row.text += delta
+                    hit = r.stopper.find(row.text, old)
+                    if hit is not None:
+                        row.text = row.text[: hit[0]]
+                        row.finish, row.stop = "stop", hit[1]
+            if row.finish is None and len(row.ids) >= r.max_new:
+                row.finish = "length"
+            if row.finish is not None:
+                break
+            if r.stream:
+                safe = r.stopper.safe_length(row.text)
+                if safe > row.released:
+                    r.events.append(StreamEvent(r.index_base + row.sample, t, row.text[row.released : safe]))
+                    row.released = safe
         r.wall += time.perf_counter() - t0
         if row.finish is None:
             self._logits = logits
