@@ -399,3 +399,18 @@ def test_a_chat_endpoint(pserve, native_greedy, reward):
         strategies.load_endpoint(pserve.url + "/chat/completions," + pserve.url + "/completions")
     with pytest.raises(SettingError, match="does not score prompts"):
         asyncio.run(lm.score(PROMPTS[0], ["3+4=7\n"]))
+
+
+def test_cli_probes_an_endpoint(pserve):
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "ponder.cli", "models", "--endpoint", pserve.url, "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    caps = json.loads(out.stdout)
+    assert caps["access"] == "logprobs" and caps["n"] and caps["prompt_scoring"] and caps["sampling"] == "standard"
+    down = subprocess.run([sys.executable, "-m", "ponder.cli", "models", "--endpoint", "http://127.0.0.1:9/v1"],
+                          capture_output=True, text=True, timeout=120)
+    assert down.returncode == 2 and "cannot reach" in down.stderr and "is the server running" in down.stderr

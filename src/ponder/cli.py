@@ -327,10 +327,24 @@ def eval_cmd(
 
 
 @app.command()
-def models(as_json: bool = typer.Option(False, "--json")) -> None:
-    """List the shipped models and their local paths."""
+def models(as_json: bool = typer.Option(False, "--json"),
+           endpoint: Optional[str] = typer.Option(None, "--endpoint", help="Probe an OpenAI-compatible server "
+                                                  "(URL[,URL][#MODEL]) and print what it gives: access level, n, "
+                                                  "logprobs, prompt scoring, sampling.")) -> None:
+    """List the shipped models and their local paths, or what a server gives (--endpoint)."""
     from .models.config import ModelConfig
     from .models.registry import SHIPPED, shipped_models
+
+    if endpoint is not None:
+        from . import strategies
+
+        caps = strategies.load_endpoint(endpoint, "--endpoint").capabilities()
+        if as_json:
+            print(json.dumps(caps))
+        else:
+            for k, v in caps.items():
+                print(f"{k:15s} {v}")
+        return
 
     rows = []
     for name, path in shipped_models().items():
