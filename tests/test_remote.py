@@ -414,3 +414,12 @@ def test_cli_probes_an_endpoint(pserve):
     down = subprocess.run([sys.executable, "-m", "ponder.cli", "models", "--endpoint", "http://127.0.0.1:9/v1"],
                           capture_output=True, text=True, timeout=120)
     assert down.returncode == 2 and "cannot reach" in down.stderr and "is the server running" in down.stderr
+
+
+def test_a_chat_endpoint_without_a_template_says_so(vllm):
+    """vLLM refuses chat for a model without a chat template (400): the error carries
+    the server's words and what to check."""
+    with pytest.raises(BackendError) as e:
+        OpenAILM(vllm.url + "/chat/completions")
+    msg = str(e.value)
+    assert "400" in msg and "chat template" in msg

@@ -196,6 +196,9 @@ def load_model(name: Any, role: str, dtype: str = "float32") -> Any:
         return load_endpoint(name, role)
     try:
         if name.startswith("hf:"):  # the same checkpoint run by transformers (extra `hf`)
+            if not name[3:]:
+                raise SettingError("hf: takes a checkpoint folder or a shipped model's name after it "
+                                   "(hf:/path/to/model, hf:arith)")
             from .backends.hf import HFLM
 
             return HFLM.from_pretrained(name[3:], dtype=dtype)

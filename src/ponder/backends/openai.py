@@ -195,6 +195,8 @@ class OpenAILM:
 
             url = self.replicas[0].url + ("/chat/completions" if self.chat else "/completions")
 
+            refused: list[str] = []  # the server's own words, for the error if the plain probe fails
+
             def ask(**extra: Any) -> dict | None:
                 body = {"model": model, "prompt": "1", "max_tokens": 2, "temperature": 1.0, "seed": 0, **extra}
                 if self.chat:
@@ -204,6 +206,7 @@ class OpenAILM:
                 except httpx.HTTPError as e:
                     raise BackendError(f"cannot reach {url} ({type(e).__name__}: {e})") from None
                 if r.status_code != 200:
+                    refused.append(f"{r.status_code}: {_error_text(r)}")
                     return None
                 try:
                     data = r.json()
@@ -213,9 +216,10 @@ class OpenAILM:
 
             plain = ask()
             if plain is None:
-                raise BackendError(f"{url} did not complete a one-token prompt; is it an OpenAI-compatible "
-                                   + ("chat server?" if self.chat else "completions server serving a base model? "
-                                      "(a chat-only API: end the URL with /chat/completions)"))
+                said = f" (it answered {refused[-1]})" if refused else ""
+                raise BackendError(f"{url} did not complete a one-token prompt{said}; is it an OpenAI-compatible "
+                                   + ("chat server whose model has a chat template?" if self.chat else
+                                      "completions server? (a chat-only API: end the URL with /chat/completions)"))
             with_n = ask(n=2)
             self.supports_n = with_n is not None and len(with_n["choices"]) == 2
             self.scores_prompts = self.returns_token_ids = self.tokens_as_ids = False
