@@ -261,7 +261,9 @@ def test_api_key_saturation_and_disconnect():
         deadline = time.monotonic() + 30
         while httpx.get(f"http://127.0.0.1:{srv.port}/health").json()["inflight"] and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert httpx.get(f"http://127.0.0.1:{srv.port}/health").json()["inflight"] == 0
+        health = httpx.get(f"http://127.0.0.1:{srv.port}/health").json()
+        assert health["inflight"] == 0 and health["engine"]["running"] == 0  # its rows left the batch
+        assert health["engine"]["peak_rows"] >= 8 and health["engine"]["steps"] > 0
     finally:
         srv.stop()
 

@@ -330,7 +330,12 @@ def create_app(lm: Any, *, reward_model: Any = None, task: str | None = "arith",
 
     @app.get("/health")
     async def health() -> Any:
-        return {"status": "ok", "inflight": svc.inflight}
+        from ..engine.engine import engine_for
+
+        eng = engine_for(svc.lm)  # what a monitor wants to see of the batch
+        return {"status": "ok", "inflight": svc.inflight,
+                "engine": {"running": eng.running, "steps": eng.steps, "multi_step_calls": eng.multi_step_calls,
+                           "peak_rows": eng.peak_rows, "kv_bytes": eng.kv_bytes_in_use()}}
 
     return app
 
