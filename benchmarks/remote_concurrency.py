@@ -47,6 +47,18 @@ def run(url: str, prompts: list[str], limit: int, tokenizer: str) -> dict:
             "texts": [o[0].text for o in outs]}
 
 
+def peak_rows(url: str) -> int | None:
+    """The most rows ponder serve's engine ran at once (its /health says); None for
+    another server. Below the request count, requests finished before later ones
+    arrived: the client and the server share this machine's cores."""
+    import httpx
+
+    try:
+        return httpx.get(url.rsplit("/v1", 1)[0] + "/health").json()["engine"]["peak_rows"]
+    except (httpx.HTTPError, KeyError, TypeError, ValueError):
+        return None
+
+
 def measure(name: str, start, stop, prompts: list[str], tokenizer: str) -> dict:
     t0 = time.perf_counter()
     srv = start()
@@ -57,6 +69,7 @@ def measure(name: str, start, stop, prompts: list[str], tokenizer: str) -> dict:
         many = run(srv.url, prompts, len(prompts), tokenizer)
         print(f"{name} limit {len(prompts)}: {many['tokens']} tokens in {many['wall_s']:.2f} s = "
               f"{many['tok_s']:.0f} tok/s", flush=True)
+        many["peak_rows"] = peak_rows(srv.url)
     finally:
         stop(srv)
     same = sum(a == b for a, b in zip(one["texts"], many["texts"]))
@@ -112,7 +125,8 @@ def main() -> None:
     out = {**cpu, "requests": args.requests, "threads": args.threads,
            "ponder_tok_s_1": p["one"]["tok_s"], "ponder_tok_s_64": p["many"]["tok_s"],
            "ratio": round(p["many"]["tok_s"] / p["one"]["tok_s"], 2),
-           "in_process_ratio": ceiling["ratio"], "in_process_tok_s_64": ceiling["tok_s_64"]}
+           "in_process_ratio": ceiling["ratio"], "in_process_tok_s_64": ceiling["tok_s_64"],
+           "ponder_peak_rows": p["many"]["peak_rows"]}
     if not args.skip_vllm:
         v = measure("vLLM", vllm_serve, stop_vllm, prompts, str(ARITH))
         out.update(vllm_tok_s_1=v["one"]["tok_s"], vllm_tok_s_64=v["many"]["tok_s"],
