@@ -132,6 +132,8 @@ class OpenAILM:
     the completions endpoint with a chat template rendered by ponder (``ChatTemplate``).
     """
 
+    KEEPALIVE = 8  # idle connections kept per event loop (see _state)
+
     def __init__(self, base_url: str | Sequence[str], model: str | None = None, *, api_key: str | None = None,
                  tokenizer: Any = None, max_concurrency: int = 64, timeout: float = 300.0, attempts: int = 6,
                  retry_timeout: float = 600.0, connect_timeout: float = 10.0, chat: bool = False) -> None:
@@ -282,7 +284,12 @@ class OpenAILM:
         loop = asyncio.get_running_loop()
         st = self._loops.get(loop)
         if st is None:
-            limits = httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
+            # Few idle connections kept: httpcore checks every idle connection of the pool
+            # for each request it sends, so 64 kept alive cost 64 x 64 socket checks per
+            # wave of 64 requests (measured: 0.8-1.3 s of client CPU per wave against
+            # 0.16 s with 8 kept; new loopback connections are cheap).
+            limits = httpx.Limits(max_connections=self.max_concurrency,
+                                  max_keepalive_connections=min(self.max_concurrency, self.KEEPALIVE))
             client = httpx.AsyncClient(timeout=httpx.Timeout(self.timeout, connect=self.connect_timeout),
                                        limits=limits, headers=self._headers())
             st = self._loops[loop] = _LoopState(client, asyncio.Semaphore(self.max_concurrency))
