@@ -86,26 +86,8 @@ class Decoding:
             self._extend_history(r, None, t_)
             if not r.procs.is_identity:
                 r.procs.accept(t_)
-            if t in r.stop_ids:
-                row.finish, row.stop = "stop", t
-            elif row.detok is not None:
-                delta = row.detok.add(t)
-                if delta:
-                    old = len(row.text)
-                    row.text += delta
-                    hit = r.stopper.find(row.text, old)
-                    if hit is not None:
-                        row.text = row.text[: hit[0]]
-                        row.finish, row.stop = "stop", hit[1]
-            if row.finish is None and len(row.ids) >= r.max_new:
-                row.finish = "length"
-            if row.finish is not None:
+            if self._take(r, row, t, len(row.ids) >= r.max_new):
                 break
-            if r.stream:
-                safe = r.stopper.safe_length(row.text)
-                if safe > row.released:
-                    r.events.append(StreamEvent(r.index_base + row.sample, t, row.text[row.released : safe]))
-                    row.released = safe
         r.wall += time.perf_counter() - t0
         if row.finish is None:
             self._logits = logits
@@ -231,26 +213,8 @@ class Decoding:
             owner = range(P) if len(samples) == P else r.owner.tolist()
             for p, s, t in zip(owner, samples, toks):
                 row = rows[s]
-                if t in r.stop_ids:
-                    row.finish, row.stop = "stop", t
-                elif row.detok is not None:
-                    delta = row.detok.add(t)
-                    if delta:
-                        old = len(row.text)
-                        row.text += delta
-                        hit = r.stopper.find(row.text, old)
-                        if hit is not None:
-                            row.text = row.text[: hit[0]]
-                            row.finish, row.stop = "stop", hit[1]
-                if row.finish is None and at_max:
-                    row.finish = "length"
-                if row.finish is None:
+                if not self._take(r, row, t, at_max):
                     split.setdefault((p, t), []).append(s)
-                    if r.stream:
-                        safe = r.stopper.safe_length(row.text)
-                        if safe > row.released:
-                            r.events.append(StreamEvent(r.index_base + row.sample, t, row.text[row.released : safe]))
-                            row.released = safe
                 else:
                     finished.append((s, start + p))
             plans.append((r, start, split, finished, None))
@@ -321,6 +285,33 @@ class Decoding:
         elif finishing:
             for g in finishing:
                 g.usage.wall_s += rest / len(finishing)
+
+    @staticmethod
+    def _take(r: Request, row: Any, t: int, at_max: bool) -> bool:
+        """After ``t`` joined ``row``: does the row end here (a stop token, a stop string
+        in its text, max_tokens)? If not, a stream gets the text that is now safe (no
+        stop string can still start in it). Returns whether the row finished."""
+        if t in r.stop_ids:
+            row.finish, row.stop = "stop", t
+        elif row.detok is not None:
+            delta = row.detok.add(t)
+            if delta:
+                old = len(row.text)
+                row.text += delta
+                hit = r.stopper.find(row.text, old)
+                if hit is not None:
+                    row.text = row.text[: hit[0]]
+                    row.finish, row.stop = "stop", hit[1]
+        if row.finish is None and at_max:
+            row.finish = "length"
+        if row.finish is not None:
+            return True
+        if r.stream:
+            safe = r.stopper.safe_length(row.text)
+            if safe > row.released:
+                r.events.append(StreamEvent(r.index_base + row.sample, t, row.text[row.released : safe]))
+                row.released = safe
+        return False
 
     @staticmethod
     def _draws(r: Request) -> torch.Tensor:
