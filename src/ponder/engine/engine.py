@@ -92,6 +92,7 @@ class Engine(Decoding):
         self._lock = _OwnedLock()
         self._withdrawn: collections.deque = collections.deque()  # withdrawals the lock's holder deferred
         self._callers: concurrent.futures.ThreadPoolExecutor | None = None
+        self._callers_lock = threading.Lock()
         self._expected = 0  # async callers on their way to submit (see expect)
         self._arrivals = threading.Condition(threading.Lock())
         self._waiting: collections.deque[Request] = collections.deque()
@@ -111,8 +112,10 @@ class Engine(Decoding):
     @property
     def callers(self) -> concurrent.futures.ThreadPoolExecutor:
         """Threads for async callers, each driving the shared batch (``run``) until its
-        own requests finish: as many as the batch has rows, created on demand."""
-        with self._lock:
+        own requests finish: as many as the batch has rows, created on demand. Not
+        under the engine's lock: the event loop asks for them, and must not wait out
+        a step (and the other callers queued for the lock) to hand a request over."""
+        with self._callers_lock:
             if self._callers is None:
                 self._callers = concurrent.futures.ThreadPoolExecutor(max(32, self.max_rows),
                                                                       thread_name_prefix="ponder-engine")
