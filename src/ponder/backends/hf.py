@@ -103,7 +103,7 @@ class HFCache:
         n = torch.as_tensor(n, dtype=torch.long, device=self.lengths.device).expand(self.batch_size)
         if (n < 0).any() or (n > self.lengths).any():
             raise ValueError("cannot truncate more tokens than a row holds")
-        if not int(n.max()) if self.batch_size else True:
+        if not self.batch_size or int(n.max()) == 0:  # nothing to roll back
             return
         keep = self.lengths - n  # [B]
         self.valid = self.valid & (self.valid.long().cumsum(1) <= keep[:, None])
