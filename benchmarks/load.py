@@ -144,11 +144,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from ponder.models.llama_c import cpu_summary
-    from servers import Server, free_port
+    from servers import ponder_serve
 
-    port = free_port()
-    srv = Server([sys.executable, "-m", "ponder.cli", "serve", "--port", str(port), "--reward-model", "arith-reward"],
-                 port, env={"OMP_NUM_THREADS": str(args.threads)}, startup_s=120, name="ponder-serve")
+    srv = ponder_serve("--reward-model", "arith-reward", threads=args.threads)
     try:
         idle = peak_rss_mib(srv.proc.pid)
         out = run_load(srv.url, args.clients, args.duration)

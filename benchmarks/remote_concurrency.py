@@ -108,19 +108,14 @@ def main() -> None:
 
     from ponder.models.llama_c import cpu_summary
     from ponder.tasks.registry import load_task
-    from servers import ARITH, Server, free_port, stop_vllm, vllm_serve
+    from servers import ARITH, ponder_serve, stop_vllm, vllm_serve
 
     task = load_task("arith")
     prompts = [task.prompt(p) for p in task.problems("hard", args.requests)]
     cpu = cpu_summary()
     print(f"cpu: {cpu}", flush=True)
 
-    def start_ponder():  # torch in the server takes its thread count from OMP_NUM_THREADS
-        port = free_port()
-        cmd = [sys.executable, "-m", "ponder.cli", "serve", "--port", str(port)]
-        return Server(cmd, port, env={"OMP_NUM_THREADS": str(args.threads)}, startup_s=120, name="ponder-serve")
-
-    p = measure("ponder serve", start_ponder, lambda s: s.stop(), prompts, str(ARITH))
+    p = measure("ponder serve", lambda: ponder_serve(threads=args.threads), lambda s: s.stop(), prompts, str(ARITH))
     ceiling = in_process_ceiling(prompts)
     out = {**cpu, "requests": args.requests, "threads": args.threads,
            "ponder_tok_s_1": p["one"]["tok_s"], "ponder_tok_s_64": p["many"]["tok_s"],

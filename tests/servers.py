@@ -88,10 +88,12 @@ class Server:
         Path(self.log.name).unlink(missing_ok=True)
 
 
-def ponder_serve(*args: str) -> Server:
+def ponder_serve(*args: str, threads: int = 1) -> Server:
+    """``ponder serve`` on a free loopback port; torch in the server takes its thread
+    count from OMP_NUM_THREADS."""
     port = free_port()
     cmd = [sys.executable, "-m", "ponder.cli", "serve", "--port", str(port), *args]
-    return Server(cmd, port, env={"OMP_NUM_THREADS": "1"}, startup_s=120, name="ponder-serve")
+    return Server(cmd, port, env={"OMP_NUM_THREADS": str(threads)}, startup_s=120, name="ponder-serve")
 
 
 def vllm_serve() -> Server:
