@@ -171,28 +171,7 @@ class OpenAILM:
 
         with httpx.Client(timeout=httpx.Timeout(self.timeout, connect=self.connect_timeout),
                           headers=self._headers()) as c:
-            served: list[str] = []
-            for rep in self.replicas:  # every replica must answer and serve the model
-                try:
-                    r = c.get(rep.url + "/models")
-                except httpx.HTTPError as e:
-                    raise BackendError(f"cannot reach {rep.url}/models ({type(e).__name__}: {e}); "
-                                       "is the server running at that address?") from None
-                if r.status_code == 401:
-                    raise BackendError(f"{rep.url} refused the API key (401): pass api_key= (--api-key)")
-                if r.status_code != 200:
-                    raise BackendError(f"{rep.url}/models answered {r.status_code}: {_error_text(r)}")
-                try:
-                    ids = [m["id"] for m in r.json()["data"]]
-                except (ValueError, KeyError, TypeError):
-                    raise BackendError(f"{rep.url}/models did not answer an OpenAI model list: {r.text[:200]!r}") from None
-                if model is not None and ids and model not in ids:
-                    raise SettingError(f"{rep.url} does not serve model {model!r}; it serves {', '.join(ids)}")
-                served = served or ids
-            if model is None:
-                if not served:
-                    raise BackendError(f"{self.replicas[0].url}/models lists no model; pass model=")
-                model = served[0]
+            model = self._served_model(c, model)
             self.name = self.model = model
 
             url = self.replicas[0].url + ("/chat/completions" if self.chat else "/completions")
@@ -248,6 +227,35 @@ class OpenAILM:
             self.gives_usage = isinstance(plain.get("usage"), dict) and "completion_tokens" in plain["usage"]
             self.sampling = self._probe_sampling(ask)
         self.access = Access.LOGPROBS if self.gives_top_logprobs and self.scores_prompts else Access.TEXT
+
+    def _served_model(self, c: Any, model: str | None) -> str:
+        """The model every replica's ``/models`` lists: ``model`` if given, else the
+        first one listed. Errors say which replica failed and how."""
+        import httpx
+
+        served: list[str] = []
+        for rep in self.replicas:  # every replica must answer and serve the model
+            try:
+                r = c.get(rep.url + "/models")
+            except httpx.HTTPError as e:
+                raise BackendError(f"cannot reach {rep.url}/models ({type(e).__name__}: {e}); "
+                                   "is the server running at that address?") from None
+            if r.status_code == 401:
+                raise BackendError(f"{rep.url} refused the API key (401): pass api_key= (--api-key)")
+            if r.status_code != 200:
+                raise BackendError(f"{rep.url}/models answered {r.status_code}: {_error_text(r)}")
+            try:
+                ids = [m["id"] for m in r.json()["data"]]
+            except (ValueError, KeyError, TypeError):
+                raise BackendError(f"{rep.url}/models did not answer an OpenAI model list: {r.text[:200]!r}") from None
+            if model is not None and ids and model not in ids:
+                raise SettingError(f"{rep.url} does not serve model {model!r}; it serves {', '.join(ids)}")
+            served = served or ids
+        if model is None:
+            if not served:
+                raise BackendError(f"{self.replicas[0].url}/models lists no model; pass model=")
+            model = served[0]
+        return model
 
     @staticmethod
     def _probe_sampling(ask: Any) -> str:
@@ -570,9 +578,7 @@ class OpenAILM:
 
 def _choice_text(c: dict[str, Any]) -> str | None:
     """A completion's or a chat completion's text."""
-    if "message" in c:
-        return (c.get("message") or {}).get("content")
-    return c.get("text")
+    return (_chat_choice(c) if "message" in c else c).get("text")
 
 
 def _chat_choice(c: dict[str, Any]) -> dict[str, Any]:
