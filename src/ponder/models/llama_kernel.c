@@ -460,6 +460,15 @@ static int argmax(const float *x, int n) {
     return best;
 }
 
+/* log softmax(l)[b] over n logits, summed in double: what the Python step path
+ * reports as a token's log-probability. */
+static float log_prob(const float *l, int n, int b) {
+    int top = argmax(l, n);
+    double sum = 0.0;
+    for (int v = 0; v < n; v++) sum += exp((double)l[v] - l[top]);
+    return (float)((double)l[b] - l[top] - log(sum));
+}
+
 /* Greedy drafting for speculative decoding: k passes of one row, the first over the
  * n_feed pending tokens, each next one over the previous pass's argmax. tokens[0..k)
  * receives the k argmaxes; the cache ends holding the feed and tokens[0..k-1) (the last
@@ -512,18 +521,15 @@ int ponder_greedy_steps(const Model *m, int64_t first, int n, int64_t *start, fl
         *start += 1;
         /* the argmax outside ban[] while the ban lasts (min_tokens); the log-probability is
            the model's own, over every token, as the step path reports it */
-        int b = -1, top = 0;
+        int b = -1;
         for (int v = 0; v < head_rows; v++) {
-            if (logits[v] > logits[top]) top = v;
             int banned = 0;
             for (int j = 0; i < ban_steps && j < n_ban; j++) banned |= ban[j] == v;
             if (!banned && (b < 0 || logits[v] > logits[b])) b = v;
         }
         if (b < 0) return -3; /* everything banned */
-        double sum = 0.0;
-        for (int v = 0; v < head_rows; v++) sum += exp((double)logits[v] - logits[top]);
         tokens[i] = b;
-        lps[i] = (float)((double)logits[b] - logits[top] - log(sum));
+        lps[i] = log_prob(logits, head_rows, b);
         for (int j = 0; j < n_stop; j++)
             if (stop[j] == b) return i + 1;
         id[0] = b;
@@ -572,10 +578,8 @@ int ponder_greedy_round(const Model *tm, const Model *dm, const int64_t *t_feed,
     for (int j = 0; j <= k; j++) {
         const float *l = logits + (size_t)j * vocab;
         int b = argmax(l, vocab);
-        double sum = 0.0;
-        for (int v = 0; v < vocab; v++) sum += exp((double)l[v] - l[b]);
         best[j] = b;
-        lp[j] = (float)-log(sum);
+        lp[j] = log_prob(l, vocab, b);
         if (a < 0 && (j == k || drafts[j] != b)) a = j;
     }
     *t_start -= k - a;         /* the target keeps t_feed + drafts[0..a) */
@@ -695,10 +699,8 @@ int ponder_ngram_speculate(const Model *m, int64_t *ctx, int64_t n_ctx, int k, i
         for (int j = 0; j <= d; j++) {
             const float *l = logits + (size_t)j * vocab;
             int b = argmax(l, vocab);
-            double sum = 0.0;
-            for (int v = 0; v < vocab; v++) sum += exp((double)l[v] - l[b]);
             out[emitted] = b;
-            out_lp[emitted] = (float)-log(sum);
+            out_lp[emitted] = log_prob(l, vocab, b);
             ctx[n_ctx++] = b;
             emitted++;
             for (int s = 0; s < n_stop; s++) done |= stop[s] == b;
