@@ -183,17 +183,19 @@ def load_endpoint(spec: str, role: str = "--model", **options: Any) -> Any:
         raise SettingError(f"{role}: {e}") from None
 
 
-def load_model(name: Any, role: str, dtype: str = "float32") -> Any:
+def load_model(name: Any, role: str, dtype: str = "float32", **remote: Any) -> Any:
     """A shipped model, a checkpoint folder (a NativeLM), ``hf:NAME_OR_FOLDER`` (the
     same run by transformers, an HFLM), or ``http(s)://...`` (an OpenAI-compatible
-    endpoint, ``URL[,URL...][#MODEL]``); errors say which of the
-    command's models (``role``: --model, --draft-model, ...) it was."""
+    endpoint, ``URL[,URL...][#MODEL]``, with ``remote`` options for OpenAILM); errors
+    say which of the command's models (``role``: --model, --draft-model, ...) it was."""
     from .backends.native import NativeLM
 
     if not isinstance(name, str) or not name:
         raise SettingError(f"{role} must be a model name or a checkpoint folder; got {name!r}")
     if name.startswith(("http://", "https://")):
-        return load_endpoint(name, role)
+        return load_endpoint(name, role, **remote)
+    if remote:
+        raise SettingError(f"{role}: {', '.join(sorted(remote))} applies to a remote model (a URL) only")
     try:
         if name.startswith("hf:"):  # the same checkpoint run by transformers (extra `hf`)
             if not name[3:]:

@@ -173,12 +173,8 @@ def load_sweep_model(spec: dict[str, Any], dtype: str) -> Any:
     of a chunk run concurrently; their requests share ``concurrency`` connections)."""
     from .. import strategies
 
-    name = spec["name"]
-    if name.startswith(("http://", "https://")):
-        options = {k2: spec[k1] for k1, k2 in (("concurrency", "max_concurrency"), ("tokenizer", "tokenizer"))
-                   if k1 in spec}
-        return strategies.load_endpoint(name, "[[model]] name", **options)
-    return strategies.load_model(name, "[[model]] name", dtype)
+    remote = {k2: spec[k1] for k1, k2 in (("concurrency", "max_concurrency"), ("tokenizer", "tokenizer")) if k1 in spec}
+    return strategies.load_model(spec["name"], "[[model]] name", dtype, **remote)
 
 
 def sweep(cfg: SweepConfig, store: ResultsStore, command: str = "",
