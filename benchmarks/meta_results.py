@@ -126,10 +126,9 @@ def main() -> None:
         correct = sum(task.check_answer(p, g.text) for p, g in zip(problems, gens))
         lo, hi = wilson_interval(correct, len(problems))
         policy = gen_tok = 0
-        for g in gens:
-            u = policy_usage(g)
-            policy += u["computed_tokens"]
-            gen_tok += u["generated_tokens"]
+        for g in gens:  # generated tokens from the bill (a scorer generates none); the policy's computed
+            policy += policy_usage(g)["computed_tokens"]  # tokens from the tree or trace, without the scorers'
+            gen_tok += g.usage.generated_tokens
         total_computed = sum(g.usage.computed_tokens for g in gens)
         billed = sum(g.usage.wall_s for g in gens)
         P = len(problems)

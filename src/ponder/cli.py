@@ -431,7 +431,7 @@ def serve(
     reward_model: Optional[str] = typer.Option(None, "--reward-model", help="Reward model the strategies may use (e.g. arith-reward)."),
     task: Optional[str] = typer.Option("arith", "--task", help="Task whose answer format voting strategies read (ponder.task overrides)."),
     max_tokens: int = typer.Option(4096, "--max-tokens-limit", help="Largest max_tokens a request may ask (also capped by the context)."),
-    max_n: int = typer.Option(64, "--max-n", help="Largest n a request may ask."),
+    max_n: int = typer.Option(64, "--max-n", help="Largest number of generations a request may ask or spend: n, and n times a strategy's samples, beams, particles or iterations."),
     max_body_bytes: int = typer.Option(1 << 20, "--max-body-bytes", help="Largest request body."),
     max_inflight: int = typer.Option(256, "--max-inflight", help="Requests served at once; beyond, 429 with Retry-After."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16."),

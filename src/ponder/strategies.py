@@ -93,6 +93,11 @@ def build(name: str, lm: Any, params: SamplingParams | None = None, settings: di
     if given:  # an empty pattern is an error, not "no constraint"
         if not st.constraint:
             raise SettingError(f"--strategy {name} does not take a constraint (--json-schema, --regex, --grammar, --choice)")
+        if _remote(lm):  # before any grammar is compiled against a tokenizer the model may not have
+            raise SettingError(f"a constraint ({', '.join('--' + k.replace('_', '-') for k in given)}) needs the "
+                               f"model's logits, which {getattr(lm, 'endpoint', getattr(lm, 'name', lm))} does not "
+                               "give (a remote server is text or logprobs level): run the model in-process "
+                               "(native or hf:) or use the server's own structured output")
         from .decoding.constraints import Grammar
 
         settings["constraint"] = Grammar.from_settings(lm, **given).constraint()
@@ -229,9 +234,6 @@ def _remote(lm: Any) -> bool:
 def _text(lm, p, s):
     from .decoding.text import TextGenerator
 
-    if "constraint" in s:
-        raise SettingError(f"a constraint (--json-schema, --regex, --grammar, --choice) needs the model's logits; "
-                           f"{getattr(lm, 'name', lm)!r} is a remote server: run the model in-process")
     return TextGenerator(lm, p)
 
 
@@ -437,11 +439,13 @@ register(Strategy("particles", _search("ponder.meta.search.particles.ParticleFil
 def _mcts(lm, p, s, ctx):
     from .meta.search.mcts import MCTS
 
+    # A rollout scorer whenever one is at hand (the reward model as an ORM): MCTS then
+    # values nodes by PRM and rollout ("both", its default with a rollout scorer)
     rollout = None
-    if s.get("value", "prm") != "prm":
+    if s.get("value") != "prm":
         kind = s.get("rollout_scorer", "orm")
         if kind == "orm":
-            if ctx.reward_model is None:
+            if ctx.reward_model is None and s.get("value") is not None:
                 raise SettingError("--strategy mcts with value=rollout|both needs --reward-model (an ORM) or "
                                    "--set rollout_scorer=verifier (the task's exact answer checker)")
             rollout = ctx.reward_model
@@ -459,7 +463,7 @@ def _mcts(lm, p, s, ctx):
 
 
 register(Strategy("mcts", _mcts, "Monte Carlo tree search over steps, UCT (Hao et al. 2023): --set iterations=I "
-                  "width=W c=C value=prm|rollout|both rollout_scorer=orm|verifier",
+                  "width=W c=C value=prm|rollout|both (default both with a reward model) rollout_scorer=orm|verifier",
                   ("iterations", "width", "c", "value", "rollout_scorer", "max_depth", "scorer"), **_SEARCH))
 
 

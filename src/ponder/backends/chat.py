@@ -33,11 +33,17 @@ def check_messages(messages: Any, field: str = "messages") -> list[dict[str, str
         role, content = m.get("role"), m.get("content")
         if role not in ROLES:
             raise SettingError(f"{field}[{i}].role must be one of {', '.join(ROLES)}; got {role!r}")
-        if isinstance(content, list):  # content parts: text only
-            try:
-                content = "".join(p["text"] for p in content if p.get("type") == "text")
-            except (TypeError, KeyError, AttributeError):
-                raise SettingError(f"{field}[{i}].content parts must be {{type: text, text}} objects") from None
+        if isinstance(content, list):  # content parts: text only, and never dropped silently
+            texts = []
+            for j, part in enumerate(content):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind != "text":
+                    raise SettingError(f"{field}[{i}].content[{j}] is a {kind or type(part).__name__!s} part; this "
+                                       "model reads text only: send {type: text, text} parts")
+                if not isinstance(part.get("text"), str):
+                    raise SettingError(f"{field}[{i}].content[{j}].text must be a string")
+                texts.append(part["text"])
+            content = "".join(texts)
         if not isinstance(content, str):
             raise SettingError(f"{field}[{i}].content must be a string; got {type(content).__name__}")
         out.append({"role": role, "content": content})

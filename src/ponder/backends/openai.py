@@ -17,7 +17,7 @@ Scale-out and faults:
   requests outstanding (least-outstanding-requests), skipping one that failed in
   the last seconds;
 * a request that meets 429, 5xx, a timeout, a dropped connection or malformed JSON is
-  retried on another replica, with exponential backoff and jitter (``stamina``),
+  retried on another replica, with exponential backoff and jitter (``tenacity``),
   honouring ``Retry-After``; retries are bounded by count and by time, and a request
   that still fails raises ``BackendError`` naming the server and every error;
 * each result slot is filled by exactly one response, so nothing is lost or counted
@@ -39,6 +39,10 @@ with the model's tokenizer if it has one (``tokenizer=``), and each generation's
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
+import logging
+import math
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -48,6 +52,8 @@ from typing import Any, Sequence
 from ..errors import BackendError, SettingError
 from ..protocols import Access
 from ..types import Generation, Usage
+
+log = logging.getLogger("ponder.openai")
 
 # statuses worth another attempt (elsewhere): rate limits, overload, gateway faults
 RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
@@ -89,13 +95,47 @@ class Replica:
         self.served += 1
 
 
+class SharedClock:
+    """Wall time split among the requests in flight, as the engine splits a step among
+    the rows it serves: each moment is billed once, in equal parts to the requests
+    outstanding then. So the bills of concurrent requests sum to the time during which
+    any was in flight (never 64 times it), and a request alone is billed its latency."""
+
+    def __init__(self) -> None:
+        self.last = time.perf_counter()
+        self.accrued: dict[int, float] = {}  # token -> seconds billed so far
+        self.tokens = itertools.count()
+
+    def _advance(self) -> None:
+        now = time.perf_counter()
+        if self.accrued:
+            share = (now - self.last) / len(self.accrued)
+            for k in self.accrued:
+                self.accrued[k] += share
+        self.last = now
+
+    def start(self) -> int:
+        self._advance()
+        token = next(self.tokens)
+        self.accrued[token] = 0.0
+        return token
+
+    def stop(self, token: int) -> float:
+        self._advance()
+        return self.accrued.pop(token, 0.0)
+
+
 @dataclass
 class _LoopState:
-    """What is bound to one event loop: the HTTP client and the concurrency limit."""
+    """What is bound to one event loop: the HTTP client, the concurrency limit and the
+    clock that splits wall time among the requests in flight."""
 
     client: Any
     limit: asyncio.Semaphore
     tasks: set = field(default_factory=set)
+    clock: SharedClock = field(default_factory=SharedClock)
+    seeded: asyncio.Condition = field(default_factory=asyncio.Condition)  # pacing of seeded prompts
+    seeded_tokens: int = 0  # prompt tokens of seeded requests in flight
 
 
 def _retry_after(headers: Any) -> float | None:
@@ -133,10 +173,15 @@ class OpenAILM:
     """
 
     KEEPALIVE = 8  # idle connections kept per event loop (see _state)
+    # vLLM's default token budget of one engine step on a CPU (max_num_batched_tokens of
+    # its API server); seeded requests are paced below it (_seeded_slot)
+    VLLM_STEP_TOKENS = 2048
+    QUIET_S = 5.0  # a retry round is logged once in this many seconds (_say_retry)
 
     def __init__(self, base_url: str | Sequence[str], model: str | None = None, *, api_key: str | None = None,
                  tokenizer: Any = None, max_concurrency: int = 64, timeout: float = 300.0, attempts: int = 6,
-                 retry_timeout: float = 600.0, connect_timeout: float = 10.0, chat: bool = False) -> None:
+                 retry_timeout: float = 600.0, connect_timeout: float = 10.0, chat: bool = False,
+                 seeded_prefill_tokens: int | str | None = "auto") -> None:
         urls = [base_url] if isinstance(base_url, str) else list(base_url)
         if not urls or not all(isinstance(u, str) and u.startswith(("http://", "https://")) for u in urls):
             raise SettingError(f"base_url must be one or more http(s):// URLs of an OpenAI-compatible API "
@@ -148,6 +193,11 @@ class OpenAILM:
         for name, v in (("timeout", timeout), ("retry_timeout", retry_timeout), ("connect_timeout", connect_timeout)):
             if not isinstance(v, (int, float)) or v <= 0:
                 raise SettingError(f"{name} must be a number of seconds > 0; got {v!r}")
+        if not (seeded_prefill_tokens in ("auto", None) or (isinstance(seeded_prefill_tokens, int)
+                                                            and not isinstance(seeded_prefill_tokens, bool)
+                                                            and seeded_prefill_tokens >= 1)):
+            raise SettingError("seeded_prefill_tokens must be 'auto', None (no pacing) or an integer >= 1 (prompt "
+                               f"tokens of seeded requests in flight); got {seeded_prefill_tokens!r}")
         if not isinstance(chat, bool):
             raise SettingError(f"chat must be True (each prompt a user message to /chat/completions) or False; got {chat!r}")
         split = [_api_root(u) for u in urls]
@@ -163,6 +213,9 @@ class OpenAILM:
         self.timeout, self.connect_timeout = float(timeout), float(connect_timeout)
         self._loops: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState]" = weakref.WeakKeyDictionary()
         self.retries = 0  # attempts that failed and were retried, over this object's life
+        self.seeded_prefill_tokens: int | None = None  # set by _probe from the setting and the server's kind
+        self._seeded_setting = seeded_prefill_tokens
+        self._said: dict[int, float] = {}  # retry round -> when it was last logged (_say_retry)
         self._probe(model)
 
     # -- probing ---------------------------------------------------------------------------
@@ -173,6 +226,13 @@ class OpenAILM:
                           headers=self._headers()) as c:
             model = self._served_model(c, model)
             self.name = self.model = model
+            if self._seeded_setting == "auto":
+                # vLLM's CPU engine dies on a seeded request whose prompt it prefills in
+                # chunks (see _seeded_slot): pace seeded requests so that none is chunked
+                self.seeded_prefill_tokens = (max(self.VLLM_STEP_TOKENS // 4, self.VLLM_STEP_TOKENS - self.max_concurrency)
+                                              if self.server == "vllm" else None)
+            else:
+                self.seeded_prefill_tokens = self._seeded_setting
 
             url = self.replicas[0].url + ("/chat/completions" if self.chat else "/completions")
 
@@ -245,9 +305,13 @@ class OpenAILM:
             if r.status_code != 200:
                 raise BackendError(f"{rep.url}/models answered {r.status_code}: {_error_text(r)}")
             try:
-                ids = [m["id"] for m in r.json()["data"]]
+                listed = r.json()["data"]
+                ids = [m["id"] for m in listed]
             except (ValueError, KeyError, TypeError):
                 raise BackendError(f"{rep.url}/models did not answer an OpenAI model list: {r.text[:200]!r}") from None
+            owners = {m.get("owned_by") for m in listed if isinstance(m, dict)}
+            self.server = "vllm" if "vllm" in owners else getattr(self, "server", None) or (
+                next(iter(owners)) if len(owners) == 1 and isinstance(next(iter(owners)), str) else "unknown")
             if model is not None and ids and model not in ids:
                 raise SettingError(f"{rep.url} does not serve model {model!r}; it serves {', '.join(ids)}")
             served = served or ids
@@ -278,7 +342,8 @@ class OpenAILM:
         """What probing found (what ``ponder models --endpoint`` prints)."""
         return {"model": self.model, "endpoint": self.endpoint, "chat": self.chat, "access": self.access.name.lower(),
                 "n": self.supports_n, "top_logprobs": self.gives_top_logprobs, "prompt_scoring": self.scores_prompts,
-                "token_ids": self.returns_token_ids, "usage": self.gives_usage, "sampling": self.sampling}
+                "token_ids": self.returns_token_ids, "usage": self.gives_usage, "sampling": self.sampling,
+                "server": self.server, "seeded_prefill_tokens": self.seeded_prefill_tokens}
 
     # -- requests --------------------------------------------------------------------------
     def _headers(self) -> dict[str, str]:
@@ -313,33 +378,39 @@ class OpenAILM:
         return min(pool, key=lambda r: (r.outstanding, r.down_until, r.served))
 
     async def _post(self, path: str, body: dict[str, Any]) -> tuple[dict[str, Any], float]:
-        """POST to a replica, with bounded retries elsewhere; returns (JSON, seconds)."""
+        """POST to a replica, with bounded retries elsewhere; returns (JSON, the wall
+        seconds billed to it: its share of the time, see ``SharedClock``).
+        Retries are ``tenacity``'s (exponential backoff with jitter, ``Retry-After``
+        honoured), and say one line per retry round, not one per request: when a server
+        dies under 64 concurrent requests, the user reads a few lines, not hundreds."""
         import httpx
-        import stamina
+        from tenacity import (AsyncRetrying, retry_if_exception_type, stop_after_attempt, stop_after_delay,
+                              wait_exponential_jitter)
 
         st = self._state()
         errors: list[str] = []
         tried: set[int] = set()
+        backoff = wait_exponential_jitter(initial=0.1, max=5.0, jitter=0.5)
 
-        def retry_on(exc: Exception) -> bool | float:
-            if isinstance(exc, _Retry):
-                return exc.wait if exc.wait is not None else True
-            return False
+        def wait(state: Any) -> float:
+            exc = state.outcome.exception() if state.outcome is not None else None
+            return exc.wait if isinstance(exc, _Retry) and exc.wait is not None else backoff(state)
 
         async with st.limit:
+            token = st.clock.start()  # billed from here: waiting for a free slot is others' time
             try:
-                async for attempt in stamina.retry_context(on=retry_on, attempts=self.attempts,
-                                                           timeout=self.retry_timeout, wait_initial=0.1,
-                                                           wait_max=5.0, wait_jitter=0.5):
+                async for attempt in AsyncRetrying(retry=retry_if_exception_type(_Retry), reraise=True, wait=wait,
+                                                   stop=stop_after_attempt(self.attempts)
+                                                   | stop_after_delay(self.retry_timeout),
+                                                   before_sleep=lambda state: self._say_retry(state, errors)):
                     with attempt:
-                        if attempt.num > 1:
+                        if attempt.retry_state.attempt_number > 1:
                             self.retries += 1
                         if len(tried) == len(self.replicas):
                             tried.clear()
                         rep = self._pick(tried)
                         tried.add(self.replicas.index(rep))
                         rep.outstanding += 1
-                        t0 = time.perf_counter()
                         try:
                             r = await st.client.post(rep.url + path, json=body)
                             data = r.json() if r.status_code == 200 else None
@@ -364,11 +435,23 @@ class OpenAILM:
                             errors.append(f"{rep.url}: not a completion ({str(data)[:120]})")
                             raise _Retry(errors[-1])
                         rep.succeeded()
-                        return data, time.perf_counter() - t0
+                        return data, st.clock.stop(token)
             except _Retry:
                 pass
+            finally:
+                st.clock.stop(token)
         raise BackendError(f"{path} to {self.endpoint} failed after {len(errors)} attempt(s) "
                            f"(at most {self.attempts}, {self.retry_timeout:g} s): " + "; ".join(errors[-4:]))
+
+    def _say_retry(self, state: Any, errors: list[str]) -> None:
+        """One log line per retry round: the first request to fail its k-th attempt says
+        so; the others failing alongside it within a few seconds stay quiet."""
+        k, now = state.attempt_number, time.monotonic()
+        if now - self._said.get(k, -math.inf) < self.QUIET_S:
+            return
+        self._said[k] = now
+        log.warning("ponder: %s: %s; retrying (attempt %d of at most %d)", self.endpoint,
+                    errors[-1] if errors else "failed", k + 1, self.attempts)
 
     # -- TextLM ----------------------------------------------------------------------------
     def _body(self, prompt: str | list[int], params: Any, n: int, seed: int | None) -> dict[str, Any]:
@@ -456,8 +539,12 @@ class OpenAILM:
         return gens[:n]
 
     async def _complete(self, prompt: str, params: Any, n: int, seed: int | None) -> list[Generation]:
-        data, elapsed = await self._post("/chat/completions" if self.chat else "/completions",
-                                         self._body(prompt, params, n, seed))
+        path, body = "/chat/completions" if self.chat else "/completions", self._body(prompt, params, n, seed)
+        if seed is not None and self.seeded_prefill_tokens is not None:
+            async with self._seeded_slot(prompt):
+                data, elapsed = await self._post(path, body)
+        else:
+            data, elapsed = await self._post(path, body)
         choices = sorted(data["choices"], key=lambda c: c.get("index", 0))
         if not choices:
             raise BackendError(f"{self.endpoint} answered a completion with no choices")
@@ -465,6 +552,41 @@ class OpenAILM:
         gens = [self._generation(c, params.stop) for c in choices]
         self._bill(gens, prompt, usage, elapsed)
         return gens
+
+    def _prompt_tokens(self, prompt: str) -> int:
+        """The prompt's tokens on the server, or a bound on them: exact with a tokenizer
+        (+1 for a BOS), else its UTF-8 bytes + 1 (a token spells at least one byte)."""
+        if self.tokenizer is not None:
+            return len(self.tokenizer.encode(prompt).ids) + 1
+        return len(prompt.encode()) + 1
+
+    @contextlib.asynccontextmanager
+    async def _seeded_slot(self, prompt: str) -> Any:
+        """Hold a seeded request back until its prompt fits in what vLLM prefills in one
+        step beside the others in flight. vLLM (0.32, CPU) rewinds a seeded request's
+        random generator when it prefills the prompt in chunks, which a CPU generator
+        cannot do (``RuntimeError: CPU Generator does not use offset``), and its engine
+        dies (``EngineDeadError``) for every client. A step-level search sends many
+        seeded requests at once, whose prompts overflow the step's 2,048 tokens, so the
+        last one admitted was chunked: every PRM beam search and REBASE over 50 problems
+        killed the server. Requests without a seed are never held."""
+        need = self._prompt_tokens(prompt)
+        budget = self.seeded_prefill_tokens
+        if need > budget:
+            raise SettingError(f"a seeded request of about {need} prompt tokens would be prefilled by {self.endpoint} "
+                               f"in chunks (at most {budget} tokens a step are safe), which kills vLLM's CPU engine "
+                               "(CPU Generator does not use offset): unset the seed, or start vLLM with a larger "
+                               "--max-num-batched-tokens and pass seeded_prefill_tokens= to match")
+        st = self._state()
+        async with st.seeded:
+            await st.seeded.wait_for(lambda: st.seeded_tokens + need <= budget)
+            st.seeded_tokens += need
+        try:
+            yield
+        finally:
+            async with st.seeded:
+                st.seeded_tokens -= need
+                st.seeded.notify_all()
 
     def _generation(self, c: dict[str, Any], stops: Sequence[str] = ()) -> Generation:
         if "message" in c:  # a chat choice: the same fields, spelled the chat way

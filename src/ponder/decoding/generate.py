@@ -162,6 +162,20 @@ def decode_loop(
     yield from engine_for(lm).run(reqs, cancel, started, arrived)
 
 
+_CLOSING: set = set()  # clean-ups of closed streams, held until they finish
+
+
+async def _close_stream(pending: Any, it: Any) -> None:
+    """Wait for a worker inside ``next(it)`` to see the cancel, then close ``it`` (which
+    withdraws its requests from the engine, if the engine has not dropped them yet)."""
+    if pending is not None:
+        try:
+            await pending
+        except BaseException:
+            pass
+    await asyncio.to_thread(it.close)
+
+
 async def run_cancellable(fn: Callable[..., Any], *args: Any, engine: Any = None) -> Any:
     """``fn(*args, cancel=event)`` on a worker thread, so the event loop never blocks on
     the engine. If the awaiting task is cancelled, the event is set, the worker
@@ -316,13 +330,13 @@ class TokenGenerator(GeneratorBase):
                     return
                 yield ev
         finally:
-            cancel.set()
-            if pending is not None:  # the worker is inside next(): let it see the cancel and stop
-                try:
-                    await pending
-                except BaseException:
-                    pass
-            await asyncio.to_thread(it.close)
+            cancel.set()  # the engine drops the rows at its next step, whoever steps it
+            # The clean-up is a task of its own: a server cancels a closed stream's task
+            # again and again (anyio's cancel scopes), which must not cut it short.
+            cleanup = asyncio.ensure_future(_close_stream(pending, it))
+            _CLOSING.add(cleanup)
+            cleanup.add_done_callback(_CLOSING.discard)
+            await asyncio.shield(cleanup)
 
 
 class Greedy(TokenGenerator):

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..types import Generation
-from .requests import DRAW_BLOCK, Request, StreamEvent, invalid_logits_error
+from .requests import DRAW_BLOCK, Request, event, invalid_logits_error
 
 
 class Decoding:
@@ -291,6 +291,8 @@ class Decoding:
         """After ``t`` joined ``row``: does the row end here (a stop token, a stop string
         in its text, max_tokens)? If not, a stream gets the text that is now safe (no
         stop string can still start in it). Returns whether the row finished."""
+        if r.first_token_at is None:
+            r.first_token_at = time.perf_counter()
         if t in r.stop_ids:
             row.finish, row.stop = "stop", t
         elif row.detok is not None:
@@ -309,7 +311,7 @@ class Decoding:
         if r.stream:
             safe = r.stopper.safe_length(row.text)
             if safe > row.released:
-                r.events.append(StreamEvent(r.index_base + row.sample, t, row.text[row.released : safe]))
+                r.events.append(event(r, row, row.text[row.released : safe]))
                 row.released = safe
         return False
 

@@ -42,7 +42,7 @@ from ..errors import RequestCancelled, SettingError
 from ..types import Generation, Usage
 from .decode import Decoding
 from .requests import (
-    FifoAdmission, Request, StreamEvent, _Row, check_prompt, context_budget, row_generator,
+    FifoAdmission, Request, StreamEvent, _Row, check_prompt, context_budget, event, row_generator,
 )
 from .stopping import IncrementalDetokenizer
 
@@ -100,6 +100,9 @@ class Engine(Decoding):
         self._cache: Any = None
         self._spare: Any = None  # an emptied batch's KV allocation, kept for the next batch
         self._logits: torch.Tensor | None = None  # [B, V] pending next-token logits of every live row
+        # observe(name, seconds): told each request's time to first token and each
+        # sample's time per output token (ponder serve's /metrics); None: nobody listens
+        self.observe: Callable[[str, float], None] | None = None
         self.steps = 0
         self.multi_step_calls = 0  # steps decoded several tokens at once (_decode_steps)
         self.peak_rows = 0
@@ -168,7 +171,7 @@ class Engine(Decoding):
         with self._lock:
             for r in requests:
                 if not r.submitted:
-                    r.submitted = True
+                    r.submitted, r.arrived = True, time.perf_counter()
                     self._waiting.append(r)
 
     def run(self, requests: Sequence[Request], cancel: threading.Event | None = None,
@@ -183,6 +186,8 @@ class Engine(Decoding):
         waiting for another caller's step is not (that step bills it)."""
         begin = time.perf_counter() if started is None else started
         stepping = yielded = 0.0
+        for r in requests:
+            r.cancel = cancel
         self.submit(requests)
         if arrived is not None:
             arrived()
@@ -240,6 +245,16 @@ class Engine(Decoding):
         """Requests in the batch or waiting to join it."""
         return len(self._active) + len(self._waiting)
 
+    @property
+    def in_batch(self) -> int:
+        """Requests in the running batch."""
+        return len(self._active)
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting to join the batch."""
+        return len(self._waiting)
+
     # -- one step --------------------------------------------------------------------------------
     def _step(self) -> None:
         try:
@@ -247,6 +262,9 @@ class Engine(Decoding):
                 r = self._withdrawn.popleft()
                 if not r.done:
                     self._drop([r], RequestCancelled("the request was withdrawn"))
+            given_up = [r for r in (*self._active, *self._waiting) if r.cancel is not None and r.cancel.is_set()]
+            if given_up:  # their callers gave up: free the rows now, whoever is stepping
+                self._drop(given_up, RequestCancelled("the request was cancelled"))
             self._admit()
             if self._logits is None or not self._active:
                 return
@@ -413,8 +431,14 @@ class Engine(Decoding):
         )
         if first and r.reused:
             g.meta["prefix_cache_hit_tokens"] = r.reused
+        if self.observe is not None and r.first_token_at is not None:
+            now = time.perf_counter()
+            if first:
+                self.observe("time_to_first_token", r.first_token_at - r.arrived)
+            if len(row.ids) > 1:
+                self.observe("time_per_output_token", (now - r.first_token_at) / (len(row.ids) - 1))
         r.outputs[row.sample] = g
-        r.events.append(StreamEvent(r.index_base + row.sample, row.ids[-1], row.text[min(row.released, len(row.text)):], g))
+        r.events.append(event(r, row, row.text[min(row.released, len(row.text)):], g))
         return g
 
 

@@ -51,6 +51,11 @@ class StreamEvent:
     token_id: int | None
     text: str
     generation: Generation | None = None  # set on the event that finishes the output
+    # the tokens this event covers (since the output's previous event), with their
+    # log-probabilities and, when asked, their top-k alternatives
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[dict[int, float]] | None = None
 
 
 @dataclass
@@ -62,9 +67,18 @@ class _Row:
     top: list[dict[int, float]] | None = None  # the top-k log-probabilities at each token, when asked
     text: str = ""
     released: int = 0
+    emitted: int = 0  # tokens covered by stream events so far
     finish: str | None = None
     stop: str | int | None = None
     computed: int = 0  # decode-step tokens this sample's physical row computed on its behalf
+
+
+def event(r: "Request", row: _Row, text: str, generation: Generation | None = None) -> StreamEvent:
+    """The stream event of ``row``'s new text, covering its tokens since the last event."""
+    a, b = row.emitted, len(row.ids)
+    row.emitted = b
+    return StreamEvent(r.index_base + row.sample, row.ids[-1] if row.ids else None, text, generation,
+                       row.ids[a:b], row.logprobs[a:b], row.top[a:b] if row.top is not None else None)
 
 
 class Request:
@@ -86,7 +100,13 @@ class Request:
         self.outputs: list[Generation | None] = [None] * n
         self.events: collections.deque[StreamEvent] = collections.deque()
         self.error: BaseException | None = None
+        # The caller's cancel event: every step drops a request whose event is set, so a
+        # caller that gave up frees its rows even if it never runs again (an abandoned
+        # stream whose clean-up was itself cancelled).
+        self.cancel: Any = None
         self.submitted = False
+        self.arrived = 0.0  # perf_counter at submission, and at its first token (for /metrics)
+        self.first_token_at: float | None = None
         self.reused = 0  # prompt tokens served by the prefix cache
         self.prompt_wall = 0.0
         # set on admission

@@ -28,7 +28,8 @@ class ApiError(Exception):
 
     def body(self) -> dict[str, Any]:
         kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                413: "invalid_request_error", 429: "rate_limit_error"}.get(self.status, "server_error")
+                405: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
+                429: "rate_limit_error", 503: "service_unavailable"}.get(self.status, "server_error")
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.status}}
 
 
@@ -52,11 +53,11 @@ class Limits:
 _PARAMS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "seed", "frequency_penalty",
            "presence_penalty", "repetition_penalty", "min_tokens", "stop_token_ids", "ignore_eos", "typical_p")
 # accepted and without effect on the output (so clients that always send them work)
-_IGNORED = ("user", "stream_options", "suffix", "best_of", "service_tier", "store", "metadata",
-            "parallel_tool_calls", "skip_special_tokens", "spaces_between_special_tokens")
-_COMMON = {"model", "stream", "stop", "logit_bias", "response_format", "ponder", "return_token_ids",
+_IGNORED = ("user", "service_tier", "store", "metadata", "parallel_tool_calls", "skip_special_tokens",
+            "spaces_between_special_tokens")
+_COMMON = {"model", "stream", "stream_options", "stop", "logit_bias", "response_format", "ponder", "return_token_ids",
            "return_tokens_as_token_ids", *_PARAMS, *_IGNORED}
-COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "logprobs"}
+COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "logprobs", "best_of", "suffix"}
 CHAT_FIELDS = _COMMON | {"messages", "logprobs", "top_logprobs", "max_completion_tokens", "add_generation_prompt",
                          "continue_final_message"}
 
@@ -80,6 +81,9 @@ class Job:
     tokens_as_ids: bool = False
     model: str = ""
     score_only: bool = False  # echo with max_tokens 0: the prompt's logprobs, nothing generated
+    max_tokens_given: bool = False  # the client chose max_tokens (else it shrinks to what the context leaves)
+    best_of: int | None = None  # draw best_of samples, answer the n most likely (completions, as vLLM)
+    include_usage: bool = True  # a stream's last chunk carries usage (stream_options.include_usage)
 
 
 def _int(body: dict, name: str, lo: int, hi: int | None, default: Any = None) -> Any:
@@ -101,8 +105,9 @@ def _bool(body: dict, name: str) -> bool:
     return v
 
 
-def parse(body: Any, chat: bool, limits: Limits, context: int, served: str) -> Job:
-    """A request body as a Job, or an ApiError naming the field."""
+def parse(body: Any, chat: bool, limits: Limits, context: int, served: str, vocab: int | None = None) -> Job:
+    """A request body as a Job, or an ApiError naming the field. ``vocab``: the
+    model's vocabulary size, which bounds token ids (``logit_bias``)."""
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
     legal = CHAT_FIELDS if chat else COMPLETION_FIELDS
@@ -119,9 +124,17 @@ def parse(body: Any, chat: bool, limits: Limits, context: int, served: str) -> J
     if chat and body.get("max_completion_tokens") is not None:
         raw["max_tokens"] = body["max_completion_tokens"]
     cap = min(limits.max_tokens, context)
+    given = raw.get("max_tokens") is not None
     mt = _int(raw, "max_tokens", 0, cap, 16 if not chat else min(cap, 512))
     raw["max_tokens"] = mt
-    _int(raw, "n", 1, limits.max_n, 1)
+    n = _int(raw, "n", 1, limits.max_n, 1)
+    best_of = None if chat else _int(body, "best_of", 1, limits.max_n, None)
+    if best_of is not None and best_of < n:
+        raise bad(f"best_of ({best_of}) must be >= n ({n}): the n most likely of best_of samples are returned",
+                  "best_of")
+    if not chat and body.get("suffix") not in (None, ""):
+        raise bad("suffix is not supported: ponder's models do not fill in the middle; send the prompt only",
+                  "suffix")
     if "stop" in body and body["stop"] is not None:
         stop = body["stop"]
         stop = [stop] if isinstance(stop, str) else stop
@@ -132,10 +145,24 @@ def parse(body: Any, chat: bool, limits: Limits, context: int, served: str) -> J
         lb = body["logit_bias"]
         try:
             raw["logit_bias"] = {int(k): float(v) for k, v in lb.items()}
-        except (AttributeError, TypeError, ValueError):
+        except (AttributeError, TypeError, ValueError, OverflowError):
             raise bad('logit_bias must be an object of token id to bias, e.g. {"17": -100}', "logit_bias") from None
+        out = [k for k in raw["logit_bias"] if not 0 <= k < (vocab if vocab is not None else 2 ** 31)]
+        if out:
+            raise bad(f"logit_bias key {out[0]} is not a token id of this model: ids are in [0, {vocab})",
+                      "logit_bias")
 
     job = Job(prompts=[], params=SamplingParams(), chat=chat, stream=_bool(body, "stream"), model=served)
+    job.max_tokens_given, job.best_of = given, best_of
+    so = body.get("stream_options")
+    if so is not None:
+        if not isinstance(so, dict) or not isinstance(so.get("include_usage", True), bool):
+            raise bad("stream_options must be {include_usage: true | false}", "stream_options")
+        if not job.stream:
+            raise bad("stream_options is only for stream: true", "stream_options")
+        job.include_usage = so.get("include_usage", True)
+    if best_of is not None and best_of > n and job.stream:
+        raise bad("best_of > n cannot stream: the best are known only at the end; set stream false", "best_of")
     job.token_ids = _bool(body, "return_token_ids")
     job.tokens_as_ids = _bool(body, "return_tokens_as_token_ids")
     if chat:
@@ -176,6 +203,8 @@ def parse(body: Any, chat: bool, limits: Limits, context: int, served: str) -> J
         if not isinstance(pd.get("trace", False), bool):
             raise bad("ponder.trace must be true or false", "ponder.trace")
         job.strategy, job.settings, job.task, job.trace = strategy, dict(settings), task, bool(pd.get("trace"))
+        if best_of is not None:
+            raise bad("best_of with ponder.strategy: the strategy chooses its own answers; drop best_of", "best_of")
         if job.stream:
             raise bad("stream with ponder.strategy: a strategy's answer is known only at its end; set stream false",
                       "stream")
@@ -238,37 +267,60 @@ def usage_of(gens: list[Generation]) -> dict[str, Any]:
 
 
 def token_text(lm: Any, tid: int, as_id: bool) -> str:
+    """A top-logprobs key: the token as the vocabulary spells it (or ``token_id:N``)."""
     return f"token_id:{tid}" if as_id else lm.decode([tid], skip_special_tokens=False)
 
 
+def pieces(lm: Any, ids: list[int], text: str) -> list[str]:
+    """What each token adds to ``text``: special tokens (EOS) add nothing, and tokens past
+    the text's end (a stop string's, cut from it) add nothing either, so the pieces
+    join to the text and ``text_offset`` agrees with the listed tokens."""
+    out, pos = [], 0
+    for tid in ids:
+        piece = lm.decode([tid])[: max(len(text) - pos, 0)]
+        out.append(piece)
+        pos += len(piece)
+    return out
+
+
+def _listed(lm: Any, ids: list[int], text: str, as_id: bool) -> list[str]:
+    return [f"token_id:{t}" for t in ids] if as_id else pieces(lm, ids, text)
+
+
 def completion_logprobs(lm: Any, g: Generation, job: Job, start: int = 0,
-                        prompt: tuple[list[int], list[float | None]] | None = None) -> dict[str, Any]:
+                        prompt: tuple[list[int], list[float | None], str] | None = None) -> dict[str, Any]:
     """The completions API's logprobs object (tokens, token_logprobs, top_logprobs,
-    text_offset), the echoed prompt's tokens first when ``prompt`` is given."""
+    text_offset), the echoed prompt's tokens first when ``prompt`` (ids, logprobs, text)
+    is given. The listed tokens spell the returned text: a leading BOS, which the text
+    does not hold, is left out of the echoed prompt."""
     toks, lps, tops, offs = [], [], [], []
     pos = start
     if prompt is not None:
-        for i, (tid, lp) in enumerate(zip(*prompt)):
-            s = token_text(lm, tid, job.tokens_as_ids)
+        p_ids, p_lps, p_text = prompt
+        skip = next((i for i, t in enumerate(p_ids) if lm.decode([t])), len(p_ids))  # leading specials (BOS)
+        for s, lp in zip(_listed(lm, p_ids[skip:], p_text, job.tokens_as_ids), p_lps[skip:]):
             toks.append(s), lps.append(lp), tops.append(None if lp is None else {s: lp}), offs.append(pos)
-            pos += len(lm.decode([tid]))
+            pos += len(s) if not job.tokens_as_ids else 0
+        pos = start + len(p_text)
+    own = pieces(lm, g.token_ids, g.text)
     for i, tid in enumerate(g.token_ids):
-        s = token_text(lm, tid, job.tokens_as_ids)
+        s = f"token_id:{tid}" if job.tokens_as_ids else own[i]
         toks.append(s)
         lps.append(g.logprobs[i] if g.logprobs and i < len(g.logprobs) else None)
         top = g.top_logprobs[i] if g.top_logprobs and i < len(g.top_logprobs) else {}
         tops.append({token_text(lm, t, job.tokens_as_ids): v for t, v in top.items()} if job.top_logprobs else None)
         offs.append(pos)
-        pos += len(lm.decode([tid]))
+        pos += len(own[i])
     return {"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs}
 
 
 def chat_logprobs(lm: Any, g: Generation, job: Job) -> dict[str, Any]:
     content = []
+    own = _listed(lm, g.token_ids, g.text, job.tokens_as_ids)
     for i, tid in enumerate(g.token_ids):
-        s = token_text(lm, tid, job.tokens_as_ids)
+        s = own[i]
         top = g.top_logprobs[i] if g.top_logprobs and i < len(g.top_logprobs) else {}
-        content.append({"token": s, "logprob": g.logprobs[i] if g.logprobs else None,
+        content.append({"token": s, "logprob": g.logprobs[i] if g.logprobs and i < len(g.logprobs) else None,
                         "bytes": list(s.encode()),
                         "top_logprobs": [{"token": token_text(lm, t, job.tokens_as_ids), "logprob": v,
                                           "bytes": list(token_text(lm, t, job.tokens_as_ids).encode())}

@@ -34,8 +34,13 @@ from ..backends.chat import ChatTemplate, check_messages
 from ..errors import BackendError, InvalidLogitsError, SettingError
 from ..protocols import AccessError
 from ..types import Generation, Usage
+from .metrics import ServerMetrics
 from .api import (ApiError, Job, Limits, bad, chat_logprobs, completion_logprobs, envelope, new_id, parse,
                   ponder_object, prompts_of, usage_of)
+
+
+class ShuttingDown(Exception):
+    """The server's grace period ran out before the request finished."""
 
 
 class ClosingStream(StreamingResponse):
@@ -53,6 +58,15 @@ class ClosingStream(StreamingResponse):
             await self.on_close()
 
 
+def best_of(gens: list[Generation], n: int) -> list[Generation]:
+    """The ``n`` samples of highest log-probability (summed over their tokens, as vLLM
+    and OpenAI rank ``best_of``), in that order; every sample's bill stays in theirs."""
+    ranked = sorted(gens, key=lambda g: -sum(g.logprobs or [0.0]))
+    kept, dropped = ranked[:n], ranked[n:]
+    kept[0].usage = kept[0].usage + Usage.total(g.usage for g in dropped)
+    return kept
+
+
 class Service:
     """One served model and what a request goes through: the key, the body, parsing
     into a ``Job`` (api.py), the strategy built through the registry, the prompts'
@@ -68,6 +82,12 @@ class Service:
         self.template = ChatTemplate.from_folder(getattr(lm, "path", None))
         self.tasks: dict[str, Any] = {}
         self.inflight = 0
+        self.stopping_at: float | None = None  # set at shutdown: in-flight work ends with 503 from then on
+        from ..engine.engine import engine_for
+
+        self.engine = engine_for(lm)
+        self.metrics = ServerMetrics(self.served)
+        self.engine.observe = self.metrics.observe
 
     # -- reading a request -------------------------------------------------------------
     def check_key(self, request: Request) -> None:
@@ -79,6 +99,13 @@ class Service:
             raise ApiError(401, "missing or wrong API key: send Authorization: Bearer KEY")
 
     async def read_json(self, request: Request) -> Any:
+        kind = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if kind != "application/json" and not kind.endswith("+json"):
+            # A web page may POST text/plain (or a form) to any address without asking;
+            # a JSON content type needs the browser's CORS preflight, which this server
+            # never grants: so no page can spend a keyless server's compute.
+            raise ApiError(415, f"the body must be JSON sent as Content-Type: application/json; got "
+                                f"{kind or 'no Content-Type'}")
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limits.max_body_bytes:
             raise ApiError(413, f"the body is {declared} bytes; at most {self.limits.max_body_bytes} are accepted")
@@ -92,6 +119,9 @@ class Service:
             return json.loads(b"".join(chunks) or b"null")
         except ValueError as e:
             raise bad(f"the body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise bad("the body's JSON is nested too deeply; no field of this API nests more than a few "
+                      "levels") from None
 
     def task_for(self, job: Job) -> Any:
         name_ = job.task or self.task
@@ -111,12 +141,44 @@ class Service:
         settings = {**job.settings, **job.constraint}
         ctx = strategies.Context(task=self.task_for(job) if job.strategy else None, reward_model=self.reward_model)
         try:
-            return strategies.build(name_, self.lm, job.params.replace(n=1, seed=None), settings, ctx)
+            gen = strategies.build(name_, self.lm, job.params.replace(n=1, seed=None), settings, ctx)
         except (SettingError, AccessError) as e:
             param = "response_format" if job.constraint and "schema" in str(e).lower() else (
                 "ponder.settings" if job.strategy else None)
             msg = str(e).replace("--strategy", "ponder.strategy").replace("--set ", "ponder.settings.")
             raise bad(msg, param) from None
+        self.check_spend(job, gen)
+        return gen
+
+    # what a generator spends per output, by the attribute that counts it
+    SPEND = ("n", "N", "num_beams", "breadth", "iterations", "max_expansions", "probe_n", "trials", "rounds")
+
+    def check_spend(self, job: Job, gen: Any) -> None:
+        """The limits hold for what a strategy spends, not only for the top-level fields:
+        its samples, beams, particles or iterations (its defaults included) times ``n``
+        are within ``max_n``, and its rollouts within ``max_tokens``. Nested generators
+        (an inner strategy, a policy's candidates) are read too."""
+        lim, n = self.limits, job.params.n
+        seen, todo = set(), [(gen, 0)]
+        while todo:
+            g, depth = todo.pop()
+            if id(g) in seen or depth > 3:
+                continue
+            seen.add(id(g))
+            for attr, v in vars(g).items():
+                if attr in self.SPEND and isinstance(v, int) and not isinstance(v, bool) and v * n > lim.max_n:
+                    raise bad(f"ponder.settings: {job.strategy or 'the request'} would spend {v} {attr} per output "
+                              f"x n={n}, over this server's limit of {lim.max_n} generations a request (--max-n); ask "
+                              "for fewer samples, beams, particles or iterations", "ponder.settings")
+                if attr == "rollout_tokens" and isinstance(v, int) and v > lim.max_tokens:
+                    raise bad(f"ponder.settings.rollout_tokens {v} is over this server's max_tokens limit "
+                              f"{lim.max_tokens}", "ponder.settings")
+                if hasattr(v, "agenerate") and v is not g:
+                    todo.append((v, depth + 1))
+                elif isinstance(v, (list, tuple, dict)):
+                    for x in (v.values() if isinstance(v, dict) else v):
+                        if hasattr(x, "agenerate"):
+                            todo.append((x, depth + 1))
 
     def prompts(self, job: Job, body: dict) -> list[Any]:
         if job.chat:
@@ -132,11 +194,19 @@ class Service:
         return ps
 
     def check_lengths(self, job: Job) -> list[list[int]]:
+        """The prompts' token ids; a prompt that leaves no room, or less room than the
+        ``max_tokens`` the client asked for, is a 400 (as vLLM and OpenAI answer), never
+        a generation silently cut at the context."""
         ids = [self.lm.encode(p) if isinstance(p, str) else list(p) for p in job.prompts]
+        field_ = "messages" if job.chat else "prompt"
         for i, x in enumerate(ids):
             if len(x) >= self.context:
                 raise bad(f"prompt {i} is {len(x)} tokens; the model's context is {self.context} tokens, and generation "
-                          "needs room: shorten the prompt", "messages" if job.chat else "prompt")
+                          "needs room: shorten the prompt", field_)
+            if job.max_tokens_given and not job.score_only and len(x) + job.params.max_tokens > self.context:
+                raise bad(f"prompt {i} is {len(x)} tokens and max_tokens is {job.params.max_tokens}: together "
+                          f"{len(x) + job.params.max_tokens}, over the model's context of {self.context} tokens; "
+                          f"lower max_tokens to at most {self.context - len(x)} or shorten the prompt", "max_tokens")
         return ids
 
     # -- running it ----------------------------------------------------------------------
@@ -147,6 +217,13 @@ class Service:
             done, _ = await asyncio.wait({work}, timeout=0.2)
             if done:
                 return work.result()
+            if self.stopping_at is not None and time.monotonic() >= self.stopping_at:
+                work.cancel()  # its rows leave the batch; the client hears 503, not a cut connection
+                try:
+                    await work
+                except BaseException:
+                    pass
+                self.check_shutdown()
             if await request.is_disconnected():
                 work.cancel()
                 try:
@@ -161,7 +238,10 @@ class Service:
             return [[Generation(text="", token_ids=[], finish_reason="length",
                                 usage=Usage(prompt_tokens=len(x) if k == 0 else 0,
                                             computed_tokens=len(x) if k == 0 else 0)) for k in range(n)] for x in ids]
-        return await gen.agenerate_many(job.prompts, n=n, seed=seed)
+        if job.best_of is None or job.best_of == n:
+            return await gen.agenerate_many(job.prompts, n=n, seed=seed)
+        outs = await gen.agenerate_many(job.prompts, n=job.best_of, seed=seed)
+        return [best_of(gens, n) for gens in outs]
 
     async def prompt_logprobs(self, ids: list[int]) -> list[float | None]:
         scored = await asyncio.to_thread(self.lm.score_ids, ids[:1], ids[1:]) if len(ids) > 1 else []
@@ -182,7 +262,7 @@ class Service:
                 else:
                     lp = None
                     if job.top_logprobs is not None:
-                        lp = completion_logprobs(self.lm, g, job, 0, (ids[pi], p_lps) if p_lps is not None else None)
+                        lp = completion_logprobs(self.lm, g, job, 0, (ids[pi], p_lps, p_text) if p_lps is not None else None)
                     choice = {"index": i, "text": (p_text if job.echo else "") + g.text, "logprobs": lp,
                               "finish_reason": g.finish_reason, "stop_reason": g.stop}
                 if job.token_ids:
@@ -194,11 +274,16 @@ class Service:
             out["ponder"] = ponder_object(job, outs)
         return out
 
-    def stream(self, job: Job, gen: Any, ids: list[list[int]]) -> tuple[Any, Any]:
-        """Server-sent events: one chunk per released text delta, then [DONE]. Returns
-        the events and ``close``, which the response calls when it ends however it
-        ends: the events' generator itself is not closed when a client goes away (it
-        stays suspended until collected), so its producers would run on."""
+    async def stream(self, job: Job, gen: Any, ids: list[list[int]]) -> tuple[Any, Any]:
+        """Server-sent events: one chunk per released text delta (with its tokens'
+        logprobs when asked), then the usage (unless ``include_usage`` is false) and
+        [DONE]. Returns the events and ``close``, which the response calls when it ends
+        however it ends: the events' generator itself is not closed when a client goes
+        away (it stays suspended until collected), so its producers would run on.
+
+        The first event is awaited here, before the response starts: a request that
+        fails at once (a bad setting met by the engine) is an HTTP error, not a 200
+        whose body is an error event. A stream cut by shutdown ends with an error event."""
         n, seed = job.params.n, job.params.seed
         rid, created, kind = new_id("chatcmpl" if job.chat else "cmpl"), int(time.time()), \
             "chat.completion.chunk" if job.chat else "text_completion"
@@ -224,89 +309,172 @@ class Service:
             self.inflight -= 1  # first: the server may cancel this very call below
             for w in workers:  # each producer's own finally withdraws its rows from the batch
                 w.cancel()
-            await asyncio.gather(*workers, return_exceptions=True)
+            # shielded: the server cancels a closed stream's task on every await (anyio's
+            # cancel scope), and the producers must finish withdrawing all the same
+            try:
+                await asyncio.shield(asyncio.gather(*workers, return_exceptions=True))
+            except asyncio.CancelledError:
+                pass
 
-        def chunk(i: int, text: str | None, finish: str | None, first: bool = False) -> str:
+        try:
+            first = await self.next_event(queue)
+        except BaseException:
+            await close()
+            raise
+        if isinstance(first[1], BaseException):
+            await close()
+            raise self.failure(first[1])
+
+        def chunk(i: int, text: str | None, finish: str | None, first: bool = False, ev: Any = None,
+                  gtext: str = "") -> str:
+            lp = None
+            if job.top_logprobs is not None and ev is not None and ev.token_ids:
+                piece = Generation(text=gtext, token_ids=ev.token_ids, logprobs=ev.logprobs,
+                                   top_logprobs=ev.top_logprobs)
+                lp = (chat_logprobs(self.lm, piece, job) if job.chat
+                      else completion_logprobs(self.lm, piece, job, offsets[i]))
             if job.chat:
                 delta = ({"role": "assistant", "content": ""} if first else {}) | ({"content": text} if text else {})
-                c = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+                c = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}
             else:
-                c = {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}
+                c = {"index": i, "text": text or "", "logprobs": lp, "finish_reason": finish}
             return "data: " + json.dumps({"id": rid, "object": kind, "created": created, "model": self.served,
                                           "choices": [c]}) + "\n\n"
 
+        def error_event(msg: str, kind_: str = "server_error") -> str:
+            return "data: " + json.dumps({"error": {"message": msg, "type": kind_}}) + "\n\n"
+
+        offsets = {}  # output index -> characters streamed so far (text_offset of the next token)
+
+        t0 = time.monotonic()
+
         async def events():
             finished: list[Generation] = []
+            pending = [first]
             try:
                 for pi in range(len(job.prompts)):
                     for j in range(n):
                         head = job.prompts[pi] if (job.echo and isinstance(job.prompts[pi], str)) else None
+                        offsets[pi * n + j] = len(head or "")
                         if job.chat or head:
                             yield chunk(pi * n + j, head, None, first=True)
                 open_ = len(workers)
                 while open_:
-                    pi, ev = await queue.get()
+                    try:
+                        pi, ev = pending.pop() if pending else await self.next_event(queue)
+                    except ShuttingDown as e:
+                        yield error_event(str(e), "service_unavailable")
+                        yield "data: [DONE]\n\n"
+                        return
                     if ev is done:
                         open_ -= 1
                         continue
                     if isinstance(ev, BaseException):
-                        msg = str(ev) if isinstance(ev, (SettingError, InvalidLogitsError)) else f"{type(ev).__name__}: {ev}"
-                        yield "data: " + json.dumps({"error": {"message": msg, "type": "server_error"}}) + "\n\n"
+                        err = self.failure(ev)
+                        yield error_event(err.message, err.body()["error"]["type"])
                         open_ -= 1
                         continue
                     i = pi * n + ev.index
-                    if ev.text:
-                        yield chunk(i, ev.text, None)
-                    if ev.generation is not None:
+                    if ev.generation is None:
+                        yield chunk(i, ev.text, None, ev=ev, gtext=ev.text)
+                    else:
                         finished.append(ev.generation)
-                        yield chunk(i, None, ev.generation.finish_reason)
-                yield "data: " + json.dumps({"id": rid, "object": kind, "created": created, "model": self.served,
-                                             "choices": [], "usage": usage_of(finished)}) + "\n\n"
+                        yield chunk(i, ev.text or None, ev.generation.finish_reason, ev=ev, gtext=ev.text)
+                    offsets[i] = offsets.get(i, 0) + len(ev.text)
+                self.metrics.finished(Usage.total(g.usage for g in finished), [g.finish_reason for g in finished],
+                                      time.monotonic() - t0)
+                if job.include_usage:
+                    yield "data: " + json.dumps({"id": rid, "object": kind, "created": created, "model": self.served,
+                                                 "choices": [], "usage": usage_of(finished)}) + "\n\n"
                 yield "data: [DONE]\n\n"
             finally:
                 await close()
 
         return events(), close
 
+    async def next_event(self, queue: asyncio.Queue) -> Any:
+        """The next event of a stream; ``ShuttingDown`` once the server's grace period
+        is over."""
+        while True:
+            try:
+                return await asyncio.wait_for(queue.get(), timeout=0.2)
+            except asyncio.TimeoutError:
+                self.check_shutdown()
+
+    def check_shutdown(self) -> None:
+        if self.stopping_at is not None and time.monotonic() >= self.stopping_at:
+            raise ShuttingDown("the server is shutting down and this request did not finish within its grace "
+                               "period; retry it (on another replica if there is one)")
+
+    @staticmethod
+    def failure(e: BaseException) -> ApiError:
+        """An error met while generating, as the answer to the client."""
+        if isinstance(e, ApiError):
+            return e
+        if isinstance(e, (SettingError, AccessError)):
+            return bad(str(e))
+        if isinstance(e, InvalidLogitsError):
+            return bad(f"the request's settings left no token to pick: {e}")
+        if isinstance(e, BackendError):
+            return ApiError(502, str(e))
+        if isinstance(e, ShuttingDown):
+            return ApiError(503, str(e))
+        return ApiError(500, f"{type(e).__name__}: {e}")
+
     async def handle(self, request: Request, chat: bool) -> Any:
         self.check_key(request)
         body = await self.read_json(request)
-        job = parse(body, chat, self.limits, self.context, self.served)
+        job = parse(body, chat, self.limits, self.context, self.served, vocab=int(self.lm.vocab_size))
         job.prompts = self.prompts(job, body)
         ids = self.check_lengths(job)
         gen = self.generator(job)
+        if self.stopping_at is not None:
+            raise ApiError(503, "the server is shutting down; retry on another replica or after it restarts")
         if self.inflight >= self.limits.max_inflight:
             raise ApiError(429, f"the server is saturated ({self.limits.max_inflight} requests in flight); retry later",
                            headers={"Retry-After": str(self.limits.retry_after_s)})
         self.inflight += 1
-        if job.stream:
-            events, close = self.stream(job, gen, ids)
+        if job.stream:  # close() gives the slot back, however the stream ends
+            events, close = await self.stream(job, gen, ids)
             return ClosingStream(events, close, media_type="text/event-stream")
         try:
+            t0 = time.monotonic()
             work = asyncio.ensure_future(self.run(job, gen, ids))
             outs = await self.until_done(work, request)
-            return JSONResponse(await self.respond(job, outs, ids))
-        except (SettingError, AccessError) as e:
-            raise bad(str(e)) from None
-        except InvalidLogitsError as e:
-            raise bad(f"the request's settings left no token to pick: {e}") from None
-        except BackendError as e:
-            raise ApiError(502, str(e)) from None
+            answer = JSONResponse(await self.respond(job, outs, ids))
+            flat = [g for gs in outs for g in gs]
+            self.metrics.finished(Usage.total(g.usage for g in flat), [g.finish_reason for g in flat],
+                                  time.monotonic() - t0)
+            return answer
+        except ApiError:
+            raise
+        except (SettingError, AccessError, InvalidLogitsError, BackendError, ShuttingDown) as e:
+            raise self.failure(e) from None
         finally:
             self.inflight -= 1
-
 
 
 def create_app(lm: Any, *, reward_model: Any = None, task: str | None = "arith", api_key: str | None = None,
                limits: Limits | None = None, name: str | None = None) -> Any:
     """The FastAPI app serving ``lm`` (an in-process logits-level model: NativeLM or HFLM)."""
+    from fastapi.responses import Response
+    from starlette.exceptions import HTTPException
+
     svc = Service(lm, reward_model, task, api_key, limits, name)
-    app = FastAPI(title="ponder", version="0.1.0", docs_url=None, redoc_url=None)
+    app = FastAPI(title="ponder", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = svc
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError) -> Any:
+        svc.metrics.failed(e.status)
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, e: HTTPException) -> Any:  # unknown routes, wrong methods
+        msg = {404: f"no route {request.url.path}; this server has POST /v1/completions, POST /v1/chat/completions, "
+                    "GET /v1/models, GET /v1/strategies, GET /health and GET /metrics",
+               405: f"{request.method} is not allowed on {request.url.path}"}.get(e.status_code, str(e.detail))
+        return await _api_error(request, ApiError(e.status_code, msg, headers=dict(e.headers or {})))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
@@ -316,11 +484,20 @@ def create_app(lm: Any, *, reward_model: Any = None, task: str | None = "arith",
     async def chat_completions(request: Request) -> Any:
         return await svc.handle(request, chat=True)
 
+    def model_card() -> dict[str, Any]:
+        return {"id": svc.served, "object": "model", "created": 0, "owned_by": "ponder", "max_model_len": svc.context}
+
     @app.get("/v1/models")
     async def models(request: Request) -> Any:
         svc.check_key(request)
-        return {"object": "list", "data": [{"id": svc.served, "object": "model", "created": 0, "owned_by": "ponder",
-                                            "max_model_len": svc.context}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(request: Request, model_id: str) -> Any:
+        svc.check_key(request)
+        if model_id != svc.served:
+            raise ApiError(404, f"model {model_id!r} is not served here; this server serves {svc.served!r}", "model")
+        return model_card()
 
     @app.get("/v1/strategies")
     async def list_strategies(request: Request) -> Any:
@@ -330,18 +507,38 @@ def create_app(lm: Any, *, reward_model: Any = None, task: str | None = "arith",
 
     @app.get("/health")
     async def health() -> Any:
-        from ..engine.engine import engine_for
-
-        eng = engine_for(svc.lm)  # what a monitor wants to see of the batch
-        return {"status": "ok", "inflight": svc.inflight,
+        eng = svc.engine  # what a monitor wants to see of the batch
+        return {"status": "stopping" if svc.stopping_at is not None else "ok", "inflight": svc.inflight,
                 "engine": {"running": eng.running, "steps": eng.steps, "multi_step_calls": eng.multi_step_calls,
                            "peak_rows": eng.peak_rows, "kv_bytes": eng.kv_bytes_in_use()}}
+
+    @app.get("/metrics")
+    async def metrics() -> Any:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(svc.metrics.render(svc.engine, svc.inflight), media_type=CONTENT_TYPE_LATEST)
 
     return app
 
 
+GRACE_S = 5.0  # seconds in-flight requests get to finish at shutdown
+
+
 def serve(lm: Any, host: str = "127.0.0.1", port: int = 8000, **options: Any) -> None:
-    """Run the app with uvicorn until interrupted."""
+    """Run the app with uvicorn until interrupted. At SIGTERM or Ctrl-C, requests in
+    flight get the grace period to finish; a second before it ends, those still running
+    are cancelled (their rows leave the batch) and answered with an OpenAI-shaped 503,
+    and streams end with an error event, rather than uvicorn's plain-text 500 and
+    bodies cut mid-way."""
     import uvicorn
 
-    uvicorn.run(create_app(lm, **options), host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    app = create_app(lm, **options)
+    svc = app.state.service
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if svc.stopping_at is None:
+                svc.stopping_at = time.monotonic() + GRACE_S - 1.0
+            super().handle_exit(sig, frame)
+
+    Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=GRACE_S)).run()

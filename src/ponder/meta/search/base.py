@@ -48,6 +48,7 @@ class Node:
     logprob: float = 0.0
     children: list["Node"] = field(default_factory=list)
     drafts: list[dict[str, Any]] = field(default_factory=list)  # earlier steps refined away (step, score)
+    rollouts: list[dict[str, Any]] = field(default_factory=list)  # paths finished from here to value it (MCTS)
 
     def path(self) -> str:
         steps, n = [], self
@@ -67,7 +68,9 @@ class Node:
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "step": self.step, "depth": self.depth, "terminal": self.terminal,
                 "finish": self.finish, "score": self.score, "visits": self.visits, "value": self.value,
-                "usage": self.usage.to_dict(), "drafts": self.drafts, "children": [c.to_dict() for c in self.children]}
+                "usage": self.usage.to_dict(), "drafts": self.drafts,
+                **({"rollouts": self.rollouts} if self.rollouts else {}),
+                "children": [c.to_dict() for c in self.children]}
 
 
 class Tree:
