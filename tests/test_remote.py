@@ -155,7 +155,10 @@ def test_ponder_serve_with_the_openai_client(pserve, native_greedy):
     assert len(r.choices) == 3 and len(r.choices[0].logprobs.top_logprobs[0]) == 3
     assert all(x <= 0 for x in r.choices[0].logprobs.token_logprobs)
     r = client.completions.create(model="arith", prompt=PROMPTS[0], max_tokens=0, echo=True, logprobs=0)
-    assert r.choices[0].text == PROMPTS[0] and r.choices[0].logprobs.token_logprobs[0] is None
+    # the listed tokens spell the echoed text (no BOS, which the text lacks): the first is
+    # scored given the BOS, so it has a log-probability
+    assert r.choices[0].text == PROMPTS[0] == "".join(r.choices[0].logprobs.tokens)
+    assert all(x is not None and x <= 0 for x in r.choices[0].logprobs.token_logprobs)
     chat = client.chat.completions.create(model="arith", messages=[{"role": "user", "content": PROMPTS[0]}],
                                           max_tokens=160, temperature=0, logprobs=True, top_logprobs=2)
     assert chat.choices[0].message.content == native_greedy[0]
@@ -425,3 +428,82 @@ def test_a_chat_endpoint_without_a_template_says_so(vllm):
         OpenAILM(vllm.url + "/chat/completions")
     msg = str(e.value)
     assert "400" in msg and "chat template" in msg
+
+
+def test_step_searches_over_vllm_with_seeds(vllm, reward):
+    """PRM beam search, REBASE and MCTS, seeded, over 24 hard problems at once: their
+    concurrent seeded requests overflowed vLLM's 2,048-token step, vLLM prefilled one
+    in chunks and its CPU engine died (CPU Generator does not use offset). ponder paces
+    seeded prompts below the step budget; the server stays up and every search answers.
+    Bills are split among concurrent requests: they sum to the elapsed time."""
+    problems = TASK.problems("hard", 24)
+    prompts = [TASK.prompt(p) for p in problems]
+    lm = OpenAILM(vllm.url, tokenizer=ARITH)
+    assert lm.server == "vllm" and lm.seeded_prefill_tokens == 2048 - 64
+    ctx = strategies.Context(task=TASK, reward_model=reward)
+    p = SamplingParams(temperature=0.7, max_tokens=160)
+    for name, settings, least in (("prm-beam", {"samples": 4, "beam_width": 2}, 10), ("rebase", {"samples": 4}, 12),
+                                  ("mcts", {"iterations": 4}, 10)):
+        gen = strategies.build(name, lm, p, settings, ctx)
+        t0 = time.perf_counter()
+        outs = gen.generate_batch(prompts, n=1, seed=0)
+        elapsed = time.perf_counter() - t0
+        right = sum(TASK.check_answer(pr, o[0].text) for pr, o in zip(problems, outs))
+        assert right >= least, (name, right)
+        billed = sum(o[0].usage.wall_s for o in outs)
+        assert billed <= elapsed * 1.05, (name, billed, elapsed)
+    assert httpx.get(vllm.url + "/models").status_code == 200  # the engine is alive
+
+
+def test_remote_wall_time_bill_sums_to_elapsed(vllm):
+    """majority@8 over vLLM billed 279.6 s for a 6.55 s run: each concurrent request
+    was billed its whole latency. Now the time is split among the requests in flight."""
+    lm = OpenAILM(vllm.url, tokenizer=ARITH)
+    gen = strategies.build("majority", lm, SamplingParams(temperature=0.7, max_tokens=160), {"samples": 8},
+                           strategies.Context(task=TASK))
+    t0 = time.perf_counter()
+    outs = gen.generate_batch(PROMPTS, seed=1)
+    elapsed = time.perf_counter() - t0
+    billed = sum(o[0].usage.wall_s for o in outs)
+    assert 0.5 * elapsed <= billed <= 1.05 * elapsed, (billed, elapsed)
+    greedy = strategies.build("greedy", lm, SamplingParams(max_tokens=160))
+    t0 = time.perf_counter()
+    outs = greedy.generate_batch(PROMPTS)
+    elapsed = time.perf_counter() - t0
+    assert sum(o[0].usage.wall_s for o in outs) <= 1.05 * elapsed
+
+
+def test_a_constraint_on_a_remote_model_says_it_needs_logits(vllm):
+    lm = OpenAILM(vllm.url, tokenizer=ARITH)  # a tokenizer at hand: it crashed on eos_token_ids
+    bare = OpenAILM(vllm.url)  # none: the error blamed the tokenizer
+    for model in (lm, bare):
+        for kind, value in (("regex", "[0-9]+"), ("json_schema", '{"type": "object"}')):
+            with pytest.raises(SettingError, match="needs the model's logits"):
+                strategies.build("sample", model, SamplingParams(temperature=0.7), {kind: value})
+
+
+def test_a_dead_server_says_one_line_per_retry_round(pserve, capfd):
+    """64 concurrent requests to a server that died: a line per retry round, not one per
+    request and attempt (320 lines of stamina.retry_scheduled before)."""
+    import logging
+
+    second = ponder_serve()
+    lm = OpenAILM(second.url, attempts=3, timeout=5)
+    second.kill()
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    h = Keep()
+    logging.getLogger("ponder.openai").addHandler(h)
+    try:
+        with pytest.raises(BackendError, match="failed after 3 attempt"):
+            asyncio.run(lm.generate(["Q: 1+1\n"] * 64, SamplingParams(temperature=0)))
+    finally:
+        logging.getLogger("ponder.openai").removeHandler(h)
+        second.stop()
+    assert 1 <= len(records) <= 2, records  # attempts 2 and 3
+    assert all("retrying" in r and second.url in r for r in records)
+    assert "stamina" not in capfd.readouterr().err

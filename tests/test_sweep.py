@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -56,8 +57,8 @@ def _count(db):
 
 def _results(db):
     with ResultsStore(db) as s:
-        return {r["key"]: (r["text"], r["correct"], r["generated_tokens"], r["strategy"], r["setting"])
-                for r in s.rows()}
+        return {r["key"]: (r["text"], r["correct"], r["generated_tokens"], r["computed_tokens"], r["flops"],
+                           r["strategy"], r["setting"]) for r in s.rows()}
 
 
 def test_a_killed_sweep_resumes_to_the_same_results_and_recomputes_nothing(tmp_path):
@@ -153,7 +154,184 @@ def test_bad_sweep_files_are_named(tmp_path):
     ok.write_text(SWEEP.replace('name = "majority"', 'name = "majorty"'))
     r = subprocess.run([sys.executable, "-m", "ponder.cli", "sweep", str(ok), "--db", str(tmp_path / "y.sqlite")],
                        capture_output=True, text=True)
-    assert r.returncode == 2 and "majorty" in r.stderr and _count(tmp_path / "y.sqlite") == 0  # refused up front
+    assert r.returncode == 2 and "majorty" in r.stderr and str(ok) in r.stderr
+    assert not (tmp_path / "y.sqlite").exists()  # refused before the store was opened: no empty store, no session
     r = subprocess.run([sys.executable, "-m", "ponder.cli", "report", "--db", str(tmp_path / "none.sqlite")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_a_configurations_bill_does_not_depend_on_what_ran_before(tmp_path):
+    """Greedy after majority in one process found majority's samples in the prefix
+    cache (65.3 against 52.4 computed tokens a problem): each chunk starts with empty
+    caches, so the same configuration is billed the same whatever its neighbours."""
+    from ponder.sweep.run import sweep
+
+    base = {"seed": 0, "chunk": 4, "reward_model": "arith-reward", "model": [{"name": "arith"}],
+            "task": [{"name": "arith", "level": "hard", "limit": 8}]}
+    alone = parse_config({**base, "strategy": [{"name": "greedy"}, {"name": "prm-beam", "temperature": 0.7,
+                                                                     "samples": 4}]})
+    after = parse_config({**base, "strategy": [{"name": "majority", "temperature": 0.7, "samples": 4},
+                                               {"name": "best-of-n", "temperature": 0.7, "samples": 4},
+                                               {"name": "prm-beam", "temperature": 0.7, "samples": 4},
+                                               {"name": "greedy"}]})
+    bills = []
+    for cfg, name in ((alone, "a"), (after, "b")):
+        with ResultsStore(tmp_path / f"{name}.sqlite") as st:
+            sweep(cfg, st)
+            bills.append({(r["strategy"], r["problem_id"]): (r["computed_tokens"], r["flops"], r["text"])
+                          for r in st.rows() if r["strategy"] in ("greedy", "prm-beam")})
+    greedy = [{k: v for k, v in b.items() if k[0] == "greedy"} for b in bills]
+    assert greedy[0] == greedy[1]
+    # PRM beam: the same texts; the bill within 3% (what is left is timing: concurrent
+    # problems that share a prompt's first tokens, and the scorer's batches, reuse each
+    # other's KV in an order the threads decide; identical runs differ by ~1% a chunk)
+    beam = [{k: v for k, v in b.items() if k[0] == "prm-beam"} for b in bills]
+    assert {k: v[2] for k, v in beam[0].items()} == {k: v[2] for k, v in beam[1].items()}
+    a, b = (sum(v[0] for v in x.values()) for x in beam)
+    assert abs(a - b) <= 0.03 * a, (a, b)
+
+
+def _as_nobody(cmd, env=None):
+    """Run ``cmd`` as an unprivileged user where we are root (root writes through any
+    permission), so a read-only file or folder is read-only for it."""
+    import shutil
+
+    env = {**os.environ, **(env or {})}
+    if os.geteuid() == 0 and shutil.which("setpriv"):
+        cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_a_read_only_store_is_reported_and_refused_for_sweeping_by_name(tmp_path):
+    import shutil
+    import stat
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="ponder-ro-"))
+    try:
+        os.chmod(folder, 0o777)
+        db = folder / "r.sqlite"
+        with ResultsStore(db) as s:
+            s.add([_row("a1", "greedy", "{}", 1, 10, 100.0), _row("a2", "greedy", "{}", 0, 20, 200.0)])
+        cfg = folder / "sweep.toml"
+        cfg.write_text(SWEEP.replace("limit = 8", "limit = 1"))
+        env = {"PONDER_CACHE_DIR": str(folder / "cache"), "HOME": str(folder)}
+        os.chmod(db, 0o444)  # a read-only file in a writable folder
+        r = _as_nobody([sys.executable, "-m", "ponder.cli", "report", "--db", str(db), "--out", ""], env)
+        assert r.returncode == 0 and "| m | greedy |" in r.stdout, r.stderr
+        r = _as_nobody([sys.executable, "-m", "ponder.cli", "sweep", str(cfg), "--db", str(db), "--report", ""], env)
+        assert r.returncode == 2 and "read-only" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        os.chmod(folder, 0o555)  # and a read-only folder: report still reads it
+        r = _as_nobody([sys.executable, "-m", "ponder.cli", "report", "--db", str(db), "--out", ""], env)
+        assert r.returncode == 0 and "| m | greedy |" in r.stdout, r.stderr
+        os.chmod(db, 0o644)
+        r = _as_nobody([sys.executable, "-m", "ponder.cli", "sweep", str(cfg), "--db", str(folder / "new.sqlite"),
+                        "--report", ""], env)
+        assert r.returncode == 2 and "read-only" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    finally:
+        os.chmod(folder, stat.S_IRWXU)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_another_programs_database_is_refused_untouched(tmp_path):
+    other = tmp_path / "app.sqlite"
+    with sqlite3.connect(other) as c:
+        c.execute("CREATE TABLE users (name TEXT)")
+    before = other.read_bytes()
+    cfg = tmp_path / "sweep.toml"
+    cfg.write_text(SWEEP)
+    r = subprocess.run(_sweep_cmd(cfg, other), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "another program's SQLite database" in r.stderr and "users" in r.stderr
+    assert other.read_bytes() == before and not Path(f"{other}-wal").exists()
+    with sqlite3.connect(other) as c:
+        assert c.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    r = subprocess.run([sys.executable, "-m", "ponder.cli", "report", "--db", str(other), "--out", ""],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "another program's" in r.stderr
+
+
+def test_report_keeps_configurations_apart(tmp_path):
+    """Rows that differ in seed, reward model or weights are separate rows, never one
+    pooled accuracy over twice the problems."""
+    rows = []
+    for seed in (0, 1):
+        for rm in ("sha256:aaaa", "sha256:bbbb"):
+            for i in range(3):
+                r = _row(f"{seed}{rm}{i}", "best-of-n", '{"samples":4}', i % 2, 10, 1.0)
+                r["config_hash"] = f"h{seed}{rm}"
+                r["config"] = json.dumps({"seed": seed, "reward_model": rm})
+                r["problem_id"] = str(i)
+                rows.append(r)
+    with ResultsStore(tmp_path / "r.sqlite") as s:
+        s.add(rows)
+        summary = summarise(s.rows())
+    (out,) = summary.values()
+    assert len(out) == 4 and all(x["problems"] == 3 for x in out)
+    assert sorted(x["variant"] for x in out) == ["seed=0 reward=aaaa", "seed=0 reward=bbbb", "seed=1 reward=aaaa",
+                                                 "seed=1 reward=bbbb"]
+    md = markdown(summary)
+    assert "samples=4 seed=0 reward=aaaa" in md
+
+
+def test_two_sweeps_on_one_store_the_second_is_refused(tmp_path):
+    cfg = tmp_path / "sweep.toml"
+    cfg.write_text(SWEEP.replace("limit = 8", "limit = 100").replace("samples = [4, 8]", "samples = [16, 32]"))
+    db = tmp_path / "r.sqlite"
+    first = subprocess.Popen(_sweep_cmd(cfg, db), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while _count(db) == 0 and time.time() < deadline and first.poll() is None:
+            time.sleep(0.05)
+        assert first.poll() is None, "the first sweep ended before the second could start"
+        r = subprocess.run(_sweep_cmd(cfg, db), capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and "another ponder sweep" in r.stderr and f"pid {first.pid}" in r.stderr, r.stderr
+    finally:
+        first.kill()  # SIGKILL: the flock goes with the process, no stale lock
+        first.wait(60)
+    with ResultsStore(db) as s:
+        s.claim()  # free again
+
+
+def test_ctrl_c_says_the_results_are_saved(tmp_path):
+    cfg = tmp_path / "sweep.toml"
+    cfg.write_text(SWEEP)
+    db = tmp_path / "r.sqlite"
+    p = subprocess.Popen(_sweep_cmd(cfg, db), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while _count(db) == 0 and time.time() < deadline:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130
+    assert "saved in" in err and "rerun the same command to resume" in err and "Traceback" not in err, err
+    r = subprocess.run(_sweep_cmd(cfg, db), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "already in" in r.stderr
+
+
+def test_the_progress_line_keeps_its_count_in_80_columns():
+    import io
+
+    from rich.console import Console
+
+    from ponder.cli import sweep_progress
+
+    buf = io.StringIO()
+    console = Console(file=buf, width=80, force_terminal=True, color_system=None)
+    with sweep_progress(console) as (bar, update):
+        update({"done": 1234, "total": 2600, "correct": 500, "scored": 1000,
+                "run": 'prm-beam {"beam_width":4,"max_tokens":160,"samples":16,"temperature":0.7}'})
+        bar.refresh()
+    out = buf.getvalue()
+    assert "1234/2600" in out and "acc 0.500" in out
+
+
+def test_the_plot_labels_sizes_and_separates_coinciding_points(tmp_path):
+    from ponder.sweep.report import plot, size_label
+
+    assert size_label({"samples": 16}) == "16" and size_label({"iterations": 8}) == "8 iterations"
+    rows = [_row(f"{s}{i}", s, '{"samples":4}', 1, 210, 100.0) for s in ("majority", "best-of-n") for i in range(2)]
+    with ResultsStore(tmp_path / "r.sqlite") as st:
+        st.add(rows)
+        (path,) = plot(summarise(st.rows()), tmp_path / "out")
+    assert path.stat().st_size > 10_000

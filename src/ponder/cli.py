@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import os
 import sys
 from dataclasses import fields
 from typing import Any, Callable, List, Optional
@@ -386,7 +387,6 @@ def sweep(
     """Run a grid of strategies x settings x tasks x models into the results store;
     rerunning resumes and recomputes nothing that was stored."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from .sweep.run import default_config_path, load_config
     from .sweep.store import ResultsStore
@@ -402,20 +402,23 @@ def sweep(
     if limit is not None:
         for t in cfg.tasks:
             t["limit"] = min(limit, t.get("limit") or limit)
-    store = ResultsStore(db or cfg.db or "ponder-results.sqlite")
+    from .sweep.run import prepare
     from .sweep.run import sweep as run_sweep
 
-    console = Console(stderr=True)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
-                  TimeRemainingColumn(), transient=True, console=console) as bar:
-        job = bar.add_task("sweep", total=None)
-
-        def progress(st: dict) -> None:
-            acc = st["correct"] / st["scored"] if st["scored"] else 0.0
-            bar.update(job, total=st["total"], completed=st["done"],
-                       description=f"{st['run'][:48]:48s} accuracy so far {acc:.3f}")
-
-        counts = run_sweep(cfg, store, " ".join(sys.argv), on_progress=progress)
+    prepared = prepare(cfg)  # every model, task and run checked before the store is opened
+    store = ResultsStore(db or cfg.db or "ponder-results.sqlite")
+    store.claim()
+    with sweep_progress(Console(stderr=True)) as (bar, progress):
+        try:
+            counts = run_sweep(prepared, store, " ".join(sys.argv), on_progress=progress)
+        except KeyboardInterrupt:
+            bar.stop()
+            saved = sum(s["computed"] for s in store.sessions()[-1:])
+            store.close()
+            print(f"interrupted: {saved} results of this run are saved in {store.path} (every finished chunk); "
+                  "rerun the same command to resume from there", file=sys.stderr)
+            sys.stderr.flush()
+            os._exit(130)  # not sys.exit: the engine's worker threads would finish their chunk first
     print(f"sweep: {counts['computed']} problems computed, {counts['cached']} already in {store.path}",
           file=sys.stderr)
     _print_report(store, out or None, configs=counts["configs"])  # this sweep's rows, not all the store's
@@ -456,6 +459,34 @@ def serve(
                              max_inflight=max_inflight))
 
 
+def sweep_progress(console: Any) -> Any:
+    """The sweep's progress line: the run's name, cut to what the terminal leaves after
+    the accuracy, the bar, the count and the ETA (in 80 columns the count used to be
+    cut off). A context manager giving (progress, update(state))."""
+    import contextlib
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    @contextlib.contextmanager
+    def cm():
+        bar = Progress(TextColumn("{task.description}"), BarColumn(bar_width=None if console.width > 100 else 10),
+                       MofNCompleteColumn(), TextColumn("ETA"), TimeRemainingColumn(), transient=True,
+                       console=console)
+        # accuracy 10, bar 10, count up to 11 ("1200/2600"), ETA 12, gaps 5
+        room = max(12, console.width - 50)
+        with bar:
+            job = bar.add_task("sweep", total=None)
+
+            def update(st: dict) -> None:
+                acc = st["correct"] / st["scored"] if st["scored"] else 0.0
+                name = st["run"] if len(st["run"]) <= room else st["run"][: room - 1] + "…"
+                bar.update(job, total=st["total"], completed=st["done"], description=f"{name:{room}s} acc {acc:.3f}")
+
+            yield bar, update
+
+    return cm()
+
+
 @app.command()
 def report(
     db: str = typer.Option("ponder-results.sqlite", "--db", help="The results store a sweep wrote."),
@@ -465,13 +496,9 @@ def report(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of markdown."),
 ) -> None:
     """Tables and plots of quality against compute, from the store alone (nothing is recomputed)."""
-    from pathlib import Path
-
     from .sweep.store import ResultsStore
 
-    if not Path(db).is_file():
-        _fail(f"--db {db} does not exist; run ponder sweep first (or give --db)")
-    _print_report(ResultsStore(db), out or None, task, as_json)
+    _print_report(ResultsStore(db, readonly=True), out or None, task, as_json)
 
 
 def _print_report(store: Any, out: Optional[str], task: Optional[str] = None, as_json: bool = False,

@@ -474,6 +474,21 @@ def engine_for(lm: Any) -> Engine:
         return eng
 
 
+def clear_prefix_caches() -> int:
+    """Empty the prefix cache of every live engine (what a sweep does between chunks,
+    so that a configuration's computed tokens never depend on what ran before it).
+    Returns the tokens dropped."""
+    with _ENGINES_LOCK:
+        engines = list(_ENGINES.values())
+    dropped = 0
+    for eng in engines:
+        if eng.prefix_cache is not None:
+            with eng._lock:
+                dropped += eng.prefix_cache.tokens
+                eng.prefix_cache.clear()
+    return dropped
+
+
 def set_engine(lm: Any, engine: Engine) -> Engine:
     """Make ``engine`` the one every generator over ``lm`` uses (e.g. one without a
     prefix cache, or with another admission policy); returns it."""

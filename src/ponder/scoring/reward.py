@@ -217,6 +217,14 @@ class RewardModel:
                       flops=c * cfg.flops_per_token(len(s) - c // 2), wall_s=wall_s / len(seqs))
                 for s, c in zip(seqs, computed)]
 
+    def clear_cache(self) -> None:
+        """Forget every scored prefix (its KV and the memo of head values): what follows
+        is billed as if scored first."""
+        with self._lock:
+            self._memo.clear()
+            if self.prefix_cache is not None:
+                self.prefix_cache.clear()
+
     def score_completions(self, prompt: str, completions: Sequence[str], batch_size: int = 64) -> list[tuple[float, Usage]]:
         """Outcome score in [0, 1] for each completion, with what scoring cost."""
         out: list[tuple[float, Usage]] = []

@@ -27,26 +27,54 @@ def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]
     per-problem means, and ``frontier`` (``frontier_flops``) True where no other setting
     of the same task and model is at least as accurate for fewer generated tokens
     (FLOPs), or more accurate for as many."""
-    groups: dict[tuple[str, str, str, str], list[dict[str, Any]]] = defaultdict(list)
+    # One row per configuration (its hash covers the seed, the sampling parameters, the
+    # settings and the reward model) and model weights: runs that differ in any of them
+    # are never pooled into one accuracy with a falsely narrow interval.
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         task = f"{r['task']}/{r['level']}" if r["level"] else r["task"]
-        groups[(task, r["model"], r["strategy"], r["setting"])].append(r)
+        groups[(task, r["model_id"], r["config_hash"])].append(r)
     out: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for (task, model, strategy, setting), rs in groups.items():
+    for (task, model_id, chash), rs in groups.items():
         n = len(rs)
         k = sum(r["correct"] for r in rs)
         lo, hi = wilson_interval(k, n)
+        config = json.loads(rs[0]["config"])
         out[task].append({
-            "model": model, "strategy": strategy, "setting": json.loads(setting), "problems": n, "correct": k,
-            "accuracy": k / n, "ci95": [lo, hi],
+            "model": rs[0]["model"], "strategy": rs[0]["strategy"], "setting": json.loads(rs[0]["setting"]),
+            "problems": n, "correct": k, "accuracy": k / n, "ci95": [lo, hi],
             **{c: sum(r[c] for r in rs) / n for c in ("generated_tokens", "computed_tokens", "flops", "wall_s")},
+            "seed": config.get("seed"), "reward_model": config.get("reward_model"), "model_id": model_id,
+            "config_hash": chash,
         })
     for task, summaries in out.items():
+        _name_variants(summaries)
         summaries.sort(key=lambda s: (s["model"], s["strategy"], s["generated_tokens"]))
         for s in summaries:
             for key, cost in (("frontier", "generated_tokens"), ("frontier_flops", "flops")):
                 s[key] = not any(o is not s and o["model"] == s["model"] and _dominates(o, s, cost) for o in summaries)
     return dict(out)
+
+
+def _name_variants(summaries: list[dict[str, Any]]) -> None:
+    """``variant``: what tells apart rows that share model, strategy and setting (the
+    seed, the reward model, the weights), so the table never shows two equal rows."""
+    same: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
+    for s in summaries:
+        same[(s["model"], s["strategy"], json.dumps(s["setting"], sort_keys=True))].append(s)
+    for group in same.values():
+        parts: list[list[str]] = [[] for _ in group]
+        if len(group) > 1:
+            for key, name in (("seed", "seed"), ("reward_model", "reward"), ("model_id", "weights")):
+                if len({str(s[key]) for s in group}) > 1:
+                    for p, s in zip(parts, group):
+                        v = str(s[key])
+                        p.append(f"{name}={v.split(':')[-1][:8] if key != 'seed' else v}")
+            if not any(parts):  # differ in sampling parameters shown nowhere else: say the config
+                for p, s in zip(parts, group):
+                    p.append(f"config={s['config_hash'][:8]}")
+        for p, s in zip(parts, group):
+            s["variant"] = " ".join(p)
 
 
 def _dominates(a: dict[str, Any], b: dict[str, Any], cost: str) -> bool:
@@ -55,8 +83,8 @@ def _dominates(a: dict[str, Any], b: dict[str, Any], cost: str) -> bool:
             and (a["accuracy"] > b["accuracy"] or a[cost] < b[cost]))
 
 
-def _setting_text(setting: dict[str, Any]) -> str:
-    return " ".join(f"{k}={v}" for k, v in sorted(setting.items())) or "-"
+def _setting_text(setting: dict[str, Any], variant: str = "") -> str:
+    return " ".join([*(f"{k}={v}" for k, v in sorted(setting.items())), *([variant] if variant else [])]) or "-"
 
 
 def markdown(summary: dict[str, list[dict[str, Any]]]) -> str:
@@ -68,7 +96,7 @@ def markdown(summary: dict[str, list[dict[str, Any]]]) -> str:
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for s in rows:
             lo, hi = s["ci95"]
-            lines.append(f"| {s['model']} | {s['strategy']} | {_setting_text(s['setting'])} | "
+            lines.append(f"| {s['model']} | {s['strategy']} | {_setting_text(s['setting'], s.get('variant', ''))} | "
                          f"{s['accuracy']:.3f} ({s['correct']}/{s['problems']}) | {lo:.3f}-{hi:.3f} | "
                          f"{s['generated_tokens']:.1f} | {s['computed_tokens']:.1f} | {s['flops']:.3g} | "
                          f"{s['wall_s']:.3f} | {'*' if s['frontier'] else ''} |")
@@ -76,8 +104,23 @@ def markdown(summary: dict[str, list[dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
+# the setting that says how much a point spends, for its label (N = 4, 8 iterations, ...)
+_SIZE_KEYS = ("samples", "iterations", "num_beams", "particles", "n", "probe_n")
+_MARKERS = "osD^vP*Xhp<>"
+
+
+def size_label(setting: dict[str, Any]) -> str:
+    for k in _SIZE_KEYS:
+        if k in setting:
+            return f"{setting[k]}" if k in ("samples", "n") else f"{setting[k]} {k.replace('_', ' ')}"
+    return ""
+
+
 def plot(summary: dict[str, list[dict[str, Any]]], out_dir: str | Path) -> list[Path]:
-    """Two PNGs per task (accuracy against generated tokens, and against FLOPs)."""
+    """Two PNGs per task (accuracy against generated tokens, and against FLOPs). Each
+    point says its size (N, iterations); strategies whose points would coincide are
+    drawn a few percent apart along the cost axis with their own markers, so none hides
+    another; the legend sits below the axes, off the error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -87,19 +130,28 @@ def plot(summary: dict[str, list[dict[str, Any]]], out_dir: str | Path) -> list[
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for task, rows in summary.items():
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+        fig, axes = plt.subplots(1, 2, figsize=(12, 5.6))
+        lines: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+        for s in rows:
+            lines[(s["model"], s["strategy"])].append(s)
+        order = sorted(lines)
+        one_model = len({m for m, _ in lines}) == 1
         for ax, cost, label, flag in ((axes[0], "generated_tokens", "generated tokens per problem", "frontier"),
                                       (axes[1], "flops", "FLOPs per problem", "frontier_flops")):
-            lines: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
-            for s in rows:
-                lines[(s["model"], s["strategy"])].append(s)
-            for (model, strategy), pts in sorted(lines.items()):
-                pts = sorted(pts, key=lambda s: s[cost])
-                x = [max(s[cost], 1e-9) for s in pts]
+            for i, (model, strategy) in enumerate(order):
+                pts = sorted(lines[(model, strategy)], key=lambda s: s[cost])
+                # dodge: each strategy a little apart in log-x, centred on the true cost
+                shift = 1.0 + 0.035 * (i - (len(order) - 1) / 2)
+                x = [max(s[cost], 1e-9) * shift for s in pts]
                 y = [s["accuracy"] for s in pts]
-                err = [[max(0.0, s["accuracy"] - s["ci95"][0]) for s in pts], [max(0.0, s["ci95"][1] - s["accuracy"]) for s in pts]]
-                name = strategy if len({m for m, _ in lines}) == 1 else f"{strategy} ({model})"
-                ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=name)
+                err = [[max(0.0, s["accuracy"] - s["ci95"][0]) for s in pts],
+                       [max(0.0, s["ci95"][1] - s["accuracy"]) for s in pts]]
+                name = strategy if one_model else f"{strategy} ({model})"
+                ax.errorbar(x, y, yerr=err, marker=_MARKERS[i % len(_MARKERS)], capsize=3, label=name, alpha=0.9)
+                for xi, yi, s in zip(x, y, pts):
+                    text = size_label(s["setting"])
+                    if text:
+                        ax.annotate(text, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
             front = sorted((s for s in rows if s[flag]), key=lambda s: s[cost])
             if front:
                 ax.plot([max(s[cost], 1e-9) for s in front], [s["accuracy"] for s in front], "k--", lw=1,
@@ -108,9 +160,10 @@ def plot(summary: dict[str, list[dict[str, Any]]], out_dir: str | Path) -> list[
             ax.set_xlabel(label)
             ax.set_ylabel("accuracy")
             ax.grid(True, alpha=0.3)
-        axes[0].legend(fontsize=8, loc="lower right")
-        fig.suptitle(f"{task}: accuracy against inference compute")
-        fig.tight_layout()
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
+        fig.suptitle(f"{task}: accuracy against inference compute (labels: N or iterations)")
+        fig.tight_layout(rect=(0, 0.06 + 0.035 * ((len(labels) - 1) // 4), 1, 1))
         path = out_dir / f"{task.replace('/', '-')}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)

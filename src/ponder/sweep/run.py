@@ -74,6 +74,7 @@ class SweepConfig:
     dtype: str = "float32"
     db: str | None = None
     source: dict[str, Any] = field(default_factory=dict)
+    where: str = "the sweep"  # the sweep file, for errors
 
 
 def load_config(path: str | Path) -> SweepConfig:
@@ -156,7 +157,7 @@ def parse_config(raw: dict[str, Any], where: str = "the sweep") -> SweepConfig:
     if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
         raise SettingError(f"{where}: chunk (problems per batch) must be an integer >= 1; got {chunk!r}")
     return SweepConfig(models, tasks, runs, seed, chunk, raw.get("reward_model"), raw.get("dtype", "float32"),
-                       raw.get("db"), raw)
+                       raw.get("db"), raw, where)
 
 
 def model_identity(lm: Any, name: str) -> str:
@@ -177,52 +178,105 @@ def load_sweep_model(spec: dict[str, Any], dtype: str) -> Any:
     return strategies.load_model(spec["name"], "[[model]] name", dtype, **remote)
 
 
-def sweep(cfg: SweepConfig, store: ResultsStore, command: str = "",
-          on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Run every (model, task, run, problem) the store lacks, a chunk at a time, each
-    chunk committed in one transaction. Returns {"computed": n, "cached": m,
-    "configs": the configuration hashes of this sweep}."""
+@dataclass
+class Prepared:
+    """A sweep whose every run is built and checked: what ``sweep`` computes."""
+
+    cfg: SweepConfig
+    runs: list[tuple[Any, ...]]  # (model name, model id, task, level, problems, run, generator, config, lm)
+    reward_model: Any = None
+
+
+def prepare(cfg: SweepConfig) -> Prepared:
+    """Load every model and task and build every run through the registry, before any
+    store is opened or anything computed: a typo in the last strategy must not surface
+    after an hour of the first, nor leave an empty store or a session row behind.
+    Errors name the sweep file, the model and the strategy with its setting."""
     from .. import strategies
     from ..tasks.registry import load_task
 
-    session = store.start_session(command)
-    rm = strategies.load_reward_model(cfg.reward_model) if cfg.reward_model else None
+    where = cfg.where
+    try:
+        rm = strategies.load_reward_model(cfg.reward_model) if cfg.reward_model else None
+    except SettingError as e:
+        raise SettingError(f"{where}: reward_model = {cfg.reward_model!r}: {e}") from None
     rm_id = model_identity(rm, cfg.reward_model) if rm is not None else None
-    # validate every run before computing anything: a typo in the last strategy must not
-    # surface after an hour of the first
     loaded = []
     for spec in cfg.models:
         model_name = spec["name"]
-        lm = load_sweep_model(spec, cfg.dtype)
+        try:
+            lm = load_sweep_model(spec, cfg.dtype)
+        except SettingError as e:
+            raise SettingError(f"{where}: [[model]] {model_name}: {e}") from None
         mid = model_identity(lm, model_name)
         chat = None
         if spec.get("chat_template"):
             from ..backends.chat import ChatTemplate
 
-            chat = ChatTemplate.load(spec["chat_template"], lm)
+            try:
+                chat = ChatTemplate.load(spec["chat_template"], lm)
+            except SettingError as e:
+                raise SettingError(f"{where}: [[model]] {model_name}: chat_template: {e}") from None
             mid += f"|chat:{digest(chat.source or '')}"  # another prompt format is another model
         for t in cfg.tasks:
-            task = load_task(t["name"], **{k: v for k, v in t.items() if k not in ("name", "level", "limit")})
-            if chat is not None:
-                from ..tasks.base import FormattedTask
+            try:
+                task = load_task(t["name"], **{k: v for k, v in t.items() if k not in ("name", "level", "limit")})
+                if chat is not None:
+                    from ..tasks.base import FormattedTask
 
-                task = FormattedTask(task, chat.prompt_for)
-            problems = task.problems(t.get("level"), t.get("limit"))
+                    task = FormattedTask(task, chat.prompt_for)
+                problems = task.problems(t.get("level"), t.get("limit"))
+            except SettingError as e:
+                raise SettingError(f"{where}: [[task]] {t['name']}: {e}") from None
             level = t.get("level") or getattr(task, "default_level", "") or ""
             for run in cfg.runs:
-                params = SamplingParams(**run.params)
-                if hasattr(lm, "vocab_size"):  # a remote model's vocabulary is the server's to check
-                    params.check_for(lm.vocab_size)
-                gen = strategies.build(run.strategy, lm, params, dict(run.settings),
-                                       strategies.Context(task=task, reward_model=rm))
+                try:
+                    params = SamplingParams(**run.params)
+                    if hasattr(lm, "vocab_size"):  # a remote model's vocabulary is the server's to check
+                        params.check_for(lm.vocab_size)
+                    gen = strategies.build(run.strategy, lm, params, dict(run.settings),
+                                           strategies.Context(task=task, reward_model=rm))
+                except (SettingError, TypeError) as e:
+                    raise SettingError(f"{where}: [[strategy]] {run.strategy} "
+                                       f"{_setting_text(run.setting())}: {e}") from None
                 config = {"strategy": run.strategy, "params": params.changed(), "settings": run.settings,
                           "seed": cfg.seed, "reward_model": rm_id if run.strategy in _SCORED or "scorer" in run.settings
                           else None}
-                loaded.append((model_name, mid, task, level, problems, run, gen, config))
-    total = sum(len(x[4]) for x in loaded)
+                loaded.append((model_name, mid, task, level, problems, run, gen, config, lm))
+    return Prepared(cfg, loaded, rm)
+
+
+def _setting_text(setting: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in setting.items()) or "(defaults)"
+
+
+def fresh_caches(reward_model: Any = None) -> None:
+    """Forget every cached prefix (the engines' and the reward model's): each chunk is
+    computed as if it ran first, so a configuration's computed tokens and FLOPs never
+    depend on which strategies ran before it in the process, nor on a resume. (A remote
+    server's own prefix cache is the server's: its bill is what the server reports.)"""
+    from ..engine.engine import clear_prefix_caches
+
+    clear_prefix_caches()
+    if reward_model is not None and hasattr(reward_model, "clear_cache"):
+        reward_model.clear_cache()
+
+
+def sweep(cfg: SweepConfig | Prepared, store: ResultsStore, command: str = "",
+          on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run every (model, task, run, problem) the store lacks, a chunk at a time, each
+    chunk committed in one transaction. Returns {"computed": n, "cached": m,
+    "configs": the configuration hashes of this sweep}. The store is claimed for the
+    sweep's duration: a second sweep on it is refused (``ResultsStore.claim``)."""
+    prepared = cfg if isinstance(cfg, Prepared) else prepare(cfg)
+    cfg = prepared.cfg
+    if getattr(store, "_lock", None) is None:
+        store.claim()
+    session = store.start_session(command)
+    total = sum(len(x[4]) for x in prepared.runs)
     counts: dict[str, Any] = {"computed": 0, "cached": 0, "configs": set()}
     state = {"done": 0, "total": total, "correct": 0, "scored": 0}
-    for model_name, mid, task, level, problems, run, gen, config in loaded:
+    for model_name, mid, task, level, problems, run, gen, config, lm in prepared.runs:
         chash = digest(canonical(config))
         counts["configs"].add(chash)
         keys = [digest(chash, mid, task.name, level, p.id) for p in problems]
@@ -241,6 +295,7 @@ def sweep(cfg: SweepConfig, store: ResultsStore, command: str = "",
         for i in range(0, len(todo), cfg.chunk):
             part = todo[i : i + cfg.chunk]
             prompts = [task.prompt(p) for p, _ in part]
+            fresh_caches(prepared.reward_model)
             # one seed for every chunk: a problem's output depends on the seed and its prompt only
             outs = gen.generate_batch(prompts, n=1, seed=cfg.seed)
             rows = []

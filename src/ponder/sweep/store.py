@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
 import time
 import zlib
@@ -89,23 +90,118 @@ def weights_id(folder: str | Path) -> str:
 
 
 class ResultsStore:
-    """``ResultsStore(path)`` opens (or creates) the store."""
+    """``ResultsStore(path)`` opens (or creates) the store for writing;
+    ``ResultsStore(path, readonly=True)`` opens an existing one for reading only
+    (``ponder report``), which works on a read-only file or folder too.
 
-    def __init__(self, path: str | Path) -> None:
+    Nothing is changed in a file before it is known to be a ponder store (or empty): a
+    typo'd path or another program's SQLite file is refused as it was found, never
+    switched to WAL or given ponder's tables. A store that cannot be written is refused
+    for writing with what to change, not with a traceback mid-sweep."""
+
+    TABLES = {"results", "sessions"}
+
+    def __init__(self, path: str | Path, readonly: bool = False) -> None:
         self.path = Path(path)
+        self.readonly = readonly
         if self.path.exists() and self.path.is_dir():
             raise SettingError(f"--db {self.path} is a directory; give a file name (e.g. results.sqlite)")
+        if readonly:
+            self.conn = self._open_readonly()
+            return
+        self._check_writable()
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             self.conn = sqlite3.connect(str(self.path), timeout=30)
+            self._check_is_store(self.conn)
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a commit survives a killed process
             self.conn.executescript(SCHEMA)
+        except sqlite3.OperationalError as e:
+            raise SettingError(f"--db {self.path} cannot be written ({e}); check its permissions and free "
+                               "space, or give another --db") from None
         except sqlite3.DatabaseError as e:
             raise SettingError(f"--db {self.path} is not a ponder results store ({e})") from None
 
+    def _check_writable(self) -> None:
+        folder = self.path.parent if str(self.path.parent) else Path(".")
+        if self.path.exists():
+            if not os.access(self.path, os.W_OK):
+                raise SettingError(f"--db {self.path} is read-only: a sweep writes its results there; make it "
+                                   "writable or give another --db (ponder report reads a read-only store)")
+        elif folder.exists() and not folder.is_dir():
+            raise SettingError(f"--db {self.path}: {folder} is not a folder")
+        probe = folder
+        while not probe.exists():  # the first folder that exists must let us create what is missing
+            probe = probe.parent
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise SettingError(f"--db {self.path}: the folder {probe} is read-only, and a sweep needs to write the "
+                               "store and its journal there; give --db in a writable folder")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SettingError(f"--db {self.path}: cannot make its folder ({e})") from None
+
+    def _check_is_store(self, conn: sqlite3.Connection) -> None:
+        """Refuse another program's database before touching it."""
+        try:
+            names = {n for (n,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        except sqlite3.DatabaseError as e:
+            conn.close()
+            raise SettingError(f"--db {self.path} is not a ponder results store ({e})") from None
+        if names and not self.TABLES <= names:
+            conn.close()
+            raise SettingError(f"--db {self.path} is another program's SQLite database (tables: "
+                               f"{', '.join(sorted(names))}), not a ponder results store; give another --db")
+
+    def _open_readonly(self) -> sqlite3.Connection:
+        if not self.path.is_file():
+            raise SettingError(f"--db {self.path} does not exist; run ponder sweep first (or give --db)")
+        if not os.access(self.path, os.R_OK):
+            raise SettingError(f"--db {self.path} cannot be read (permissions)")
+        uri = self.path.resolve().as_uri()
+        last: Exception | None = None
+        # mode=ro reads a WAL store where its -shm can be made; immutable=1 where the
+        # folder is read-only too (then nothing may be writing it, which is the case)
+        for opts in ("mode=ro", "immutable=1"):
+            try:
+                conn = sqlite3.connect(f"{uri}?{opts}", uri=True, timeout=30)
+                self._check_is_store(conn)
+                conn.execute("SELECT count(*) FROM results").fetchone()
+                return conn
+            except SettingError:
+                raise
+            except sqlite3.DatabaseError as e:
+                last = e
+        raise SettingError(f"--db {self.path} is not a readable ponder results store ({last})")
+
     def close(self) -> None:
         self.conn.close()
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            lock.close()  # releases the flock
+            self._lock = None
+
+    def claim(self) -> None:
+        """Take the store for one sweep: a second sweep on the same store would compute
+        every problem the first has not committed yet, all over again. The lock is an
+        flock on ``STORE.lock``, which the system releases when the process ends however
+        it ends (a SIGKILLed sweep leaves no stale lock behind)."""
+        import fcntl
+
+        lock = open(f"{self.path}.lock", "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            who = lock.read().strip() or "another process"
+            lock.close()
+            raise SettingError(f"another ponder sweep ({who}) is writing to {self.path}; wait for it to finish "
+                               "(then rerun: this one resumes from what it stored), or give another --db") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()}, since {time.strftime('%H:%M:%S')}")
+        lock.flush()
+        self._lock = lock
 
     def __enter__(self) -> "ResultsStore":
         return self
