@@ -117,6 +117,24 @@ def _parse_sets(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+def _check_context(lm: Any, params: SamplingParams) -> None:
+    """max_tokens cannot be more than the model's context: refused by name, not cut short
+    in silence (the prompt's share is checked where the prompt is known)."""
+    ctx = getattr(lm, "context_length", None)
+    if isinstance(ctx, int) and params.max_tokens >= ctx:
+        _fail(f"--max-tokens {params.max_tokens} is not below the model's context of {ctx} tokens, which must also "
+              f"hold the prompt; use at most {ctx - 1}")
+
+
+def _merge_sets(flags: dict[str, Any], sets: dict[str, Any]) -> dict[str, Any]:
+    """A command's named flags and its ``--set`` pairs, one value per setting: a setting
+    given both ways is an error naming both spellings."""
+    both = [k for k, v in flags.items() if v is not None and k in sets]
+    if both:
+        _fail(f"{both[0]} is given twice: --{both[0].replace('_', '-')} and --set {both[0]}=...; give it once")
+    return {**{k: v for k, v in flags.items() if v is not None or k not in sets}, **sets}
+
+
 def _parse_pairs(pairs: list[str], flag: str) -> dict[str, str]:
     out = {}
     for kv in pairs:
@@ -181,10 +199,11 @@ def generate(
     if not prompt:
         _fail("PROMPT is empty; give some text to continue")
     params, sets = _split_sets(params, _parse_sets(set_))
-    settings: dict[str, Any] = dict(num_beams=num_beams, length_penalty=length_penalty,
-                                    early_stopping=early_stopping or None, num_beam_groups=num_beam_groups,
-                                    diversity_penalty=diversity_penalty, json_schema=json_schema, regex=regex,
-                                    grammar=grammar, choice=list(choice) or None, **sets)
+    flags: dict[str, Any] = dict(num_beams=num_beams, length_penalty=length_penalty,
+                                 early_stopping=early_stopping or None, num_beam_groups=num_beam_groups,
+                                 diversity_penalty=diversity_penalty, json_schema=json_schema, regex=regex,
+                                 grammar=grammar, choice=list(choice) or None)
+    settings = _merge_sets(flags, sets)
     if speculative is not None:
         if speculative not in ("draft", "ngram"):
             _fail(f"--speculative takes 'draft' or 'ngram'; got {speculative!r}")
@@ -200,6 +219,7 @@ def generate(
     lm = strategies.load_model(model, "--model", dtype)
     if hasattr(lm, "vocab_size"):
         params.check_for(lm.vocab_size)
+    _check_context(lm, params)
     if chat_template is not None:
         from .backends.chat import ChatTemplate
 
@@ -278,7 +298,7 @@ def eval_cmd(
     t = load_task(task, **_parse_pairs(task_option, "--task-option"))
     problems = t.problems(level, limit)
     params, sets = _split_sets(params, _parse_sets(set_))
-    settings = {**sets, **({"samples": samples} if samples is not None else {})}
+    settings = _merge_sets({"samples": samples}, sets)
     import torch
 
     if threads:
@@ -288,6 +308,7 @@ def eval_cmd(
     lm = strategies.load_model(model, "--model", dtype)
     if hasattr(lm, "vocab_size"):
         params.check_for(lm.vocab_size)
+    _check_context(lm, params)
     if chat_template is not None:  # the task's prompts become user messages; answers are checked as before
         from .backends.chat import ChatTemplate
         from .tasks.base import FormattedTask

@@ -197,6 +197,8 @@ def load_model(name: Any, role: str, dtype: str = "float32", **remote: Any) -> A
 
     if not isinstance(name, str) or not name:
         raise SettingError(f"{role} must be a model name or a checkpoint folder; got {name!r}")
+    if dtype not in ("float32", "bfloat16"):
+        raise SettingError(f"--dtype must be float32 or bfloat16; got {dtype!r}")
     if name.startswith(("http://", "https://")):
         return load_endpoint(name, role, **remote)
     if remote:
@@ -664,7 +666,10 @@ def _early(v: Any) -> Any:
     """early_stopping from a flag or --set: true/false/never."""
     if isinstance(v, str) and v.lower() == "never":
         return "never"
-    return _bool(v, "early_stopping")
+    try:
+        return _bool(v, "early_stopping")
+    except SettingError:
+        raise SettingError(f"early_stopping must be true, false or never; got {v!r}") from None
 
 
 def _beam_settings(s: dict[str, Any]) -> dict[str, Any]:
@@ -699,6 +704,9 @@ def _beam_sample(lm, p, s, ctx):
 def _stochastic_beam(lm, p, s, ctx):
     from .decoding.beam import StochasticBeamSearch
 
+    if p.greedy:  # not the default 1.0 in its place: a temperature asked for is never replaced
+        raise SettingError("--strategy stochastic-beam samples (Gumbel keys) and needs --temperature > 0; got 0 "
+                           "(for deterministic beams use --strategy beam)")
     return StochasticBeamSearch(lm, **_given(s, num_beams="num_beams"), **_token_level(lm, p, s))
 
 

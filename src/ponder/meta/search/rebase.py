@@ -40,7 +40,7 @@ class REBASE(StepSearch):
                  extract: Callable[[str], Any] | None = None, **kw: Any) -> None:
         super().__init__(lm, scorer, **kw)
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise SettingError(f"n must be an integer >= 1; got {n!r}")
+            raise SettingError(f"samples (n, paths to finish) must be an integer >= 1; got {n!r}")
         if not isinstance(temperature, (int, float)) or not temperature > 0:
             raise SettingError(f"temperature (of the budget's softmax) must be > 0; got {temperature!r}")
         if select not in ("best", "weighted"):
