@@ -43,6 +43,7 @@ import contextlib
 import itertools
 import logging
 import math
+import random
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -384,17 +385,16 @@ class OpenAILM:
         honoured), and say one line per retry round, not one per request: when a server
         dies under 64 concurrent requests, the user reads a few lines, not hundreds."""
         import httpx
-        from tenacity import (AsyncRetrying, retry_if_exception_type, stop_after_attempt, stop_after_delay,
-                              wait_exponential_jitter)
+        from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, stop_after_delay
 
         st = self._state()
         errors: list[str] = []
         tried: set[int] = set()
-        backoff = wait_exponential_jitter(initial=0.1, max=5.0, jitter=0.5)
-
-        def wait(state: Any) -> float:
+        def wait(state: Any) -> float:  # Retry-After where the server says, else 0.1 s doubling to 5 s, + jitter
             exc = state.outcome.exception() if state.outcome is not None else None
-            return exc.wait if isinstance(exc, _Retry) and exc.wait is not None else backoff(state)
+            if isinstance(exc, _Retry) and exc.wait is not None:
+                return exc.wait
+            return min(5.0, 0.1 * 2 ** (state.attempt_number - 1)) + random.uniform(0.0, 0.5)
 
         async with st.limit:
             token = st.clock.start()  # billed from here: waiting for a free slot is others' time
