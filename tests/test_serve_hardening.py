@@ -204,14 +204,19 @@ def test_shutdown_answers_503_and_ends_streams_with_an_error_event():
 
         def streamed() -> None:
             lines = []
-            with httpx.stream("POST", s.url + "/completions", json={**long, "prompt": "Q: 1+1\n", "n": 8,
+            with httpx.stream("POST", s.url + "/completions", json={**long, "prompt": long["prompt"][:8],
                                                                        "stream": True}, timeout=60) as r:
                 for line in r.iter_lines():
                     lines.append(line)
+                    box["started"] = True
             box["stream"] = lines
 
         st = threading.Thread(target=streamed)
-        plain.start(), st.start()
+        st.start()
+        deadline = time.monotonic() + 30
+        while not box.get("started") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        plain.start()
         time.sleep(1.5)
         t0 = time.monotonic()
         os.kill(s.proc.pid, signal.SIGTERM)
@@ -220,6 +225,7 @@ def test_shutdown_answers_503_and_ends_streams_with_an_error_event():
         r = box["r"]
         assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable", r.text[:300]
         data = [x for x in box["stream"] if x.startswith("data: ")]
+        assert data, (box["stream"], s.tail())
         assert data[-1] == "data: [DONE]" and "shutting down" in data[-2], data[-3:]
         assert s.proc.wait(15) is not None
     finally:

@@ -276,8 +276,10 @@ def pieces(lm: Any, ids: list[int], text: str) -> list[str]:
     the text's end (a stop string's, cut from it) add nothing either, so the pieces
     join to the text and ``text_offset`` agrees with the listed tokens."""
     out, pos = [], 0
-    for tid in ids:
-        piece = lm.decode([tid])[: max(len(text) - pos, 0)]
+    batch = getattr(getattr(lm, "tokenizer", None), "decode_batch", None)  # one call into the tokenizer
+    each = batch([[t] for t in ids], skip_special_tokens=True) if batch is not None else [lm.decode([t]) for t in ids]
+    for piece in each:
+        piece = piece[: max(len(text) - pos, 0)]
         out.append(piece)
         pos += len(piece)
     return out
