@@ -217,6 +217,7 @@ class OpenAILM:
         self.seeded_prefill_tokens: int | None = None  # set by _probe from the setting and the server's kind
         self._seeded_setting = seeded_prefill_tokens
         self._said: dict[int, float] = {}  # retry round -> when it was last logged (_say_retry)
+        self._ssl: Any = None  # the TLS context, made once (see _state)
         self._probe(model)
 
     # -- probing ---------------------------------------------------------------------------
@@ -364,8 +365,12 @@ class OpenAILM:
             # 0.16 s with 8 kept; new loopback connections are cheap).
             limits = httpx.Limits(max_connections=self.max_concurrency,
                                   max_keepalive_connections=min(self.max_concurrency, self.KEEPALIVE))
+            if self._ssl is None:  # once per object: loading the CA bundle costs ~36 ms, and the
+                import ssl  # synchronous API starts a new loop (so a new client) per call
+
+                self._ssl = ssl.create_default_context(cafile=_ca_bundle())
             client = httpx.AsyncClient(timeout=httpx.Timeout(self.timeout, connect=self.connect_timeout),
-                                       limits=limits, headers=self._headers())
+                                       limits=limits, headers=self._headers(), verify=self._ssl)
             st = self._loops[loop] = _LoopState(client, asyncio.Semaphore(self.max_concurrency))
         return st
 
@@ -696,6 +701,16 @@ class OpenAILM:
 
     def __repr__(self) -> str:
         return f"OpenAILM({self.model!r} at {self.endpoint}, access={self.access.name.lower()})"
+
+
+def _ca_bundle() -> str | None:
+    """The CA bundle httpx verifies with (certifi's), if installed."""
+    try:
+        import certifi
+
+        return certifi.where()
+    except ImportError:
+        return None
 
 
 def _choice_text(c: dict[str, Any]) -> str | None:
