@@ -72,6 +72,12 @@ def test_logit_bias_outside_the_vocabulary_is_a_400(srv, bias, stream):
     assert r.json()["error"]["param"] == "logit_bias" and "vocab" not in r.text.lower() or "[0," in r.text
 
 
+def test_a_lone_surrogate_in_the_prompt_is_a_400(srv):
+    r = httpx.post(srv.url + "/completions", content=b'{"prompt": "Q: \\ud800 1+1\\n"}',
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "Unicode" in r.json()["error"]["message"], r.text
+
+
 def test_deeply_nested_json_is_a_400(srv):
     for body in (b"[" * 10_000 + b"]" * 10_000, b'{"prompt": ' + b"[" * 10_000 + b"]" * 10_000 + b"}"):
         r = httpx.post(srv.url + "/completions", content=body, headers={"content-type": "application/json"})

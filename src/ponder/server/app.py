@@ -223,8 +223,13 @@ class Service:
         """The prompts' token ids; a prompt that leaves no room, or less room than the
         ``max_tokens`` the client asked for, is a 400 (as vLLM and OpenAI answer), never
         a generation silently cut at the context."""
-        ids = [self.lm.encode(p) if isinstance(p, str) else list(p) for p in job.prompts]
+        from ..decoding.generate import encode_prompt
+
         field_ = "messages" if job.chat else "prompt"
+        try:
+            ids = [encode_prompt(self.lm, p) for p in job.prompts]
+        except SettingError as e:
+            raise bad(str(e), field_) from None
         for i, x in enumerate(ids):
             if len(x) >= self.context:
                 raise bad(f"prompt {i} is {len(x)} tokens; the model's context is {self.context} tokens, and generation "
@@ -294,9 +299,16 @@ class Service:
                                 usage=Usage(prompt_tokens=len(x) if k == 0 else 0,
                                             computed_tokens=len(x) if k == 0 else 0)) for k in range(n)] for x in ids]
         if job.best_of is None or job.best_of == n:
-            return await gen.agenerate_many(job.prompts, n=n, seed=seed)
-        outs = await gen.agenerate_many(job.prompts, n=job.best_of, seed=seed)
+            return await gen.agenerate_many(self.inputs(job, ids), n=n, seed=seed)
+        outs = await gen.agenerate_many(self.inputs(job, ids), n=job.best_of, seed=seed)
         return [best_of(gens, n) for gens in outs]
+
+    @staticmethod
+    def inputs(job: Job, ids: list[list[int]]) -> list[Any]:
+        """What the generator gets: the token ids already encoded (check_lengths) for
+        token-level requests, so the prompt is not encoded a second time; the text for a
+        strategy, which builds prompts of its own from it."""
+        return job.prompts if job.strategy else ids
 
     async def prompt_logprobs(self, ids: list[int]) -> list[float | None]:
         scored = await asyncio.to_thread(self.lm.score_ids, ids[:1], ids[1:]) if len(ids) > 1 else []
