@@ -319,6 +319,17 @@ def _weighted(lm, p, s, ctx):
                                 **_given(s, n="samples", weight="weight"))
 
 
+def _adaptive(lm, p, s, ctx):
+    from .meta.adaptive import AdaptiveVote
+
+    weight = s.get("weight", "none")
+    if weight == "reward" and ctx.reward_model is None:
+        raise SettingError("--strategy adaptive-majority with weight=reward needs --reward-model")
+    return AdaptiveVote(_inner(lm, p, s, ctx), ctx.task.extract_answer, scorer=ctx.reward_model if weight == "reward"
+                        else None, **_given(s, n="samples", batch="batch", rule="rule", confidence="confidence",
+                                            weight="weight"))
+
+
 def _mbr(lm, p, s, ctx):
     from .meta.parallel import MinimumBayesRisk
     from .scoring.utility import utility_named
@@ -358,6 +369,10 @@ register(Strategy("best-of-n", _best_of_n, "best of N samples by a scorer (Stien
 register(Strategy("weighted-majority", _weighted, "majority vote weighted by --reward-model scores or, with --set "
                   "weight=logprob, by sequence probability (Li et al. 2023)", ("samples", "over", "weight"),
                   needs=("task",), **_PARALLEL))
+register(Strategy("adaptive-majority", _adaptive, "adaptive consistency (Aggarwal et al. 2023): draw --set batch=B "
+                  "samples at a time, up to N, until --set rule=beta|dirichlet|window (ESC, Li et al. 2024) says the "
+                  "vote is settled at --set confidence=C; weight=reward votes by --reward-model scores",
+                  ("samples", "over", "batch", "rule", "confidence", "weight"), needs=("task",), **_PARALLEL))
 register(Strategy("mbr", _mbr, "minimum Bayes risk over N samples, --set utility=exact|edit|bleu|chrf "
                   "(Bertsch et al. 2023)", ("samples", "over", "utility"), needs=("task",), **_PARALLEL))
 register(Strategy("rejection", _rejection, "rejection sampling: draw --set batch=B at a time until the "

@@ -1,0 +1,126 @@
+"""Adaptive consistency (issue 25): the stopping rules computed by hand, a scripted
+policy that stops exactly where the rule says and is billed for exactly what it drew,
+the weighted variant, and seeded runs on the shipped model (alone = batched)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+
+import pytest
+
+from ponder.errors import SettingError
+from ponder.meta.adaptive import AdaptiveVote, beta_above_half, dirichlet_leader
+from ponder.scoring.base import Scores
+from ponder.types import Generation, Usage
+
+
+def _answer(text: str) -> str | None:
+    m = re.search(r"Answer: (\S+)", text)
+    return m[1] if m else None
+
+
+class Scripted:
+    """A policy that answers from a script, 10 tokens a sample; records the calls."""
+
+    def __init__(self, answers):
+        self.answers, self.calls = list(answers), []
+
+    async def agenerate(self, prompt, n=1, seed=None):
+        self.calls.append(n)
+        out = []
+        for _ in range(n):
+            a = self.answers.pop(0)
+            out.append(Generation(text=f"Answer: {a}\n" if a is not None else "no idea\n", token_ids=[],
+                                  finish_reason="stop", usage=Usage(generated_tokens=10, computed_tokens=10)))
+        return out
+
+
+class ScriptedScorer:
+    def __init__(self, table):
+        self.table = table
+
+    def score(self, prompt, completions):
+        vals = [self.table[_answer(c)] for c in completions]
+        return Scores(vals, Usage(computed_tokens=3 * len(vals)))
+
+
+@pytest.mark.parametrize("a, b", [(0, 0), (3, 0), (4, 0), (5, 2), (9, 6), (12, 3)])
+def test_the_beta_rule_against_the_binomial_identity(a, b):
+    # for integer votes, P(Beta(a+1, b+1) > 1/2) = P(Binomial(a+b+1, 1/2) <= a)
+    exact = sum(math.comb(a + b + 1, k) for k in range(a + 1)) / 2 ** (a + b + 1)
+    assert beta_above_half(a, b) == pytest.approx(exact, abs=1e-6)
+
+
+def test_the_dirichlet_rule_is_seeded_and_sensible():
+    assert dirichlet_leader([10.0]) > 0.99
+    assert dirichlet_leader([3.0, 3.0]) < 0.6
+    assert dirichlet_leader([5.0, 1.0], seed=3) == dirichlet_leader([5.0, 1.0], seed=3)
+
+
+def test_it_stops_exactly_where_the_rule_says_and_bills_what_it_drew():
+    # three agreeing votes: P = 15/16 = 0.9375 < 0.95, go on; four: 31/32 = 0.969, stop
+    pol = Scripted(["7"] * 16)
+    (g,) = asyncio.run(AdaptiveVote(pol, _answer, n=16, batch=1, confidence=0.95).agenerate("q"))
+    assert g.meta["samples_drawn"] == 4 and g.meta["stopped_by"] == "beta" and _answer(g.text) == "7"
+    assert g.usage.generated_tokens == 40 and len(g.trace) == 4 and pol.calls == [1, 1, 1, 1]
+    assert g.meta["confidence"] == pytest.approx(31 / 32, abs=1e-6)
+    # a split vote never settles: all n are drawn
+    pol = Scripted(["7", "8"] * 8)
+    (g,) = asyncio.run(AdaptiveVote(pol, _answer, n=16, batch=4).agenerate("q"))
+    assert g.meta["samples_drawn"] == 16 and g.meta["stopped_by"] == "max_samples" and pol.calls == [4] * 4
+    assert g.usage.generated_tokens == 160
+    # unanswered samples do not vote: 7, none, 7, 7, 7 -> four votes settle it at the fifth
+    pol = Scripted(["7", None, "7", "7", "7", "7"])
+    (g,) = asyncio.run(AdaptiveVote(pol, _answer, n=6, batch=1).agenerate("q"))
+    assert g.meta["samples_drawn"] == 5
+
+
+def test_the_window_rule_stops_when_a_window_agrees():
+    pol = Scripted(["7", "8", "7", "7", "9", "9"])
+    (g,) = asyncio.run(AdaptiveVote(pol, _answer, n=6, batch=2, rule="window").agenerate("q"))
+    assert g.meta["samples_drawn"] == 4 and _answer(g.text) == "7" and g.meta["stopped_by"] == "window"
+
+
+def test_weighted_votes_settle_by_reward():
+    # 7 is rated 0.9, 8 is rated 0.1
+    table = {"7": 0.9, "8": 0.1}
+    pol = Scripted(["7", "8", "7", "7", "7", "7"])
+    gen = AdaptiveVote(pol, _answer, n=6, batch=1, weight="reward", scorer=ScriptedScorer(table))
+    (g,) = asyncio.run(gen.agenerate("q"))
+    script = ["7", "8", "7", "7", "7", "7"]
+
+    def p_after(k):  # the answers' shares of the weight, times the k samples
+        w = {x: sum(table[a] for a in script[:k] if a == x) for x in ("7", "8")}
+        return beta_above_half(*sorted((v * k / sum(w.values()) for v in w.values()), reverse=True))
+
+    expect = next(k for k in range(1, 7) if p_after(k) >= 0.95)
+    assert expect == 4  # unweighted, 7 8 7 7 would need a fifth 7 (3 against 1: P = 0.81)
+    assert g.meta["samples_drawn"] == expect and _answer(g.text) == "7" and gen.strategy == "adaptive-weighted"
+    assert g.usage.computed_tokens == 10 * expect + 3 * expect  # the samples' and the scorer's
+
+
+@pytest.mark.parametrize("kw, msg", [({"n": 0}, "samples"), ({"batch": 0}, "batch"), ({"rule": "vibes"}, "rule"),
+                                     ({"confidence": 1.0}, "confidence"), ({"weight": "reward"}, "scorer"),
+                                     ({"rule": "window", "batch": 1}, "window")])
+def test_bad_settings_are_named(kw, msg):
+    with pytest.raises(SettingError, match=msg):
+        AdaptiveVote(Scripted([]), _answer, **kw)
+
+
+def test_seeded_on_the_shipped_model_alone_equals_batched(arith_lm):
+    from ponder import strategies
+    from ponder.params import SamplingParams
+    from ponder.tasks.registry import load_task
+
+    task = load_task("arith")
+    prompts = [task.prompt(p) for p in task.problems("medium", 4)]
+    gen = strategies.build("adaptive-majority", arith_lm, SamplingParams(temperature=0.7, max_tokens=120),
+                           {"samples": 12, "batch": 3}, strategies.Context(task=task))
+    batched = gen.generate_batch(prompts, seed=5)
+    alone = [gen.generate_batch([p], seed=5)[0] for p in prompts]
+    assert [(o[0].text, o[0].meta["samples_drawn"]) for o in batched] == [(o[0].text, o[0].meta["samples_drawn"])
+                                                                           for o in alone]
+    assert any(o[0].meta["samples_drawn"] < 12 for o in batched)  # medium problems settle early
+    assert all(o[0].usage.generated_tokens == sum(t.usage.generated_tokens for t in o[0].trace) for o in batched)
