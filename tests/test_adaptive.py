@@ -124,3 +124,42 @@ def test_seeded_on_the_shipped_model_alone_equals_batched(arith_lm):
                                                                            for o in alone]
     assert any(o[0].meta["samples_drawn"] < 12 for o in batched)  # medium problems settle early
     assert all(o[0].usage.generated_tokens == sum(t.usage.generated_tokens for t in o[0].trace) for o in batched)
+
+
+# -- DeepConf offline (confidence-filtered voting) ------------------------------------------
+def test_token_and_group_confidence_by_hand():
+    from ponder.meta.deepconf import group_confidences, token_confidences, trace_confidence
+
+    tops = [{1: math.log(0.5), 2: math.log(0.5)}, {1: math.log(0.9), 2: math.log(0.1)}, {1: -1.0, 2: -3.0}]
+    c = token_confidences(tops)
+    assert c == pytest.approx([math.log(2), -(math.log(0.9) + math.log(0.1)) / 2, 2.0])
+    assert group_confidences([1.0, 2.0, 3.0, 4.0], 2) == [1.5, 2.5, 3.5]
+    assert group_confidences([1.0, 2.0], 4) == [1.5]  # shorter than the window: one group
+    assert trace_confidence(tops, window=2, measure="lowest") == pytest.approx(min((c[0] + c[1]) / 2, (c[1] + c[2]) / 2))
+    assert trace_confidence(tops, window=2, measure="tail") == pytest.approx((c[1] + c[2]) / 2)
+
+
+class ScriptedConf:
+    """Samples whose every token has the given top-2 log-probabilities."""
+
+    def __init__(self, traces):
+        self.traces = traces
+
+    async def agenerate(self, prompt, n=1, seed=None):
+        return [Generation(text=f"Answer: {a}\n", token_ids=[], finish_reason="stop", top_logprobs=[dict(t)] * 5,
+                           usage=Usage(generated_tokens=5)) for a, t in self.traces[:n]]
+
+
+def test_confident_traces_outvote_the_rest():
+    from ponder.meta.deepconf import ConfidenceVote
+
+    sure, unsure = {1: -0.01, 2: -6.0}, {1: -0.7, 2: -0.7}  # confidences 3.005 and 0.7
+    traces = [("8", unsure)] * 3 + [("7", sure)] * 2
+    (g,) = ConfidenceVote(ScriptedConf(traces), _answer, n=5, keep=0.4).generate("q")
+    assert _answer(g.text) == "7" and g.meta["kept"] == [3, 4] and g.usage.generated_tokens == 25
+    (g,) = ConfidenceVote(ScriptedConf(traces), _answer, n=5, keep=1.0).generate("q")
+    assert _answer(g.text) == "7"  # all vote, weighted: 2 x 3.005 against 3 x 0.7
+    with pytest.raises(SettingError, match="top-k log-probabilities"):
+        ConfidenceVote(Scripted(["7"] * 4), _answer, n=4).generate("q")
+    with pytest.raises(SettingError, match="keep"):
+        ConfidenceVote(ScriptedConf(traces), _answer, keep=0)

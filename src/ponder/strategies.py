@@ -330,6 +330,20 @@ def _adaptive(lm, p, s, ctx):
                                             weight="weight"))
 
 
+def _deepconf(lm, p, s, ctx):
+    from .meta.deepconf import ConfidenceVote
+
+    k = _int_setting(s.get("top_k_confidence", 4), "top_k_confidence")  # the k of the token confidence
+    return ConfidenceVote(_inner(lm, p.replace(logprobs=p.logprobs or k), s, ctx), ctx.task.extract_answer,
+                          **_given(s, n="samples", keep="keep", window="window", measure="measure"))
+
+
+def _int_setting(v: Any, name: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 20:
+        raise SettingError(f"{name} must be an integer in [1, 20]; got {v!r}")
+    return v
+
+
 def _mbr(lm, p, s, ctx):
     from .meta.parallel import MinimumBayesRisk
     from .scoring.utility import utility_named
@@ -373,6 +387,11 @@ register(Strategy("adaptive-majority", _adaptive, "adaptive consistency (Aggarwa
                   "samples at a time, up to N, until --set rule=beta|dirichlet|window (ESC, Li et al. 2024) says the "
                   "vote is settled at --set confidence=C; weight=reward votes by --reward-model scores",
                   ("samples", "over", "batch", "rule", "confidence", "weight"), needs=("task",), **_PARALLEL))
+register(Strategy("deepconf", _deepconf, "confidence-filtered voting (DeepConf offline, Fu et al. 2025): the --set "
+                  "keep=F most confident of N samples (measure=lowest|tail|bottom10 group confidence over window=W "
+                  "tokens, from the top_k_confidence=K log-probabilities) vote, weighted by confidence",
+                  ("samples", "over", "keep", "window", "measure", "top_k_confidence"), needs=("task",),
+                  **{**_PARALLEL, "access": "logprobs"}))
 register(Strategy("mbr", _mbr, "minimum Bayes risk over N samples, --set utility=exact|edit|bleu|chrf "
                   "(Bertsch et al. 2023)", ("samples", "over", "utility"), needs=("task",), **_PARALLEL))
 register(Strategy("rejection", _rejection, "rejection sampling: draw --set batch=B at a time until the "
