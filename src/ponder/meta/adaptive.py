@@ -30,13 +30,12 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections import defaultdict
 from typing import Any, Callable, Sequence
 
 from ..errors import SettingError
 from ..protocols import GeneratorBase
 from ..types import Generation, Usage
-from .parallel import _check_generator, _check_n, _check_scorer, _result, _samples, weighted_index
+from .parallel import _check_generator, _check_n, _check_scorer, _samples, tally, weighted_result
 
 
 def beta_above_half(a: float, b: float) -> float:
@@ -111,10 +110,7 @@ class AdaptiveVote(GeneratorBase):
             last = answers[-self.batch:]
             same = len(last) == self.batch and last[0] is not None and all(a == last[0] for a in last)
             return same, float(same)
-        total: dict[str, float] = defaultdict(float)
-        for a, w in zip(answers, weights):
-            if a is not None:
-                total[a] += w
+        total = tally(answers, weights)
         if not total:
             return False, 0.0
         # weights say how the evidence splits, the number of answered samples how much of
@@ -156,12 +152,5 @@ class AdaptiveVote(GeneratorBase):
             if stop:
                 why = self.rule
                 break
-        i = weighted_index(answers, weights)
-        total: dict[str, float] = defaultdict(float)
-        for a, w in zip(answers, weights):
-            if a is not None:
-                total[a] += w
-        share = 0.0 if i is None else total[answers[i]] / max(sum(weights), 1e-30)
-        return _result(samples[0 if i is None else i], samples, usage, self.strategy, share,
-                       votes={a: round(w, 6) for a, w in total.items()}, samples_drawn=len(samples),
-                       stopped_by=why, confidence=round(p, 6), rule=self.rule)
+        return weighted_result(samples, answers, weights, usage, self.strategy, samples_drawn=len(samples),
+                               stopped_by=why, confidence=round(p, 6), rule=self.rule)

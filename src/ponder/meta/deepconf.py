@@ -21,12 +21,11 @@ traces while they are generated, is not built yet).
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from typing import Any, Callable, Sequence
 
 from ..errors import SettingError
 from ..types import Generation, Usage
-from .parallel import SampleThenAggregate, _check_generator, _check_n, _result, weighted_index
+from .parallel import SampleThenAggregate, _check_generator, _check_n, weighted_result
 
 MEASURES = ("lowest", "tail", "bottom10")
 
@@ -99,13 +98,5 @@ class ConfidenceVote(SampleThenAggregate):
             a = self.extract_answer(g.text) if i in kept else None
             answers.append(None if a is None else (self.normalize(a) if self.normalize else a))
         weights = [confs[i] if i in kept else 0.0 for i in range(len(samples))]
-        i = weighted_index(answers, weights)
-        total: dict[str, float] = defaultdict(float)
-        for a, w in zip(answers, weights):
-            if a is not None:
-                total[a] += w
-        share = 0.0 if i is None else total[answers[i]] / max(sum(total.values()), 1e-30)
-        best = samples[i] if i is not None else max(samples, key=lambda g: g.score)
-        return _result(best, samples, Usage.total(g.usage for g in samples), self.strategy, share,
-                       votes={a: round(w, 6) for a, w in total.items()}, kept=sorted(kept),
-                       confidences=[round(c, 6) for c in confs], measure=self.measure)
+        return weighted_result(samples, answers, weights, Usage.total(g.usage for g in samples), self.strategy,
+                               kept=sorted(kept), confidences=[round(c, 6) for c in confs], measure=self.measure)

@@ -63,16 +63,33 @@ def majority_index(answers: Sequence[str | None]) -> int | None:
     return next(i for i, a in enumerate(answers) if a is not None and counts[a] == top)
 
 
-def weighted_index(answers: Sequence[str | None], weights: Sequence[float]) -> int | None:
-    """Index of the first sample of the answer with the largest summed weight."""
+def tally(answers: Sequence[str | None], weights: Sequence[float]) -> dict[str, float]:
+    """Each answer's summed weight (unanswered samples do not vote)."""
     total: dict[str, float] = defaultdict(float)
     for a, w in zip(answers, weights):
         if a is not None:
             total[a] += w
+    return total
+
+
+def weighted_index(answers: Sequence[str | None], weights: Sequence[float]) -> int | None:
+    """Index of the first sample of the answer with the largest summed weight."""
+    total = tally(answers, weights)
     if not total:
         return None
     top = max(total.values())
     return next(i for i, a in enumerate(answers) if a is not None and total[a] == top)
+
+
+def weighted_result(samples: list[Generation], answers: Sequence[str | None], weights: Sequence[float],
+                    usage: Usage, strategy: str, **meta: Any) -> Generation:
+    """The weighted vote's winner (its first sample), scored by its share of the weight,
+    with every answer's votes in ``meta``."""
+    i = weighted_index(answers, weights)
+    total = tally(answers, weights)
+    share = 0.0 if i is None else total[answers[i]] / max(sum(weights), 1e-30)
+    return _result(samples[0 if i is None else i], samples, usage, strategy, share,
+                   votes={a: round(w, 6) for a, w in total.items()}, **meta)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -180,14 +197,7 @@ class WeightedMajorityVote(MajorityVote):
             weights = [math.exp(sum(g.logprobs) / max(1, len(g.logprobs))) for g in samples]
         for g, w in zip(samples, weights):
             g.score = w
-        i = weighted_index(answers, weights)
-        total: dict[str, float] = defaultdict(float)
-        for a, w in zip(answers, weights):
-            if a is not None:
-                total[a] += w
-        share = 0.0 if i is None else total[answers[i]] / max(sum(weights), 1e-30)
-        return _result(samples[0 if i is None else i], samples, usage, self.strategy, share,
-                       votes={a: round(w, 6) for a, w in total.items()}, weight=self.weight)
+        return weighted_result(samples, answers, weights, usage, self.strategy, weight=self.weight)
 
 
 class BestOfN(SampleThenAggregate):
