@@ -117,15 +117,6 @@ def _parse_sets(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def _check_context(lm: Any, params: SamplingParams) -> None:
-    """max_tokens cannot be more than the model's context: refused by name, not cut short
-    in silence (the prompt's share is checked where the prompt is known)."""
-    ctx = getattr(lm, "context_length", None)
-    if isinstance(ctx, int) and params.max_tokens >= ctx:
-        _fail(f"--max-tokens {params.max_tokens} is not below the model's context of {ctx} tokens, which must also "
-              f"hold the prompt; use at most {ctx - 1}")
-
-
 def _merge_sets(flags: dict[str, Any], sets: dict[str, Any]) -> dict[str, Any]:
     """A command's named flags and its ``--set`` pairs, one value per setting: a setting
     given both ways is an error naming both spellings."""
@@ -219,7 +210,6 @@ def generate(
     lm = strategies.load_model(model, "--model", dtype)
     if hasattr(lm, "vocab_size"):
         params.check_for(lm.vocab_size)
-    _check_context(lm, params)
     if chat_template is not None:
         from .backends.chat import ChatTemplate
 
@@ -308,7 +298,6 @@ def eval_cmd(
     lm = strategies.load_model(model, "--model", dtype)
     if hasattr(lm, "vocab_size"):
         params.check_for(lm.vocab_size)
-    _check_context(lm, params)
     if chat_template is not None:  # the task's prompts become user messages; answers are checked as before
         from .backends.chat import ChatTemplate
         from .tasks.base import FormattedTask

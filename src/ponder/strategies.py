@@ -198,7 +198,7 @@ def load_model(name: Any, role: str, dtype: str = "float32", **remote: Any) -> A
     if not isinstance(name, str) or not name:
         raise SettingError(f"{role} must be a model name or a checkpoint folder; got {name!r}")
     if dtype not in ("float32", "bfloat16"):
-        raise SettingError(f"--dtype must be float32 or bfloat16; got {dtype!r}")
+        raise SettingError(f"--dtype must be one of float32, bfloat16; got {dtype!r}")
     if name.startswith(("http://", "https://")):
         return load_endpoint(name, role, **remote)
     if remote:
