@@ -163,3 +163,39 @@ def test_confident_traces_outvote_the_rest():
         ConfidenceVote(Scripted(["7"] * 4), _answer, n=4).generate("q")
     with pytest.raises(SettingError, match="keep"):
         ConfidenceVote(ScriptedConf(traces), _answer, keep=0)
+
+
+# -- DeepConf online: traces stopped mid-generation ------------------------------------------
+def test_online_traces_stop_where_the_rule_says_and_are_billed_what_they_generated(arith_lm):
+    from ponder import strategies
+    from ponder.meta.deepconf import stopped_at, trace_confidence
+    from ponder.params import SamplingParams
+    from ponder.tasks.registry import load_task
+
+    task = load_task("arith")
+    prompts = [task.prompt(p) for p in task.problems("hard", 6)]
+    gen = strategies.build("deepconf-online", arith_lm, SamplingParams(temperature=0.7, max_tokens=160),
+                           {"samples": 10, "warmup": 4, "keep": 0.25, "window": 8, "consensus": 1.0},
+                           strategies.Context(task=task))
+    outs = gen.generate_batch(prompts, seed=3)
+    stopped = 0
+    for (g,) in outs:
+        thr = g.meta["threshold"]
+        assert g.usage.generated_tokens == sum(len(t.token_ids) for t in g.trace)  # billed what was generated
+        assert g.usage.generated_tokens == sum(t.usage.generated_tokens for t in g.trace)
+        for j, t in enumerate(g.trace):
+            at = g.meta["stopped_at"][j]
+            if j < 4:  # warm-up traces run whole
+                assert at is None
+                continue
+            assert at == stopped_at(t.top_logprobs, thr, 8)  # the processor's decision = the rule on the trace
+            if at is not None:  # ended by a forced EOS at exactly that step, and it does not vote
+                stopped += 1
+                assert len(t.token_ids) == at + 1 and t.token_ids[-1] in arith_lm.eos_token_ids
+                assert t.finish_reason == "stop"
+            else:  # not stopped: confident enough, or ended before a full window
+                assert len(t.token_ids) < 8 or trace_confidence(t.top_logprobs, 8, "lowest") >= thr
+    assert stopped >= 3  # keep=0.25 sets a high threshold: many traces are cut
+    # seeded: alone = batched
+    alone = [gen.generate_batch([p], seed=3)[0][0] for p in prompts[:2]]
+    assert [(a.text, a.meta["stopped_at"]) for a in alone] == [(o[0].text, o[0].meta["stopped_at"]) for o in outs[:2]]

@@ -510,3 +510,28 @@ def test_a_dead_server_says_one_line_per_retry_round(pserve, capfd):
     assert 1 <= len(records) <= 2, records  # attempts 2 and 3
     assert all("retrying" in r and second.url in r for r in records)
     assert "stamina" not in capfd.readouterr().err
+
+
+def test_adaptive_methods_over_vllm_decide_as_in_process(vllm):
+    """Adaptive consistency and DeepConf online against the real vLLM: each stops where
+    its rule, replayed on the samples it drew, says (the rule is the in-process one);
+    DeepConf's traces cannot be cut mid-way remotely, so its rule is applied to whole
+    traces (marked) and every token is billed."""
+    from ponder.meta.deepconf import stopped_at
+
+    lm = OpenAILM(vllm.url, tokenizer=ARITH)
+    ctx = strategies.Context(task=TASK)
+    p = SamplingParams(temperature=0.7, max_tokens=160)
+    gen = strategies.build("adaptive-majority", lm, p, {"samples": 12, "batch": 3}, ctx)
+    outs = gen.generate_batch([TASK.prompt(q) for q in TASK.problems("medium", 8)], seed=2)  # some settle early
+    for (g,) in outs:
+        answers = [gen.answer_of(t) for t in g.trace]
+        stops = [k for k in range(3, len(answers) + 1, 3) if gen.settled(answers[:k], [1.0] * k, seed=k)[0]]
+        assert g.meta["samples_drawn"] == (stops[0] if stops else 12)
+        assert g.usage.generated_tokens == sum(t.usage.generated_tokens for t in g.trace) > 0
+    assert any(o[0].meta["samples_drawn"] < 12 for o in outs)
+    online = strategies.build("deepconf-online", lm, p, {"samples": 8, "warmup": 3, "keep": 0.5, "window": 8}, ctx)
+    for (g,) in online.generate_batch(PROMPTS[:4], seed=2):
+        assert g.meta["stopped_post_hoc"] is True
+        assert g.meta["stopped_at"][3:] == [stopped_at(t.top_logprobs, g.meta["threshold"], 8) for t in g.trace[3:]]
+        assert g.usage.generated_tokens == sum(t.usage.generated_tokens for t in g.trace)

@@ -338,6 +338,23 @@ def _deepconf(lm, p, s, ctx):
                           **_given(s, n="samples", keep="keep", window="window", measure="measure"))
 
 
+def _deepconf_online(lm, p, s, ctx):
+    from .meta.deepconf import OnlineConfidenceVote
+
+    if "over" in s:
+        raise SettingError("--strategy deepconf-online draws its own traces (it stops them mid-way); drop over=")
+    k = _int_setting(s.get("top_k_confidence", 4), "top_k_confidence")
+    pp = p.replace(logprobs=p.logprobs or k)
+
+    def policy(stopper):
+        return _sample(lm, pp, {"constraint": stopper} if stopper is not None else {}, ctx)
+
+    eos = (list(getattr(lm, "eos_token_ids", [])) or [None])[0]
+    return OnlineConfidenceVote(policy, ctx.task.extract_answer, eos, k=k, in_process=not _remote(lm),
+                                **_given(s, n="samples", warmup="warmup", keep="keep", window="window",
+                                         consensus="consensus"))
+
+
 def _int_setting(v: Any, name: str) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 20:
         raise SettingError(f"{name} must be an integer in [1, 20]; got {v!r}")
@@ -392,6 +409,11 @@ register(Strategy("deepconf", _deepconf, "confidence-filtered voting (DeepConf o
                   "tokens, from the top_k_confidence=K log-probabilities) vote, weighted by confidence",
                   ("samples", "over", "keep", "window", "measure", "top_k_confidence"), needs=("task",),
                   **{**_PARALLEL, "access": "logprobs"}))
+register(Strategy("deepconf-online", _deepconf_online, "DeepConf online (Fu et al. 2025): --set warmup=W full "
+                  "traces set a confidence threshold (the keep=F most confident); later traces stop the moment their "
+                  "window=T group confidence falls below it, and drawing stops at consensus=C, at most N",
+                  ("samples", "warmup", "keep", "window", "consensus", "top_k_confidence"), needs=("task",),
+                  **{**_PARALLEL, "access": "logprobs", "constraint": False}))
 register(Strategy("mbr", _mbr, "minimum Bayes risk over N samples, --set utility=exact|edit|bleu|chrf "
                   "(Bertsch et al. 2023)", ("samples", "over", "utility"), needs=("task",), **_PARALLEL))
 register(Strategy("rejection", _rejection, "rejection sampling: draw --set batch=B at a time until the "

@@ -14,8 +14,8 @@ The ``keep`` fraction of most confident traces (DeepConf-low keeps 10%, -high 90
 then vote, each weighted by its confidence. The policy must return top-k
 log-probabilities (``logprobs`` = k), so this runs on any ``LogprobsLM``: in-process
 or a remote vLLM. The bill is every trace's tokens: offline filtering saves no
-compute, it buys accuracy at equal compute (the online variant, which stops weak
-traces while they are generated, is not built yet).
+compute, it buys accuracy at equal compute. The online variant (``OnlineConfidenceVote``)
+stops weak traces while they are generated and stops drawing at a consensus.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from typing import Any, Callable, Sequence
 
 from ..errors import SettingError
 from ..types import Generation, Usage
-from .parallel import SampleThenAggregate, _check_generator, _check_n, weighted_result
+from ..protocols import GeneratorBase
+from .parallel import SampleThenAggregate, _check_generator, _check_n, tally, weighted_result
 
 MEASURES = ("lowest", "tail", "bottom10")
 
@@ -100,3 +101,139 @@ class ConfidenceVote(SampleThenAggregate):
         weights = [confs[i] if i in kept else 0.0 for i in range(len(samples))]
         return weighted_result(samples, answers, weights, Usage.total(g.usage for g in samples), self.strategy,
                                kept=sorted(kept), confidences=[round(c, 6) for c in confs], measure=self.measure)
+
+
+# -- online: stop weak traces while they are generated ----------------------------------------
+class ConfidenceStop:
+    """A processor that ends a trace the moment its group confidence (the mean token
+    confidence over the last ``window`` steps, from the raw logits' top ``k``) falls
+    below ``threshold``: every token but EOS is masked, so the row ends at once and is
+    billed for what it generated. It runs first in the chain (the constraint slot), so
+    it reads the model's own distribution, as ``top_logprobs`` records it: a decision
+    can be checked afterwards from the trace (``stopped_at``)."""
+
+    is_identity = False
+
+    def __init__(self, threshold: float, window: int, k: int, eos: int) -> None:
+        self.threshold, self.window, self.k, self.eos = float(threshold), window, k, eos
+        self.recent: list[list[float]] = [[]]  # per physical row: the last window confidences
+
+    def __call__(self, tokens: Any, logits: Any) -> Any:
+        import torch
+
+        conf = -logits.log_softmax(-1).topk(self.k, dim=-1).values.mean(-1)  # [B]
+        stop = []
+        for b, c in enumerate(conf.tolist()):
+            w = self.recent[b] if b < len(self.recent) else []
+            w.append(c)
+            del w[: -self.window]
+            if b >= len(self.recent):
+                self.recent.append(w)
+            stop.append(len(w) == self.window and sum(w) / self.window < self.threshold)
+        if not any(stop):
+            return logits
+        out = logits.clone()
+        rows = torch.tensor(stop)
+        out[rows] = float("-inf")
+        out[rows, self.eos] = 0.0
+        return out
+
+    def batch_key(self) -> Any:
+        return None
+
+    def banned(self) -> None:
+        return None
+
+    def accept(self, tokens: Any) -> None:
+        pass
+
+    def fork(self, rows: Sequence[int]) -> "ConfidenceStop":
+        out = ConfidenceStop(self.threshold, self.window, self.k, self.eos)
+        out.recent = [list(self.recent[r]) if r < len(self.recent) else [] for r in rows]
+        return out
+
+    def rollback(self, n: int) -> None:
+        for w in self.recent:
+            del w[max(0, len(w) - n):]
+
+    def reset(self) -> None:
+        self.recent = [[]]
+
+
+def stopped_at(top_logprobs: Sequence[dict[Any, float]], threshold: float, window: int) -> int | None:
+    """The step at which ``ConfidenceStop`` ends this trace (None: it would not): the
+    first full window whose mean token confidence is below ``threshold``."""
+    conf = token_confidences(top_logprobs)
+    for i in range(window - 1, len(conf)):
+        if sum(conf[i - window + 1 : i + 1]) / window < threshold:
+            return i
+    return None
+
+
+class OnlineConfidenceVote(GeneratorBase):
+    """DeepConf online (Fu et al. 2025): ``warmup`` full traces set the threshold (the
+    lowest group confidence among the ``keep`` most confident of them); then traces are
+    drawn one at a time, each stopped the moment its group confidence falls below the
+    threshold (stopped traces do not vote), until the confidence-weighted leader holds
+    ``consensus`` of the vote of two or more traces, or ``n`` traces are spent.
+
+    ``policy(stopper)`` builds the generator: with a ``ConfidenceStop`` for an in-process
+    model (the row leaves the batch when stopped); a remote policy cannot be stopped
+    mid-way, so its traces run whole and the same rule is applied to them afterwards
+    (the same decisions given the same traces; the bill is the whole traces')."""
+
+    strategy = "deepconf-online"
+    overlapping_bills = True
+
+    def __init__(self, policy: Callable[[Any], Any], extract_answer: Callable[[str], str | None], eos: int | None,
+                 n: int = 16, warmup: int = 4, keep: float = 0.9, window: int = 16, k: int = 4,
+                 consensus: float = 0.95, in_process: bool = True) -> None:
+        _check_n(n, "samples (n, the most traces)")
+        _check_n(warmup, "warmup (traces that set the threshold)")
+        if warmup > n:
+            raise SettingError(f"warmup ({warmup}) must be <= samples ({n})")
+        if not isinstance(keep, (int, float)) or isinstance(keep, bool) or not 0 < keep <= 1:
+            raise SettingError(f"keep must be in (0, 1]; got {keep!r}")
+        if not isinstance(consensus, (int, float)) or isinstance(consensus, bool) or not 0.5 < consensus <= 1:
+            raise SettingError(f"consensus must be in (0.5, 1]; got {consensus!r}")
+        _check_n(window, "window (tokens per group)")
+        _check_n(k, "top_k_confidence")
+        if in_process and eos is None:
+            raise SettingError("deepconf-online stops a trace by forcing EOS: the model must have an EOS token")
+        self.policy, self.extract_answer, self.eos = policy, extract_answer, eos
+        self.n, self.warmup, self.keep, self.window, self.k = n, warmup, float(keep), window, k
+        self.consensus, self.in_process = float(consensus), in_process
+
+    async def agenerate(self, prompt: str, n: int = 1, seed: int | None = None) -> list[Generation]:
+        _check_n(n, "n")
+        return [await self._once(prompt, None if seed is None else seed + j * 1_000_033) for j in range(n)]
+
+    async def _once(self, prompt: str, seed: int | None) -> Generation:
+        warm = await self.policy(None).agenerate(prompt, n=self.warmup, seed=seed)
+        if any(g.top_logprobs is None for g in warm):
+            raise SettingError("deepconf-online needs each token's top-k log-probabilities (a logprobs-level backend)")
+        confs = [trace_confidence(g.top_logprobs, self.window, "lowest") for g in warm]
+        threshold = sorted(confs, reverse=True)[max(1, math.ceil(self.keep * len(confs))) - 1]
+        traces, weights, stops = list(warm), [c if c >= threshold else 0.0 for c in confs], [None] * len(warm)
+        stopper = ConfidenceStop(threshold, self.window, self.k, self.eos) if self.in_process else None
+        gen = self.policy(stopper)
+        why = "max_samples"
+        while len(traces) < self.n:
+            answers = [self.extract_answer(g.text) for g in traces]
+            total = tally(answers, weights)
+            voters = sum(1 for a, w in zip(answers, weights) if a is not None and w > 0)
+            if voters >= 2 and max(total.values()) / max(sum(total.values()), 1e-30) >= self.consensus:
+                why = "consensus"
+                break
+            s = None if seed is None else seed + 7_919 * len(traces)
+            (g,) = await gen.agenerate(prompt, n=1, seed=s)
+            at = stopped_at(g.top_logprobs or [], threshold, self.window)
+            traces.append(g)
+            stops.append(at)
+            c = trace_confidence(g.top_logprobs or [], self.window, "lowest")
+            weights.append(0.0 if at is not None or c < threshold else c)  # a trace shorter than a window too
+        answers = [self.extract_answer(g.text) if w > 0 else None for g, w in zip(traces, weights)]
+        return weighted_result(traces, answers, weights, Usage.total(g.usage for g in traces), self.strategy,
+                               threshold=round(threshold, 6), samples_drawn=len(traces), stopped_by=why,
+                               stopped_at=stops, stopped=sum(a is not None for a in stops),
+                               stopped_post_hoc=not self.in_process)
