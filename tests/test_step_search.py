@@ -277,3 +277,36 @@ def test_tree_of_thoughts_on_the_shipped_models(arith_lm):
     right = [TASK.check_answer(p, g.text) for p, (g,) in zip(problems, outs)]
     assert sum(found) >= 3 and sum(f and r for f, r in zip(found, right)) >= sum(found) - 1
     assert all(g.meta["expansions"] <= 24 for (g,) in outs)
+
+
+def test_reward_guided_speculative_decoding_rewrites_only_low_scored_draft_steps():
+    """RSD (Liao et al. 2025): the draft writes each step; a step scored below the
+    threshold is written again by the target; bills add both models' tokens."""
+    from ponder.meta.search.rsd import RewardGuidedSpeculative
+
+    class Fixed:  # always the first scripted option (draft) or the best-valued one (target)
+        name, access = "fixed", Access.TEXT
+
+        def __init__(self, pick, tokens):
+            self.pick, self.tokens, self.calls = pick, tokens, 0
+
+        async def generate(self, prompts, params):
+            self.calls += 1
+            path = prompts[0].split("\n", 1)[1]
+            step = self.pick(STEPS[path])
+            return [[Generation(text=step.rstrip("\n"), token_ids=[1] * self.tokens, finish_reason="stop", stop="\n",
+                                usage=Usage(generated_tokens=self.tokens))]]
+
+    draft = Fixed(lambda opts: opts[-1], 1)  # c, then Answer: C (0.1, 0.2)
+    target = Fixed(lambda opts: max(opts, key=lambda s: VALUE[s]), 10)  # a, a2, Answer: A2
+    rsd = RewardGuidedSpeculative(target, StepValues(), draft, threshold=0.5, params=SamplingParams(temperature=0.7))
+    (g,) = rsd.generate("Q: ?\n", seed=0)
+    # every draft step scored < 0.5 except a2's ... the draft writes "c" (0.1): rewritten to "a" (0.9);
+    # from "a" the draft writes "a2" (0.8): kept; then "Answer: A2" (0.95): kept
+    assert g.text == "a\na2\nAnswer: A2\n" and g.meta["rewritten"] == 1 and g.meta["accepted"] == 2
+    assert target.calls == 1 and draft.calls == 3
+    assert g.usage.generated_tokens == 3 * 1 + 1 * 10  # three draft steps, one target step
+    tree = g.meta["tree"]
+    assert tree["children"][0]["step"] == "a\n" and tree["children"][0]["drafts"][0]["step"] == "c\n"
+    with pytest.raises(SettingError, match="threshold"):
+        RewardGuidedSpeculative(target, StepValues(), draft, threshold=2)

@@ -525,9 +525,23 @@ register(Strategy("mcts", _mcts, "Monte Carlo tree search over steps, UCT (Hao e
                   ("iterations", "width", "c", "value", "rollout_scorer", "max_depth", "scorer"), **_SEARCH))
 
 
+def _rsd(lm, p, s, ctx):
+    from .meta.search.rsd import RewardGuidedSpeculative
+
+    name = s.get("draft_model", "arith-draft")
+    draft = load_model(name, "--set draft_model")
+    return RewardGuidedSpeculative(lm, _step_scorer("rsd", s, ctx), draft, params=p,
+                                   **_given(s, threshold="threshold", max_depth="max_depth"))
+
+
+register(Strategy("rsd", _rsd, "reward-guided speculative decoding (Liao et al. 2025): --set draft_model=NAME "
+                  "(arith-draft) writes each step, the PRM scores it, the model rewrites steps below threshold=T",
+                  ("draft_model", "threshold", "max_depth", "scorer"), **_SEARCH))
+
+
 # -- controlled generation with several models ------------------------------------------------
 # refinement inside the tree: every step-level search can redraw low-scored steps in place
-_SEARCHES = ("prm-beam", "dvts", "rebase", "lookahead", "tot-bfs", "tot-dfs", "particles", "mcts")
+_SEARCHES = ("prm-beam", "dvts", "rebase", "lookahead", "tot-bfs", "tot-dfs", "particles", "mcts")  # not rsd
 for _name in _SEARCHES:
     STRATEGIES[_name].settings += ("refine", "refine_threshold")
 

@@ -318,7 +318,8 @@ def sweep(cfg: SweepConfig | Prepared, store: ResultsStore, command: str = "",
 
 # strategies whose result depends on the reward model (its identity goes into their key)
 _SCORED = {"best-of-n", "weighted-majority", "rejection", "prm-beam", "dvts", "rebase", "lookahead", "tot-bfs",
-           "tot-dfs", "particles", "mcts", "refine-steps", "reflexion", "compute-optimal", "reward-guided", "smc"}
+           "tot-dfs", "particles", "mcts", "refine-steps", "reflexion", "compute-optimal", "reward-guided", "smc",
+           "rsd", "adaptive-majority"}
 
 
 def default_config_path() -> Path:
