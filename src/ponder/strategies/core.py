@@ -1,0 +1,235 @@
+"""The registry's core: ``Strategy``, ``Context``, ``register``, ``build`` and the model
+loaders; the strategies themselves are registered by the family modules beside it.
+
+Strategies by name: the registry the CLI (``--strategy``) and ``ponder eval`` use.
+
+A strategy is a factory ``(lm, params, settings, ctx) -> generator``: ``params`` is a
+``SamplingParams`` (the token-level settings every strategy shares), ``settings`` the
+strategy's own (``num_beams``, ``samples``...), given as flags or ``--set key=value``.
+Each registration says which sampling adapters, history processors and options the
+strategy honours; ``build`` refuses the rest, naming them, so that nothing the user
+set is silently ignored. Defaults live once, in the generator classes: a factory
+passes only what was given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..errors import SettingError
+from ..params import SamplingParams
+
+ALL_ADAPTERS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon", "eta", "top_n_sigma", "mirostat",
+                "mirostat_tau", "mirostat_eta")
+ALL_OPTIONS = ("stop", "stop_token_ids", "ignore_eos", "token_healing", "logprobs")
+# Constraints, given by name on the CLI; a strategy takes them if it says so.
+CONSTRAINT_SETTINGS = ("json_schema", "regex", "grammar", "choice")
+
+
+@dataclass
+class Strategy:
+    name: str
+    factory: Callable[..., Any]
+    help: str
+    settings: tuple[str, ...] = ()  # its own settings
+    adapters: tuple[str, ...] = ()  # the sampling adapters it honours
+    history: bool = True  # penalties, biases, bans
+    options: tuple[str, ...] = ALL_OPTIONS  # stops and token healing it honours
+    constraint: bool = False
+    needs: tuple[str, ...] = ()  # e.g. ("task",) or ("reward_model",)
+    meta: bool = False  # draws several candidates per problem (eval reports pass@N)
+    access: str = "logits"  # the lowest access level its policy needs: text, logprobs or logits
+    nested: tuple[str, ...] = ("over",)  # settings NAME whose value's own settings come as NAME.KEY=V
+
+
+@dataclass
+class Context:
+    """What a strategy may need besides the model and its settings."""
+
+    task: Any = None
+    reward_model: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+STRATEGIES: dict[str, Strategy] = {}
+
+
+def register(strategy: Strategy) -> None:
+    STRATEGIES[strategy.name] = strategy
+
+
+def _flags(names: list[str]) -> str:
+    return ", ".join("--" + k.replace("_", "-") for k in names)
+
+
+def build(name: str, lm: Any, params: SamplingParams | None = None, settings: dict[str, Any] | None = None,
+          ctx: Context | None = None) -> Any:
+    """Make the generator for strategy ``name``. Unknown names and settings, and
+    settings the strategy cannot honour, are errors that say what is legal."""
+    if name not in STRATEGIES:
+        raise SettingError(f"--strategy {name!r} is unknown; choose one of: {', '.join(STRATEGIES)}")
+    st = STRATEGIES[name]
+    params = params or SamplingParams()
+    ctx = ctx or Context()
+    from ..protocols import Access, require_access
+
+    require_access(lm, Access[st.access.upper()], f"--strategy {name}")
+    if _remote(lm):
+        lm.check(params)  # settings a server cannot honour, by name, before anything runs
+    for need in st.needs:
+        if getattr(ctx, need) is None:
+            raise SettingError(f"--strategy {name} needs {'--task' if need == 'task' else '--reward-model'}")
+    # temperature 0 means greedy, which a strategy that does not sample already is
+    adapters = [k for k in params.changed("adapter") if k not in st.adapters
+                and not (k == "temperature" and params.greedy)]
+    if adapters:
+        hint = "; use --strategy sample" if name == "greedy" else ""
+        raise SettingError(f"--strategy {name} does not take {_flags(adapters)}{hint}")
+    if params.changed("history") and not st.history:
+        raise SettingError(f"--strategy {name} does not take {_flags(list(params.changed('history')))}")
+    options = [k for k in params.changed("option") if k in ALL_OPTIONS and k not in st.options]
+    if options:
+        raise SettingError(f"--strategy {name} does not take {_flags(options)}")
+    settings = {k: v for k, v in (settings or {}).items() if v is not None}
+    given = {k: settings.pop(k) for k in CONSTRAINT_SETTINGS if k in settings}
+    if given:  # an empty pattern is an error, not "no constraint"
+        if not st.constraint:
+            raise SettingError(f"--strategy {name} does not take a constraint (--json-schema, --regex, --grammar, --choice)")
+        if _remote(lm):  # before any grammar is compiled against a tokenizer the model may not have
+            raise SettingError(f"a constraint ({', '.join('--' + k.replace('_', '-') for k in given)}) needs the "
+                               f"model's logits, which {getattr(lm, 'endpoint', getattr(lm, 'name', lm))} does not "
+                               "give (a remote server is text or logprobs level): run the model in-process "
+                               "(native or hf:) or use the server's own structured output")
+        from ..decoding.constraints import Grammar
+
+        settings["constraint"] = Grammar.from_settings(lm, **given).constraint()
+    unknown = [k for k in settings if k not in st.settings and k != "constraint"
+               and not ("." in k and _nested_ok(st, settings, k.split(".", 1)[0]))]
+    if unknown:
+        legal = ", ".join(sorted(st.settings)) or "no settings of its own"
+        raise SettingError(f"--strategy {name} does not take {', '.join(unknown)}; it takes {legal}")
+    gen = st.factory(lm, params, settings, ctx)
+    gen.strategy = st.name  # one name everywhere: the registry, Generation.meta["strategy"], results
+    return gen
+
+
+# -- helpers the factories share ------------------------------------------------------------
+def _nested_ok(st: Strategy, settings: dict[str, Any], prefix: str) -> bool:
+    """``over.KEY=V`` passes through when the strategy takes ``over``; compute-optimal's
+    ``best-of-n.samples=8`` when best-of-n is a strategy its policy names."""
+    if prefix in st.nested and prefix in st.settings:
+        return True
+    # the CLI's --set turns dashes into underscores: best-of-n.samples arrives as best_of_n.samples
+    return "policy" in st.nested and prefix.replace("-", "_") in {n.replace("-", "_") for n in _policy_names(settings)}
+
+
+def _policy_names(settings: dict[str, Any]) -> set[str]:
+    policy = settings.get("policy")
+    if not isinstance(policy, str):
+        return set()
+    return {part.partition(":")[2].strip() for part in policy.split(",")}
+
+
+def _encode(lm: Any) -> Callable[[str], list[int]]:
+    return lambda w: lm.encode(w, add_special_tokens=False)
+
+
+def _token_level(lm: Any, p: SamplingParams, s: dict[str, Any], adapters: bool = True) -> dict[str, Any]:
+    """Keyword arguments for a token-level generator: options, history processors, the
+    constraint, and (if it samples) the adapters."""
+    out = {**p.options(), **p.history(_encode(lm))}
+    if adapters:
+        out.update(p.adapters())
+    if "constraint" in s:
+        out["constraint"] = s["constraint"]
+    return out
+
+
+def _given(s: dict[str, Any], **names: str) -> dict[str, Any]:
+    """The settings that were given, renamed to the generator's argument names."""
+    return {arg: s[key] for arg, key in names.items() if key in s}
+
+
+def _bool(v: Any, name: str) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.lower() in ("true", "false", "1", "0", "yes", "no"):
+        return v.lower() in ("true", "1", "yes")
+    if isinstance(v, int) and v in (0, 1):
+        return bool(v)
+    raise SettingError(f"{name} must be true or false; got {v!r}")
+
+
+def load_reward_model(name: Any, role: str = "--reward-model") -> Any:
+    """A shipped reward model or a checkpoint folder; errors name ``role``."""
+    from ..scoring.reward import RewardModel
+
+    if not isinstance(name, str) or not name:
+        raise SettingError(f"{role} must be a reward model name or a checkpoint folder; got {name!r}")
+    try:
+        return RewardModel.from_pretrained(name)
+    except SettingError as e:
+        raise SettingError(f"{role}: {e}") from None
+
+
+def load_endpoint(spec: str, role: str = "--model", **options: Any) -> Any:
+    """``URL[,URL...][#MODEL]``: a model behind OpenAI-compatible servers (replicas),
+    probed for what it gives; a URL ending in ``/chat/completions`` sends chat requests. ``OPENAI_API_KEY`` is sent if set; ``PONDER_TOKENIZER``
+    names the model's tokenizer.json for exact scoring and token counts."""
+    import os
+
+    from ..backends.openai import OpenAILM, parse_endpoint
+    from ..errors import BackendError
+
+    try:
+        urls, model, chat = parse_endpoint(spec)
+        options.setdefault("api_key", os.environ.get("OPENAI_API_KEY") or None)
+        options.setdefault("tokenizer", os.environ.get("PONDER_TOKENIZER") or None)
+        return OpenAILM(urls, model, chat=chat, **options)
+    except (SettingError, BackendError) as e:
+        raise SettingError(f"{role}: {e}") from None
+
+
+def load_model(name: Any, role: str, dtype: str = "float32", **remote: Any) -> Any:
+    """A shipped model, a checkpoint folder (a NativeLM), ``hf:NAME_OR_FOLDER`` (the
+    same run by transformers, an HFLM), or ``http(s)://...`` (an OpenAI-compatible
+    endpoint, ``URL[,URL...][#MODEL]``, with ``remote`` options for OpenAILM); errors
+    say which of the command's models (``role``: --model, --draft-model, ...) it was."""
+    from ..backends.native import NativeLM
+
+    if not isinstance(name, str) or not name:
+        raise SettingError(f"{role} must be a model name or a checkpoint folder; got {name!r}")
+    if dtype not in ("float32", "bfloat16"):
+        raise SettingError(f"--dtype must be one of float32, bfloat16; got {dtype!r}")
+    if name.startswith(("http://", "https://")):
+        return load_endpoint(name, role, **remote)
+    if remote:
+        raise SettingError(f"{role}: {', '.join(sorted(remote))} applies to a remote model (a URL) only")
+    try:
+        if name.startswith("hf:"):  # the same checkpoint run by transformers (extra `hf`)
+            if not name[3:]:
+                raise SettingError("hf: takes a checkpoint folder or a shipped model's name after it "
+                                   "(hf:/path/to/model, hf:arith)")
+            from ..backends.hf import HFLM
+
+            return HFLM.from_pretrained(name[3:], dtype=dtype)
+        return NativeLM.from_pretrained(name, dtype=dtype)
+    except SettingError as e:
+        raise SettingError(f"{role}: {e}") from None
+
+
+def _floats(v: Any, name: str) -> list[float]:
+    items = v if isinstance(v, (list, tuple)) else str(v).split(",")
+    try:
+        return [float(x) for x in items if str(x).strip()]
+    except ValueError:
+        raise SettingError(f"{name} must be comma-separated numbers; got {v!r}") from None
+
+
+def _remote(lm: Any) -> bool:
+    """A backend below the logits level (an OpenAI-compatible server): its server runs
+    the token-level loop, so greedy and sampling are a request with the parameters."""
+    from ..protocols import Access
+
+    return getattr(lm, "access", Access.LOGITS) < Access.LOGITS
