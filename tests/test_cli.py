@@ -58,6 +58,15 @@ def test_generate_sampling_n_seed_stop():
         (["generate", "x", "--dtype", "float8"], "dtype must be one of float32, bfloat16"),
         (["eval", "--level", "impossible"], "level must be one of easy, medium, hard"),
         (["eval", "--strategy", "best-of-n", "--limit", "2"], "needs --reward-model"),
+        # issue 24: a traceback, and two that were silently wrong
+        (["generate", "x", "--strategy", "beam", "--set", "early_stopping=maybe"],
+         "early_stopping must be true, false or never"),
+        (["generate", "x", "--strategy", "beam", "--early-stopping", "--set", "early_stopping=true"],
+         "early_stopping is given twice"),
+        (["generate", "x", "--strategy", "stochastic-beam", "--temperature", "0"], "needs --temperature > 0"),
+        (["eval", "--strategy", "rebase", "--reward-model", "arith-reward", "--set", "samples=2.5", "--limit", "1"],
+         "samples (n, paths to finish)"),
+        (["generate", "x", "--dtype", "float16"], "--dtype must be one of"),
     ],
 )
 def test_bad_arguments_get_one_clear_line(args, phrase):
