@@ -310,3 +310,29 @@ def test_reward_guided_speculative_decoding_rewrites_only_low_scored_draft_steps
     assert tree["children"][0]["step"] == "a\n" and tree["children"][0]["drafts"][0]["step"] == "c\n"
     with pytest.raises(SettingError, match="threshold"):
         RewardGuidedSpeculative(target, StepValues(), draft, threshold=2)
+
+
+def test_a_search_is_billed_the_same_alone_batched_and_again(arith_lm):
+    """PRM beam search's computed tokens varied by up to 4% between identical runs (issue
+    24): concurrent problems reused each other's first prompt tokens in an order the
+    threads decided, and the scorer split a search's paths across batches by arrival.
+    Now a problem's bill is the same run again, alone, or among others."""
+    from ponder import strategies
+    from ponder.scoring.reward import RewardModel
+    from ponder.sweep.run import fresh_caches
+
+    rm = RewardModel.from_pretrained("arith-reward")
+    prompts = [TASK.prompt(p) for p in TASK.problems("hard", 6)]
+    gen = strategies.build("prm-beam", arith_lm, SamplingParams(temperature=0.7), {"samples": 4},
+                           strategies.Context(TASK, rm))
+
+    def bills(groups):
+        out = []
+        for group in groups:
+            fresh_caches(rm)
+            out += [(o[0].text, o[0].usage.computed_tokens, o[0].usage.flops) for o in gen.generate_batch(group, seed=0)]
+        return out
+
+    together = bills([prompts])
+    assert bills([prompts]) == together
+    assert bills([[p] for p in prompts]) == together

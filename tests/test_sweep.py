@@ -181,15 +181,7 @@ def test_a_configurations_bill_does_not_depend_on_what_ran_before(tmp_path):
             sweep(cfg, st)
             bills.append({(r["strategy"], r["problem_id"]): (r["computed_tokens"], r["flops"], r["text"])
                           for r in st.rows() if r["strategy"] in ("greedy", "prm-beam")})
-    greedy = [{k: v for k, v in b.items() if k[0] == "greedy"} for b in bills]
-    assert greedy[0] == greedy[1]
-    # PRM beam: the same texts; the bill within 3% (what is left is timing: concurrent
-    # problems that share a prompt's first tokens, and the scorer's batches, reuse each
-    # other's KV in an order the threads decide; identical runs differ by ~1% a chunk)
-    beam = [{k: v for k, v in b.items() if k[0] == "prm-beam"} for b in bills]
-    assert {k: v[2] for k, v in beam[0].items()} == {k: v[2] for k, v in beam[1].items()}
-    a, b = (sum(v[0] for v in x.values()) for x in beam)
-    assert abs(a - b) <= 0.03 * a, (a, b)
+    assert bills[0] == bills[1]  # greedy and PRM beam: the same texts, computed tokens and FLOPs
 
 
 def _as_nobody(cmd, env=None):

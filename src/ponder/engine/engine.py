@@ -85,9 +85,10 @@ class Engine(Decoding):
         if prefix_cache == "auto":
             prefix_cache = None
             if hasattr(lm, "model") and hasattr(lm, "new_cache") and hasattr(lm.model, "cfg"):
-                from .prefix_cache import RadixCache
+                from .prefix_cache import REUSE_BLOCK, RadixCache
 
-                prefix_cache = RadixCache.for_model(lm.model.cfg, lm.model.dtype, max_bytes=256 * 2**20)
+                prefix_cache = RadixCache.for_model(lm.model.cfg, lm.model.dtype, max_bytes=256 * 2**20,
+                                                    min_reuse=REUSE_BLOCK)
         self.prefix_cache = prefix_cache
         self._lock = _OwnedLock()
         self._withdrawn: collections.deque = collections.deque()  # withdrawals the lock's holder deferred

@@ -44,12 +44,23 @@ class PrefixCacheStats:
         return self.tokens_reused / self.tokens_looked_up if self.tokens_looked_up else 0.0
 
 
+# The shortest match the engine and the reward model reuse (vLLM reuses whole blocks of
+# 16). Shorter matches save less than their copy costs, and they are where unrelated
+# prompts meet ("Q: 3+"): reusing them made a problem's computed tokens depend on
+# which concurrent problem was admitted first, so identical runs billed differently.
+REUSE_BLOCK = 16
+
+
 class RadixCache:
     """KV for token prefixes. ``max_tokens`` or ``max_bytes`` caps what it keeps (the
-    default keeps 65,536 tokens); ``0`` means no cap."""
+    default keeps 65,536 tokens); ``0`` means no cap. ``min_reuse``: a cached prefix
+    shorter than this is not reused (a miss)."""
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype = torch.float32,
-                 max_tokens: int | None = None, max_bytes: int | None = None) -> None:
+                 max_tokens: int | None = None, max_bytes: int | None = None, min_reuse: int = 1) -> None:
+        if not isinstance(min_reuse, int) or min_reuse < 1:
+            raise ValueError(f"min_reuse must be an integer >= 1; got {min_reuse!r}")
+        self.min_reuse = min_reuse
         if max_tokens is not None and max_bytes is not None:
             raise ValueError("give the prefix cache's cap in tokens or in bytes, not both")
         self.bytes_per_token = 2 * num_layers * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8
@@ -96,7 +107,8 @@ class RadixCache:
         return path
 
     def match_length(self, ids: list[int]) -> int:
-        return sum(n for _, n in self._walk(list(ids)))
+        m = sum(n for _, n in self._walk(list(ids)))
+        return m if m >= self.min_reuse else 0
 
     def lookup(self, ids: list[int], limit: int | None = None) -> tuple[int, torch.Tensor | None, torch.Tensor | None]:
         """(m, k, v): the KV [L, m, H, D] of the longest cached prefix of ``ids``, at most ``limit`` tokens."""
@@ -115,9 +127,9 @@ class RadixCache:
             m += n
         self.stats.lookups += 1
         self.stats.tokens_looked_up += len(ids)
-        self.stats.tokens_reused += m
-        if m == 0:
+        if m < self.min_reuse:
             return 0, None, None
+        self.stats.tokens_reused += m
         return m, torch.cat(ks, dim=1), torch.cat(vs, dim=1)
 
     # -- insertion ------------------------------------------------------------------------

@@ -59,9 +59,10 @@ class RewardModel:
         self.eos = model.cfg.eos_ids[0]
         self.prefix_cache = None
         if prefix_cache:
-            from ..engine.prefix_cache import RadixCache
+            from ..engine.prefix_cache import REUSE_BLOCK, RadixCache
 
-            self.prefix_cache = RadixCache.for_model(model.cfg, model.dtype, max_bytes=max_cache_bytes)
+            self.prefix_cache = RadixCache.for_model(model.cfg, model.dtype, max_bytes=max_cache_bytes,
+                                                     min_reuse=REUSE_BLOCK)
         self._ids: dict[tuple[str, bool], tuple[int, ...]] = {}  # tokenised prompts and lines
         self._memo: dict[tuple[int, ...], float] = {}  # a prefix's ids -> the head's logit at its last token
         self._lock = threading.Lock()  # searches score from several threads at once
@@ -261,9 +262,20 @@ class RewardModel:
         flat = [(prompt, c) for prompt, cs in requests for c in cs]
         steps: list[list[float]] = []
         usages: list[Usage] = []
-        for i in range(0, len(flat), batch_size):
+        # batches end at request boundaries: a request's sequences are scored together, so
+        # what they share is computed the same way whatever else arrived with them
+        bounds, size = [0], 0
+        for _, cs in requests:
+            if size and size + len(cs) > batch_size:
+                bounds.append(bounds[-1] + size)
+                size = 0
+            size += len(cs)
+        bounds.append(len(flat))
+        for i, j in zip(bounds, bounds[1:]):
+            if i == j:
+                continue
             t0 = time.perf_counter()
-            lay = [self.layout(prompt, c) for prompt, c in flat[i : i + batch_size]]
+            lay = [self.layout(prompt, c) for prompt, c in flat[i:j]]
             seqs = [ids for ids, _, _ in lay]
             # a path's steps end where its prefix's did: earlier steps come from the memo and cache
             logits, computed = self.read(seqs, [ends for _, ends, _ in lay])
