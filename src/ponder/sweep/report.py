@@ -131,23 +131,32 @@ def plot(summary: dict[str, list[dict[str, Any]]], out_dir: str | Path) -> list[
     written = []
     for task, rows in summary.items():
         fig, axes = plt.subplots(1, 2, figsize=(12, 5.6))
-        lines: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+        # a line joins the settings of one strategy that differ only in size (N,
+        # iterations); other differences (a weight, a threshold) are lines of their own
+        lines: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
         for s in rows:
-            lines[(s["model"], s["strategy"])].append(s)
+            rest = " ".join(f"{k}={v}" for k, v in sorted(s["setting"].items())
+                            if k not in _SIZE_KEYS and k != "temperature")
+            lines[(s["model"], s["strategy"], rest)].append(s)
         order = sorted(lines)
-        one_model = len({m for m, _ in lines}) == 1
+        one_model = len({m for m, _, _ in lines}) == 1
+        shown = defaultdict(set)  # strategy -> the settings it shows, to name only what varies
+        for _, strategy, rest in lines:
+            shown[strategy].add(rest)
         for ax, cost, label, flag in ((axes[0], "generated_tokens", "generated tokens per problem", "frontier"),
                                       (axes[1], "flops", "FLOPs per problem", "frontier_flops")):
-            for i, (model, strategy) in enumerate(order):
-                pts = sorted(lines[(model, strategy)], key=lambda s: s[cost])
-                # dodge: each strategy a little apart in log-x, centred on the true cost
-                shift = 1.0 + 0.035 * (i - (len(order) - 1) / 2)
+            for i, (model, strategy, rest) in enumerate(order):
+                pts = sorted(lines[(model, strategy, rest)], key=lambda s: s[cost])
+                # dodge: each line a little apart in log-x (1.2% a line), centred on the true cost
+                shift = 1.0 + 0.012 * (i - (len(order) - 1) / 2)
                 x = [max(s[cost], 1e-9) * shift for s in pts]
                 y = [s["accuracy"] for s in pts]
                 err = [[max(0.0, s["accuracy"] - s["ci95"][0]) for s in pts],
                        [max(0.0, s["ci95"][1] - s["accuracy"]) for s in pts]]
-                name = strategy if one_model else f"{strategy} ({model})"
-                ax.errorbar(x, y, yerr=err, marker=_MARKERS[i % len(_MARKERS)], capsize=3, label=name, alpha=0.9)
+                name = strategy + (f" {rest}" if len(shown[strategy]) > 1 and rest else "")
+                name = name if one_model else f"{name} ({model})"
+                ax.errorbar(x, y, yerr=err, marker=_MARKERS[i % len(_MARKERS)], capsize=3, label=name, alpha=0.9,
+                            color=plt.get_cmap("tab20")(i % 20))
                 for xi, yi, s in zip(x, y, pts):
                     text = size_label(s["setting"])
                     if text:
