@@ -260,7 +260,9 @@ def test_api_key_saturation_and_disconnect():
         assert httpx.get(f"http://127.0.0.1:{srv.port}/health").json()["inflight"] == 0
         # a client that times out on a plain request cancels it too
         try:
-            r = httpx.post(srv.url + "/completions", json={**long, "max_tokens": 450}, headers=auth, timeout=0.5)
+            # 32 x 450 tokens: seconds of work even on a fast machine (8 x 450 once took < 0.5 s)
+            r = httpx.post(srv.url + "/completions", json={**long, "max_tokens": 450, "n": 32}, headers=auth,
+                           timeout=0.5)
             pytest.fail(f"answered in 0.5 s: {r.status_code} {r.text[:300]}")
         except httpx.ReadTimeout:
             pass

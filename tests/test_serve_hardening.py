@@ -184,8 +184,9 @@ def test_include_usage_false_leaves_out_the_usage_chunk(srv):
 
 
 def test_metrics_show_what_vllm_users_watch(srv):
-    httpx.post(srv.url + "/completions", json={"prompt": Q, "max_tokens": 30, "n": 2, "temperature": 1.0})
-    httpx.post(srv.url + "/completions", json={"prompt": Q, "max_tokens": 30})
+    long_q = "Q: 3+4-2+8-1+5-3+7-2+6-4+1\n"  # over 16 tokens: a prefix the cache reuses (REUSE_BLOCK)
+    httpx.post(srv.url + "/completions", json={"prompt": long_q, "max_tokens": 30, "n": 2, "temperature": 1.0})
+    httpx.post(srv.url + "/completions", json={"prompt": long_q, "max_tokens": 30})
     text = httpx.get(_root(srv) + "/metrics").text
     values = {line.split(" ")[0].split("{")[0]: float(line.rsplit(" ", 1)[1])
               for line in text.splitlines() if line and not line.startswith("#")}
