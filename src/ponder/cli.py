@@ -8,6 +8,7 @@ exit status 2; Ctrl-C exits with 130.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
@@ -417,7 +418,7 @@ def sweep(
 
     prepared = prepare(cfg)  # every model, task and run checked before the store is opened
     store = ResultsStore(db or cfg.db or "ponder-results.sqlite")
-    store.claim()
+    store.claim()  # before the progress bar: a refusal is one line
     with sweep_progress(Console(stderr=True)) as (bar, progress):
         try:
             counts = run_sweep(prepared, store, " ".join(sys.argv), on_progress=progress)
@@ -469,32 +470,25 @@ def serve(
                              max_inflight=max_inflight))
 
 
+@contextlib.contextmanager
 def sweep_progress(console: Any) -> Any:
     """The sweep's progress line: the run's name, cut to what the terminal leaves after
     the accuracy, the bar, the count and the ETA (in 80 columns the count used to be
-    cut off). A context manager giving (progress, update(state))."""
-    import contextlib
-
+    cut off). Gives (progress, update(state))."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    @contextlib.contextmanager
-    def cm():
-        bar = Progress(TextColumn("{task.description}"), BarColumn(bar_width=None if console.width > 100 else 10),
-                       MofNCompleteColumn(), TextColumn("ETA"), TimeRemainingColumn(), transient=True,
-                       console=console)
-        # accuracy 10, bar 10, count up to 11 ("1200/2600"), ETA 12, gaps 5
-        room = max(12, console.width - 50)
-        with bar:
-            job = bar.add_task("sweep", total=None)
+    bar = Progress(TextColumn("{task.description}"), BarColumn(bar_width=None if console.width > 100 else 10),
+                   MofNCompleteColumn(), TextColumn("ETA"), TimeRemainingColumn(), transient=True, console=console)
+    room = max(12, console.width - 50)  # accuracy 10, bar 10, count up to 11 ("1200/2600"), ETA 12, gaps 5
+    with bar:
+        job = bar.add_task("sweep", total=None)
 
-            def update(st: dict) -> None:
-                acc = st["correct"] / st["scored"] if st["scored"] else 0.0
-                name = st["run"] if len(st["run"]) <= room else st["run"][: room - 1] + "…"
-                bar.update(job, total=st["total"], completed=st["done"], description=f"{name:{room}s} acc {acc:.3f}")
+        def update(st: dict) -> None:
+            acc = st["correct"] / st["scored"] if st["scored"] else 0.0
+            name = st["run"] if len(st["run"]) <= room else st["run"][: room - 1] + "…"
+            bar.update(job, total=st["total"], completed=st["done"], description=f"{name:{room}s} acc {acc:.3f}")
 
-            yield bar, update
-
-    return cm()
+        yield bar, update
 
 
 @app.command()

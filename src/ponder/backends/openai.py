@@ -214,11 +214,14 @@ class OpenAILM:
         self.timeout, self.connect_timeout = float(timeout), float(connect_timeout)
         self._loops: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState]" = weakref.WeakKeyDictionary()
         self.retries = 0  # attempts that failed and were retried, over this object's life
-        self.seeded_prefill_tokens: int | None = None  # set by _probe from the setting and the server's kind
-        self._seeded_setting = seeded_prefill_tokens
         self._said: dict[int, float] = {}  # retry round -> when it was last logged (_say_retry)
         self._ssl: Any = None  # the TLS context, made once (see _state)
         self._probe(model)
+        # vLLM's CPU engine dies on a seeded request whose prompt it prefills in chunks
+        # (see _seeded_slot): against vLLM, seeded requests are paced so that none is
+        self.seeded_prefill_tokens: int | None = (
+            max(self.VLLM_STEP_TOKENS // 4, self.VLLM_STEP_TOKENS - self.max_concurrency) if self.server == "vllm"
+            else None) if seeded_prefill_tokens == "auto" else seeded_prefill_tokens
 
     # -- probing ---------------------------------------------------------------------------
     def _probe(self, model: str | None) -> None:
@@ -228,13 +231,6 @@ class OpenAILM:
                           headers=self._headers()) as c:
             model = self._served_model(c, model)
             self.name = self.model = model
-            if self._seeded_setting == "auto":
-                # vLLM's CPU engine dies on a seeded request whose prompt it prefills in
-                # chunks (see _seeded_slot): pace seeded requests so that none is chunked
-                self.seeded_prefill_tokens = (max(self.VLLM_STEP_TOKENS // 4, self.VLLM_STEP_TOKENS - self.max_concurrency)
-                                              if self.server == "vllm" else None)
-            else:
-                self.seeded_prefill_tokens = self._seeded_setting
 
             url = self.replicas[0].url + ("/chat/completions" if self.chat else "/completions")
 
@@ -296,6 +292,7 @@ class OpenAILM:
         import httpx
 
         served: list[str] = []
+        owners: set[Any] = set()  # who each replica says owns its models: the server's kind
         for rep in self.replicas:  # every replica must answer and serve the model
             try:
                 r = c.get(rep.url + "/models")
@@ -311,12 +308,12 @@ class OpenAILM:
                 ids = [m["id"] for m in listed]
             except (ValueError, KeyError, TypeError):
                 raise BackendError(f"{rep.url}/models did not answer an OpenAI model list: {r.text[:200]!r}") from None
-            owners = {m.get("owned_by") for m in listed if isinstance(m, dict)}
-            self.server = "vllm" if "vllm" in owners else getattr(self, "server", None) or (
-                next(iter(owners)) if len(owners) == 1 and isinstance(next(iter(owners)), str) else "unknown")
+            owners |= {m.get("owned_by") for m in listed if isinstance(m, dict)}
             if model is not None and ids and model not in ids:
                 raise SettingError(f"{rep.url} does not serve model {model!r}; it serves {', '.join(ids)}")
             served = served or ids
+        self.server = "vllm" if "vllm" in owners else (
+            next(iter(owners)) if len(owners) == 1 and isinstance(next(iter(owners)), str) else "unknown")
         if model is None:
             if not served:
                 raise BackendError(f"{self.replicas[0].url}/models lists no model; pass model=")
@@ -395,6 +392,7 @@ class OpenAILM:
         st = self._state()
         errors: list[str] = []
         tried: set[int] = set()
+
         def wait(state: Any) -> float:  # Retry-After where the server says, else 0.1 s doubling to 5 s, + jitter
             exc = state.outcome.exception() if state.outcome is not None else None
             if isinstance(exc, _Retry) and exc.wait is not None:

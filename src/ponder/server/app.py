@@ -24,7 +24,6 @@ import asyncio
 import collections
 import hmac
 import json
-import os
 import time
 from typing import Any
 
@@ -43,6 +42,10 @@ from .api import (ApiError, Job, Limits, bad, chat_logprobs, completion_logprobs
 
 class ShuttingDown(Exception):
     """The server's grace period ran out before the request finished."""
+
+
+# what a request's generation may raise that is the client's answer (``Service.failure``)
+GENERATION_ERRORS = (ApiError, SettingError, AccessError, InvalidLogitsError, BackendError, ShuttingDown)
 
 
 class ClosingStream(StreamingResponse):
@@ -85,10 +88,9 @@ class Service:
         self.tasks: dict[str, Any] = {}
         self.inflight = 0
         self.stopping_at: float | None = None  # set at shutdown: in-flight work ends with 503 from then on
-        self._stopping: asyncio.Event | None = None  # set when that time comes (see stopping())
         self.works: set = set()  # the non-streaming requests' work in flight
         self._generators: "collections.OrderedDict[str, Any]" = collections.OrderedDict()  # built strategies, LRU
-        self.loop: Any = None
+        self.loop: Any = None  # the serving loop, where the shutdown's timer runs
         from ..engine.engine import engine_for
 
         self.engine = engine_for(lm)
@@ -154,14 +156,13 @@ class Service:
         key = json.dumps([name_, repr(job.params.replace(n=1, seed=None)), settings, job.task], sort_keys=True,
                          default=repr)
         gen = self._generators.get(key)
-        if gen is not None:
+        if gen is None:
+            gen = self._generators[key] = self._build(job, name_, settings)
+            if len(self._generators) > self.GENERATORS_KEPT:
+                self._generators.popitem(last=False)
+        else:
             self._generators.move_to_end(key)
-            self.check_spend(job, gen)
-            return gen
-        gen = self._build(job, name_, settings)
-        self._generators[key] = gen
-        if len(self._generators) > self.GENERATORS_KEPT:
-            self._generators.popitem(last=False)
+        self.check_spend(job, gen)  # n differs between requests that share a generator
         return gen
 
     def _build(self, job: Job, name_: str, settings: dict[str, Any]) -> Any:
@@ -173,7 +174,6 @@ class Service:
                 "ponder.settings" if job.strategy else None)
             msg = str(e).replace("--strategy", "ponder.strategy").replace("--set ", "ponder.settings.")
             raise bad(msg, param) from None
-        self.check_spend(job, gen)
         return gen
 
     # what a generator spends per output, by the attribute that counts it
@@ -247,7 +247,7 @@ class Service:
         Nothing polls: one task waits for the server's disconnect message, and the
         shutdown is an event (a poll of every request 5 times a second cost 12% of the
         event loop's time at 64 requests in flight)."""
-        self.stopping()  # binds the shutdown timer to this loop
+        self.loop = asyncio.get_running_loop()
         gone = asyncio.ensure_future(self._disconnect(request))
         self.works.add(work)  # a shutdown past its grace period cancels what is here
         try:
@@ -272,25 +272,17 @@ class Service:
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
-    def stopping(self) -> asyncio.Event:
-        """Set when the grace period of a shutdown is over (made on the serving loop)."""
-        if self._stopping is None:
-            self._stopping = asyncio.Event()
-            self.loop = asyncio.get_running_loop()
-        return self._stopping
-
     def begin_shutdown(self, grace_s: float) -> None:
-        """From the signal handler: in-flight work has ``grace_s`` seconds, then 503."""
+        """From the signal handler: in-flight work has ``grace_s`` seconds, then its
+        task is cancelled and answered 503 (streams check ``stopping_at`` themselves)."""
         if self.stopping_at is not None:
             return
         self.stopping_at = time.monotonic() + grace_s
-        loop, event = self.loop, self._stopping
-        if loop is not None and event is not None:
+        if self.loop is not None:  # no request has come yet: nothing to cancel
             def expire() -> None:
-                event.set()
                 for w in list(self.works):
                     w.cancel()
-            loop.call_soon_threadsafe(loop.call_later, grace_s, expire)
+            self.loop.call_soon_threadsafe(self.loop.call_later, grace_s, expire)
 
     async def run(self, job: Job, gen: Any, ids: list[list[int]]) -> list[list[Generation]]:
         n, seed = job.params.n, job.params.seed
@@ -392,11 +384,10 @@ class Service:
             await close()
             raise self.failure(first[1])
 
-        def chunk(i: int, text: str | None, finish: str | None, first: bool = False, ev: Any = None,
-                  gtext: str = "") -> str:
+        def chunk(i: int, text: str | None, finish: str | None, first: bool = False, ev: Any = None) -> str:
             lp = None
             if job.top_logprobs is not None and ev is not None and ev.token_ids:
-                piece = Generation(text=gtext, token_ids=ev.token_ids, logprobs=ev.logprobs,
+                piece = Generation(text=ev.text, token_ids=ev.token_ids, logprobs=ev.logprobs,
                                    top_logprobs=ev.top_logprobs)
                 lp = (chat_logprobs(self.lm, piece, job) if job.chat
                       else completion_logprobs(self.lm, piece, job, offsets[i]))
@@ -443,10 +434,10 @@ class Service:
                         continue
                     i = pi * n + ev.index
                     if ev.generation is None:
-                        yield chunk(i, ev.text, None, ev=ev, gtext=ev.text)
+                        yield chunk(i, ev.text, None, ev=ev)
                     else:
                         finished.append(ev.generation)
-                        yield chunk(i, ev.text or None, ev.generation.finish_reason, ev=ev, gtext=ev.text)
+                        yield chunk(i, ev.text or None, ev.generation.finish_reason, ev=ev)
                     offsets[i] = offsets.get(i, 0) + len(ev.text)
                 self.metrics.finished(Usage.total(g.usage for g in finished), [g.finish_reason for g in finished],
                                       time.monotonic() - t0)
@@ -504,9 +495,7 @@ class Service:
         if job.stream:  # close() gives the slot back, however the stream ends
             try:
                 events, close = await self.stream(job, gen, ids)
-            except ApiError:
-                raise
-            except (SettingError, AccessError, InvalidLogitsError, BackendError, ShuttingDown) as e:
+            except GENERATION_ERRORS as e:
                 raise self.failure(e) from None  # before its first event: an HTTP error, not a stream
             return ClosingStream(events, close, media_type="text/event-stream")
         try:
@@ -518,9 +507,7 @@ class Service:
             self.metrics.finished(Usage.total(g.usage for g in flat), [g.finish_reason for g in flat],
                                   time.monotonic() - t0)
             return answer
-        except ApiError:
-            raise
-        except (SettingError, AccessError, InvalidLogitsError, BackendError, ShuttingDown) as e:
+        except GENERATION_ERRORS as e:
             raise self.failure(e) from None
         finally:
             self.inflight -= 1
@@ -594,7 +581,6 @@ def create_app(lm: Any, *, reward_model: Any = None, task: str | None = "arith",
 
 
 GRACE_S = 5.0  # seconds in-flight requests get to finish at shutdown
-SWITCH_INTERVAL_S = float(os.environ.get("PONDER_SWITCH_INTERVAL", "0.0005"))  # see serve()
 
 
 def serve(lm: Any, host: str = "127.0.0.1", port: int = 8000, **options: Any) -> None:
@@ -603,14 +589,8 @@ def serve(lm: Any, host: str = "127.0.0.1", port: int = 8000, **options: Any) ->
     are cancelled (their rows leave the batch) and answered with an OpenAI-shaped 503,
     and streams end with an error event, rather than uvicorn's plain-text 500 and
     bodies cut mid-way."""
-    import sys
-
     import uvicorn
 
-    # The engine's stepping thread gives up the GIL in every forward pass (C) and must
-    # take it back from the event loop, which parses and answers requests in Python:
-    # at the default 5 ms switch interval each step waited up to 5 ms for it.
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
     app = create_app(lm, **options)
     svc = app.state.service
 

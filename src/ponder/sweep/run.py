@@ -270,8 +270,7 @@ def sweep(cfg: SweepConfig | Prepared, store: ResultsStore, command: str = "",
     sweep's duration: a second sweep on it is refused (``ResultsStore.claim``)."""
     prepared = cfg if isinstance(cfg, Prepared) else prepare(cfg)
     cfg = prepared.cfg
-    if getattr(store, "_lock", None) is None:
-        store.claim()
+    store.claim()
     session = store.start_session(command)
     total = sum(len(x[4]) for x in prepared.runs)
     counts: dict[str, Any] = {"computed": 0, "cached": 0, "configs": set()}

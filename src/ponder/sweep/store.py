@@ -185,9 +185,11 @@ class ResultsStore:
         """Take the store for one sweep: a second sweep on the same store would compute
         every problem the first has not committed yet, all over again. The lock is an
         flock on ``STORE.lock``, which the system releases when the process ends however
-        it ends (a SIGKILLed sweep leaves no stale lock behind)."""
+        it ends (a SIGKILLed sweep leaves no stale lock behind). Claiming twice is one claim."""
         import fcntl
 
+        if getattr(self, "_lock", None) is not None:
+            return
         lock = open(f"{self.path}.lock", "a+")
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
