@@ -452,12 +452,14 @@ class Service:
 
     async def next_event(self, queue: asyncio.Queue) -> Any:
         """The next event of a stream; ``ShuttingDown`` once the server's grace period
-        is over."""
+        is over, checked at every event as well as while none comes (a busy stream whose
+        events never paused was only checked while idle, and uvicorn cut it mid-body)."""
         while True:
+            self.check_shutdown()
             try:
                 return await asyncio.wait_for(queue.get(), timeout=0.2)
             except asyncio.TimeoutError:
-                self.check_shutdown()
+                pass
 
     def check_shutdown(self) -> None:
         if self.stopping_at is not None and time.monotonic() >= self.stopping_at - 0.01:
