@@ -39,6 +39,59 @@ def tree_usage(tree: dict) -> dict:
     return tot
 
 
+ORACLES = ("oracle@16", "refine-steps(exact)", "reflexion(exact)")  # read the answer key: not methods
+DRAFTED = ("rsd@", "compute-optimal@")  # use the draft model arith-draft (alone it is right on 0.96)
+
+
+def adaptive_figures(rows: list[dict]) -> dict:
+    """Issue 25's figures from the rows of this run:
+
+    * best_at_quarter_tokens: the best accuracy of any method at <= a quarter of
+      weighted vote@16's generated tokens per problem (and the same without the draft
+      model, which is itself the stronger model here);
+    * compute_optimal_minus_best_fixed: compute-optimal at each budget minus the best
+      fixed method (not compute-optimal, not an oracle) at no more generated tokens;
+    * adaptive_tokens_saved: majority@16's generated tokens over the fewest of an
+      adaptive consistency row within 1 point of its accuracy (or above it), votes
+      weighted or not, and unweighted alone."""
+    by = {r["strategy"]: r for r in rows}
+    methods = [r for r in rows if r["strategy"] not in ORACLES]
+    out: dict = {}
+
+    def best(rs: list[dict], limit: float) -> dict | None:
+        ok = [r for r in rs if r["generated_per_problem"] <= limit + 1e-9]
+        return max(ok, key=lambda r: (r["accuracy"], -r["generated_per_problem"])) if ok else None
+
+    if "weighted-majority" in by:
+        quarter = by["weighted-majority"]["generated_per_problem"] / 4
+        for key, rs in (("best_at_quarter_tokens", methods),
+                        ("best_at_quarter_tokens_target_only",
+                         [r for r in methods if not r["strategy"].startswith(DRAFTED)])):
+            b = best(rs, quarter)
+            out[key] = None if b is None else round(b["accuracy"], 4)
+            out[key + "_by"] = None if b is None else b["strategy"]
+        out["quarter_tokens"] = round(quarter, 1)
+    fixed = [r for r in methods if not r["strategy"].startswith("compute-optimal")]
+    co = {}
+    for r in rows:
+        if r["strategy"].startswith("compute-optimal@"):
+            b = best(fixed, r["generated_per_problem"])
+            co[r["strategy"].split("@")[1]] = None if b is None else {
+                "minus": round(r["accuracy"] - b["accuracy"], 4), "compute_optimal": r["accuracy"],
+                "tokens": r["generated_per_problem"], "best_fixed": b["strategy"], "best_fixed_accuracy": b["accuracy"]}
+    if co:
+        out["compute_optimal_minus_best_fixed"] = {k: v and v["minus"] for k, v in co.items()}
+        out["compute_optimal_detail"] = co
+    if "majority" in by:
+        m = by["majority"]
+        for key, prefix in (("adaptive_tokens_saved", "adaptive"), ("adaptive_unweighted_tokens_saved", "adaptive@")):
+            ok = [r for r in rows if r["strategy"].startswith(prefix) and r["accuracy"] >= m["accuracy"] - 0.01]
+            b = min(ok, key=lambda r: r["generated_per_problem"]) if ok else None
+            out[key] = None if b is None else round(m["generated_per_problem"] / b["generated_per_problem"], 2)
+            out[key + "_by"] = None if b is None else b["strategy"]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--problems", type=int, default=200)
@@ -88,7 +141,23 @@ def main() -> None:
         ("rejection", "rejection", {"samples": N, "threshold": 0.9, "batch": 4}, None),
         ("best-of-n@8", "best-of-n", {"samples": N // 2}, None),
         ("weighted@8", "weighted-majority", {"samples": N // 2}, None),
-        ("compute-optimal", "compute-optimal", {"samples": N, "difficulty": "reward"}, None),
+        # adaptive meta-generation (issue 25)
+        ("adaptive@beta.95", "adaptive-majority", {"samples": N, "batch": 2, "confidence": 0.95}, None),
+        ("adaptive@beta.9b1", "adaptive-majority", {"samples": N, "batch": 1, "confidence": 0.9}, None),
+        ("adaptive-w@beta.95", "adaptive-majority", {"samples": N, "batch": 1, "confidence": 0.95,
+                                                     "weight": "reward"}, None),
+        ("adaptive-w@beta.8", "adaptive-majority", {"samples": N, "batch": 1, "confidence": 0.8,
+                                                    "weight": "reward"}, None),
+        ("deepconf", "deepconf", {"samples": N}, None),
+        ("deepconf@keep.9", "deepconf", {"samples": N, "keep": 0.9}, None),
+        ("deepconf-online", "deepconf-online", {"samples": N}, None),
+        ("spec-rejection@1x.75", "speculative-rejection", {"samples": N, "reject": 0.75, "select": "weighted"}, None),
+        ("spec-rejection@4x.3", "speculative-rejection", {"samples": N, "reject": 0.3, "checkpoints": 4,
+                                                          "select": "weighted"}, None),
+        ("rsd@0.5", "rsd", {"threshold": 0.5}, SamplingParams(temperature=0, max_tokens=160)),
+        ("rsd@0.8", "rsd", {"threshold": 0.8}, SamplingParams(temperature=0, max_tokens=160)),
+        ("compute-optimal@210", "compute-optimal", {"samples": N, "difficulty": "reward"}, 210.0),
+        ("compute-optimal@420", "compute-optimal", {"samples": N, "difficulty": "reward"}, 420.0),
         ("majority@64", "majority", {"samples": 64}, None),
         # oracles: they read the answer key (upper bounds, not methods)
         ("oracle@16", "oracle", {"samples": N}, None),
@@ -104,21 +173,28 @@ def main() -> None:
         if only and label not in only:
             continue
         rm = RewardModel.from_pretrained("arith-reward")  # a fresh reward model: no cache from other rows
-        sampling = params or SamplingParams(temperature=args.temperature, max_tokens=160)
+        budget = params if isinstance(params, float) else None  # compute-optimal's rows carry their budget
+        sampling = params if isinstance(params, SamplingParams) else SamplingParams(temperature=args.temperature,
+                                                                                     max_tokens=160)
         ctx = strategies.Context(task=task, reward_model=rm)
         gen = strategies.build(name, lm, sampling, dict(own), ctx)
         fitted = None
         if name == "compute-optimal":  # fit the policy on the development problems, within the budget
+            # the probe is reward-guided speculative decoding (greedy, threshold 0.5): its answer
+            # is one vote of what follows, and its reward says how hard the problem is
+            gen.probe, gen.probe_n = strategies.build("rsd", lm, SamplingParams(temperature=0, max_tokens=160),
+                                                      {"threshold": 0.5}, ctx), 1
             gen.strategies = {f"{k}@{m}": strategies.build(k, lm, sampling, {"samples": m, **extra}, ctx)
-                              for k, m, extra in (("best-of-n", 4, {}), ("best-of-n", 8, {}), ("best-of-n", 16, {}),
-                                                  ("weighted-majority", 8, {}), ("weighted-majority", 16, {}),
-                                                  ("majority", 16, {}), ("prm-beam", 16, {"beam_width": 4}))}
+                              for k, m, extra in (("weighted-majority", 4, {}), ("weighted-majority", 8, {}),
+                                                  ("weighted-majority", 16, {}), ("best-of-n", 8, {}),
+                                                  ("adaptive-majority", 16, {"batch": 1, "weight": "reward",
+                                                                             "confidence": 0.95}))}
             t = time.perf_counter()
             fitted = gen.fit([task.prompt(p) for p in dev],
                              lambda prompt, text: task.check_answer(task.problem_of_prompt(prompt), text),
-                             budget=args.budget, bins=(0.02, 0.1, 0.3, 1.0), seed=1)
+                             budget=budget or args.budget, bins=(0.05, 0.2, 0.5, 1.0), seed=1)
             print(f"  compute-optimal policy fitted on {len(dev)} dev problems in {time.perf_counter() - t:.0f} s "
-                  f"(budget {args.budget:g} generated tokens): {gen.policy}", flush=True)
+                  f"(budget {budget or args.budget:g} generated tokens): {gen.policy}", flush=True)
         t = time.perf_counter()
         outs = gen.generate_batch(prompts, seed=0)
         elapsed = time.perf_counter() - t
@@ -152,9 +228,12 @@ def main() -> None:
              if "prm-beam" in by and "best-of-n" in by else None)
     from ponder.models.llama_c import cpu_summary
 
+    figures = adaptive_figures(rows)
+    print(f"adaptive figures: {json.dumps(figures)}")
+
     print(json.dumps({**cpu_summary(), "benchmark": "meta_results", "model": "arith", "problems": len(problems), "n": N,
                       "threads": args.threads, "rows": rows,
-                      "prm_beam_over_best_of_n_time": None if ratio is None else round(ratio, 3)}))
+                      "prm_beam_over_best_of_n_time": None if ratio is None else round(ratio, 3), **figures}))
 
 
 if __name__ == "__main__":

@@ -199,3 +199,41 @@ def test_online_traces_stop_where_the_rule_says_and_are_billed_what_they_generat
     # seeded: alone = batched
     alone = [gen.generate_batch([p], seed=3)[0][0] for p in prompts[:2]]
     assert [(a.text, a.meta["stopped_at"]) for a in alone] == [(o[0].text, o[0].meta["stopped_at"]) for o in outs[:2]]
+
+
+def test_compute_optimal_counts_the_probe_as_the_first_samples():
+    """Compute-optimal selection over votes (issue 25): the probe's samples are the
+    vote's first samples, so majority@8 after a 4-sample probe draws 4 more, not 8, and
+    the bill is the 8 samples once."""
+    from ponder.meta.compute_optimal import ComputeOptimal
+    from ponder.meta.parallel import MajorityVote
+
+    pol = Scripted(["1", "2", "3", "1"] + ["1", "1", "2", "1"])
+    vote = MajorityVote(pol, _answer, n=8)
+    co = ComputeOptimal(pol, _answer, {"vote": vote}, policy="0.25:probe,1:vote", probe_n=4)
+    (g,) = co.generate("Q", seed=0)
+    assert pol.calls == [4, 4] and g.meta["chose"] == "vote" and g.meta["difficulty"] == 0.5
+    assert g.usage.generated_tokens == 80 and _answer(g.text) == "1"
+    # adaptive consistency continues from the probe too, and stops at once if it is settled
+    pol = Scripted(["7"] * 6)
+    ada = AdaptiveVote(pol, _answer, n=16, batch=2, confidence=0.95)
+    co = ComputeOptimal(pol, _answer, {"ada": ada}, policy="1:ada", probe_n=6)
+    (g,) = co.generate("Q", seed=0)
+    assert pol.calls == [6] and g.usage.generated_tokens == 60 and g.trace[-1].meta["samples_drawn"] == 6
+
+
+def test_compute_optimal_fit_prices_a_continuation_beyond_the_probe():
+    from ponder.meta.compute_optimal import ComputeOptimal
+    from ponder.meta.parallel import MajorityVote
+
+    class Endless(Scripted):
+        async def agenerate(self, prompt, n=1, seed=None):
+            self.answers = ["5"] * n
+            return await super().agenerate(prompt, n, seed)
+
+    pol = Endless([])
+    co = ComputeOptimal(pol, _answer, {"m8": MajorityVote(pol, _answer, n=8)}, probe_n=4)
+    rows = co.fit(["Q1", "Q2"], lambda p, t: _answer(t) == "5", budget=100)
+    # every probe agrees (difficulty 0): the probe costs 40 a problem, majority@8 80 in all (not 120)
+    assert rows[0]["candidates"]["probe"]["cost"] == 40 and rows[0]["candidates"]["m8"]["cost"] == 80
+    assert rows[0]["chose"] == "probe"

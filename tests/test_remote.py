@@ -436,7 +436,9 @@ def test_a_chat_endpoint_without_a_template_says_so(vllm):
 
 
 def test_step_searches_over_vllm_with_seeds(vllm, reward):
-    """PRM beam search, REBASE and MCTS, seeded, over 24 hard problems at once: their
+    """PRM beam search, REBASE, MCTS (and issue 25's speculative rejection,
+    reward-guided speculative decoding with a local draft, compute-optimal selection
+    continuing from its probe), seeded, over 24 hard problems at once: their
     concurrent seeded requests overflowed vLLM's 2,048-token step, vLLM prefilled one
     in chunks and its CPU engine died (CPU Generator does not use offset). ponder paces
     seeded prompts below the step budget; the server stays up and every search answers.
@@ -448,12 +450,18 @@ def test_step_searches_over_vllm_with_seeds(vllm, reward):
     ctx = strategies.Context(task=TASK, reward_model=reward)
     p = SamplingParams(temperature=0.7, max_tokens=160)
     for name, settings, least in (("prm-beam", {"samples": 4, "beam_width": 2}, 10), ("rebase", {"samples": 4}, 12),
-                                  ("mcts", {"iterations": 4}, 10)):
+                                  ("mcts", {"iterations": 4}, 10),
+                                  ("speculative-rejection", {"samples": 4, "reject": 0.5}, 10),
+                                  ("rsd", {"threshold": 0.5}, 12),
+                                  ("compute-optimal", {"probe": 2, "difficulty": "reward",
+                                                       "policy": "0.3:probe,1:weighted-majority",
+                                                       "weighted-majority.samples": 4}, 12)):
         gen = strategies.build(name, lm, p, settings, ctx)
         t0 = time.perf_counter()
         outs = gen.generate_batch(prompts, n=1, seed=0)
         elapsed = time.perf_counter() - t0
         right = sum(TASK.check_answer(pr, o[0].text) for pr, o in zip(problems, outs))
+        print(name, right, "of", len(problems))
         assert right >= least, (name, right)
         billed = sum(o[0].usage.wall_s for o in outs)
         assert billed <= elapsed * 1.05, (name, billed, elapsed)

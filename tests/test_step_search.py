@@ -336,3 +336,72 @@ def test_a_search_is_billed_the_same_alone_batched_and_again(arith_lm):
     together = bills([prompts])
     assert bills([prompts]) == together
     assert bills([[p] for p in prompts]) == together
+
+
+def test_speculative_rejection_stops_the_lowest_scored_paths_at_its_checkpoint():
+    """Speculative Rejection (Sun et al. 2024): N paths; after the first step the
+    ``reject`` fraction scored lowest stop for good; the rest run to the end, unscored
+    until they finish. The bill is every step written plus every scoring pass."""
+    from ponder.meta.search.rejection import SpeculativeRejection
+
+    pol = Policy()
+    sr = SpeculativeRejection(pol, StepValues(), n=4, reject=0.5, checkpoints=1)
+    (g,) = sr.generate("Q: x\n", seed=0)
+    tree = g.meta["tree"]
+    first = [(c["step"], c["finish"], len(c["children"])) for c in tree["children"]]
+    # first steps a b c a (0.9 0.5 0.1 0.9): half stop, c and b; the two a's go on
+    assert first == [("a\n", "delimiter", 1), ("b\n", "rejected", 0), ("c\n", "rejected", 0), ("a\n", "delimiter", 1)]
+    assert g.meta["rejected"] == [{"depth": 1, "stopped": 2, "below": 0.5}]
+    # the survivors: a -> a1 -> Answer: A1 (0.3), a -> a2 -> Answer: A2 (0.95)
+    assert g.text == "a\na2\nAnswer: A2\n" and g.score == pytest.approx(0.95) and g.meta["finished"] == 2
+    assert g.usage.generated_tokens == 4 + 2 + 2 == g.meta["nodes"]
+    # scored: the 4 first steps at the checkpoint, then only the 2 finished paths (not a1, a2)
+    assert g.usage.model_calls == 4 + 2
+    # rejecting nothing is best-of-N over the same paths: all four finish
+    (full,) = SpeculativeRejection(Policy(), StepValues(), n=4, reject=0.0).generate("Q: x\n", seed=0)
+    assert full.meta["finished"] == 4 and full.meta["rejected"] == []
+    assert full.usage.generated_tokens > g.usage.generated_tokens
+
+
+def test_speculative_rejection_settings_and_weighted_selection():
+    from ponder.meta.search.rejection import SpeculativeRejection
+
+    for bad in ({"reject": 1.0}, {"reject": -0.1}, {"n": 0}, {"checkpoints": 0}, {"keep_min": 5},
+                {"select": "vote"}, {"select": "weighted"}):
+        with pytest.raises(SettingError):
+            SpeculativeRejection(Policy(), StepValues(), **{"n": 4, **bad})
+    sr = SpeculativeRejection(Policy(), StepValues(), n=4, reject=0.75, keep_min=2)
+    (g,) = sr.generate("Q: x\n", seed=0)
+    assert g.meta["rejected"][0]["stopped"] == 2  # 3 of 4 would go, but 2 must stay
+    # weighted: the answers' summed final scores decide (A2 0.95 against A1 0.3)
+    w = SpeculativeRejection(Policy(), StepValues(), n=4, reject=0.5, select="weighted",
+                             extract_answer=TASK.extract_answer)
+    assert w.generate("Q: x\n", seed=0)[0].text == "a\na2\nAnswer: A2\n"
+
+
+def test_speculative_rejection_on_the_shipped_models(arith_lm):
+    """On the shipped models: seeded runs reproduce alone and batched, a rejected path
+    writes no step after its checkpoint, and the tree's tokens are the bill's."""
+    from ponder import strategies
+    from ponder.scoring.reward import RewardModel
+
+    rm = RewardModel.from_pretrained("arith-reward")
+    probs = TASK.problems("hard", 6)
+    prompts = [TASK.prompt(p) for p in probs]
+    gen = strategies.build("speculative-rejection", arith_lm, SamplingParams(temperature=0.7, max_tokens=64),
+                           {"samples": 8, "reject": 0.5, "checkpoints": 2}, strategies.Context(TASK, rm))
+    batched = [o[0] for o in gen.generate_batch(prompts, seed=0)]
+    alone = [gen.generate(p, seed=0)[0] for p in prompts]
+    assert [g.text for g in batched] == [g.text for g in alone]
+    assert [g.usage.generated_tokens for g in batched] == [g.usage.generated_tokens for g in alone]
+    for g in batched:
+        nodes, stack = [], [g.meta["tree"]]
+        while stack:
+            n = stack.pop()
+            nodes.append(n)
+            stack.extend(n["children"])
+        rejected = [n for n in nodes if n["finish"] == "rejected"]
+        assert len(rejected) == sum(r["stopped"] for r in g.meta["rejected"]) > 0
+        assert all(not n["children"] and n["depth"] <= 2 for n in rejected)
+        assert sum(n["usage"]["generated_tokens"] for n in nodes) == g.usage.generated_tokens
+    assert sum(TASK.check_answer(p, g.text) for p, g in zip(probs, batched)) >= 3

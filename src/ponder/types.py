@@ -35,6 +35,12 @@ class Usage:
             return NotImplemented
         return Usage(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
 
+    def __sub__(self, other: "Usage") -> "Usage":
+        """What ``self`` spent beyond ``other`` (a part of it)."""
+        if not isinstance(other, Usage):
+            return NotImplemented
+        return self + other.scaled(-1)
+
     def __radd__(self, other: Any) -> "Usage":
         if other == 0:  # so that sum(usages) works
             return self

@@ -128,29 +128,38 @@ class AdaptiveVote(GeneratorBase):
         _check_n(n, "n")
         return [await self._once(prompt, None if seed is None else seed + k * 1_000_033) for k in range(n)]
 
-    async def _once(self, prompt: str, seed: int | None) -> Generation:
+    async def acontinue(self, prompt: str, given: Sequence[Generation], seed: int | None = None) -> Generation:
+        """Start from samples already drawn (a probe's): they vote, and are billed, as
+        the first batch; drawing goes on only if the rule is not yet settled."""
+        return await self._once(prompt, seed, given)
+
+    async def _once(self, prompt: str, seed: int | None, given: Sequence[Generation] = ()) -> Generation:
         samples: list[Generation] = []
         answers: list[str | None] = []
         weights: list[float] = []
         usage, why, p = Usage(), "max_samples", 0.0
-        while len(samples) < self.n:
+        group = list(given)  # the given samples are the first batch
+        while True:
+            if group:
+                usage = usage + Usage.total(g.usage for g in group)
+                if self.weight == "reward":
+                    scores = await asyncio.to_thread(self.scorer.score, prompt, [g.text for g in group])
+                    usage = usage + scores.usage
+                    for g, v in zip(group, scores.values):
+                        g.score = v
+                    weights += list(scores.values)
+                else:
+                    weights += [1.0] * len(group)
+                samples += group
+                answers += [self.answer_of(g) for g in group]
+                stop, p = self.settled(answers, weights, seed=len(samples))
+                if stop:
+                    why = self.rule
+                    break
+            if len(samples) >= self.n:
+                break
             m = min(self.batch, self.n - len(samples))
             s = None if seed is None else seed + len(samples) * 7_919
             (group,) = await _samples(self.generator, [prompt], m, s)
-            usage = usage + Usage.total(g.usage for g in group)
-            if self.weight == "reward":
-                scores = await asyncio.to_thread(self.scorer.score, prompt, [g.text for g in group])
-                usage = usage + scores.usage
-                for g, v in zip(group, scores.values):
-                    g.score = v
-                weights += list(scores.values)
-            else:
-                weights += [1.0] * len(group)
-            samples += group
-            answers += [self.answer_of(g) for g in group]
-            stop, p = self.settled(answers, weights, seed=len(samples))
-            if stop:
-                why = self.rule
-                break
         return weighted_result(samples, answers, weights, usage, self.strategy, samples_drawn=len(samples),
                                stopped_by=why, confidence=round(p, 6), rule=self.rule)

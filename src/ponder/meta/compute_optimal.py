@@ -19,6 +19,7 @@ probe's included) stays within the budget. ``meta["difficulty"]`` and
 from __future__ import annotations
 
 import asyncio
+import copy
 from collections import Counter
 from typing import Any, Callable, Sequence
 
@@ -143,17 +144,29 @@ class ComputeOptimal(IndependentRuns):
         i = majority_index([self.extract_answer(g.text) for g in probes])
         return probes[0 if i is None else i]
 
+    async def run(self, name: str, prompt: str, probes: list[Generation], seed: int | None) -> tuple[Generation, Usage]:
+        """Strategy ``name`` on ``prompt`` after the probe: (its answer, what it cost
+        beyond the probe and its scoring). A strategy that can continue from samples
+        already drawn (``acontinue``: votes, best-of-N, adaptive consistency) counts the
+        probes as its first samples, so the probe is not paid for twice."""
+        gen = self.strategies[name]
+        if callable(getattr(gen, "acontinue", None)):
+            out = await gen.acontinue(prompt, [copy.copy(g) for g in probes], seed)
+            return out, out.usage - Usage.total(g.usage for g in probes)
+        (out,) = await gen.agenerate(prompt, n=1, seed=seed)
+        return out, out.usage
+
     async def _once(self, prompt: str, seed: int | None) -> Generation:
         d, probes, scored = await self.estimate(prompt, seed)
         chose = self.choose(d)
+        spent = Usage.total(g.usage for g in probes) + scored
         if chose == PROBE:
             best, trace = self.probe_answer(probes), list(probes)
         else:
-            (best,) = await self.strategies[chose].agenerate(prompt, n=1, seed=None if seed is None else seed + 1)
-            trace = [*probes, best]
+            best, more = await self.run(chose, prompt, probes, None if seed is None else seed + 1)
+            trace, spent = [*probes, best], spent + more
         return Generation(text=best.text, token_ids=best.token_ids, logprobs=best.logprobs,
-                          finish_reason=best.finish_reason, usage=Usage.total(g.usage for g in trace) + scored,
-                          score=best.score, trace=trace,
+                          finish_reason=best.finish_reason, usage=spent, score=best.score, trace=trace,
                           meta={"strategy": self.strategy, "difficulty": round(d, 4), "chose": chose})
 
 
@@ -175,11 +188,13 @@ class ComputeOptimal(IndependentRuns):
             raise SettingError("fit needs at least one development prompt")
         bounds = parse_policy([(b, PROBE) for b in bins])
         est = await asyncio.gather(*(self.estimate(p, seed + 7_919 * i) for i, p in enumerate(prompts)))
-        runs: dict[str, list[Generation]] = {PROBE: [self.probe_answer(pr) for _, pr, _ in est]}
-        for name, gen in self.strategies.items():
-            runs[name] = [gs[0] for gs in await asyncio.gather(*(gen.agenerate(p, n=1, seed=seed + 7_919 * i + 1)
-                                                                   for i, p in enumerate(prompts)))]
         probe_cost = [getattr(Usage.total(g.usage for g in pr) + u, cost) for _, pr, u in est]
+        runs: dict[str, list[Generation]] = {PROBE: [self.probe_answer(pr) for _, pr, _ in est]}
+        extra: dict[str, list[float]] = {PROBE: [0.0] * len(prompts)}  # cost beyond the probe's
+        for name in self.strategies:
+            outs = await asyncio.gather(*(self.run(name, p, est[i][1], seed + 7_919 * i + 1)
+                                          for i, p in enumerate(prompts)))
+            runs[name], extra[name] = [g for g, _ in outs], [getattr(u, cost) for _, u in outs]
         if sum(probe_cost) / len(probe_cost) > budget:
             raise SettingError(f"budget {budget:g} is below what the probe alone costs ({sum(probe_cost) / len(probe_cost):.0f} "
                                f"{cost} per problem with probe_n={self.probe_n}); raise the budget or lower probe_n")
@@ -188,8 +203,7 @@ class ComputeOptimal(IndependentRuns):
             idx = [i for i, (d, _, _) in enumerate(est) if lo < d <= bound + 1e-12]
             row: dict[str, Any] = {"bin": [max(lo, 0.0), bound], "problems": len(idx), "candidates": {}}
             for name, gens in runs.items():
-                extra = [0.0 if name == PROBE else getattr(gens[i].usage, cost) for i in idx]
-                total_cost = sum(probe_cost[i] + e for i, e in zip(idx, extra))
+                total_cost = sum(probe_cost[i] + extra[name][i] for i in idx)
                 right = sum(is_correct(prompts[i], gens[i].text) for i in idx)
                 row["candidates"][name] = {"accuracy": round(right / len(idx), 4) if idx else 0.0,
                                            "cost": round(total_cost / len(idx), 1) if idx else 0.0,

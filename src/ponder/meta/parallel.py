@@ -132,6 +132,14 @@ class SampleThenAggregate(GeneratorBase):
     async def agenerate(self, prompt: str, n: int = 1, seed: int | None = None) -> list[Generation]:
         return (await self.agenerate_many([prompt], n, seed))[0]
 
+    async def acontinue(self, prompt: str, given: Sequence[Generation], seed: int | None = None) -> Generation:
+        """One output that counts samples already drawn (a probe's, say): draw the rest
+        of ``self.n`` and aggregate over all of them. The given samples are in the
+        trace and the bill, so nothing is paid twice and nothing is left out."""
+        more = self.n - len(given)
+        drawn = (await _samples(self.generator, [prompt], more, seed))[0] if more > 0 else []
+        return self.aggregate(prompt, [*given, *drawn])
+
     def generate_batch(self, prompts: Sequence[str], n: int = 1, seed: int | None = None) -> list[list[Generation]]:
         return asyncio.run(self.agenerate_many(prompts, n, seed))
 
@@ -253,6 +261,7 @@ class UniversalSelfConsistency(SampleThenAggregate):
     sample K (1-based). An unreadable verdict falls back to the first sample."""
 
     strategy = "usc"
+    acontinue = None  # the judge reads one fresh group; given samples have no place in it
     TEMPLATE = ("I have generated the following responses to the question: {question}\n\n{responses}\n"
                 "Evaluate these responses.\nSelect the most consistent response based on majority consensus.\n"
                 "Start your answer with \"The most consistent response is Response X\" (without quotes).\n")

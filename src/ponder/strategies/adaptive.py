@@ -86,6 +86,21 @@ register(Strategy("rsd", _rsd, "reward-guided speculative decoding (Liao et al. 
                   ("draft_model", "threshold", "max_depth", "scorer"), **_SEARCH))
 
 
+def _speculative_rejection(lm, p, s, ctx):
+    from ..meta.search.rejection import SpeculativeRejection
+
+    return SpeculativeRejection(lm, _step_scorer("speculative-rejection", s, ctx), params=p,
+                                extract_answer=ctx.task.extract_answer if ctx.task is not None else None,
+                                **_given(s, n="samples", reject="reject", checkpoints="checkpoints",
+                                         keep_min="keep_min", select="select", max_depth="max_depth"))
+
+
+register(Strategy("speculative-rejection", _speculative_rejection, "early rejection by partial reward (Speculative "
+                  "Rejection, Sun et al. 2024): N samples; after each of the first --set checkpoints=C steps the PRM "
+                  "stops the reject=F lowest-scored open paths (at least keep_min=K stay); select=best|weighted",
+                  ("samples", "reject", "checkpoints", "keep_min", "select", "max_depth", "scorer"), **_SEARCH))
+
+
 # -- compute-optimal ------------------------------------------------------------------------
 def _compute_optimal(lm, p, s, ctx):
     from ..meta.compute_optimal import PROBE, ComputeOptimal
@@ -105,11 +120,21 @@ def _compute_optimal(lm, p, s, ctx):
             own.setdefault("samples", s["samples"])
         inner[name] = build(name, lm, p, own, ctx)
     scorer = ctx.reward_model if s.get("difficulty") == "reward" else None
-    return ComputeOptimal(_sample(lm, p, s, ctx), ctx.task.extract_answer, inner, policy=policy,
+    probe = _sample(lm, p, s, ctx)
+    if "probe_with" in s:  # a strategy's output as the probe (e.g. rsd): its settings as probe_with.KEY=V
+        name = s["probe_with"]
+        if name not in STRATEGIES or name == "compute-optimal":
+            raise SettingError(f"probe_with must name a registered strategy other than compute-optimal; got {name!r}")
+        own = {k.split(".", 1)[1]: v for k, v in s.items() if k.startswith("probe_with.")}
+        pp = p.replace(temperature=float(own.pop("temperature"))) if "temperature" in own else p  # rsd greedy, say
+        probe = build(name, lm, pp, own, ctx)
+    return ComputeOptimal(probe, ctx.task.extract_answer, inner, policy=policy,
                           **_given(s, probe_n="probe", difficulty="difficulty"), scorer=scorer)
 
 
 register(Strategy("compute-optimal", _compute_optimal, "compute-optimal selection (Snell et al. 2024): --set probe=K "
                   "samples estimate difficulty (difficulty=agreement|reward), then --set policy=0.25:probe,"
-                  "0.5:best-of-n,1:prm-beam runs the named strategy (settings as NAME.KEY=V; samples=N for all)",
-                  ("probe", "difficulty", "policy", "samples"), nested=("policy",), needs=("task",), **_TEXT))
+                  "0.5:best-of-n,1:prm-beam runs the named strategy (settings as NAME.KEY=V; samples=N for all); votes "
+                  "and best-of-N count the probe's samples as their first; probe_with=NAME probes with a strategy",
+                  ("probe", "probe_with", "difficulty", "policy", "samples"), nested=("policy", "probe_with"),
+                  needs=("task",), **_TEXT))
