@@ -505,6 +505,39 @@ def report(
     _print_report(ResultsStore(db, readonly=True), out or None, task, as_json)
 
 
+@app.command()
+def view(
+    db: str = typer.Option("ponder-results.sqlite", "--db", help="The results store a sweep wrote."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (127.0.0.1: this machine only)."),
+    port: int = typer.Option(8100, "--port", help="TCP port."),
+    export: Optional[str] = typer.Option(None, "--export", help="Write the page, every trace inline, to this HTML "
+                                         "file (it opens from disk, no server) instead of serving it."),
+) -> None:
+    """A web page over the store: the frontier, the problems, each generation's samples or search tree."""
+    from pathlib import Path
+
+    from .view.app import create_app, export as write_export
+    from .view.data import open_store
+
+    if not 1 <= port <= 65535:
+        _fail(f"--port must be >= 1 and <= 65535; got {port}")
+    open_store(db).close()  # a missing or corrupt store is said now, not on the first page load
+    if export:
+        out = Path(export)
+        if out.is_dir():
+            _fail(f"--export {export} is a folder; give a file name (e.g. view.html)")
+        try:
+            path = write_export(db, out)
+        except OSError as e:
+            _fail(f"--export {export} cannot be written ({e.strerror})")
+        print(f"ponder view: wrote {path} ({path.stat().st_size / 1e6:.1f} MB); open it in a browser", file=sys.stderr)
+        return
+    import uvicorn
+
+    print(f"ponder view: {db} on http://{host}:{port}/", file=sys.stderr)
+    uvicorn.run(create_app(db), host=host, port=port, log_level="warning")
+
+
 def _print_report(store: Any, out: Optional[str], task: Optional[str] = None, as_json: bool = False,
                   configs: Optional[set] = None) -> None:
     from pathlib import Path

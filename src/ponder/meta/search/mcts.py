@@ -88,7 +88,7 @@ class MCTS(StepSearch):
     async def search(self, prompt: str, seed: int) -> Generation:
         tree = Tree()
         root, usage, seen = tree.root, Usage(), []
-        best_rollout: tuple[float, str] | None = None  # the best finished text a rollout wrote
+        best_rollout: tuple[float, str, Node] | None = None  # the best finished text a rollout wrote, and where
         for it in range(self.iterations):
             node, tries = root, 0
             while True:
@@ -112,7 +112,7 @@ class MCTS(StepSearch):
             value, cost, rollout = await self.evaluate(prompt, node, seed + 13 * it)
             usage = usage + cost
             if rollout is not None and (best_rollout is None or rollout[0] > best_rollout[0]):
-                best_rollout = rollout
+                best_rollout = (*rollout, node)
             n: Node | None = node
             while n is not None:  # back up
                 n.visits += 1
@@ -123,7 +123,8 @@ class MCTS(StepSearch):
             node = max(node.children, key=lambda ch: (ch.visits, ch.value))
         best = node if node.terminal else best_terminal(seen)
         if best is None and best_rollout is not None:  # the tree finished no path: the best rollout did
-            out = self.result(root, node, usage, iterations=self.iterations, from_rollout=True)
+            # best_node is the node whose rollout wrote the answer: its path, then the rollout
+            out = self.result(root, best_rollout[2], usage, iterations=self.iterations, from_rollout=True)
             out.text, out.score, out.finish_reason = best_rollout[1], best_rollout[0], "stop"
             return out
         if best is None:  # nothing finished: the deepest most-visited path, said to be unfinished

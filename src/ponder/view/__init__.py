@@ -1,0 +1,1 @@
+"""`ponder view`: a web page over a results store (frontier, problems, traces)."""
