@@ -2,7 +2,7 @@
 with a 95% interval, tokens per problem (policy and scorer apart), and the wall time
 per problem, billed and elapsed (the bill must add up to the elapsed time).
 
-    python benchmarks/meta_results.py [--problems 200] [--n 16] [--threads 1] [--only a,b]
+    python benchmarks/meta_results.py [--problems 200] [--n 16] [--threads 1] [--only a,b] [--co-budgets 210,420]
 
 The last line is one JSON object: the rows, and "prm_beam_over_best_of_n_time" (the
 wall time of PRM beam search at N over best-of-N's, in this run).
@@ -49,8 +49,9 @@ def adaptive_figures(rows: list[dict]) -> dict:
     * best_at_quarter_tokens: the best accuracy of any method at <= a quarter of
       weighted vote@16's generated tokens per problem (and the same without the draft
       model, which is itself the stronger model here);
-    * compute_optimal_minus_best_fixed: compute-optimal at each budget minus the best
-      fixed method (not compute-optimal, not an oracle) at no more generated tokens;
+    * compute_optimal_minus_best_fixed: compute-optimal fitted at each budget (210, 420)
+      minus the best fixed method (not compute-optimal, not an oracle) at no more
+      generated tokens than that budget (or than it spent, if it spent more);
     * adaptive_tokens_saved: majority@16's generated tokens over the fewest of an
       adaptive consistency row within 1 point of its accuracy (or above it), votes
       weighted or not, and unweighted alone."""
@@ -75,7 +76,7 @@ def adaptive_figures(rows: list[dict]) -> dict:
     co = {}
     for r in rows:
         if r["strategy"].startswith("compute-optimal@"):
-            b = best(fixed, r["generated_per_problem"])
+            b = best(fixed, max(float(r["strategy"].split("@")[1]), r["generated_per_problem"]))
             co[r["strategy"].split("@")[1]] = None if b is None else {
                 "minus": round(r["accuracy"] - b["accuracy"], 4), "compute_optimal": r["accuracy"],
                 "tokens": r["generated_per_problem"], "best_fixed": b["strategy"], "best_fixed_accuracy": b["accuracy"]}
@@ -101,8 +102,9 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated strategy names")
     ap.add_argument("--dev", type=int, default=60, help="development problems (hard, after the test ones) on which "
                     "compute-optimal fits its policy")
-    ap.add_argument("--budget", type=float, default=500, help="compute-optimal's budget: mean generated tokens "
-                    "per problem (its 4 probe samples included)")
+    ap.add_argument("--co-budgets", type=lambda v: [float(x) for x in v.split(",")], default=[210.0, 420.0],
+                    help="compute-optimal's budgets, one row each: mean generated tokens per problem on the "
+                    "development problems (its probe included)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -156,8 +158,8 @@ def main() -> None:
                                                           "select": "weighted"}, None),
         ("rsd@0.5", "rsd", {"threshold": 0.5}, SamplingParams(temperature=0, max_tokens=160)),
         ("rsd@0.8", "rsd", {"threshold": 0.8}, SamplingParams(temperature=0, max_tokens=160)),
-        ("compute-optimal@210", "compute-optimal", {"samples": N, "difficulty": "reward"}, 210.0),
-        ("compute-optimal@420", "compute-optimal", {"samples": N, "difficulty": "reward"}, 420.0),
+        *((f"compute-optimal@{b:g}", "compute-optimal", {"samples": N, "difficulty": "reward"}, b)
+          for b in args.co_budgets),
         ("majority@64", "majority", {"samples": 64}, None),
         # oracles: they read the answer key (upper bounds, not methods)
         ("oracle@16", "oracle", {"samples": N}, None),
@@ -192,9 +194,9 @@ def main() -> None:
             t = time.perf_counter()
             fitted = gen.fit([task.prompt(p) for p in dev],
                              lambda prompt, text: task.check_answer(task.problem_of_prompt(prompt), text),
-                             budget=budget or args.budget, bins=(0.05, 0.2, 0.5, 1.0), seed=1)
+                             budget=budget, bins=(0.05, 0.2, 0.5, 1.0), seed=1)
             print(f"  compute-optimal policy fitted on {len(dev)} dev problems in {time.perf_counter() - t:.0f} s "
-                  f"(budget {budget or args.budget:g} generated tokens): {gen.policy}", flush=True)
+                  f"(budget {budget:g} generated tokens): {gen.policy}", flush=True)
         t = time.perf_counter()
         outs = gen.generate_batch(prompts, seed=0)
         elapsed = time.perf_counter() - t

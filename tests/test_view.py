@@ -25,8 +25,8 @@ import pytest
 
 from ponder.sweep.report import summarise
 from ponder.sweep.store import ResultsStore
+from ponder.view.browser import available, chromium, open_view
 
-CHROMIUM, DRIVER = shutil.which("chromium") or "/usr/bin/chromium", shutil.which("chromedriver") or "/usr/bin/chromedriver"
 SWEEP = """
 seed = 0
 chunk = 50
@@ -110,31 +110,16 @@ def server(store):
 
 @pytest.fixture(scope="module")
 def browser():
-    if not (Path(CHROMIUM).exists() and Path(DRIVER).exists()):
+    if not available():
         pytest.fail("these tests need Debian's chromium and chromium-driver: apt-get install -y chromium chromium-driver")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000",
-              "--allow-file-access-from-files"):
-        opts.add_argument(a)
-    opts.binary_location = CHROMIUM
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    d = webdriver.Chrome(service=Service(DRIVER), options=opts)
+    d = chromium()
     yield d
     d.quit()
 
 
 def _open(d, url: str) -> None:
     """Load ``url`` and wait until the page says it has drawn its view."""
-    d.get("about:blank")
-    d.get(url)
-    for _ in range(100):
-        if d.execute_script("return window.ponderRendered || null"):
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{url} never finished drawing")
+    open_view(d, url)
 
 
 def _clean(d) -> None:

@@ -1,0 +1,77 @@
+"""The README's pictures of `ponder view`, made by the code: the overview of a store and
+the PRM beam search tree of a problem that weighted vote got right and PRM beam search
+got wrong (where a person would look first).
+
+    python scripts/view-screenshots.py --db ponder-results.sqlite --out docs/figures
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--db", default="ponder-results.sqlite")
+    ap.add_argument("--out", default="docs/figures")
+    args = ap.parse_args()
+    import httpx
+
+    from ponder.sweep.store import ResultsStore
+    from ponder.view.browser import chromium, open_view
+
+    store = ResultsStore(args.db, readonly=True)
+    rows = store.rows()
+    store.close()
+    right = {(r["problem_id"]) for r in rows if r["strategy"] == "weighted-majority" and r["correct"]}
+    beams = [r for r in rows if r["strategy"] == "prm-beam" and r["trace"] is not None]
+    if not beams:
+        raise SystemExit("the store has no PRM beam search row to draw")
+    lost = [r for r in beams if not r["correct"] and r["problem_id"] in right]
+    pick = max(lost or beams, key=lambda r: (json.loads(r["setting"]).get("samples", 0), r["generated_tokens"]))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "ponder.cli", "view", "--db", args.db, "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        for _ in range(200):
+            try:
+                httpx.get(url, timeout=1)
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        d = chromium(1400, 1250)
+        try:
+            open_view(d, url)
+            d.save_screenshot(str(out / "view-overview.png"))
+            open_view(d, url + f"#/g/{pick['key']}")
+            d.execute_script("document.querySelector('.tree-wrap').scrollIntoView()")
+            d.find_element("id", "follow").click()
+            d.find_element("id", "unfold").click()
+            d.find_element("id", "fit").click()
+            chosen = d.find_elements("css selector", "#tree g.node.chosen")
+            if chosen:
+                chosen[-1].click()
+            time.sleep(0.3)
+            d.save_screenshot(str(out / "view-tree.png"))
+        finally:
+            d.quit()
+    finally:
+        server.terminate()
+        server.wait(10)
+    print(f"wrote {out / 'view-overview.png'} and {out / 'view-tree.png'} (problem {pick['problem_id']}, "
+          f"prm-beam {pick['setting']}, {'wrong' if not pick['correct'] else 'right'})")
+
+
+if __name__ == "__main__":
+    main()
