@@ -284,3 +284,35 @@ def test_bad_input_gets_a_clear_page_not_a_stack_trace(store, server, browser, t
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_traces_of_served_requests_open_in_the_view(browser, tmp_path):
+    """Live: `ponder serve --trace-store FILE` keeps the traces of requests made with
+    ponder.trace: true; the response names each output's view id, and `ponder view`
+    draws its tree (no accuracy: a live request has no answer key)."""
+    from servers import ponder_serve
+
+    traces = tmp_path / "live.sqlite"
+    srv = ponder_serve("--reward-model", "arith-reward", "--trace-store", str(traces))
+    try:
+        r = httpx.post(srv.url + "/completions", timeout=120, json={
+            "model": "arith", "prompt": "Q: 3+4-2+8-1\n", "max_tokens": 64, "temperature": 0.7, "seed": 1,
+            "ponder": {"strategy": "prm-beam", "settings": {"samples": 4, "beam_width": 2}, "trace": True}})
+        assert r.status_code == 200, r.text
+        (out,) = r.json()["ponder"]["outputs"]
+        plain = httpx.post(srv.url + "/completions", timeout=120, json={
+            "model": "arith", "prompt": "Q: 1+2\n", "max_tokens": 32, "ponder": {"strategy": "greedy"}})
+        assert plain.status_code == 200 and "view_id" not in plain.json()["ponder"]["outputs"][0]
+    finally:
+        srv.stop()
+    (row,) = _rows(traces)  # only the traced request was kept
+    assert row["key"] == out["view_id"] and row["task"] == "serve" and row["strategy"] == "prm-beam"
+    html = tmp_path / "live.html"
+    assert _ponder("view", "--db", str(traces), "--export", str(html)).returncode == 0
+    _open(browser, html.as_uri() + f"#/g/{out['view_id']}")
+    assert len(browser.find_elements("css selector", "#tree g.node")) == len(_nodes(ResultsStore.trace(row)))
+    assert "not judged" in browser.find_element("css selector", "table.summary").text
+    _open(browser, html.as_uri())
+    assert not browser.find_elements("css selector", ".frontier-svg")  # no accuracy to plot
+    assert "served with trace" in browser.find_element("id", "app").text
+    _clean(browser)

@@ -449,6 +449,8 @@ def serve(
     max_body_bytes: int = typer.Option(1 << 20, "--max-body-bytes", help="Largest request body."),
     max_inflight: int = typer.Option(256, "--max-inflight", help="Requests served at once; beyond, 429 with Retry-After."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16."),
+    trace_store: Optional[str] = typer.Option(None, "--trace-store", help="Keep the traces of requests made with "
+                                              "ponder.trace: true in this results store, for ponder view --db."),
 ) -> None:
     """Serve MODEL over the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models,
     /health), with continuous batching and every strategy through the `ponder` field."""
@@ -467,7 +469,7 @@ def serve(
     print(f"ponder serve: {lm.name} on http://{host}:{port}/v1", file=sys.stderr)
     run_server(lm, host=host, port=port, reward_model=rm, task=task, api_key=api_key or None,
                limits=Limits(max_tokens=max_tokens, max_n=max_n, max_body_bytes=max_body_bytes,
-                             max_inflight=max_inflight))
+                             max_inflight=max_inflight), trace_store=trace_store)
 
 
 @contextlib.contextmanager

@@ -79,8 +79,14 @@ class Service:
     away), and the answer, whole or streamed. The routes of ``create_app`` call it."""
 
     def __init__(self, lm: Any, reward_model: Any = None, task: str | None = "arith", api_key: str | None = None,
-                 limits: Limits | None = None, name: str | None = None) -> None:
+                 limits: Limits | None = None, name: str | None = None, trace_store: Any = None) -> None:
         self.lm, self.reward_model, self.task, self.api_key = lm, reward_model, task, api_key
+        # ponder.trace requests are also kept there, for ponder view (server/traces.py)
+        self.traces = None
+        if trace_store is not None:
+            from .traces import TraceWriter
+
+            self.traces = TraceWriter(trace_store)
         self.limits = limits or Limits()
         self.served = name or lm.name
         self.context = int(lm.context_length)
@@ -331,6 +337,12 @@ class Service:
         out = envelope("chat.completion" if job.chat else "text_completion", job, choices, flat)
         if job.strategy:
             out["ponder"] = ponder_object(job, outs)
+            if job.trace and self.traces is not None:
+                task = self.task_for(job)
+                keys = await self.traces.write(out["id"], self.served, job.strategy, job.settings,
+                                               getattr(task, "extract_answer", None), flat)
+                for o, k in zip(out["ponder"]["outputs"], keys):
+                    o["view_id"] = k  # ponder view --db STORE, then #/g/ID
         return out
 
     async def stream(self, job: Job, gen: Any, ids: list[list[int]]) -> tuple[Any, Any]:
@@ -516,12 +528,12 @@ class Service:
 
 
 def create_app(lm: Any, *, reward_model: Any = None, task: str | None = "arith", api_key: str | None = None,
-               limits: Limits | None = None, name: str | None = None) -> Any:
+               limits: Limits | None = None, name: str | None = None, trace_store: Any = None) -> Any:
     """The FastAPI app serving ``lm`` (an in-process logits-level model: NativeLM or HFLM)."""
     from fastapi.responses import Response
     from starlette.exceptions import HTTPException
 
-    svc = Service(lm, reward_model, task, api_key, limits, name)
+    svc = Service(lm, reward_model, task, api_key, limits, name, trace_store)
     app = FastAPI(title="ponder", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = svc
 
@@ -601,4 +613,8 @@ def serve(lm: Any, host: str = "127.0.0.1", port: int = 8000, **options: Any) ->
             svc.begin_shutdown(GRACE_S - 1.0)
             super().handle_exit(sig, frame)
 
-    Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=GRACE_S)).run()
+    try:
+        Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=GRACE_S)).run()
+    finally:
+        if svc.traces is not None:
+            svc.traces.close()

@@ -20,6 +20,7 @@ from ..errors import SettingError
 from ..sweep.report import summarise
 from ..sweep.store import ResultsStore
 
+LIVE = "serve"  # the task of requests `ponder serve --trace-store` kept
 TRACE_VERSION = 1  # what this page reads; a store's rows carry no version, so shapes are checked
 
 
@@ -59,7 +60,10 @@ def overview(store: ResultsStore) -> dict[str, Any]:
                         "ci95": s["ci95"], "generated_tokens": s["generated_tokens"],
                         "computed_tokens": s["computed_tokens"], "flops": s["flops"], "wall_s": s["wall_s"],
                         "frontier": s["frontier"]})
-        tasks[task] = {"settings": out, "problems": []}
+        if task == LIVE:  # served requests have no answer key: nothing to be right or wrong about
+            for o in out:
+                o.update(accuracy=None, ci95=None, correct=None, frontier=False)
+        tasks[task] = {"settings": out, "problems": [], "judged": task != LIVE}
     per_problem: dict[str, dict[str, dict[str, Any]]] = defaultdict(lambda: defaultdict(dict))
     answers: dict[tuple[str, str], list[str]] = defaultdict(list)
     votes: dict[tuple[str, str], Counter] = defaultdict(Counter)
@@ -68,7 +72,7 @@ def overview(store: ResultsStore) -> dict[str, Any]:
         sid = by_config[(task, r["config_hash"], r["model_id"])]
         meta = _loads(r["meta"], {})
         per_problem[task][r["problem_id"]][sid] = {
-            "key": r["key"], "correct": bool(r["correct"]), "answer": r["answer"],
+            "key": r["key"], "correct": None if task == LIVE else bool(r["correct"]), "answer": r["answer"],
             "generated_tokens": r["generated_tokens"], "has_trace": r["trace"] is not None}
         if r["answer"] is not None:
             answers[(task, r["problem_id"])].append(str(r["answer"]))
@@ -118,7 +122,7 @@ def generation(store: ResultsStore, key: str) -> dict[str, Any]:
     task = f"{r['task']}/{r['level']}" if r["level"] else r["task"]
     out = {"key": r["key"], "task": task, "problem_id": r["problem_id"], "strategy": r["strategy"],
            "setting": _loads(r["setting"], {}), "model": r["model"], "answer": r["answer"],
-           "correct": bool(r["correct"]), "score": r["score"], "text": r["text"],
+           "correct": None if task == LIVE else bool(r["correct"]), "score": r["score"], "text": r["text"],
            "usage": {k: r[k] for k in ("prompt_tokens", "generated_tokens", "computed_tokens", "model_calls",
                                        "flops", "wall_s")},
            "meta": _loads(r["meta"], {}), "kind": "none", "trace": trace}

@@ -59,7 +59,10 @@
     const tasks = Object.keys(DATA.tasks);
     if (!tasks.length) return problemPage("This store has no results yet: run ponder sweep into it first.");
     const parts = [];
-    for (const task of tasks) parts.push(...frontier(task, DATA.tasks[task].settings));
+    for (const task of tasks) {
+      parts.push(...(DATA.tasks[task].judged ? frontier(task, DATA.tasks[task].settings)
+                                             : live(task, DATA.tasks[task].settings)));
+    }
     page(`Quality against compute (${DATA.rows} stored generations)`, ...parts);
   }
 
@@ -133,6 +136,15 @@
               "Hover a point for its figures; click it for its problems." }), table];
   }
 
+  function live(task, settings) {  // requests ponder serve kept: no answer key, so no accuracy
+    const rows = settings.map((s) => el("tr", {}, el("td", {}, el("a", { href: `#/problems/${enc(task)}/${enc(s.id)}`,
+      text: s.label })), el("td", { class: "num", text: s.problems }), el("td", { class: "num", text: fmt(s.generated_tokens) }),
+      el("td", { class: "num", text: sci(s.flops) })));
+    return [el("h2", { text: `${task}: requests served with trace: true` }),
+      el("table", { id: "settings-" + task }, el("tr", {}, ...["strategy", "outputs", "gen. tokens", "FLOPs"]
+        .map((h) => el("th", { text: h }))), ...rows)];
+  }
+
   // -- problems: one row per problem, one column per setting -------------------------------
   function problems(task, sid) {
     const t = DATA.tasks[task];
@@ -164,8 +176,8 @@
       const cols = only.checked ? [...new Set([A, B])].map((id) => byId[id]) : t.settings;
       const sa = byId[A], inA = t.problems.filter((p) => p.cells[A]);
       summary.replaceChildren(el("b", { text: sa.label }), ` - ${inA.length} problems, ` +
-        `${inA.filter((p) => p.cells[A].correct).length} right (accuracy ${fmt(sa.accuracy, 3)}); ` +
-        `${list.length} shown`);
+        (t.judged ? `${inA.filter((p) => p.cells[A].correct).length} right (accuracy ${fmt(sa.accuracy, 3)}); `
+                  : "not judged (live requests); ") + `${list.length} shown`);
       summary.dataset.setting = A;
       summary.dataset.problems = inA.length;
       summary.dataset.correct = inA.filter((p) => p.cells[A].correct).length;
@@ -178,9 +190,11 @@
         ...cols.map((s) => {
           const c = p.cells[s.id];
           if (!c) return el("td", { class: "muted", text: "-" });
-          return el("td", { class: "cell " + (c.correct ? "right" : "wrong"), "data-setting": s.id },
+          const mark = c.correct === null ? "\u00b7" : c.correct ? "\u2713" : "\u2717";
+          return el("td", { class: "cell " + (c.correct === null ? "" : c.correct ? "right" : "wrong"),
+                            "data-setting": s.id },
             el("a", { href: `#/g/${enc(c.key)}`, title: "open this generation",
-                      text: `${c.correct ? "\u2713" : "\u2717"} ${c.answer === null ? "(none)" : c.answer} \u00b7 ` +
+                      text: `${mark} ${c.answer === null ? "(none)" : c.answer} \u00b7 ` +
                             `${c.generated_tokens} tok` }));
         })));
       holder.replaceChildren(el("table", { id: "problems" }, head, ...body));
@@ -199,7 +213,8 @@
     const rows = t.settings.filter((s) => p.cells[s.id]).map((s) => {
       const c = p.cells[s.id];
       return el("tr", {}, el("td", {}, el("a", { href: `#/g/${enc(c.key)}`, text: s.label })),
-        el("td", { class: c.correct ? "right" : "wrong", text: c.correct ? "right" : "wrong" }),
+        el("td", { class: c.correct === null ? "" : c.correct ? "right" : "wrong",
+                   text: c.correct === null ? "not judged" : c.correct ? "right" : "wrong" }),
         el("td", { text: c.answer === null ? "(none)" : c.answer }), el("td", { class: "num", text: c.generated_tokens }));
     });
     page(`${task}: problem ${pid}`, el("p", { text: `agreement ${fmt(p.agreement, 2)}` }),
@@ -225,7 +240,8 @@
     const head = el("table", { class: "summary" },
       ...[["task", g.task], ["problem", g.problem_id], ["strategy", g.strategy],
           ["setting", JSON.stringify(g.setting)], ["model", g.model],
-          ["answer", `${g.answer === null ? "(none)" : g.answer} (${g.correct ? "right" : "wrong"})`],
+          ["answer", `${g.answer === null ? "(none)" : g.answer} ` +
+                     `(${g.correct === null ? "not judged" : g.correct ? "right" : "wrong"})`],
           ["tokens", `${g.usage.generated_tokens} generated, ${g.usage.computed_tokens} computed, ` +
                      `${sci(g.usage.flops)} FLOPs, ${fmt(g.usage.wall_s, 3)} s`]]
         .map(([k, v]) => el("tr", {}, el("th", { text: k }), el("td", { text: String(v) }))));
