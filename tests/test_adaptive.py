@@ -237,3 +237,25 @@ def test_compute_optimal_fit_prices_a_continuation_beyond_the_probe():
     # every probe agrees (difficulty 0): the probe costs 40 a problem, majority@8 80 in all (not 120)
     assert rows[0]["candidates"]["probe"]["cost"] == 40 and rows[0]["candidates"]["m8"]["cost"] == 80
     assert rows[0]["chose"] == "probe"
+
+
+def test_later_batches_are_served_from_the_prompts_cached_prefix(arith_lm):
+    """Adding samples to a problem (adaptive consistency's next batch) keeps the shared
+    prompt in the engine's prefix cache: only the first batch computes the prompt."""
+    from ponder import strategies
+    from ponder.engine.engine import clear_prefix_caches
+    from ponder.params import SamplingParams
+    from ponder.tasks.arith import ArithTask
+
+    task = ArithTask()
+    prompt = task.prompt(task.problems("hard")[3])
+    n_prompt = len(arith_lm.encode(prompt))
+    assert n_prompt >= 16  # a prefix is reused from one block (16 tokens) on
+    clear_prefix_caches()
+    gen = strategies.build("adaptive-majority", arith_lm, SamplingParams(temperature=0.7, max_tokens=160),
+                           {"samples": 8, "batch": 2, "confidence": 0.99}, strategies.Context(task=task))
+    (g,) = gen.generate(prompt, seed=0)
+    first, *later = g.trace
+    assert len(g.trace) > 2 and first.usage.computed_tokens == n_prompt + first.usage.generated_tokens - 1
+    for s in g.trace[2:]:  # the batches after the first: their tokens only, the prompt is cached
+        assert s.usage.computed_tokens <= s.usage.generated_tokens

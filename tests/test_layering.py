@@ -1,6 +1,6 @@
 """Imports point down only, for every module of the package:
 
-    cli > sweep > strategies, evaluate, train > meta > scoring > decoding > engine > backends
+    cli > server, view > sweep > strategies, evaluate, train > meta > scoring > decoding > engine > backends
         > models > tasks > types, protocols, params, processor, errors
 
 (function-level imports included), and no two modules import each other, directly
@@ -17,7 +17,7 @@ ROOT = Path(ponder.__file__).parent
 RANK = {
     "errors": 0, "types": 0, "processor": 0, "params": 0, "protocols": 0,
     "tasks": 1, "models": 2, "backends": 3, "engine": 4, "decoding": 5, "scoring": 6, "meta": 7,
-    "strategies": 8, "evaluate": 8, "train": 8, "sweep": 9, "server": 9, "cli": 10,
+    "strategies": 8, "evaluate": 8, "train": 8, "sweep": 9, "server": 10, "view": 10, "cli": 11,
 }
 # (importer, imported): why the edge exists
 ALLOWED_UP = {
