@@ -56,12 +56,11 @@ def main() -> None:
             d.save_screenshot(str(out / "view-overview.png"))
             open_view(d, url + f"#/g/{pick['key']}")
             d.execute_script("document.querySelector('.tree-wrap').scrollIntoView()")
-            d.find_element("id", "follow").click()
-            d.find_element("id", "unfold").click()
+            d.find_element("id", "follow").click()  # the chosen path, the rest folded (their counts shown)
             d.find_element("id", "fit").click()
-            chosen = d.find_elements("css selector", "#tree g.node.chosen")
-            if chosen:
-                chosen[-1].click()
+            best = json.loads(pick["meta"]).get("best_node")  # show the chosen path's last step in the panel
+            d.execute_script("const n = document.querySelector(`#tree g.node[data-id='${arguments[0]}']`);"
+                             "if (n) n.dispatchEvent(new MouseEvent('click', {bubbles: true}));", best)
             time.sleep(0.3)
             d.save_screenshot(str(out / "view-tree.png"))
         finally:

@@ -168,6 +168,13 @@ def test_every_view_loads_with_no_console_error_or_failed_request(server, store,
         assert not browser.find_elements("id", "error"), (name, browser.find_element("id", "error").text)
         browser.save_screenshot(str(artifacts / f"view-{name}.png"))
         _clean(browser)
+    # token level: the text, a span per stored token shaded by its probability
+    greedy = [r for r in rows if r["strategy"] == "greedy"][0]
+    tokens = ResultsStore.trace(greedy)["tokens"]
+    _open(browser, server + f"#/g/{greedy['key']}")
+    spans = browser.find_elements("css selector", "#tokens span.tok")
+    assert len(spans) == len(tokens) > 5 and browser.find_element("id", "tokens").text.startswith(greedy["text"].strip())
+    assert all(0 < float(s.get_attribute("data-p")) <= 1 for s in spans)
     _open(browser, server + f"#/g/{[r for r in rows if r['strategy'] == 'majority'][0]['key']}")
     samples = browser.find_elements("css selector", "#samples tr.sample")
     assert len(samples) == 4 and len(browser.find_elements("css selector", "#samples tr.chosen")) == 1

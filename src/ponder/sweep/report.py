@@ -116,6 +116,22 @@ def size_label(setting: dict[str, Any]) -> str:
     return ""
 
 
+def _varying_keys(rows: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """Per strategy, the settings (other than size and temperature) whose values differ
+    between its rows: what a legend must name. A nested setting (``NAME.KEY``) is named
+    only when nothing else tells the rows apart."""
+    values: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for s in rows:
+        values[s["strategy"]].append(s["setting"])
+    out = {}
+    for strategy, settings in values.items():
+        keys = sorted({k for st in settings for k in st} - set(_SIZE_KEYS) - {"temperature"})
+        differ = [k for k in keys if len({repr(st.get(k)) for st in settings}) > 1]
+        plain = [k for k in differ if "." not in k]
+        out[strategy] = plain or differ
+    return out
+
+
 def plot(summary: dict[str, list[dict[str, Any]]], out_dir: str | Path) -> list[Path]:
     """Two PNGs per task (accuracy against generated tokens, and against FLOPs). Each
     point says its size (N, iterations); strategies whose points would coincide are
@@ -140,9 +156,7 @@ def plot(summary: dict[str, list[dict[str, Any]]], out_dir: str | Path) -> list[
             lines[(s["model"], s["strategy"], rest)].append(s)
         order = sorted(lines)
         one_model = len({m for m, _, _ in lines}) == 1
-        shown = defaultdict(set)  # strategy -> the settings it shows, to name only what varies
-        for _, strategy, rest in lines:
-            shown[strategy].add(rest)
+        varying = _varying_keys(rows)  # strategy -> the keys that tell its lines apart
         for ax, cost, label, flag in ((axes[0], "generated_tokens", "generated tokens per problem", "frontier"),
                                       (axes[1], "flops", "FLOPs per problem", "frontier_flops")):
             for i, (model, strategy, rest) in enumerate(order):
@@ -153,7 +167,8 @@ def plot(summary: dict[str, list[dict[str, Any]]], out_dir: str | Path) -> list[
                 y = [s["accuracy"] for s in pts]
                 err = [[max(0.0, s["accuracy"] - s["ci95"][0]) for s in pts],
                        [max(0.0, s["ci95"][1] - s["accuracy"]) for s in pts]]
-                name = strategy + (f" {rest}" if len(shown[strategy]) > 1 and rest else "")
+                own = pts[0]["setting"]
+                name = " ".join([strategy, *(f"{k}={own.get(k, '-')}" for k in varying[strategy])])
                 name = name if one_model else f"{name} ({model})"
                 ax.errorbar(x, y, yerr=err, marker=_MARKERS[i % len(_MARKERS)], capsize=3, label=name, alpha=0.9,
                             color=plt.get_cmap("tab20")(i % 20))

@@ -302,7 +302,7 @@ def sweep(cfg: SweepConfig | Prepared, store: ResultsStore, command: str = "",
                 g = gens[0]
                 ok = task.check_answer(p, g.text)
                 rows.append(row(k, chash, config, model_name, mid, task.name, level, label, run.setting(), p.id,
-                                g, task.extract_answer(g.text), ok))
+                                g, task.extract_answer(g.text), ok, decode=getattr(lm, "decode", None)))
                 state["correct"] += ok
                 state["scored"] += 1
             store.add(rows, session)

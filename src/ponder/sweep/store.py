@@ -19,7 +19,7 @@ import sqlite3
 import time
 import zlib
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from ..errors import SettingError
 
@@ -259,8 +259,10 @@ class ResultsStore:
 
 def row(key: str, config_hash: str, config: dict[str, Any], model: str, model_id: str, task: str, level: str,
         strategy: str, setting: dict[str, Any], problem_id: str, generation: Any, answer: str | None,
-        correct: bool) -> dict[str, Any]:
-    """A store row from one generation."""
+        correct: bool, decode: Callable[[list[int]], str] | None = None) -> dict[str, Any]:
+    """A store row from one generation. Its trace: a search's tree, a meta-generator's
+    samples, or (a token-level generation, given ``decode``) each token's text and
+    log-probability, with the top alternatives where they were asked for."""
     u = generation.usage
     trace = None
     if "tree" in generation.meta:
@@ -268,6 +270,12 @@ def row(key: str, config_hash: str, config: dict[str, Any], model: str, model_id
     elif generation.trace:
         trace = [{"text": g.text, "score": g.score, "usage": g.usage.to_dict(), "meta": _jsonable(g.meta)}
                  for g in generation.trace]
+    elif decode is not None and generation.logprobs and len(generation.logprobs) == len(generation.token_ids):
+        tops = generation.top_logprobs or [None] * len(generation.token_ids)
+        trace = {"tokens": [{"t": decode([t]), "lp": round(float(lp), 5),
+                             **({"top": [[decode([int(a)]), round(float(b), 5)] for a, b in top.items()]}
+                                if top else {})}
+                            for t, lp, top in zip(generation.token_ids, generation.logprobs, tops)]}
     meta = {k: v for k, v in generation.meta.items() if k != "tree"}
     return {"key": key, "config_hash": config_hash, "config": canonical(config), "model": model, "model_id": model_id,
             "task": task, "level": level, "strategy": strategy, "setting": canonical(setting),

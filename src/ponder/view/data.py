@@ -130,6 +130,8 @@ def generation(store: ResultsStore, key: str) -> dict[str, Any]:
         out["kind"], out["note"] = "unknown", damaged
     elif trace is None:
         out["kind"] = "none"
+    elif isinstance(trace, dict) and isinstance(trace.get("tokens"), list):
+        out["kind"] = "tokens"
     elif _is_tree(trace):
         out["kind"] = "tree"
         out["chosen_path"] = _path_to(trace, out["meta"].get("best_node"))

@@ -251,6 +251,7 @@
     if (g.note) parts.push(el("div", { class: "note", id: "note", text: g.note }));
     if (g.kind === "tree") parts.push(...treeView(g));
     else if (g.kind === "samples") parts.push(samplesView(g));
+    else if (g.kind === "tokens") parts.push(tokensView(g));
     else if (g.kind === "unknown") parts.push(el("pre", { id: "raw", text: JSON.stringify(g.trace, null, 1) }));
     else parts.push(el("h3", { text: "text" }), el("pre", { id: "text", text: g.text }),
       el("p", { class: "muted", text: "A token-level generation: the store keeps its text and bill." }));
@@ -259,6 +260,24 @@
     page(`${g.strategy} on ${g.problem_id}`, ...parts);
     const w = app.querySelector(".tree-wrap");
     if (w) w.dispatchEvent(new Event("ponder:drawn"));
+  }
+
+  function tokensView(g) {  // the text, each token shaded by how unlikely the model found it
+    const spans = g.trace.tokens.map((t, i) => {
+      const p = Math.exp(t.lp);
+      const s = el("span", { class: "tok", "data-i": i, "data-p": p.toFixed(4),
+                             style: `background: rgba(214, 39, 40, ${(0.85 * (1 - p)).toFixed(3)})`, text: t.t });
+      s.addEventListener("mousemove", (ev) => showTip(ev, [`${JSON.stringify(t.t)}: p = ${p.toFixed(3)} ` +
+        `(log ${t.lp.toFixed(3)})`, ...(t.top || []).map(([a, b]) => `  ${JSON.stringify(a)}: ${Math.exp(b).toFixed(3)}`)]));
+      s.addEventListener("mouseleave", hideTip);
+      return s;
+    });
+    const low = g.trace.tokens.filter((t) => Math.exp(t.lp) < 0.5).length;
+    return el("div", {}, el("h3", { text: `${g.trace.tokens.length} tokens` }),
+      el("p", { class: "muted", text: `Shaded by the model's probability of each token (white: sure; red: ` +
+        `unlikely; ${low} below 0.5). Hover for its log-probability` +
+        (g.trace.tokens.some((t) => t.top) ? " and the alternatives." : ".") }),
+      el("pre", { id: "tokens", class: "tokens" }, ...spans));
   }
 
   function samplesView(g) {
