@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import subprocess
 import sys
@@ -93,10 +92,8 @@ def main() -> None:
     ap.add_argument("--db", help="a store to time (else one is built)")
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
-    import httpx
-
     from ponder.sweep.store import ResultsStore
-    from ponder.view.browser import chromium, open_view
+    from ponder.view.browser import chromium, open_view, served
 
     folder = Path(tempfile.mkdtemp(prefix="view-speed-"))
     db = Path(args.db) if args.db else folder / "store.sqlite"
@@ -114,19 +111,7 @@ def main() -> None:
 
     trees = [(size(t), r["key"]) for r in rows if isinstance(t := ResultsStore.trace(r), dict) and "children" in t]
     nodes, key = max(trees)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "ponder.cli", "view", "--db", str(db), "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        for _ in range(200):
-            try:
-                httpx.get(url, timeout=1)
-                break
-            except httpx.TransportError:
-                time.sleep(0.1)
+    with served(db) as url:
         d = chromium()
         try:
             timings: dict[str, list[float]] = {"overview": [], "tree": []}
@@ -136,9 +121,6 @@ def main() -> None:
             drawn = len(d.find_elements("css selector", "#tree g.node"))
         finally:
             d.quit()
-    finally:
-        server.terminate()
-        server.wait(10)
     over, tree = statistics.median(timings["overview"]), statistics.median(timings["tree"])
     print(f"overview of {len(rows)} rows: {over:.0f} ms (median of {args.repeats}; all {timings['overview']})")
     print(f"tree of {nodes} nodes ({drawn} drawn): {tree:.0f} ms (all {timings['tree']})")

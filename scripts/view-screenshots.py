@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,10 +18,8 @@ def main() -> None:
     ap.add_argument("--db", default="ponder-results.sqlite")
     ap.add_argument("--out", default="docs/figures")
     args = ap.parse_args()
-    import httpx
-
     from ponder.sweep.store import ResultsStore
-    from ponder.view.browser import chromium, open_view
+    from ponder.view.browser import chromium, open_view, served
 
     store = ResultsStore(args.db, readonly=True)
     rows = store.rows()
@@ -35,21 +30,9 @@ def main() -> None:
         raise SystemExit("the store has no PRM beam search row to draw")
     lost = [r for r in beams if not r["correct"] and r["problem_id"] in right]
     pick = max(lost or beams, key=lambda r: (json.loads(r["setting"]).get("samples", 0), r["generated_tokens"]))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "ponder.cli", "view", "--db", args.db, "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        for _ in range(200):
-            try:
-                httpx.get(url, timeout=1)
-                break
-            except httpx.TransportError:
-                time.sleep(0.1)
+    with served(args.db) as url:
         d = chromium(1400, 1250)
         try:
             open_view(d, url)
@@ -65,9 +48,6 @@ def main() -> None:
             d.save_screenshot(str(out / "view-tree.png"))
         finally:
             d.quit()
-    finally:
-        server.terminate()
-        server.wait(10)
     print(f"wrote {out / 'view-overview.png'} and {out / 'view-tree.png'} (problem {pick['problem_id']}, "
           f"prm-beam {pick['setting']}, {'wrong' if not pick['correct'] else 'right'})")
 

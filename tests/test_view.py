@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -25,7 +24,7 @@ import pytest
 
 from ponder.sweep.report import summarise
 from ponder.sweep.store import ResultsStore
-from ponder.view.browser import available, chromium, open_view
+from ponder.view.browser import available, chromium, open_view, served
 
 SWEEP = """
 seed = 0
@@ -82,30 +81,10 @@ def artifacts(tmp_path_factory) -> Path:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(store):
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "ponder.cli", "view", "--db", str(store), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}/"
-    for _ in range(200):
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.1)
-    else:
-        proc.kill()
-        raise AssertionError(f"ponder view did not start: {proc.stdout.read()}")
-    yield url
-    proc.terminate()
-    proc.wait(10)
+    with served(store) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -275,22 +254,10 @@ def test_bad_input_gets_a_clear_page_not_a_stack_trace(store, server, browser, t
     # a store deleted under a running server: the page says so
     gone = tmp_path / "gone.sqlite"
     shutil.copy(store, gone)
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "ponder.cli", "view", "--db", str(gone), "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(200):
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/", timeout=1)
-                break
-            except httpx.TransportError:
-                time.sleep(0.1)
+    with served(gone) as url:
         gone.unlink()
-        page = httpx.get(f"http://127.0.0.1:{port}/")
+        page = httpx.get(url)
         assert page.status_code == 404 and "does not exist" in page.text and "Traceback" not in page.text
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def test_traces_of_served_requests_open_in_the_view(browser, tmp_path):

@@ -3,10 +3,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 DRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -44,3 +48,31 @@ def open_view(driver: Any, url: str, timeout: float = 30.0) -> dict[str, Any]:
             return done
         time.sleep(0.02)
     raise TimeoutError(f"{url} never finished drawing")
+
+
+@contextlib.contextmanager
+def served(db: str | Path, timeout: float = 20.0) -> Iterator[str]:
+    """``ponder view --db DB`` on a free loopback port, for as long as the block runs;
+    yields its URL once it answers."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "ponder.cli", "view", "--db", str(db), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                httpx.get(url, timeout=1)
+                break
+            except httpx.TransportError:
+                if proc.poll() is not None or time.monotonic() > end:
+                    raise RuntimeError(f"ponder view did not start: {proc.stdout.read() if proc.stdout else ''}")
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
