@@ -53,6 +53,11 @@ name = "mcts"
 temperature = 0.7
 iterations = 4
 [[strategy]]
+name = "speculative"
+temperature = 0.0
+num_draft_tokens = 4
+record_drafts = true
+[[strategy]]
 name = "speculative-rejection"
 temperature = 0.7
 samples = 6
@@ -154,6 +159,16 @@ def test_every_view_loads_with_no_console_error_or_failed_request(server, store,
     spans = browser.find_elements("css selector", "#tokens span.tok")
     assert len(spans) == len(tokens) > 5 and browser.find_element("id", "tokens").text.startswith(greedy["text"].strip())
     assert all(0 < float(s.get_attribute("data-p")) <= 1 for s in spans)
+    # speculative decoding: each round's accepted and rejected drafts and the target's token
+    spec = [r for r in rows if r["strategy"] == "speculative"][0]
+    rounds = ResultsStore.trace(spec)["rounds"]
+    _open(browser, server + f"#/g/{spec['key']}")
+    shown = browser.find_elements("css selector", "#drafts .round")
+    assert len(shown) == len(rounds) == json.loads(spec["meta"])["rounds"]
+    acc = sum(len(r["accepted"]) for r in rounds)
+    assert len(browser.find_elements("css selector", "#drafts .acc")) == acc == json.loads(spec["meta"])["accepted"]
+    kept = "".join("".join(r["accepted"]) + r["added"] for r in rounds)  # what the rounds emitted spells the text
+    assert kept.startswith(spec["text"].strip())
     _open(browser, server + f"#/g/{[r for r in rows if r['strategy'] == 'majority'][0]['key']}")
     samples = browser.find_elements("css selector", "#samples tr.sample")
     assert len(samples) == 4 and len(browser.find_elements("css selector", "#samples tr.chosen")) == 1
@@ -219,7 +234,7 @@ def test_the_exported_file_opens_from_disk_with_the_same_tree(store, browser, tm
     _open(browser, out.as_uri() + f"#/g/{row['key']}")
     assert len(browser.find_elements("css selector", "#tree g.node")) == len(_nodes(ResultsStore.trace(row)))
     _open(browser, out.as_uri())
-    assert len(browser.find_elements("css selector", ".frontier-svg .point")) == 5
+    assert len(browser.find_elements("css selector", ".frontier-svg .point")) == 6
     _clean(browser)
 
 

@@ -47,7 +47,7 @@ class Speculative(GeneratorBase):
     # and 6 1.94-2.01 (three interleaved runs, one thread, Intel Xeon with AVX-512)
     def __init__(self, target: Any, draft: Any, num_draft_tokens: int | str = 5, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, max_ngram: int = 3,
-                 processors: Sequence[Any] = (), **settings: Any) -> None:
+                 processors: Sequence[Any] = (), record_drafts: bool = False, **settings: Any) -> None:
         from .adapters import HISTORY_SETTINGS
 
         require_access(target, Access.LOGITS, "speculative decoding")
@@ -67,6 +67,12 @@ class Speculative(GeneratorBase):
         if not isinstance(max_ngram, int) or max_ngram < 1:
             raise SettingError(f"max_ngram must be an integer >= 1; got {max_ngram!r}")
         options = split_options(settings, HISTORY_SETTINGS, "speculative decoding")
+        if not isinstance(record_drafts, bool):
+            raise SettingError(f"record_drafts must be true or false; got {record_drafts!r}")
+        # record_drafts: meta["draft_rounds"] lists each round's [drafts, accepted, the
+        # target's token] (for ponder view); the C loop that runs all rounds in one call
+        # keeps no per-round record, so recording takes the round-at-a-time path
+        self.record_drafts = record_drafts
         self.target, self.draft = target, draft
         self.k = 4 if self.adaptive else num_draft_tokens
         self.max_ngram = max_ngram
@@ -207,6 +213,7 @@ class Speculative(GeneratorBase):
         finish: list[str | None] = [None] * B
         stop: list[str | int | None] = [None] * B
         drafted, accepted, rounds = [0] * B, [0] * B, [0] * B
+        record: list[list[list[Any]]] = [[] for _ in range(B)]  # per row: [drafts, accepted, new token] a round
         # tokens each row's target and draft computed (billed at each model's own FLOPs)
         t_comp = [len(h) - e - t for h, e, t in zip(heads, empty.tolist(), t_hit)]
         d_comp = [0 if self.ngram else len(h) - e - d for h, e, d in zip(heads, empty.tolist(), d_hit)]
@@ -217,7 +224,7 @@ class Speculative(GeneratorBase):
         while alive:
             kk = max(0, min(k, min(budget[r] - len(outs[r]) - 1 for r in alive)))
             got = None
-            if len(alive) == 1 and not stopper.stops:  # a lone greedy row: every round in one C call
+            if len(alive) == 1 and not stopper.stops and not self.record_drafts:  # a lone greedy row: all rounds, one C call
                 r = alive[0]
                 left = budget[r] - len(outs[r])
                 if lookup_call and len(t_pending[r]) == 1:
@@ -263,6 +270,8 @@ class Speculative(GeneratorBase):
                 drafted[r] += m
                 accepted[r] += a
                 rounds[r] += 1
+                if self.record_drafts:
+                    record[r].append([list(xs), a, new_tok])
                 # the draft's pending tokens: the last draft too when every draft was accepted
                 d_pending[r] = (d_pending[r] + [new_tok] if m == 0 else [xs[-1], new_tok] if a == m else [new_tok])
                 t_pending[r] = [new_tok]
@@ -306,7 +315,8 @@ class Speculative(GeneratorBase):
                 usage=usage, stop=stop[r],
                 meta={"strategy": self.strategy, "draft": draft_name, "drafted": drafted[r], "accepted": accepted[r],
                       "rounds": rounds[r], "batch": B, "prefix_cache_hit_tokens": t_hit[r],
-                      "acceptance_rate": accepted[r] / drafted[r] if drafted[r] else 0.0}))
+                      "acceptance_rate": accepted[r] / drafted[r] if drafted[r] else 0.0,
+                      **({"draft_rounds": record[r]} if self.record_drafts else {})}))
         return result
 
     def _round(self, alive: list[int], kk: int, prompts, outs, t_pending, d_pending, procs, dprocs, gens,

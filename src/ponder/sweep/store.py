@@ -276,7 +276,10 @@ def row(key: str, config_hash: str, config: dict[str, Any], model: str, model_id
                              **({"top": [[decode([int(a)]), round(float(b), 5)] for a, b in top.items()]}
                                 if top else {})}
                             for t, lp, top in zip(generation.token_ids, generation.logprobs, tops)]}
-    meta = {k: v for k, v in generation.meta.items() if k != "tree"}
+        if generation.meta.get("draft_rounds"):  # speculative decoding: what each round drafted and kept
+            trace["rounds"] = [{"accepted": [decode([t]) for t in xs[:a]], "rejected": [decode([t]) for t in xs[a:]],
+                                "added": decode([new])} for xs, a, new in generation.meta["draft_rounds"]]
+    meta = {k: v for k, v in generation.meta.items() if k not in ("tree", "draft_rounds")}
     return {"key": key, "config_hash": config_hash, "config": canonical(config), "model": model, "model_id": model_id,
             "task": task, "level": level, "strategy": strategy, "setting": canonical(setting),
             "problem_id": problem_id, "answer": answer, "correct": int(bool(correct)), "score": generation.score,

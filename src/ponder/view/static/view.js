@@ -105,11 +105,17 @@
       svg.append(sv("polyline", { points: front.map((s) => `${X(s.generated_tokens)},${Y(s.accuracy)}`).join(" "),
                                   fill: "none", stroke: "#d4a017", "stroke-width": 2, "stroke-dasharray": "6 3" }));
     }
+    const whiskers = sv("g", { "pointer-events": "none" }), points = sv("g", {});  // points above every interval
+    svg.append(whiskers, points);
+    const placed = [];  // points that would cover each other are set a few pixels apart, so each can be clicked
     for (const s of settings) {
-      const x = X(s.generated_tokens);
-      svg.append(sv("line", { x1: x, x2: x, y1: Y(s.ci95[0]), y2: Y(s.ci95[1]), stroke: colour(s.strategy),
-                              "stroke-opacity": 0.5 }));
-      const c = sv("circle", { cx: x, cy: Y(s.accuracy), r: s.frontier ? 7 : 5, fill: colour(s.strategy),
+      let x = X(s.generated_tokens);
+      const y = Y(s.accuracy);
+      while (placed.some(([px, py]) => Math.abs(px - x) < 12 && Math.abs(py - y) < 12)) x += 12;
+      placed.push([x, y]);
+      whiskers.append(sv("line", { x1: x, x2: x, y1: Y(s.ci95[0]), y2: Y(s.ci95[1]), stroke: colour(s.strategy),
+                                   "stroke-opacity": 0.5 }));
+      const c = sv("circle", { cx: x, cy: y, r: s.frontier ? 7 : 5, fill: colour(s.strategy),
                                class: "point", "data-setting": s.id, "data-frontier": s.frontier ? "1" : "0" });
       c.addEventListener("mousemove", (ev) => showTip(ev, [s.label, s.model,
         `accuracy ${fmt(s.accuracy, 3)} [${fmt(s.ci95[0], 3)}, ${fmt(s.ci95[1], 3)}] (${s.correct}/${s.problems})`,
@@ -117,7 +123,7 @@
         s.frontier ? "on the frontier" : "", "click: its problems"]));
       c.addEventListener("mouseleave", hideTip);
       c.addEventListener("click", () => { hideTip(); location.hash = `#/problems/${enc(task)}/${enc(s.id)}`; });
-      svg.append(c);
+      points.append(c);
     }
     const legend = el("div", { class: "legend" }, ...strategies.map((s) =>
       el("span", {}, el("i", { style: `background:${colour(s)}` }), s)));
@@ -273,11 +279,25 @@
       return s;
     });
     const low = g.trace.tokens.filter((t) => Math.exp(t.lp) < 0.5).length;
-    return el("div", {}, el("h3", { text: `${g.trace.tokens.length} tokens` }),
+    const parts = [el("h3", { text: `${g.trace.tokens.length} tokens` }),
       el("p", { class: "muted", text: `Shaded by the model's probability of each token (white: sure; red: ` +
         `unlikely; ${low} below 0.5). Hover for its log-probability` +
         (g.trace.tokens.some((t) => t.top) ? " and the alternatives." : ".") }),
-      el("pre", { id: "tokens", class: "tokens" }, ...spans));
+      el("pre", { id: "tokens", class: "tokens" }, ...spans)];
+    const rounds = g.trace.rounds || [];
+    if (rounds.length) {  // speculative decoding: each round's drafts, kept or thrown away, and the target's token
+      const acc = rounds.reduce((n, r) => n + r.accepted.length, 0);
+      const all = rounds.reduce((n, r) => n + r.accepted.length + r.rejected.length, 0);
+      parts.push(el("h3", { text: `${rounds.length} speculative rounds: ${acc} of ${all} drafted tokens accepted` }),
+        el("p", { class: "muted", text: "Green: drafts the target accepted; struck red: drafts it rejected; " +
+          "blue: the token the target added." }),
+        el("div", { id: "drafts" }, ...rounds.map((r, i) => el("div", { class: "round", "data-i": i },
+          el("span", { class: "muted", text: `${i + 1}. ` }),
+          ...r.accepted.map((t) => el("span", { class: "acc", text: t })),
+          ...r.rejected.map((t) => el("span", { class: "rej", text: t })),
+          el("span", { class: "tgt", text: r.added })))));
+    }
+    return el("div", {}, ...parts);
   }
 
   function samplesView(g) {
