@@ -39,6 +39,7 @@ limit = 6
 [[strategy]]
 name = "greedy"
 temperature = 0.0
+logprobs = 3
 [[strategy]]
 name = "majority"
 temperature = 0.7
@@ -159,6 +160,12 @@ def test_every_view_loads_with_no_console_error_or_failed_request(server, store,
     spans = browser.find_elements("css selector", "#tokens span.tok")
     assert len(spans) == len(tokens) > 5 and browser.find_element("id", "tokens").text.startswith(greedy["text"].strip())
     assert all(0 < float(s.get_attribute("data-p")) <= 1 for s in spans)
+    assert all(len(t["top"]) == 3 for t in tokens)  # the sweep asked for 3 alternatives a token
+    from selenium.webdriver import ActionChains
+
+    ActionChains(browser).move_to_element(spans[2]).perform()
+    tip = browser.find_element("id", "tooltip").text.splitlines()
+    assert len(tip) == 4 and tip[0].startswith(json.dumps(tokens[2]["t"]))  # the token, then its 3 alternatives
     # speculative decoding: each round's accepted and rejected drafts and the target's token
     spec = [r for r in rows if r["strategy"] == "speculative"][0]
     rounds = ResultsStore.trace(spec)["rounds"]
