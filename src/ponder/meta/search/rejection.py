@@ -55,8 +55,8 @@ class SpeculativeRejection(StepSearch):
         at least ``keep_min`` stay; ties keep the earlier path (stable sort)."""
         stop = min(math.floor(self.reject * len(open_)), max(0, len(open_) - self.keep_min))
         ranked = sorted(open_, key=lambda c: -(c.score if c.score is not None else float("-inf")))
-        kept = ranked[: len(open_) - stop]
-        return [c for c in open_ if c in kept], [c for c in open_ if c not in kept]
+        kept = {c.id for c in ranked[: len(open_) - stop]}  # by id: equal steps are still different paths
+        return [c for c in open_ if c.id in kept], [c for c in open_ if c.id not in kept]
 
     async def search(self, prompt: str, seed: int) -> Generation:
         tree = Tree()
