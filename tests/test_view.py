@@ -231,6 +231,17 @@ def test_a_frontier_point_opens_exactly_its_settings_problems(server, store, bro
         assert sum("right" in c.get_attribute("class") for c in cells) == int(box.get_attribute("data-correct"))
         _clean(browser)
     assert seen == want
+    # the x axis switches to FLOPs: the same points, the FLOPs frontier marked
+    _open(browser, server)
+    flops_front = {s["config_hash"][:12] for s in summary if s["frontier_flops"]}
+    from selenium.webdriver.support.ui import Select
+
+    Select(browser.find_element("id", "cost-arith/hard")).select_by_value("flops")
+    points = browser.find_elements("css selector", ".frontier-svg .point")
+    assert len(points) == len(summary)
+    assert {p.get_attribute("data-setting")[:12] for p in points if p.get_attribute("data-frontier") == "1"} == flops_front
+    assert "FLOPs per problem" in browser.find_element("css selector", ".frontier-svg").text
+    _clean(browser)
 
 
 def test_the_exported_file_opens_from_disk_with_the_same_tree(store, browser, tmp_path):

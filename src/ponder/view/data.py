@@ -59,10 +59,10 @@ def overview(store: ResultsStore) -> dict[str, Any]:
                         "problems": s["problems"], "correct": s["correct"], "accuracy": s["accuracy"],
                         "ci95": s["ci95"], "generated_tokens": s["generated_tokens"],
                         "computed_tokens": s["computed_tokens"], "flops": s["flops"], "wall_s": s["wall_s"],
-                        "frontier": s["frontier"]})
+                        "frontier": s["frontier"], "frontier_flops": s["frontier_flops"]})
         if task == LIVE:  # served requests have no answer key: nothing to be right or wrong about
             for o in out:
-                o.update(accuracy=None, ci95=None, correct=None, frontier=False)
+                o.update(accuracy=None, ci95=None, correct=None, frontier=False, frontier_flops=False)
         tasks[task] = {"settings": out, "problems": [], "judged": task != LIVE}
     per_problem: dict[str, dict[str, dict[str, Any]]] = defaultdict(lambda: defaultdict(dict))
     answers: dict[tuple[str, str], list[str]] = defaultdict(list)

@@ -67,8 +67,24 @@
   }
 
   function frontier(task, settings) {
+    const axis = el("select", { id: "cost-" + task, class: "cost" },
+      el("option", { value: "generated_tokens", text: "generated tokens" }), el("option", { value: "flops", text: "FLOPs" }));
+    const holder = el("div", {});
+    const draw = () => holder.replaceChildren(frontierPlot(task, settings, axis.value));
+    axis.addEventListener("change", draw);
+    draw();
+    return [el("h2", { text: task }), ...frontierRest(task, settings, el("div", { class: "controls" }, "x axis:", axis), holder)];
+  }
+
+  function colours(settings) {  // one colour per strategy, the same in the plot and its legend
+    const strategies = [...new Set(settings.map((s) => s.strategy))];
+    return [strategies, (s) => PALETTE[strategies.indexOf(s) % PALETTE.length]];
+  }
+
+  function frontierPlot(task, settings, cost) {  // cost: "generated_tokens" or "flops", per problem, log scale
+    const onFront = (s) => (cost === "flops" ? s.frontier_flops : s.frontier);
     const W = 760, H = 420, L = 56, R = 16, T = 16, B = 44;
-    const xs = settings.map((s) => Math.max(1, s.generated_tokens));
+    const xs = settings.map((s) => Math.max(1, s[cost]));
     const lx0 = Math.log10(Math.min(...xs)) - 0.1, lx1 = Math.log10(Math.max(...xs)) + 0.1;
     const ylo = Math.max(0, Math.floor(10 * Math.min(...settings.map((s) => s.ci95[0]))) / 10);
     const X = (v) => L + (Math.log10(Math.max(1, v)) - lx0) / Math.max(1e-9, lx1 - lx0) * (W - L - R);
@@ -88,43 +104,47 @@
         if (Math.log10(v) < lx0 || Math.log10(v) > lx1) continue;
         svg.append(sv("line", { x1: X(v), x2: X(v), y1: T, y2: H - B, stroke: "#eee" }));
         const t = sv("text", { x: X(v), y: H - B + 14, "text-anchor": "middle", "font-size": 11 });
-        t.textContent = String(v);
+        t.textContent = cost === "flops" ? `${m}e${p}` : String(v);
         svg.append(t);
       }
     }
     const xl = sv("text", { x: (L + W - R) / 2, y: H - 8, "text-anchor": "middle", "font-size": 12 });
-    xl.textContent = "generated tokens per problem (log)";
+    xl.textContent = (cost === "flops" ? "FLOPs" : "generated tokens") + " per problem (log)";
     const yl = sv("text", { x: 14, y: (T + H - B) / 2, transform: `rotate(-90 14 ${(T + H - B) / 2})`,
                             "text-anchor": "middle", "font-size": 12 });
     yl.textContent = "accuracy";
     svg.append(xl, yl);
-    const strategies = [...new Set(settings.map((s) => s.strategy))];
-    const colour = (s) => PALETTE[strategies.indexOf(s) % PALETTE.length];
-    const front = settings.filter((s) => s.frontier).sort((a, b) => a.generated_tokens - b.generated_tokens);
+    const [strategies, colour] = colours(settings);
+    const front = settings.filter(onFront).sort((a, b) => a[cost] - b[cost]);
     if (front.length > 1) {
-      svg.append(sv("polyline", { points: front.map((s) => `${X(s.generated_tokens)},${Y(s.accuracy)}`).join(" "),
+      svg.append(sv("polyline", { points: front.map((s) => `${X(s[cost])},${Y(s.accuracy)}`).join(" "),
                                   fill: "none", stroke: "#d4a017", "stroke-width": 2, "stroke-dasharray": "6 3" }));
     }
     const whiskers = sv("g", { "pointer-events": "none" }), points = sv("g", {});  // points above every interval
     svg.append(whiskers, points);
     const placed = [];  // points that would cover each other are set a few pixels apart, so each can be clicked
     for (const s of settings) {
-      let x = X(s.generated_tokens);
+      let x = X(s[cost]);
       const y = Y(s.accuracy);
       while (placed.some(([px, py]) => Math.abs(px - x) < 12 && Math.abs(py - y) < 12)) x += 12;
       placed.push([x, y]);
       whiskers.append(sv("line", { x1: x, x2: x, y1: Y(s.ci95[0]), y2: Y(s.ci95[1]), stroke: colour(s.strategy),
                                    "stroke-opacity": 0.5 }));
-      const c = sv("circle", { cx: x, cy: y, r: s.frontier ? 7 : 5, fill: colour(s.strategy),
-                               class: "point", "data-setting": s.id, "data-frontier": s.frontier ? "1" : "0" });
+      const c = sv("circle", { cx: x, cy: y, r: onFront(s) ? 7 : 5, fill: colour(s.strategy),
+                               class: "point", "data-setting": s.id, "data-frontier": onFront(s) ? "1" : "0" });
       c.addEventListener("mousemove", (ev) => showTip(ev, [s.label, s.model,
         `accuracy ${fmt(s.accuracy, 3)} [${fmt(s.ci95[0], 3)}, ${fmt(s.ci95[1], 3)}] (${s.correct}/${s.problems})`,
         `${fmt(s.generated_tokens)} generated tokens, ${sci(s.flops)} FLOPs per problem`,
-        s.frontier ? "on the frontier" : "", "click: its problems"]));
+        onFront(s) ? "on the frontier" : "", "click: its problems"]));
       c.addEventListener("mouseleave", hideTip);
       c.addEventListener("click", () => { hideTip(); location.hash = `#/problems/${enc(task)}/${enc(s.id)}`; });
       points.append(c);
     }
+    return svg;
+  }
+
+  function frontierRest(task, settings, controls, plot) {  // the legend, the plot, the table
+    const [strategies, colour] = colours(settings);
     const legend = el("div", { class: "legend" }, ...strategies.map((s) =>
       el("span", {}, el("i", { style: `background:${colour(s)}` }), s)));
     const rows = settings.slice().sort((a, b) => a.generated_tokens - b.generated_tokens).map((s) =>
@@ -137,9 +157,9 @@
     const table = el("table", { id: "settings-" + task },
       el("tr", {}, ...["setting", "accuracy", "95% CI", "right", "gen. tokens", "FLOPs", "frontier"].map((h) =>
         el("th", { text: h }))), ...rows);
-    return [el("h2", { text: task }), legend, svg,
-            el("p", { class: "muted", text: "Dashed gold: the frontier (no setting is more accurate for fewer tokens). " +
-              "Hover a point for its figures; click it for its problems." }), table];
+    return [controls, legend, plot,
+            el("p", { class: "muted", text: "Dashed gold: the frontier (no setting is more accurate for less " +
+              "compute). Hover a point for its figures; click it for its problems." }), table];
   }
 
   function live(task, settings) {  // requests ponder serve kept: no answer key, so no accuracy
