@@ -22,7 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-SWEEP = """
+# the sweeps' common head: the shipped models on `limit` hard problems
+HEAD = """
 seed = 0
 chunk = 50
 reward_model = "arith-reward"
@@ -31,7 +32,9 @@ name = "arith"
 [[task]]
 name = "arith"
 level = "hard"
-limit = 200
+limit = {limit}
+"""
+SWEEP = HEAD.format(limit=200) + """
 [[strategy]]
 name = "greedy"
 temperature = 0.0
@@ -64,15 +67,7 @@ name = "speculative-rejection"
 temperature = 0.7
 samples = 8
 """
-BIG_TREE = """
-seed = 0
-reward_model = "arith-reward"
-[[model]]
-name = "arith"
-[[task]]
-name = "arith"
-level = "hard"
-limit = 1
+BIG_TREE = HEAD.format(limit=1) + """
 [[strategy]]
 name = "prm-beam"
 temperature = 1.0

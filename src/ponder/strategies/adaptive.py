@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 from ..errors import SettingError
 from ..params import SamplingParams
-from .core import STRATEGIES, Strategy, _given, _policy_names, _remote, build, load_model, register
+from .core import STRATEGIES, Strategy, _given, _nested, _policy_names, _remote, build, load_model, register
 from .parallel import _PARALLEL, _inner
 from .refinement import _TEXT
 from .search import _SEARCH, _step_scorer
@@ -114,8 +114,7 @@ def _compute_optimal(lm, p, s, ctx):
         if name not in STRATEGIES or name == "compute-optimal":
             raise SettingError(f"policy names {name!r}; choose probe or registered strategies "
                                f"(majority, best-of-n, prm-beam, ...)")
-        prefixes = (name + ".", name.replace("-", "_") + ".")
-        own = {k.split(".", 1)[1]: v for k, v in s.items() if k.startswith(prefixes)}
+        own = _nested(s, name, name.replace("-", "_"))
         if "samples" in STRATEGIES[name].settings and "samples" in s:
             own.setdefault("samples", s["samples"])
         inner[name] = build(name, lm, p, own, ctx)
@@ -125,7 +124,7 @@ def _compute_optimal(lm, p, s, ctx):
         name = s["probe_with"]
         if name not in STRATEGIES or name == "compute-optimal":
             raise SettingError(f"probe_with must name a registered strategy other than compute-optimal; got {name!r}")
-        own = {k.split(".", 1)[1]: v for k, v in s.items() if k.startswith("probe_with.")}
+        own = _nested(s, "probe_with")
         pp = p.replace(temperature=float(own.pop("temperature"))) if "temperature" in own else p  # rsd greedy, say
         probe = build(name, lm, pp, own, ctx)
     return ComputeOptimal(probe, ctx.task.extract_answer, inner, policy=policy,

@@ -151,6 +151,12 @@ def _given(s: dict[str, Any], **names: str) -> dict[str, Any]:
     return {arg: s[key] for arg, key in names.items() if key in s}
 
 
+def _nested(s: dict[str, Any], *prefixes: str) -> dict[str, Any]:
+    """The settings given as ``PREFIX.KEY=V`` (``over.samples``, ``best-of-n.samples``,
+    ``probe_with.threshold``), keyed by KEY: those of a strategy built inside another."""
+    return {k.split(".", 1)[1]: v for k, v in s.items() if "." in k and k.split(".", 1)[0] in prefixes}
+
+
 def _bool(v: Any, name: str) -> bool:
     if isinstance(v, bool):
         return v

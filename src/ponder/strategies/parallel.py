@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 from ..errors import SettingError
 from ..params import SamplingParams
-from .core import ALL_ADAPTERS, Context, Strategy, _given, build, register
+from .core import ALL_ADAPTERS, Context, Strategy, _given, _nested, build, register
 from .token_level import _sample
 
 
@@ -20,7 +20,7 @@ def _inner(lm, p, s, ctx):
     strategy refuses what it cannot honour, by name."""
     if "over" not in s:
         return _sample(lm, p, s, ctx)
-    inner = {k[len("over."):]: v for k, v in s.items() if k.startswith("over.")}
+    inner = _nested(s, "over")
     if s["over"] in _NOT_INNER:
         raise SettingError(f"--set over={s['over']}: a parallel method cannot draw its samples from "
                            f"{s['over']}; choose a token-level strategy (sample, beam, speculative, ...)")

@@ -22,6 +22,11 @@ COLUMNS = ("model", "strategy", "setting", "problems", "correct", "accuracy", "c
            "computed_tokens", "flops", "wall_s")
 
 
+def task_label(row: dict[str, Any]) -> str:
+    """A stored row's task as the report names it: ``task/level``, or the task alone."""
+    return f"{row['task']}/{row['level']}" if row["level"] else row["task"]
+
+
 def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     """{task/level: [one summary per (model, strategy, setting)]}, each with the
     per-problem means, and ``frontier`` (``frontier_flops``) True where no other setting
@@ -32,7 +37,7 @@ def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]
     # are never pooled into one accuracy with a falsely narrow interval.
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
-        task = f"{r['task']}/{r['level']}" if r["level"] else r["task"]
+        task = task_label(r)
         groups[(task, r["model_id"], r["config_hash"])].append(r)
     out: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for (task, model_id, chash), rs in groups.items():

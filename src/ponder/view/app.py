@@ -50,7 +50,8 @@ def export(db: str | Path, out: str | Path) -> Path:
 
     store = open_store(db)
     try:
-        data = {**overview(store), "mode": "export", "generations": all_generations(store)}
+        rows = store.rows()  # read once: the overview and every generation come from them
+        data = {**overview(store, rows), "mode": "export", "generations": all_generations(rows)}
     finally:
         store.close()
     out = Path(out)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SettingError
-from ..sweep.report import summarise
+from ..sweep.report import summarise, task_label
 from ..sweep.store import ResultsStore
 
 LIVE = "serve"  # the task of requests `ponder serve --trace-store` kept
@@ -42,10 +42,11 @@ def _setting_label(strategy: str, setting: dict[str, Any], variant: str = "") ->
     return f"{strategy}({inner})" + (f" [{variant}]" if variant else "")
 
 
-def overview(store: ResultsStore) -> dict[str, Any]:
+def overview(store: ResultsStore, rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Everything but the traces: per task the settings (with the report's numbers and
-    frontier flags) and per row what the problems table needs."""
-    rows = store.rows()
+    frontier flags) and per row what the problems table needs. ``rows``: the store's,
+    if the caller has read them already."""
+    rows = store.rows() if rows is None else rows
     summary = summarise(rows)
     tasks: dict[str, Any] = {}
     by_config: dict[tuple[str, str], str] = {}
@@ -68,15 +69,15 @@ def overview(store: ResultsStore) -> dict[str, Any]:
     answers: dict[tuple[str, str], list[str]] = defaultdict(list)
     votes: dict[tuple[str, str], Counter] = defaultdict(Counter)
     for r in rows:
-        task = f"{r['task']}/{r['level']}" if r["level"] else r["task"]
+        task = task_label(r)
         sid = by_config[(task, r["config_hash"], r["model_id"])]
-        meta = _loads(r["meta"], {})
         per_problem[task][r["problem_id"]][sid] = {
             "key": r["key"], "correct": None if task == LIVE else bool(r["correct"]), "answer": r["answer"],
             "generated_tokens": r["generated_tokens"], "has_trace": r["trace"] is not None}
         if r["answer"] is not None:
             answers[(task, r["problem_id"])].append(str(r["answer"]))
-        if r["strategy"] == "majority" and isinstance(meta.get("votes"), dict):
+        meta = _loads(r["meta"], {}) if r["strategy"] == "majority" else {}  # only majority's votes are read
+        if isinstance(meta.get("votes"), dict):
             votes[(task, r["problem_id"])].update({str(a): int(v) for a, v in meta["votes"].items()
                                                   if isinstance(v, (int, float))})
     for task, problems in per_problem.items():
@@ -112,14 +113,19 @@ def generation(store: ResultsStore, key: str) -> dict[str, Any]:
     found = cur.fetchone()
     if found is None:
         raise ViewError(f"no stored generation has the id {key!r}; open the problems table to pick one")
-    r = dict(zip(names, found))
+    return shaped(dict(zip(names, found)))
+
+
+def shaped(r: dict[str, Any]) -> dict[str, Any]:
+    """A stored row (``ResultsStore.rows``) shaped for the page: its trace read and
+    told apart (tree, samples, tokens, or a shape this ponder does not draw)."""
     try:
         trace = ResultsStore.trace(r)
     except Exception as e:  # a damaged row: say so, keep the rest of the page
         trace, damaged = None, f"its trace could not be read ({type(e).__name__}: {e})"
     else:
         damaged = None
-    task = f"{r['task']}/{r['level']}" if r["level"] else r["task"]
+    task = task_label(r)
     out = {"key": r["key"], "task": task, "problem_id": r["problem_id"], "strategy": r["strategy"],
            "setting": _loads(r["setting"], {}), "model": r["model"], "answer": r["answer"],
            "correct": None if task == LIVE else bool(r["correct"]), "score": r["score"], "text": r["text"],
@@ -174,7 +180,6 @@ def _path_to(tree: dict[str, Any], node_id: Any) -> list[int]:
     return []
 
 
-def all_generations(store: ResultsStore) -> dict[str, Any]:
-    """Every row with its trace (for the exported file)."""
-    keys = [k for (k,) in store.conn.execute("SELECT key FROM results ORDER BY rowid")]
-    return {k: generation(store, k) for k in keys}
+def all_generations(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Every row shaped for the page, by key (for the exported file)."""
+    return {r["key"]: shaped(r) for r in rows}
