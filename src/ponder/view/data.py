@@ -3,7 +3,8 @@ numbers of `ponder report`), one row per (problem, setting), and each row's trac
 Plain data (JSON-able dicts), so the served page and the exported file show the same.
 
 A trace is one of the shapes ponder writes: a step-level search's tree (a dict with
-``children``), or a parallel method's samples (a list of ``{text, score, usage, meta}``).
+``children``), a parallel method's samples (a list of ``{text, score, usage, meta}``),
+or a token-level row's tokens (``{tokens: [{t, lp, top?}], rounds?}``).
 Anything else (a trace from an older ponder) is returned as it is, marked
 ``"kind": "unknown"``, and the page shows it raw with a note instead of failing.
 """
@@ -21,7 +22,6 @@ from ..sweep.report import summarise, task_label
 from ..sweep.store import ResultsStore
 
 LIVE = "serve"  # the task of requests `ponder serve --trace-store` kept
-TRACE_VERSION = 1  # what this page reads; a store's rows carry no version, so shapes are checked
 
 
 class ViewError(SettingError):
@@ -73,7 +73,7 @@ def overview(store: ResultsStore, rows: list[dict[str, Any]] | None = None) -> d
         sid = by_config[(task, r["config_hash"], r["model_id"])]
         per_problem[task][r["problem_id"]][sid] = {
             "key": r["key"], "correct": None if task == LIVE else bool(r["correct"]), "answer": r["answer"],
-            "generated_tokens": r["generated_tokens"], "has_trace": r["trace"] is not None}
+            "generated_tokens": r["generated_tokens"]}
         if r["answer"] is not None:
             answers[(task, r["problem_id"])].append(str(r["answer"]))
         meta = _loads(r["meta"], {}) if r["strategy"] == "majority" else {}  # only majority's votes are read
