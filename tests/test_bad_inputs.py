@@ -179,9 +179,12 @@ def test_constrained_output_cut_by_max_tokens_says_so(capsys):
 def test_ctrl_c_exits_130_with_one_line():
     p = subprocess.Popen([sys.executable, "-m", "ponder.cli", "eval", "--strategy", "majority", "--samples", "16",
                           "--temperature", "0.7"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(6)  # past imports and model loading, into the evaluation
+    # wait for the line eval prints as the evaluation starts (no clock: a fast machine must not finish first)
+    first = p.stderr.readline()
+    assert "0/500 problems" in first, first
     p.send_signal(signal.SIGINT)
-    out, err = p.communicate(timeout=60)
+    out, rest = p.communicate(timeout=60)
+    err = first + rest
     assert p.returncode == 130, (p.returncode, err[-500:])
     assert "Traceback" not in err and "interrupted" in err
 

@@ -247,6 +247,22 @@ def generate(
         print(g.text)
 
 
+def _logged_progress(what: str, total: int, advance, live: bool):
+    """The progress callback: a live bar on a terminal; elsewhere (logs, CI, a pipe) one line per
+    finished chunk on stderr, and a first line as the evaluation starts, which a supervisor can wait on."""
+    if live:
+        return advance
+    done = 0
+    print(f"{what}: 0/{total} problems", file=sys.stderr, flush=True)
+
+    def progress(k: int) -> None:
+        nonlocal done
+        done += k
+        advance(k)
+        print(f"{what}: {done}/{total} problems", file=sys.stderr, flush=True)
+    return progress
+
+
 @app.command("eval")
 @with_sampling_params(defaults={"max_tokens": 160, "seed": 0}, exclude=("n", "logprobs"))
 def eval_cmd(
@@ -314,11 +330,13 @@ def eval_cmd(
 
     shown_level = level or getattr(t, "default_level", None) or ("hard" if t.name == "arith" else "")
     label = f"{t.name}/{shown_level}" if shown_level else t.name
+    console = Console(stderr=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  transient=True, console=Console(stderr=True)) as bar:
+                  transient=True, console=console) as bar:
         job = bar.add_task(f"{strategy} on {label}", total=len(problems))
-        res = evaluate(t, gen, problems, chunk=chunk, seed=params.seed, prm=prm_model,
-                       on_progress=lambda k: bar.advance(job, k))
+        on_progress = _logged_progress(f"{strategy} on {label}", len(problems), lambda k: bar.advance(job, k),
+                                       console.is_terminal)
+        res = evaluate(t, gen, problems, chunk=chunk, seed=params.seed, prm=prm_model, on_progress=on_progress)
     res = {"task": t.name, "level": shown_level, "model": lm.name, "strategy": strategy,
            "settings": {**params.to_dict(), **{k: v for k, v in settings.items() if v is not None}},
            "seed": params.seed, **res}
