@@ -202,3 +202,21 @@ def test_help_lists_the_flags_derived_from_sampling_params(capsys):
         for f in fields(SamplingParams):
             if f.name not in skip:
                 assert "--" + f.name.replace("_", "-") in flat, (cmd, f.name)
+
+
+@pytest.mark.parametrize("args, flag", [
+    (("eval", "--level", "nope"), "--level"),
+    (("eval", "--task", "nonexistent"), "--task"),
+    (("eval", "--seed", "-1"), "--seed"),
+    (("generate", "Q: 1+1\n", "--n", "0"), "--n"),
+    (("generate", "Q: 1+1\n", "--strategy", "sample", "--top-k", "-1"), "--top-k"),
+    (("eval", "--strategy", "prm-beam", "--reward-model", "arith-reward", "--set", "beam_width=0"), "--set beam_width"),
+    (("eval", "--strategy", "prm-beam", "--reward-model", "arith-reward", "--set", "samples=0"), "--samples"),
+    (("eval", "--strategy", "majority", "--set", "samples=-2"), "--samples"),
+    (("eval", "--strategy", "rebase", "--reward-model", "arith-reward", "--set", "scorer=nope"), "--set scorer"),
+])
+def test_an_error_names_the_flag_to_change(capsys, args, flag):
+    """A setting's error names the flag that sets it, not only the library's name for it."""
+    code, _, err = run(capsys, *args)
+    lines = [x for x in err.strip().splitlines() if x.strip()]
+    assert code == 2 and len(lines) == 1 and flag in lines[0] and "Traceback" not in err, err

@@ -138,6 +138,30 @@ def test_logprob_tokens_agree_with_the_text_and_offsets(srv):
     assert lp["text_offset"] == [len("".join(lp["tokens"][:i])) for i in range(len(lp["tokens"]))]
 
 
+def test_the_chosen_token_is_in_its_own_top_list_at_the_end_of_text(srv):
+    """Greedy to EOS with 2 alternatives: at every position, the listed token is a key of its
+    own top list with its logprob (EOS is listed as '' in both), in both APIs, streamed or not."""
+    body = {"prompt": Q, "max_tokens": 80, "logprobs": 2, "temperature": 0}
+    c = httpx.post(srv.url + "/completions", json=body).json()["choices"][0]
+    lp = c["logprobs"]
+    assert c["finish_reason"] == "stop" and lp["tokens"][-1] == ""
+    for tok, val, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+        assert tok in top and abs(top[tok] - val) < 1e-5, (tok, top)
+    chat = {"messages": [{"role": "user", "content": Q}], "max_tokens": 80, "logprobs": True, "top_logprobs": 2,
+            "temperature": 0}
+    for stream in (False, True):
+        if stream:
+            with httpx.stream("POST", srv.url + "/chat/completions", json={**chat, "stream": True}) as r:
+                events = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
+            content = [e for ev in events for ch in ev["choices"] for e in ((ch.get("logprobs") or {}).get("content")
+                                                                             or [])]
+        else:
+            content = httpx.post(srv.url + "/chat/completions", json=chat).json()["choices"][0]["logprobs"]["content"]
+        assert content
+        for e in content:
+            assert e["token"] in [t["token"] for t in e["top_logprobs"]], (stream, e)
+
+
 def test_a_prompt_too_long_for_its_max_tokens_is_a_400(srv):
     ctx = httpx.get(srv.url + "/models").json()["data"][0]["max_model_len"]
     prompt = "Q: " + "1+" * 200 + "1\n"
@@ -237,3 +261,19 @@ def test_shutdown_answers_503_and_ends_streams_with_an_error_event():
         assert s.proc.wait(15) is not None
     finally:
         s.stop()
+
+
+def test_errors_name_the_field_the_request_sent(srv):
+    """A strategy setting is named as sent (ponder.settings.samples, not the generator's n);
+    max_completion_tokens is named as sent (not max_tokens, which the request did not send)."""
+    body = {"prompt": Q, "ponder": {"strategy": "prm-beam", "settings": {"samples": 0}}}
+    r = httpx.post(srv.url + "/completions", json=body)
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "ponder.settings.samples", r.text
+    assert err["message"].startswith("ponder.settings.samples must be"), r.text
+    for v in (-3, 0, "x"):
+        r = httpx.post(srv.url + "/chat/completions", json={"messages": [{"role": "user", "content": Q}],
+                                                            "max_completion_tokens": v})
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["param"] == "max_completion_tokens", r.text
+        assert "max_completion_tokens" in err["message"] and "max_tokens " not in err["message"], r.text

@@ -604,13 +604,37 @@ def main(argv: list[str] | None = None) -> None:
             print(f"error: {where}{msg}", file=sys.stderr)
         sys.exit(2)
     except (CliError, SettingError, InvalidLogitsError, AccessError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        flag = _flag_for(argv, getattr(e, "setting", None))
+        where = f"{flag}: " if flag and flag.split(" ")[0] not in str(e) else ""
+        print(f"error: {where}{e}", file=sys.stderr)
         sys.exit(2)
     except BackendError as e:  # a server failed after the bounded retries: not the user's input
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except BrokenPipeError:
         sys.exit(0)
+
+
+def _flag_for(argv: list[str] | None, setting: str | None) -> str | None:
+    """The command-line flag that sets ``setting`` in the command being run (``--top-k``,
+    ``--level``), or ``--set NAME`` for a strategy's own setting; None when it has none."""
+    if not setting:
+        return None
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        import typer.main
+
+        group = typer.main.get_command(app)
+        cmd = next((group.commands[a] for a in args if a in getattr(group, "commands", {})), None)
+    except Exception:  # naming the flag is a courtesy; the error itself is printed regardless
+        return None
+    if cmd is None:
+        return None
+    opts = {o for p in cmd.params for o in getattr(p, "opts", [])}
+    flag = "--" + setting.replace("_", "-")
+    if flag in opts:
+        return flag
+    return f"--set {setting}" if "--set" in opts else None
 
 
 if __name__ == "__main__":

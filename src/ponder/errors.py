@@ -8,7 +8,14 @@ from __future__ import annotations
 
 
 class SettingError(ValueError):
-    """A setting or input is outside its legal range (the message says what to change)."""
+    """A setting or input is outside its legal range (the message says what to change).
+    ``setting``: the name of the setting at fault, as the library spells it (``samples``,
+    ``top_k``, ``level``), so that each surface can name it as its user wrote it: the
+    command line's flag, a sweep file's key, the server's request field."""
+
+    def __init__(self, message: str = "", setting: str | None = None) -> None:
+        super().__init__(message)
+        self.setting = setting
 
 
 class CheckpointError(SettingError):

@@ -113,14 +113,14 @@ class SamplingParams:
                 try:
                     v = tuple(v)
                 except TypeError:
-                    raise SettingError(f"{name} must be a list; got {v!r}") from None
+                    raise SettingError(f"{name} must be a list; got {v!r}", name) from None
             object.__setattr__(self, name, v)
         if self.logit_bias is None:
             object.__setattr__(self, "logit_bias", {})
         for f in fields(self):
             v = getattr(self, f.name)
             if not f.metadata["ok"](v):
-                raise SettingError(f"{f.name} must be {f.metadata['legal']}; got {v!r}")
+                raise SettingError(f"{f.name} must be {f.metadata['legal']}; got {v!r}", f.name)
         if not self.mirostat and (self.mirostat_tau != 5.0 or self.mirostat_eta != 0.1):
             raise SettingError("mirostat_tau and mirostat_eta need mirostat 1 or 2")
 
@@ -129,7 +129,7 @@ class SamplingParams:
         for name, ids in (("logit_bias", list(self.logit_bias)), ("stop_token_ids", list(self.stop_token_ids))):
             bad = [t for t in ids if t >= vocab_size]
             if bad:
-                raise SettingError(f"{name} token ids must be in [0, {vocab_size}); got {bad[0]}")
+                raise SettingError(f"{name} token ids must be in [0, {vocab_size}); got {bad[0]}", name)
 
     # -- what was set ----------------------------------------------------------------------
     @staticmethod

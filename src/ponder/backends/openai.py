@@ -139,6 +139,15 @@ class _LoopState:
     seeded_tokens: int = 0  # prompt tokens of seeded requests in flight
 
 
+def _causes(errors: list[str]) -> str:
+    """The distinct causes of a request's failed attempts, each once, with its count:
+    "ConnectError ... (6 times)", not the same line six times."""
+    seen: dict[str, int] = {}
+    for e in errors:
+        seen[e] = seen.get(e, 0) + 1
+    return "; ".join(e if k == 1 else f"{e} ({k} times)" for e, k in list(seen.items())[-4:])
+
+
 def _retry_after(headers: Any) -> float | None:
     try:
         v = float(headers.get("retry-after", ""))
@@ -419,23 +428,23 @@ class OpenAILM:
                             data = r.json() if r.status_code == 200 else None
                         except (httpx.TransportError, httpx.DecodingError) as e:
                             rep.failed()
-                            errors.append(f"{rep.url}: {type(e).__name__} {e}".strip())
+                            errors.append(f"{self._where(rep)}{type(e).__name__} {e}".strip())
                             raise _Retry(errors[-1]) from None
                         except ValueError as e:  # a 200 whose body is not JSON
                             rep.failed()
-                            errors.append(f"{rep.url}: malformed JSON ({e})")
+                            errors.append(f"{self._where(rep)}malformed JSON ({e})")
                             raise _Retry(errors[-1]) from None
                         finally:
                             rep.outstanding -= 1
                         if r.status_code in RETRY_STATUS:
                             rep.failed()
-                            errors.append(f"{rep.url}: {r.status_code} {_error_text(r)}")
+                            errors.append(f"{self._where(rep)}{r.status_code} {_error_text(r)}")
                             raise _Retry(errors[-1], _retry_after(r.headers))
                         if r.status_code != 200:  # the request itself is wrong: another try cannot help
                             raise BackendError(f"{rep.url}{path} refused the request ({r.status_code}): {_error_text(r)}")
                         if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
                             rep.failed()
-                            errors.append(f"{rep.url}: not a completion ({str(data)[:120]})")
+                            errors.append(f"{self._where(rep)}not a completion ({str(data)[:120]})")
                             raise _Retry(errors[-1])
                         rep.succeeded()
                         return data, st.clock.stop(token)
@@ -444,7 +453,12 @@ class OpenAILM:
             finally:
                 st.clock.stop(token)
         raise BackendError(f"{path} to {self.endpoint} failed after {len(errors)} attempt(s) "
-                           f"(at most {self.attempts}, {self.retry_timeout:g} s): " + "; ".join(errors[-4:]))
+                           f"(at most {self.attempts}, {self.retry_timeout:g} s): " + _causes(errors))
+
+    def _where(self, rep: Any) -> str:
+        """A failure's prefix: the replica's URL when there are several (the endpoint, which
+        every message already names, when there is one)."""
+        return f"{rep.url}: " if len(self.replicas) > 1 else ""
 
     def _say_retry(self, state: Any, errors: list[str]) -> None:
         """One log line per retry round: the first request to fail its k-th attempt says
@@ -499,7 +513,7 @@ class OpenAILM:
         changed = params.changed()
         local = [f for f in _LOCAL_ONLY if f in changed]
         if local:
-            raise SettingError(f"{', '.join(local)} need the model's logits, which {self.endpoint} does not give; "
+            raise SettingError(f"{', '.join(local)} {'needs' if len(local) == 1 else 'need'} the model's logits, which {self.endpoint} does not give; "
                                "drop them or run the model in-process (native or transformers backend)")
         if params.temperature > 0 and self.sampling == "none":
             raise SettingError(f"temperature {params.temperature:g}: {self.endpoint} decodes greedily whatever the "

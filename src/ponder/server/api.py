@@ -84,6 +84,7 @@ class Job:
     max_tokens_given: bool = False  # the client chose max_tokens (else it shrinks to what the context leaves)
     best_of: int | None = None  # draw best_of samples, answer the n most likely (completions, as vLLM)
     include_usage: bool = True  # a stream's last chunk carries usage (stream_options.include_usage)
+    max_tokens_field: str = "max_tokens"  # or max_completion_tokens: the field the client sent, named in errors
 
 
 def _int(body: dict, name: str, lo: int, hi: int | None, default: Any = None) -> Any:
@@ -121,11 +122,12 @@ def parse(body: Any, chat: bool, limits: Limits, context: int, served: str, voca
         raise ApiError(404, f"model {model!r} is not served here; this server serves {served!r}", "model")
 
     raw: dict[str, Any] = {k: body[k] for k in _PARAMS if body.get(k) is not None}
+    mt_field = "max_tokens"  # the name the client used, for errors
     if chat and body.get("max_completion_tokens") is not None:
-        raw["max_tokens"] = body["max_completion_tokens"]
+        raw["max_tokens"], mt_field = body["max_completion_tokens"], "max_completion_tokens"
     cap = min(limits.max_tokens, context)
     given = raw.get("max_tokens") is not None
-    mt = _int(raw, "max_tokens", 0, cap, 16 if not chat else min(cap, 512))
+    mt = _int({mt_field: raw.get("max_tokens")}, mt_field, 0, cap, 16 if not chat else min(cap, 512))
     raw["max_tokens"] = mt
     n = _int(raw, "n", 1, limits.max_n, 1)
     best_of = None if chat else _int(body, "best_of", 1, limits.max_n, None)
@@ -153,7 +155,7 @@ def parse(body: Any, chat: bool, limits: Limits, context: int, served: str, voca
                       "logit_bias")
 
     job = Job(prompts=[], params=SamplingParams(), chat=chat, stream=_bool(body, "stream"), model=served)
-    job.max_tokens_given, job.best_of = given, best_of
+    job.max_tokens_given, job.best_of, job.max_tokens_field = given, best_of, mt_field
     so = body.get("stream_options")
     if so is not None:
         if not isinstance(so, dict) or not isinstance(so.get("include_usage", True), bool):
@@ -178,7 +180,7 @@ def parse(body: Any, chat: bool, limits: Limits, context: int, served: str, voca
         raw["logprobs"] = job.top_logprobs
     if mt == 0:
         if not job.echo:
-            raise bad("max_tokens must be >= 1 (0 is for scoring a prompt with echo)", "max_tokens")
+            raise bad(f"{mt_field} must be >= 1 (0 is for scoring a prompt with echo)", mt_field)
         job.score_only, raw["max_tokens"] = True, 1
 
     rf = body.get("response_format")
@@ -285,6 +287,13 @@ def pieces(lm: Any, ids: list[int], text: str) -> list[str]:
     return out
 
 
+def _top(lm: Any, top: dict[int, float], chosen: int, listed: str, as_id: bool) -> dict[str, float]:
+    """One position's top logprobs keyed by token text. The chosen token is keyed as it is
+    listed in ``tokens`` (EOS and a cut stop string as ``''``), so it is found in its own top
+    list; the alternatives keep the vocabulary's spelling."""
+    return {(listed if t == chosen else token_text(lm, t, as_id)): v for t, v in top.items()}
+
+
 def _listed(lm: Any, ids: list[int], text: str, as_id: bool) -> list[str]:
     return [f"token_id:{t}" for t in ids] if as_id else pieces(lm, ids, text)
 
@@ -310,7 +319,7 @@ def completion_logprobs(lm: Any, g: Generation, job: Job, start: int = 0,
         toks.append(s)
         lps.append(g.logprobs[i] if g.logprobs and i < len(g.logprobs) else None)
         top = g.top_logprobs[i] if g.top_logprobs and i < len(g.top_logprobs) else {}
-        tops.append({token_text(lm, t, job.tokens_as_ids): v for t, v in top.items()} if job.top_logprobs else None)
+        tops.append(_top(lm, top, tid, s, job.tokens_as_ids) if job.top_logprobs else None)
         offs.append(pos)
         pos += len(own[i])
     return {"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs}
@@ -322,11 +331,10 @@ def chat_logprobs(lm: Any, g: Generation, job: Job) -> dict[str, Any]:
     for i, tid in enumerate(g.token_ids):
         s = own[i]
         top = g.top_logprobs[i] if g.top_logprobs and i < len(g.top_logprobs) else {}
+        ranked = _top(lm, dict(sorted(top.items(), key=lambda kv: -kv[1])), tid, s, job.tokens_as_ids)
         content.append({"token": s, "logprob": g.logprobs[i] if g.logprobs and i < len(g.logprobs) else None,
                         "bytes": list(s.encode()),
-                        "top_logprobs": [{"token": token_text(lm, t, job.tokens_as_ids), "logprob": v,
-                                          "bytes": list(token_text(lm, t, job.tokens_as_ids).encode())}
-                                         for t, v in sorted(top.items(), key=lambda kv: -kv[1])]})
+                        "top_logprobs": [{"token": k, "logprob": v, "bytes": list(k.encode())} for k, v in ranked.items()]})
     return {"content": content}
 
 

@@ -179,6 +179,11 @@ class Service:
             param = "response_format" if job.constraint and "schema" in str(e).lower() else (
                 "ponder.settings" if job.strategy else None)
             msg = str(e).replace("--strategy", "ponder.strategy").replace("--set ", "ponder.settings.")
+            setting = getattr(e, "setting", None)
+            if job.strategy and setting is not None and setting in settings:  # name the field the request sent
+                param = f"ponder.settings.{setting}"
+                if msg.startswith(setting + " "):
+                    msg = "ponder.settings." + msg
             raise bad(msg, param) from None
         return gen
 
@@ -241,9 +246,10 @@ class Service:
                 raise bad(f"prompt {i} is {len(x)} tokens; the model's context is {self.context} tokens, and generation "
                           "needs room: shorten the prompt", field_)
             if job.max_tokens_given and not job.score_only and len(x) + job.params.max_tokens > self.context:
-                raise bad(f"prompt {i} is {len(x)} tokens and max_tokens is {job.params.max_tokens}: together "
+                mt = job.max_tokens_field
+                raise bad(f"prompt {i} is {len(x)} tokens and {mt} is {job.params.max_tokens}: together "
                           f"{len(x) + job.params.max_tokens}, over the model's context of {self.context} tokens; "
-                          f"lower max_tokens to at most {self.context - len(x)} or shorten the prompt", "max_tokens")
+                          f"lower {mt} to at most {self.context - len(x)} or shorten the prompt", mt)
         return ids
 
     # -- running it ----------------------------------------------------------------------

@@ -53,7 +53,7 @@ def _deepconf_online(lm, p, s, ctx):
 
 def _int_setting(v: Any, name: str) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 20:
-        raise SettingError(f"{name} must be an integer in [1, 20]; got {v!r}")
+        raise SettingError(f"{name} must be an integer in [1, 20]; got {v!r}", name)
     return v
 
 

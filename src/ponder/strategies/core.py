@@ -109,7 +109,11 @@ def build(name: str, lm: Any, params: SamplingParams | None = None, settings: di
     if unknown:
         legal = ", ".join(sorted(st.settings)) or "no settings of its own"
         raise SettingError(f"--strategy {name} does not take {', '.join(unknown)}; it takes {legal}")
-    gen = st.factory(lm, params, settings, ctx)
+    given = _Settings(settings)
+    try:
+        gen = st.factory(lm, params, given, ctx)
+    except SettingError as e:
+        raise _named(e, given) from None
     gen.strategy = st.name  # one name everywhere: the registry, Generation.meta["strategy"], results
     return gen
 
@@ -146,9 +150,34 @@ def _token_level(lm: Any, p: SamplingParams, s: dict[str, Any], adapters: bool =
     return out
 
 
+class _Settings(dict):
+    """A strategy's settings as its factory reads them, with the renames ``_given`` made
+    (generator argument -> setting), so that an error a generator raises about its
+    argument (``n must be...``) can name the setting the user gave (``samples``)."""
+
+    def __init__(self, *a: Any) -> None:
+        super().__init__(*a)
+        self.renamed: dict[str, str] = {}
+
+
+def _named(e: SettingError, given: _Settings) -> SettingError:
+    """``e`` naming the setting the user gave, by its own name, in ``e.setting``."""
+    if e.setting is not None and e.setting in given:
+        return e
+    msg = str(e)
+    word = msg.split(" ", 1)[0]
+    key = given.renamed.get(word, word if word in given else None)
+    if key is None:
+        return e
+    return SettingError(key + msg[len(word):], key)
+
+
 def _given(s: dict[str, Any], **names: str) -> dict[str, Any]:
     """The settings that were given, renamed to the generator's argument names."""
-    return {arg: s[key] for arg, key in names.items() if key in s}
+    out = {arg: s[key] for arg, key in names.items() if key in s}
+    if isinstance(s, _Settings):
+        s.renamed.update({arg: key for arg, key in names.items() if key in s})
+    return out
 
 
 def _nested(s: dict[str, Any], *prefixes: str) -> dict[str, Any]:
@@ -164,7 +193,7 @@ def _bool(v: Any, name: str) -> bool:
         return v.lower() in ("true", "1", "yes")
     if isinstance(v, int) and v in (0, 1):
         return bool(v)
-    raise SettingError(f"{name} must be true or false; got {v!r}")
+    raise SettingError(f"{name} must be true or false; got {v!r}", name)
 
 
 def load_reward_model(name: Any, role: str = "--reward-model") -> Any:
@@ -230,7 +259,7 @@ def _floats(v: Any, name: str) -> list[float]:
     try:
         return [float(x) for x in items if str(x).strip()]
     except ValueError:
-        raise SettingError(f"{name} must be comma-separated numbers; got {v!r}") from None
+        raise SettingError(f"{name} must be comma-separated numbers; got {v!r}", name) from None
 
 
 def _remote(lm: Any) -> bool:

@@ -25,7 +25,8 @@ def _reward_or_exact(name: str, key: str, s: dict[str, Any], ctx: Context, choic
         if ctx.task is None:
             raise SettingError(f"--strategy {name} with {key}={exact} needs a task (ponder eval --task NAME)")
         return make_exact(ctx.task)
-    raise SettingError(f"{key} must be {reward} (--reward-model) or {exact} (the task's exact checker); got {kind!r}")
+    raise SettingError(f"{key} must be {reward} (--reward-model) or {exact} (the task's exact checker); got {kind!r}",
+                       key)
 
 
 def _step_scorer(name: str, s: dict[str, Any], ctx: Context) -> Any:

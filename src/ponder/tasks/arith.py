@@ -201,9 +201,9 @@ class ArithTask:
     def problems(self, level: str | None = None, limit: int | None = None) -> list[Problem]:
         level = "hard" if level is None else level
         if level not in LEVELS:
-            raise SettingError(f"level must be one of {', '.join(LEVELS)}; got {level!r}")
+            raise SettingError(f"level must be one of {', '.join(LEVELS)}; got {level!r}", "level")
         if limit is not None and (not isinstance(limit, int) or limit < 1):
-            raise SettingError(f"limit must be an integer >= 1; got {limit!r}")
+            raise SettingError(f"limit must be an integer >= 1; got {limit!r}", "limit")
         path = self._data_path(level)
         if path.exists():
             rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]

@@ -85,7 +85,7 @@ class JsonlTask:
                  question_field: str = "question", answer_field: str = "answer", id_field: str = "id",
                  format: str = "gsm8k") -> None:
         if format not in FORMATS:
-            raise SettingError(f"task format must be one of {', '.join(FORMATS)}; got {format!r}")
+            raise SettingError(f"task format must be one of {', '.join(FORMATS)}; got {format!r}", "format")
         if "{question}" not in prompt_template:
             raise SettingError(f"the task's prompt template must contain {{question}}; got {prompt_template!r}")
         self.path = Path(path)
@@ -96,9 +96,9 @@ class JsonlTask:
 
     def problems(self, level: str | None = None, limit: int | None = None) -> list[Problem]:
         if level is not None:
-            raise SettingError(f"a JSONL task has no levels; got level {level!r}")
+            raise SettingError(f"a JSONL task has no levels; got level {level!r}", "level")
         if limit is not None and (not isinstance(limit, int) or limit < 1):
-            raise SettingError(f"limit must be an integer >= 1; got {limit!r}")
+            raise SettingError(f"limit must be an integer >= 1; got {limit!r}", "limit")
         try:
             lines = self.path.read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as e:

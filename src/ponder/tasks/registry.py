@@ -38,11 +38,12 @@ def load_task(name_or_path: str, **options: Any) -> Any:
                                f"{', '.join(JSONL_OPTIONS)}")
         path = Path(name_or_path)
         if not path.is_file():
-            raise SettingError(f"task file {name_or_path} does not exist")
+            raise SettingError(f"task file {name_or_path} does not exist", "task")
         if "prompt" in options:
             options["prompt_template"] = options.pop("prompt")
         return JsonlTask(path, **options)
-    raise SettingError(f"task {name_or_path!r} is unknown; choose one of {', '.join(TASKS)} or give a .jsonl file")
+    raise SettingError(f"task {name_or_path!r} is unknown; choose one of {', '.join(TASKS)} or give a .jsonl file",
+                       "task")
 
 
 def _arith() -> Any:
