@@ -52,6 +52,40 @@ def test_smollm3_nope_layers_match_transformers(tmp_path, tokenizer_file):
     assert g.token_ids == ref
 
 
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_scoring_past_a_sliding_window_is_refused_by_name(tmp_path, tokenizer_file, arch):
+    """Within the window, prompt scoring equals transformers; past it, score, score_ids and the
+    raw forward refuse, naming the window (16), not max_position_embeddings (512)."""
+    import asyncio
+
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    if arch == "mistral":
+        cls, cfg = MistralForCausalLM, MistralConfig(vocab_size=_vocab(tokenizer_file), num_key_value_heads=2,
+                                                     sliding_window=16, **TINY)
+    else:
+        cls, cfg = Qwen2ForCausalLM, Qwen2Config(vocab_size=_vocab(tokenizer_file), num_key_value_heads=2,
+                                                 use_sliding_window=True, sliding_window=16, max_window_layers=0,
+                                                 **TINY)
+    hf = _random(cls, cfg, 9)
+    lm = NativeLM.from_pretrained(str(_save(hf, tmp_path / arch, tokenizer_file)))
+    assert lm.context_length == 16 and lm.context_limit == "sliding_window"
+    ids = [0] + list(range(5, 20))  # 16 tokens: exactly the window
+    got = lm.score_ids(ids[:4], ids[4:])
+    with torch.no_grad():
+        want = hf(torch.tensor([ids])).logits[0].log_softmax(-1)
+    ref = [float(want[i - 1, t]) for i, t in enumerate(ids) if i >= 4]
+    assert max(abs(a - b) for a, b in zip(got, ref)) < 1e-4
+    longer = ids + [21, 22]
+    for call in (lambda: lm.score_ids(longer[:4], longer[4:]),
+                 lambda: asyncio.run(lm.score(lm.decode(longer[1:4]), [lm.decode(longer[4:])])),
+                 lambda: lm.forward(torch.tensor([longer]), None)):
+        with pytest.raises(SettingError, match=r"context of 16 \(sliding_window\)"):
+            call()
+    with pytest.raises(SettingError, match=r"context of 16 \(sliding_window\)"):
+        Greedy(lm, max_tokens=4).generate(list(range(5, 65)))
+
+
 def test_sliding_window_caps_the_context_at_the_window(tmp_path, tokenizer_file):
     from transformers import MistralConfig, MistralForCausalLM
 

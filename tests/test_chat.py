@@ -106,3 +106,31 @@ def test_cli_renders_the_prompt(chat_folder, tmp_path):
     out = subprocess.run([sys.executable, "-m", "ponder.cli", "eval", "-m", "arith", "--chat-template", "auto",
                           "--limit", "3"], capture_output=True, text=True)
     assert out.returncode != 0 and "chat_template" in out.stderr or "does not exist" in out.stderr
+
+
+def test_a_folder_saved_by_transformers_gives_its_chat_template_jinja(tmp_path):
+    """transformers 5 saves the template as chat_template.jinja beside tokenizer_config.json:
+    `--chat-template auto` reads it (and a .jinja file there wins, as in transformers)."""
+    import torch
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    from ponder.backends.native import NativeLM
+
+    path, _ = resolve_model("arith")
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"), eos_token="<|endoftext|>")
+    tok.chat_template = CHATML
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                         max_position_embeddings=128))
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    if not (tmp_path / "chat_template.jinja").is_file():  # an older transformers keeps it in the json
+        pytest.skip("this transformers saves the template inside tokenizer_config.json")
+    assert "chat_template" not in json.loads((tmp_path / "tokenizer_config.json").read_text())
+    lm = NativeLM.from_pretrained(str(tmp_path))
+    tpl = ChatTemplate.load("auto", lm)
+    for msgs in MESSAGES[:2]:
+        assert tpl.render(msgs) == tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert ChatTemplate.load(str(tmp_path)).source == CHATML
+    assert ChatTemplate.load(str(tmp_path / "chat_template.jinja")).source == CHATML

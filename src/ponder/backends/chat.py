@@ -50,6 +50,17 @@ def check_messages(messages: Any, field: str = "messages") -> list[dict[str, str
     return out
 
 
+def _json(f: Path) -> dict[str, Any]:
+    """A JSON object from ``f``; {} when the file is absent."""
+    if not f.is_file():
+        return {}
+    try:
+        out = json.loads(f.read_text())
+    except ValueError as e:
+        raise SettingError(f"{f}: not JSON ({e})") from None
+    return out if isinstance(out, dict) else {}
+
+
 class ChatTemplate:
     """A compiled chat template (or the plain fallback when ``source`` is None)."""
 
@@ -74,15 +85,19 @@ class ChatTemplate:
 
     @classmethod
     def from_folder(cls, folder: str | Path | None) -> "ChatTemplate":
-        """The template of a checkpoint folder's tokenizer_config.json, else the fallback."""
-        f = Path(folder) / "tokenizer_config.json" if folder is not None else None
-        if f is None or not f.is_file():
+        """The template of a checkpoint folder, else the fallback. Read as transformers
+        reads it: ``chat_template.jinja`` (what transformers 4.5x+ saves), then the
+        older ``chat_template.json``, then ``tokenizer_config.json``'s ``chat_template``;
+        the special tokens come from ``tokenizer_config.json``."""
+        if folder is None:
             return cls(None)
-        try:
-            cfg = json.loads(f.read_text())
-        except ValueError as e:
-            raise SettingError(f"{f}: not JSON ({e})") from None
+        folder = Path(folder)
+        cfg = _json(folder / "tokenizer_config.json")
         tpl = cfg.get("chat_template")
+        if (folder / "chat_template.json").is_file():
+            tpl = _json(folder / "chat_template.json").get("chat_template", tpl)
+        if (folder / "chat_template.jinja").is_file():
+            tpl = (folder / "chat_template.jinja").read_text()
         if isinstance(tpl, list):  # named templates: the default one
             tpl = next((t.get("template") for t in tpl if t.get("name") == "default"), None)
         special = {k: (v.get("content") if isinstance(v, dict) else v) for k, v in cfg.items()
@@ -109,15 +124,21 @@ class ChatTemplate:
         else:
             p = Path(spec).expanduser()
         if p.is_dir():
-            p = p / "tokenizer_config.json"
+            tpl = cls.from_folder(p)
+            if tpl.source is None:
+                raise SettingError(f"--chat-template: {p} holds no chat_template (neither chat_template.jinja nor "
+                                   "one in tokenizer_config.json); give a folder that has one, or a Jinja file")
+            return tpl
         if not p.is_file():
             raise SettingError(f"--chat-template: {p} does not exist")
         if p.suffix == ".json":
-            tpl = cls.from_folder(p.parent) if p.name == "tokenizer_config.json" else None
+            tpl = cls.from_folder(p.parent) if p.name in ("tokenizer_config.json", "chat_template.json") else None
             if tpl is None or tpl.source is None:
                 raise SettingError(f"--chat-template: {p} holds no chat_template; give a model's "
                                    "tokenizer_config.json that has one, or a Jinja file")
             return tpl
+        if p.name == "chat_template.jinja":  # with the folder's special tokens
+            return cls(p.read_text(), cls.from_folder(p.parent).special)
         return cls(p.read_text())
 
     def prompt_for(self, text: str) -> str:

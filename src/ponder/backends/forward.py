@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
+from .context import check_context
+
 if TYPE_CHECKING:
     from ..params import SamplingParams
     from ..types import Generation
@@ -75,6 +77,7 @@ class ForwardLM:
     @torch.inference_mode()
     def score_ids(self, prompt_ids: Sequence[int], continuation_ids: Sequence[int]) -> list[float]:
         """Log-probabilities of each continuation token given the prompt."""
+        check_context(self, len(prompt_ids) + len(continuation_ids), "the prompt and continuation to score")
         ids = torch.tensor([list(prompt_ids) + list(continuation_ids)])
         logits = self.forward(ids, None)[0]
         lp = logits.log_softmax(-1)

@@ -235,6 +235,16 @@ class HFLM(ForwardLM):
             return min(limit, int(window)) if window else limit
 
     @property
+    def context_limit(self) -> str:
+        """The config.json key ``context_length`` comes from (said in errors)."""
+        from ..models.config import ModelConfig
+
+        try:
+            return ModelConfig.from_dict(self.config.to_dict()).context_limit
+        except Exception:  # an architecture ponder's reader does not know
+            return "max_position_embeddings"
+
+    @property
     def kv_bytes_per_token(self) -> int:
         cfg = self.config
         heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads

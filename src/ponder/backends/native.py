@@ -19,6 +19,7 @@ from ..models.llama import Transformer
 from ..models.llama_numpy import NumpyLlama
 from ..models.loader import load_tokenizer, load_transformer
 from ..protocols import Access
+from .context import check_context
 from .forward import ForwardLM
 
 
@@ -85,6 +86,11 @@ class NativeLM(ForwardLM):
         return self.cfg.context_length
 
     @property
+    def context_limit(self) -> str:
+        """The config.json key ``context_length`` comes from (said in errors)."""
+        return self.cfg.context_limit
+
+    @property
     def kv_bytes_per_token(self) -> int:
         """KV-cache bytes one token takes over every layer (keys and values)."""
         cfg = self.cfg
@@ -129,6 +135,8 @@ class NativeLM(ForwardLM):
     ):
         """Logits [B, T, V] (float32), or [B, V] at each row's last new token when
         ``last_only``. With ``output_hidden_states`` returns (logits, hidden_states)."""
+        if cache is None and input_ids.shape[1] > self.cfg.context_length:  # a window past which it is wrong
+            check_context(self, int(input_ids.shape[1]), "the input")
         fast = self._fast_for(cache) if not output_hidden_states else None
         if fast is not None:  # no autograd outside torch: no inference-mode context to enter
             return fast.run_torch(input_ids, cache, num_new, last_only)

@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..backends.context import context_limit
 from ..errors import InvalidLogitsError, SettingError
 from ..params import MAX_SEED  # seeds are in [0, MAX_SEED)
 from ..processor import Chain
@@ -190,7 +191,7 @@ def context_budget(lm: Any, prompt_len: int, max_tokens: int) -> int:
     if prompt_len >= ctx:
         raise SettingError(
             f"the prompt has {prompt_len} tokens, but model {getattr(lm, 'name', '')!r} has a context of {ctx} "
-            f"(max_position_embeddings), which must also hold the generated tokens; shorten the prompt "
+            f"({context_limit(lm)}), which must also hold the generated tokens; shorten the prompt "
             f"to at most {ctx - 1} tokens")
     return min(max_tokens, ctx - prompt_len)
 

@@ -74,6 +74,13 @@ class ModelConfig:
         return self.max_position_embeddings
 
     @property
+    def context_limit(self) -> str:
+        """What sets ``context_length``, as config.json names it (said in errors)."""
+        if self.sliding_window is not None and self.sliding_window < self.max_position_embeddings:
+            return "sliding_window"
+        return "max_position_embeddings"
+
+    @property
     def is_reward_model(self) -> bool:
         return self.num_labels > 0
 
