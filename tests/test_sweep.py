@@ -213,6 +213,16 @@ def test_a_read_only_store_is_reported_and_refused_for_sweeping_by_name(tmp_path
         os.chmod(db, 0o444)  # a read-only file in a writable folder
         r = _as_nobody([sys.executable, "-m", "ponder.cli", "report", "--db", str(db), "--out", ""], env)
         assert r.returncode == 0 and "| m | greedy |" in r.stdout, r.stderr
+        assert not list(folder.glob("r.sqlite-*")), list(folder.iterdir())  # no -wal or -shm left beside it
+        os.chmod(db, 0o644)  # a writable store in a read-only folder: report reads it, leaving nothing
+        os.chmod(folder, 0o555)
+        for who in (_as_nobody, lambda cmd, env: subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                                                                   env={**os.environ, **env})):
+            r = who([sys.executable, "-m", "ponder.cli", "report", "--db", str(db), "--out", ""], env)
+            assert r.returncode == 0 and "| m | greedy |" in r.stdout, r.stderr
+        assert not list(folder.glob("r.sqlite-*")), list(folder.iterdir())
+        os.chmod(folder, 0o777)
+        os.chmod(db, 0o444)
         r = _as_nobody([sys.executable, "-m", "ponder.cli", "sweep", str(cfg), "--db", str(db), "--report", ""], env)
         assert r.returncode == 2 and "read-only" in r.stderr and "Traceback" not in r.stderr, r.stderr
         os.chmod(folder, 0o555)  # and a read-only folder: report still reads it

@@ -160,18 +160,28 @@ class ResultsStore:
             raise SettingError(f"--db {self.path} cannot be read (permissions)")
         uri = self.path.resolve().as_uri()
         last: Exception | None = None
-        # mode=ro reads a WAL store where its -shm can be made; immutable=1 where the
-        # folder is read-only too (then nothing may be writing it, which is the case)
-        for opts in ("mode=ro", "immutable=1"):
+        # mode=ro reads a WAL store that a sweep may be writing, but it makes -wal and -shm
+        # files beside the store, which it cannot remove. A store whose file or folder is
+        # read-only (by its permission bits, whoever we are) cannot be being written: it is
+        # opened immutable, which touches nothing. Where mode=ro cannot make its files
+        # (a read-only folder), immutable is tried next.
+        folder = self.path.resolve().parent
+        frozen = not (self.path.stat().st_mode & 0o222) or not (folder.stat().st_mode & 0o222)
+        for opts in (("immutable=1",) if frozen else ("mode=ro", "immutable=1")):
             try:
                 conn = sqlite3.connect(f"{uri}?{opts}", uri=True, timeout=30)
-                self._check_is_store(conn)
-                conn.execute("SELECT count(*) FROM results").fetchone()
-                return conn
-            except SettingError:
-                raise
             except sqlite3.DatabaseError as e:
                 last = e
+                continue
+            try:
+                names = {n for (n,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                conn.execute("SELECT count(*) FROM results").fetchone() if self.TABLES <= names else None
+            except sqlite3.DatabaseError as e:  # e.g. "attempt to write a readonly database": try the next way
+                conn.close()
+                last = e
+                continue
+            self._check_is_store(conn)  # another program's database: refused by name
+            return conn
         raise SettingError(f"--db {self.path} is not a readable ponder results store ({last})")
 
     def close(self) -> None:
