@@ -54,7 +54,7 @@ class Decoding:
         max_tokens. The tokens are then taken as steps take them (stop tokens, stop
         strings in the text, max_tokens, stream events), so outputs equal one step per
         token; where a stop string ends the row inside the call, the tokens after it are
-        dropped (the model computed them: they stay in the bill). False (nothing done)
+        dropped, and billed as one step per token would bill (not at all). False (nothing done)
         when the model's kernel cannot serve the cache."""
         t0 = time.perf_counter()
         row = r.rows[0]
@@ -77,8 +77,12 @@ class Decoding:
             new += toks
             lps += more
         self.peak_rows = max(self.peak_rows, 1)
-        row.computed += len(new) - 1 + (logits is not None)  # every token fed: all but a last that was not
-        for t, lp_t in zip(new, lps):  # as _decode takes a token, one after another
+        # The bill is what one step per token would have computed: each kept token that does
+        # not end the row is fed once. Tokens the call decoded past a stop string are thrown
+        # away and not billed, so a bill does not depend on whether the request happened to
+        # be alone in the batch (only then does this path run).
+        fed = len(new) - 1 + (logits is not None)  # every token fed: all but a last that was not
+        for i, (t, lp_t) in enumerate(zip(new, lps)):  # as _decode takes a token, one after another
             row.ids.append(t)
             row.logprobs.append(lp_t)
             self.steps += 1
@@ -87,7 +91,9 @@ class Decoding:
             if not r.procs.is_identity:
                 r.procs.accept(t_)
             if self._take(r, row, t, len(row.ids) >= r.max_new):
+                fed = i  # the tokens before the one that ended the row
                 break
+        row.computed += fed
         r.wall += time.perf_counter() - t0
         if row.finish is None:
             self._logits = logits
