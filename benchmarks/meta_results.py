@@ -5,7 +5,7 @@ per problem, billed and elapsed (the bill must add up to the elapsed time).
     python benchmarks/meta_results.py [--problems 200] [--n 16] [--threads 1] [--only a,b] [--co-budgets 210,420]
 
 The last line is one JSON object: the rows, and "prm_beam_over_best_of_n_time" (the
-wall time of PRM beam search at N over best-of-N's, in this run).
+wall time of PRM beam search at N over best-of-N's, timed A-B-A-B in this run).
 """
 
 from __future__ import annotations
@@ -17,13 +17,20 @@ import time
 import torch
 
 
-def policy_usage(g) -> dict:
+def policy_usage(g, seen: set | None = None) -> dict:
     """Generated and computed tokens of the policy alone (not the scorers): a search's
-    tree nodes, or, recursively, the generations in a trace."""
+    tree nodes, or, recursively, the generations in a trace, each counted once. A
+    strategy that continues from samples already drawn (compute-optimal's probe, the
+    first vote of what follows it) holds shallow copies of them in its own trace: a copy
+    shares its ``meta`` with the original, which is how it is known and not counted twice."""
+    seen = set() if seen is None else seen
+    if id(g.meta) in seen:
+        return {"generated_tokens": 0, "computed_tokens": 0}
+    seen.add(id(g.meta))
     if "tree" in g.meta:
         return tree_usage(g.meta["tree"])
     if g.trace:
-        parts = [policy_usage(c) for c in g.trace]
+        parts = [policy_usage(c, seen) for c in g.trace]
         return {k: sum(p[k] for p in parts) for k in ("generated_tokens", "computed_tokens")}
     return {"generated_tokens": g.usage.generated_tokens, "computed_tokens": g.usage.computed_tokens}
 
@@ -93,6 +100,23 @@ def adaptive_figures(rows: list[dict]) -> dict:
     return out
 
 
+def interleaved_time_ratio(make_a, make_b, prompts: list[str], rounds: int = 2) -> tuple[float, list, list]:
+    """Wall time of generator A over generator B on the same prompts, timed A-B-A-B in one
+    process (the median of each), so that both see the same machine: two rows timed
+    minutes apart on a shared machine can differ 3x for reasons of their own. Each run
+    gets a fresh generator (``make_*``), so no reward-model cache carries over."""
+    import statistics
+
+    ta, tb = [], []
+    for _ in range(rounds):
+        for make, times in ((make_a, ta), (make_b, tb)):
+            gen = make()
+            t = time.perf_counter()
+            gen.generate_batch(prompts, seed=0)
+            times.append(time.perf_counter() - t)
+    return statistics.median(ta) / statistics.median(tb), ta, tb
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--problems", type=int, default=200)
@@ -100,6 +124,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--only", default="", help="comma-separated strategy names")
+    ap.add_argument("--timing-problems", type=int, default=50, help="problems for the interleaved PRM beam / "
+                    "best-of-N timing")
     ap.add_argument("--dev", type=int, default=60, help="development problems (hard, after the test ones) on which "
                     "compute-optimal fits its policy")
     ap.add_argument("--co-budgets", type=lambda v: [float(x) for x in v.split(",")], default=[210.0, 420.0],
@@ -225,9 +251,19 @@ def main() -> None:
         print(f"{label:18s} {row['n']:3d} {row['accuracy']:8.3f} {lo:6.3f}-{hi:6.3f} {row['generated_per_problem']:9.1f} "
               f"{row['policy_computed_per_problem']:9.1f} {row['scorer_computed_per_problem']:9.1f} "
               f"{row['billed_wall_s_per_problem']:9.3f} {row['elapsed_s_per_problem']:9.3f}", flush=True)
-    by = {r["strategy"]: r for r in rows}
-    ratio = (by["prm-beam"]["elapsed_s_per_problem"] / by["best-of-n"]["elapsed_s_per_problem"]
-             if "prm-beam" in by and "best-of-n" in by else None)
+    ratio = None
+    if not only or {"prm-beam", "best-of-n"} <= only:  # timed interleaved, not from rows minutes apart
+
+        def make(name, own):
+            ctx = strategies.Context(task=task, reward_model=RewardModel.from_pretrained("arith-reward"))
+            return lambda: strategies.build(name, lm, SamplingParams(temperature=args.temperature, max_tokens=160),
+                                            dict(own), ctx)
+
+        sub = prompts[: args.timing_problems]
+        ratio, ta, tb = interleaved_time_ratio(make("prm-beam", {"samples": N, "beam_width": 4}),
+                                               make("best-of-n", {"samples": N}), sub)
+        print(f"PRM beam / best-of-{N} wall time, A-B-A-B on {len(sub)} problems: {ratio:.2f} "
+              f"(PRM beam {', '.join(f'{t:.1f}' for t in ta)} s; best-of-N {', '.join(f'{t:.1f}' for t in tb)} s)")
     from ponder.models.llama_c import cpu_summary
 
     figures = adaptive_figures(rows)
