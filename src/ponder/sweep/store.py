@@ -182,7 +182,7 @@ class ResultsStore:
                 continue
             self._check_is_store(conn)  # another program's database: refused by name
             return conn
-        raise SettingError(f"--db {self.path} is not a readable ponder results store ({last})")
+        raise SettingError(f"--db {self.path} is not a ponder results store, or cannot be read ({last})")
 
     def close(self) -> None:
         self.conn.close()
