@@ -552,8 +552,20 @@ def view(
             _fail(f"--export {export} cannot be written ({e.strerror})")
         print(f"ponder view: wrote {path} ({path.stat().st_size / 1e6:.1f} MB); open it in a browser", file=sys.stderr)
         return
+    import socket
+
     import uvicorn
 
+    try:  # a port already in use: one line that says what to change, not uvicorn's Errno
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as e:
+        import errno
+
+        if e.errno == errno.EADDRINUSE:
+            _fail(f"--port {port}: the port is already in use on {host} (another ponder view?); give another --port")
+        _fail(f"--host {host} --port {port}: cannot listen there ({e.strerror})")
     print(f"ponder view: {db} on http://{host}:{port}/", file=sys.stderr)
     uvicorn.run(create_app(db), host=host, port=port, log_level="warning")
 

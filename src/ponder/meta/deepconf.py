@@ -215,6 +215,7 @@ class OnlineConfidenceVote(GeneratorBase):
         confs = [trace_confidence(g.top_logprobs, self.window, "lowest") for g in warm]
         threshold = sorted(confs, reverse=True)[max(1, math.ceil(self.keep * len(confs))) - 1]
         traces, weights, stops = list(warm), [c if c >= threshold else 0.0 for c in confs], [None] * len(warm)
+        shown = list(confs)  # each trace's confidence (lowest group), for the trace and the page
         stopper = ConfidenceStop(threshold, self.window, self.k, self.eos) if self.in_process else None
         gen = self.policy(stopper)
         why = "max_samples"
@@ -231,9 +232,11 @@ class OnlineConfidenceVote(GeneratorBase):
             traces.append(g)
             stops.append(at)
             c = trace_confidence(g.top_logprobs or [], self.window, "lowest")
+            shown.append(c)
             weights.append(0.0 if at is not None or c < threshold else c)  # a trace shorter than a window too
         answers = [self.extract_answer(g.text) if w > 0 else None for g, w in zip(traces, weights)]
         return weighted_result(traces, answers, weights, Usage.total(g.usage for g in traces), self.strategy,
                                threshold=round(threshold, 6), samples_drawn=len(traces), stopped_by=why,
                                stopped_at=stops, stopped=sum(a is not None for a in stops),
+                               confidence=[round(float(c), 4) if math.isfinite(c) else None for c in shown],
                                stopped_post_hoc=not self.in_process)

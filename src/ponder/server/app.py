@@ -319,13 +319,14 @@ class Service:
         return [None] + [float(x) for x in scored]
 
     async def respond(self, job: Job, outs: list[list[Generation]], ids: list[list[int]]) -> dict[str, Any]:
-        choices, flat = [], []
+        choices, flat, questions = [], [], []
         for pi, gens in enumerate(outs):
             p_text = job.prompts[pi] if isinstance(job.prompts[pi], str) else self.lm.decode(ids[pi])
             p_lps = await self.prompt_logprobs(ids[pi]) if job.echo and job.top_logprobs is not None else None
             for g in gens:
                 i = len(flat)
                 flat.append(g)
+                questions.append(p_text)
                 if job.chat:
                     choice = {"index": i, "message": {"role": "assistant", "content": g.text},
                               "logprobs": chat_logprobs(self.lm, g, job) if job.top_logprobs is not None else None,
@@ -346,7 +347,7 @@ class Service:
             if job.trace and self.traces is not None:
                 task = self.task_for(job)
                 keys = await self.traces.write(out["id"], self.served, job.strategy, job.settings,
-                                               getattr(task, "extract_answer", None), flat)
+                                               getattr(task, "extract_answer", None), flat, questions)
                 for o, k in zip(out["ponder"]["outputs"], keys):
                     o["view_id"] = k  # ponder view --db STORE, then #/g/ID
         return out

@@ -36,16 +36,20 @@ class TraceWriter:
         self.store.add(rows)
 
     async def write(self, response_id: str, model: str, strategy: str, settings: dict[str, Any],
-                    extract: Any, outs: list[Any]) -> list[str]:
-        """Store each output of one response; returns their keys (the view's ids)."""
+                    extract: Any, outs: list[Any], questions: list[str] | None = None) -> list[str]:
+        """Store each output of one response, with the prompt it answered (``questions``,
+        one per output); returns their keys (the view's ids). No answer key: each
+        sample's and path end's answer is kept (``extract``), none is judged."""
         config = {"strategy": strategy, "settings": settings, "source": "serve"}
         chash = digest(canonical(config))
+        judge = (lambda text: (extract(text), None)) if extract is not None else (lambda text: (None, None))
         rows = []
         for i, g in enumerate(outs):
             answer = extract(g.text) if extract is not None else None
             g.meta = {**g.meta, "unjudged": True}
             rows.append(row(f"{response_id}-{i}", chash, config, model, model, "serve", "", strategy, settings,
-                            f"{response_id}-{i}", g, answer, False))
+                            f"{response_id}-{i}", g, answer, False, judge=judge,
+                            question=questions[i] if questions and i < len(questions) else None))
         try:
             await asyncio.get_running_loop().run_in_executor(self.pool, self._write, rows)
         except Exception as e:  # the answer is already computed: keep it, say what was lost

@@ -27,6 +27,9 @@ def task_label(row: dict[str, Any]) -> str:
     return f"{row['task']}/{row['level']}" if row["level"] else row["task"]
 
 
+COSTS = ("generated_tokens", "computed_tokens", "flops", "wall_s")
+
+
 def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     """{task/level: [one summary per (model, strategy, setting)]}, each with the
     per-problem means, and ``frontier`` (``frontier_flops``) True where no other setting
@@ -35,22 +38,36 @@ def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]
     # One row per configuration (its hash covers the seed, the sampling parameters, the
     # settings and the reward model) and model weights: runs that differ in any of them
     # are never pooled into one accuracy with a falsely narrow interval.
-    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
+    groups: dict[tuple[str, str, str], dict[str, Any]] = {}
     for r in rows:
-        task = task_label(r)
-        groups[(task, r["model_id"], r["config_hash"])].append(r)
+        key = (task_label(r), r["model_id"], r["config_hash"])
+        g = groups.get(key)
+        if g is None:
+            g = groups[key] = {**{k: r[k] for k in ("task", "level", "model_id", "config_hash", "model", "strategy",
+                                                     "setting", "config")}, "n": 0, "correct": 0,
+                               **{c: 0.0 for c in COSTS}}
+        g["n"] += 1
+        g["correct"] += r["correct"]
+        for c in COSTS:
+            g[c] += r[c]
+    return summarise_sums(list(groups.values()))
+
+
+def summarise_sums(groups: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """``summarise`` from per-configuration sums (``ResultsStore.summary_rows``: task,
+    level, model_id, config_hash, model, strategy, setting, config, n, correct and the
+    summed costs), so a large store is summarised without reading its rows."""
     out: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for (task, model_id, chash), rs in groups.items():
-        n = len(rs)
-        k = sum(r["correct"] for r in rs)
+    for g in groups:
+        n, k = g["n"], g["correct"]
         lo, hi = wilson_interval(k, n)
-        config = json.loads(rs[0]["config"])
-        out[task].append({
-            "model": rs[0]["model"], "strategy": rs[0]["strategy"], "setting": json.loads(rs[0]["setting"]),
+        config = json.loads(g["config"])
+        out[task_label(g)].append({
+            "model": g["model"], "strategy": g["strategy"], "setting": json.loads(g["setting"]),
             "problems": n, "correct": k, "accuracy": k / n, "ci95": [lo, hi],
-            **{c: sum(r[c] for r in rs) / n for c in ("generated_tokens", "computed_tokens", "flops", "wall_s")},
-            "seed": config.get("seed"), "reward_model": config.get("reward_model"), "model_id": model_id,
-            "config_hash": chash,
+            **{c: g[c] / n for c in COSTS},
+            "seed": config.get("seed"), "reward_model": config.get("reward_model"), "model_id": g["model_id"],
+            "config_hash": g["config_hash"],
         })
     for task, summaries in out.items():
         _name_variants(summaries)

@@ -298,11 +298,13 @@ def sweep(cfg: SweepConfig | Prepared, store: ResultsStore, command: str = "",
             # one seed for every chunk: a problem's output depends on the seed and its prompt only
             outs = gen.generate_batch(prompts, n=1, seed=cfg.seed)
             rows = []
-            for (p, k), gens in zip(part, outs):
+            for (p, k), gens, prompt in zip(part, outs, prompts):
                 g = gens[0]
                 ok = task.check_answer(p, g.text)
+                judge = (lambda text, p=p: (task.extract_answer(text), bool(task.check_answer(p, text))))
                 rows.append(row(k, chash, config, model_name, mid, task.name, level, label, run.setting(), p.id,
-                                g, task.extract_answer(g.text), ok, decode=getattr(lm, "decode", None)))
+                                g, task.extract_answer(g.text), ok, decode=getattr(lm, "decode", None),
+                                question=prompt, gold=p.answer, judge=judge))
                 state["correct"] += ok
                 state["scored"] += 1
             store.add(rows, session)

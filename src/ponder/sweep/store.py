@@ -47,7 +47,9 @@ CREATE TABLE IF NOT EXISTS results (
     wall_s REAL NOT NULL,
     meta TEXT NOT NULL,
     trace BLOB,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    question TEXT,
+    gold TEXT
 );
 CREATE INDEX IF NOT EXISTS results_by_config ON results (config_hash);
 CREATE TABLE IF NOT EXISTS sessions (
@@ -116,11 +118,23 @@ class ResultsStore:
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a commit survives a killed process
             self.conn.executescript(SCHEMA)
+            self._add_new_columns()
         except sqlite3.OperationalError as e:
             raise SettingError(f"--db {self.path} cannot be written ({e}); check its permissions and free "
                                "space, or give another --db") from None
         except sqlite3.DatabaseError as e:
             raise SettingError(f"--db {self.path} is not a ponder results store ({e})") from None
+
+    # columns later ponders added, with their type: a store from an earlier ponder gains them
+    # (empty for its old rows) when it is opened for writing
+    NEW_COLUMNS = {"question": "TEXT", "gold": "TEXT"}
+
+    def _add_new_columns(self) -> None:
+        have = {r[1] for r in self.conn.execute("PRAGMA table_info(results)")}
+        with self.conn:
+            for name, kind in self.NEW_COLUMNS.items():
+                if name not in have:
+                    self.conn.execute(f"ALTER TABLE results ADD COLUMN {name} {kind}")
 
     def _check_writable(self) -> None:
         folder = self.path.parent if str(self.path.parent) else Path(".")
@@ -231,10 +245,9 @@ class ResultsStore:
         """Insert ``rows`` (see ``row``) in one transaction, and count them (and any
         cache hits) against ``session``."""
         with self.conn:
-            self.conn.executemany(
-                "INSERT OR REPLACE INTO results VALUES (:key, :config_hash, :config, :model, :model_id, :task, :level, "
-                ":strategy, :setting, :problem_id, :answer, :correct, :score, :text, :prompt_tokens, :generated_tokens, "
-                ":computed_tokens, :model_calls, :flops, :wall_s, :meta, :trace, :created)", rows)
+            self.conn.executemany(f"INSERT OR REPLACE INTO results ({', '.join(ROW_FIELDS)}) "
+                                  f"VALUES ({', '.join(':' + f for f in ROW_FIELDS)})",
+                                  [{"question": None, "gold": None, **r} for r in rows])
             if session is not None:
                 self.conn.execute("UPDATE sessions SET computed = computed + ?, cached = cached + ? WHERE id = ?",
                                   (len(rows), cached, session))
@@ -256,6 +269,38 @@ class ResultsStore:
         names = [d[0] for d in cur.description]
         return [dict(zip(names, r)) for r in cur]
 
+    def summary_rows(self) -> list[dict[str, Any]]:
+        """One row per (task, level, model, configuration) with the sums ``summarise``
+        needs (``n``, ``correct`` and the cost columns summed): what the report and the
+        view's overview show, computed by SQLite without reading any trace or text."""
+        cur = self.conn.execute(
+            "SELECT task, level, model_id, config_hash, MIN(model) AS model, MIN(strategy) AS strategy, "
+            "MIN(setting) AS setting, MIN(config) AS config, COUNT(*) AS n, SUM(correct) AS correct, "
+            "SUM(generated_tokens) AS generated_tokens, SUM(computed_tokens) AS computed_tokens, "
+            "SUM(flops) AS flops, SUM(wall_s) AS wall_s FROM results "
+            "GROUP BY task, level, model_id, config_hash ORDER BY MIN(rowid)")
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, r)) for r in cur]
+
+    def cells(self, task: str, level: str) -> list[dict[str, Any]]:
+        """What the problems table of one task shows, per stored row: no trace, no text."""
+        cur = self.conn.execute(
+            "SELECT key, model_id, config_hash, problem_id, correct, answer, generated_tokens, strategy, "
+            "CASE WHEN strategy = 'majority' THEN meta END AS meta FROM results WHERE task = ? AND level = ? "
+            "ORDER BY rowid", (task, level))
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, r)) for r in cur]
+
+    def questions(self, task: str, level: str) -> dict[str, tuple[str | None, str | None]]:
+        """{problem id: (question, gold answer)} of one task, where the rows kept them
+        (a store from an older ponder has neither: {})."""
+        try:
+            cur = self.conn.execute("SELECT problem_id, MAX(question), MAX(gold) FROM results WHERE task = ? AND "
+                                    "level = ? GROUP BY problem_id", (task, level))
+        except sqlite3.OperationalError:  # no such column: an older store, opened read-only
+            return {}
+        return {pid: (q, g) for pid, q, g in cur}
+
     def sessions(self) -> list[dict[str, Any]]:
         cur = self.conn.execute("SELECT * FROM sessions ORDER BY id")
         names = [d[0] for d in cur.description]
@@ -267,19 +312,44 @@ class ResultsStore:
         return None if row.get("trace") is None else json.loads(zlib.decompress(row["trace"]))
 
 
+ROW_FIELDS = ("key", "config_hash", "config", "model", "model_id", "task", "level", "strategy", "setting",
+              "problem_id", "answer", "correct", "score", "text", "prompt_tokens", "generated_tokens",
+              "computed_tokens", "model_calls", "flops", "wall_s", "meta", "trace", "created", "question", "gold")
+
+Judge = Callable[[str], "tuple[str | None, bool | None]"]  # a text -> (its answer, right?); None: not judged
+
+
 def row(key: str, config_hash: str, config: dict[str, Any], model: str, model_id: str, task: str, level: str,
         strategy: str, setting: dict[str, Any], problem_id: str, generation: Any, answer: str | None,
-        correct: bool, decode: Callable[[list[int]], str] | None = None) -> dict[str, Any]:
+        correct: bool, decode: Callable[[list[int]], str] | None = None, question: str | None = None,
+        gold: str | None = None, judge: Judge | None = None) -> dict[str, Any]:
     """A store row from one generation. Its trace: a search's tree, a meta-generator's
     samples, or (a token-level generation, given ``decode``) each token's text and
-    log-probability, with the top alternatives where they were asked for."""
+    log-probability, with the top alternatives where they were asked for.
+
+    ``question`` (the prompt) and ``gold`` (the reference answer) are kept beside it, and
+    ``judge`` marks, in the trace, each sample's answer and whether it is right, and
+    each path end of a tree likewise (by the text of its whole path): so a page shows
+    them without knowing the task. The sample the strategy returned is marked
+    ``chosen`` by identity (its tokens are the returned output's), not by its text."""
     u = generation.usage
     trace = None
     if "tree" in generation.meta:
         trace = generation.meta["tree"]
+        if judge is not None:
+            trace = _judged_tree(trace, judge)
     elif generation.trace:
-        trace = [{"text": g.text, "score": g.score, "usage": g.usage.to_dict(), "meta": _jsonable(g.meta)}
-                 for g in generation.trace]
+        trace = []
+        for g in generation.trace:
+            s = {"text": g.text, "score": g.score, "usage": g.usage.to_dict(), "meta": _jsonable(g.meta)}
+            if judge is not None:
+                s["answer"], s["correct"] = judge(g.text)
+                if isinstance(s["meta"].get("tree"), dict):  # a probe's search tree (compute-optimal)
+                    s["meta"]["tree"] = _judged_tree(s["meta"]["tree"], judge)
+            trace.append(s)
+        i = _chosen_index(generation)
+        if i is not None:
+            trace[i]["chosen"] = True
     elif decode is not None and generation.logprobs and len(generation.logprobs) == len(generation.token_ids):
         tops = generation.top_logprobs or [None] * len(generation.token_ids)
         trace = {"tokens": [{"t": decode([t]), "lp": round(float(lp), 5),
@@ -296,7 +366,38 @@ def row(key: str, config_hash: str, config: dict[str, Any], model: str, model_id
             "text": generation.text, "prompt_tokens": u.prompt_tokens, "generated_tokens": u.generated_tokens,
             "computed_tokens": u.computed_tokens, "model_calls": u.model_calls, "flops": float(u.flops),
             "wall_s": float(u.wall_s), "meta": canonical(_jsonable(meta)),
-            "trace": None if trace is None else zlib.compress(canonical(trace).encode(), 6), "created": time.time()}
+            "trace": None if trace is None else zlib.compress(canonical(trace).encode(), 6), "created": time.time(),
+            "question": question, "gold": None if gold is None else str(gold)}
+
+
+def _chosen_index(generation: Any) -> int | None:
+    """Which sample of the trace the strategy returned: the one whose token list *is* the
+    output's (strategies return the chosen sample's tokens), else the first with the same
+    tokens and text; None if the output is none of them (e.g. a refinement's rewrite)."""
+    for i, g in enumerate(generation.trace):
+        if g.token_ids is generation.token_ids:
+            return i
+    for i, g in enumerate(generation.trace):
+        if g.text == generation.text and list(g.token_ids) == list(generation.token_ids):
+            return i
+    return None
+
+
+def _judged_tree(tree: dict[str, Any], judge: Judge) -> dict[str, Any]:
+    """A copy of ``tree`` whose path ends (terminal nodes, and leaves a search stopped)
+    carry ``answer`` and ``correct``: the judge's reading of the whole path's text."""
+    import copy
+
+    tree = copy.deepcopy(tree)
+    stack = [(tree, "")]
+    while stack:
+        node, before = stack.pop()
+        text = before + (node.get("step") or "")
+        kids = node.get("children") or []
+        if not kids and node is not tree:  # a path end: judged if it finished, else it has no answer
+            node["answer"], node["correct"] = judge(text) if node.get("terminal") else (None, None)
+        stack.extend((c, text) for c in kids if isinstance(c, dict))
+    return tree
 
 
 def _jsonable(obj: Any) -> Any:

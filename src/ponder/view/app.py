@@ -1,13 +1,13 @@
-"""The server of `ponder view`: the page and, on demand, one generation's trace. Read
-only: the store is opened read-only for each request, so a sweep may go on writing it
-and a reload shows its new rows."""
+"""The server of `ponder view`: the page with the overview, and on demand a task's
+problems and one generation's trace. Read only: the store is opened read-only for each
+request, so a sweep may go on writing it and a reload shows its new rows."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from .data import ViewError, generation, open_store, overview
+from .data import ViewError, everything, generation, open_store, overview, problems
 from .page import error_page, render
 
 
@@ -16,6 +16,18 @@ def create_app(db: str | Path) -> Any:
     from fastapi.responses import HTMLResponse, JSONResponse
 
     app = FastAPI(title="ponder view", docs_url=None, redoc_url=None, openapi_url=None)
+
+    def with_store(read: Callable[[Any], Any]) -> Any:
+        try:
+            store = open_store(db)
+        except ViewError as e:
+            return JSONResponse({"error": str(e)}, status_code=404)
+        try:
+            return JSONResponse(read(store))
+        except ViewError as e:
+            return JSONResponse({"error": str(e)}, status_code=404)
+        finally:
+            store.close()
 
     @app.get("/", response_class=HTMLResponse)
     def index() -> Any:
@@ -28,30 +40,28 @@ def create_app(db: str | Path) -> Any:
         finally:
             store.close()
 
+    @app.get("/api/problems/{task:path}")
+    def task_problems(task: str) -> Any:
+        def read(store: Any) -> Any:
+            tasks = overview(store)["tasks"]
+            if task not in tasks:
+                raise ViewError(f"the store has no task {task!r}; its tasks: {', '.join(tasks) or 'none'}")
+            return problems(store, task, tasks[task]["settings"])
+        return with_store(read)
+
     @app.get("/api/generation/{key}")
     def one(key: str) -> Any:
-        try:
-            store = open_store(db)
-        except ViewError as e:
-            return JSONResponse({"error": str(e)}, status_code=404)
-        try:
-            return JSONResponse(generation(store, key))
-        except ViewError as e:
-            return JSONResponse({"error": str(e)}, status_code=404)
-        finally:
-            store.close()
+        return with_store(lambda store: generation(store, key))
 
     return app
 
 
 def export(db: str | Path, out: str | Path) -> Path:
-    """The page with every generation inline: one file that opens from disk."""
-    from .data import all_generations
-
+    """The page with every problem and generation inline (compressed): one file that
+    opens from disk."""
     store = open_store(db)
     try:
-        rows = store.rows()  # read once: the overview and every generation come from them
-        data = {**overview(store, rows), "mode": "export", "generations": all_generations(rows)}
+        data = {**everything(store), "mode": "export"}
     finally:
         store.close()
     out = Path(out)
