@@ -372,10 +372,12 @@ def row(key: str, config_hash: str, config: dict[str, Any], model: str, model_id
 
 def _chosen_index(generation: Any) -> int | None:
     """Which sample of the trace the strategy returned: the one whose token list *is* the
-    output's (strategies return the chosen sample's tokens), else the first with the same
-    tokens and text; None if the output is none of them (e.g. a refinement's rewrite)."""
-    for i, g in enumerate(generation.trace):
-        if g.token_ids is generation.token_ids:
+    output's (strategies return the chosen sample's tokens), the last such (compute-
+    optimal's trace ends with what its policy ran, which may have chosen the probe it
+    continued from: that is the probe's list too), else the first with the same tokens
+    and text; None if the output is none of them (e.g. a refinement's rewrite)."""
+    for i in range(len(generation.trace) - 1, -1, -1):
+        if generation.trace[i].token_ids is generation.token_ids:
             return i
     for i, g in enumerate(generation.trace):
         if g.text == generation.text and list(g.token_ids) == list(generation.token_ids):
