@@ -348,6 +348,9 @@ def test_traces_of_served_requests_open_in_the_view(browser, tmp_path):
     _open(browser, html.as_uri() + f"#/g/{out['view_id']}")
     assert len(browser.find_elements("css selector", "#tree g.node")) == len(_nodes(ResultsStore.trace(row)))
     assert "not judged" in browser.find_element("css selector", "table.summary").text
+    # the served prompt is kept with the trace and shown as the question
+    assert row["question"] == "Q: 3+4-2+8-1\n"
+    assert browser.find_element("css selector", "#question pre").get_attribute("textContent") == row["question"]
     _open(browser, html.as_uri())
     assert not browser.find_elements("css selector", ".frontier-svg")  # no accuracy to plot
     assert "served with trace" in browser.find_element("id", "app").text
