@@ -348,3 +348,28 @@ def test_the_plot_labels_sizes_and_separates_coinciding_points(tmp_path):
         st.add(rows)
         (path,) = plot(summarise(st.rows()), tmp_path / "out")
     assert path.stat().st_size > 10_000
+
+
+def test_the_readme_table_is_written_from_the_store(tmp_path):
+    """scripts/readme-table.py writes the table between the README's markers from the store
+    alone (one row per setting, as the report), and --check says when a hand edit strays."""
+    cfg = tmp_path / "sweep.toml"
+    cfg.write_text(SWEEP)
+    db = tmp_path / "r.sqlite"
+    assert subprocess.run(_sweep_cmd(cfg, db), capture_output=True, timeout=600).returncode == 0
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\n<!-- sweep-table -->\nold\n<!-- /sweep-table -->\n\nafter\n")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "readme-table.py"
+    run = [sys.executable, str(script), "--db", str(db), "--readme", str(readme), "--config", str(cfg)]
+    assert subprocess.run(run, capture_output=True, text=True).returncode == 0
+    text = readme.read_text()
+    rows = [x for x in text.splitlines() if x.startswith("| ") and not x.startswith("| strategy")]
+    with ResultsStore(db) as s:
+        summary = summarise(s.rows())["arith/hard"]
+    assert len(rows) == len(summary) == 3 and "old" not in text and text.endswith("after\n")
+    for srow in summary:
+        assert any(f"{srow['accuracy']:.3f}" in r and f"{srow['generated_tokens']:.1f}" in r for r in rows)
+    assert [r.split(" | ")[0] for r in rows] == ["| greedy", "| majority", "| majority"]  # the sweep file's order
+    assert subprocess.run(run + ["--check"], capture_output=True).returncode == 0
+    readme.write_text(text.replace(rows[0], rows[0].replace("| greedy", "| greedy (edited)")))
+    assert subprocess.run(run + ["--check"], capture_output=True).returncode == 1

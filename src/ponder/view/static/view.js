@@ -598,7 +598,10 @@
                      dim(n) ? "dim" : "", hit(n) ? "hit" : ""].filter((c) => c).join(" ");
         const fill = par === null ? "#555" : scoreColour(n.score);
         const cap = n.terminal ? "square" : "round";
-        nodes.push(`<g class="${cls}" data-id="${esc(id)}"><path class="halo" d="M${p.x},${p.y}h0"/>` +
+        // a ring only where the node has something to say (chosen, judged, rewritten, found):
+        // half the elements on a big tree
+        const halo = /chosen|right|wrong|rewritten|hit/.test(cls) ? `<path class="halo" d="M${p.x},${p.y}h0"/>` : "";
+        nodes.push(`<g class="${cls}" data-id="${typeof id === "number" ? id : esc(id)}">${halo}` +
                    `<path class="shape" d="M${p.x},${p.y}h0" stroke="${fill}" stroke-linecap="${cap}"/></g>`);
       }
       layer.innerHTML = `<path class="edge" d="${edges.join("")}"/><path class="edge chosen" d="${gold.join("")}"/>` +
