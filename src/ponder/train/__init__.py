@@ -4,6 +4,7 @@
     python -m ponder.train lm --out DIR --hidden 256 --layers 4 --minutes 60
     python -m ponder.train samples --policy DIR --out samples.jsonl --problems 4000
     python -m ponder.train reward --policy DIR --samples samples.jsonl --out DIR --minutes 20
+    python -m ponder.train widen-heads --model arith-reward --head-dim 32 --out DIR
 
 The learning rate follows warm-up then cosine decay. With ``--steps N`` it runs over
 the N steps, so the same command gives the same weights on any machine (the shipped
@@ -64,8 +65,17 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--min-operands", type=int, default=3)
     s.add_argument("--max-operands", type=int, default=6)
     s.add_argument("--digits", default="1,2,2,2")
+    w = sub.add_parser("widen-heads", help="widen a checkpoint's attention heads (same outputs), e.g. to a head "
+                       "size vLLM's CPU attention takes")
+    w.add_argument("--model", required=True, help="a shipped model's name or a checkpoint folder")
+    w.add_argument("--head-dim", type=int, required=True)
+    w.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
+    if args.cmd == "widen-heads":
+        from .widen import cmd_widen
+
+        return cmd_widen(args)
     if args.cmd in ("tokenizer", "lm"):
         from .lm import cmd_tokenizer, train_lm
 
