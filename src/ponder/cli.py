@@ -144,15 +144,16 @@ def _split_sets(params: SamplingParams, sets: dict[str, Any]) -> tuple[SamplingP
 
 
 # -- loading --------------------------------------------------------------------------------
-def _load_reward(name: str | None, flag: str):
+def _load_reward(name: str | None, flag: str, fmt: str | None = None):
+    """A verifier by spec (a shipped name, a folder, hf:FOLDER, URL#MODEL), in ``fmt``."""
     if not name:
         return None
-    from .scoring.reward import RewardModel
+    from .strategies import load_reward_model
 
     try:
-        return RewardModel.from_pretrained(name)
+        return load_reward_model(name, flag, fmt)
     except SettingError as e:
-        _fail(f"{flag}: {e}")
+        _fail(str(e))
 
 
 # -- commands -------------------------------------------------------------------------------
@@ -261,6 +262,53 @@ def _logged_progress(what: str, total: int, advance, live: bool):
         advance(k)
         print(f"{what}: {done}/{total} problems", file=sys.stderr, flush=True)
     return progress
+
+
+REWARD_FORMAT_HELP = ("The verifier's format (ponder, qwen-prm, qwen-orm, math-shepherd, rlhflow, skywork-prm, "
+                      "token-prm, trl-prm, seq-rm); default: what its config.json says. A URL needs it unless its "
+                      "#MODEL is a local folder or shipped name.")
+
+
+@app.command("score")
+def score_cmd(
+    reward_model: str = typer.Option(..., "--reward-model", help="A shipped name, a checkpoint folder, hf:FOLDER, or "
+                                     "URL[,URL]#MODEL (vLLM --runner pooling)."),
+    prompt: str = typer.Option(..., "--prompt", help="The question, as the policy saw it."),
+    completion: str = typer.Option(..., "--completion", help="The solution to score."),
+    reward_format: Optional[str] = typer.Option(None, "--reward-format", help=REWARD_FORMAT_HELP),
+    aggregation: str = typer.Option("min", "--aggregation", help="A process model's one score from its steps: min, "
+                                    "product, last or mean."),
+    raw: bool = typer.Option(False, "--raw", help="Take the texts literally (do not read \\n and \\t as escapes)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object: steps, score, format."),
+) -> None:
+    """Score one solution with a verifier: each step's score and the solution's.
+
+    A process model's score is the aggregation of its steps (min by default); an outcome
+    model gives one score and no steps; ponder's own format gives its outcome score."""
+    from .scoring.base import AGGREGATIONS, aggregate
+
+    if aggregation not in AGGREGATIONS:
+        _fail(f"--aggregation must be one of {', '.join(AGGREGATIONS)}; got {aggregation!r}")
+    if not raw:
+        prompt = prompt.replace("\\n", "\n").replace("\\t", "\t")
+        completion = completion.replace("\\n", "\n").replace("\\t", "\t")
+    if not completion.strip():
+        _fail("--completion is empty: give the solution to score")
+    rm = _load_reward(reward_model, "--reward-model", reward_format)
+    fmt = rm.fmt
+    steps = rm.score_steps(prompt, [completion]).steps[0] if fmt.process else []
+    if fmt.name == "ponder" or not fmt.process:
+        score = rm.score(prompt, [completion]).values[0]
+    else:
+        score = aggregate(steps, aggregation, empty=0.0)
+    if as_json:
+        print(json.dumps({"steps": steps, "score": score, "format": fmt.name,
+                          "aggregation": aggregation if fmt.process and fmt.name != "ponder" else None}))
+        return
+    for k, v in enumerate(steps, 1):
+        print(f"step {k}: {v:.6f}")
+    how = ("outcome" if fmt.name == "ponder" or not fmt.process else aggregation + " of the steps")
+    print(f"score ({how}, {fmt.name} format): {score:.6f}")
 
 
 @app.command("eval")

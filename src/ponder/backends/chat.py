@@ -147,6 +147,14 @@ class ChatTemplate:
         steps so far) then continues the assistant turn."""
         return self.render([{"role": "user", "content": text}], add_generation_prompt=True)
 
+    def render_closed(self, messages: Sequence[dict[str, str]]) -> str:
+        """The whole conversation with every turn closed, the last assistant turn too (as
+        a reward model's card renders what it scores), not continued as ``render`` does."""
+        messages = check_messages(list(messages))
+        if self._template is None:
+            return "".join(m["content"] for m in messages)
+        return self._template.render(messages=messages, add_generation_prompt=False, **self.special)
+
     def render(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
         messages = check_messages(list(messages))
         continue_final = messages[-1]["role"] == "assistant"

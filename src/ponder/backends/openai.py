@@ -389,7 +389,8 @@ class OpenAILM:
         pool = healthy or fresh or self.replicas
         return min(pool, key=lambda r: (r.outstanding, r.down_until, r.served))
 
-    async def _post(self, path: str, body: dict[str, Any]) -> tuple[dict[str, Any], float]:
+    async def _post(self, path: str, body: dict[str, Any], valid: Any = None, what: str = "a completion",
+                    root: bool = False) -> tuple[dict[str, Any], float]:
         """POST to a replica, with bounded retries elsewhere; returns (JSON, the wall
         seconds billed to it: its share of the time, see ``SharedClock``).
         Retries are ``tenacity``'s (exponential backoff with jitter, ``Retry-After``
@@ -424,7 +425,8 @@ class OpenAILM:
                         tried.add(self.replicas.index(rep))
                         rep.outstanding += 1
                         try:
-                            r = await st.client.post(rep.url + path, json=body)
+                            base = rep.url.removesuffix("/v1") if root else rep.url  # vLLM's /pooling is at the root
+                            r = await st.client.post(base + path, json=body)
                             data = r.json() if r.status_code == 200 else None
                         except (httpx.TransportError, httpx.DecodingError) as e:
                             rep.failed()
@@ -441,10 +443,12 @@ class OpenAILM:
                             errors.append(f"{self._where(rep)}{r.status_code} {_error_text(r)}")
                             raise _Retry(errors[-1], _retry_after(r.headers))
                         if r.status_code != 200:  # the request itself is wrong: another try cannot help
-                            raise BackendError(f"{rep.url}{path} refused the request ({r.status_code}): {_error_text(r)}")
-                        if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
+                            raise BackendError(f"{base}{path} refused the request ({r.status_code}): {_error_text(r)}")
+                        ok = (valid(data) if valid is not None
+                              else isinstance(data, dict) and isinstance(data.get("choices"), list))
+                        if not ok:
                             rep.failed()
-                            errors.append(f"{self._where(rep)}not a completion ({str(data)[:120]})")
+                            errors.append(f"{self._where(rep)}not {what} ({str(data)[:120]})")
                             raise _Retry(errors[-1])
                         rep.succeeded()
                         return data, st.clock.stop(token)

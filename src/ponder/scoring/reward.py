@@ -12,6 +12,13 @@ every token; ponder reads it at two kinds of places:
 
 Load it with ``RewardModel.from_pretrained("arith-reward")`` or from any folder in
 this format; transformers loads it too (``AutoModelForTokenClassification``).
+
+Public reward models in other formats (``ponder.scoring.formats``: Qwen2.5-Math-PRM and
+-RM, Math-Shepherd, RLHFlow, Skywork-o1 PRM, PURE and TRL PRMs, sequence RMs) run on the
+same engine: their backbone is a Llama-family transformer, their head (a token or
+sequence classifier, Qwen's Linear-ReLU-Linear, Skywork's value head, or two rows of
+the LM head) is read at the positions the format lays out, and mapped to the score the
+model card computes. The prefix cache and the memo work for every format.
 """
 
 from __future__ import annotations
@@ -47,16 +54,30 @@ class RewardModel:
     MEMO_LIMIT = 500_000  # remembered logits before the memo starts afresh
 
     def __init__(self, model: Transformer, tokenizer, name: str = "reward", prefix_cache: bool = True,
-                 max_cache_bytes: int = 128 * 2**20) -> None:
-        if model.cfg.num_labels > 2:
-            raise SettingError(f"{name} has {model.cfg.num_labels} labels; a reward model has one (a scalar) or two "
-                               "(bad, good)")
-        if not model.cfg.is_reward_model:
-            raise SettingError(f"{name} is not a reward model: its config has no scalar head (num_labels); "
-                               "give a token-classification checkpoint such as arith-reward")
+                 max_cache_bytes: int = 128 * 2**20, fmt: Any = None, head: Any = None, template: Any = None) -> None:
+        from .formats import PONDER, Renderer
+
+        self.fmt = fmt or PONDER
+        if self.fmt is PONDER and head is not None:  # ponder's format on another backbone (hf:)
+            self.renderer = None
+        elif self.fmt is PONDER:
+            if model.cfg.num_labels > 2:
+                raise SettingError(f"{name} has {model.cfg.num_labels} labels; a reward model has one (a scalar) or "
+                                   "two (bad, good)")
+            if not model.cfg.is_reward_model:
+                raise SettingError(f"{name} is not a reward model: its config has no scalar head (num_labels); "
+                                   "give a token-classification checkpoint such as arith-reward, or name its format "
+                                   "with --reward-format")
+            self.renderer = None
+        else:
+            if head is None:
+                raise SettingError(f"{name}: the {self.fmt.name} format needs its head")
+            self.renderer = Renderer(self.fmt, tokenizer, template, context=model.cfg.context_length)
+        self.head = head  # hidden states [B, T, h] -> the head's outputs [B, T, k] (None: the model's own)
+        self.aggregation = "min"  # a process format's one score per solution (its `score`)
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.path: Path | None = None
-        self.eos = model.cfg.eos_ids[0]
+        self.eos = model.cfg.eos_ids[0] if model.cfg.eos_ids else 0
         self.prefix_cache = None
         if prefix_cache:
             from ..engine.prefix_cache import REUSE_BLOCK, RadixCache
@@ -68,17 +89,36 @@ class RewardModel:
         self._lock = threading.Lock()  # searches score from several threads at once
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, dtype: str = "float32") -> "RewardModel":
+    def from_pretrained(cls, name_or_path: str | Path, dtype: str = "float32", fmt: str | None = None) -> "RewardModel":
+        """A shipped reward model or a checkpoint folder, in the format its config.json
+        says (or ``fmt``, a preset's name: ``ponder.scoring.formats.PRESETS``)."""
+        import json
+
         from ..models.registry import resolve_model
+        from .formats import PONDER, detect, preset
 
         path, name = resolve_model(str(name_or_path))
-        rm = cls(load_transformer(path, dtype), load_tokenizer(path), name)
+        try:
+            config = json.loads((Path(path) / "config.json").read_text())
+        except (OSError, ValueError):
+            config = {}
+        f = preset(fmt) if fmt is not None else detect(config, str(path))
+        if f is PONDER:
+            rm = cls(load_transformer(path, dtype), load_tokenizer(path), name)
+        else:
+            model, head = load_backbone_and_head(Path(path), f, dtype)
+            rm = cls(model, load_tokenizer(path), name, fmt=f, head=head, template=_template_of(path, f))
         rm.path = path  # where its weights are (the results store identifies a model by them)
         return rm
 
-    def layout(self, prompt: str, completion: str) -> tuple[list[int], list[int], int]:
-        """Token ids of prompt + completion + EOS, the index of each step's last token,
-        and the index of the EOS (where the outcome score is read)."""
+    def layout(self, prompt: str, completion: str) -> tuple[list[int], list[int], int | None]:
+        """Token ids of the solution as the verifier reads it, the positions of its step
+        scores, and where its outcome score is read (None: a process format aggregates
+        its steps). Ponder's own: prompt + completion + EOS, each step line's last token,
+        the EOS."""
+        if self.renderer is not None:
+            lay = self.renderer.layout(prompt, completion)
+            return lay.ids, lay.steps, lay.outcome
         ids = list(self._encode(prompt, True))
         step_ends = []
         lines = completion.split("\n")
@@ -111,15 +151,35 @@ class RewardModel:
             return out[..., 0].float()
         return (out[..., 1] - out[..., 0]).float()
 
+    def _values(self, h: torch.Tensor) -> torch.Tensor:
+        """[B, T] per-token values from hidden states [B, T, h]: ponder's log-odds (the
+        sigmoid comes when read), or another format's score as its card maps it."""
+        if self.head is None:
+            return self._log_odds(self.model.logits(h))
+        out = self.head(h).float()  # [B, T, k]
+        how = self.fmt.score
+        if how == "sigmoid":
+            return torch.sigmoid(out[..., 0])
+        if how == "raw":
+            return out[..., 0]
+        p = out[..., :2].softmax(-1)
+        if how == "two_way":
+            return p[..., 0]
+        return p[..., 1] - p[..., 0] if how == "p1_minus_p0" else p[..., 1]
+
+    def _final(self, v: float) -> float:
+        return _sigmoid(v) if self.head is None else float(v)
+
     @torch.inference_mode()
     def token_logits(self, seqs: list[list[int]]) -> list[torch.Tensor]:
-        """The head's logit at every token of each sequence (one batch, right-padded)."""
+        """The head's value at every token of each sequence (one batch, right-padded):
+        ponder's log-odds, another format's score."""
         T = max(map(len, seqs))
         ids = torch.full((len(seqs), T), self.eos, dtype=torch.long)
         for i, s in enumerate(seqs):
             ids[i, : len(s)] = torch.tensor(s)
         # Right padding with a causal mask: padding never influences real positions.
-        scores = self._log_odds(self.model.logits(self.model(ids)))
+        scores = self._values(self.model(ids))
         return [scores[i, : len(s)] for i, s in enumerate(seqs)]
 
     def read(self, seqs: list[list[int]], wanted: list[list[int]]) -> tuple[list[dict[int, float]], list[int]]:
@@ -199,7 +259,7 @@ class RewardModel:
         for row, suf in enumerate(suffixes):
             ids[row, : len(suf)] = torch.tensor(suf)
         num_new = torch.tensor([len(x) for x in suffixes])
-        head = self._log_odds(self.model.logits(self.model(ids, cache, num_new)))  # [rows, T]
+        head = self._values(self.model(ids, cache, num_new))  # [rows, T]
         for row, (i, m, _, _) in enumerate(rows):
             s = seqs[i]
             for t in wanted[i]:
@@ -227,15 +287,20 @@ class RewardModel:
                 self.prefix_cache.clear()
 
     def score_completions(self, prompt: str, completions: Sequence[str], batch_size: int = 64) -> list[tuple[float, Usage]]:
-        """Outcome score in [0, 1] for each completion, with what scoring cost."""
+        """One score for each completion, with what scoring cost: the outcome score, or
+        for a process format the ``aggregation`` of its steps (min by default)."""
         out: list[tuple[float, Usage]] = []
         for i in range(0, len(completions), batch_size):
             t0 = time.perf_counter()
             lay = [self.layout(prompt, c) for c in completions[i : i + batch_size]]
             seqs = [ids for ids, _, _ in lay]
-            logits, computed = self.read(seqs, [[end] for _, _, end in lay])
-            for (_, _, end), lg, u in zip(lay, logits, self._bill(seqs, computed, time.perf_counter() - t0)):
-                out.append((float(torch.sigmoid(torch.tensor(lg[end]))), u))
+            wanted = [[end] if end is not None else ends for _, ends, end in lay]
+            logits, computed = self.read(seqs, wanted)
+            for (_, ends, end), lg, u in zip(lay, logits, self._bill(seqs, computed, time.perf_counter() - t0)):
+                if end is not None:
+                    out.append((self._final(lg[end]), u))
+                else:
+                    out.append((aggregate([self._final(lg[e]) for e in ends], self.aggregation, empty=0.0), u))
         return out
 
     def step_scores(self, prompt: str, completions: Sequence[str], batch_size: int = 64) -> list[list[float]]:
@@ -277,9 +342,11 @@ class RewardModel:
             t0 = time.perf_counter()
             lay = [self.layout(prompt, c) for prompt, c in flat[i:j]]
             seqs = [ids for ids, _, _ in lay]
-            # a path's steps end where its prefix's did: earlier steps come from the memo and cache
-            logits, computed = self.read(seqs, [ends for _, ends, _ in lay])
-            steps += [[_sigmoid(lg[e]) for e in ends] for (_, ends, _), lg in zip(lay, logits)]
+            # a path's steps end where its prefix's did: earlier steps come from the memo and cache.
+            # An outcome format scores a partial path as a whole: its one value is its step.
+            reads = [ends if self.fmt.process else ([end] if end is not None else []) for _, ends, end in lay]
+            logits, computed = self.read(seqs, reads)
+            steps += [[self._final(lg[e]) for e in r] for r, lg in zip(reads, logits)]
             usages += self._bill(seqs, computed, time.perf_counter() - t0)
         out, k = [], 0
         for _, cs in requests:
@@ -311,3 +378,192 @@ class ProcessReward:
 
     def score_steps_many(self, requests: Sequence[tuple[str, Sequence[str]]]) -> list[Scores]:
         return self.rm.score_steps_many(requests, aggregation=self.aggregation)
+
+
+def _template_of(path: str | Path, fmt: Any) -> Any:
+    """The checkpoint's chat template, for a format that lays its input out as a chat."""
+    if fmt.layout not in ("chat", "turns"):
+        return None
+    from ..backends.chat import ChatTemplate
+
+    return ChatTemplate.from_folder(path)
+
+
+def split_head(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Take the head's tensors out of a checkpoint's state dict (what is left is the
+    backbone): ``score.*`` (a classifier or Qwen's MLP), ``v_head.*``, ``lm_head.*``."""
+    return {k: sd.pop(k) for k in list(sd) if k.startswith(("score.", "v_head.", "lm_head."))}
+
+
+def make_head(fmt: Any, head_sd: dict[str, torch.Tensor], embed: torch.Tensor, good: int | None, bad: int | None,
+              where: str) -> Any:
+    """The format's head as a function of hidden states [B, T, h] -> outputs [B, T, k]
+    (float32), from the checkpoint's own tensors; a head that does not fit the format is
+    refused, naming both."""
+    import torch.nn.functional as F
+
+    def need(*names: str) -> list[torch.Tensor]:
+        missing = [n for n in names if n not in head_sd]
+        if missing:
+            raise SettingError(f"{where}: the {fmt.name} format reads a head with {', '.join(names)}, and the checkpoint "
+                               f"has no {', '.join(missing)} (its head tensors: {', '.join(sorted(head_sd)) or 'none'}); "
+                               "is this the right --reward-format?", "reward_format")
+        return [head_sd[n].float() for n in names]
+
+    if fmt.head in ("token", "seq"):
+        (w,) = need("score.weight")
+        b = head_sd["score.bias"].float() if "score.bias" in head_sd else None
+        layers = [(w, b)]
+        k = w.shape[0]
+
+        def head(h: torch.Tensor) -> torch.Tensor:
+            return F.linear(h.float(), w, b)
+    elif fmt.head == "mlp":
+        w0, b0, w2, b2 = need("score.0.weight", "score.0.bias", "score.2.weight", "score.2.bias")
+        k = w2.shape[0]
+
+        def head(h: torch.Tensor) -> torch.Tensor:
+            return F.linear(F.relu(F.linear(h.float(), w0, b0)), w2, b2)
+    elif fmt.head == "value":
+        w, b = need("v_head.summary.weight", "v_head.summary.bias")
+        k = w.shape[0]
+
+        def head(h: torch.Tensor) -> torch.Tensor:
+            return F.linear(h.float(), w, b)
+    elif fmt.head == "lm_rows":
+        table = head_sd["lm_head.weight"].float() if "lm_head.weight" in head_sd else embed.float()
+        rows = table[[good, bad]]  # [2, h]: (good, bad), the order the score map reads
+        k = 2
+
+        def head(h: torch.Tensor) -> torch.Tensor:
+            return F.linear(h.float(), rows)
+    else:
+        raise SettingError(f"unknown head kind {fmt.head!r}")
+    if k != fmt.labels and fmt.head != "lm_rows":
+        raise SettingError(f"{where}: its head has {k} output(s); the {fmt.name} format reads {fmt.labels}: is this "
+                           "the right --reward-format?", "reward_format")
+    return head
+
+
+def load_backbone_and_head(path: Path, fmt: Any, dtype: str = "float32") -> tuple[Transformer, Any]:
+    """A public reward model's backbone on ponder's engine (a Llama-family transformer
+    with no head of its own) and its head, for ``fmt``."""
+    import json
+
+    from ..errors import CheckpointError
+    from ..models.config import ModelConfig
+    from ..models.loader import load_state_dict, parse_dtype
+
+    d = json.loads((path / "config.json").read_text())
+    backbone = {**d, "architectures": [_causal_arch(d)], "tie_word_embeddings": True}
+    backbone.pop("num_labels", None)
+    backbone.pop("id2label", None)
+    try:
+        cfg = ModelConfig.from_dict(backbone)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    sd = load_state_dict(path)
+    head_sd = split_head(sd)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to_empty(device="cpu").to(parse_dtype(dtype))
+    try:
+        model.load_hf_state_dict(sd)
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"{path}: the backbone's weights do not fit config.json ({e})") from None
+    model._rope_cache = None
+    model.eval()
+    model.requires_grad_(False)
+    tok = load_tokenizer(path)
+    good = bad = None
+    if fmt.head == "lm_rows":
+        from .formats import Renderer
+
+        r = Renderer.__new__(Renderer)
+        r.fmt, r.tok = fmt, tok
+        good, bad = r._one(fmt.good, "the good label"), r._one(fmt.bad, "the bad label")
+    return model, make_head(fmt, head_sd, model.embed_tokens.weight, good, bad, str(path))
+
+
+def _causal_arch(d: dict[str, Any]) -> str:
+    return {"qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM", "qwen3": "Qwen3ForCausalLM"}.get(
+        d.get("model_type", "llama"), "LlamaForCausalLM")
+
+
+class HFRewardModel(RewardModel):
+    """The same verifier run by transformers (``hf:FOLDER``, extra ``hf``): the backbone
+    is transformers' ``AutoModel`` of the checkpoint (any architecture transformers
+    knows, Qwen3 included), the head and the layout are the format's, as in-process.
+    Whole sequences each time (no KV reuse; the memo still saves repeated positions)."""
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, dtype: str = "float32", fmt: str | None = None) -> "HFRewardModel":
+        import json
+
+        from ..models.config import ModelConfig
+        from ..models.loader import load_state_dict
+        from ..models.registry import resolve_model
+        from .formats import PONDER, detect, preset
+
+        try:
+            from transformers import AutoModel
+        except ImportError:
+            raise SettingError("hf: runs the verifier with transformers, which is not installed: "
+                               "pip install 'ponder[hf]'") from None
+        path, name = resolve_model(str(name_or_path))
+        config = json.loads((Path(path) / "config.json").read_text())
+        f = preset(fmt) if fmt is not None else detect(config, str(path))
+        from transformers.utils import logging as hf_logging
+
+        was = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the head's tensors are "unexpected" to a bare backbone: by design
+        try:
+            backbone = AutoModel.from_pretrained(str(path), dtype=torch.float32 if dtype == "float32" else torch.bfloat16)
+        finally:
+            hf_logging.set_verbosity(was)
+        backbone.eval()
+        head_sd = split_head(load_state_dict(Path(path)))
+        tok = load_tokenizer(path)
+        good = bad = None
+        if f.head == "lm_rows":
+            from .formats import Renderer
+
+            r = Renderer.__new__(Renderer)
+            r.fmt, r.tok = f, tok
+            good, bad = r._one(f.good, "the good label"), r._one(f.bad, "the bad label")
+        fmt_head = PONDER if f is PONDER else f
+        head = make_head(fmt_head, head_sd, backbone.get_input_embeddings().weight.detach(), good, bad, str(path))
+        shim = _HFBackbone(backbone, ModelConfig.from_dict({**config, "architectures": [_causal_arch(config)],
+                                                            "tie_word_embeddings": True, "num_labels": 0}))
+        rm = cls(shim, tok, name, prefix_cache=False, fmt=f, head=head, template=_template_of(path, f))
+        rm.path = path
+        return rm
+
+    def _forward_rows(self, seqs: list[list[int]], wanted: list[list[int]], rows: list[tuple[int, int, Any, Any]],
+                      out: list[dict[int, float]], computed: list[int]) -> None:
+        full = [seqs[i] for i, _, _, _ in rows]
+        T = max(map(len, full))
+        ids = torch.full((len(full), T), self.eos, dtype=torch.long)
+        mask = torch.zeros((len(full), T), dtype=torch.long)
+        for r, sq in enumerate(full):
+            ids[r, : len(sq)] = torch.tensor(sq)
+            mask[r, : len(sq)] = 1
+        with torch.inference_mode():
+            vals = self._values(self.model(ids, attention_mask=mask))
+        for r, (i, _, _, _) in enumerate(rows):
+            sq = seqs[i]
+            for t in wanted[i]:
+                if t not in out[i]:
+                    out[i][t] = float(vals[r, t])
+                    self._memo[tuple(sq[: t + 1])] = out[i][t]
+            computed[i] = len(sq)
+
+
+class _HFBackbone:
+    """transformers' backbone as the reward model calls its model: hidden states [B, T, h]."""
+
+    def __init__(self, model: Any, cfg: Any) -> None:
+        self.hf, self.cfg = model, cfg
+
+    def __call__(self, ids: torch.Tensor, cache: Any = None, num_new: Any = None, attention_mask: Any = None) -> torch.Tensor:
+        return self.hf(input_ids=ids, attention_mask=attention_mask).last_hidden_state

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from ..errors import SettingError
 from ..params import SamplingParams
+from .loading import load_endpoint, load_model, load_reward_model  # noqa: F401  (the loaders, by scheme)
 
 ALL_ADAPTERS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon", "eta", "top_n_sigma", "mirostat",
                 "mirostat_tau", "mirostat_eta")
@@ -194,64 +195,6 @@ def _bool(v: Any, name: str) -> bool:
     if isinstance(v, int) and v in (0, 1):
         return bool(v)
     raise SettingError(f"{name} must be true or false; got {v!r}", name)
-
-
-def load_reward_model(name: Any, role: str = "--reward-model") -> Any:
-    """A shipped reward model or a checkpoint folder; errors name ``role``."""
-    from ..scoring.reward import RewardModel
-
-    if not isinstance(name, str) or not name:
-        raise SettingError(f"{role} must be a reward model name or a checkpoint folder; got {name!r}")
-    try:
-        return RewardModel.from_pretrained(name)
-    except SettingError as e:
-        raise SettingError(f"{role}: {e}") from None
-
-
-def load_endpoint(spec: str, role: str = "--model", **options: Any) -> Any:
-    """``URL[,URL...][#MODEL]``: a model behind OpenAI-compatible servers (replicas),
-    probed for what it gives; a URL ending in ``/chat/completions`` sends chat requests. ``OPENAI_API_KEY`` is sent if set; ``PONDER_TOKENIZER``
-    names the model's tokenizer.json for exact scoring and token counts."""
-    import os
-
-    from ..backends.openai import OpenAILM, parse_endpoint
-    from ..errors import BackendError
-
-    try:
-        urls, model, chat = parse_endpoint(spec)
-        options.setdefault("api_key", os.environ.get("OPENAI_API_KEY") or None)
-        options.setdefault("tokenizer", os.environ.get("PONDER_TOKENIZER") or None)
-        return OpenAILM(urls, model, chat=chat, **options)
-    except (SettingError, BackendError) as e:
-        raise SettingError(f"{role}: {e}") from None
-
-
-def load_model(name: Any, role: str, dtype: str = "float32", **remote: Any) -> Any:
-    """A shipped model, a checkpoint folder (a NativeLM), ``hf:NAME_OR_FOLDER`` (the
-    same run by transformers, an HFLM), or ``http(s)://...`` (an OpenAI-compatible
-    endpoint, ``URL[,URL...][#MODEL]``, with ``remote`` options for OpenAILM); errors
-    say which of the command's models (``role``: --model, --draft-model, ...) it was."""
-    from ..backends.native import NativeLM
-
-    if not isinstance(name, str) or not name:
-        raise SettingError(f"{role} must be a model name or a checkpoint folder; got {name!r}")
-    if dtype not in ("float32", "bfloat16"):
-        raise SettingError(f"--dtype must be one of float32, bfloat16; got {dtype!r}")
-    if name.startswith(("http://", "https://")):
-        return load_endpoint(name, role, **remote)
-    if remote:
-        raise SettingError(f"{role}: {', '.join(sorted(remote))} applies to a remote model (a URL) only")
-    try:
-        if name.startswith("hf:"):  # the same checkpoint run by transformers (extra `hf`)
-            if not name[3:]:
-                raise SettingError("hf: takes a checkpoint folder or a shipped model's name after it "
-                                   "(hf:/path/to/model, hf:arith)")
-            from ..backends.hf import HFLM
-
-            return HFLM.from_pretrained(name[3:], dtype=dtype)
-        return NativeLM.from_pretrained(name, dtype=dtype)
-    except SettingError as e:
-        raise SettingError(f"{role}: {e}") from None
 
 
 def _floats(v: Any, name: str) -> list[float]:
