@@ -373,3 +373,14 @@ def test_the_readme_table_is_written_from_the_store(tmp_path):
     assert subprocess.run(run + ["--check"], capture_output=True).returncode == 0
     readme.write_text(text.replace(rows[0], rows[0].replace("| greedy", "| greedy (edited)")))
     assert subprocess.run(run + ["--check"], capture_output=True).returncode == 1
+
+
+def test_sweep_errors_name_keys_not_flags(tmp_path):
+    """A strategy's error in a sweep file speaks of the file's keys (reward_model, scorer),
+    not the command line's flags."""
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('seed = 0\n[[model]]\nname = "arith"\n[[task]]\nname = "arith"\nlevel = "hard"\nlimit = 2\n'
+                   '[[strategy]]\nname = "prm-beam"\nsamples = 4\n')
+    r = subprocess.run(_sweep_cmd(cfg, tmp_path / "r.sqlite"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "reward_model" in r.stderr and 'scorer = "steps"' in r.stderr, r.stderr
+    assert "--reward-model" not in r.stderr and "--set" not in r.stderr and "--strategy" not in r.stderr

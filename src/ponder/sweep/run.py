@@ -238,12 +238,24 @@ def prepare(cfg: SweepConfig) -> Prepared:
                                            strategies.Context(task=task, reward_model=rm))
                 except (SettingError, TypeError) as e:
                     raise SettingError(f"{where}: [[strategy]] {run.strategy} "
-                                       f"{_setting_text(run.setting())}: {e}") from None
+                                       f"{_setting_text(run.setting())}: {as_sweep_keys(str(e))}") from None
                 config = {"strategy": run.strategy, "params": params.changed(), "settings": run.settings,
                           "seed": cfg.seed, "reward_model": rm_id if run.strategy in _SCORED or "scorer" in run.settings
                           else None}
                 loaded.append((model_name, mid, task, level, problems, run, gen, config, lm))
     return Prepared(cfg, loaded, rm)
+
+
+def as_sweep_keys(msg: str) -> str:
+    """A message written for the command line, in a sweep file's words: its keys, not flags
+    (``--reward-model`` is ``reward_model = ...``, ``--set KEY=V`` is ``KEY = V``)."""
+    import re
+
+    msg = re.sub(r"--strategy ([\w-]+)", r"[[strategy]] \1", msg)
+    msg = msg.replace("--reward-model", "reward_model = \"...\" (top level)")
+    msg = re.sub(r"--set ([\w.]+)=([^\s,;)]+)", r'\1 = "\2"', msg)
+    msg = re.sub(r"--set ([\w.]+)", r"\1", msg)
+    return re.sub(r"--([a-z][a-z-]+)", lambda m: m[1].replace("-", "_"), msg)
 
 
 def _setting_text(setting: dict[str, Any]) -> str:
