@@ -33,9 +33,6 @@ from ..types import Usage
 from .base import Scores, aggregate
 from .formats import PONDER, Layout, RewardFormat, Renderer
 
-_ANSWER_LINE = None  # ponder's layout: see ponder_layout
-
-
 class PoolingServer(OpenAILM):
     """The transport of ``OpenAILM`` (replicas, retries, the shared clock) to a server
     that pools rather than completes: probed by its model list only."""
@@ -66,7 +63,7 @@ class RemoteRewardModel:
     MEMO_LIMIT = 500_000
 
     def __init__(self, urls: str | Sequence[str], model: str | None, fmt: RewardFormat, tokenizer: Any,
-                 template: Any = None, context: int | None = None, **transport: Any) -> None:
+                 template: Any = None, context: int | None = None, eos: int | None = None, **transport: Any) -> None:
         from ..backends.openai import _load_tokenizer
 
         self.fmt = fmt
@@ -75,7 +72,9 @@ class RemoteRewardModel:
         self.endpoint = self.server.endpoint
         self.path = None
         self.tokenizer = _load_tokenizer(tokenizer)
-        self.eos = self.tokenizer.token_to_id("<|endoftext|>") if fmt is PONDER else None
+        self.eos = eos if eos is not None else self.tokenizer.token_to_id("<|endoftext|>")
+        if fmt is PONDER and self.eos is None:
+            raise SettingError(f"the ponder format appends an EOS, and {tokenizer}'s config names none", "reward_model")
         self.renderer = None if fmt is PONDER else Renderer(fmt, self.tokenizer, template, context)
         self.aggregation = "min"
         self._memo: dict[tuple[int, ...], float] = {}
@@ -108,39 +107,47 @@ class RemoteRewardModel:
         try:
             rows = _run(self._post([ids]))[0]
         except BackendError as e:
-            msg = str(e)
+            msg = " ".join(str(e).split())
             hint = ("start vLLM with --runner pooling" if "404" in msg or "Not Found" in msg else
                     "start vLLM with the pooling task the format reads: --pooler-config "
-                    "'{\"task\": \"token_classify\"}' (or classify for seq-rm)" if "task" in msg.lower() else
-                    "check the server's flags for this format (README: Your reward model)")
+                    "'{\"task\": \"token_classify\"}' (or classify for seq-rm)" if "pooling_task" in msg.lower() else
+                    self._flag())
             raise SettingError(f"--reward-model {self.endpoint}#{self.name} refused a {self.fmt.name} scoring request: "
                                f"{hint} ({msg[:200]})", "reward_model") from None
         reads = steps if self.fmt.process else [outcome]
         shape = self._shape(rows, ids, reads)
         return shape
 
+    def _flag(self) -> str:
+        """The server flag this format needs, for a refusal."""
+        if self.fmt is PONDER:
+            return ("start it with --runner pooling and no --pooler-config pooling_type STEP (the ponder format reads "
+                    "every line end and an EOS: ALL pooling)")
+        if self.fmt.marker and self.renderer is not None:
+            return (f"start it with --pooler-config '{{\"pooling_type\": \"STEP\", \"step_tag_id\": "
+                    f"{self.renderer.marker_id}}}' (this tokenizer's id of {self.fmt.marker!r}), or pooling_type ALL")
+        return "start it with --runner pooling (README: Your reward model)"
+
     def _shape(self, rows: Any, ids: list[int], reads: list[int]) -> str:
         """What the server's answer is: a row per token ("all"), a row per marker ("step"),
         or one row for the sequence ("seq"); refused when it does not fit the format."""
-        if rows and not isinstance(rows[0], list):
-            rows = [rows]
-        width = len(rows[0]) if rows and isinstance(rows[0], list) else 0
+        rows = rows if not rows or isinstance(rows[0], list) else [rows]
+        if len(rows) == len(ids):
+            kind = "all"
+        elif self.fmt.marker and len(rows) == len(reads):
+            kind = "step"
+        elif not self.fmt.process and len(rows) == 1:
+            kind = "seq"
+        else:
+            raise SettingError(f"--reward-model {self.endpoint}#{self.name} returned {len(rows)} rows for {len(ids)} "
+                               f"tokens and {len(reads)} read positions: {self._flag()}", "reward_model")
+        width = len(rows[0])
         want = 2 if self.fmt.score in ("softmax1", "p1", "p1_minus_p0") else 1
         if width != want:
-            raise SettingError(f"--reward-model {self.endpoint}#{self.name}: the server's head gives {width} value(s) per "
-                               f"position, and the {self.fmt.name} format reads {want}: check --reward-format, or the "
-                               "server's --hf-overrides / num_labels", "reward_model")
-        if len(rows) == len(ids):
-            return f"all,width={width}"
-        if self.fmt.marker and len(rows) == len(reads):
-            return f"step,width={width}"
-        if not self.fmt.process and len(rows) == 1:
-            return f"seq,width={width}"
-        flag = ("start it without --pooler-config pooling_type STEP (the ponder format reads line ends and an EOS)"
-                if self.fmt is PONDER else f"give it --pooler-config '{{\"pooling_type\": \"STEP\", \"step_tag_id\": "
-                f"{self.renderer.marker_id if self.renderer else 'ID'}}}'")
-        raise SettingError(f"--reward-model {self.endpoint}#{self.name} returned {len(rows)} rows for {len(ids)} tokens "
-                           f"and {len(reads)} read positions: {flag}", "reward_model")
+            raise SettingError(f"--reward-model {self.endpoint}#{self.name}: the server's head gives {width} value(s) "
+                               f"per position, and the {self.fmt.name} format reads {want}: check --reward-format, or "
+                               "the server's --hf-overrides / num_labels", "reward_model")
+        return f"{kind},width={width}"
 
     async def _post(self, seqs: list[list[int]]) -> list[Any]:
         def valid(d: Any) -> bool:

@@ -122,15 +122,9 @@ def _remote_reward(spec: str, fmt: str | None, dtype: str, tokenizer: Any = None
 
         template = ChatTemplate.from_folder(folder)
     options.setdefault("api_key", os.environ.get("OPENAI_API_KEY") or None)
-    rm = RemoteRewardModel(urls, model, f, str(folder), template=template,
-                           context=config.get("max_position_embeddings"), **options)
-    if f.name == "ponder":
-        eos = config.get("eos_token_id")
-        rm.eos = (eos[0] if isinstance(eos, list) else eos) if eos is not None else rm.eos
-        if rm.eos is None:
-            raise SettingError(f"{spec}: the ponder format appends an EOS, and {folder}/config.json names none",
-                               "reward_model")
-    return rm
+    eos = config.get("eos_token_id")
+    return RemoteRewardModel(urls, model, f, str(folder), template=template, context=config.get("max_position_embeddings"),
+                             eos=eos[0] if isinstance(eos, list) else eos, **options)
 
 
 def _hf_reward(spec: str, fmt: str | None, dtype: str, **options: Any) -> Any:
