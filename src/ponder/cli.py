@@ -156,6 +156,11 @@ def _load_reward(name: str | None, flag: str, fmt: str | None = None):
         _fail(str(e))
 
 
+REWARD_FORMAT_HELP = ("The verifier's format (ponder, qwen-prm, qwen-orm, math-shepherd, rlhflow, skywork-prm, "
+                      "token-prm, trl-prm, seq-rm); default: what its config.json says. A URL needs it unless its "
+                      "#MODEL is a local folder or shipped name.")
+
+
 # -- commands -------------------------------------------------------------------------------
 @app.command()
 @with_sampling_params(defaults={"max_tokens": 128})
@@ -168,7 +173,8 @@ def generate(
     early_stopping: bool = typer.Option(False, "--early-stopping", help="Beam search stops once num_beams hypotheses are finished."),
     num_beam_groups: Optional[int] = typer.Option(None, "--num-beam-groups", help="Groups for diverse beam search."),
     diversity_penalty: Optional[float] = typer.Option(None, "--diversity-penalty", help="Diverse beam search penalty (>= 0)."),
-    reward_model: Optional[str] = typer.Option(None, "--reward-model", help="Reward model for reward-guided / smc / best-of-n (e.g. arith-reward)."),
+    reward_model: Optional[str] = typer.Option(None, "--reward-model", help="Reward model for reward-guided / smc / best-of-n: a shipped name (arith-reward), a folder, hf:FOLDER or URL#MODEL (vLLM --runner pooling)."),
+    reward_format: Optional[str] = typer.Option(None, "--reward-format", help=REWARD_FORMAT_HELP),
     json_schema: Optional[str] = typer.Option(None, "--json-schema", help="Constrain the output to this JSON schema (a file path or inline JSON)."),
     regex: Optional[str] = typer.Option(None, "--regex", help="Constrain the output to match this regex."),
     grammar: Optional[str] = typer.Option(None, "--grammar", help="Constrain the output to this Lark grammar file (llguidance dialect)."),
@@ -216,7 +222,7 @@ def generate(
         from .backends.chat import ChatTemplate
 
         prompt = ChatTemplate.load(chat_template, lm).prompt_for(prompt)
-    rm = _load_reward(reward_model, "--reward-model")
+    rm = _load_reward(reward_model, "--reward-model", reward_format)
     gen = strategies.build(strategy, lm, params.replace(n=1, seed=None), settings, strategies.Context(reward_model=rm))
     n, seed = params.n, params.seed
     if as_json:
@@ -262,11 +268,6 @@ def _logged_progress(what: str, total: int, advance, live: bool):
         advance(k)
         print(f"{what}: {done}/{total} problems", file=sys.stderr, flush=True)
     return progress
-
-
-REWARD_FORMAT_HELP = ("The verifier's format (ponder, qwen-prm, qwen-orm, math-shepherd, rlhflow, skywork-prm, "
-                      "token-prm, trl-prm, seq-rm); default: what its config.json says. A URL needs it unless its "
-                      "#MODEL is a local folder or shipped name.")
 
 
 @app.command("score")
@@ -322,7 +323,8 @@ def eval_cmd(
     model: str = typer.Option("arith", "--model", "-m"),
     strategy: str = typer.Option("greedy", "--strategy", "-s", help="greedy | sample | majority | best-of-n ..."),
     samples: Optional[int] = typer.Option(None, "--samples", help="Candidates per problem for majority / best-of-n (default 16)."),
-    reward_model: Optional[str] = typer.Option(None, "--reward-model", help="Reward model for best-of-n (e.g. arith-reward)."),
+    reward_model: Optional[str] = typer.Option(None, "--reward-model", help="Reward model for best-of-n and the searches: a shipped name (arith-reward), a folder, hf:FOLDER or URL#MODEL (vLLM --runner pooling)."),
+    reward_format: Optional[str] = typer.Option(None, "--reward-format", help=REWARD_FORMAT_HELP),
     prm: Optional[str] = typer.Option(None, "--prm", help="Also report this PRM's step-score ROC-AUC on the candidates."),
     chunk: int = typer.Option(0, "--chunk", help="Problems per batch (>= 1; 0 = automatic)."),
     set_: List[str] = typer.Option([], "--set", help="Extra strategy setting KEY=VALUE (repeatable)."),
@@ -368,7 +370,7 @@ def eval_cmd(
         from .tasks.base import FormattedTask
 
         t = FormattedTask(t, ChatTemplate.load(chat_template, lm).prompt_for)
-    rm = _load_reward(reward_model, "--reward-model")
+    rm = _load_reward(reward_model, "--reward-model", reward_format)
     prm_model = rm if prm and prm == reward_model else _load_reward(prm, "--prm")
     gen = strategies.build(strategy, lm, params.replace(seed=None), settings, strategies.Context(task=t, reward_model=rm))
     per = getattr(gen, "n", 1) if "samples" in st.settings else 1
@@ -508,7 +510,8 @@ def serve(
     port: int = typer.Option(8000, "--port", help="TCP port."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="PONDER_API_KEY",
                                           help="Require Authorization: Bearer KEY (or set PONDER_API_KEY)."),
-    reward_model: Optional[str] = typer.Option(None, "--reward-model", help="Reward model the strategies may use (e.g. arith-reward)."),
+    reward_model: Optional[str] = typer.Option(None, "--reward-model", help="Reward model the strategies may use: a shipped name (arith-reward), a folder, hf:FOLDER or URL#MODEL (vLLM --runner pooling)."),
+    reward_format: Optional[str] = typer.Option(None, "--reward-format", help=REWARD_FORMAT_HELP),
     task: Optional[str] = typer.Option("arith", "--task", help="Task whose answer format voting strategies read (ponder.task overrides)."),
     max_tokens: int = typer.Option(4096, "--max-tokens-limit", help="Largest max_tokens a request may ask (also capped by the context)."),
     max_n: int = typer.Option(64, "--max-n", help="Largest number of generations a request may ask or spend: n, and n times a strategy's samples, beams, particles or iterations."),
@@ -531,7 +534,7 @@ def serve(
     lm = strategies.load_model(model, "--model", dtype)
     if not hasattr(lm, "engine") and not hasattr(lm, "vocab_size"):
         _fail("--model: ponder serve runs a model in-process; give a shipped name or a checkpoint folder")
-    rm = _load_reward(reward_model, "--reward-model")
+    rm = _load_reward(reward_model, "--reward-model", reward_format)
     print(f"ponder serve: {lm.name} on http://{host}:{port}/v1", file=sys.stderr)
     run_server(lm, host=host, port=port, reward_model=rm, task=task, api_key=api_key or None,
                limits=Limits(max_tokens=max_tokens, max_n=max_n, max_body_bytes=max_body_bytes,

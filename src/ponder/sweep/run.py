@@ -44,7 +44,7 @@ from ..errors import SettingError
 from ..params import SamplingParams
 from .store import ResultsStore, canonical, digest, row, weights_id
 
-TOP_KEYS = {"seed", "chunk", "reward_model", "model", "task", "strategy", "db", "dtype"}
+TOP_KEYS = {"seed", "chunk", "reward_model", "reward_format", "model", "task", "strategy", "db", "dtype"}
 # name: a shipped model, a folder, hf:folder or URL[,URL][#MODEL]; concurrency and
 # tokenizer: a remote model's request limit and local tokenizer; chat_template: auto or a path
 MODEL_KEYS = {"name", "concurrency", "tokenizer", "chat_template"}
@@ -72,6 +72,7 @@ class SweepConfig:
     chunk: int = 25
     reward_model: str | None = None
     dtype: str = "float32"
+    reward_format: str | None = None  # the verifier's format (a URL's must be named)
     db: str | None = None
     source: dict[str, Any] = field(default_factory=dict)
     where: str = "the sweep"  # the sweep file, for errors
@@ -157,7 +158,18 @@ def parse_config(raw: dict[str, Any], where: str = "the sweep") -> SweepConfig:
     if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
         raise SettingError(f"{where}: chunk (problems per batch) must be an integer >= 1; got {chunk!r}")
     return SweepConfig(models, tasks, runs, seed, chunk, raw.get("reward_model"), raw.get("dtype", "float32"),
-                       raw.get("db"), raw, where)
+                       raw.get("reward_format"), raw.get("db"), raw, where)
+
+
+def verifier_identity(rm: Any, name: str) -> str:
+    """What a result's key says of its verifier: for a local one its weights' hash (and
+    its format, when not ponder's own); for a remote one its server, model, format and
+    what the probe found. Results from different verifiers never mix."""
+    if hasattr(rm, "identity"):
+        return rm.identity()
+    fmt = getattr(getattr(rm, "fmt", None), "name", "ponder")
+    base = model_identity(rm, name)
+    return base if fmt == "ponder" else f"{fmt}:{base}"
 
 
 def model_identity(lm: Any, name: str) -> str:
@@ -197,10 +209,11 @@ def prepare(cfg: SweepConfig) -> Prepared:
 
     where = cfg.where
     try:
-        rm = strategies.load_reward_model(cfg.reward_model) if cfg.reward_model else None
+        rm = (strategies.load_reward_model(cfg.reward_model, "reward_model", cfg.reward_format)
+              if cfg.reward_model else None)
     except SettingError as e:
-        raise SettingError(f"{where}: reward_model = {cfg.reward_model!r}: {e}") from None
-    rm_id = model_identity(rm, cfg.reward_model) if rm is not None else None
+        raise SettingError(f"{where}: {as_sweep_keys(str(e))}") from None
+    rm_id = verifier_identity(rm, cfg.reward_model) if rm is not None else None
     loaded = []
     for spec in cfg.models:
         model_name = spec["name"]
