@@ -341,3 +341,42 @@ def test_a_cached_kernel_the_cpu_cannot_run_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(llama_c, "cpu_flags", lambda: real - {"avx2", "fma", "avx512f"})
     assert llama_c.load_kernel() is None
     assert "lacks" in llama_c.kernel_error()
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory, tokenizer_file):
+    """A tiny Qwen3: q/k RMSNorm per head, no QKV bias, head_dim 32 (not hidden/heads)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from conftest import TINY, _save
+
+    torch.manual_seed(3)
+    from tokenizers import Tokenizer
+
+    cfg = Qwen3Config(vocab_size=Tokenizer.from_file(str(tokenizer_file)).get_vocab_size(), num_key_value_heads=2,
+                      head_dim=32, tie_word_embeddings=False, **TINY)
+    hf = Qwen3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            p.normal_(1.0 if n.endswith("norm.weight") else 0.0, 0.2 if n.endswith("norm.weight") else 0.08)
+    return _save(hf, tmp_path_factory.mktemp("qwen3") / "qwen3", tokenizer_file), hf
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_qwen3_logits_and_greedy_equal_transformers(qwen3, backend):
+    folder, hf = qwen3
+    lm = _native(folder, backend=backend)
+    assert lm.model.cfg.qk_norm and not lm.model.cfg.qkv_bias
+    assert lm.backend_in_use == backend  # the C kernel and numpy run Qwen3 themselves (no fallback to torch)
+    torch.manual_seed(0)
+    ids = torch.randint(1, lm.vocab_size, (2, 30))
+    with torch.no_grad():
+        ref = hf(ids).logits
+    ours = lm.forward(ids, None)
+    assert ref.abs().max() > 0.1 and (ours - ref).abs().max().item() < 1e-5
+    prompt = lm.decode(list(range(5, 20)))
+    g = Greedy(lm, max_tokens=16, ignore_eos=True).generate(prompt)[0]
+    with torch.no_grad():
+        want = hf.generate(torch.tensor([lm.encode(prompt)]), max_new_tokens=16, min_new_tokens=16, do_sample=False,
+                           pad_token_id=0)[0, len(lm.encode(prompt)):].tolist()
+    assert g.token_ids == want

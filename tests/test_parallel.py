@@ -253,7 +253,9 @@ def test_step_tag_prm_matches_a_hand_computation(hf_checkpoints):
 
 def test_two_label_token_classification_prm(tmp_path, tokenizer_file):
     """ponder's head format with two labels (bad, good): a step's value is the softmax's
-    "good" probability, checked on a tiny random checkpoint built by transformers."""
+    "good" probability, checked on a tiny random checkpoint built by transformers. A
+    two-label token classifier reads as a PURE PRM by its config (token-prm), so ponder's
+    own reading of it is named."""
     from transformers import LlamaConfig, LlamaForTokenClassification
 
     from conftest import TINY, _save
@@ -264,7 +266,8 @@ def test_two_label_token_classification_prm(tmp_path, tokenizer_file):
     cfg = LlamaConfig(vocab_size=load_tok(str(tokenizer_file)).get_vocab_size(), num_labels=2, **TINY)
     hf = LlamaForTokenClassification(cfg).eval()
     folder = _save(hf, tmp_path / "prm2", tokenizer_file)
-    rm = RewardModel.from_pretrained(str(folder))
+    assert RewardModel.from_pretrained(str(folder)).fmt.name == "token-prm"
+    rm = RewardModel.from_pretrained(str(folder), fmt="ponder")
     prompt, completion = "Q: 3+4-2\n", "3+4=7\n7-2=5\nAnswer: 5\n"
     got = rm.score_steps(prompt, [completion])
     ids, ends, eos = rm.layout(prompt, completion)

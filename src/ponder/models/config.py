@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "smollm3")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "smollm3")
 
 
 @dataclass
@@ -46,6 +46,8 @@ class ModelConfig:
     # when some layer uses one. Within the window it equals full attention, so ponder
     # runs such models with their context capped at the window (context_length).
     sliding_window: int | None = None
+    # Qwen3: an RMSNorm over each head's q and k (before RoPE)
+    qk_norm: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -150,7 +152,8 @@ class ModelConfig:
             elif not isinstance(rope_scaling.get("factor"), (int, float)) or rope_scaling["factor"] <= 0:
                 raise ValueError(f"rope_scaling of type {kind} needs a positive factor; got {rope_scaling.get('factor')!r}")
         archs = d.get("architectures") or ["LlamaForCausalLM"]
-        is_qwen = model_type == "qwen2"
+        is_qwen = model_type in ("qwen2", "qwen3")  # their sliding-window keys
+        qwen2 = model_type == "qwen2"  # bias on q, k, v (Qwen3 has none unless attention_bias)
         L = d["num_hidden_layers"]
         rope_layers = None
         if model_type == "smollm3":  # transformers' SmolLM3Config: 1 = RoPE, 0 = NoPE per layer
@@ -186,8 +189,9 @@ class ModelConfig:
             rope_scaling=rope_scaling,
             max_position_embeddings=d.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            qkv_bias=is_qwen or attention_bias,
-            o_bias=attention_bias and not is_qwen,
+            qkv_bias=qwen2 or attention_bias,
+            o_bias=attention_bias and not qwen2,
+            qk_norm=model_type == "qwen3",
             mlp_bias=bool(d.get("mlp_bias", False)),
             model_type=model_type,
             bos_token_id=d.get("bos_token_id"),

@@ -76,6 +76,9 @@ class Attention(nn.Module):
         q, kv = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         self.qkv_proj = nn.Linear(cfg.hidden_size, q + 2 * kv, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(q, cfg.hidden_size, bias=cfg.o_bias)
+        # Qwen3: each head's q and k normalised (RMSNorm over head_dim) before RoPE
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
     def forward(
         self,
@@ -92,8 +95,11 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, KV, D = self.n_heads, self.n_kv, self.head_dim
         qkv = self.qkv_proj(x).view(B, T, H + 2 * KV, D)
+        qk = qkv[:, :, : H + KV]
+        if self.q_norm is not None:  # Qwen3
+            qk = torch.cat([self.q_norm(qkv[:, :, :H]), self.k_norm(qkv[:, :, H : H + KV])], dim=2)
         # Rotate q and k together: one op instead of two.
-        qk = apply_rope(qkv[:, :, : H + KV], cos, sin) if self.use_rope else qkv[:, :, : H + KV]
+        qk = apply_rope(qk, cos, sin) if self.use_rope else qk
         q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + KV :]
         if cache is not None:
             if isinstance(write_slots, int):  # every row at the same length: a slice copy

@@ -189,7 +189,7 @@ def kernel_error() -> str | None:
 
 
 _VERSION = operator.attrgetter("_version")
-_LAYER_FIELDS = ("ln1", "wqkv", "bqkv", "wo", "bo", "ln2", "wgu", "bgu", "wd", "bd")
+_LAYER_FIELDS = ("ln1", "wqkv", "bqkv", "wo", "bo", "ln2", "wgu", "bgu", "wd", "bd", "qn", "kn")
 _MATRICES = ("wqkv", "wo", "wgu", "wd")
 PANEL = 16  # output columns per packed panel (NR in llama_kernel.c)
 

@@ -39,6 +39,8 @@ typedef struct {
     /* per layer (arrays of `layers` pointers; a missing bias is NULL); the matrices
      * wqkv, wo, wgu and wd packed in panels (see matmul) */
     const float **ln1, **wqkv, **bqkv, **wo, **bo, **ln2, **wgu, **bgu, **wd, **bd;
+    /* Qwen3: each head's q and k RMS-normalised over head_dim before RoPE (NULL: none) */
+    const float **qn, **kn;
 } Model;
 
 static void rmsnorm(float *out, const float *x, const float *w, int n, float eps) {
@@ -344,6 +346,10 @@ static inline __attribute__((always_inline)) void run_pass(const Pass *s) {
             int b = r / T, t = r % T;
             int64_t pos = start[b] + t, at = pos + (plen ? plen[b] : 0); /* own slot; position */
             float *row = qkv + (size_t)r * QKV;
+            if (m->qn && m->qn[l]) {
+                for (int i = 0; i < H; i++) rmsnorm(row + (size_t)i * D, row + (size_t)i * D, m->qn[l], D, m->eps);
+                for (int i = H; i < H + KV; i++) rmsnorm(row + (size_t)i * D, row + (size_t)i * D, m->kn[l], D, m->eps);
+            }
             for (int i = 0; i < H + KV; i++) rope(row + (size_t)i * D, cos + at * D, sin + at * D, D);
             size_t slot = ((size_t)b * cap + pos) * KV * D;
             memcpy(kc[l] + slot, row + (size_t)H * D, sizeof(float) * KV * D);

@@ -78,6 +78,7 @@ class NumpyLlama:
                 _np(b.input_layernorm.weight), _np(a.qkv_proj.weight).T, _np(a.qkv_proj.bias),
                 _np(a.o_proj.weight).T, _np(a.o_proj.bias), _np(b.post_attention_layernorm.weight),
                 _np(m.gate_up_proj.weight).T, _np(m.gate_up_proj.bias), _np(m.down_proj.weight).T, _np(m.down_proj.bias),
+                None if a.q_norm is None else _np(a.q_norm.weight), None if a.k_norm is None else _np(a.k_norm.weight),
             ))
         self.embed = _np(model.embed_tokens.weight)
         self.norm = _np(model.norm.weight)
@@ -103,6 +104,12 @@ class NumpyLlama:
             return x * (w * np.float32(r))
         ms = np.add.reduce(x * x, axis=-1, keepdims=True)  # np.mean costs twice as much in Python
         ms *= self.inv_hidden
+        ms += self.eps
+        return x / np.sqrt(ms, out=ms) * w
+
+    def _head_rms(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+        ms = np.add.reduce(x * x, axis=-1, keepdims=True)
+        ms *= np.float32(1.0 / x.shape[-1])
         ms += self.eps
         return x / np.sqrt(ms, out=ms) * w
 
@@ -155,12 +162,14 @@ class NumpyLlama:
         half = D // 2
         x = self.embed[input_ids]  # [B, T, hidden]
         with np.errstate(over="ignore"):  # exp(-g) overflows harmlessly in silu
-            for i, (ln1, wqkv, bqkv, wo, bo, ln2, wgu, bgu, wd, bd) in enumerate(self.layers):
+            for i, (ln1, wqkv, bqkv, wo, bo, ln2, wgu, bgu, wd, bd, qn, kn) in enumerate(self.layers):
                 qkv = self._rms(x, ln1) @ wqkv
                 if bqkv is not None:
                     qkv += bqkv
                 qkv = qkv.reshape(B, T, H + 2 * KV, D)
                 qk = qkv[:, :, : H + KV]
+                if qn is not None:  # Qwen3: each head's q and k RMS-normalised over head_dim
+                    qk = np.concatenate((self._head_rms(qk[:, :, :H], qn), self._head_rms(qk[:, :, H:], kn)), axis=2)
                 # rotate-half with the sign in sin (see llama.py); concatenate beats np.roll 3x
                 qk = qk * cos + np.concatenate((qk[..., half:], qk[..., :half]), axis=-1) * sin
                 if lo == hi:

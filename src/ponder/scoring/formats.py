@@ -103,9 +103,9 @@ def detect(config: dict[str, Any], where: str = "") -> RewardFormat:
         return PRESETS["token-prm"]  # PURE's reading; a TRL PRM is named with --reward-format trl-prm
     if arch.endswith("ForSequenceClassification"):
         return PRESETS["seq-rm"]
-    raise SettingError(f"{where or 'the checkpoint'} is a {arch or 'model of unknown architecture'}: its config does "
-                       f"not say how it scores; name its format with --reward-format ({', '.join(PRESETS)})",
-                       "reward_format")
+    raise SettingError(f"{where or 'the checkpoint'} is not a reward model by its config ({arch or 'no architecture'}"
+                       f"): a causal-LM verifier (math-shepherd, rlhflow) is named with --reward-format "
+                       f"({', '.join(PRESETS)})", "reward_format")
 
 
 def score_of(fmt: RewardFormat, row: Sequence[float]) -> float:

@@ -102,7 +102,7 @@ class RewardModel:
             config = json.loads((Path(path) / "config.json").read_text())
         except (OSError, ValueError):
             config = {}
-        f = preset(fmt) if fmt is not None else detect(config, str(path))
+        f = preset(fmt) if fmt is not None else detect(config, name)
         if f is PONDER:
             rm = cls(load_transformer(path, dtype), load_tokenizer(path), name)
         else:
