@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 
-def _serve_reward(path: Path) -> tuple[subprocess.Popen, str]:
+def _serve(path: Path, name: str, *extra: str) -> tuple[subprocess.Popen, str]:
+    """vLLM's CPU server on a free loopback port (as tests/servers.py starts it)."""
     import httpx
 
     root = Path(__file__).resolve().parents[1]
@@ -35,10 +36,10 @@ def _serve_reward(path: Path) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    log = open(tempfile.mktemp(prefix="vllm-pooling-", suffix=".log"), "w")
+    log = open(tempfile.mktemp(prefix="vllm-", suffix=".log"), "w")
     proc = subprocess.Popen([py, "-m", "vllm.entrypoints.openai.api_server", "--model", str(path), "--served-model-name",
-                             "arith-reward", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-                             "--max-model-len", "512", "--enforce-eager", "--runner", "pooling"], stdout=log,
+                             name, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+                             "--max-model-len", "512", "--enforce-eager", *extra], stdout=log,
                             stderr=subprocess.STDOUT, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}/v1"
@@ -52,6 +53,10 @@ def _serve_reward(path: Path) -> tuple[subprocess.Popen, str]:
             raise SystemExit(f"vLLM exited: {Path(log.name).read_text()[-2000:]}")
         time.sleep(0.5)
     raise SystemExit("vLLM did not start")
+
+
+def _serve_reward(path: Path) -> tuple[subprocess.Popen, str]:
+    return _serve(path, "arith-reward", "--runner", "pooling")
 
 
 def _unique_path_tokens(outs: list, rm, prompts: list[str]) -> int:
@@ -112,6 +117,9 @@ def main() -> None:
     ap.add_argument("--problems", type=int, default=100)
     ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--both-remote", type=int, default=0, metavar="P",
+                    help="also run PRM beam search on P problems with the policy and the verifier both behind vLLM, "
+                    "paired with in-process on the same problems (McNemar's exact test)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from ponder import strategies
@@ -163,6 +171,9 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(30)
+    both = {}
+    if args.both_remote:
+        both = both_remote(args, task, lm, params, path)
     folder = Path(tempfile.mkdtemp(prefix="qwen-format-"))
     qwen = RewardModel.from_pretrained(_qwen_format_verifier(path, folder / "prm"))
     ratio = {}
@@ -180,7 +191,58 @@ def main() -> None:
                       "threads": args.threads, "rows": rows,
                       "remote_over_in_process_time": round(rows["remote"]["s"] / rows["in_process"]["s"], 3),
                       "requests_per_problem_per_step": rows["remote"]["requests_per_problem_per_step"],
-                      "prm_beam_over_best_of_n_time": ratio}))
+                      "prm_beam_over_best_of_n_time": ratio, **both}))
+
+
+def mcnemar(a: list[bool], b: list[bool]) -> tuple[int, int, float]:
+    """Discordant pairs (a right and b wrong, the reverse) and the exact two-sided p."""
+    import math
+
+    x = sum(1 for u, v in zip(a, b) if u and not v)
+    y = sum(1 for u, v in zip(a, b) if v and not u)
+    n = x + y
+    p = 1.0 if n == 0 else min(1.0, 2 * sum(math.comb(n, k) for k in range(min(x, y) + 1)) / 2 ** n)
+    return x, y, p
+
+
+def both_remote(args, task, lm, params, reward_path) -> dict:
+    """PRM beam search @N, policy and verifier both behind vLLM, against both in-process."""
+    from ponder import strategies
+    from ponder.models.registry import resolve_model
+    from ponder.scoring.reward import RewardModel
+
+    problems = task.problems("hard")[: args.both_remote]
+    prompts = [task.prompt(p) for p in problems]
+    settings = {"samples": args.n, "beam_width": 4}
+    gen = strategies.build("prm-beam", lm, params, dict(settings),
+                           strategies.Context(task=task, reward_model=RewardModel.from_pretrained(reward_path)))
+    t = time.perf_counter()
+    local = [task.check_answer(p, o[0].text) for p, o in zip(problems, gen.generate_batch(prompts, seed=0))]
+    t_local = time.perf_counter() - t
+    rproc, rurl = _serve_reward(reward_path)
+    pproc, purl = _serve_policy(resolve_model("arith")[0])
+    try:
+        rlm = strategies.load_model(purl + "#arith", "--model", max_concurrency=64)
+        rm = strategies.load_reward_model(rurl + "#arith-reward")
+        gen = strategies.build("prm-beam", rlm, params, dict(settings), strategies.Context(task=task, reward_model=rm))
+        t = time.perf_counter()
+        remote = [task.check_answer(p, o[0].text) for p, o in zip(problems, gen.generate_batch(prompts, seed=0))]
+        t_remote = time.perf_counter() - t
+    finally:
+        for proc in (rproc, pproc):
+            proc.terminate()
+            proc.wait(30)
+    x, y, p = mcnemar(local, remote)
+    print(f"PRM beam @{args.n} on {len(problems)} problems: in-process {sum(local) / len(local):.3f} ({t_local:.0f} s), "
+          f"both behind vLLM {sum(remote) / len(remote):.3f} ({t_remote:.0f} s); discordant {x} / {y}, McNemar p = "
+          f"{p:.3f}", flush=True)
+    return {"both_remote": {"problems": len(problems), "in_process_accuracy": sum(local) / len(local),
+                            "remote_accuracy": sum(remote) / len(remote), "discordant": [x, y], "mcnemar_p": round(p, 4),
+                            "in_process_s": round(t_local, 1), "remote_s": round(t_remote, 1)}}
+
+
+def _serve_policy(path: Path) -> tuple[subprocess.Popen, str]:
+    return _serve(path, "arith")
 
 
 def _nodes(tree: dict) -> list[dict]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -59,12 +60,14 @@ def load_transformer(path: str | Path, dtype: str | torch.dtype = "float32") -> 
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder} is not a checkpoint folder: config.json is missing")
-    dt = parse_dtype(dtype)
-    cfg = load_config(folder / "config.json")
+    return build_transformer(load_config(folder / "config.json"), load_state_dict(folder), dtype, folder)
+
+
+def build_transformer(cfg: Any, sd: dict[str, torch.Tensor], dtype: str | torch.dtype, folder: Path) -> Transformer:
+    """A transformer of ``cfg`` holding the weights ``sd`` (transformers' names), ready to run."""
     with torch.device("meta"):
         model = Transformer(cfg)
-    model = model.to_empty(device="cpu").to(dt)
-    sd = load_state_dict(folder)
+    model = model.to_empty(device="cpu").to(parse_dtype(dtype))
     try:
         model.load_hf_state_dict(sd)
     except (KeyError, RuntimeError, ValueError) as e:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 from ..errors import SettingError
 from ..types import Usage
@@ -76,3 +76,15 @@ def run_sync(coro):
 
     with ThreadPoolExecutor(1) as pool:
         return pool.submit(asyncio.run, coro).result()
+
+
+def per_request(requests: Sequence[tuple[str, Sequence[str]]], steps: list[list[float]], usages: list[Any],
+                aggregation: str) -> list["Scores"]:
+    """Flat per-completion step values and bills back into one ``Scores`` per request
+    (values: the ``aggregation`` of each completion's steps)."""
+    out, k = [], 0
+    for _, cs in requests:
+        mine = steps[k : k + len(cs)]
+        out.append(Scores([aggregate(x, aggregation, empty=0.0) for x in mine], Usage.total(usages[k : k + len(cs)]), mine))
+        k += len(cs)
+    return out

@@ -26,11 +26,14 @@ for chat layouts, the checkpoint's chat template, both given to it.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 from ..errors import SettingError
 
+# ponder's own format: the final answer line is read by the outcome score, not as a step
+_ANSWER_LINE = re.compile(r"^\s*(answer\b|####)", re.IGNORECASE)
 QWEN_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
@@ -254,3 +257,20 @@ class Renderer:
             return Layout(self._encode(prompt, True), [], None)
         ids = self._encode(self.template.render_closed(msgs), True)
         return Layout(ids, reads, None)
+
+
+def ponder_layout(encode: Any, prompt: str, completion: str, eos: int) -> Layout:
+    """Ponder's own layout: prompt + each line (its "\\n" included) + an EOS; a step is
+    a finished line that is not the answer line; the outcome is read at the EOS."""
+    ids = list(encode(prompt, True))
+    ends = []
+    lines = completion.split("\n")
+    for k, line in enumerate(lines):
+        piece = line + ("\n" if k < len(lines) - 1 else "")
+        if not piece:
+            continue
+        ids += encode(piece, False)
+        if line.strip() and k < len(lines) - 1 and not _ANSWER_LINE.match(line):
+            ends.append(len(ids) - 1)
+    ids.append(eos)
+    return Layout(ids, ends, len(ids) - 1)

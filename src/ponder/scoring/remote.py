@@ -30,8 +30,8 @@ from typing import Any, Sequence
 from ..backends.openai import OpenAILM
 from ..errors import BackendError, SettingError
 from ..types import Usage
-from .base import Scores, aggregate
-from .formats import PONDER, Layout, RewardFormat, Renderer
+from .base import Scores, aggregate, per_request
+from .formats import PONDER, RewardFormat, Renderer, ponder_layout
 
 class PoolingServer(OpenAILM):
     """The transport of ``OpenAILM`` (replicas, retries, the shared clock) to a server
@@ -231,13 +231,7 @@ class RemoteRewardModel:
         wall = time.perf_counter() - t0
         steps = [[v[t] for t in r] for r, v in zip(reads, vals)]
         usages = [Usage(computed_tokens=c, model_calls=1 if c else 0, wall_s=wall / max(1, len(flat))) for c in computed]
-        out, k = [], 0
-        for _, cs in requests:
-            mine = steps[k : k + len(cs)]
-            out.append(Scores([aggregate(x, aggregation, empty=0.0) for x in mine], Usage.total(usages[k : k + len(cs)]),
-                              mine))
-            k += len(cs)
-        return out
+        return per_request(requests, steps, usages, aggregation)
 
     def score_steps(self, prompt: str, completions: Sequence[str], batch_size: int = 0,
                     aggregation: str = "last") -> Scores:
@@ -279,26 +273,6 @@ class RemoteRewardModel:
 
     def __repr__(self) -> str:
         return f"RemoteRewardModel({self.name!r} at {self.endpoint}, format={self.fmt.name})"
-
-
-def ponder_layout(encode: Any, prompt: str, completion: str, eos: int) -> Layout:
-    """Ponder's own layout: prompt + each line (its "\\n" included) + an EOS; a step is
-    a finished line that is not the answer line; the outcome is read at the EOS."""
-    import re
-
-    answer = re.compile(r"^\s*(answer\b|####)", re.IGNORECASE)
-    ids = list(encode(prompt, True))
-    ends = []
-    lines = completion.split("\n")
-    for k, line in enumerate(lines):
-        piece = line + ("\n" if k < len(lines) - 1 else "")
-        if not piece:
-            continue
-        ids += encode(piece, False)
-        if line.strip() and k < len(lines) - 1 and not answer.match(line):
-            ends.append(len(ids) - 1)
-    ids.append(eos)
-    return Layout(ids, ends, len(ids) - 1)
 
 
 def _run(coro: Any) -> Any:

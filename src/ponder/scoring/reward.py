@@ -24,7 +24,6 @@ model card computes. The prefix cache and the memo work for every format.
 from __future__ import annotations
 
 import math
-import re
 import threading
 import time
 from pathlib import Path
@@ -36,10 +35,9 @@ from ..models.loader import load_tokenizer, load_transformer
 from ..models.llama import Transformer
 from ..errors import SettingError
 from ..types import Usage
-from .base import Scores, aggregate
+from .base import Scores, aggregate, per_request
+from .formats import ponder_layout
 
-# The final answer line is read by the outcome score, not as a step.
-_ANSWER_LINE = re.compile(r"^\s*(answer\b|####)", re.IGNORECASE)
 
 
 def _sigmoid(x: float) -> float:
@@ -119,18 +117,8 @@ class RewardModel:
         if self.renderer is not None:
             lay = self.renderer.layout(prompt, completion)
             return lay.ids, lay.steps, lay.outcome
-        ids = list(self._encode(prompt, True))
-        step_ends = []
-        lines = completion.split("\n")
-        for k, line in enumerate(lines):
-            piece = line + ("\n" if k < len(lines) - 1 else "")
-            if not piece:
-                continue
-            ids += self._encode(piece, False)
-            if line.strip() and k < len(lines) - 1 and not _ANSWER_LINE.match(line):
-                step_ends.append(len(ids) - 1)
-        ids.append(self.eos)
-        return ids, step_ends, len(ids) - 1
+        lay = ponder_layout(self._encode, prompt, completion, self.eos)
+        return lay.ids, lay.steps, lay.outcome
 
     def _encode(self, text: str, special: bool) -> tuple[int, ...]:
         """Token ids of a prompt or a line, remembered: a search scores the same prompt
@@ -348,13 +336,7 @@ class RewardModel:
             logits, computed = self.read(seqs, reads)
             steps += [[self._final(lg[e]) for e in r] for r, lg in zip(reads, logits)]
             usages += self._bill(seqs, computed, time.perf_counter() - t0)
-        out, k = [], 0
-        for _, cs in requests:
-            mine = steps[k : k + len(cs)]
-            out.append(Scores([aggregate(x, aggregation, empty=0.0) for x in mine], Usage.total(usages[k : k + len(cs)]),
-                              mine))
-            k += len(cs)
-        return out
+        return per_request(requests, steps, usages, aggregation)
 
     def prm(self, aggregation: str = "last") -> "ProcessReward":
         """This model as a step scorer whose ``score`` aggregates the steps."""
@@ -452,7 +434,7 @@ def load_backbone_and_head(path: Path, fmt: Any, dtype: str = "float32") -> tupl
 
     from ..errors import CheckpointError
     from ..models.config import ModelConfig
-    from ..models.loader import load_state_dict, parse_dtype
+    from ..models.loader import build_transformer, load_state_dict
 
     d = json.loads((path / "config.json").read_text())
     backbone = {**d, "architectures": [_causal_arch(d)], "tie_word_embeddings": True}
@@ -464,25 +446,20 @@ def load_backbone_and_head(path: Path, fmt: Any, dtype: str = "float32") -> tupl
         raise CheckpointError(f"{path}: {e}") from None
     sd = load_state_dict(path)
     head_sd = split_head(sd)
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model = model.to_empty(device="cpu").to(parse_dtype(dtype))
-    try:
-        model.load_hf_state_dict(sd)
-    except (KeyError, RuntimeError, ValueError) as e:
-        raise CheckpointError(f"{path}: the backbone's weights do not fit config.json ({e})") from None
-    model._rope_cache = None
-    model.eval()
-    model.requires_grad_(False)
-    tok = load_tokenizer(path)
-    good = bad = None
-    if fmt.head == "lm_rows":
-        from .formats import Renderer
-
-        r = Renderer.__new__(Renderer)
-        r.fmt, r.tok = fmt, tok
-        good, bad = r._one(fmt.good, "the good label"), r._one(fmt.bad, "the bad label")
+    model = build_transformer(cfg, sd, dtype, path)
+    good, bad = _label_ids(fmt, load_tokenizer(path))
     return model, make_head(fmt, head_sd, model.embed_tokens.weight, good, bad, str(path))
+
+
+def _label_ids(fmt: Any, tok: Any) -> tuple[int | None, int | None]:
+    """The good and bad tokens' ids of a format read from two rows of the LM head."""
+    if fmt.head != "lm_rows":
+        return None, None
+    from .formats import Renderer
+
+    r = Renderer.__new__(Renderer)  # the one-token lookup alone (no layout)
+    r.fmt, r.tok = fmt, tok
+    return r._one(fmt.good, "the good label"), r._one(fmt.bad, "the bad label")
 
 
 def _causal_arch(d: dict[str, Any]) -> str:
@@ -524,13 +501,7 @@ class HFRewardModel(RewardModel):
         backbone.eval()
         head_sd = split_head(load_state_dict(Path(path)))
         tok = load_tokenizer(path)
-        good = bad = None
-        if f.head == "lm_rows":
-            from .formats import Renderer
-
-            r = Renderer.__new__(Renderer)
-            r.fmt, r.tok = f, tok
-            good, bad = r._one(f.good, "the good label"), r._one(f.bad, "the bad label")
+        good, bad = _label_ids(f, tok)
         fmt_head = PONDER if f is PONDER else f
         head = make_head(fmt_head, head_sd, backbone.get_input_embeddings().weight.detach(), good, bad, str(path))
         shim = _HFBackbone(backbone, ModelConfig.from_dict({**config, "architectures": [_causal_arch(config)],
