@@ -177,7 +177,7 @@ def main() -> None:
         ("adaptive-w@beta.8", "adaptive-majority", {"samples": N, "batch": 1, "confidence": 0.8,
                                                     "weight": "reward"}, None),
         ("deepconf", "deepconf", {"samples": N}, None),
-        ("deepconf@keep.9", "deepconf", {"samples": N, "keep": 0.9}, None),
+        ("deepconf@keep.5", "deepconf", {"samples": N, "keep": 0.5}, None),  # "deepconf" is keep 0.9, the default
         ("deepconf-online", "deepconf-online", {"samples": N}, None),
         ("spec-rejection@1x.75", "speculative-rejection", {"samples": N, "reject": 0.75, "select": "weighted"}, None),
         ("spec-rejection@4x.3", "speculative-rejection", {"samples": N, "reject": 0.3, "checkpoints": 4,

@@ -170,3 +170,20 @@ def test_prm_beam_search_with_policy_and_verifier_behind_vllm(reward_server):
                 checked += 1
             stack.extend((c, text) for c in node["children"])
     assert checked > 20
+
+
+def test_ponder_serve_scores_with_a_verifier_behind_vllm(reward_server):
+    """`ponder serve --reward-model URL#MODEL`: the server's searches score through vLLM."""
+    import httpx
+
+    from servers import ponder_serve
+
+    srv = ponder_serve("--reward-model", reward_server.url + "#arith-reward")
+    try:
+        r = httpx.post(srv.url + "/completions", timeout=300, json={
+            "model": "arith", "prompt": "Q: 3+4-2+8-1\n", "max_tokens": 64, "temperature": 0.7, "seed": 1,
+            "ponder": {"strategy": "prm-beam", "settings": {"samples": 4, "beam_width": 2}}})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"].strip()
+    finally:
+        srv.stop()

@@ -39,7 +39,6 @@ from .base import Scores, aggregate, per_request
 from .formats import ponder_layout
 
 
-
 def _sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
