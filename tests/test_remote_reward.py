@@ -90,30 +90,42 @@ def test_bad_remote_verifiers_are_one_line(reward_server, monkeypatch):
         load_reward_model(f"http://127.0.0.1:{free_port()}/v1#arith-reward")
 
 
-@pytest.mark.parametrize("fmt", ["qwen-prm", "seq-rm"])
+def _server_flags(fmt: str, folder) -> list[str]:
+    """The flags README's table gives for each format (vllm serve FOLDER --runner pooling ...)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    if fmt == "qwen-prm":  # STEP pooling at the tag, as `vllm serve Qwen/Qwen2.5-Math-PRM-7B` does at 151651
+        return ["--pooler-config", json.dumps({"pooling_type": "STEP", "step_tag_id": tok.token_to_id("<extra_0>")})]
+    if fmt in ("math-shepherd", "rlhflow"):  # the LM head's (+, -) rows as a one-label classifier
+        pool = ({"task": "token_classify", "pooling_type": "STEP", "step_tag_id": tok.token_to_id("ки")}
+                if fmt == "math-shepherd" else {"task": "token_classify", "pooling_type": "ALL"})
+        return ["--convert", "classify", "--hf-overrides",
+                json.dumps({"classifier_from_token": ["-", "+"], "method": "from_2_way_softmax"}),
+                "--pooler-config", json.dumps(pool)]
+    return []
+
+
+@pytest.mark.parametrize("fmt", ["qwen-prm", "qwen-orm", "token-prm", "trl-prm", "math-shepherd", "rlhflow", "seq-rm"])
 def test_public_formats_through_vllm_equal_their_cards(ckpts, fmt):
+    """vLLM as a second oracle for every format it serves (skywork-prm's value head needs a plugin)."""
     from ponder.strategies import load_reward_model
+    from test_reward_formats import SOLUTION
 
     folder = ckpts[fmt]
-    extra = []
-    if fmt == "qwen-prm":  # STEP pooling at the tag, as `vllm serve Qwen/Qwen2.5-Math-PRM-7B` does at 151651
-        from tokenizers import Tokenizer
-
-        tag = Tokenizer.from_file(str(folder / "tokenizer.json")).token_to_id("<extra_0>")
-        extra = ["--pooler-config", json.dumps({"pooling_type": "STEP", "step_tag_id": tag})]
-    srv = pooling_server(str(folder), str(folder), *extra, max_len=256)  # served under its path: the client finds
-    # its tokenizer there
-    try:
-        rm = load_reward_model(f"{srv.url}#{folder}")
+    solution = SOLUTION if fmt in ("math-shepherd", "rlhflow") else SOLUTION2
+    named = fmt if fmt in ("math-shepherd", "rlhflow", "trl-prm") else None  # what config.json cannot say
+    srv = pooling_server(str(folder), str(folder), *_server_flags(fmt, folder), max_len=256)  # served under its
+    try:  # path: the client finds the tokenizer there
+        rm = load_reward_model(f"{srv.url}#{folder}", fmt=named)
         assert rm.fmt.name == fmt
-        want = oracle(fmt, folder, PROMPT, SOLUTION2)
-        if fmt == "qwen-prm":
-            got = rm.score_steps(PROMPT, [SOLUTION2]).steps[0]
-            assert "step,width=2" in rm.identity()
-            assert max(abs(a - b) for a, b in zip(got, want)) < 1e-5 and len(got) == len(want) == 4
-        else:
-            got = rm.score(PROMPT, [SOLUTION2]).values[0]
+        want = oracle(fmt, folder, PROMPT, solution)
+        if isinstance(want, float):
+            got = rm.score(PROMPT, [solution]).values[0]
             assert abs(got - want) < 1e-5, (got, want)
+        else:
+            got = rm.score_steps(PROMPT, [solution]).steps[0]
+            assert len(got) == len(want) == 4 and max(abs(a - b) for a, b in zip(got, want)) < 1e-5, (got, want)
     finally:
         srv.stop()
 
