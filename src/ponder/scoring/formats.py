@@ -14,7 +14,7 @@ vLLM pooling server all read a format the same way.
 | qwen-orm | the same MLP, 1 label | the last token of the card's chat | raw |
 | math-shepherd | the LM head's rows of ``+`` and ``-`` | each step tag ``ки`` | softmax(+, -)[+] |
 | rlhflow | the same rows | the token that predicts each assistant ``+`` | softmax(+, -)[+] |
-| skywork-prm | ``v_head.summary``, 1 output | each step's last token | sigmoid |
+| skywork-prm | ``v_head.summary``, 1 output | the ``\\n`` after each step | sigmoid |
 | token-prm | token, 2 labels (PURE) | a ``\\n`` after each step | p1 - p0 |
 | trl-prm | token, 2 labels (TRL) | a ``\\n\\n`` after each step | p1 |
 | seq-rm | sequence, 1 label | the last token of the chat | raw |
@@ -48,7 +48,9 @@ class RewardFormat:
     marker: str | None = None  # put after each step and read there (None: read each step's last token)
     labels: int = 1  # the head's outputs
     system: str | None = None  # the chat's system message
-    joiner: str = ""  # what joins prompt and steps in a plain layout (Math-Shepherd: " " then "\n")
+    joiner: str = ""  # whole: what joins the prompt and the steps (Math-Shepherd: " ")
+    whole: bool = False  # plain: the card tokenises its text whole and finds the markers by id
+    prompt_end: str = ""  # plain: the prompt ends with this, once (Skywork: "\n")
     good: str = "+"  # lm_rows: the tokens whose logits are compared
     bad: str = "-"
     card: str = ""
@@ -67,11 +69,11 @@ PRESETS: dict[str, RewardFormat] = {f.name: f for f in (
                  system=QWEN_SYSTEM, card="Qwen/Qwen2.5-Math-PRM-7B (make_step_rewards)"),
     RewardFormat("qwen-orm", "outcome", "\n\n", "chat", "mlp", "raw", labels=1, system=QWEN_SYSTEM,
                  card="Qwen/Qwen2.5-Math-RM-72B"),
-    RewardFormat("math-shepherd", "process", "\n", "plain", "lm_rows", "two_way", marker="ки", joiner=" ",
+    RewardFormat("math-shepherd", "process", "\n", "plain", "lm_rows", "two_way", marker="ки", joiner=" ", whole=True,
                  card="peiyi9979/math-shepherd-mistral-7b-prm: question + ' ' + '\\n'.join(step + ' ки')"),
     RewardFormat("rlhflow", "process", "\n", "turns", "lm_rows", "two_way",
                  card="RLHFlow/Llama3.1-8B-PRM-*: one user turn per step, each answered '+'"),
-    RewardFormat("skywork-prm", "process", "\n", "plain", "value", "sigmoid", joiner="\n",
+    RewardFormat("skywork-prm", "process", "\n", "plain", "value", "sigmoid", marker="\n", prompt_end="\n",
                  card="Skywork/Skywork-o1-Open-PRM-Qwen-2.5: bos + problem + '\\n', each step + '\\n'"),
     RewardFormat("token-prm", "process", "\n\n", "plain", "token", "p1_minus_p0", marker="\n", labels=2,
                  card="jinachris/PURE-PRM-7B: a '\\n' after each step, p1 - p0"),
@@ -156,7 +158,7 @@ class Renderer:
                                "its chat template (chat_template.jinja or tokenizer_config.json)", "reward_model")
         # a marker found by its id in a rendered text must be one token; one appended after
         # each step (PURE's "\n", TRL's "\n\n") may be several, read at its last
-        appended = fmt.layout == "plain" and fmt.name != "math-shepherd"
+        appended = fmt.layout == "plain" and not fmt.whole
         self.marker_ids = (list(tokenizer.encode(fmt.marker, add_special_tokens=False).ids) if appended
                            else [self._one(fmt.marker, "its step marker")]) if fmt.marker else []
         if fmt.marker and not self.marker_ids:
@@ -201,30 +203,24 @@ class Renderer:
 
     def _plain(self, prompt: str, steps: list[str], completion: str) -> Layout:
         fmt = self.fmt
-        if fmt.name == "math-shepherd":
-            # the card's text, tokenised whole (so the tag merges with its space as the card's does):
-            # question + " " + "\n".join(step + " ки"), read where the ids are the tag's
-            text = prompt + fmt.joiner + "\n".join(f"{s} {fmt.marker}" for s in steps)
+        if fmt.prompt_end:
+            prompt = prompt.rstrip(fmt.prompt_end) + fmt.prompt_end
+        if fmt.whole:
+            # the card's text, tokenised whole (so the tag merges with its space as the card's does;
+            # Math-Shepherd: question + " " + "\n".join(step + " ки")), read where the ids are the tag's
+            text = prompt + fmt.joiner + fmt.split.join(f"{s} {fmt.marker}" for s in steps)
             ids = self._encode(text, True)
             reads = [i for i, t in enumerate(ids) if t == self.marker_id]
             if len(reads) != len(steps):
-                raise SettingError(f"the math-shepherd layout holds {len(reads)} step tags for {len(steps)} steps: the "
+                raise SettingError(f"the {fmt.name} layout holds {len(reads)} step tags for {len(steps)} steps: the "
                                    "prompt holds the tag, or the tag does not stay one token beside a space",
                                    "reward_model")
             return Layout(ids, reads, None)
         # the others append ids piece by piece, as their cards do: each read position is exact
-        if fmt.name == "skywork-prm":  # bos + problem + "\n", then each step + "\n", read at the "\n"
-            ids = self._encode(prompt.rstrip("\n") + "\n", True)
-        else:
-            ids = self._encode(prompt, True)
+        ids = self._encode(prompt, True)
         reads: list[int] = []
         for step in steps:
-            if fmt.name == "skywork-prm":
-                ids += self._encode(step, False) + self._encode("\n", False)
-            elif fmt.marker is not None:
-                ids += self._encode(step, False) + self.marker_ids
-            else:
-                ids += self._encode(step, False)
+            ids += self._encode(step, False) + self.marker_ids  # no marker: read at the step's last token
             reads.append(len(ids) - 1)
         return Layout(ids, reads, None)
 

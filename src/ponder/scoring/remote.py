@@ -24,13 +24,12 @@ import asyncio
 import os
 import threading
 import time
-from pathlib import Path
 from typing import Any, Sequence
 
 from ..backends.openai import OpenAILM
 from ..errors import BackendError, SettingError
 from ..types import Usage
-from .base import Scores, aggregate, per_request
+from .base import Scores, aggregate, per_request, run_sync
 from .formats import PONDER, RewardFormat, Renderer, ponder_layout
 
 class PoolingServer(OpenAILM):
@@ -105,7 +104,7 @@ class RemoteRewardModel:
         sep = self.fmt.split
         ids, steps, outcome = self.layout("1+1", f"1+1=2{sep}Answer: 2{sep}")
         try:
-            rows = _run(self._post([ids]))[0]
+            rows = run_sync(self._post([ids]))[0]
         except BackendError as e:
             msg = " ".join(str(e).split())
             hint = ("start vLLM with --runner pooling" if "404" in msg or "Not Found" in msg else
@@ -176,7 +175,7 @@ class RemoteRewardModel:
         computed = [0] * len(seqs)
         if todo:
             send = [list(k) for k in todo]
-            rows = _run(self._post_all(send))
+            rows = run_sync(self._post_all(send))
             with self._lock:
                 if len(self._memo) > self.MEMO_LIMIT:
                     self._memo.clear()
@@ -273,29 +272,6 @@ class RemoteRewardModel:
 
     def __repr__(self) -> str:
         return f"RemoteRewardModel({self.name!r} at {self.endpoint}, format={self.fmt.name})"
-
-
-def _run(coro: Any) -> Any:
-    """Run a coroutine to its end from synchronous code, whether or not this thread
-    already runs an event loop (then on a thread of its own)."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    box: dict[str, Any] = {}
-
-    def work() -> None:
-        try:
-            box["out"] = asyncio.run(coro)
-        except BaseException as e:  # re-raised in the caller's thread
-            box["err"] = e
-
-    t = threading.Thread(target=work)
-    t.start()
-    t.join()
-    if "err" in box:
-        raise box["err"]
-    return box["out"]
 
 
 def tokenizer_for(model: str | None, given: Any = None) -> Any:

@@ -89,17 +89,9 @@ class RewardModel:
     def from_pretrained(cls, name_or_path: str | Path, dtype: str = "float32", fmt: str | None = None) -> "RewardModel":
         """A shipped reward model or a checkpoint folder, in the format its config.json
         says (or ``fmt``, a preset's name: ``ponder.scoring.formats.PRESETS``)."""
-        import json
+        from .formats import PONDER
 
-        from ..models.registry import resolve_model
-        from .formats import PONDER, detect, preset
-
-        path, name = resolve_model(str(name_or_path))
-        try:
-            config = json.loads((Path(path) / "config.json").read_text())
-        except (OSError, ValueError):
-            config = {}
-        f = preset(fmt) if fmt is not None else detect(config, name)
+        path, name, f = _resolve(name_or_path, fmt)
         if f is PONDER:
             rm = cls(load_transformer(path, dtype), load_tokenizer(path), name)
         else:
@@ -361,6 +353,21 @@ class ProcessReward:
         return self.rm.score_steps_many(requests, aggregation=self.aggregation)
 
 
+def _resolve(name_or_path: str | Path, fmt: str | None) -> tuple[Path, str, Any]:
+    """A verifier's folder, name and format: ``fmt`` by name, else what config.json says."""
+    import json
+
+    from ..models.registry import resolve_model
+    from .formats import detect, preset
+
+    path, name = resolve_model(str(name_or_path))
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    return Path(path), name, preset(fmt) if fmt is not None else detect(config, name)
+
+
 def _template_of(path: str | Path, fmt: Any) -> Any:
     """The checkpoint's chat template, for a format that lays its input out as a chat."""
     if fmt.layout not in ("chat", "turns"):
@@ -478,17 +485,14 @@ class HFRewardModel(RewardModel):
 
         from ..models.config import ModelConfig
         from ..models.loader import load_state_dict
-        from ..models.registry import resolve_model
-        from .formats import PONDER, detect, preset
 
         try:
             from transformers import AutoModel
         except ImportError:
             raise SettingError("hf: runs the verifier with transformers, which is not installed: "
                                "pip install 'ponder[hf]'") from None
-        path, name = resolve_model(str(name_or_path))
+        path, name, f = _resolve(name_or_path, fmt)
         config = json.loads((Path(path) / "config.json").read_text())
-        f = preset(fmt) if fmt is not None else detect(config, str(path))
         from transformers.utils import logging as hf_logging
 
         was = hf_logging.get_verbosity()
@@ -501,8 +505,7 @@ class HFRewardModel(RewardModel):
         head_sd = split_head(load_state_dict(Path(path)))
         tok = load_tokenizer(path)
         good, bad = _label_ids(f, tok)
-        fmt_head = PONDER if f is PONDER else f
-        head = make_head(fmt_head, head_sd, backbone.get_input_embeddings().weight.detach(), good, bad, str(path))
+        head = make_head(f, head_sd, backbone.get_input_embeddings().weight.detach(), good, bad, str(path))
         shim = _HFBackbone(backbone, ModelConfig.from_dict({**config, "architectures": [_causal_arch(config)],
                                                             "tie_word_embeddings": True, "num_labels": 0}))
         rm = cls(shim, tok, name, prefix_cache=False, fmt=f, head=head, template=_template_of(path, f))
