@@ -144,6 +144,11 @@ def _split_sets(params: SamplingParams, sets: dict[str, Any]) -> tuple[SamplingP
 
 
 # -- loading --------------------------------------------------------------------------------
+def _unescape(text: str) -> str:
+    """The escapes \\n and \\t a shell argument spells, as the characters they stand for."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
 def _load_reward(name: str | None, flag: str, fmt: str | None = None):
     """A verifier by spec (a shipped name, a folder, hf:FOLDER, URL#MODEL), in ``fmt``."""
     if not name:
@@ -194,7 +199,7 @@ def generate(
     from . import strategies
 
     if not raw:
-        prompt = prompt.replace("\\n", "\n").replace("\\t", "\t")
+        prompt = _unescape(prompt)
     if not prompt:
         _fail("PROMPT is empty; give some text to continue")
     params, sets = _split_sets(params, _parse_sets(set_))
@@ -291,8 +296,7 @@ def score_cmd(
     if aggregation not in AGGREGATIONS:
         _fail(f"--aggregation must be one of {', '.join(AGGREGATIONS)}; got {aggregation!r}")
     if not raw:
-        prompt = prompt.replace("\\n", "\n").replace("\\t", "\t")
-        completion = completion.replace("\\n", "\n").replace("\\t", "\t")
+        prompt, completion = _unescape(prompt), _unescape(completion)
     if not completion.strip():
         _fail("--completion is empty: give the solution to score")
     rm = _load_reward(reward_model, "--reward-model", reward_format)
