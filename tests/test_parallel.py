@@ -228,27 +228,34 @@ def test_prm_scoring_reuses_the_kv_of_earlier_steps():
     assert again.usage.computed_tokens == 0 and again.steps[2] == calls[2].steps[0]  # all remembered
 
 
-def test_step_tag_prm_matches_a_hand_computation(hf_checkpoints):
-    """Math-Shepherd's format on a tiny random causal LM: p(good) over {good, bad} at each tag."""
+def test_step_tag_format_matches_a_hand_computation(hf_checkpoints):
+    """Math-Shepherd's reading with the user's own tokens (the step-tag format, named
+    with overrides) on a tiny random causal LM: p(good) over {good, bad} at each tag."""
     from ponder.backends.native import NativeLM
     from ponder.models.loader import load_tokenizer, load_transformer
-    from ponder.scoring.step_tag import StepTagPRM
+    from ponder.scoring.reward import RewardModel
 
     folder, hf = hf_checkpoints["llama_tied"]
     lm = NativeLM(load_transformer(folder), load_tokenizer(folder), "tiny")
-    prm = StepTagPRM(lm, step_tag="#", good="+", bad="-", aggregation="min")
+    prm = RewardModel.from_pretrained(folder, fmt="step-tag:marker=#,good=+,bad=-")
+    assert prm.fmt.name == "step-tag:marker=#,good=+,bad=-"
+    tag, good, bad = (lm.encode(t, add_special_tokens=False)[0] for t in "#+-")
     prompt, completion = "Q: 3+4-2\n", "3+4=7\n7-2=5\n"
-    got = prm.score_steps(prompt, [completion, ""])
-    ids = lm.encode(prompt) + lm.encode("3+4=7", add_special_tokens=False) + [prm.tag]
+    got = prm.score_steps(prompt, [completion, ""], aggregation="min")
+    ids = lm.encode(prompt) + lm.encode("3+4=7", add_special_tokens=False) + [tag]
     first = len(ids) - 1
-    ids += lm.encode("7-2=5", add_special_tokens=False) + [prm.tag]
+    ids += lm.encode("7-2=5", add_special_tokens=False) + [tag]
     with torch.no_grad():
         logits = hf(torch.tensor([ids])).logits[0]
-    want = [torch.softmax(logits[t, [prm.good, prm.bad]], -1)[0].item() for t in (first, len(ids) - 1)]
-    assert got.steps[0] == pytest.approx(want, abs=1e-4) and got.steps[1] == []
-    assert got.values[0] == pytest.approx(min(want), abs=1e-4) and got.usage.computed_tokens == len(ids)
-    with pytest.raises(SettingError, match="must be exactly one"):
-        StepTagPRM(lm, step_tag="Answer: 42")
+    want = [torch.softmax(logits[t, [good, bad]], -1)[0].item() for t in (first, len(ids) - 1)]
+    assert got.steps[0] == pytest.approx(want, abs=1e-5) and got.steps[1] == []
+    assert got.values[0] == pytest.approx(min(want), abs=1e-5)
+    with pytest.raises(SettingError, match="exactly one token"):
+        RewardModel.from_pretrained(folder, fmt="step-tag:marker=#,good=Answer: 42")
+    with pytest.raises(SettingError, match="overrides are key=value"):
+        RewardModel.from_pretrained(folder, fmt="step-tag:colour=red")
+    with pytest.raises(SettingError, match="genprm, thinkprm"):
+        RewardModel.from_pretrained(folder, fmt="shepherd")
 
 
 def test_two_label_token_classification_prm(tmp_path, tokenizer_file):

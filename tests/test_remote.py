@@ -115,6 +115,29 @@ def test_vllm_logprobs_level(vllm, native, native_greedy, reward):
     _strategies_run(lm, native_greedy, reward)
 
 
+def test_a_generative_verifier_scores_alike_in_process_behind_vllm_and_behind_ponder_serve(vllm, pserve, native):
+    """GenPRM's recipe over any OpenAI-compatible completions endpoint: the critique and
+    the verdict's top-20 read through the server give the in-process verifier's scores
+    (tests/test_generative.py checks those against transformers)."""
+    from test_generative import FMT
+
+    from ponder.scoring.generative import GenerativeVerifier
+
+    sols = ["", "9+9=18"]
+    here = GenerativeVerifier(native, FMT)
+    want = [here.score(p, sols) for p in PROMPTS[:4]]
+    for srv in (vllm, pserve):
+        with pytest.raises(SettingError, match="needs its tokenizer"):  # vLLM names tokens by id
+            GenerativeVerifier(strategies.load_model(vllm.url + "#arith", "--model"), FMT)
+        there = strategies.load_reward_model(srv.url + "#arith", fmt="genprm")  # the tokenizer found by name
+        there = GenerativeVerifier(there.lm, FMT)
+        for p, w in zip(PROMPTS[:4], want):
+            got = there.score(p, sols)
+            assert got.meta["critiques"] == w.meta["critiques"] and got.meta["unparsed"] == 0
+            assert got.values == pytest.approx(w.values, rel=1e-3, abs=1e-6), srv.name
+            assert got.usage.generated_tokens > 0
+
+
 def test_transformers_serve_text_level(hf_serve, native_greedy, reward):
     lm = OpenAILM(hf_serve.url)
     # it accepts logprobs and n and ignores both: probing says text level, no n

@@ -162,8 +162,9 @@ def _load_reward(name: str | None, flag: str, fmt: str | None = None):
 
 
 REWARD_FORMAT_HELP = ("The verifier's format (ponder, qwen-prm, qwen-orm, math-shepherd, rlhflow, skywork-prm, "
-                      "token-prm, trl-prm, seq-rm); default: what its config.json says. A URL needs it unless its "
-                      "#MODEL is a local folder or shipped name.")
+                      "token-prm, trl-prm, step-tag, seq-rm; generative: genprm, thinkprm), with overrides as "
+                      "NAME:key=value,... (step-tag:marker=#,good=+,bad=-); default: what its config.json says. "
+                      "A URL needs it unless its #MODEL is a local folder or shipped name.")
 
 
 # -- commands -------------------------------------------------------------------------------
@@ -301,19 +302,25 @@ def score_cmd(
         _fail("--completion is empty: give the solution to score")
     rm = _load_reward(reward_model, "--reward-model", reward_format)
     fmt = rm.fmt
-    steps = rm.score_steps(prompt, [completion]).steps[0] if fmt.process else []
+    scored = rm.score_steps(prompt, [completion]) if fmt.process else None
+    steps = scored.steps[0] if scored is not None else []
     if fmt.name == "ponder" or not fmt.process:
-        score = rm.score(prompt, [completion]).values[0]
+        scored = rm.score(prompt, [completion])
+        score = scored.values[0]
     else:
         score = aggregate(steps, aggregation, empty=0.0)
+    unparsed = scored.meta.get("unparsed")  # a generative verifier's unreadable verdicts
     if as_json:
         print(json.dumps({"steps": steps, "score": score, "format": fmt.name,
-                          "aggregation": aggregation if fmt.process and fmt.name != "ponder" else None}))
+                          "aggregation": aggregation if fmt.process and fmt.name != "ponder" else None,
+                          **({"unparsed": unparsed} if unparsed is not None else {})}))
         return
     for k, v in enumerate(steps, 1):
         print(f"step {k}: {v:.6f}")
     how = ("outcome" if fmt.name == "ponder" or not fmt.process else aggregation + " of the steps")
     print(f"score ({how}, {fmt.name} format): {score:.6f}")
+    if unparsed:
+        print(f"{unparsed} verdict(s) could not be read and scored {rm.fmt.unparsed} (see --reward-format)")
 
 
 @app.command("eval")

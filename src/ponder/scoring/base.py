@@ -88,3 +88,22 @@ def per_request(requests: Sequence[tuple[str, Sequence[str]]], steps: list[list[
         out.append(Scores([aggregate(x, aggregation, empty=0.0) for x in mine], Usage.total(usages[k : k + len(cs)]), mine))
         k += len(cs)
     return out
+
+
+class ProcessReward:
+    """A reward model read at step ends (PRM), each path scored by ``aggregation`` of its
+    steps: last, min, product or mean."""
+
+    def __init__(self, rm: Any, aggregation: str = "last") -> None:
+        aggregate([], aggregation)  # validates the name
+        self.rm, self.aggregation = rm, aggregation
+        self.name = f"{rm.name}/prm-{aggregation}"
+
+    def score_steps(self, prompt: str, completions: Sequence[str]) -> Scores:
+        return self.rm.score_steps(prompt, completions, aggregation=self.aggregation)
+
+    def score(self, prompt: str, completions: Sequence[str]) -> Scores:
+        return self.score_steps(prompt, completions)
+
+    def score_steps_many(self, requests: Sequence[tuple[str, Sequence[str]]]) -> list[Scores]:
+        return self.rm.score_steps_many(requests, aggregation=self.aggregation)

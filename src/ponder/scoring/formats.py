@@ -17,6 +17,7 @@ vLLM pooling server all read a format the same way.
 | skywork-prm | ``v_head.summary``, 1 output | the ``\\n`` after each step | sigmoid |
 | token-prm | token, 2 labels (PURE) | a ``\\n`` after each step | p1 - p0 |
 | trl-prm | token, 2 labels (TRL) | a ``\\n\\n`` after each step | p1 |
+| step-tag | the LM head's rows of good and bad | a tag appended after each step | softmax(good, bad)[good] |
 | seq-rm | sequence, 1 label | the last token of the chat | raw |
 
 This module imports nothing heavy: the renderer needs a ``tokenizers`` tokenizer and,
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 from ..errors import SettingError
@@ -79,15 +80,40 @@ PRESETS: dict[str, RewardFormat] = {f.name: f for f in (
                  card="jinachris/PURE-PRM-7B: a '\\n' after each step, p1 - p0"),
     RewardFormat("trl-prm", "process", "\n\n", "plain", "token", "p1", marker="\n\n", labels=2,
                  card="TRL PRMs (e.g. HuggingFaceH4/Qwen2.5-Math-1.5B-Instruct-PRM-0.2): '\\n\\n' after each step, p1"),
+    RewardFormat("step-tag", "process", "\n", "plain", "lm_rows", "two_way", marker="ки",
+                 card="any causal LM read at a tag token appended after each step: softmax(good, bad)[good]; "
+                      "name the tokens: step-tag:marker=#,good=+,bad=-"),
     RewardFormat("seq-rm", "outcome", "\n\n", "chat", "seq", "raw", labels=1,
                  card="Skywork-Reward-V2, Llama-3.1 RMs: *ForSequenceClassification read at the last token"),
 )}
 
 
+# what `NAME:key=value,...` may change in a preset (a verifier trained with its own tokens)
+OVERRIDABLE = ("marker", "good", "bad", "split", "system")
+
+
 def preset(name: Any, where: str = "--reward-format") -> RewardFormat:
-    if not isinstance(name, str) or name not in PRESETS:
-        raise SettingError(f"{where} must be one of {', '.join(PRESETS)}; got {name!r}", "reward_format")
-    return PRESETS[name]
+    """A preset by name, optionally with overrides: ``step-tag:marker=#,good=+,bad=-``
+    (``\\n`` spells a newline). The overridden format is named by the whole spec, so
+    results read with other tokens never mix with the preset's."""
+    if isinstance(name, RewardFormat):
+        return name
+    base, _, rest = name.partition(":") if isinstance(name, str) else (name, "", "")
+    if not isinstance(base, str) or base not in PRESETS:
+        from .generative import GENERATIVE
+
+        raise SettingError(f"{where} must be one of {', '.join([*PRESETS, *GENERATIVE])}; got {name!r}",
+                           "reward_format")
+    if not rest:
+        return PRESETS[base]
+    changes: dict[str, str] = {}
+    for part in rest.split(","):
+        key, eq, value = part.partition("=")
+        if not eq or key not in OVERRIDABLE or not value:
+            raise SettingError(f"{where} {name!r}: overrides are key=value with key among {', '.join(OVERRIDABLE)}; "
+                               f"got {part!r}", "reward_format")
+        changes[key] = value.replace("\\n", "\n")
+    return replace(PRESETS[base], name=name, **changes)
 
 
 def detect(config: dict[str, Any], where: str = "") -> RewardFormat:

@@ -257,7 +257,7 @@ class RemoteRewardModel:
         return self.score_steps(prompt, completions).steps or []
 
     def prm(self, aggregation: str = "last") -> Any:
-        from .reward import ProcessReward
+        from .base import ProcessReward
 
         return ProcessReward(self, aggregation)
 

@@ -35,7 +35,7 @@ from ..models.loader import load_tokenizer, load_transformer
 from ..models.llama import Transformer
 from ..errors import SettingError
 from ..types import Usage
-from .base import Scores, aggregate, per_request
+from .base import ProcessReward, Scores, aggregate, per_request
 from .formats import ponder_layout
 
 
@@ -332,25 +332,6 @@ class RewardModel:
     def prm(self, aggregation: str = "last") -> "ProcessReward":
         """This model as a step scorer whose ``score`` aggregates the steps."""
         return ProcessReward(self, aggregation)
-
-
-class ProcessReward:
-    """A reward model read at step ends (PRM), each path scored by ``aggregation`` of its
-    steps: last, min, product or mean."""
-
-    def __init__(self, rm: RewardModel, aggregation: str = "last") -> None:
-        aggregate([], aggregation)  # validates the name
-        self.rm, self.aggregation = rm, aggregation
-        self.name = f"{rm.name}/prm-{aggregation}"
-
-    def score_steps(self, prompt: str, completions: Sequence[str]) -> Scores:
-        return self.rm.score_steps(prompt, completions, aggregation=self.aggregation)
-
-    def score(self, prompt: str, completions: Sequence[str]) -> Scores:
-        return self.score_steps(prompt, completions)
-
-    def score_steps_many(self, requests: Sequence[tuple[str, Sequence[str]]]) -> list[Scores]:
-        return self.rm.score_steps_many(requests, aggregation=self.aggregation)
 
 
 def _resolve(name_or_path: str | Path, fmt: str | None) -> tuple[Path, str, Any]:

@@ -141,6 +141,34 @@ def _local_reward(spec: str, fmt: str | None, dtype: str, **options: Any) -> Any
     return RewardModel.from_pretrained(spec, dtype=dtype, fmt=fmt)
 
 
+def _generative(spec: str, fmt: Any, dtype: str, role: str, tokenizer: Any = None, **options: Any) -> Any:
+    """A generative verifier (GenPRM, ThinkPRM): the verifier is a language model loaded
+    as a policy is (any scheme), asked in its own chat template where it has one."""
+    import os
+
+    from ..backends.chat import ChatTemplate
+    from ..scoring.generative import GenerativeVerifier
+
+    if _is_url(spec):
+        from ..backends.openai import parse_endpoint
+        from ..scoring.remote import tokenizer_for
+
+        _, model, chat = parse_endpoint(spec)
+        if chat:
+            raise SettingError("a generative verifier continues its own critique with the cue: give the completions "
+                               "endpoint (the URL without /chat/completions)", "reward_model")
+        try:  # the verifier's tokenizer folder, where one is known: exact token counts, its chat template
+            tokenizer = tokenizer_for(model, tokenizer)
+        except SettingError:
+            tokenizer = None
+        lm = load_model(spec, role, dtype, **({"tokenizer": tokenizer} if tokenizer else {}), **options)
+        folder = getattr(lm, "tokenizer_folder", None)
+    else:
+        lm = load_model(spec, role, dtype)
+        folder = getattr(lm, "path", None)
+    return GenerativeVerifier(lm, fmt, chat=ChatTemplate.from_folder(folder) if folder else None)
+
+
 def load_reward_model(name: Any, role: str = "--reward-model", fmt: str | None = None, dtype: str = "float32",
                       **options: Any) -> Any:
     """A verifier by spec (see the module's table), read in ``fmt`` (a format's name;
@@ -150,12 +178,18 @@ def load_reward_model(name: Any, role: str = "--reward-model", fmt: str | None =
     if not isinstance(name, str) or not name:
         raise SettingError(f"{role} must be a reward model name, a checkpoint folder, hf:FOLDER or URL#MODEL; "
                            f"got {name!r}")
+    from ..scoring.generative import generative_format
+
     scheme = scheme_of("reward", name)
     load = next(ld for n, _, ld in SCHEMES["reward"] if n == scheme)
     try:
+        verdicts = generative_format(fmt)
+        if verdicts is not None:
+            return _generative(name, verdicts, dtype, role, **options)
         return load(name, fmt, dtype, **options)
     except (SettingError, BackendError) as e:
-        raise SettingError(f"{role}: {e}", getattr(e, "setting", None)) from None
+        said = str(e) if str(e).startswith(f"{role}:") else f"{role}: {e}"
+        raise SettingError(said, getattr(e, "setting", None)) from None
 
 
 SCHEMES["model"] += [("url", _is_url, load_endpoint), ("hf", _is_hf, _hf_model), ("local", lambda s: True, _native_model)]

@@ -167,6 +167,11 @@ def verifier_identity(rm: Any, name: str) -> str:
     what the probe found. Results from different verifiers never mix."""
     if hasattr(rm, "identity"):
         return rm.identity()
+    if hasattr(rm, "lm"):  # a generative verifier: its model and every field of its recipe
+        import hashlib
+
+        recipe = hashlib.sha256(repr(rm.fmt).encode()).hexdigest()[:10]
+        return f"{rm.fmt.name}-{recipe}:{model_identity(rm.lm, name)}"
     fmt = getattr(getattr(rm, "fmt", None), "name", "ponder")
     base = model_identity(rm, name)
     return base if fmt == "ponder" else f"{fmt}:{base}"
