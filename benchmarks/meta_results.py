@@ -1,11 +1,15 @@
-"""Every meta-generation strategy on `arith` hard, at N = 16 where N applies: accuracy
-with a 95% interval, tokens per problem (policy and scorer apart), and the wall time
-per problem, billed and elapsed (the bill must add up to the elapsed time).
+"""Every meta-generation strategy on an `arith` level's test split, at N = 16 where N
+applies, on the target `arith` and (fixed strategies) the draft `arith-draft`: accuracy
+with a 95% interval, tokens and FLOPs per problem (policy and scorer apart), and the
+wall time per problem, billed and elapsed (the bill must add up to the elapsed time).
+Compute-optimal selection is fitted on the level's fit split (disjoint) within a
+quarter and a half of weighted vote@16's tokens, choosing among every model's strategies.
 
-    python benchmarks/meta_results.py [--problems 200] [--n 16] [--threads 1] [--only a,b] [--co-budgets 210,420]
+    python benchmarks/meta_results.py [--level hard] [--problems 200] [--n 16] [--threads 1] [--only a,b]
 
-The last line is one JSON object: the rows, and "prm_beam_over_best_of_n_time" (the
-wall time of PRM beam search at N over best-of-N's, timed A-B-A-B in this run).
+The last line is one JSON object: the rows, the figures (best_at_quarter_tokens,
+headroom, compute_optimal_minus_best_fixed with paired bootstrap intervals, over every
+model) and "prm_beam_over_best_of_n_time" (timed A-B-A-B in this run).
 """
 
 from __future__ import annotations
@@ -47,49 +51,71 @@ def tree_usage(tree: dict) -> dict:
 
 
 ORACLES = ("oracle@16", "refine-steps(exact)", "reflexion(exact)")  # read the answer key: not methods
-DRAFTED = ("rsd@", "compute-optimal@")  # use the draft model arith-draft (alone it is right on 0.96)
+DRAFTED = ("rsd@", "compute-optimal@", "arith-draft:")  # use the draft model arith-draft
+
+
+def paired_bootstrap(a: list[int], b: list[int], rounds: int = 2000, seed: int = 0) -> list[float]:
+    """95% interval of mean(a) - mean(b) over the same problems, resampled in pairs."""
+    import random
+
+    rng, n = random.Random(seed), len(a)
+    diffs = sorted(sum(a[i] - b[i] for i in idx) / n
+                   for idx in ([rng.randrange(n) for _ in range(n)] for _ in range(rounds)))
+    return [round(diffs[int(0.025 * rounds)], 4), round(diffs[int(0.975 * rounds) - 1], 4)]
 
 
 def adaptive_figures(rows: list[dict]) -> dict:
-    """Issue 25's figures from the rows of this run:
+    """The issues' figures from the rows of this run, every model's rows included:
 
-    * best_at_quarter_tokens: the best accuracy of any method at <= a quarter of
-      weighted vote@16's generated tokens per problem (and the same without the draft
-      model, which is itself the stronger model here);
-    * compute_optimal_minus_best_fixed: compute-optimal fitted at each budget (210, 420)
-      minus the best fixed method (not compute-optimal, not an oracle) at no more
-      generated tokens than that budget (or than it spent, if it spent more);
+    * best_at_quarter_tokens (_flops): the best accuracy of any method at <= a quarter of
+      weighted vote@16's generated tokens (FLOPs) per problem;
+    * headroom: the best method within weighted vote@16's tokens (16 samples' worth)
+      minus the target's greedy accuracy;
+    * compute_optimal_minus_best_fixed: each compute-optimal row (fitted within a
+      budget) minus the best fixed method of any model (not compute-optimal, not an
+      oracle) at no more generated tokens than the budget (or than it spent, if more),
+      with a paired bootstrap interval; ..._flops the same at no more FLOPs;
     * adaptive_tokens_saved: majority@16's generated tokens over the fewest of an
-      adaptive consistency row within 1 point of its accuracy (or above it), votes
-      weighted or not, and unweighted alone."""
+      adaptive consistency row within 1 point of its accuracy (or above it)."""
     by = {r["strategy"]: r for r in rows}
     methods = [r for r in rows if r["strategy"] not in ORACLES]
     out: dict = {}
 
-    def best(rs: list[dict], limit: float) -> dict | None:
-        ok = [r for r in rs if r["generated_per_problem"] <= limit + 1e-9]
-        return max(ok, key=lambda r: (r["accuracy"], -r["generated_per_problem"])) if ok else None
+    def best(rs: list[dict], limit: float, cost: str = "generated_per_problem") -> dict | None:
+        ok = [r for r in rs if r[cost] <= limit * (1 + 1e-9)]
+        return max(ok, key=lambda r: (r["accuracy"], -r[cost])) if ok else None
 
     if "weighted-majority" in by:
-        quarter = by["weighted-majority"]["generated_per_problem"] / 4
-        for key, rs in (("best_at_quarter_tokens", methods),
-                        ("best_at_quarter_tokens_target_only",
-                         [r for r in methods if not r["strategy"].startswith(DRAFTED)])):
-            b = best(rs, quarter)
+        w = by["weighted-majority"]
+        for key, cost in (("best_at_quarter_tokens", "generated_per_problem"), ("best_at_quarter_flops", "flops_per_problem")):
+            b = best(methods, w[cost] / 4, cost)
             out[key] = None if b is None else round(b["accuracy"], 4)
             out[key + "_by"] = None if b is None else b["strategy"]
-        out["quarter_tokens"] = round(quarter, 1)
+        t = best([r for r in methods if not r["strategy"].startswith(DRAFTED)], w["generated_per_problem"] / 4)
+        out["best_at_quarter_tokens_target_only"] = None if t is None else round(t["accuracy"], 4)
+        out["quarter_tokens"] = round(w["generated_per_problem"] / 4, 1)
+        if "greedy" in by:
+            h = best(methods, w["generated_per_problem"])
+            out["headroom"] = round(h["accuracy"] - by["greedy"]["accuracy"], 4)
+            out["headroom_by"] = h["strategy"]
     fixed = [r for r in methods if not r["strategy"].startswith("compute-optimal")]
-    co = {}
+    co, co_flops = {}, {}
     for r in rows:
-        if r["strategy"].startswith("compute-optimal@"):
-            b = best(fixed, max(float(r["strategy"].split("@")[1]), r["generated_per_problem"]))
-            co[r["strategy"].split("@")[1]] = None if b is None else {
-                "minus": round(r["accuracy"] - b["accuracy"], 4), "compute_optimal": r["accuracy"],
-                "tokens": r["generated_per_problem"], "best_fixed": b["strategy"], "best_fixed_accuracy": b["accuracy"]}
+        if not r["strategy"].startswith("compute-optimal@"):
+            continue
+        name = r["strategy"].split("@")[1]
+        for into, cost, limit in ((co, "generated_per_problem", max(r["budget"], r["generated_per_problem"])),
+                                  (co_flops, "flops_per_problem", r["flops_per_problem"])):
+            b = best(fixed, limit, cost)
+            into[name] = None if b is None else {
+                "minus": round(r["accuracy"] - b["accuracy"], 4), "ci95": paired_bootstrap(r["_right"], b["_right"]),
+                "compute_optimal": r["accuracy"], "tokens": r["generated_per_problem"], "flops": r["flops_per_problem"],
+                "best_fixed": b["strategy"], "best_fixed_accuracy": b["accuracy"]}
     if co:
         out["compute_optimal_minus_best_fixed"] = {k: v and v["minus"] for k, v in co.items()}
         out["compute_optimal_detail"] = co
+        out["compute_optimal_minus_best_fixed_flops"] = {k: v and v["minus"] for k, v in co_flops.items()}
+        out["compute_optimal_detail_flops"] = co_flops
     if "majority" in by:
         m = by["majority"]
         for key, prefix in (("adaptive_tokens_saved", "adaptive"), ("adaptive_unweighted_tokens_saved", "adaptive@")):
@@ -126,11 +152,14 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated strategy names")
     ap.add_argument("--timing-problems", type=int, default=50, help="problems for the interleaved PRM beam / "
                     "best-of-N timing")
-    ap.add_argument("--dev", type=int, default=60, help="development problems (hard, after the test ones) on which "
-                    "compute-optimal fits its policy")
-    ap.add_argument("--co-budgets", type=lambda v: [float(x) for x in v.split(",")], default=[210.0, 420.0],
-                    help="compute-optimal's budgets, one row each: mean generated tokens per problem on the "
-                    "development problems (its probe included)")
+    ap.add_argument("--level", default="hard", help="arith level (the README's main sweep level)")
+    ap.add_argument("--draft", default="arith-draft", help="the other model whose fixed strategies and compute-optimal "
+                    "candidates join the target's ('' for none)")
+    ap.add_argument("--dev", type=int, default=100, help="problems of the level's fit split on which compute-optimal "
+                    "fits its policy (never the test split's)")
+    ap.add_argument("--co-budgets", default="quarter,half",
+                    help="compute-optimal's budgets, one row each: generated tokens per problem, or quarter/half of "
+                    "weighted vote@N's on the test problems (run first)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -142,14 +171,20 @@ def main() -> None:
     from ponder.tasks.arith import ArithTask
 
     task = ArithTask()
-    hard = task.problems("hard")
-    if args.problems + args.dev > len(hard):
-        raise SystemExit(f"--problems + --dev must be at most {len(hard)}")
-    problems = hard[: args.problems]
-    dev = hard[len(hard) - args.dev :]
+    problems = task.problems(args.level, split="test")[: args.problems]  # the named splits: disjoint
+    dev = task.problems(args.level, split="fit")[: args.dev]
     prompts = [task.prompt(p) for p in problems]
     lm = NativeLM.from_pretrained("arith")
+    draft = NativeLM.from_pretrained(args.draft) if args.draft else None
     N = args.n
+    greedy = SamplingParams(temperature=0, max_tokens=160)
+    # the draft's fixed strategies: a cheap model's vote is a way to spend compute too
+    drafted = [] if draft is None else [
+        (f"{args.draft}:greedy", "greedy", {}, greedy), (f"{args.draft}:majority@4", "majority", {"samples": 4}, None),
+        (f"{args.draft}:majority@{N}", "majority", {"samples": N}, None),
+        (f"{args.draft}:weighted@4", "weighted-majority", {"samples": 4}, None),
+        (f"{args.draft}:weighted@{N}", "weighted-majority", {"samples": N}, None),
+        (f"{args.draft}:best-of-n@{N}", "best-of-n", {"samples": N}, None)]
     runs = [
         ("greedy", "greedy", {}, SamplingParams(temperature=0, max_tokens=160)),
         ("majority", "majority", {"samples": N}, None),
@@ -184,8 +219,9 @@ def main() -> None:
                                                           "select": "weighted"}, None),
         ("rsd@0.5", "rsd", {"threshold": 0.5}, SamplingParams(temperature=0, max_tokens=160)),
         ("rsd@0.8", "rsd", {"threshold": 0.8}, SamplingParams(temperature=0, max_tokens=160)),
-        *((f"compute-optimal@{b:g}", "compute-optimal", {"samples": N, "difficulty": "reward"}, b)
-          for b in args.co_budgets),
+        *drafted,
+        *((f"compute-optimal@{b}", "compute-optimal", {"samples": N, "difficulty": "reward"}, b)
+          for b in args.co_budgets.split(",")),
         ("majority@64", "majority", {"samples": 64}, None),
         # oracles: they read the answer key (upper bounds, not methods)
         ("oracle@16", "oracle", {"samples": N}, None),
@@ -201,33 +237,45 @@ def main() -> None:
         if only and label not in only:
             continue
         rm = RewardModel.from_pretrained("arith-reward")  # a fresh reward model: no cache from other rows
-        budget = params if isinstance(params, float) else None  # compute-optimal's rows carry their budget
+        budget = params if isinstance(params, str) else None  # compute-optimal's rows carry their budget
         sampling = params if isinstance(params, SamplingParams) else SamplingParams(temperature=args.temperature,
                                                                                      max_tokens=160)
         ctx = strategies.Context(task=task, reward_model=rm)
-        gen = strategies.build(name, lm, sampling, dict(own), ctx)
+        on = draft if label.startswith(f"{args.draft}:") and draft is not None else lm
+        gen = strategies.build(name, on, sampling, dict(own), ctx)
         fitted = None
-        if name == "compute-optimal":  # fit the policy on the development problems, within the budget
+        if name == "compute-optimal":  # fit the policy on the fit split, within the budget
+            if budget in ("quarter", "half"):
+                w = next((r for r in rows if r["strategy"] == "weighted-majority"), None)
+                if w is None:
+                    raise SystemExit("--co-budgets quarter/half needs the weighted-majority row in this run")
+                budget = w["generated_per_problem"] / (4 if budget == "quarter" else 2)
+            budget = float(budget)
             # the probe is reward-guided speculative decoding (greedy, threshold 0.5): its answer
             # is one vote of what follows, and its reward says how hard the problem is
             gen.probe, gen.probe_n = strategies.build("rsd", lm, SamplingParams(temperature=0, max_tokens=160),
                                                       {"threshold": 0.5}, ctx), 1
-            gen.strategies = {f"{k}@{m}": strategies.build(k, lm, sampling, {"samples": m, **extra}, ctx)
-                              for k, m, extra in (("weighted-majority", 4, {}), ("weighted-majority", 8, {}),
-                                                  ("weighted-majority", 16, {}), ("best-of-n", 8, {}),
-                                                  ("adaptive-majority", 16, {"batch": 1, "weight": "reward",
-                                                                             "confidence": 0.95}))}
+            cands = [("", lm, k, m, extra) for k, m, extra in (
+                ("weighted-majority", 4, {}), ("weighted-majority", 8, {}), ("weighted-majority", 16, {}),
+                ("best-of-n", 8, {}), ("adaptive-majority", 16, {"batch": 1, "weight": "reward", "confidence": 0.95}))]
+            if draft is not None:  # every model's strategies are candidates
+                cands += [(f"{args.draft}:", draft, k, m, {}) for k, m in (
+                    ("greedy", 1), ("majority", 4), ("majority", 16), ("weighted-majority", 4), ("weighted-majority", 16))]
+            gen.strategies = {f"{pre}{k}@{m}": strategies.build(k, model, greedy if k == "greedy" else sampling,
+                                                               {} if k == "greedy" else {"samples": m, **extra}, ctx)
+                              for pre, model, k, m, extra in cands}
             t = time.perf_counter()
             fitted = gen.fit([task.prompt(p) for p in dev],
                              lambda prompt, text: task.check_answer(task.problem_of_prompt(prompt), text),
                              budget=budget, bins=(0.05, 0.2, 0.5, 1.0), seed=1)
-            print(f"  compute-optimal policy fitted on {len(dev)} dev problems in {time.perf_counter() - t:.0f} s "
+            print(f"  compute-optimal policy fitted on {len(dev)} fit-split problems in {time.perf_counter() - t:.0f} s "
                   f"(budget {budget:g} generated tokens): {gen.policy}", flush=True)
         t = time.perf_counter()
         outs = gen.generate_batch(prompts, seed=0)
         elapsed = time.perf_counter() - t
         gens = [o[0] for o in outs]
-        correct = sum(task.check_answer(p, g.text) for p, g in zip(problems, gens))
+        right = [int(task.check_answer(p, g.text)) for p, g in zip(problems, gens)]
+        correct = sum(right)
         lo, hi = wilson_interval(correct, len(problems))
         policy = gen_tok = 0
         for g in gens:  # generated tokens from the bill (a scorer generates none); the policy's computed
@@ -241,7 +289,10 @@ def main() -> None:
                "ci95": [round(lo, 4), round(hi, 4)], "generated_per_problem": round(gen_tok / P, 1),
                "policy_computed_per_problem": round(policy / P, 1),
                "scorer_computed_per_problem": round((total_computed - policy) / P, 1),
-               "billed_wall_s_per_problem": round(billed / P, 4), "elapsed_s_per_problem": round(elapsed / P, 4)}
+               "billed_wall_s_per_problem": round(billed / P, 4), "elapsed_s_per_problem": round(elapsed / P, 4),
+               "flops_per_problem": sum(g.usage.flops for g in gens) / P, "_right": right}
+        if budget is not None:
+            row["budget"] = round(budget, 1)
         if fitted is not None:
             row["policy"] = gen.policy
             row["chose"] = {k: n for k in ("probe", *gen.strategies)
@@ -269,7 +320,10 @@ def main() -> None:
     figures = adaptive_figures(rows)
     print(f"adaptive figures: {json.dumps(figures)}")
 
-    print(json.dumps({**cpu_summary(), "benchmark": "meta_results", "model": "arith", "problems": len(problems), "n": N,
+    for r in rows:
+        r["right"] = "".join(map(str, r.pop("_right")))  # per problem, for paired comparisons afterwards
+    print(json.dumps({**cpu_summary(), "benchmark": "meta_results", "model": "arith", "draft": args.draft,
+                      "level": args.level, "split": "test", "problems": len(problems), "fit_problems": len(dev), "n": N,
                       "threads": args.threads, "rows": rows,
                       "prm_beam_over_best_of_n_time": None if ratio is None else round(ratio, 3), **figures}))
 

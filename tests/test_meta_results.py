@@ -53,3 +53,29 @@ def test_the_time_ratio_is_timed_interleaved():
 
     ratio, ta, tb = interleaved_time_ratio(lambda: Fake("a"), lambda: Fake("b"), ["x"], rounds=2)
     assert order == ["a", "b", "a", "b"] and len(ta) == len(tb) == 2 and ratio > 0
+
+
+def test_the_figures_range_over_every_model_by_hand():
+    from meta_results import adaptive_figures, paired_bootstrap
+
+    def row(name, acc_right, tokens, flops, **extra):
+        return {"strategy": name, "accuracy": sum(acc_right) / len(acc_right), "generated_per_problem": tokens,
+                "flops_per_problem": flops, "_right": acc_right, **extra}
+
+    rows = [row("greedy", [1, 0, 0, 0], 50, 100), row("weighted-majority", [1, 1, 1, 0], 800, 1600),
+            row("majority", [1, 1, 0, 0], 800, 1200),
+            row("arith-draft:greedy", [1, 1, 0, 0], 50, 20),  # the cheap model's greedy is a fixed strategy too
+            row("arith-draft:majority@4", [1, 1, 1, 0], 200, 80),
+            row("compute-optimal@200", [1, 1, 1, 1], 190, 300, budget=200.0)]
+    f = adaptive_figures(rows)
+    assert f["best_at_quarter_tokens"] == 1.0 and f["best_at_quarter_tokens_by"] == "compute-optimal@200"
+    assert f["best_at_quarter_tokens_target_only"] == 0.25 and f["quarter_tokens"] == 200
+    assert f["best_at_quarter_flops"] == 1.0  # 300 FLOPs <= 400
+    assert f["headroom"] == 0.75 and f["headroom_by"] == "compute-optimal@200"
+    d = f["compute_optimal_detail"]["200"]
+    assert d["best_fixed"] == "arith-draft:majority@4" and f["compute_optimal_minus_best_fixed"]["200"] == 0.25
+    assert d["ci95"][0] <= 0.25 <= d["ci95"][1]
+    # at equal FLOPs (300): the draft's majority@4 (80) again
+    assert f["compute_optimal_detail_flops"]["200"]["best_fixed"] == "arith-draft:majority@4"
+    # the paired bootstrap: identical vectors give [0, 0]; a sure win gives [1, 1]
+    assert paired_bootstrap([1, 0, 1], [1, 0, 1]) == [0.0, 0.0] and paired_bootstrap([1, 1], [0, 0]) == [1.0, 1.0]

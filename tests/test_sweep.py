@@ -132,6 +132,28 @@ def test_report_numbers_by_hand(tmp_path):
     assert "| m | vote | n=4 | 1.000 (2/2) |" in md and "| 50.0 | 51.0 | 500 | 0.500 | * |" in md
 
 
+def test_the_frontier_ranges_over_every_model(tmp_path):
+    """A small model's greedy that beats the big model's vote at a tenth of the tokens
+    takes the vote off the frontier; each model keeps its own frontier too."""
+    with ResultsStore(tmp_path / "r.sqlite") as s:
+        s.add([_row("a1", "greedy", "{}", 0, 10, 100.0), _row("a2", "greedy", "{}", 1, 10, 100.0),
+               _row("b1", "vote", '{"n":4}', 1, 40, 400.0), _row("b2", "vote", '{"n":4}', 0, 40, 400.0),
+               _row("c1", "vote", '{"n":16}', 1, 160, 1600.0), _row("c2", "vote", '{"n":16}', 1, 160, 1600.0),
+               *({**_row(k, "greedy", "{}", c, 12, 20.0, model="small"), "model_id": "y"}
+                 for k, c in (("s1", 1), ("s2", 0)))])
+        (rows,) = summarise(s.rows()).values()
+    by = {(r["model"], r["strategy"], json.dumps(r["setting"])): r for r in rows}
+    g, v4, v16 = by[("m", "greedy", "{}")], by[("m", "vote", '{"n": 4}')], by[("m", "vote", '{"n": 16}')]
+    small = by[("small", "greedy", "{}")]
+    # tokens: greedy 10 (0.5) dominates small's 12 (0.5) and vote@4; vote@16 is the only way to 1.0
+    assert [g["frontier"], v4["frontier"], v16["frontier"], small["frontier"]] == [True, False, True, False]
+    # FLOPs: small's 20 (0.5) takes greedy's place
+    assert [g["frontier_flops"], small["frontier_flops"], v16["frontier_flops"]] == [False, True, True]
+    # within each model
+    assert g["model_frontier_flops"] and small["model_frontier"] and small["model_frontier_flops"]
+    assert not v4["model_frontier"]
+
+
 def test_bad_sweep_files_are_named(tmp_path):
     for raw, msg in [
         ({"model": [{"name": "arith"}], "task": [{"name": "arith"}], "strategy": [{"name": "greedy"}], "oops": 1},

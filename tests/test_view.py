@@ -492,7 +492,7 @@ def test_the_overview_draws_cost_truly_and_a_frontier_per_model(server, store, b
     lines = browser.find_elements("css selector", ".frontier-svg polyline.frontier-line")
     front = {}
     for s in summary:
-        front.setdefault(s["model"], []).append(s["frontier_flops"])
+        front.setdefault(s["model"], []).append(s["model_frontier_flops"])
     assert {e.get_attribute("data-model") for e in lines} == {m for m, f in front.items() if sum(f) > 1}
     named = {e.get_attribute("textContent") for e in browser.find_elements("css selector", ".frontier-svg .frontier-model")}
     assert named == {"arith", "arith-draft"}

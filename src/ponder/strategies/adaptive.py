@@ -117,7 +117,10 @@ def _compute_optimal(lm, p, s, ctx):
         own = _nested(s, name, name.replace("-", "_"))
         if "samples" in STRATEGIES[name].settings and "samples" in s:
             own.setdefault("samples", s["samples"])
-        inner[name] = build(name, lm, p, own, ctx)
+        # NAME.model=M: the candidate runs on another model (a cheap draft's vote is a way to
+        # spend compute too), so the policy chooses among every model's strategies
+        on = load_model(own.pop("model"), f"--set {name}.model") if "model" in own else lm
+        inner[name] = build(name, on, p, own, ctx)
     scorer = ctx.reward_model if s.get("difficulty") == "reward" else None
     probe = _sample(lm, p, s, ctx)
     if "probe_with" in s:  # a strategy's output as the probe (e.g. rsd): its settings as probe_with.KEY=V
@@ -133,7 +136,8 @@ def _compute_optimal(lm, p, s, ctx):
 
 register(Strategy("compute-optimal", _compute_optimal, "compute-optimal selection (Snell et al. 2024): --set probe=K "
                   "samples estimate difficulty (difficulty=agreement|reward), then --set policy=0.25:probe,"
-                  "0.5:best-of-n,1:prm-beam runs the named strategy (settings as NAME.KEY=V; samples=N for all); votes "
+                  "0.5:best-of-n,1:prm-beam runs the named strategy (settings as NAME.KEY=V, NAME.model=M to run it on another "
+                  "model; samples=N for all); votes "
                   "and best-of-N count the probe's samples as their first; probe_with=NAME probes with a strategy",
                   ("probe", "probe_with", "difficulty", "policy", "samples"), nested=("policy", "probe_with"),
                   needs=("task",), **_TEXT))

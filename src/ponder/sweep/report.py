@@ -33,8 +33,9 @@ COSTS = ("generated_tokens", "computed_tokens", "flops", "wall_s")
 def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     """{task/level: [one summary per (model, strategy, setting)]}, each with the
     per-problem means, and ``frontier`` (``frontier_flops``) True where no other setting
-    of the same task and model is at least as accurate for fewer generated tokens
-    (FLOPs), or more accurate for as many."""
+    of the same task, of any model, is at least as accurate for fewer generated tokens
+    (FLOPs), or more accurate for as many; ``model_frontier`` (``model_frontier_flops``)
+    the same among the settings of its own model."""
     # One row per configuration (its hash covers the seed, the sampling parameters, the
     # settings and the reward model) and model weights: runs that differ in any of them
     # are never pooled into one accuracy with a falsely narrow interval.
@@ -74,7 +75,11 @@ def summarise_sums(groups: Sequence[dict[str, Any]]) -> dict[str, list[dict[str,
         summaries.sort(key=lambda s: (s["model"], s["strategy"], s["generated_tokens"]))
         for s in summaries:
             for key, cost in (("frontier", "generated_tokens"), ("frontier_flops", "flops")):
-                s[key] = not any(o is not s and o["model"] == s["model"] and _dominates(o, s, cost) for o in summaries)
+                # over every model (a small model's cheap strategy is a way to spend compute
+                # too), and within the setting's own model (the viewer's line per model)
+                s[key] = not any(o is not s and _dominates(o, s, cost) for o in summaries)
+                s["model_" + key] = not any(o is not s and o["model"] == s["model"] and _dominates(o, s, cost)
+                                            for o in summaries)
     return dict(out)
 
 

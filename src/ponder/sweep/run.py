@@ -130,10 +130,10 @@ def parse_config(raw: dict[str, Any], where: str = "the sweep") -> SweepConfig:
             raise SettingError(f"{where}: each [[task]] needs name = \"arith\" (or a .jsonl file)")
         from ..tasks.registry import JSONL_OPTIONS
 
-        extra = set(t) - {"name", "level", "limit", *JSONL_OPTIONS}
+        extra = set(t) - {"name", "level", "limit", "split", *JSONL_OPTIONS}
         if extra:
             raise SettingError(f"{where}: [[task]] {t['name']} has unknown key(s) {', '.join(sorted(extra))}; "
-                               f"legal: name, level, limit, and for a .jsonl file {', '.join(JSONL_OPTIONS)}")
+                               f"legal: name, level, limit, split, and for a .jsonl file {', '.join(JSONL_OPTIONS)}")
         limit = t.get("limit")
         if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
             raise SettingError(f"{where}: [[task]] {t['name']}: limit must be an integer >= 1; got {limit!r}")
@@ -238,14 +238,18 @@ def prepare(cfg: SweepConfig) -> Prepared:
             mid += f"|chat:{digest(chat.source or '')}"  # another prompt format is another model
         for t in cfg.tasks:
             try:
-                task = load_task(t["name"], **{k: v for k, v in t.items() if k not in ("name", "level", "limit")})
+                task = load_task(t["name"], **{k: v for k, v in t.items() if k not in ("name", "level", "limit", "split")})
                 if chat is not None:
                     from ..tasks.base import FormattedTask
 
                     task = FormattedTask(task, chat.prompt_for)
-                problems = task.problems(t.get("level"), t.get("limit"))
+                problems = (task.problems(t.get("level"), t.get("limit"), split=t["split"]) if "split" in t
+                            else task.problems(t.get("level"), t.get("limit")))
             except SettingError as e:
                 raise SettingError(f"{where}: [[task]] {t['name']}: {e}") from None
+            except TypeError:  # problems() takes no split
+                raise SettingError(f"{where}: [[task]] {t['name']}: split applies to arith's levels (test, fit); "
+                                   "a JSONL task's problems are its file's") from None
             level = t.get("level") or getattr(task, "default_level", "") or ""
             for run in cfg.runs:
                 try:

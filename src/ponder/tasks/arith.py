@@ -56,6 +56,11 @@ LEVELS: dict[str, Level] = {
     "hard": Level("hard", 7, 8, 1),
 }
 TEST_SET_SIZE = 500
+# Named, disjoint splits of each level's 500 held-out problems (by position in the shipped
+# file): `test` is what results are reported on, `fit` what a policy is fitted or a
+# setting chosen on (compute-optimal's policies, thresholds). No number in the README
+# comes from a problem that also chose a setting.
+SPLITS: dict[str, tuple[int, int]] = {"test": (0, 400), "fit": (400, 500)}
 TEST_SEEDS = {"easy": 1001, "medium": 1002, "hard": 1003}
 
 
@@ -198,8 +203,11 @@ class ArithTask:
             return self._data_dir / f"arith_{level}.jsonl"
         return Path(str(resources.files("ponder.tasks") / "data" / f"arith_{level}.jsonl"))
 
-    def problems(self, level: str | None = None, limit: int | None = None) -> list[Problem]:
+    def problems(self, level: str | None = None, limit: int | None = None, split: str | None = None) -> list[Problem]:
+        """A level's held-out problems: all 500, or the named ``split`` (``SPLITS``)."""
         level = "hard" if level is None else level
+        if split is not None and split not in SPLITS:
+            raise SettingError(f"split must be one of {', '.join(SPLITS)}; got {split!r}", "split")
         if level not in LEVELS:
             raise SettingError(f"level must be one of {', '.join(LEVELS)}; got {level!r}", "level")
         if limit is not None and (not isinstance(limit, int) or limit < 1):
@@ -210,6 +218,9 @@ class ArithTask:
             probs = [Problem(r["id"], r["question"], str(r["answer"]), {"level": level}) for r in rows]
         else:  # the generator is deterministic, so this equals the shipped file
             probs = generate_test_set(level)
+        if split is not None:
+            lo, hi = SPLITS[split]
+            probs = probs[lo:hi]
         return probs[:limit] if limit else probs
 
     def prompt(self, problem: Problem) -> str:

@@ -81,10 +81,12 @@ def overview(store: ResultsStore) -> dict[str, Any]:
                         "ci95": s["ci95"], "generated_tokens": s["generated_tokens"],
                         "computed_tokens": s["computed_tokens"], "flops": s["flops"], "wall_s": s["wall_s"],
                         "frontier": s["frontier"], "frontier_flops": s["frontier_flops"],
+                        "model_frontier": s["model_frontier"], "model_frontier_flops": s["model_frontier_flops"],
                         "config_hash": s["config_hash"], "model_id": s["model_id"]})
         if task == LIVE:  # served requests have no answer key: nothing to be right or wrong about
             for o in out:
-                o.update(accuracy=None, ci95=None, correct=None, frontier=False, frontier_flops=False)
+                o.update(accuracy=None, ci95=None, correct=None, frontier=False, frontier_flops=False,
+                         model_frontier=False, model_frontier_flops=False)
         tasks[task] = {"settings": out, "judged": task != LIVE}
     return {"tasks": tasks, "store": str(store.path), "rows": sum(g["n"] for g in groups)}
 

@@ -142,7 +142,8 @@
   }
 
   function frontierPlot(task, settings, cost) {  // cost: "generated_tokens" or "flops", per problem, log scale
-    const onFront = (s) => (cost === "flops" ? s.frontier_flops : s.frontier);
+    const onFront = (s) => (cost === "flops" ? s.frontier_flops : s.frontier);  // over every model
+    const onModelFront = (s) => (cost === "flops" ? s.model_frontier_flops : s.model_frontier);
     const W = 800, H = 440, L = 56, R = 90, T = 16, B = 44;
     const xs = settings.map((s) => Math.max(1, s[cost]));
     const lx0 = Math.log10(Math.min(...xs)) - 0.1, lx1 = Math.log10(Math.max(...xs)) + 0.1;
@@ -177,7 +178,7 @@
     const st = styles(settings);
     // a frontier per model: models are never joined into one line
     st.models.forEach((m, mi) => {
-      const front = settings.filter((s) => s.model === m && onFront(s)).sort((a, b) => a[cost] - b[cost]);
+      const front = settings.filter((s) => s.model === m && onModelFront(s)).sort((a, b) => a[cost] - b[cost]);
       if (!front.length) return;
       if (front.length > 1) {
         svg.append(sv("polyline", { points: front.map((s) => `${X(s[cost])},${Y(s.accuracy)}`).join(" "),
@@ -216,7 +217,8 @@
       c.addEventListener("mousemove", (ev) => showTip(ev, [s.label, `model ${s.model}`,
         `accuracy ${fmt(s.accuracy, 3)} [${fmt(s.ci95[0], 3)}, ${fmt(s.ci95[1], 3)}] (${s.correct}/${s.problems})`,
         `${fmt(s.generated_tokens)} generated tokens, ${sci(s.flops)} FLOPs per problem`,
-        onFront(s) ? `on ${s.model}'s frontier` : "", "click: its problems"]));
+        onFront(s) ? "on the frontier (every model)" : onModelFront(s) ? `on ${s.model}'s frontier` : "",
+        "click: its problems"]));
       c.addEventListener("mouseleave", hideTip);
       c.addEventListener("click", () => {
         hideTip();
