@@ -79,7 +79,7 @@ def main() -> None:
     ratio = best_c / best_u
     print(f"constrained {1e3 * best_c:.3f} ms/token, unconstrained {1e3 * best_u:.3f} ms/token, ratio {ratio:.3f}x "
           f"(grammar compiled once in {1e3 * compile_s:.1f} ms)")
-    from ponder.models.llama_c import cpu_summary
+    from ponder.models.kernel import cpu_summary
 
     print(json.dumps({**cpu_summary(),
         "benchmark": "constrained_overhead", "model": lm.name, "samples_per_round": args.samples, "batch": 1,

@@ -79,7 +79,7 @@ def main() -> None:
     ponder_tps, hf_tps = args.tokens / best_p, args.tokens / best_h
     print(f"ponder {ponder_tps:.1f} tok/s, transformers {hf_tps:.1f} tok/s, ratio {ponder_tps / hf_tps:.2f}x, "
           f"identical tokens: {same}")
-    from ponder.models.llama_c import cpu_summary
+    from ponder.models.kernel import cpu_summary
 
     print(json.dumps({**cpu_summary(),
         "benchmark": "decode_speed", "model": lm.name, "parameters": lm.num_parameters(), "batch": 1,

@@ -80,7 +80,7 @@ def main() -> None:
     from decode_speed import race  # the same race as decode_speed.py's (this folder is on sys.path)
 
     from ponder.backends.native import NativeLM
-    from ponder.models.llama_c import cpu_summary
+    from ponder.models.kernel import cpu_summary
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

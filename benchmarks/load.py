@@ -143,7 +143,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from ponder.models.llama_c import cpu_summary
+    from ponder.models.kernel import cpu_summary
     from servers import ponder_serve
 
     srv = ponder_serve("--reward-model", "arith-reward", threads=args.threads)

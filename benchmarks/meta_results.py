@@ -315,7 +315,7 @@ def main() -> None:
                                                make("best-of-n", {"samples": N}), sub)
         print(f"PRM beam / best-of-{N} wall time, A-B-A-B on {len(sub)} problems: {ratio:.2f} "
               f"(PRM beam {', '.join(f'{t:.1f}' for t in ta)} s; best-of-N {', '.join(f'{t:.1f}' for t in tb)} s)")
-    from ponder.models.llama_c import cpu_summary
+    from ponder.models.kernel import cpu_summary
 
     figures = adaptive_figures(rows)
     print(f"adaptive figures: {json.dumps(figures)}")

@@ -72,7 +72,7 @@ def main() -> None:
     print(f"forward passes alone: 1 row {step_1 * 1e3:.3f} ms, {args.n} rows {step_n * 1e3:.3f} ms per step: "
           f"{forward_ratio:.2f}x the tokens/s")
     print(f"N={args.n}: batched {best_b:.1f} tok/s, sequential {best_s:.1f} tok/s, ratio {ratio:.2f}x")
-    from ponder.models.llama_c import cpu_summary
+    from ponder.models.kernel import cpu_summary
 
     print(json.dumps({**cpu_summary(), "benchmark": "parallel_samples", "model": lm.name, "n": args.n, "tokens_per_sample": args.tokens,
                       "threads": args.threads, "batched_tokens_per_s": round(best_b, 1),

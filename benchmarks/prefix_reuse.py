@@ -88,7 +88,7 @@ def main() -> None:
     print(f"with the prefix cache:    {c_cache} tokens computed ({c_cache / unique:.3f} per unique token), {t_cache:.2f}s")
     print(f"without the prefix cache: {c_plain} tokens computed ({c_plain / unique:.3f} per unique token), {t_plain:.2f}s")
     print(f"wall time without / with: {t_plain / t_cache:.2f}x; same trees: {same}; cache: {pc}")
-    from ponder.models.llama_c import cpu_summary
+    from ponder.models.kernel import cpu_summary
 
     print(json.dumps({**cpu_summary(), "benchmark": "prefix_reuse", "model": cached.name, "problems": args.problems, "depth": args.depth,
                       "branch": args.branch, "threads": args.threads, "unique_tokens": unique,

@@ -119,7 +119,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from ponder.models.llama_c import cpu_summary
+    from ponder.models.kernel import cpu_summary
     from ponder.tasks.registry import load_task
     from servers import ARITH, ponder_serve, stop_vllm, vllm_serve
 

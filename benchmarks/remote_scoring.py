@@ -185,7 +185,7 @@ def main() -> None:
         print(f"{name} format in-process: PRM beam {t_beam:.1f} s, best-of-{args.n} {t_best:.1f} s, ratio "
               f"{t_beam / t_best:.2f}", flush=True)
     shutil.rmtree(folder, ignore_errors=True)
-    from ponder.models.llama_c import cpu_summary
+    from ponder.models.kernel import cpu_summary
 
     print(json.dumps({**cpu_summary(), "benchmark": "remote_scoring", "problems": len(problems), "n": args.n,
                       "threads": args.threads, "rows": rows,

@@ -79,7 +79,7 @@ def main() -> None:
         print(f"plot: {args.out}")
     except ImportError:
         print("matplotlib is not installed: no plot")
-    from ponder.models.llama_c import cpu_summary
+    from ponder.models.kernel import cpu_summary
 
     print(json.dumps({**cpu_summary(), "benchmark": "scaling", "model": base.name, "prompt_tokens": len(prompt), "tokens": args.tokens,
                       "threads": args.threads, "rows": rows,

@@ -97,7 +97,7 @@ def main() -> None:
     for (s, n), x in speed.items():
         print(f"{s:8s} {n:6s}: speedup {x:.2f}x, acceptance {acc[(s, n)]:.3f}")
     print(f"plain greedy {tokens / best[('arith', 'greedy')]:.1f} tok/s on arith; outputs identical: {identical}")
-    from ponder.models.llama_c import cpu_summary
+    from ponder.models.kernel import cpu_summary
 
     print(json.dumps({**cpu_summary(), "benchmark": "speculative", "model": lm.name, "draft_model": draft.name, "level": args.level,
                       "problems": len(prompts), "draft_tokens": args.draft_tokens, "threads": args.threads,

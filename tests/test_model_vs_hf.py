@@ -214,7 +214,7 @@ def test_auto_backend_is_c_and_falls_back_to_numpy_without_a_compiler(hf_checkpo
     code = ("from ponder.backends.native import NativeLM\nfrom ponder.models.loader import *\n"
             f"lm = NativeLM(load_transformer({str(folder)!r}), load_tokenizer({str(folder)!r}))\n"
             "print(lm.backend_in_use)\n"
-            "from ponder.models.llama_c import kernel_error\nprint(kernel_error())")
+            "from ponder.models.kernel import kernel_error\nprint(kernel_error())")
     env = {**__import__("os").environ, "CC": str(tmp_path / "no-such-compiler"), "PONDER_CACHE_DIR": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.splitlines()[0] == "numpy"
@@ -264,7 +264,7 @@ def test_c_kernel_shares_torchs_openmp_runtime(arith_lm):
     one runtime (one pool of threads) in the process, and passes can use it."""
     from pathlib import Path
 
-    from ponder.models.llama_c import torch_openmp
+    from ponder.models.kernel import torch_openmp
 
     if torch_openmp() is None:
         pytest.skip("torch does not use GNU OpenMP here")
@@ -300,7 +300,7 @@ def test_scalar_kernel_without_avx2_matches_torch(tmp_path):
         pytest.skip("x86-64 only")
     code = """
 import torch
-from ponder.models.llama_c import load_kernel, kernel_error
+from ponder.models.kernel import load_kernel, kernel_error
 from ponder.backends.native import NativeLM
 lib = load_kernel()
 assert lib is not None, kernel_error()
@@ -324,23 +324,23 @@ print("ok", d)
 
 
 def test_a_cached_kernel_the_cpu_cannot_run_is_refused(tmp_path, monkeypatch):
-    from ponder.models import llama_c
+    from ponder.models import kernel
 
-    assert llama_c.missing_features(3, {"avx2", "fma", "sse2"}) == []
-    assert llama_c.missing_features(3, {"avx2", "sse2"}) == ["fma"]
-    assert llama_c.missing_features(5, {"avx2", "fma"}) == ["avx512f"]
-    lib = llama_c.load_kernel()
+    assert kernel.missing_features(3, {"avx2", "fma", "sse2"}) == []
+    assert kernel.missing_features(3, {"avx2", "sse2"}) == ["fma"]
+    assert kernel.missing_features(5, {"avx2", "fma"}) == ["avx512f"]
+    lib = kernel.load_kernel()
     if lib is None or lib.ponder_isa() == 0:
         pytest.skip("no vector build here")
     # the same build, seen from a host without AVX2: refused before any call into it
     monkeypatch.setenv("PONDER_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(llama_c, "_kernel", None)
-    monkeypatch.setattr(llama_c, "_kernel_error", None)
-    monkeypatch.setattr(llama_c, "_cpu_id", lambda cc: "a host with the same model name")
-    real = llama_c.cpu_flags()
-    monkeypatch.setattr(llama_c, "cpu_flags", lambda: real - {"avx2", "fma", "avx512f"})
-    assert llama_c.load_kernel() is None
-    assert "lacks" in llama_c.kernel_error()
+    monkeypatch.setattr(kernel, "_kernel", None)
+    monkeypatch.setattr(kernel, "_kernel_error", None)
+    monkeypatch.setattr(kernel, "_cpu_id", lambda cc: "a host with the same model name")
+    real = kernel.cpu_flags()
+    monkeypatch.setattr(kernel, "cpu_flags", lambda: real - {"avx2", "fma", "avx512f"})
+    assert kernel.load_kernel() is None
+    assert "lacks" in kernel.kernel_error()
 
 
 @pytest.fixture(scope="module")
