@@ -128,7 +128,7 @@ def _remote_reward(spec: str, fmt: str | None, dtype: str, tokenizer: Any = None
 
 
 def _hf_reward(spec: str, fmt: str | None, dtype: str, **options: Any) -> Any:
-    from ..scoring.reward import HFRewardModel
+    from ..scoring.hf_reward import HFRewardModel
 
     if not spec[3:]:
         raise SettingError("hf: needs a checkpoint folder or a shipped model's name (hf:/path/to/prm)")
