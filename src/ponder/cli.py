@@ -210,17 +210,7 @@ def generate(
                                  grammar=grammar, choice=list(choice) or None)
     settings = _merge_sets(flags, sets)
     if speculative is not None:
-        if speculative not in ("draft", "ngram"):
-            _fail(f"--speculative takes 'draft' or 'ngram'; got {speculative!r}")
-        if strategy not in ("greedy", "sample"):
-            _fail("--speculative works with --strategy greedy or sample")
-        if draft_tokens != "auto" and not (draft_tokens.isdigit() and 1 <= int(draft_tokens) <= 64):
-            _fail(f"--draft-tokens takes an integer in [1, 64] or 'auto'; got {draft_tokens!r}")
-        settings.update(draft_model="ngram" if speculative == "ngram" else draft_model,
-                        num_draft_tokens=draft_tokens if draft_tokens == "auto" else int(draft_tokens))
-        if strategy == "greedy":
-            params = params.replace(temperature=0.0)
-        strategy = "speculative"
+        strategy, params = _speculative_flags(speculative, strategy, draft_model, draft_tokens, params, settings)
     lm = strategies.load_model(model, "--model", dtype)
     if hasattr(lm, "vocab_size"):
         params.check_for(lm.vocab_size)
@@ -230,9 +220,8 @@ def generate(
         prompt = ChatTemplate.load(chat_template, lm).prompt_for(prompt)
     rm = _load_reward(reward_model, "--reward-model", reward_format)
     gen = strategies.build(strategy, lm, params.replace(n=1, seed=None), settings, strategies.Context(reward_model=rm))
-    n, seed = params.n, params.seed
     if as_json:
-        gens = gen.generate_batch([prompt], n=n, seed=seed)[0]
+        gens = gen.generate_batch([prompt], n=params.n, seed=params.seed)[0]
         from .types import Usage
 
         print(json.dumps({
@@ -241,6 +230,26 @@ def generate(
             "usage": Usage.total(g.usage for g in gens).to_dict(),
         }))
         return
+    _print_generations(gen, prompt, params.n, params.seed)
+
+
+def _speculative_flags(speculative: str, strategy: str, draft_model: str, draft_tokens: str, params: SamplingParams,
+                       settings: dict[str, Any]) -> tuple[str, SamplingParams]:
+    """--speculative draft|ngram as the speculative strategy's settings (into
+    ``settings``); greedy's temperature 0 kept."""
+    if speculative not in ("draft", "ngram"):
+        _fail(f"--speculative takes 'draft' or 'ngram'; got {speculative!r}")
+    if strategy not in ("greedy", "sample"):
+        _fail("--speculative works with --strategy greedy or sample")
+    if draft_tokens != "auto" and not (draft_tokens.isdigit() and 1 <= int(draft_tokens) <= 64):
+        _fail(f"--draft-tokens takes an integer in [1, 64] or 'auto'; got {draft_tokens!r}")
+    settings.update(draft_model="ngram" if speculative == "ngram" else draft_model,
+                    num_draft_tokens=draft_tokens if draft_tokens == "auto" else int(draft_tokens))
+    return "speculative", params.replace(temperature=0.0) if strategy == "greedy" else params
+
+
+def _print_generations(gen: Any, prompt: str, n: int, seed: int | None) -> None:
+    """Stream one generation as it comes (where the strategy streams), else print each."""
     if n == 1 and hasattr(gen, "stream"):
         last = "\n"
         for ev in gen.stream(prompt, seed=seed):
@@ -349,20 +358,7 @@ def eval_cmd(
     from . import strategies
     from .tasks.registry import load_task
 
-    if limit is not None and limit < 1:
-        _fail(f"--limit must be >= 1; got {limit}")
-    if samples is not None and samples < 1:
-        _fail(f"--samples must be >= 1; got {samples}")
-    if chunk < 0:
-        _fail(f"--chunk must be >= 1 (or 0 for automatic); got {chunk}")
-    if threads < 0:
-        _fail(f"--threads must be >= 1 (or 0 for torch's default); got {threads}")
-    if strategy not in strategies.STRATEGIES:
-        _fail(f"--strategy {strategy!r} is unknown; choose one of: {', '.join(strategies.STRATEGIES)}")
-    st = strategies.STRATEGIES[strategy]
-    if samples is not None and "samples" not in st.settings:
-        _fail(f"--samples applies to strategies that draw several candidates (majority, best-of-n, prm-beam, ...); "
-              f"not {strategy}")
+    st = _check_eval_flags(limit, samples, chunk, threads, strategy)
     t = load_task(task, **_parse_pairs(task_option, "--task-option"))
     problems = t.problems(level, limit)
     params, sets = _split_sets(params, _parse_sets(set_))
@@ -404,8 +400,33 @@ def eval_cmd(
     if as_json:
         print(json.dumps(res))
         return
+    _print_eval(res, f"{strategy} on {label}")
+
+
+def _check_eval_flags(limit: int | None, samples: int | None, chunk: int, threads: int, strategy: str) -> Any:
+    """The eval command's numbers and strategy, checked; the strategy's registration."""
+    from . import strategies
+
+    if limit is not None and limit < 1:
+        _fail(f"--limit must be >= 1; got {limit}")
+    if samples is not None and samples < 1:
+        _fail(f"--samples must be >= 1; got {samples}")
+    if chunk < 0:
+        _fail(f"--chunk must be >= 1 (or 0 for automatic); got {chunk}")
+    if threads < 0:
+        _fail(f"--threads must be >= 1 (or 0 for torch's default); got {threads}")
+    if strategy not in strategies.STRATEGIES:
+        _fail(f"--strategy {strategy!r} is unknown; choose one of: {', '.join(strategies.STRATEGIES)}")
+    st = strategies.STRATEGIES[strategy]
+    if samples is not None and "samples" not in st.settings:
+        _fail(f"--samples applies to strategies that draw several candidates (majority, best-of-n, prm-beam, ...); "
+              f"not {strategy}")
+    return st
+
+
+def _print_eval(res: dict[str, Any], what: str) -> None:
     lo, hi = res["ci95"]
-    print(f"{strategy} on {label}: accuracy {res['accuracy']:.3f} "
+    print(f"{what}: accuracy {res['accuracy']:.3f} "
           f"(95% CI {lo:.3f}-{hi:.3f}, {res['correct']}/{res['problems']})")
     for key in ("pass_at_n", "majority_of_samples", "prm_step_auc"):
         if key in res and res[key] is not None:
