@@ -30,13 +30,25 @@ def _int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+# How a field travels over the OpenAI API (``api=``), read by the client
+# (backends/openai.py: what a request body carries) and the server (server/api.py: what a
+# request may set), so the two cannot disagree:
+#   "openai": OpenAI's own request field;
+#   "extension": vLLM's and SGLang's extension (ponder serve takes it too), sent when set;
+#   "ponder": needs the model's logits; ponder serve takes it, other servers do not;
+#   "request": shapes the request itself (n, max_tokens, seed, stop, logprobs).
+API_KINDS = ("openai", "extension", "ponder", "request")
+
+
 def _setting(default: Any, help: str, legal: str, ok: Callable[[Any], bool], *, group: str = "adapter",
-             flag: str | None = None, factory: Callable[[], Any] | None = None) -> Any:
+             flag: str | None = None, factory: Callable[[], Any] | None = None, api: str = "ponder") -> Any:
     """A field with its help, its legal range (said in errors) and its check.
     ``group``: "adapter" (sampling adapters, which greedy decoding cannot honour),
     "history" (penalties and biases, which every token-level strategy takes),
-    "option" (stops, lengths, seeds) or "output" (what a result carries)."""
-    meta = {"help": help, "legal": legal, "ok": ok, "group": group, "flag": flag}
+    "option" (stops, lengths, seeds) or "output" (what a result carries).
+    ``api``: how it travels over the OpenAI API (``API_KINDS``)."""
+    assert api in API_KINDS, api
+    meta = {"help": help, "legal": legal, "ok": ok, "group": group, "flag": flag, "api": api}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -48,16 +60,17 @@ class SamplingParams:
     ``SettingError`` naming the field and its legal range."""
 
     n: int = _setting(1, "Number of outputs per prompt.", "an integer in [1, 1000000]",
-                      lambda v: _int(v) and 1 <= v <= 1_000_000, group="option")
+                      lambda v: _int(v) and 1 <= v <= 1_000_000, group="option", api="request")
     max_tokens: int = _setting(256, "Most tokens to generate (generation also ends at the model's context).",
-                               "an integer >= 1", lambda v: _int(v) and v >= 1, group="option")
+                               "an integer >= 1", lambda v: _int(v) and v >= 1, group="option", api="request")
     temperature: float = _setting(1.0, "Sampling temperature; 0 is greedy decoding.", ">= 0",
-                                  lambda v: _num(v) and v >= 0)
+                                  lambda v: _num(v) and v >= 0, api="openai")
     top_k: int = _setting(0, "Keep the k most likely tokens (0 = off).", "an integer >= 0",
-                          lambda v: _int(v) and v >= 0)
-    top_p: float = _setting(1.0, "Nucleus mass (1 = off).", "in (0, 1]", lambda v: _num(v) and 0 < v <= 1)
+                          lambda v: _int(v) and v >= 0, api="extension")
+    top_p: float = _setting(1.0, "Nucleus mass (1 = off).", "in (0, 1]", lambda v: _num(v) and 0 < v <= 1,
+                          api="openai")
     min_p: float = _setting(0.0, "Min-p: keep tokens with p >= min_p * max p (0 = off).", "in [0, 1]",
-                            lambda v: _num(v) and 0 <= v <= 1)
+                            lambda v: _num(v) and 0 <= v <= 1, api="extension")
     typical_p: float = _setting(1.0, "Locally typical sampling mass (1 = off).", "in (0, 1]",
                                 lambda v: _num(v) and 0 < v <= 1)
     epsilon: float = _setting(0.0, "Epsilon sampling cut-off (0 = off).", "in [0, 1)",
@@ -70,38 +83,39 @@ class SamplingParams:
     mirostat_tau: float = _setting(5.0, "Mirostat target surprise in bits.", "> 0", lambda v: _num(v) and v > 0)
     mirostat_eta: float = _setting(0.1, "Mirostat learning rate.", "in (0, 1]", lambda v: _num(v) and 0 < v <= 1)
     repetition_penalty: float = _setting(1.0, "Repetition penalty (1 = off).", "> 0", lambda v: _num(v) and v > 0,
-                                         group="history")
+                                         group="history", api="extension")
     frequency_penalty: float = _setting(0.0, "Frequency penalty (0 = off).", "in [-2, 2]",
-                                        lambda v: _num(v) and -2 <= v <= 2, group="history")
+                                        lambda v: _num(v) and -2 <= v <= 2, group="history", api="openai")
     presence_penalty: float = _setting(0.0, "Presence penalty (0 = off).", "in [-2, 2]",
-                                       lambda v: _num(v) and -2 <= v <= 2, group="history")
+                                       lambda v: _num(v) and -2 <= v <= 2, group="history", api="openai")
     no_repeat_ngram_size: int = _setting(0, "Ban repeated n-grams of this size (0 = off).", "an integer >= 0",
                                          lambda v: _int(v) and v >= 0, group="history", flag="--no-repeat-ngram")
     min_tokens: int = _setting(0, "Generate at least this many tokens before EOS.", "an integer >= 0",
-                               lambda v: _int(v) and v >= 0, group="history")
+                               lambda v: _int(v) and v >= 0, group="history", api="extension")
     logit_bias: Mapping[int, float] = _setting(None, 'Bias added to token ids\' logits, JSON {"token_id": bias}.',
                                                "a mapping of token ids >= 0 to numbers (or -inf)",
                                                lambda v: isinstance(v, Mapping) and all(
                                                    _int(k) and k >= 0 and isinstance(b, (int, float))
                                                    and not isinstance(b, bool) and not math.isnan(b)
                                                    for k, b in v.items()),
-                                               group="history", factory=dict)
+                                               group="history", factory=dict, api="openai")
     bad_words: tuple[str, ...] = _setting((), "Text never to generate (repeatable).", "non-empty strings",
                                           lambda v: all(isinstance(w, str) and w for w in v), group="history")
     stop: tuple[str, ...] = _setting((), "Stop string (repeatable); not included in the output.",
                                      "non-empty strings", lambda v: all(isinstance(w, str) and w for w in v),
-                                     group="option")
+                                     group="option", api="request")
     stop_token_ids: tuple[int, ...] = _setting((), "Token ids that end generation.", "token ids >= 0",
-                                               lambda v: all(_int(t) and t >= 0 for t in v), group="option")
+                                               lambda v: all(_int(t) and t >= 0 for t in v), group="option",
+                                               api="extension")
     ignore_eos: bool = _setting(False, "Keep generating past EOS.", "true or false",
-                                lambda v: isinstance(v, bool), group="option")
+                                lambda v: isinstance(v, bool), group="option", api="extension")
     seed: int | None = _setting(None, "Seed; the same seed gives the same output.",
                                 f"an integer in [0, {MAX_SEED - 1}]", lambda v: v is None or (_int(v) and 0 <= v < MAX_SEED),
-                                group="option")
+                                group="option", api="request")
     token_healing: bool = _setting(False, "Back off the prompt's last token and let the model re-spell it.",
                                    "true or false", lambda v: isinstance(v, bool), group="option")
     logprobs: int = _setting(0, "Top-k log-probabilities to return per generated token (0 = none).",
-                             "an integer in [0, 20]", lambda v: _int(v) and 0 <= v <= 20, group="output")
+                             "an integer in [0, 20]", lambda v: _int(v) and 0 <= v <= 20, group="output", api="request")
 
     def __post_init__(self) -> None:
         # sequences given as lists (JSON, the CLI) or a lone string become tuples
@@ -130,6 +144,11 @@ class SamplingParams:
             bad = [t for t in ids if t >= vocab_size]
             if bad:
                 raise SettingError(f"{name} token ids must be in [0, {vocab_size}); got {bad[0]}", name)
+
+    @staticmethod
+    def api_fields(*kinds: str) -> tuple[str, ...]:
+        """The fields that travel over the OpenAI API as ``kinds`` say (``API_KINDS``)."""
+        return tuple(f.name for f in fields(SamplingParams) if f.metadata["api"] in kinds)
 
     # -- what was set ----------------------------------------------------------------------
     @staticmethod

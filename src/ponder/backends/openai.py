@@ -59,14 +59,9 @@ log = logging.getLogger("ponder.openai")
 # statuses worth another attempt (elsewhere): rate limits, overload, gateway faults
 RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 
-# SamplingParams a completions request carries: OpenAI's own, then vLLM's (and SGLang's)
-# extensions, sent only when set. The rest need logits, which a remote server does not give.
-_OPENAI_FIELDS = ("temperature", "top_p", "frequency_penalty", "presence_penalty", "logit_bias")
-_EXTENSION_FIELDS = ("top_k", "min_p", "repetition_penalty", "min_tokens", "stop_token_ids", "ignore_eos")
-_LOCAL_ONLY = ("typical_p", "epsilon", "eta", "top_n_sigma", "mirostat", "mirostat_tau", "mirostat_eta",
-               "no_repeat_ngram_size", "bad_words", "token_healing")
-
-
+# What a request body carries of SamplingParams is declared with each field (its ``api``
+# kind, ponder.params): OpenAI's own and the extensions are sent when set; the fields
+# that need the model's logits go to ponder serve only.
 class _Retry(Exception):
     """One attempt failed in a way another attempt may not (a retryable fault)."""
 
@@ -482,7 +477,8 @@ class OpenAILM:
         else:
             body["prompt"] = prompt
         changed = params.changed()
-        for f in _OPENAI_FIELDS + _EXTENSION_FIELDS:
+        kinds = ("openai", "extension", "ponder") if self.server == "ponder" else ("openai", "extension")
+        for f in params.api_fields(*kinds):
             if f in changed or f == "temperature":
                 v = getattr(params, f)
                 body[f] = ({str(k): b for k, b in v.items()} if f == "logit_bias"
@@ -515,7 +511,7 @@ class OpenAILM:
     def check(self, params: Any) -> None:
         """Refuse settings a completions server cannot honour, naming them."""
         changed = params.changed()
-        local = [f for f in _LOCAL_ONLY if f in changed]
+        local = [f for f in params.api_fields("ponder") if f in changed] if self.server != "ponder" else []
         if local:
             raise SettingError(f"{', '.join(local)} {'needs' if len(local) == 1 else 'need'} the model's logits, which {self.endpoint} does not give; "
                                "drop them or run the model in-process (native or transformers backend)")

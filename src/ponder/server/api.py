@@ -50,8 +50,10 @@ class Limits:
 
 
 # body fields -> SamplingParams fields (OpenAI's names and vLLM's extensions)
-_PARAMS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "seed", "frequency_penalty",
-           "presence_penalty", "repetition_penalty", "min_tokens", "stop_token_ids", "ignore_eos", "typical_p")
+# the SamplingParams a request may set, as each field declares (ponder.params, ``api``);
+# stop and logprobs are read with their own rules
+_PARAMS = tuple(f for f in SamplingParams.api_fields("openai", "extension", "ponder", "request")
+                if f not in ("stop", "logprobs"))
 # accepted and without effect on the output (so clients that always send them work)
 _IGNORED = ("user", "service_tier", "store", "metadata", "parallel_tool_calls", "skip_special_tokens",
             "spaces_between_special_tokens")
@@ -137,6 +139,40 @@ def parse(body: Any, chat: bool, limits: Limits, context: int, served: str, voca
     if not chat and body.get("suffix") not in (None, ""):
         raise bad("suffix is not supported: ponder's models do not fill in the middle; send the prompt only",
                   "suffix")
+    _stop_and_bias(body, raw, vocab)
+    job = Job(prompts=[], params=SamplingParams(), chat=chat, stream=_bool(body, "stream"), model=served)
+    job.max_tokens_given, job.best_of, job.max_tokens_field = given, best_of, mt_field
+    so = body.get("stream_options")
+    if so is not None:
+        if not isinstance(so, dict) or not isinstance(so.get("include_usage", True), bool):
+            raise bad("stream_options must be {include_usage: true | false}", "stream_options")
+        if not job.stream:
+            raise bad("stream_options is only for stream: true", "stream_options")
+        job.include_usage = so.get("include_usage", True)
+    if best_of is not None and best_of > n and job.stream:
+        raise bad("best_of > n cannot stream: the best are known only at the end; set stream false", "best_of")
+    _logprobs(body, job, raw)
+    if mt == 0:
+        if not job.echo:
+            raise bad(f"{mt_field} must be >= 1 (0 is for scoring a prompt with echo)", mt_field)
+        job.score_only, raw["max_tokens"] = True, 1
+
+    rf = body.get("response_format")
+    if rf is not None:
+        job.constraint = _response_format(rf)
+    if body.get("ponder") is not None:
+        _ponder_extension(body["ponder"], job)
+    try:
+        job.params = SamplingParams(**raw)
+    except SettingError as e:
+        raise bad(str(e), str(e).split(" ", 1)[0]) from None
+    except TypeError as e:
+        raise bad(f"a sampling setting has the wrong type: {e}") from None
+    return job
+
+
+def _stop_and_bias(body: dict, raw: dict[str, Any], vocab: int | None) -> None:
+    """``stop`` (a string or up to 16) and ``logit_bias`` (token id -> bias) into ``raw``."""
     if "stop" in body and body["stop"] is not None:
         stop = body["stop"]
         stop = [stop] if isinstance(stop, str) else stop
@@ -154,20 +190,13 @@ def parse(body: Any, chat: bool, limits: Limits, context: int, served: str, voca
             raise bad(f"logit_bias key {out[0]} is not a token id of this model: ids are in [0, {vocab})",
                       "logit_bias")
 
-    job = Job(prompts=[], params=SamplingParams(), chat=chat, stream=_bool(body, "stream"), model=served)
-    job.max_tokens_given, job.best_of, job.max_tokens_field = given, best_of, mt_field
-    so = body.get("stream_options")
-    if so is not None:
-        if not isinstance(so, dict) or not isinstance(so.get("include_usage", True), bool):
-            raise bad("stream_options must be {include_usage: true | false}", "stream_options")
-        if not job.stream:
-            raise bad("stream_options is only for stream: true", "stream_options")
-        job.include_usage = so.get("include_usage", True)
-    if best_of is not None and best_of > n and job.stream:
-        raise bad("best_of > n cannot stream: the best are known only at the end; set stream false", "best_of")
+
+def _logprobs(body: dict, job: Job, raw: dict[str, Any]) -> None:
+    """Token ids in the response, and top-k logprobs: the chat way (logprobs: true,
+    top_logprobs: k) or the completions way (logprobs: k, echo)."""
     job.token_ids = _bool(body, "return_token_ids")
     job.tokens_as_ids = _bool(body, "return_tokens_as_token_ids")
-    if chat:
+    if job.chat:
         if _bool(body, "logprobs"):
             job.top_logprobs = _int(body, "top_logprobs", 0, 20, 0)
         elif body.get("top_logprobs") is not None:
@@ -178,45 +207,32 @@ def parse(body: Any, chat: bool, limits: Limits, context: int, served: str, voca
         job.echo = _bool(body, "echo")
     if job.top_logprobs is not None:
         raw["logprobs"] = job.top_logprobs
-    if mt == 0:
-        if not job.echo:
-            raise bad(f"{mt_field} must be >= 1 (0 is for scoring a prompt with echo)", mt_field)
-        job.score_only, raw["max_tokens"] = True, 1
 
-    rf = body.get("response_format")
-    if rf is not None:
-        job.constraint = _response_format(rf)
-    pd = body.get("ponder")
-    if pd is not None:
-        if not isinstance(pd, dict):
-            raise bad("ponder must be an object: {strategy, settings, task, trace}", "ponder")
-        extra = sorted(set(pd) - {"strategy", "settings", "task", "trace"})
-        if extra:
-            raise bad(f"ponder.{extra[0]} is unknown; ponder takes strategy, settings, task and trace", f"ponder.{extra[0]}")
-        strategy = pd.get("strategy")
-        if not isinstance(strategy, str) or not strategy:
-            raise bad("ponder.strategy must name a strategy (GET /v1/strategies lists them)", "ponder.strategy")
-        settings = pd.get("settings", {})
-        if not isinstance(settings, dict):
-            raise bad("ponder.settings must be an object of the strategy's settings", "ponder.settings")
-        task = pd.get("task")
-        if task is not None and not isinstance(task, str):
-            raise bad("ponder.task must be a task's name", "ponder.task")
-        if not isinstance(pd.get("trace", False), bool):
-            raise bad("ponder.trace must be true or false", "ponder.trace")
-        job.strategy, job.settings, job.task, job.trace = strategy, dict(settings), task, bool(pd.get("trace"))
-        if best_of is not None:
-            raise bad("best_of with ponder.strategy: the strategy chooses its own answers; drop best_of", "best_of")
-        if job.stream:
-            raise bad("stream with ponder.strategy: a strategy's answer is known only at its end; set stream false",
-                      "stream")
-    try:
-        job.params = SamplingParams(**raw)
-    except SettingError as e:
-        raise bad(str(e), str(e).split(" ", 1)[0]) from None
-    except TypeError as e:
-        raise bad(f"a sampling setting has the wrong type: {e}") from None
-    return job
+
+def _ponder_extension(pd: Any, job: Job) -> None:
+    """``ponder: {strategy, settings, task, trace}``: run a strategy for this request."""
+    if not isinstance(pd, dict):
+        raise bad("ponder must be an object: {strategy, settings, task, trace}", "ponder")
+    extra = sorted(set(pd) - {"strategy", "settings", "task", "trace"})
+    if extra:
+        raise bad(f"ponder.{extra[0]} is unknown; ponder takes strategy, settings, task and trace", f"ponder.{extra[0]}")
+    strategy = pd.get("strategy")
+    if not isinstance(strategy, str) or not strategy:
+        raise bad("ponder.strategy must name a strategy (GET /v1/strategies lists them)", "ponder.strategy")
+    settings = pd.get("settings", {})
+    if not isinstance(settings, dict):
+        raise bad("ponder.settings must be an object of the strategy's settings", "ponder.settings")
+    task = pd.get("task")
+    if task is not None and not isinstance(task, str):
+        raise bad("ponder.task must be a task's name", "ponder.task")
+    if not isinstance(pd.get("trace", False), bool):
+        raise bad("ponder.trace must be true or false", "ponder.trace")
+    job.strategy, job.settings, job.task, job.trace = strategy, dict(settings), task, bool(pd.get("trace"))
+    if job.best_of is not None:
+        raise bad("best_of with ponder.strategy: the strategy chooses its own answers; drop best_of", "best_of")
+    if job.stream:
+        raise bad("stream with ponder.strategy: a strategy's answer is known only at its end; set stream false",
+                  "stream")
 
 
 def _response_format(rf: Any) -> dict[str, Any]:
