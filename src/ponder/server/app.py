@@ -28,51 +28,20 @@ import time
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from .. import strategies
 from ..backends.chat import ChatTemplate, check_messages
-from ..errors import BackendError, InvalidLogitsError, SettingError
+from ..errors import SettingError
 from ..protocols import AccessError
-from ..types import Generation, Usage
+from ..types import Usage
+from .api import ApiError, Job, Limits, bad, parse, prompts_of
+from .lifecycle import ClosingStream, Lifecycle
 from .metrics import ServerMetrics
-from .api import (ApiError, Job, Limits, bad, chat_logprobs, completion_logprobs, envelope, new_id, parse,
-                  ponder_object, prompts_of, usage_of)
+from .serving import GENERATION_ERRORS, EventStream, failure, respond, run
 
 
-class ShuttingDown(Exception):
-    """The server's grace period ran out before the request finished."""
-
-
-# what a request's generation may raise that is the client's answer (``Service.failure``)
-GENERATION_ERRORS = (ApiError, SettingError, AccessError, InvalidLogitsError, BackendError, ShuttingDown)
-
-
-class ClosingStream(StreamingResponse):
-    """A streaming response that runs ``on_close`` when it ends, however it ends (the
-    client gone, the stream done): so a disconnect stops the generation."""
-
-    def __init__(self, content: Any, on_close: Any, **kw: Any) -> None:
-        super().__init__(content, **kw)
-        self.on_close = on_close
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self.on_close()
-
-
-def best_of(gens: list[Generation], n: int) -> list[Generation]:
-    """The ``n`` samples of highest log-probability (summed over their tokens, as vLLM
-    and OpenAI rank ``best_of``), in that order; every sample's bill stays in theirs."""
-    ranked = sorted(gens, key=lambda g: -sum(g.logprobs or [0.0]))
-    kept, dropped = ranked[:n], ranked[n:]
-    kept[0].usage = kept[0].usage + Usage.total(g.usage for g in dropped)
-    return kept
-
-
-class Service:
+class Service(Lifecycle):
     """One served model and what a request goes through: the key, the body, parsing
     into a ``Job`` (api.py), the strategy built through the registry, the prompts'
     lengths against the context, the run on the engine (cancelled if the client goes
@@ -92,11 +61,8 @@ class Service:
         self.context = int(lm.context_length)
         self.template = ChatTemplate.from_folder(getattr(lm, "path", None))
         self.tasks: dict[str, Any] = {}
-        self.inflight = 0
-        self.stopping_at: float | None = None  # set at shutdown: in-flight work ends with 503 from then on
-        self.works: set = set()  # the non-streaming requests' work in flight
+        Lifecycle.__init__(self)
         self._generators: "collections.OrderedDict[str, Any]" = collections.OrderedDict()  # built strategies, LRU
-        self.loop: Any = None  # the serving loop, where the shutdown's timer runs
         from ..engine.engine import engine_for
 
         self.engine = engine_for(lm)
@@ -253,253 +219,6 @@ class Service:
         return ids
 
     # -- running it ----------------------------------------------------------------------
-    async def until_done(self, work: "asyncio.Task[Any]", request: Request) -> Any:
-        """The work's result, or its cancellation when the client goes away (its rows
-        then leave the engine's batch) or the shutdown's grace period ends (503).
-        Nothing polls: one task waits for the server's disconnect message, and the
-        shutdown is an event (a poll of every request 5 times a second cost 12% of the
-        event loop's time at 64 requests in flight)."""
-        self.loop = asyncio.get_running_loop()
-        gone = asyncio.ensure_future(self._disconnect(request))
-        self.works.add(work)  # a shutdown past its grace period cancels what is here
-        try:
-            done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-            self.works.discard(work)
-        if work in done and not work.cancelled():
-            return work.result()
-        work.cancel()  # its rows leave the batch
-        try:
-            await work
-        except BaseException:
-            pass
-        self.check_shutdown()
-        raise ApiError(499, "the client disconnected; the request was cancelled")
-
-    @staticmethod
-    async def _disconnect(request: Request) -> None:
-        """Returns when the client has gone (the body was read already, so the next
-        message the server has for this request is its disconnect)."""
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    def begin_shutdown(self, grace_s: float) -> None:
-        """From the signal handler: in-flight work has ``grace_s`` seconds, then its
-        task is cancelled and answered 503 (streams check ``stopping_at`` themselves)."""
-        if self.stopping_at is not None:
-            return
-        self.stopping_at = time.monotonic() + grace_s
-        if self.loop is not None:  # no request has come yet: nothing to cancel
-            def expire() -> None:
-                for w in list(self.works):
-                    w.cancel()
-            self.loop.call_soon_threadsafe(self.loop.call_later, grace_s, expire)
-
-    async def run(self, job: Job, gen: Any, ids: list[list[int]]) -> list[list[Generation]]:
-        n, seed = job.params.n, job.params.seed
-        if job.score_only:  # echo-only scoring: nothing generated
-            return [[Generation(text="", token_ids=[], finish_reason="length",
-                                usage=Usage(prompt_tokens=len(x) if k == 0 else 0,
-                                            computed_tokens=len(x) if k == 0 else 0)) for k in range(n)] for x in ids]
-        if job.best_of is None or job.best_of == n:
-            return await gen.agenerate_many(self.inputs(job, ids), n=n, seed=seed)
-        outs = await gen.agenerate_many(self.inputs(job, ids), n=job.best_of, seed=seed)
-        return [best_of(gens, n) for gens in outs]
-
-    @staticmethod
-    def inputs(job: Job, ids: list[list[int]]) -> list[Any]:
-        """What the generator gets: the token ids already encoded (check_lengths) for
-        token-level requests, so the prompt is not encoded a second time; the text for a
-        strategy, which builds prompts of its own from it."""
-        return job.prompts if job.strategy else ids
-
-    async def prompt_logprobs(self, ids: list[int]) -> list[float | None]:
-        scored = await asyncio.to_thread(self.lm.score_ids, ids[:1], ids[1:]) if len(ids) > 1 else []
-        return [None] + [float(x) for x in scored]
-
-    async def respond(self, job: Job, outs: list[list[Generation]], ids: list[list[int]]) -> dict[str, Any]:
-        choices, flat, questions = [], [], []
-        for pi, gens in enumerate(outs):
-            p_text = job.prompts[pi] if isinstance(job.prompts[pi], str) else self.lm.decode(ids[pi])
-            p_lps = await self.prompt_logprobs(ids[pi]) if job.echo and job.top_logprobs is not None else None
-            for g in gens:
-                i = len(flat)
-                flat.append(g)
-                questions.append(p_text)
-                if job.chat:
-                    choice = {"index": i, "message": {"role": "assistant", "content": g.text},
-                              "logprobs": chat_logprobs(self.lm, g, job) if job.top_logprobs is not None else None,
-                              "finish_reason": g.finish_reason}
-                else:
-                    lp = None
-                    if job.top_logprobs is not None:
-                        lp = completion_logprobs(self.lm, g, job, 0, (ids[pi], p_lps, p_text) if p_lps is not None else None)
-                    choice = {"index": i, "text": (p_text if job.echo else "") + g.text, "logprobs": lp,
-                              "finish_reason": g.finish_reason, "stop_reason": g.stop}
-                if job.token_ids:
-                    choice["token_ids"] = list(g.token_ids)
-                    choice["prompt_token_ids"] = ids[pi]
-                choices.append(choice)
-        out = envelope("chat.completion" if job.chat else "text_completion", job, choices, flat)
-        if job.strategy:
-            out["ponder"] = ponder_object(job, outs)
-            if job.trace and self.traces is not None:
-                task = self.task_for(job)
-                keys = await self.traces.write(out["id"], self.served, job.strategy, job.settings,
-                                               getattr(task, "extract_answer", None), flat, questions)
-                for o, k in zip(out["ponder"]["outputs"], keys):
-                    o["view_id"] = k  # ponder view --db STORE, then #/g/ID
-        return out
-
-    async def stream(self, job: Job, gen: Any, ids: list[list[int]]) -> tuple[Any, Any]:
-        """Server-sent events: one chunk per released text delta (with its tokens'
-        logprobs when asked), then the usage (unless ``include_usage`` is false) and
-        [DONE]. Returns the events and ``close``, which the response calls when it ends
-        however it ends: the events' generator itself is not closed when a client goes
-        away (it stays suspended until collected), so its producers would run on.
-
-        The first event is awaited here, before the response starts: a request that
-        fails at once (a bad setting met by the engine) is an HTTP error, not a 200
-        whose body is an error event. A stream cut by shutdown ends with an error event."""
-        n, seed = job.params.n, job.params.seed
-        rid, created, kind = new_id("chatcmpl" if job.chat else "cmpl"), int(time.time()), \
-            "chat.completion.chunk" if job.chat else "text_completion"
-        queue: asyncio.Queue = asyncio.Queue()
-        done = object()
-
-        async def pump(pi: int, prompt: Any) -> None:
-            try:
-                async for ev in gen.astream(prompt, n=n, seed=seed):
-                    await queue.put((pi, ev))
-            except BaseException as e:  # noqa: BLE001 (handed to the consumer)
-                await queue.put((pi, e))
-                return
-            await queue.put((pi, done))
-
-        workers = [asyncio.ensure_future(pump(pi, p)) for pi, p in enumerate(job.prompts)]
-        closed = {"done": False}
-
-        async def close() -> None:  # idempotent
-            if closed["done"]:
-                return
-            closed["done"] = True
-            self.inflight -= 1  # first: the server may cancel this very call below
-            for w in workers:  # each producer's own finally withdraws its rows from the batch
-                w.cancel()
-            # shielded: the server cancels a closed stream's task on every await (anyio's
-            # cancel scope), and the producers must finish withdrawing all the same
-            try:
-                await asyncio.shield(asyncio.gather(*workers, return_exceptions=True))
-            except asyncio.CancelledError:
-                pass
-
-        try:
-            first = await self.next_event(queue)
-        except BaseException:
-            await close()
-            raise
-        if isinstance(first[1], BaseException):
-            await close()
-            raise self.failure(first[1])
-
-        def chunk(i: int, text: str | None, finish: str | None, first: bool = False, ev: Any = None) -> str:
-            lp = None
-            if job.top_logprobs is not None and ev is not None and ev.token_ids:
-                piece = Generation(text=ev.text, token_ids=ev.token_ids, logprobs=ev.logprobs,
-                                   top_logprobs=ev.top_logprobs)
-                lp = (chat_logprobs(self.lm, piece, job) if job.chat
-                      else completion_logprobs(self.lm, piece, job, offsets[i]))
-            if job.chat:
-                delta = ({"role": "assistant", "content": ""} if first else {}) | ({"content": text} if text else {})
-                c = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}
-            else:
-                c = {"index": i, "text": text or "", "logprobs": lp, "finish_reason": finish}
-            return "data: " + json.dumps({"id": rid, "object": kind, "created": created, "model": self.served,
-                                          "choices": [c]}) + "\n\n"
-
-        def error_event(msg: str, kind_: str = "server_error") -> str:
-            return "data: " + json.dumps({"error": {"message": msg, "type": kind_}}) + "\n\n"
-
-        offsets = {}  # output index -> characters streamed so far (text_offset of the next token)
-
-        t0 = time.monotonic()
-
-        async def events():
-            finished: list[Generation] = []
-            pending = [first]
-            try:
-                for pi in range(len(job.prompts)):
-                    for j in range(n):
-                        head = job.prompts[pi] if (job.echo and isinstance(job.prompts[pi], str)) else None
-                        offsets[pi * n + j] = len(head or "")
-                        if job.chat or head:
-                            yield chunk(pi * n + j, head, None, first=True)
-                open_ = len(workers)
-                while open_:
-                    try:
-                        pi, ev = pending.pop() if pending else await self.next_event(queue)
-                    except ShuttingDown as e:
-                        yield error_event(str(e), "service_unavailable")
-                        yield "data: [DONE]\n\n"
-                        return
-                    if ev is done:
-                        open_ -= 1
-                        continue
-                    if isinstance(ev, BaseException):
-                        err = self.failure(ev)
-                        yield error_event(err.message, err.body()["error"]["type"])
-                        open_ -= 1
-                        continue
-                    i = pi * n + ev.index
-                    if ev.generation is None:
-                        yield chunk(i, ev.text, None, ev=ev)
-                    else:
-                        finished.append(ev.generation)
-                        yield chunk(i, ev.text or None, ev.generation.finish_reason, ev=ev)
-                    offsets[i] = offsets.get(i, 0) + len(ev.text)
-                self.metrics.finished(Usage.total(g.usage for g in finished), [g.finish_reason for g in finished],
-                                      time.monotonic() - t0)
-                if job.include_usage:
-                    yield "data: " + json.dumps({"id": rid, "object": kind, "created": created, "model": self.served,
-                                                 "choices": [], "usage": usage_of(finished)}) + "\n\n"
-                yield "data: [DONE]\n\n"
-            finally:
-                await close()
-
-        return events(), close
-
-    async def next_event(self, queue: asyncio.Queue) -> Any:
-        """The next event of a stream; ``ShuttingDown`` once the server's grace period
-        is over, checked at every event as well as while none comes (a busy stream whose
-        events never paused was only checked while idle, and uvicorn cut it mid-body)."""
-        while True:
-            self.check_shutdown()
-            try:
-                return await asyncio.wait_for(queue.get(), timeout=0.2)
-            except asyncio.TimeoutError:
-                pass
-
-    def check_shutdown(self) -> None:
-        if self.stopping_at is not None and time.monotonic() >= self.stopping_at - 0.01:
-            raise ShuttingDown("the server is shutting down and this request did not finish within its grace "
-                               "period; retry it (on another replica if there is one)")
-
-    @staticmethod
-    def failure(e: BaseException) -> ApiError:
-        """An error met while generating, as the answer to the client."""
-        if isinstance(e, ApiError):
-            return e
-        if isinstance(e, (SettingError, AccessError)):
-            return bad(str(e))
-        if isinstance(e, InvalidLogitsError):
-            return bad(f"the request's settings left no token to pick: {e}")
-        if isinstance(e, BackendError):
-            return ApiError(502, str(e))
-        if isinstance(e, ShuttingDown):
-            return ApiError(503, str(e))
-        return ApiError(500, f"{type(e).__name__}: {e}")
-
     async def handle(self, request: Request, chat: bool) -> Any:
         self.check_key(request)
         body = await self.read_json(request)
@@ -514,22 +233,23 @@ class Service:
                            headers={"Retry-After": str(self.limits.retry_after_s)})
         self.inflight += 1
         if job.stream:  # close() gives the slot back, however the stream ends
+            stream = EventStream(self, job, gen)
             try:
-                events, close = await self.stream(job, gen, ids)
+                events = await stream.start()
             except GENERATION_ERRORS as e:
-                raise self.failure(e) from None  # before its first event: an HTTP error, not a stream
-            return ClosingStream(events, close, media_type="text/event-stream")
+                raise failure(e) from None  # before its first event: an HTTP error, not a stream
+            return ClosingStream(events, stream.close, media_type="text/event-stream")
         try:
             t0 = time.monotonic()
-            work = asyncio.ensure_future(self.run(job, gen, ids))
+            work = asyncio.ensure_future(run(self, job, gen, ids))
             outs = await self.until_done(work, request)
-            answer = JSONResponse(await self.respond(job, outs, ids))
+            answer = JSONResponse(await respond(self, job, outs, ids))
             flat = [g for gs in outs for g in gs]
             self.metrics.finished(Usage.total(g.usage for g in flat), [g.finish_reason for g in flat],
                                   time.monotonic() - t0)
             return answer
         except GENERATION_ERRORS as e:
-            raise self.failure(e) from None
+            raise failure(e) from None
         finally:
             self.inflight -= 1
 
