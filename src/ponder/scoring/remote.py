@@ -26,15 +26,19 @@ import threading
 import time
 from typing import Any, Sequence
 
-from ..backends.openai import OpenAILM
+from ..backends.openai import Transport
 from ..errors import BackendError, SettingError
 from ..types import Usage
 from .base import Scores, aggregate, per_request, run_sync
 from .formats import PONDER, RewardFormat, Renderer, ponder_layout
 
-class PoolingServer(OpenAILM):
-    """The transport of ``OpenAILM`` (replicas, retries, the shared clock) to a server
+class PoolingServer(Transport):
+    """The generation side's transport (replicas, retries, the shared clock) to a server
     that pools rather than completes: probed by its model list only."""
+
+    def __init__(self, base_url: str | Sequence[str], model: str | None = None, **transport: Any) -> None:
+        super().__init__(base_url, **transport)
+        self._probe(model)
 
     def _probe(self, model: str | None) -> None:
         import httpx
@@ -63,14 +67,14 @@ class RemoteRewardModel:
 
     def __init__(self, urls: str | Sequence[str], model: str | None, fmt: RewardFormat, tokenizer: Any,
                  template: Any = None, context: int | None = None, eos: int | None = None, **transport: Any) -> None:
-        from ..backends.openai import _load_tokenizer
+        from ..backends.openai import load_tokenizer
 
         self.fmt = fmt
         self.server = PoolingServer(urls, model, **transport)
         self.name = self.server.model
         self.endpoint = self.server.endpoint
         self.path = None
-        self.tokenizer = _load_tokenizer(tokenizer)
+        self.tokenizer = load_tokenizer(tokenizer)
         self.eos = eos if eos is not None else self.tokenizer.token_to_id("<|endoftext|>")
         if fmt is PONDER and self.eos is None:
             raise SettingError(f"the ponder format appends an EOS, and {tokenizer}'s config names none", "reward_model")
