@@ -230,10 +230,11 @@ def test_wall_time_bill_sums_to_elapsed_time(lm):
     dt, outs = _elapsed(lambda: gen.generate_batch(prompts, n=16, seed=1))
     billed = sum(g.usage.wall_s for gs in outs for g in gs)
     assert billed == pytest.approx(dt, rel=0.05)
-    # sequential calls, each on its own
+    # sequential calls, each on its own: up to one scheduler wake-up of the engine's thread
+    # (a few ms on a loaded 2-core machine) is outside the bill
     for p in prompts[:8]:
         dt, gs = _elapsed(lambda: gen.generate(p, n=16, seed=2))
-        assert sum(g.usage.wall_s for g in gs) == pytest.approx(dt, rel=0.05, abs=2e-4)
+        assert sum(g.usage.wall_s for g in gs) == pytest.approx(dt, rel=0.05, abs=0.01)
     # a meta-generator: its one output carries the bill of its samples and its vote
     vote = MajorityVote(gen, task.extract_answer, n=16)
     dt, outs = _elapsed(lambda: vote.generate_batch(prompts, seed=3))

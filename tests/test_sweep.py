@@ -349,7 +349,7 @@ def test_the_progress_line_keeps_its_count_in_80_columns():
 
     from rich.console import Console
 
-    from ponder.cli import sweep_progress
+    from ponder.cli.results import sweep_progress
 
     buf = io.StringIO()
     console = Console(file=buf, width=80, force_terminal=True, color_system=None)

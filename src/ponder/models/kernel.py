@@ -18,7 +18,6 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import torch
 
 SOURCE = Path(__file__).with_name("llama_kernel.c")
 # -ffast-math lets the compiler vectorise the dot products' sums (results differ from a

@@ -39,7 +39,6 @@ def make_head(fmt: Any, head_sd: dict[str, torch.Tensor], embed: torch.Tensor, g
     if fmt.head in ("token", "seq"):
         (w,) = need("score.weight")
         b = head_sd["score.bias"].float() if "score.bias" in head_sd else None
-        layers = [(w, b)]
         k = w.shape[0]
 
         def head(h: torch.Tensor) -> torch.Tensor:
