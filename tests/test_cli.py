@@ -65,7 +65,7 @@ def test_generate_sampling_n_seed_stop():
          "early_stopping is given twice"),
         (["generate", "x", "--strategy", "stochastic-beam", "--temperature", "0"], "needs --temperature > 0"),
         (["eval", "--strategy", "rebase", "--reward-model", "arith-reward", "--set", "samples=2.5", "--limit", "1"],
-         "samples (n, paths to finish)"),
+         "samples (candidates per problem) must be an integer >= 1"),
         (["generate", "x", "--dtype", "float16"], "--dtype must be one of"),
     ],
 )

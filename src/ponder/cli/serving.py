@@ -55,8 +55,7 @@ def list_strategies() -> None:
     from .. import strategies
 
     for s in strategies.STRATEGIES.values():
-        own = ", ".join(s.settings) or "-"
-        print(f"{s.name:18s} [{s.access} access; settings: {own}] {s.help}")
+        print(f"{s.name:18s} [{s.access} access; settings: {s.describe()}] {s.help}")
 
 
 @app.command()

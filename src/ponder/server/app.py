@@ -153,35 +153,19 @@ class Service(Lifecycle):
             raise bad(msg, param) from None
         return gen
 
-    # what a generator spends per output, by the attribute that counts it
-    SPEND = ("n", "N", "num_beams", "breadth", "iterations", "max_expansions", "probe_n", "trials", "rounds")
-
     def check_spend(self, job: Job, gen: Any) -> None:
         """The limits hold for what a strategy spends, not only for the top-level fields:
-        its samples, beams, particles or iterations (its defaults included) times ``n``
-        are within ``max_n``, and its rollouts within ``max_tokens``. Nested generators
-        (an inner strategy, a policy's candidates) are read too."""
-        lim, n = self.limits, job.params.n
-        seen, todo = set(), [(gen, 0)]
-        while todo:
-            g, depth = todo.pop()
-            if id(g) in seen or depth > 3:
-                continue
-            seen.add(id(g))
-            for attr, v in vars(g).items():
-                if attr in self.SPEND and isinstance(v, int) and not isinstance(v, bool) and v * n > lim.max_n:
-                    raise bad(f"ponder.settings: {job.strategy or 'the request'} would spend {v} {attr} per output "
-                              f"x n={n}, over this server's limit of {lim.max_n} generations a request (--max-n); ask "
-                              "for fewer samples, beams, particles or iterations", "ponder.settings")
-                if attr == "rollout_tokens" and isinstance(v, int) and v > lim.max_tokens:
-                    raise bad(f"ponder.settings.rollout_tokens {v} is over this server's max_tokens limit "
-                              f"{lim.max_tokens}", "ponder.settings")
-                if hasattr(v, "agenerate") and v is not g:
-                    todo.append((v, depth + 1))
-                elif isinstance(v, (list, tuple, dict)):
-                    for x in (v.values() if isinstance(v, dict) else v):
-                        if hasattr(x, "agenerate"):
-                            todo.append((x, depth + 1))
+        each of its declared budgets (samples, beams, particles, iterations; their
+        defaults included), and those of the strategies nested in it, times ``n`` are
+        within ``max_n`` (the registry says what spends: ``strategies.core.spend``)."""
+        if not job.strategy:
+            return
+        v, what = strategies.core.spend(job.strategy, job.settings)
+        n = job.params.n
+        if v * n > self.limits.max_n:
+            raise bad(f"ponder.settings: {job.strategy} would spend {v} {what} per output x n={n}, over this server's "
+                      f"limit of {self.limits.max_n} generations a request (--max-n); ask for fewer samples, beams, "
+                      "particles or iterations", "ponder.settings")
 
     def prompts(self, job: Job, body: dict) -> list[Any]:
         if job.chat:

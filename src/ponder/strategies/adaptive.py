@@ -7,7 +7,8 @@ from typing import Any, Callable
 
 from ..errors import SettingError
 from ..params import SamplingParams
-from .core import STRATEGIES, Strategy, _given, _nested, _policy_names, _remote, build, load_model, register
+from .core import (STRATEGIES, Setting, Strategy, _given, _nested, _policy_names, _remote, build, load_model, register,
+                   samples)
 from .parallel import _PARALLEL, _inner
 from .refinement import _TEXT
 from .search import _SEARCH, _step_scorer
@@ -60,16 +61,17 @@ def _int_setting(v: Any, name: str) -> int:
 register(Strategy("adaptive-majority", _adaptive, "adaptive consistency (Aggarwal et al. 2023): draw --set batch=B "
                   "samples at a time, up to N, until --set rule=beta|dirichlet|window (ESC, Li et al. 2024) says the "
                   "vote is settled at --set confidence=C; weight=reward votes by --reward-model scores",
-                  ("samples", "over", "batch", "rule", "confidence", "weight"), needs=("task",), **_PARALLEL))
+                  (samples(), "over", "batch", "rule", "confidence", "weight"), needs=("task",), scored=True,
+                  **_PARALLEL))
 register(Strategy("deepconf", _deepconf, "confidence-filtered voting (DeepConf offline, Fu et al. 2025): the --set "
                   "keep=F most confident of N samples (measure=lowest|tail|bottom10 group confidence over window=W "
                   "tokens, from the top_k_confidence=K log-probabilities) vote, weighted by confidence",
-                  ("samples", "over", "keep", "window", "measure", "top_k_confidence"), needs=("task",),
+                  (samples(), "over", "keep", "window", "measure", "top_k_confidence"), needs=("task",),
                   **{**_PARALLEL, "access": "logprobs"}))
 register(Strategy("deepconf-online", _deepconf_online, "DeepConf online (Fu et al. 2025): --set warmup=W full "
                   "traces set a confidence threshold (the keep=F most confident); later traces stop the moment their "
                   "window=T group confidence falls below it, and drawing stops at consensus=C, at most N",
-                  ("samples", "warmup", "keep", "window", "consensus", "top_k_confidence"), needs=("task",),
+                  (samples(), "warmup", "keep", "window", "consensus", "top_k_confidence"), needs=("task",),
                   **{**_PARALLEL, "access": "logprobs", "constraint": False}))
 
 def _rsd(lm, p, s, ctx):
@@ -98,7 +100,7 @@ def _speculative_rejection(lm, p, s, ctx):
 register(Strategy("speculative-rejection", _speculative_rejection, "early rejection by partial reward (Speculative "
                   "Rejection, Sun et al. 2024): N samples; after each of the first --set checkpoints=C steps the PRM "
                   "stops the reject=F lowest-scored open paths (at least keep_min=K stay); select=best|weighted",
-                  ("samples", "reject", "checkpoints", "keep_min", "select", "max_depth", "scorer"), **_SEARCH))
+                  (samples(), "reject", "checkpoints", "keep_min", "select", "max_depth", "scorer"), **_SEARCH))
 
 
 # -- compute-optimal ------------------------------------------------------------------------
@@ -139,5 +141,5 @@ register(Strategy("compute-optimal", _compute_optimal, "compute-optimal selectio
                   "0.5:best-of-n,1:prm-beam runs the named strategy (settings as NAME.KEY=V, NAME.model=M to run it on another "
                   "model; samples=N for all); votes "
                   "and best-of-N count the probe's samples as their first; probe_with=NAME probes with a strategy",
-                  ("probe", "probe_with", "difficulty", "policy", "samples"), nested=("policy", "probe_with"),
-                  needs=("task",), **_TEXT))
+                  (Setting("probe", int, "probe samples", lo=1, default=4, spends=True), "probe_with", "difficulty",
+                   "policy", "samples"), nested=("policy", "probe_with"), needs=("task",), scored=True, **_TEXT))

@@ -14,7 +14,7 @@ passes only what was given.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from ..errors import SettingError
@@ -28,12 +28,61 @@ ALL_OPTIONS = ("stop", "stop_token_ids", "ignore_eos", "token_healing", "logprob
 CONSTRAINT_SETTINGS = ("json_schema", "regex", "grammar", "choice")
 
 
+@dataclass(frozen=True)
+class Setting:
+    """A strategy's setting declared once: its type and legal range (``build`` checks a
+    given value against them, naming the range), its help, and whether it sets how many
+    generations an output may take (``spends``: ``ponder serve --max-n`` counts it, at
+    ``default`` when not given, which is then the value the strategy gets)."""
+
+    name: str
+    kind: type = object  # int, float, bool, str; object: the factory reads it
+    help: str = ""
+    lo: float | None = None
+    hi: float | None = None
+    default: Any = None
+    spends: bool = False
+
+    def legal(self) -> str:
+        what = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(self.kind, "a value")
+        if self.lo is not None and self.hi is not None:
+            return f"{what} in [{self.lo:g}, {self.hi:g}]"
+        return what + (f" >= {self.lo:g}" if self.lo is not None else f" <= {self.hi:g}" if self.hi is not None else "")
+
+    def check(self, v: Any) -> Any:
+        """``v`` as the factory gets it, or a SettingError naming the legal range."""
+        if self.kind is bool:
+            return _bool(v, self.name)
+        ok = {int: isinstance(v, int) and not isinstance(v, bool),
+              float: isinstance(v, (int, float)) and not isinstance(v, bool) and v == v,
+              str: isinstance(v, str)}.get(self.kind, True)
+        if ok and isinstance(v, (int, float)) and not isinstance(v, bool):
+            ok = (self.lo is None or v >= self.lo) and (self.hi is None or v <= self.hi)
+        if not ok:
+            said = f" ({self.help})" if self.help else ""
+            raise SettingError(f"{self.name}{said} must be {self.legal()}; got {v!r}", self.name)
+        return float(v) if self.kind is float else v
+
+    def but(self, **changes: Any) -> "Setting":
+        return replace(self, **changes)
+
+
+def samples(default: int = 16) -> Setting:
+    """The candidates per problem of a parallel method or a search (spent per output)."""
+    return Setting("samples", int, "candidates per problem", lo=1, default=default, spends=True)
+
+
 @dataclass
 class Strategy:
+    """A strategy declared once. ``settings``: its own, each a ``Setting`` (typed, checked
+    by ``build``) or a name (the factory reads it); ``scored``: its result depends on the
+    reward model (a sweep's key then holds the verifier's identity); ``inner``: a
+    parallel method may draw its samples from it (``--set over=NAME``)."""
+
     name: str
     factory: Callable[..., Any]
     help: str
-    settings: tuple[str, ...] = ()  # its own settings
+    settings: tuple[Any, ...] = ()  # its own settings: Setting or name (names after construction)
     adapters: tuple[str, ...] = ()  # the sampling adapters it honours
     history: bool = True  # penalties, biases, bans
     options: tuple[str, ...] = ALL_OPTIONS  # stops and token healing it honours
@@ -42,6 +91,22 @@ class Strategy:
     meta: bool = False  # draws several candidates per problem (eval reports pass@N)
     access: str = "logits"  # the lowest access level its policy needs: text, logprobs or logits
     nested: tuple[str, ...] = ("over",)  # settings NAME whose value's own settings come as NAME.KEY=V
+    scored: bool = False
+    inner: bool = True
+    declared: dict[str, Setting] = field(default_factory=dict)  # the typed ones, by name
+
+    def __post_init__(self) -> None:
+        self.declared = {**self.declared, **{x.name: x for x in self.settings if isinstance(x, Setting)}}
+        self.settings = tuple(x.name if isinstance(x, Setting) else x for x in self.settings)
+
+    def describe(self) -> str:
+        """Its settings as ``ponder strategies`` lists them: name, legal range, default."""
+        out = []
+        for k in self.settings:
+            d = self.declared.get(k)
+            out.append(k if d is None else f"{k} ({d.legal()}" + (f", default {d.default}" if d.default is not None
+                                                                  else "") + ")")
+        return ", ".join(out) or "-"
 
 
 @dataclass
@@ -110,6 +175,11 @@ def build(name: str, lm: Any, params: SamplingParams | None = None, settings: di
     if unknown:
         legal = ", ".join(sorted(st.settings)) or "no settings of its own"
         raise SettingError(f"--strategy {name} does not take {', '.join(unknown)}; it takes {legal}")
+    for k, d in st.declared.items():  # typed settings checked here, once; a budget's default filled in
+        if k in settings:
+            settings[k] = d.check(settings[k])
+        elif d.spends and d.default is not None:
+            settings[k] = d.default
     given = _Settings(settings)
     try:
         gen = st.factory(lm, params, given, ctx)
@@ -117,6 +187,42 @@ def build(name: str, lm: Any, params: SamplingParams | None = None, settings: di
         raise _named(e, given) from None
     gen.strategy = st.name  # one name everywhere: the registry, Generation.meta["strategy"], results
     return gen
+
+
+def spend(name: str, settings: dict[str, Any] | None = None) -> tuple[int, str]:
+    """The most generations one output of strategy ``name`` may take by any one of its
+    spending settings (given, else declared default), and that setting's name; the
+    strategies nested in it (``over=``, a policy's candidates, ``probe_with=``) are read
+    too, with the settings given to them as ``NAME.KEY=V``. ``ponder serve --max-n``
+    reads this."""
+    settings = settings or {}
+    st = STRATEGIES.get(name)
+    if st is None:
+        return 1, ""
+    best = (1, "")
+    for d in st.declared.values():
+        v = settings.get(d.name, d.default)
+        if d.spends and isinstance(v, int) and not isinstance(v, bool) and v > best[0]:
+            best = (v, d.name)
+    inner = []
+    if isinstance(settings.get("over"), str):
+        inner.append((settings["over"], _nested(settings, "over")))
+    if "policy" in st.nested:
+        from ..meta.compute_optimal import PROBE
+
+        for n in _policy_names(settings) or {"best-of-n", "prm-beam"}:  # compute-optimal's default policy's
+            if n != PROBE:
+                own = _nested(settings, n, n.replace("-", "_"))
+                if "samples" in settings:
+                    own.setdefault("samples", settings["samples"])
+                inner.append((n, own))
+    if isinstance(settings.get("probe_with"), str):
+        inner.append((settings["probe_with"], _nested(settings, "probe_with")))
+    for n, own in inner:
+        v, what = spend(n, own)
+        if v > best[0]:
+            best = (v, f"{n}.{what}")
+    return best
 
 
 # -- helpers the factories share ------------------------------------------------------------

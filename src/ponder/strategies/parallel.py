@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 from ..errors import SettingError
 from ..params import SamplingParams
-from .core import ALL_ADAPTERS, Context, Strategy, _given, _nested, build, register
+from .core import ALL_ADAPTERS, STRATEGIES, Context, Strategy, _given, _nested, build, register, samples
 from .token_level import _sample
 
 
@@ -21,7 +21,7 @@ def _inner(lm, p, s, ctx):
     if "over" not in s:
         return _sample(lm, p, s, ctx)
     inner = _nested(s, "over")
-    if s["over"] in _NOT_INNER:
+    if s["over"] in STRATEGIES and not STRATEGIES[s["over"]].inner:
         raise SettingError(f"--set over={s['over']}: a parallel method cannot draw its samples from "
                            f"{s['over']}; choose a token-level strategy (sample, beam, speculative, ...)")
     return build(s["over"], lm, p, inner, ctx)
@@ -96,24 +96,23 @@ def _usc(lm, p, s, ctx):
     return UniversalSelfConsistency(_inner(lm, p, s, ctx), **_given(s, n="samples"))
 
 
-_PARALLEL = dict(adapters=ALL_ADAPTERS, constraint=True, meta=True, access="text")
-_NOT_INNER = ("majority", "best-of-n", "weighted-majority", "mbr", "rejection", "oracle", "usc", "cot", "tool-use",
-              "self-refine", "reflexion", "refine-steps", "compute-optimal")
+# a parallel method draws its samples from a token-level strategy, never from another one
+_PARALLEL = dict(adapters=ALL_ADAPTERS, constraint=True, meta=True, access="text", inner=False)
 register(Strategy("majority", _majority, "self-consistency: majority vote over N samples (Wang et al. 2023); --set over=NAME draws them from another strategy (e.g. speculative, beam-sample), its settings as over.KEY=V",
-                  ("samples", "over"), needs=("task",), **_PARALLEL))
+                  (samples(), "over"), needs=("task",), **_PARALLEL))
 register(Strategy("best-of-n", _best_of_n, "best of N samples by a scorer (Stiennon et al. 2020): --set "
                   "scorer=reward (--reward-model)|logprob|judge (the model grades, judge_samples=K)",
-                  ("samples", "over", "scorer", "judge_samples"), **_PARALLEL))
+                  (samples(), "over", "scorer", "judge_samples"), scored=True, **_PARALLEL))
 register(Strategy("weighted-majority", _weighted, "majority vote weighted by --reward-model scores or, with --set "
-                  "weight=logprob, by sequence probability (Li et al. 2023)", ("samples", "over", "weight"),
-                  needs=("task",), **_PARALLEL))
+                  "weight=logprob, by sequence probability (Li et al. 2023)", (samples(), "over", "weight"),
+                  needs=("task",), scored=True, **_PARALLEL))
 register(Strategy("mbr", _mbr, "minimum Bayes risk over N samples, --set utility=exact|edit|bleu|chrf "
-                  "(Bertsch et al. 2023)", ("samples", "over", "utility"), needs=("task",), **_PARALLEL))
+                  "(Bertsch et al. 2023)", (samples(), "over", "utility"), needs=("task",), **_PARALLEL))
 register(Strategy("rejection", _rejection, "rejection sampling: draw --set batch=B at a time until the "
                   "score (--set scorer=reward|logprob|judge) reaches --set threshold=T, up to N",
-                  ("samples", "over", "threshold", "batch", "scorer", "judge_samples"), **_PARALLEL))
+                  (samples(), "over", "threshold", "batch", "scorer", "judge_samples"), scored=True, **_PARALLEL))
 register(Strategy("oracle", _oracle, "repeated sampling until the task's exact verifier accepts (coverage, "
-                  "pass@k; Brown et al. 2024): an upper bound, it reads the answer", ("samples", "over", "batch"),
+                  "pass@k; Brown et al. 2024): an upper bound, it reads the answer", (samples(), "over", "batch"),
                   needs=("task",), **_PARALLEL))
 register(Strategy("usc", _usc, "universal self-consistency: the model picks the consensus of N samples "
-                  "(Chen et al. 2023)", ("samples", "over"), **_PARALLEL))
+                  "(Chen et al. 2023)", (samples(8), "over"), **_PARALLEL))

@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 from ..errors import SettingError
 from ..params import SamplingParams
-from .core import ALL_ADAPTERS, Context, Strategy, _given, register
+from .core import ALL_ADAPTERS, Context, Setting, Strategy, _given, register
 from .parallel import _inner
 from .search import _reward_or_exact, _step_scorer
 from .token_level import _greedy
@@ -68,7 +68,8 @@ def _refine_steps(lm, p, s, ctx):
                               **_given(s, rounds="rounds", threshold="threshold"))
 
 
-_TEXT = dict(adapters=ALL_ADAPTERS, meta=True, access="text")
+# a refinement method works on whole answers: a parallel method does not draw from it
+_TEXT = dict(adapters=ALL_ADAPTERS, meta=True, access="text", inner=False)
 register(Strategy("cot", _cot, "zero-shot chain-of-thought with answer extraction (Kojima et al. 2022): --set "
                   "cue=TEXT trigger=TEXT; over=NAME", ("over", "cue", "trigger"), needs=("task",), **_TEXT))
 register(Strategy("tool-use", _tool_use, "inline tool calls <calc>..</calc>, <python>..</python> (sandboxed), "
@@ -76,11 +77,13 @@ register(Strategy("tool-use", _tool_use, "inline tool calls <calc>..</calc>, <py
                   ("tools", "max_calls"), **_TEXT))
 register(Strategy("self-refine", _self_refine, "Self-Refine (Madaan et al. 2023): the model critiques, then "
                   "revises, --set rounds=R feedback_template=.. revise_template=..",
-                  ("over", "rounds", "feedback_template", "revise_template"), **_TEXT))
+                  ("over", Setting("rounds", int, "critique-and-revise rounds", lo=1, default=2, spends=True),
+                   "feedback_template", "revise_template"), **_TEXT))
 register(Strategy("reflexion", _reflexion, "Reflexion (Shinn et al. 2023): attempts judged by --set "
                   "evaluator=reward|verifier at threshold=T; reflections kept as memory=M across trials=K",
-                  ("over", "evaluator", "trials", "threshold", "memory", "attempt_template", "reflect_template",
-                   "memory_template"), **_TEXT))
+                  ("over", "evaluator", Setting("trials", int, "attempts", lo=1, default=3, spends=True), "threshold",
+                   "memory", "attempt_template", "reflect_template", "memory_template"), scored=True, **_TEXT))
 register(Strategy("refine-steps", _refine_steps, "refinement from a step checker (--set scorer=prm|steps): keep "
                   "the steps before the first one below threshold=T, sample the rest again, up to rounds=R",
-                  ("over", "scorer", "rounds", "threshold", "first"), **_TEXT))
+                  ("over", "scorer", Setting("rounds", int, "resampling rounds", lo=1, default=4, spends=True),
+                   "threshold", "first"), scored=True, **_TEXT))

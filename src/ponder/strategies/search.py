@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 from ..errors import SettingError
 from ..params import SamplingParams
-from .core import ALL_ADAPTERS, Context, STRATEGIES, Strategy, _given, register
+from .core import ALL_ADAPTERS, Context, Setting, Strategy, _given, register, samples
 
 
 # -- step-level search ----------------------------------------------------------------------
@@ -48,34 +48,41 @@ def _search(cls_path: str, name: str, **names: str):
     return factory
 
 
-_SEARCH = dict(adapters=ALL_ADAPTERS, options=("stop", "stop_token_ids", "ignore_eos"), access="text")
+# a step-level search is scored (its result depends on the reward model unless scorer=steps)
+_SEARCH = dict(adapters=ALL_ADAPTERS, options=("stop", "stop_token_ids", "ignore_eos"), access="text", scored=True)
+# every step-level search can redraw low-scored steps in place (refinement inside the tree)
+_REFINE = (Setting("refine", int, "redraws of a low-scored step", lo=0),
+           Setting("refine_threshold", float, "a step scored below this is redrawn", lo=0.0, hi=1.0))
 register(Strategy("prm-beam", _search("ponder.meta.search.beam.PRMBeamSearch", "prm-beam", beam_width="beam_width"),
                   "PRM beam search over steps (Snell et al. 2024): N paths, keep N/M, expand each M; --set beam_width=M "
-                  "scorer=prm|steps", ("samples", "beam_width", "max_depth", "scorer"), **_SEARCH))
+                  "scorer=prm|steps", (samples(), "beam_width", "max_depth", "scorer", *_REFINE), **_SEARCH))
 register(Strategy("dvts", _search("ponder.meta.search.dvts.DVTS", "dvts", beam_width="beam_width"),
                   "diverse verifier tree search (Beeching et al. 2024): N/M independent greedy beams of width M",
-                  ("samples", "beam_width", "max_depth", "scorer"), **_SEARCH))
+                  (samples(), "beam_width", "max_depth", "scorer", *_REFINE), **_SEARCH))
 register(Strategy("rebase", _search("ponder.meta.search.rebase.REBASE", "rebase", temperature="balance_temperature",
                                     select="select"),
                   "REBASE (Wu et al. 2024): each depth's budget split by softmax(score / T); --set "
-                  "balance_temperature=T", ("samples", "max_depth", "scorer", "balance_temperature", "select"),
+                  "balance_temperature=T", (samples(), "max_depth", "scorer", "balance_temperature", "select", *_REFINE),
                   **_SEARCH))
 register(Strategy("lookahead", _search("ponder.meta.search.lookahead.LookaheadSearch", "lookahead",
                                        beam_width="beam_width", lookahead="lookahead"),
                   "lookahead search (Snell et al. 2024): PRM beam search valuing each step by a greedy rollout of "
-                  "--set lookahead=K more steps", ("samples", "beam_width", "lookahead", "max_depth", "scorer"),
+                  "--set lookahead=K more steps", (samples(), "beam_width", "lookahead", "max_depth", "scorer", *_REFINE),
                   **_SEARCH))
 register(Strategy("tot-bfs", _search("ponder.meta.search.tot.TreeOfThoughtsBFS", "tot-bfs", breadth="breadth", k="k"),
                   "tree of thoughts, breadth-first (Yao et al. 2023): keep --set breadth=B states, k proposals each",
-                  ("breadth", "k", "max_depth", "scorer"), **_SEARCH))
+                  (Setting("breadth", int, "states kept", lo=1, default=4, spends=True), "k", "max_depth", "scorer",
+                   *_REFINE), **_SEARCH))
 register(Strategy("tot-dfs", _search("ponder.meta.search.tot.TreeOfThoughtsDFS", "tot-dfs", k="k",
                                      threshold="threshold", max_expansions="max_expansions"),
                   "tree of thoughts, depth-first (Yao et al. 2023): best proposal first, prune below --set "
-                  "threshold=V, backtrack", ("k", "threshold", "max_expansions", "max_depth", "scorer"), **_SEARCH))
+                  "threshold=V, backtrack", ("k", "threshold", Setting("max_expansions", int, "proposals expanded", lo=1, default=32,
+                                                                         spends=True), "max_depth", "scorer", *_REFINE),
+                  **_SEARCH))
 register(Strategy("particles", _search("ponder.meta.search.particles.ParticleFilter", "particles",
                                        temperature="balance_temperature"),
                   "particle filtering over steps (Puri et al. 2025): N particles resampled by softmax(PRM / T) after "
-                  "each step", ("samples", "max_depth", "scorer", "balance_temperature"), **_SEARCH))
+                  "each step", (samples(), "max_depth", "scorer", "balance_temperature", *_REFINE), **_SEARCH))
 
 
 def _mcts(lm, p, s, ctx):
@@ -106,11 +113,5 @@ def _mcts(lm, p, s, ctx):
 
 register(Strategy("mcts", _mcts, "Monte Carlo tree search over steps, UCT (Hao et al. 2023): --set iterations=I "
                   "width=W c=C value=prm|rollout|both (default both with a reward model) rollout_scorer=orm|verifier",
-                  ("iterations", "width", "c", "value", "rollout_scorer", "max_depth", "scorer"), **_SEARCH))
-
-
-# -- refinement inside the tree -------------------------------------------------------------
-# refinement inside the tree: every step-level search can redraw low-scored steps in place
-_SEARCHES = ("prm-beam", "dvts", "rebase", "lookahead", "tot-bfs", "tot-dfs", "particles", "mcts")  # not rsd
-for _name in _SEARCHES:
-    STRATEGIES[_name].settings += ("refine", "refine_threshold")
+                  (Setting("iterations", int, "simulations", lo=1, default=16, spends=True), "width", "c", "value",
+                   "rollout_scorer", "max_depth", "scorer", *_REFINE), **_SEARCH))

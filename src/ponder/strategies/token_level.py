@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 from ..errors import SettingError
 from ..params import SamplingParams
-from .core import ALL_ADAPTERS, Strategy, _bool, _flags, _floats, _given, _remote, _token_level, load_model, register
+from .core import ALL_ADAPTERS, Setting, Strategy, _bool, _flags, _floats, _given, _remote, _token_level, load_model, register
 
 
 # -- token level ----------------------------------------------------------------------------
@@ -124,6 +124,8 @@ register(Strategy("speculative", _speculative,
 
 # -- the beam family ------------------------------------------------------------------------
 _BEAM = dict(num_beams="num_beams", length_penalty="length_penalty", early_stopping="early_stopping")
+NUM_BEAMS = Setting("num_beams", int, "beams kept", lo=1, default=4, spends=True)
+_BEAM_SETTINGS = (NUM_BEAMS, "length_penalty", "early_stopping")
 
 
 def _early(v: Any) -> Any:
@@ -177,15 +179,15 @@ def _stochastic_beam(lm, p, s, ctx):
 _BEAM_OPTIONS = ("stop", "stop_token_ids", "ignore_eos")
 register(Strategy("beam", _beam, "beam search, transformers-compatible: --num-beams K --length-penalty L "
                   "--early-stopping; --n K returns the K best",
-                  tuple(_BEAM) + ("num_beam_groups", "diversity_penalty"), options=_BEAM_OPTIONS, constraint=True))
+                  _BEAM_SETTINGS + ("num_beam_groups", "diversity_penalty"), options=_BEAM_OPTIONS, constraint=True))
 register(Strategy("diverse-beam", _diverse_beam, "diverse (group) beam search: --num-beam-groups G "
                   "--diversity-penalty D (Vijayakumar et al. 2018)",
-                  tuple(_BEAM) + ("num_beam_groups", "diversity_penalty"), options=_BEAM_OPTIONS, constraint=True))
+                  _BEAM_SETTINGS + ("num_beam_groups", "diversity_penalty"), options=_BEAM_OPTIONS, constraint=True))
 register(Strategy("beam-sample", _beam_sample, "beam sampling: candidates drawn from softmax of beam scores "
-                  "(transformers do_sample + num_beams)", tuple(_BEAM), ALL_ADAPTERS[:8], options=_BEAM_OPTIONS,
+                  "(transformers do_sample + num_beams)", _BEAM_SETTINGS, ALL_ADAPTERS[:8], options=_BEAM_OPTIONS,
                   constraint=True))
 register(Strategy("stochastic-beam", _stochastic_beam, "stochastic beam search: K samples without replacement via "
-                  "Gumbel-top-k (Kool et al. 2019)", ("num_beams",), ("temperature",), options=_BEAM_OPTIONS,
+                  "Gumbel-top-k (Kool et al. 2019)", (NUM_BEAMS,), ("temperature",), options=_BEAM_OPTIONS,
                   constraint=True))
 
 
@@ -208,7 +210,8 @@ _SEARCH_OPTIONS = ("stop", "stop_token_ids", "ignore_eos")
 register(Strategy("contrastive-search", _contrastive_search, "contrastive search: --top-k K --set penalty_alpha=A "
                   "(Su et al. 2022)", ("penalty_alpha",), ("top_k",), history=False, options=_SEARCH_OPTIONS))
 register(Strategy("best-first", _best_first, "best-first search by sequence log-prob (exact MAP within --set "
-                  "max_expansions=N); --set expand=K lookahead=D", ("expand", "max_expansions", "lookahead"),
+                  "max_expansions=N); --set expand=K lookahead=D",
+                  ("expand", Setting("max_expansions", int, "nodes expanded", lo=1, default=256, spends=True), "lookahead"),
                   history=False, options=_SEARCH_OPTIONS))
 
 
@@ -236,7 +239,8 @@ def _smc(lm, p, s, ctx):
 
 register(Strategy("reward-guided", _reward_guided, "reward-guided token decoding (FUDGE): --reward-model scores the "
                   "top --set guide_top_k=K tokens, --set weight=W", ("guide_top_k", "weight", "sample"), ALL_ADAPTERS,
-                  constraint=True, needs=("reward_model",)))
+                  constraint=True, needs=("reward_model",), scored=True))
 register(Strategy("smc", _smc, "sequential Monte Carlo steering towards p·reward (Lew et al. 2023): --set particles=N "
-                  "ess_threshold=E", ("particles", "boundary", "every", "ess_threshold"), ("temperature",),
-                  history=False, options=("stop_token_ids", "ignore_eos"), needs=("reward_model",)))
+                  "ess_threshold=E", (Setting("particles", int, "particles", lo=1, default=16, spends=True), "boundary", "every",
+                                     "ess_threshold"), ("temperature",),
+                  history=False, options=("stop_token_ids", "ignore_eos"), needs=("reward_model",), scored=True))

@@ -262,7 +262,7 @@ def prepare(cfg: SweepConfig) -> Prepared:
                     raise SettingError(f"{where}: [[strategy]] {run.strategy} "
                                        f"{_setting_text(run.setting())}: {as_sweep_keys(str(e))}") from None
                 config = {"strategy": run.strategy, "params": params.changed(), "settings": run.settings,
-                          "seed": cfg.seed, "reward_model": rm_id if run.strategy in _SCORED or "scorer" in run.settings
+                          "seed": cfg.seed, "reward_model": rm_id if strategies.STRATEGIES[run.strategy].scored or "scorer" in run.settings
                           else None}
                 loaded.append((model_name, mid, task, level, problems, run, gen, config, lm))
     return Prepared(cfg, loaded, rm)
@@ -349,12 +349,6 @@ def sweep(cfg: SweepConfig | Prepared, store: ResultsStore, command: str = "",
         if on_progress and not todo:
             on_progress({**state, "run": f"{label} {canonical(run.setting())}"})
     return counts
-
-
-# strategies whose result depends on the reward model (its identity goes into their key)
-_SCORED = {"best-of-n", "weighted-majority", "rejection", "prm-beam", "dvts", "rebase", "lookahead", "tot-bfs",
-           "tot-dfs", "particles", "mcts", "refine-steps", "reflexion", "compute-optimal", "reward-guided", "smc",
-           "rsd", "adaptive-majority"}
 
 
 def default_config_path() -> Path:
