@@ -106,6 +106,104 @@ def conditioned_gumbel(phi: torch.Tensor, parent_key: torch.Tensor, generator: t
     return out.float()
 
 
+@dataclass
+class _Spec:
+    """What every step of one beam search reads (nothing here changes while it runs)."""
+
+    lm: Any
+    k: int  # beams per group
+    mode: str  # "beam" | "sample" | "stochastic"
+    length_penalty: float
+    early_stopping: bool | str
+    stop_ids: set[int]
+    stopper: StopStringMatcher
+    max_new: int
+    generator: torch.Generator | None
+
+    def ends(self, g: _Group, parent: int, tok: int, gen_len: int) -> bool:
+        """Does extending beam ``parent`` by ``tok`` end the hypothesis?"""
+        if tok in self.stop_ids or gen_len >= self.max_new:
+            return True
+        return bool(self.stopper.stops) and self.stopper.find(self.lm.decode(g.tokens[parent] + [tok]), 0) is not None
+
+
+def _candidates(spec: _Spec, g: _Group, acc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The 2k best (or sampled) children of a group's beams: their accumulated scores,
+    their flat indices into acc [k, V] (best first) and, in stochastic mode, their keys."""
+    flat = acc.reshape(-1)
+    width = min(2 * spec.k, flat.numel())
+    if spec.mode == "beam":
+        vals, idx = torch.topk(flat, width)
+        return vals, idx, None
+    if spec.mode == "sample":
+        idx = torch.multinomial(flat.softmax(-1), width, generator=spec.generator)
+        vals, order = flat[idx].sort(descending=True)
+        return vals, idx[order], None
+    keys = conditioned_gumbel(acc, g.keys, spec.generator).reshape(-1)  # stochastic: by conditioned Gumbel keys
+    kv, idx = torch.topk(keys, width)
+    return flat[idx], idx, kv
+
+
+def _group_step(spec: _Spec, g: _Group, gi: int, s: torch.Tensor, raw: torch.Tensor,
+                gen_len: int) -> tuple[list[int], list[int]]:
+    """One step of group ``gi`` (s: its rows' processed log-probs [k, V]): file the
+    children that end, keep the k best that do not, apply transformers' stopping rules.
+    Returns each kept beam's parent row (within the group) and new token."""
+    k, V = spec.k, s.shape[-1]
+    vals, idx, kv = _candidates(spec, g, s + g.scores[:, None])
+    parent, tok = (idx // V).tolist(), (idx % V).tolist()
+    hits = [spec.ends(g, p, t, gen_len) for p, t in zip(parent, tok)]
+    # file the ended candidates among the first k (the rest are only spares)
+    if g.improvable and not (spec.early_stopping is True and len(g.finished) == k):
+        for j in range(min(k, len(hits))):
+            if hits[j]:
+                p, t = parent[j], tok[j]
+                finish = "length" if t not in spec.stop_ids and gen_len >= spec.max_new else "stop"
+                rank = float(kv[j]) if kv is not None else float(vals[j] / (gen_len**spec.length_penalty))
+                g.file(_Hyp(rank, g.tokens[p] + [t], g.logprobs[p] + [float(raw[gi * k + p, t])], finish, gi))
+    # the k best candidates that did not end stay live
+    ended = torch.tensor(hits, dtype=torch.float32) * NEG
+    live_vals = vals + ended
+    rank_by = live_vals if kv is None else kv + ended
+    keep = torch.topk(rank_by, min(k, len(hits))).indices.tolist()
+    g.tokens = [g.tokens[parent[j]] + [tok[j]] for j in keep]
+    g.logprobs = [g.logprobs[parent[j]] + [float(raw[gi * k + parent[j], tok[j]])] for j in keep]
+    g.scores = live_vals[keep].clone()
+    if kv is not None:
+        g.keys = rank_by[keep].clone()
+    _stopping_rules(spec, g, gen_len, all(hits))
+    return [parent[j] for j in keep], [tok[j] for j in keep]
+
+
+def _stopping_rules(spec: _Spec, g: _Group, gen_len: int, all_ended: bool) -> None:
+    """transformers' rules: a group is done when its best live beam cannot beat its
+    worst finished one (or, early_stopping=True, when k are finished)."""
+    best_len = spec.max_new if spec.early_stopping == "never" and spec.length_penalty > 0.0 else gen_len
+    best_possible = g.scores[0] / (best_len**spec.length_penalty)
+    worst = min(h.score for h in g.finished) if len(g.finished) == spec.k else NEG
+    if spec.mode == "stochastic":  # keys only fall down the tree: stop when no live key beats the worst kept
+        best_possible = g.keys[0]
+    g.improvable = g.improvable and bool(best_possible > worst)
+    g.done = not g.improvable or (len(g.finished) == spec.k and spec.early_stopping is True) or all_ended
+
+
+def _outputs(spec: _Spec, hyps: list[_Hyp], groups: int) -> list[Generation]:
+    """Finished hypotheses as generations: the stop token or string taken out of the text."""
+    out = []
+    for h in hyps:
+        ids = h.tokens
+        text_ids = ids[:-1] if ids and ids[-1] in spec.stop_ids and h.finish == "stop" else ids
+        text = spec.lm.decode(text_ids)
+        stop: str | int | None = ids[-1] if h.finish == "stop" and ids[-1] in spec.stop_ids else None
+        if spec.stopper.stops:
+            hit = spec.stopper.find(text, 0)
+            if hit is not None:
+                text, stop = text[: hit[0]], hit[1]
+        out.append(Generation(text=text, token_ids=ids, logprobs=h.logprobs, finish_reason=h.finish,  # type: ignore[arg-type]
+                              score=h.score, stop=stop, meta={"group": h.group} if groups > 1 else {}))
+    return out
+
+
 def beam_loop(
     lm: Any,
     prompt: Sequence[int],
@@ -126,99 +224,37 @@ def beam_loop(
     t0 = time.perf_counter()
     options = options.within(lm, len(prompt))
     K, G = num_beams, groups
-    k = K // G
-    V = lm.vocab_size
-    stop_ids = set(options.stop_token_ids) | (set() if options.ignore_eos else set(lm.eos_token_ids))
-    stopper = StopStringMatcher(options.stop)
-    max_new = options.max_tokens
-
-    logits, cache = lm.prefill([list(prompt)], capacity=len(prompt) + max_new + 1)
-    cache = cache.fork([0] * K)
-    logits = logits.expand(K, -1)
+    spec = _Spec(lm, K // G, mode, length_penalty, early_stopping,
+                 set(options.stop_token_ids) | (set() if options.ignore_eos else set(lm.eos_token_ids)),
+                 StopStringMatcher(options.stop), options.max_tokens, generator)
+    k, idle = spec.k, lm.eos_token_ids[0] if lm.eos_token_ids else 0
+    logits, cache = lm.prefill([list(prompt)], capacity=len(prompt) + spec.max_new + 1)
+    cache, logits = cache.fork([0] * K), logits.expand(K, -1)
     history = torch.as_tensor([list(prompt)] * K, dtype=torch.long)  # [K, T]
-    procs = processors
+    procs = processors if processors.is_identity else processors.fork([0])
     if not procs.is_identity:
-        procs = procs.fork([0])
         procs.reset()
         procs = procs.fork([0] * K)
     group = [_Group.start(k, mode == "stochastic") for _ in range(G)]
-    computed = len(prompt)
-    steps = 0
-
-    for t in range(max_new):
-        gen_len = t + 1
+    computed, steps = len(prompt), 0
+    for t in range(spec.max_new):
         raw = logits.float().log_softmax(-1)  # [K, V] the model's own log-probs
         scores = raw if procs.is_identity else procs(history, raw)
         if mode == "stochastic":  # keys need the (tempered) model's normalised log-probs
             scores = scores.log_softmax(-1)
         parents: list[int] = []  # row (0..K-1) each new live beam extends
         new_tokens: list[int] = []
-        chosen_now = torch.zeros(V)  # tokens chosen at this step by earlier groups
+        chosen_now = torch.zeros(raw.shape[-1])  # tokens chosen at this step by earlier groups
         for gi, g in enumerate(group):
-            rows = slice(gi * k, (gi + 1) * k)
             if g.done:  # a finished group idles; keep its rows in place
-                parents += list(range(gi * k, (gi + 1) * k))
-                new_tokens += [lm.eos_token_ids[0] if lm.eos_token_ids else 0] * k
+                parents, new_tokens = parents + list(range(gi * k, (gi + 1) * k)), new_tokens + [idle] * k
                 continue
-            s = scores[rows]
+            s = scores[gi * k : (gi + 1) * k]
             if diversity_penalty and gi > 0:
                 s = s - diversity_penalty * chosen_now  # Hamming diversity
-            acc = s + g.scores[:, None]  # [k, V]
-            flat = acc.reshape(-1)
-            width = min(2 * k, flat.numel())
-            if mode == "beam":
-                vals, idx = torch.topk(flat, width)
-            elif mode == "sample":
-                idx = torch.multinomial(flat.softmax(-1), width, generator=generator)
-                vals, order = flat[idx].sort(descending=True)
-                idx = idx[order]
-            else:  # stochastic: rank children by their conditioned Gumbel keys
-                keys = conditioned_gumbel(acc, g.keys, generator).reshape(-1)
-                kv, idx = torch.topk(keys, width)
-                vals = flat[idx]
-            parent = (idx // V).tolist()
-            tok = (idx % V).tolist()
-            val_list = vals.tolist()
-            hits = []
-            for j in range(width):
-                p, tk = parent[j], tok[j]
-                hit = tk in stop_ids or gen_len >= max_new
-                if not hit and stopper.stops:
-                    hit = stopper.find(lm.decode(g.tokens[p] + [tk]), 0) is not None
-                hits.append(hit)
-            # file the ended candidates among the first k (the rest are only spares)
-            full = len(g.finished) == k
-            if g.improvable and not (early_stopping is True and full):
-                for j in range(min(k, width)):
-                    if hits[j]:
-                        p, tk = parent[j], tok[j]
-                        finish = "length" if tk not in stop_ids and gen_len >= max_new else "stop"
-                        rank = float(kv[j]) if mode == "stochastic" else float(vals[j] / (gen_len**length_penalty))
-                        g.file(_Hyp(rank, g.tokens[p] + [tk], g.logprobs[p] + [float(raw[gi * k + p, tk])], finish, gi))
-            # the k best candidates that did not end stay live
-            live_vals = vals + torch.tensor(hits, dtype=torch.float32) * NEG
-            rank_by = live_vals if mode != "stochastic" else kv + torch.tensor(hits, dtype=torch.float32) * NEG
-            keep = torch.topk(rank_by, min(k, width)).indices.tolist()
-            g.tokens = [g.tokens[parent[j]] + [tok[j]] for j in keep]
-            g.logprobs = [g.logprobs[parent[j]] + [float(raw[gi * k + parent[j], tok[j]])] for j in keep]
-            g.scores = live_vals[keep].clone()
-            if mode == "stochastic":
-                g.keys = rank_by[keep].clone()
-            parents += [gi * k + parent[j] for j in keep]
-            new_tokens += [tok[j] for j in keep]
-            chosen_now[torch.tensor([tok[j] for j in keep])] += 1
-            # transformers' stopping rules for the group
-            if early_stopping == "never" and length_penalty > 0.0:
-                best_len = max_new
-            else:
-                best_len = gen_len
-            best_possible = g.scores[0] / (best_len**length_penalty)
-            worst = min(h.score for h in g.finished) if len(g.finished) == k else NEG
-            if mode == "stochastic":  # keys only fall down the tree: stop when no live key beats the worst kept
-                best_possible = g.keys[0]
-            g.improvable = g.improvable and bool(best_possible > worst)
-            all_full = len(g.finished) == k and early_stopping is True
-            g.done = not g.improvable or all_full or all(hits)
+            rows, toks = _group_step(spec, g, gi, s, raw, t + 1)
+            parents, new_tokens = parents + [gi * k + r for r in rows], new_tokens + toks
+            chosen_now[torch.tensor(toks)] += 1
         steps += 1
         if all(g.done for g in group):
             break
@@ -230,30 +266,12 @@ def beam_loop(
             procs.accept(torch.tensor(new_tokens))
         logits = lm.step(torch.tensor(new_tokens), cache)
         computed += K
-
     hyps = sorted((h for g in group for h in g.finished), key=lambda h: -h.score)
-    wall = time.perf_counter() - t0
-    usage = Usage(
-        prompt_tokens=len(prompt),
-        generated_tokens=sum(len(h.tokens) for h in hyps),
-        computed_tokens=computed,
-        model_calls=steps,
-        flops=lm.flops(len(prompt), 0) + K * lm.flops(max(0, steps - 1), len(prompt)),
-        wall_s=wall,
-    )
-    out = []
-    for h in hyps:
-        ids = h.tokens
-        text_ids = ids[:-1] if ids and ids[-1] in stop_ids and h.finish == "stop" else ids
-        text = lm.decode(text_ids)
-        stop: str | int | None = ids[-1] if h.finish == "stop" and ids[-1] in stop_ids else None
-        if stopper.stops:
-            hit = stopper.find(text, 0)
-            if hit is not None:
-                text, stop = text[: hit[0]], hit[1]
-        out.append(Generation(text=text, token_ids=ids, logprobs=h.logprobs, finish_reason=h.finish,  # type: ignore[arg-type]
-                              score=h.score, stop=stop, meta={"group": h.group} if G > 1 else {}))
-    return out, usage
+    usage = Usage(prompt_tokens=len(prompt), generated_tokens=sum(len(h.tokens) for h in hyps),
+                  computed_tokens=computed, model_calls=steps,
+                  flops=lm.flops(len(prompt), 0) + K * lm.flops(max(0, steps - 1), len(prompt)),
+                  wall_s=time.perf_counter() - t0)
+    return _outputs(spec, hyps, G), usage
 
 
 class BeamSearch(TokenGenerator):
