@@ -181,23 +181,37 @@ class Speculative(GeneratorBase):
         no processors runs the whole round in one call into the C kernel. Returns one
         Generation per row, in order."""
         t0 = time.perf_counter()
-        T, D = self.target, self.draft
-        B = len(rows)
+        st = self._start(rows)
+        while st.alive:
+            kk = max(0, min(st.k, min(st.budget[r] - len(st.outs[r]) - 1 for r in st.alive)))
+            if self._lone_row(st, kk):
+                continue
+            res = None
+            if st.one_call and len(st.alive) == 1 and kk > 0:  # drafts, target pass, acceptance, rollback: one call
+                r = st.alive[0]
+                res = self.target.greedy_round(self.draft, st.t_pending[r], st.d_pending[r], kk, st.tcache, st.dcache)
+            if res is not None:
+                a, xs0, best, lp = res
+                st.t_comp[r] += len(st.t_pending[r]) + kk
+                st.d_comp[r] += len(st.d_pending[r]) + kk - 1
+                verdicts = [(xs0, a, best[a], lp)]
+            else:
+                verdicts = self._round(st.alive, kk, st.prompts, st.outs, st.t_pending, st.d_pending, st.procs,
+                                       st.dprocs, st.gens, st.tcache, st.dcache, st.t_comp, st.d_comp)
+            self._apply(st, verdicts)
+        return self._results(st, time.perf_counter() - t0)
+
+    def _start(self, rows: list[tuple[list[int], torch.Generator]]) -> "_Batch":
+        """Every row's state, and both models' caches holding each prompt but its last
+        token (which is "pending")."""
+        T, D, B = self.target, self.draft, len(rows)
         prompts = [list(r[0]) for r in rows]
-        gens = [r[1] for r in rows]
         budget = [self.options.within(T, len(p)).max_tokens for p in prompts]
-        opts = self.options
-        stops = set(opts.stop_token_ids) | (set() if opts.ignore_eos else set(T.eos_token_ids))
-        stopper = StopStringMatcher(opts.stop)
-        k = self.k
         procs0 = self.processors
         if not procs0.is_identity:
             procs0 = procs0.fork([0])
             procs0.reset()
-        procs = [procs0.fork([0]) if not procs0.is_identity else procs0 for _ in range(B)]
-        dprocs = [procs0.fork([0]) if not procs0.is_identity else procs0 for _ in range(B)]  # the draft's own state
-        cap = max(map(len, prompts)) + max(budget) + 2 * max(k, 8) + 2
-        # The caches hold every token but the last one emitted, which is "pending".
+        cap = max(map(len, prompts)) + max(budget) + 2 * max(self.k, 8) + 2
         heads = [p[:-1] if len(p) > 1 else p for p in prompts]
         empty = torch.tensor([1 if len(p) == 1 else 0 for p in prompts])  # nothing to prefill: start empty
         tcache, t_hit = self._prefill(T, heads, cap)
@@ -206,117 +220,101 @@ class Speculative(GeneratorBase):
         if not self.ngram:
             dcache, d_hit = self._prefill(D, heads, cap)
             dcache.truncate_(empty)
-        t_pending = [[p[-1]] for p in prompts]
-        d_pending = [[p[-1]] for p in prompts]
-        outs: list[list[int]] = [[] for _ in range(B)]
-        lps: list[list[float]] = [[] for _ in range(B)]
-        finish: list[str | None] = [None] * B
-        stop: list[str | int | None] = [None] * B
-        drafted, accepted, rounds = [0] * B, [0] * B, [0] * B
-        record: list[list[list[Any]]] = [[] for _ in range(B)]  # per row: [drafts, accepted, new token] a round
+        opts = self.options
+        st = _Batch(prompts, [r[1] for r in rows], budget, tcache, dcache, t_hit, self.k,
+                    set(opts.stop_token_ids) | (set() if opts.ignore_eos else set(T.eos_token_ids)),
+                    StopStringMatcher(opts.stop))
+        st.procs = [procs0.fork([0]) if not procs0.is_identity else procs0 for _ in range(B)]
+        st.dprocs = [procs0.fork([0]) if not procs0.is_identity else procs0 for _ in range(B)]  # the draft's own
         # tokens each row's target and draft computed (billed at each model's own FLOPs)
-        t_comp = [len(h) - e - t for h, e, t in zip(heads, empty.tolist(), t_hit)]
-        d_comp = [0 if self.ngram else len(h) - e - d for h, e, d in zip(heads, empty.tolist(), d_hit)]
-        one_call = not self.ngram and self.greedy and procs0.is_identity and hasattr(T, "greedy_round")
-        lookup_call = self.ngram and self.greedy and procs0.is_identity and hasattr(T, "ngram_speculate")
-        credit = [1.0] * B  # each row's recent acceptance of lookup drafts (the C loop drafts while it pays)
-        alive = list(range(B))  # batch position -> row
-        while alive:
-            kk = max(0, min(k, min(budget[r] - len(outs[r]) - 1 for r in alive)))
-            got = None
-            if len(alive) == 1 and not stopper.stops and not self.record_drafts:  # a lone greedy row: all rounds, one C call
-                r = alive[0]
-                left = budget[r] - len(outs[r])
-                if lookup_call and len(t_pending[r]) == 1:
-                    got = T.ngram_speculate(prompts[r] + outs[r], k, self.max_ngram, left, sorted(stops), tcache,
-                                            credit[r])
-                elif one_call and kk > 0 and hasattr(T, "greedy_speculate"):
-                    got = T.greedy_speculate(D, t_pending[r], d_pending[r], k, self.adaptive, left, sorted(stops),
-                                             tcache, dcache)
-            if got is not None:  # back at a stop token, the budget, or one token short (no room for a draft)
-                outs[r] += got["tokens"]
-                lps[r] += got["logprobs"]
-                drafted[r] += got["drafted"]
-                accepted[r] += got["accepted"]
-                rounds[r] += got["rounds"]
-                t_comp[r] += got["t_computed"]
-                d_comp[r] += got.get("d_computed", 0)
-                credit[r] = got.get("credit", credit[r])
-                if "t_pending" in got:
-                    t_pending[r], d_pending[r] = got["t_pending"], got["d_pending"]
-                    k = got["k"] if self.adaptive else k
-                if outs[r] and outs[r][-1] in stops:
-                    finish[r], stop[r] = "stop", outs[r][-1]
-                elif len(outs[r]) >= budget[r]:
-                    finish[r] = "length"
-                if finish[r] is not None:
-                    alive = []
-                continue
-            res = None
-            if one_call and len(alive) == 1 and kk > 0:  # drafts, target pass, acceptance, rollback: one call
-                r = alive[0]
-                res = T.greedy_round(D, t_pending[r], d_pending[r], kk, tcache, dcache)
-            if res is not None:
-                a, xs0, best, lp = res
-                t_comp[r] += len(t_pending[r]) + kk
-                d_comp[r] += len(d_pending[r]) + kk - 1
-                verdicts = [(xs0, a, best[a], lp)]
-            else:
-                verdicts = self._round(alive, kk, prompts, outs, t_pending, d_pending, procs, dprocs, gens,
-                                       tcache, dcache, t_comp, d_comp)
-            keep = []
-            for b, (r, (xs, a, new_tok, emitted_lp)) in enumerate(zip(alive, verdicts)):
-                m = len(xs)
-                drafted[r] += m
-                accepted[r] += a
-                rounds[r] += 1
-                if self.record_drafts:
-                    record[r].append([list(xs), a, new_tok])
-                # the draft's pending tokens: the last draft too when every draft was accepted
-                d_pending[r] = (d_pending[r] + [new_tok] if m == 0 else [xs[-1], new_tok] if a == m else [new_tok])
-                t_pending[r] = [new_tok]
-                for j, tok in enumerate(xs[:a] + [new_tok]):  # emit, watching for stops
-                    outs[r].append(tok)
-                    lps[r].append(emitted_lp[j])
-                    if tok in stops:
-                        finish[r], stop[r] = "stop", tok
-                        break
-                    if len(outs[r]) >= budget[r]:
-                        finish[r] = "length"
-                        break
-                if finish[r] is None and stopper.stops:
-                    hit = stopper.find(T.decode(outs[r]), 0)
-                    if hit is not None:
-                        finish[r], stop[r] = "stop", hit[1]
-                if finish[r] is None:
-                    keep.append(b)
-            if self.adaptive:  # +2 after a round every row accepted whole, -1 otherwise (one k per batch)
-                whole = all(len(xs) and a == len(xs) for xs, a, _, _ in verdicts)
-                k = min(k + 2, 16) if whole else max(1, k - 1)
-            if len(keep) < len(alive):
-                idx = torch.tensor(keep, dtype=torch.long)
-                tcache.keep_rows_(idx)
-                if dcache is not None:
-                    dcache.keep_rows_(idx)
-                alive = [alive[b] for b in keep]
-        wall = time.perf_counter() - t0
+        st.t_comp = [len(h) - e - t for h, e, t in zip(heads, empty.tolist(), t_hit)]
+        st.d_comp = [0 if self.ngram else len(h) - e - d for h, e, d in zip(heads, empty.tolist(), d_hit)]
+        st.one_call = not self.ngram and self.greedy and procs0.is_identity and hasattr(T, "greedy_round")
+        st.lookup_call = self.ngram and self.greedy and procs0.is_identity and hasattr(T, "ngram_speculate")
+        return st
+
+    def _lone_row(self, st: "_Batch", kk: int) -> bool:
+        """A lone greedy row: all its rounds in one C call, back at a stop token, the
+        budget, or one token short (no room for a draft). False where that cannot run."""
+        if len(st.alive) != 1 or st.stopper.stops or self.record_drafts:
+            return False
+        T, r = self.target, st.alive[0]
+        left = st.budget[r] - len(st.outs[r])
+        got = None
+        if st.lookup_call and len(st.t_pending[r]) == 1:
+            got = T.ngram_speculate(st.prompts[r] + st.outs[r], st.k, self.max_ngram, left, sorted(st.stops), st.tcache,
+                                    st.credit[r])
+        elif st.one_call and kk > 0 and hasattr(T, "greedy_speculate"):
+            got = T.greedy_speculate(self.draft, st.t_pending[r], st.d_pending[r], st.k, self.adaptive, left,
+                                     sorted(st.stops), st.tcache, st.dcache)
+        if got is None:
+            return False
+        st.outs[r] += got["tokens"]
+        st.lps[r] += got["logprobs"]
+        st.drafted[r] += got["drafted"]
+        st.accepted[r] += got["accepted"]
+        st.rounds[r] += got["rounds"]
+        st.t_comp[r] += got["t_computed"]
+        st.d_comp[r] += got.get("d_computed", 0)
+        st.credit[r] = got.get("credit", st.credit[r])
+        if "t_pending" in got:
+            st.t_pending[r], st.d_pending[r] = got["t_pending"], got["d_pending"]
+            st.k = got["k"] if self.adaptive else st.k
+        if st.outs[r] and st.outs[r][-1] in st.stops:
+            st.finish[r], st.stop[r] = "stop", st.outs[r][-1]
+        elif len(st.outs[r]) >= st.budget[r]:
+            st.finish[r] = "length"
+        if st.finish[r] is not None:
+            st.alive = []
+        return True
+
+    def _apply(self, st: "_Batch", verdicts: list[tuple[list[int], int, int, list[float]]]) -> None:
+        """Each alive row's verdict: count it, emit what was accepted and the target's
+        token (watching for stops), then retire the finished rows from both caches."""
+        keep = []
+        for b, (r, (xs, a, new_tok, emitted_lp)) in enumerate(zip(st.alive, verdicts)):
+            m = len(xs)
+            st.drafted[r] += m
+            st.accepted[r] += a
+            st.rounds[r] += 1
+            if self.record_drafts:
+                st.record[r].append([list(xs), a, new_tok])
+            # the draft's pending tokens: the last draft too when every draft was accepted
+            st.d_pending[r] = (st.d_pending[r] + [new_tok] if m == 0 else [xs[-1], new_tok] if a == m else [new_tok])
+            st.t_pending[r] = [new_tok]
+            st.emit(r, xs[:a] + [new_tok], emitted_lp, self.target)
+            if st.finish[r] is None:
+                keep.append(b)
+        if self.adaptive:  # +2 after a round every row accepted whole, -1 otherwise (one k per batch)
+            whole = all(len(xs) and a == len(xs) for xs, a, _, _ in verdicts)
+            st.k = min(st.k + 2, 16) if whole else max(1, st.k - 1)
+        if len(keep) < len(st.alive):
+            idx = torch.tensor(keep, dtype=torch.long)
+            st.tcache.keep_rows_(idx)
+            if st.dcache is not None:
+                st.dcache.keep_rows_(idx)
+            st.alive = [st.alive[b] for b in keep]
+
+    def _results(self, st: "_Batch", wall: float) -> list[Generation]:
+        T, D, B = self.target, self.draft, len(st.prompts)
         draft_name = "ngram" if self.ngram else getattr(D, "name", "draft")
         result = []
         for r in range(B):
-            ids = outs[r]
-            text = T.decode(ids[:-1] if finish[r] == "stop" and isinstance(stop[r], int) else ids)
-            if isinstance(stop[r], str):
-                text = text[: text.find(stop[r])]
-            flops = T.flops(t_comp[r], len(prompts[r])) + (0.0 if self.ngram else D.flops(d_comp[r], len(prompts[r])))
-            usage = Usage(prompt_tokens=len(prompts[r]), generated_tokens=len(ids), computed_tokens=t_comp[r] + d_comp[r],
-                          model_calls=rounds[r] + (0 if self.ngram else drafted[r]), flops=flops, wall_s=wall / B)
+            ids, n_prompt = st.outs[r], len(st.prompts[r])
+            text = T.decode(ids[:-1] if st.finish[r] == "stop" and isinstance(st.stop[r], int) else ids)
+            if isinstance(st.stop[r], str):
+                text = text[: text.find(st.stop[r])]
+            flops = T.flops(st.t_comp[r], n_prompt) + (0.0 if self.ngram else D.flops(st.d_comp[r], n_prompt))
+            usage = Usage(prompt_tokens=n_prompt, generated_tokens=len(ids), computed_tokens=st.t_comp[r] + st.d_comp[r],
+                          model_calls=st.rounds[r] + (0 if self.ngram else st.drafted[r]), flops=flops, wall_s=wall / B)
+            d, a = st.drafted[r], st.accepted[r]
             result.append(Generation(
-                text=text, token_ids=ids, logprobs=lps[r], finish_reason=finish[r] or "length",  # type: ignore[arg-type]
-                usage=usage, stop=stop[r],
-                meta={"strategy": self.strategy, "draft": draft_name, "drafted": drafted[r], "accepted": accepted[r],
-                      "rounds": rounds[r], "batch": B, "prefix_cache_hit_tokens": t_hit[r],
-                      "acceptance_rate": accepted[r] / drafted[r] if drafted[r] else 0.0,
-                      **({"draft_rounds": record[r]} if self.record_drafts else {})}))
+                text=text, token_ids=ids, logprobs=st.lps[r], finish_reason=st.finish[r] or "length",  # type: ignore[arg-type]
+                usage=usage, stop=st.stop[r],
+                meta={"strategy": self.strategy, "draft": draft_name, "drafted": d, "accepted": a,
+                      "rounds": st.rounds[r], "batch": B, "prefix_cache_hit_tokens": st.t_hit[r],
+                      "acceptance_rate": a / d if d else 0.0,
+                      **({"draft_rounds": st.record[r]} if self.record_drafts else {})}))
         return result
 
     def _round(self, alive: list[int], kk: int, prompts, outs, t_pending, d_pending, procs, dprocs, gens,
@@ -389,3 +387,47 @@ class Speculative(GeneratorBase):
         if dcache is not None and kk:
             dcache.truncate_(torch.tensor(cut_d))
         return out
+
+
+class _Batch:
+    """A speculative call's rows, each list indexed by row: what each emitted, how it
+    ended, what it drafted and had accepted, its pending tokens (the caches hold every
+    token but those), and what each model computed for it."""
+
+    def __init__(self, prompts: list[list[int]], gens: list[torch.Generator], budget: list[int], tcache: Any,
+                 dcache: Any, t_hit: list[int], k: int, stops: set[int], stopper: StopStringMatcher) -> None:
+        B = len(prompts)
+        self.prompts, self.gens, self.budget, self.tcache, self.dcache, self.t_hit = prompts, gens, budget, tcache, \
+            dcache, t_hit
+        self.k, self.stops, self.stopper = k, stops, stopper
+        self.outs: list[list[int]] = [[] for _ in range(B)]
+        self.lps: list[list[float]] = [[] for _ in range(B)]
+        self.finish: list[str | None] = [None] * B
+        self.stop: list[str | int | None] = [None] * B
+        self.drafted, self.accepted, self.rounds = [0] * B, [0] * B, [0] * B
+        self.record: list[list[list[Any]]] = [[] for _ in range(B)]  # per row: [drafts, accepted, new token] a round
+        self.t_pending = [[p[-1]] for p in prompts]
+        self.d_pending = [[p[-1]] for p in prompts]
+        self.credit = [1.0] * B  # each row's recent acceptance of lookup drafts (the C loop drafts while it pays)
+        self.alive = list(range(B))  # batch position -> row
+        self.procs: list[Any] = []
+        self.dprocs: list[Any] = []
+        self.t_comp: list[int] = []
+        self.d_comp: list[int] = []
+        self.one_call = self.lookup_call = False
+
+    def emit(self, r: int, tokens: list[int], logprobs: list[float], lm: Any) -> None:
+        """Append row r's accepted tokens until a stop token, the budget or a stop string."""
+        for j, tok in enumerate(tokens):
+            self.outs[r].append(tok)
+            self.lps[r].append(logprobs[j])
+            if tok in self.stops:
+                self.finish[r], self.stop[r] = "stop", tok
+                break
+            if len(self.outs[r]) >= self.budget[r]:
+                self.finish[r] = "length"
+                break
+        if self.finish[r] is None and self.stopper.stops:
+            hit = self.stopper.find(lm.decode(self.outs[r]), 0)
+            if hit is not None:
+                self.finish[r], self.stop[r] = "stop", hit[1]
