@@ -177,101 +177,33 @@ class Decoding:
         return out
 
     def _decode(self) -> None:
+        """One decode step for every active request: pick each row's token and plan what
+        follows (stops, forks, retirements), bill that work, apply the plans, run the
+        next forward pass, and bill it to the samples it served."""
         t0 = time.perf_counter()
-        lm = self.lm
         logits = self._logits  # [B, V], one row per physical row
         B = logits.shape[0]
         self.peak_rows = max(self.peak_rows, B)
         picked = self._pick_together(logits) if len(self._active) > 1 else {}
-        parents: list[int] = []  # global physical row each new physical row continues
-        next_tokens: list[torch.Tensor] = []  # [rows] per request, in batch order
-        n_samples = 0
-        start = 0
-        plans = []
+        n_samples = sum(len(r.samples) for r in self._active)
+        plans, start = [], 0
         for r in self._active:
             P = len(r.phys)
-            samples, rows = r.samples, r.rows
-            n_samples += len(samples)
-            try:
-                got = picked.get(id(r))
-                tokens, lp = got if got is not None else self._pick(r, logits[start : start + P])
-                if r.top_logprobs:
-                    self._record_top(r, logits[start : start + P])
-            except Exception as e:  # this request fails alone: its rows leave the batch
-                r.error = e
-                plans.append((r, start, {}, (), None))
-                start += P
-                continue
-            toks = tokens.tolist()
-            for s, t, l in zip(samples, toks, lp):
-                row = rows[s]
-                row.ids.append(t)
-                row.logprobs.append(l)
-            # every live sample of a request has drawn the same number of tokens
-            at_max = len(rows[samples[0]].ids) >= r.max_new
-            if len(samples) == P and not (at_max or r.needs_text) and r.stop_ids.isdisjoint(toks):
-                plans.append((r, start, None, (), tokens))  # every row continues as it is
-                start += P
-                continue
-            # new physical rows: (parent row, token) -> the samples that continue there
-            split: dict[tuple[int, int], list[int]] = {}
-            finished: list[tuple[int, int]] = []  # (sample, parent row)
-            owner = range(P) if len(samples) == P else r.owner.tolist()
-            for p, s, t in zip(owner, samples, toks):
-                row = rows[s]
-                if not self._take(r, row, t, at_max):
-                    split.setdefault((p, t), []).append(s)
-                else:
-                    finished.append((s, start + p))
-            plans.append((r, start, split, finished, None))
+            plans.append(self._plan(r, start, logits[start : start + P], picked.get(id(r))))
             start += P
         # Bill the step so far (processors, picks, stop checks) to every live sample.
         t1 = time.perf_counter()
         share = (t1 - t0) / max(1, n_samples)
         for r in self._active:
             r.wall += share
-        finishing: list[Generation] = []
         if any(plan[3] for plan in plans) and hasattr(self._cache, "nbytes_used"):
             # KV only grows between retirements: its peak is just before one
             self.peak_kv_bytes = max(self.peak_kv_bytes, self.kv_bytes_in_use())
-        # retire finished samples (their physical row still holds their KV), then regroup
-        for r, base, split, finished, tokens in plans:
-            if split is None:  # unchanged rows, each computing its sample's next token
-                self._extend_history(r, None, tokens)
-                if not r.procs.is_identity:
-                    r.procs.accept(tokens)
-                for s in r.samples:
-                    r.rows[s].computed += 1
-                P = len(r.samples)
-                parents += range(base, base + P)
-                next_tokens.append(tokens)
-                continue
-            stored: set[int] = set()
-            for s, g_row in finished:
-                # samples finishing on one physical row share its KV: store it once
-                finishing.append(self._finish(r, r.rows[s], g_row, store=g_row not in stored))
-                stored.add(g_row)
-            if not split:
-                r.phys = []
-                continue
-            local = [p for p, _ in split]
-            toks = [t for _, t in split]
-            same_rows = local == list(range(len(r.phys)))
-            toks_t = torch.tensor(toks)
-            self._extend_history(r, None if same_rows else local, toks_t)
-            if not r.procs.is_identity:
-                if not same_rows:
-                    r.procs = r.procs.fork(local)
-                r.procs.accept(toks_t)
-            r.phys = list(split.values())
-            r.samples = [s for group in r.phys for s in group]
-            r.sample_index = None if r.samples == list(range(r.n)) else torch.tensor(r.samples)
-            if len(r.samples) != len(r.phys):
-                r.owner = torch.tensor([p for p, group in enumerate(r.phys) for _ in group])
-            for group in r.phys:  # the row computes its next token once, billed to its first sample
-                r.rows[group[0]].computed += 1
-            parents += [base + p for p in local]
-            next_tokens.append(toks_t)
+        parents: list[int] = []  # global physical row each new physical row continues
+        next_tokens: list[torch.Tensor] = []  # [rows] per request, in batch order
+        finishing: list[Generation] = []
+        for plan in plans:
+            self._apply_plan(plan, parents, next_tokens, finishing)
         self._active = [r for r in self._active if r.phys and r.error is None]
         self.steps += 1
         if not self._active:
@@ -280,10 +212,85 @@ class Decoding:
             if len(parents) != B or parents != list(range(B)):
                 self._cache.reorder_(torch.tensor(parents, dtype=torch.long))
             fed = next_tokens[0] if len(next_tokens) == 1 else torch.cat(next_tokens)
-            self._logits = lm.step(fed.long(), self._cache)
-        # Bill the rest (retirements, detokenising, the forward pass) to the samples it
-        # served: those going on, or, when none is left, those that just finished.
-        rest = time.perf_counter() - t1
+            self._logits = self.lm.step(fed.long(), self._cache)
+        self._bill_rest(time.perf_counter() - t1, finishing)
+
+    def _plan(self, r: Request, start: int, lg: torch.Tensor, got: Any) -> tuple[Any, ...]:
+        """Request r's tokens this step (lg: its rows' logits [P, V]; ``got``: picked
+        with the batch) and what follows: (r, its first row, split, finished, tokens).
+        ``split`` is None when every row simply continues (``tokens`` then holds them);
+        else (parent row, token) -> the samples that continue there, and ``finished``
+        the (sample, row) pairs that ended. A failure is this request's alone."""
+        P, samples, rows = len(r.phys), r.samples, r.rows
+        try:
+            tokens, lp = got if got is not None else self._pick(r, lg)
+            if r.top_logprobs:
+                self._record_top(r, lg)
+        except Exception as e:  # this request fails alone: its rows leave the batch
+            r.error = e
+            return (r, start, {}, (), None)
+        toks = tokens.tolist()
+        for s, t, l in zip(samples, toks, lp):
+            row = rows[s]
+            row.ids.append(t)
+            row.logprobs.append(l)
+        # every live sample of a request has drawn the same number of tokens
+        at_max = len(rows[samples[0]].ids) >= r.max_new
+        if len(samples) == P and not (at_max or r.needs_text) and r.stop_ids.isdisjoint(toks):
+            return (r, start, None, (), tokens)  # every row continues as it is
+        split: dict[tuple[int, int], list[int]] = {}
+        finished: list[tuple[int, int]] = []  # (sample, global row)
+        owner = range(P) if len(samples) == P else r.owner.tolist()
+        for p, s, t in zip(owner, samples, toks):
+            if not self._take(r, rows[s], t, at_max):
+                split.setdefault((p, t), []).append(s)
+            else:
+                finished.append((s, start + p))
+        return (r, start, split, finished, None)
+
+    def _apply_plan(self, plan: tuple[Any, ...], parents: list[int], next_tokens: list[torch.Tensor],
+                    finishing: list[Generation]) -> None:
+        """Retire a plan's finished samples (their row still holds their KV), then
+        regroup the rest: the rows they continue from go to ``parents``, their tokens to
+        ``next_tokens``."""
+        r, base, split, finished, tokens = plan
+        if split is None:  # unchanged rows, each computing its sample's next token
+            self._extend_history(r, None, tokens)
+            if not r.procs.is_identity:
+                r.procs.accept(tokens)
+            for s in r.samples:
+                r.rows[s].computed += 1
+            parents += range(base, base + len(r.samples))
+            next_tokens.append(tokens)
+            return
+        stored: set[int] = set()
+        for s, g_row in finished:  # samples finishing on one physical row share its KV: store it once
+            finishing.append(self._finish(r, r.rows[s], g_row, store=g_row not in stored))
+            stored.add(g_row)
+        if not split:
+            r.phys = []
+            return
+        local = [p for p, _ in split]
+        toks_t = torch.tensor([t for _, t in split])
+        same_rows = local == list(range(len(r.phys)))
+        self._extend_history(r, None if same_rows else local, toks_t)
+        if not r.procs.is_identity:
+            if not same_rows:
+                r.procs = r.procs.fork(local)
+            r.procs.accept(toks_t)
+        r.phys = list(split.values())
+        r.samples = [s for group in r.phys for s in group]
+        r.sample_index = None if r.samples == list(range(r.n)) else torch.tensor(r.samples)
+        if len(r.samples) != len(r.phys):
+            r.owner = torch.tensor([p for p, group in enumerate(r.phys) for _ in group])
+        for group in r.phys:  # the row computes its next token once, billed to its first sample
+            r.rows[group[0]].computed += 1
+        parents += [base + p for p in local]
+        next_tokens.append(toks_t)
+
+    def _bill_rest(self, rest: float, finishing: list[Generation]) -> None:
+        """Bill the rest of a step (retirements, detokenising, the forward pass) to the
+        samples it served: those going on, or, when none is left, those that just finished."""
         live = sum(len(r.samples) for r in self._active)
         if live:
             for r in self._active:
