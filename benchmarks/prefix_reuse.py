@@ -68,7 +68,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from ponder.engine.engine import Engine, engine_for, set_engine
+    from ponder.engine.engine import Engine
+    from ponder.engine.engines import engine_for, set_engine
     from ponder.backends.native import NativeLM
     from ponder.tasks.arith import ArithTask
 

@@ -32,7 +32,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from ponder.decoding.generate import Sample
-    from ponder.engine.engine import Engine, engine_for, set_engine
+    from ponder.engine.engine import Engine
+    from ponder.engine.engines import engine_for, set_engine
     from ponder.backends.native import NativeLM
 
     base = NativeLM.from_pretrained(args.model)

@@ -243,7 +243,7 @@ def test_later_batches_are_served_from_the_prompts_cached_prefix(arith_lm):
     """Adding samples to a problem (adaptive consistency's next batch) keeps the shared
     prompt in the engine's prefix cache: only the first batch computes the prompt."""
     from ponder import strategies
-    from ponder.engine.engine import clear_prefix_caches
+    from ponder.engine.engines import clear_prefix_caches
     from ponder.params import SamplingParams
     from ponder.tasks.arith import ArithTask
 

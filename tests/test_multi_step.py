@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 
 from ponder.decoding.generate import Greedy
-from ponder.engine.engine import Engine, engine_for
+from ponder.engine.engine import Engine
+from ponder.engine.engines import engine_for
 from ponder.tasks.arith import ArithTask
 
 TASK = ArithTask()

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from ponder.decoding.generate import Greedy, Sample
-from ponder.engine.engine import Engine, FifoAdmission, Request, engine_for, set_engine
+from ponder.engine.engine import Engine, FifoAdmission, Request
+from ponder.engine.engines import engine_for, set_engine
 from ponder.errors import InvalidLogitsError, RequestCancelled, SettingError
 from ponder.meta.parallel import MajorityVote
 from ponder.backends.native import NativeLM

@@ -168,7 +168,7 @@ def test_a_step_budget_below_one_step_is_named(arith_lm):
 
 @pytest.mark.parametrize("algo", [PRMBeamSearch, DVTS, REBASE, ParticleFilter, LookaheadSearch])
 def test_search_on_the_shipped_models_with_a_prm(arith_lm, algo):
-    from ponder.engine.engine import engine_for
+    from ponder.engine.engines import engine_for
     from ponder.scoring.reward import RewardModel
     from ponder.scoring.verifiers import StepVerifier
 

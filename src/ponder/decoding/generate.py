@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from ..engine.engine import engine_for
+from ..engine.engines import engine_for
 from ..engine.requests import (  # noqa: F401 (row_generator re-exported)
     MAX_SEED, Request, StreamEvent, check_prompt, context_budget, random_seed, row_generator,
 )

@@ -138,7 +138,7 @@ class Speculative(GeneratorBase):
         """Prefill through the model's prefix cache (shared with its engine), so that a
         speculative call reuses and leaves prompt KV like every other call. Returns the
         cache and the tokens reused per prompt."""
-        from ..engine.engine import engine_for
+        from ..engine.engines import engine_for
 
         _, cache, hits = engine_for(lm).prefill_cached(prompts, cap)
         return cache, hits

@@ -33,7 +33,6 @@ import collections
 import concurrent.futures
 import threading
 import time
-import weakref
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -41,30 +40,12 @@ import torch
 from ..errors import RequestCancelled, SettingError
 from ..types import Generation, Usage
 from .decode import Decoding
+from .engines import OwnedLock
+from .prefix_cache import prefill_with_prefix_cache
 from .requests import (
     FifoAdmission, Request, StreamEvent, _Row, check_prompt, context_budget, event, row_generator,
 )
 from .stopping import IncrementalDetokenizer
-
-
-class _OwnedLock:
-    """A lock that knows which thread holds it (``held_here``)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._owner: int | None = None
-
-    def __enter__(self) -> "_OwnedLock":
-        self._lock.acquire()
-        self._owner = threading.get_ident()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._owner = None
-        self._lock.release()
-
-    def held_here(self) -> bool:
-        return self._owner == threading.get_ident()
 
 
 class Engine(Decoding):
@@ -90,7 +71,7 @@ class Engine(Decoding):
                 prefix_cache = RadixCache.for_model(lm.model.cfg, lm.model.dtype, max_bytes=256 * 2**20,
                                                     min_reuse=REUSE_BLOCK)
         self.prefix_cache = prefix_cache
-        self._lock = _OwnedLock()
+        self._lock = OwnedLock()
         self._withdrawn: collections.deque = collections.deque()  # withdrawals the lock's holder deferred
         self._callers: concurrent.futures.ThreadPoolExecutor | None = None
         self._callers_lock = threading.Lock()
@@ -454,60 +435,3 @@ class Engine(Decoding):
         r.outputs[row.sample] = g
         r.events.append(event(r, row, row.text[min(row.released, len(row.text)):], g))
         return g
-
-
-def prefill_with_prefix_cache(lm: Any, prefix_cache: Any, prompts: Sequence[Sequence[int]], capacity: int):
-    """Prefill prompts, computing only what ``prefix_cache`` lacks (at least each
-    prompt's last token, whose logits start a generation), then store every prompt's
-    KV there. Returns (last-token logits [B, V], cache, cached tokens reused per prompt)."""
-    cache = lm.new_cache(len(prompts), capacity)
-    hits = []
-    for i, p in enumerate(prompts):
-        m, k, v = prefix_cache.lookup(list(p), limit=len(p) - 1)
-        if m:
-            cache.write_prefix_(i, k, v)
-        hits.append(m)
-    logits, _ = lm.prefill([list(p[m:]) for p, m in zip(prompts, hits)], cache=cache)
-    for i, p in enumerate(prompts):
-        if hits[i] < len(p):
-            prefix_cache.insert_from(list(p), lambda a, b, row=i: cache.read_row(row, b, start=a))
-    return logits, cache, hits
-
-
-_ENGINES: "weakref.WeakKeyDictionary[Any, Engine]" = weakref.WeakKeyDictionary()
-_ENGINES_LOCK = threading.Lock()
-
-
-def engine_for(lm: Any) -> Engine:
-    """The model's engine, made on first use: one per model object, so every generator
-    over the same model shares its batch and prefix cache."""
-    with _ENGINES_LOCK:
-        eng = _ENGINES.get(lm)
-        if eng is None:
-            eng = _ENGINES[lm] = Engine(lm)
-        return eng
-
-
-def clear_prefix_caches() -> int:
-    """Empty the prefix cache of every live engine (what a sweep does between chunks,
-    so that a configuration's computed tokens never depend on what ran before it).
-    Returns the tokens dropped."""
-    with _ENGINES_LOCK:
-        engines = list(_ENGINES.values())
-    dropped = 0
-    for eng in engines:
-        if eng.prefix_cache is not None:
-            with eng._lock:
-                dropped += eng.prefix_cache.tokens
-                eng.prefix_cache.clear()
-    return dropped
-
-
-def set_engine(lm: Any, engine: Engine) -> Engine:
-    """Make ``engine`` the one every generator over ``lm`` uses (e.g. one without a
-    prefix cache, or with another admission policy); returns it."""
-    if engine.lm is not lm:
-        raise SettingError("set_engine: the engine was made for another model")
-    with _ENGINES_LOCK:
-        _ENGINES[lm] = engine
-    return engine

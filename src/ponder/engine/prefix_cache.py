@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -219,3 +219,21 @@ class RadixCache:
 
     def __repr__(self) -> str:
         return f"RadixCache(tokens={self.tokens}, cap={self.max_tokens or 'none'}, hit_rate={self.stats.hit_rate:.2f})"
+
+
+def prefill_with_prefix_cache(lm: Any, prefix_cache: Any, prompts: Sequence[Sequence[int]], capacity: int):
+    """Prefill prompts, computing only what ``prefix_cache`` lacks (at least each
+    prompt's last token, whose logits start a generation), then store every prompt's
+    KV there. Returns (last-token logits [B, V], cache, cached tokens reused per prompt)."""
+    cache = lm.new_cache(len(prompts), capacity)
+    hits = []
+    for i, p in enumerate(prompts):
+        m, k, v = prefix_cache.lookup(list(p), limit=len(p) - 1)
+        if m:
+            cache.write_prefix_(i, k, v)
+        hits.append(m)
+    logits, _ = lm.prefill([list(p[m:]) for p, m in zip(prompts, hits)], cache=cache)
+    for i, p in enumerate(prompts):
+        if hits[i] < len(p):
+            prefix_cache.insert_from(list(p), lambda a, b, row=i: cache.read_row(row, b, start=a))
+    return logits, cache, hits

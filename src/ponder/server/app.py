@@ -63,7 +63,7 @@ class Service(Lifecycle):
         self.tasks: dict[str, Any] = {}
         Lifecycle.__init__(self)
         self._generators: "collections.OrderedDict[str, Any]" = collections.OrderedDict()  # built strategies, LRU
-        from ..engine.engine import engine_for
+        from ..engine.engines import engine_for
 
         self.engine = engine_for(lm)
         self.metrics = ServerMetrics(self.served)

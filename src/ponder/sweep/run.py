@@ -289,7 +289,7 @@ def fresh_caches(reward_model: Any = None) -> None:
     computed as if it ran first, so a configuration's computed tokens and FLOPs never
     depend on which strategies ran before it in the process, nor on a resume. (A remote
     server's own prefix cache is the server's: its bill is what the server reports.)"""
-    from ..engine.engine import clear_prefix_caches
+    from ..engine.engines import clear_prefix_caches
 
     clear_prefix_caches()
     if reward_model is not None and hasattr(reward_model, "clear_cache"):
