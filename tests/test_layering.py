@@ -1,10 +1,12 @@
 """Imports point down only, for every module of the package:
 
-    cli > server, view > sweep > strategies, evaluate, train > meta > scoring > decoding > engine > backends
+    cli > server, view > sweep > strategies, evaluate, train > meta > scoring > backends > decoding > engine
         > models > tasks > types, protocols, params, processor, errors
 
 (function-level imports included), and no two modules import each other, directly
-or through others. The one upward edge is listed with its reason."""
+or through others. No edge runs up. Backends sit above decoding: an in-process model's
+TextLM face (``generate``) runs the token-level sampler, and the engine and the sampler
+read a model only through the protocols (``prefill``, ``step``, ``forward``)."""
 
 from __future__ import annotations
 
@@ -16,15 +18,11 @@ import ponder
 ROOT = Path(ponder.__file__).parent
 RANK = {
     "errors": 0, "types": 0, "processor": 0, "params": 0, "protocols": 0,
-    "tasks": 1, "models": 2, "backends": 3, "engine": 4, "decoding": 5, "scoring": 6, "meta": 7,
+    "tasks": 1, "models": 2, "engine": 3, "decoding": 4, "backends": 5, "scoring": 6, "meta": 7,
     "strategies": 8, "evaluate": 8, "train": 8, "sweep": 9, "server": 10, "view": 10, "cli": 11,
 }
-# (importer, imported): why the edge exists
-ALLOWED_UP = {
-    ("ponder.backends.forward", "ponder.decoding.generate"):
-        "the TextLM face (generate) of a logits-level model (NativeLM, HFLM) runs the token-level sampler, "
-        "which sits above the engine",
-}
+# (importer, imported): why the edge exists (none)
+ALLOWED_UP: dict[tuple[str, str], str] = {}
 
 
 def _modules() -> dict[str, Path]:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
-from .context import check_context
+from ..models.context import check_context
 
 if TYPE_CHECKING:
     from ..params import SamplingParams
@@ -58,8 +58,8 @@ class ForwardLM:
         from ..params import SamplingParams
 
         params = params or SamplingParams()
-        # The sampler (processor chain, picks) is the decoding layer's: the one place this
-        # backend reaches up, so that an in-process model is a TextLM like a remote server.
+        # the sampler (processor chain, picks) is the decoding layer's, below the backends:
+        # an in-process model is a TextLM like a remote server
         from ..decoding.generate import generator_for
 
         if isinstance(prompts, str):

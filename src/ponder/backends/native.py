@@ -19,7 +19,7 @@ from ..models.llama import Transformer
 from ..models.llama_numpy import NumpyLlama
 from ..models.loader import load_tokenizer, load_transformer
 from ..protocols import Access
-from .context import check_context
+from ..models.context import check_context
 from .forward import ForwardLM
 
 

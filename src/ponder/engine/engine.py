@@ -40,7 +40,7 @@ import torch
 from ..errors import RequestCancelled, SettingError
 from ..types import Generation, Usage
 from .decode import Decoding
-from .engines import OwnedLock
+from .lock import OwnedLock
 from .prefix_cache import prefill_with_prefix_cache
 from .requests import (
     FifoAdmission, Request, StreamEvent, _Row, check_prompt, context_budget, event, row_generator,

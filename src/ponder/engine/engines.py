@@ -13,26 +13,6 @@ from ..errors import SettingError
 if TYPE_CHECKING:
     from .engine import Engine
 
-class OwnedLock:
-    """An engine's lock, which knows which thread holds it (``held_here``)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._owner: int | None = None
-
-    def __enter__(self) -> "OwnedLock":
-        self._lock.acquire()
-        self._owner = threading.get_ident()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._owner = None
-        self._lock.release()
-
-    def held_here(self) -> bool:
-        return self._owner == threading.get_ident()
-
-
 _ENGINES: "weakref.WeakKeyDictionary[Any, Engine]" = weakref.WeakKeyDictionary()
 _ENGINES_LOCK = threading.Lock()
 

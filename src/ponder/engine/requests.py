@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..backends.context import context_limit
+from ..models.context import context_limit
 from ..errors import InvalidLogitsError, SettingError
 from ..params import MAX_SEED  # seeds are in [0, MAX_SEED)
 from ..processor import Chain
