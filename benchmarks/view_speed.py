@@ -145,7 +145,8 @@ def main() -> None:
     ap.add_argument("--tree-nodes", type=int, default=20_000, help="nodes of the large tree")
     args = ap.parse_args()
     from ponder.sweep.store import ResultsStore
-    from ponder.view.browser import chromium, open_view, served
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the Chromium helper the tests use
+    from browser import chromium, open_view, served
 
     folder = Path(tempfile.mkdtemp(prefix="view-speed-"))
     db = Path(args.db) if args.db else folder / "store.sqlite"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -19,7 +20,8 @@ def main() -> None:
     ap.add_argument("--out", default="docs/figures")
     args = ap.parse_args()
     from ponder.sweep.store import ResultsStore
-    from ponder.view.browser import chromium, open_view, served
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the Chromium helper the tests use
+    from browser import chromium, open_view, served
 
     store = ResultsStore(args.db, readonly=True)
     rows = store.rows()

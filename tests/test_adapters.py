@@ -13,7 +13,7 @@ from ponder.decoding.adapters import (
     RepetitionPenalty, SequenceBias, TopNSigma, Typical, bad_words,
 )
 from ponder.decoding.adapters import make_processors
-from ponder.decoding.processors import SettingError, chain
+from ponder.decoding.common_adapters import SettingError, chain
 
 V = 40
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ponder.decoding.beam import BeamSample, BeamSearch, StochasticBeamSearch
-from ponder.decoding.processors import SettingError
+from ponder.decoding.common_adapters import SettingError
 from ponder.models.loader import load_tokenizer, load_transformer
 from ponder.backends.native import NativeLM
 

@@ -14,7 +14,7 @@ import torch
 from ponder.decoding.beam import BeamSearch
 from ponder.decoding.constraints import Grammar, heal_prompt
 from ponder.decoding.generate import Greedy, Sample
-from ponder.decoding.processors import SettingError
+from ponder.decoding.common_adapters import SettingError
 
 SCHEMA = {
     "type": "object",

@@ -12,7 +12,7 @@ from ponder.decoding.controlled import (
     ClassifierFreeGuidance, CombinedLM, ContrastiveDecoding, ProductOfExperts, contrastive_scores,
 )
 from ponder.decoding.generate import Greedy
-from ponder.decoding.processors import SettingError
+from ponder.decoding.common_adapters import SettingError
 from ponder.models.loader import load_tokenizer, load_transformer
 from ponder.backends.native import NativeLM
 

@@ -9,7 +9,7 @@ import torch
 
 from ponder.decoding.generate import Greedy, Options, Sample, pick_greedy, pick_sample
 from ponder.decoding.adapters import make_processors
-from ponder.decoding.processors import Chain
+from ponder.decoding.common_adapters import Chain
 from ponder.engine.engine import Engine, Request
 from ponder.engine.engines import engine_for
 from ponder.engine.prefix_cache import RadixCache

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ponder.decoding.generate import Greedy, Options, Sample, pick_sample
-from ponder.decoding.processors import SettingError
+from ponder.decoding.common_adapters import SettingError
 from ponder.types import Usage
 
 PROMPT = "Q: 3+4-2\n"

@@ -7,7 +7,7 @@ import torch
 
 from ponder.decoding.generate import Greedy
 from ponder.decoding.guided import SMC, RewardGuidance, ess, reward_prefix_scorer, systematic_resample
-from ponder.decoding.processors import SettingError
+from ponder.decoding.common_adapters import SettingError
 
 PROMPT = "Q: 3+4-2+7\n"
 

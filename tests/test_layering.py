@@ -115,3 +115,20 @@ def test_the_bottom_layer_imports_nothing_heavy():
             "print(sorted(m for m in ('torch', 'numpy', 'transformers', 'tokenizers') if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+def test_import_ponder_is_light_and_names_the_first_program():
+    import subprocess
+    import sys
+
+    code = ("import sys, ponder; heavy = [m for m in ('torch', 'numpy') if m in sys.modules]; "
+            "names = [getattr(ponder, n) for n in ponder.__all__]; print(heavy, len(names))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.stdout.split("]")[0] == "[" and r.returncode == 0, r.stdout + r.stderr
+    import ponder
+
+    lm = ponder.load_model("arith")
+    gen = ponder.build("majority", lm, ponder.SamplingParams(temperature=0.7, max_tokens=160), {"samples": 4},
+                       ponder.Context(task=ponder.load_task("arith")))
+    (best,) = gen.generate("Q: 3+4-2\n", seed=0)
+    assert best.text.endswith("Answer: 5\n") and best.usage.generated_tokens > 0

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ponder.decoding.adapters import make_processors
-from ponder.decoding.processors import Chain, MinP, SettingError, Temperature, TopK, TopP, chain
+from ponder.decoding.common_adapters import Chain, MinP, SettingError, Temperature, TopK, TopP, chain
 
 NEG = float("-inf")
 

@@ -11,8 +11,8 @@ import torch
 from ponder.decoding.beam import BeamSearch
 from ponder.decoding.controlled import DoLa, LayerContrastLM
 from ponder.decoding.generate import Greedy
-from ponder.decoding.processors import SettingError
-from ponder.decoding.search import BestFirstSearch, ContrastiveSearch, SearchNode
+from ponder.decoding.common_adapters import SettingError
+from ponder.decoding.token_search import BestFirstSearch, ContrastiveSearch, SearchNode
 
 PROMPT = "Q: 3+4-2+7\n"
 

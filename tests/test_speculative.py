@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ponder.decoding.generate import Greedy
-from ponder.decoding.processors import SettingError
+from ponder.decoding.common_adapters import SettingError
 from ponder.decoding.speculative import Speculative
 from ponder.models.loader import load_tokenizer, load_transformer
 from ponder.backends.native import NativeLM

@@ -342,7 +342,7 @@ def test_speculative_rejection_stops_the_lowest_scored_paths_at_its_checkpoint()
     """Speculative Rejection (Sun et al. 2024): N paths; after the first step the
     ``reject`` fraction scored lowest stop for good; the rest run to the end, unscored
     until they finish. The bill is every step written plus every scoring pass."""
-    from ponder.meta.search.rejection import SpeculativeRejection
+    from ponder.meta.search.speculative_rejection import SpeculativeRejection
 
     pol = Policy()
     sr = SpeculativeRejection(pol, StepValues(), n=4, reject=0.5, checkpoints=1)
@@ -364,7 +364,7 @@ def test_speculative_rejection_stops_the_lowest_scored_paths_at_its_checkpoint()
 
 
 def test_speculative_rejection_settings_and_weighted_selection():
-    from ponder.meta.search.rejection import SpeculativeRejection
+    from ponder.meta.search.speculative_rejection import SpeculativeRejection
 
     for bad in ({"reject": 1.0}, {"reject": -0.1}, {"n": 0}, {"checkpoints": 0}, {"keep_min": 5},
                 {"select": "vote"}, {"select": "weighted"}):

@@ -24,7 +24,7 @@ import pytest
 
 from ponder.sweep.report import summarise
 from ponder.sweep.store import ResultsStore
-from ponder.view.browser import available, chromium, open_view, served
+from browser import available, chromium, open_view, served
 
 SWEEP = """
 seed = 0

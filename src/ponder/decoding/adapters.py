@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .processors import NEG_INF, Chain, MinP, Processor, Temperature, TopK, TopP, _check
+from .common_adapters import NEG_INF, Chain, MinP, Processor, Temperature, TopK, TopP, _check
 
 
 class Typical(Processor):

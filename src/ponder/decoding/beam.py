@@ -34,7 +34,7 @@ from ..protocols import Access, require_access
 from ..types import Generation, Usage
 from .generate import Options, TokenGenerator, _stops, pick_greedy, random_seed, row_generator, split_options
 from .adapters import HISTORY_SETTINGS, make_processors
-from .processors import Chain, SettingError
+from .common_adapters import Chain, SettingError
 from ..engine.stopping import StopStringMatcher
 
 NEG = -1.0e9  # transformers' "impossible" score; kept so that scores match it exactly

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .processors import NEG_INF, Processor, SettingError
+from .common_adapters import NEG_INF, Processor, SettingError
 
 
 def _one_line(message: str) -> str:

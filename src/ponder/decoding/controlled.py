@@ -25,7 +25,7 @@ import torch
 
 from ..protocols import Access, require_access
 from .generate import Greedy, Sample
-from .processors import SettingError, _check
+from .common_adapters import SettingError, _check
 
 
 class CompositeCache:

@@ -26,7 +26,7 @@ from ..engine.requests import (  # noqa: F401 (row_generator re-exported)
 from ..protocols import Access, GeneratorBase, require_access
 from ..types import Generation
 from .adapters import ADAPTER_SETTINGS, HISTORY_SETTINGS, make_processors
-from .processors import Chain, SettingError
+from .common_adapters import Chain, SettingError
 
 OPTION_FIELDS = ("max_tokens", "stop", "stop_token_ids", "ignore_eos", "token_healing", "logprobs")  # the fields of Options
 

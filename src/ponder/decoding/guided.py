@@ -27,7 +27,7 @@ import torch
 from ..protocols import Access, GeneratorBase, require_access
 from ..types import Generation, Usage
 from .generate import Options, encode_prompt, random_seed, row_generator
-from .processors import NEG_INF, Processor, SettingError, _check
+from .common_adapters import NEG_INF, Processor, SettingError, _check
 
 PrefixScorer = Callable[[list[list[int]]], torch.Tensor]
 

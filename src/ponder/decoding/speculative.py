@@ -33,7 +33,7 @@ from ..protocols import Access, GeneratorBase, require_access
 from ..types import Generation, Usage
 from .generate import Options, encode_prompt, random_seed, row_generator, split_options
 from .adapters import make_processors
-from .processors import Chain, SettingError
+from .common_adapters import Chain, SettingError
 from ..engine.stopping import StopStringMatcher
 
 

@@ -11,7 +11,7 @@ from .core import (STRATEGIES, Setting, Strategy, _given, _nested, _policy_names
                    samples)
 from .parallel import _PARALLEL, _inner
 from .refinement import _TEXT
-from .search import _SEARCH, _step_scorer
+from .step_search import _SEARCH, _step_scorer
 from .token_level import _sample
 
 
@@ -89,7 +89,7 @@ register(Strategy("rsd", _rsd, "reward-guided speculative decoding (Liao et al. 
 
 
 def _speculative_rejection(lm, p, s, ctx):
-    from ..meta.search.rejection import SpeculativeRejection
+    from ..meta.search.speculative_rejection import SpeculativeRejection
 
     return SpeculativeRejection(lm, _step_scorer("speculative-rejection", s, ctx), params=p,
                                 extract_answer=ctx.task.extract_answer if ctx.task is not None else None,

@@ -75,7 +75,7 @@ def _native_model(spec: str, role: str, dtype: str, **remote: Any) -> Any:
     return NativeLM.from_pretrained(spec, dtype=dtype)
 
 
-def load_model(name: Any, role: str, dtype: str = "float32", **remote: Any) -> Any:
+def load_model(name: Any, role: str = "--model", dtype: str = "float32", **remote: Any) -> Any:
     """A shipped model, a checkpoint folder (a NativeLM), ``hf:NAME_OR_FOLDER`` (the
     same run by transformers, an HFLM), or ``http(s)://...`` (an OpenAI-compatible
     endpoint, ``URL[,URL...][#MODEL]``, with ``remote`` options for OpenAILM); errors

@@ -8,7 +8,7 @@ from ..errors import SettingError
 from ..params import SamplingParams
 from .core import ALL_ADAPTERS, Context, Setting, Strategy, _given, register
 from .parallel import _inner
-from .search import _reward_or_exact, _step_scorer
+from .step_search import _reward_or_exact, _step_scorer
 from .token_level import _greedy
 
 

@@ -193,14 +193,14 @@ register(Strategy("stochastic-beam", _stochastic_beam, "stochastic beam search: 
 
 # -- search over tokens ---------------------------------------------------------------------
 def _contrastive_search(lm, p, s, ctx):
-    from ..decoding.search import ContrastiveSearch
+    from ..decoding.token_search import ContrastiveSearch
 
     return ContrastiveSearch(lm, **({"top_k": p.top_k} if p.top_k else {}),
                              **_given(s, penalty_alpha="penalty_alpha"), **p.options())
 
 
 def _best_first(lm, p, s, ctx):
-    from ..decoding.search import BestFirstSearch
+    from ..decoding.token_search import BestFirstSearch
 
     return BestFirstSearch(lm, **_given(s, expand="expand", max_expansions="max_expansions", lookahead="lookahead"),
                            **p.options())

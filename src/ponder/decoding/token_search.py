@@ -26,7 +26,7 @@ import torch
 from ..protocols import Access, require_access
 from ..types import Generation, Usage
 from .generate import OPTION_FIELDS, TokenGenerator, pick_greedy
-from .processors import SettingError, _check
+from .common_adapters import SettingError, _check
 
 
 def _finish_text(lm: Any, ids: list[int], stop_ids: set[int]) -> str:
