@@ -9,7 +9,7 @@ It reports errors (goal 0), p50 and p99 latency per kind and over all, generated
 tokens/s (the server's usage; a stream counts its chunks), and the server's peak RSS
 (VmHWM), which the engine's caps bound (a 256 MiB radix prefix cache, rows by a KV
 budget). The last line is one JSON object. A shortened run is a test
-(tests/test_remote.py::test_load_has_no_errors).
+(tests/e2e/test_remote.py::test_load_has_no_errors).
 
     python benchmarks/load.py [--clients 64] [--duration 60] [--threads 1]
 """

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The real vLLM engine (CPU build) in a virtual environment of its own, for the tests
-# that run ponder against it (tests/test_remote.py) and benchmarks/remote_concurrency.py.
+# that run ponder against it (tests/e2e/test_remote.py) and benchmarks/remote_concurrency.py.
 # Idempotent: a venv whose vllm imports is kept. About 1-3 minutes and 2.5-3.5 GB.
 #   bash scripts/vllm-venv.sh [DIR]        (default .vllm-venv; tests find it there,
 #                                          or set PONDER_VLLM_PYTHON to its python)

@@ -1,4 +1,7 @@
-"""Shared fixtures: tiny random checkpoints built and saved by transformers (the oracle)."""
+"""Shared fixtures: tiny random checkpoints built and saved by transformers (the oracle).
+
+tests/e2e/ holds the end-to-end tests (real servers on loopback, Chromium); they import
+this folder's helpers (servers.py, browser.py), which pytest puts on the path with this file."""
 
 from __future__ import annotations
 

@@ -138,6 +138,8 @@ class Service(Lifecycle):
         return gen
 
     def _build(self, job: Job, name_: str, settings: dict[str, Any]) -> Any:
+        if name_ not in strategies.STRATEGIES:
+            raise bad(f"ponder.strategy {name_!r} is unknown; GET /v1/strategies lists them", "ponder.strategy")
         ctx = strategies.Context(task=self.task_for(job) if job.strategy else None, reward_model=self.reward_model)
         try:
             gen = strategies.build(name_, self.lm, job.params.replace(n=1, seed=None), settings, ctx)

@@ -353,7 +353,7 @@ def test_load_has_no_errors(pserve):
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     from load import KINDS, run_load
 
     out = run_load(pserve.url, clients=16, duration=10.0)

@@ -270,7 +270,7 @@ def test_errors_name_the_field_the_request_sent(srv):
     r = httpx.post(srv.url + "/completions", json=body)
     err = r.json()["error"]
     assert r.status_code == 400 and err["param"] == "ponder.settings.samples", r.text
-    assert err["message"].startswith("ponder.settings.samples must be"), r.text
+    assert err["message"].startswith("ponder.settings.samples (candidates per problem) must be"), r.text
     for v in (-3, 0, "x"):
         r = httpx.post(srv.url + "/chat/completions", json={"messages": [{"role": "user", "content": Q}],
                                                             "max_completion_tokens": v})
