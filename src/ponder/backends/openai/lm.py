@@ -129,7 +129,7 @@ class OpenAILM(Transport):
     async def generate(self, prompts: Sequence[str], params: Any = None) -> list[list[Generation]]:
         """``params.n`` generations per prompt, all requests concurrent (up to
         ``max_concurrency``)."""
-        from ..params import SamplingParams
+        from ...params import SamplingParams
 
         params = params or SamplingParams()
         if isinstance(prompts, str):
