@@ -406,3 +406,16 @@ def test_sweep_errors_name_keys_not_flags(tmp_path):
     r = subprocess.run(_sweep_cmd(cfg, tmp_path / "r.sqlite"), capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "reward_model" in r.stderr and 'scorer = "steps"' in r.stderr, r.stderr
     assert "--reward-model" not in r.stderr and "--set" not in r.stderr and "--strategy" not in r.stderr
+
+
+def test_a_strategy_can_run_on_some_of_the_models():
+    from ponder.sweep.run import prepare
+
+    raw = {"model": [{"name": "arith"}, {"name": "arith-draft"}], "task": [{"name": "arith", "limit": 2}],
+           "strategy": [{"name": "greedy"}, {"name": "majority", "samples": 4, "temperature": 0.7,
+                                             "models": ["arith-draft"]}]}
+    runs = [(r[0], r[5].strategy) for r in prepare(parse_config(raw)).runs]
+    assert runs == [("arith", "greedy"), ("arith-draft", "greedy"), ("arith-draft", "majority")]
+    raw["strategy"][1]["models"] = ["arith-big"]
+    with pytest.raises(SettingError, match="models must name"):
+        parse_config(raw)

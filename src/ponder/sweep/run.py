@@ -58,6 +58,7 @@ class Run:
     params: dict[str, Any]
     settings: dict[str, Any]
     label: str = ""
+    models: tuple[str, ...] = ()  # the [[model]] names it runs on (empty: every one)
 
     def setting(self) -> dict[str, Any]:
         return {**self.params, **self.settings}
@@ -143,7 +144,13 @@ def parse_config(raw: dict[str, Any], where: str = "the sweep") -> SweepConfig:
     for s in table_list("strategy"):
         if not isinstance(s.get("name"), str):
             raise SettingError(f"{where}: each [[strategy]] needs name = \"<strategy>\" (see ponder strategies)")
-        axes = {k: (v if isinstance(v, list) else [v]) for k, v in s.items() if k not in ("name", "label")}
+        on = s.get("models", [])
+        on = [on] if isinstance(on, str) else on
+        names = [m["name"] for m in models]
+        if not isinstance(on, list) or any(m not in names for m in on):
+            raise SettingError(f"{where}: [[strategy]] {s['name']}: models must name [[model]] tables ({', '.join(names)}); "
+                               f"got {s.get('models')!r}")
+        axes = {k: (v if isinstance(v, list) else [v]) for k, v in s.items() if k not in ("name", "label", "models")}
         for k, v in axes.items():
             if not v:
                 raise SettingError(f"{where}: [[strategy]] {s['name']}: {k} = [] gives no setting")
@@ -151,7 +158,7 @@ def parse_config(raw: dict[str, Any], where: str = "the sweep") -> SweepConfig:
         for combo in itertools.product(*(axes[k] for k in keys)):
             point = dict(zip(keys, combo))
             runs.append(Run(s["name"], {k: v for k, v in point.items() if k in fields_},
-                            {k: v for k, v in point.items() if k not in fields_}, s.get("label", "")))
+                            {k: v for k, v in point.items() if k not in fields_}, s.get("label", ""), tuple(on)))
     seed, chunk = raw.get("seed", 0), raw.get("chunk", 25)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise SettingError(f"{where}: seed must be an integer >= 0; got {seed!r}")
@@ -252,6 +259,8 @@ def prepare(cfg: SweepConfig) -> Prepared:
                                    "a JSONL task's problems are its file's") from None
             level = t.get("level") or getattr(task, "default_level", "") or ""
             for run in cfg.runs:
+                if run.models and model_name not in run.models:
+                    continue
                 try:
                     params = SamplingParams(**run.params)
                     if hasattr(lm, "vocab_size"):  # a remote model's vocabulary is the server's to check
