@@ -121,9 +121,12 @@ class ConfidenceStop:
     def __call__(self, tokens: Any, logits: Any) -> Any:
         import torch
 
-        conf = -logits.log_softmax(-1).topk(self.k, dim=-1).values.mean(-1)  # [B]
+        # the same arithmetic as token_confidences on the recorded top_logprobs (the same
+        # float32 values, summed in the same order in Python), so that a decision replays
+        # exactly from the trace even when a window's mean sits on the threshold
+        top = logits.log_softmax(-1).topk(self.k, dim=-1).values.tolist()  # [B][k]
         stop = []
-        for b, c in enumerate(conf.tolist()):
+        for b, c in enumerate(-(sum(v) / len(v)) for v in top):
             w = self.recent[b] if b < len(self.recent) else []
             w.append(c)
             del w[: -self.window]
@@ -236,7 +239,7 @@ class OnlineConfidenceVote(GeneratorBase):
             weights.append(0.0 if at is not None or c < threshold else c)  # a trace shorter than a window too
         answers = [self.extract_answer(g.text) if w > 0 else None for g, w in zip(traces, weights)]
         return weighted_result(traces, answers, weights, Usage.total(g.usage for g in traces), self.strategy,
-                               threshold=round(threshold, 6), samples_drawn=len(traces), stopped_by=why,
+                               threshold=threshold, samples_drawn=len(traces), stopped_by=why,
                                stopped_at=stops, stopped=sum(a is not None for a in stops),
                                confidence=[round(float(c), 4) if math.isfinite(c) else None for c in shown],
                                stopped_post_hoc=not self.in_process)
