@@ -123,7 +123,7 @@ def test_broken_checkpoints_are_named(capsys, broken, case, phrase):
     ("grammar is empty", ["generate", "x", "--grammar", ""]),
     ("--chunk must be >= 1", ["eval", "--chunk", "-1", "--limit", "2"]),
     ("--threads must be >= 1", ["eval", "--threads", "-1", "--limit", "2"]),
-    ("level must be one of easy, medium, hard; got ''", ["eval", "--level", "", "--limit", "2"]),
+    ("level must be one of easy, medium, hard, expert; got ''", ["eval", "--level", "", "--limit", "2"]),
     ("mirostat_tau must be > 0", ["generate", "x", "--strategy", "sample", "--mirostat", "2", "--mirostat-tau", "0"]),
     ("mirostat_tau and mirostat_eta need mirostat 1 or 2", ["generate", "x", "--strategy", "sample",
                                                             "--mirostat-tau", "3"]),

@@ -56,7 +56,7 @@ def test_generate_sampling_n_seed_stop():
         (["generate", "x", "--top-k", "5"], "does not take --top-k; use --strategy sample"),
         (["generate", ""], "PROMPT is empty"),
         (["generate", "x", "--dtype", "float8"], "dtype must be one of float32, bfloat16"),
-        (["eval", "--level", "impossible"], "level must be one of easy, medium, hard"),
+        (["eval", "--level", "impossible"], "level must be one of easy, medium, hard, expert"),
         (["eval", "--strategy", "best-of-n", "--limit", "2"], "needs --reward-model"),
         # issue 24: a traceback, and two that were silently wrong
         (["generate", "x", "--strategy", "beam", "--set", "early_stopping=maybe"],

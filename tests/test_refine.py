@@ -211,7 +211,7 @@ def test_step_feedback_refinement_gains_on_the_shipped_model(arith_lm):
     from ponder.decoding.generate import Greedy, Sample
     from ponder.scoring.verifiers import StepVerifier
 
-    problems = TASK.problems("hard", 24)
+    problems = TASK.problems("expert", 24)
     prompts = [TASK.prompt(p) for p in problems]
     greedy = Greedy(arith_lm, max_tokens=160)
     base = sum(TASK.check_answer(p, g[0].text) for p, g in zip(problems, greedy.generate_batch(prompts)))
@@ -219,7 +219,7 @@ def test_step_feedback_refinement_gains_on_the_shipped_model(arith_lm):
                                 rounds=4)
     outs = refine.generate_batch(prompts, seed=0)
     fixed = sum(TASK.check_answer(p, g[0].text) for p, g in zip(problems, outs))
-    assert fixed >= base + 5, (base, fixed)  # measured: 13 -> 20 of 24 (100 problems: 53 -> 79; by the PRM: 72)
+    assert fixed >= base + 5, (base, fixed)  # measured on expert: 12 -> 20 of 24 (100 problems: 43 -> 74)
     assert [g[0].text for g in refine.generate_batch(prompts, seed=0)] == [g[0].text for g in outs]  # seeded
     for (g,) in outs:
         assert g.usage.generated_tokens == sum(t.usage.generated_tokens for t in g.trace)
