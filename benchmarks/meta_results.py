@@ -152,7 +152,7 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated strategy names")
     ap.add_argument("--timing-problems", type=int, default=50, help="problems for the interleaved PRM beam / "
                     "best-of-N timing")
-    ap.add_argument("--level", default="hard", help="arith level (the README's main sweep level)")
+    ap.add_argument("--level", default="expert", help="arith level (the README's main sweep level)")
     ap.add_argument("--draft", default="arith-draft", help="the other model whose fixed strategies and compute-optimal "
                     "candidates join the target's ('' for none)")
     ap.add_argument("--dev", type=int, default=100, help="problems of the level's fit split on which compute-optimal "
