@@ -113,16 +113,17 @@ def _compute_optimal(lm, p, s, ctx):
     names = sorted(_policy_names({"policy": policy}) - {PROBE})
     inner = {}
     for name in names:
-        if name not in STRATEGIES or name == "compute-optimal":
+        base = name.split("#", 1)[0]  # NAME#TAG: another candidate of the same strategy (its own settings)
+        if base not in STRATEGIES or base == "compute-optimal":
             raise SettingError(f"policy names {name!r}; choose probe or registered strategies "
-                               f"(majority, best-of-n, prm-beam, ...)")
+                               f"(majority, best-of-n, prm-beam, ...), NAME#TAG for a second one of a kind")
         own = _nested(s, name, name.replace("-", "_"))
-        if "samples" in STRATEGIES[name].settings and "samples" in s:
+        if "samples" in STRATEGIES[base].settings and "samples" in s:
             own.setdefault("samples", s["samples"])
         # NAME.model=M: the candidate runs on another model (a cheap draft's vote is a way to
         # spend compute too), so the policy chooses among every model's strategies
         on = load_model(own.pop("model"), f"--set {name}.model") if "model" in own else lm
-        inner[name] = build(name, on, p, own, ctx)
+        inner[name] = build(base, on, p, own, ctx)
     scorer = ctx.reward_model if s.get("difficulty") == "reward" else None
     probe = _sample(lm, p, s, ctx)
     if "probe_with" in s:  # a strategy's output as the probe (e.g. rsd): its settings as probe_with.KEY=V

@@ -219,7 +219,7 @@ def spend(name: str, settings: dict[str, Any] | None = None) -> tuple[int, str]:
     if isinstance(settings.get("probe_with"), str):
         inner.append((settings["probe_with"], _nested(settings, "probe_with")))
     for n, own in inner:
-        v, what = spend(n, own)
+        v, what = spend(n.split("#", 1)[0], own)
         if v > best[0]:
             best = (v, f"{n}.{what}")
     return best
