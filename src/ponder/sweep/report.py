@@ -197,6 +197,7 @@ def plot(summary: dict[str, list[dict[str, Any]]], out_dir: str | Path) -> list[
                 own = pts[0]["setting"]
                 name = " ".join([strategy, *(f"{k}={own.get(k, '-')}" for k in varying[strategy])])
                 name = name if one_model else f"{name} ({model})"
+                name = name if len(name) <= 56 else name[:53] + "..."  # a long policy stays on the page
                 ax.errorbar(x, y, yerr=err, marker=_MARKERS[i % len(_MARKERS)], capsize=3, label=name, alpha=0.9,
                             color=plt.get_cmap("tab20")(i % 20))
                 for xi, yi, s in zip(x, y, pts):
@@ -206,17 +207,18 @@ def plot(summary: dict[str, list[dict[str, Any]]], out_dir: str | Path) -> list[
             front = sorted((s for s in rows if s[flag]), key=lambda s: s[cost])
             if front:
                 ax.plot([max(s[cost], 1e-9) for s in front], [s["accuracy"] for s in front], "k--", lw=1,
-                        label="compute-optimal frontier")
+                        label="frontier (every model)")
             ax.set_xscale("log")
             ax.set_xlabel(label)
             ax.set_ylabel("accuracy")
             ax.grid(True, alpha=0.3)
         handles, labels = axes[0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
+        cols = min(3, len(labels))
+        fig.legend(handles, labels, loc="lower center", ncol=cols, fontsize=8, frameon=False)
         fig.suptitle(f"{task}: accuracy against inference compute (labels: N or iterations)")
-        fig.tight_layout(rect=(0, 0.06 + 0.035 * ((len(labels) - 1) // 4), 1, 1))
+        fig.tight_layout(rect=(0, 0.06 + 0.035 * ((len(labels) - 1) // cols), 1, 1))
         path = out_dir / f"{task.replace('/', '-')}.png"
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=110, bbox_inches="tight")  # nothing of the legend cut at the edges
         plt.close(fig)
         written.append(path)
     return written
