@@ -177,8 +177,11 @@ def test_constrained_output_cut_by_max_tokens_says_so(capsys):
 
 
 def test_ctrl_c_exits_130_with_one_line():
+    # SIGINT as a terminal gives it, whatever the test runner inherited (a shell's background
+    # job starts with SIGINT ignored, and a child would ignore the Ctrl-C this test sends)
     p = subprocess.Popen([sys.executable, "-m", "ponder.cli", "eval", "--strategy", "majority", "--samples", "16",
-                          "--temperature", "0.7"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                          "--temperature", "0.7"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # wait for the line eval prints as the evaluation starts (no clock: a fast machine must not finish first)
     first = p.stderr.readline()
     assert "0/500 problems" in first, first

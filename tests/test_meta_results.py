@@ -29,7 +29,7 @@ def co_outputs():
                             "majority.samples": 4}, ctx)
     gen.probe, gen.probe_n = strategies.build("rsd", lm, SamplingParams(temperature=0, max_tokens=160),
                                               {"threshold": 0.5}, ctx), 1
-    return [o[0] for o in gen.generate_batch([task.prompt(p) for p in task.problems("hard")[:6]], seed=0)]
+    return [o[0] for o in gen.generate_batch([task.prompt(p) for p in task.problems("expert")[:6]], seed=0)]
 
 
 def test_a_compute_optimal_rows_policy_tokens_are_its_bill(co_outputs):

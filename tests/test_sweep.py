@@ -324,7 +324,8 @@ def test_ctrl_c_says_the_results_are_saved(tmp_path):
     big = tmp_path / "big.toml"
     big.write_text(SWEEP.replace("limit = 8", "limit = 100").replace("samples = [4, 8]", "samples = [16, 32]"))
     db = tmp_path / "r.sqlite"
-    p = subprocess.Popen(_sweep_cmd(big, db), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(_sweep_cmd(big, db), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal's Ctrl-C
     deadline = time.time() + 120
     while _count(db) == 0 and time.time() < deadline and p.poll() is None:
         time.sleep(0.02)

@@ -34,7 +34,7 @@ reward_model = "arith-reward"
 name = "arith"
 [[task]]
 name = "arith"
-level = "hard"
+level = "expert"
 limit = 6
 [[strategy]]
 name = "greedy"
@@ -167,7 +167,7 @@ def _path_ids(tree: dict, target: int) -> list[int]:
 
 def test_every_view_loads_with_no_console_error_or_failed_request(server, store, browser, artifacts):
     rows = _rows(store)
-    views = {"overview": "", "problems": "#/problems/arith%2Fhard", "problem": f"#/p/arith%2Fhard/{rows[0]['problem_id']}"}
+    views = {"overview": "", "problems": "#/problems/arith%2Fexpert", "problem": f"#/p/arith%2Fexpert/{rows[0]['problem_id']}"}
     for r in rows:  # one generation of each strategy: samples, trees, token level
         views.setdefault(f"generation-{r['strategy']}", f"#/g/{r['key']}")
     for name, frag in views.items():
@@ -233,7 +233,7 @@ def test_the_tree_draws_every_stored_node_and_the_chosen_path(server, store, bro
 
 
 def test_a_frontier_point_opens_exactly_its_settings_problems(server, store, browser):
-    summary = summarise(_rows(store))["arith/hard"]
+    summary = summarise(_rows(store))["arith/expert"]
     want = {(s["strategy"], s["problems"], s["correct"]) for s in summary}
     _open(browser, server)
     points = browser.find_elements("css selector", ".frontier-svg .point")
@@ -263,7 +263,7 @@ def test_a_frontier_point_opens_exactly_its_settings_problems(server, store, bro
     flops_front = {s["config_hash"][:12] for s in summary if s["frontier_flops"]}
     from selenium.webdriver.support.ui import Select
 
-    Select(browser.find_element("id", "cost-arith/hard")).select_by_value("flops")
+    Select(browser.find_element("id", "cost-arith/expert")).select_by_value("flops")
     points = browser.find_elements("css selector", ".frontier-svg .point")
     assert len(points) == len(summary)
     assert {p.get_attribute("data-setting")[:12] for p in points if p.get_attribute("data-frontier") == "1"} == flops_front
@@ -279,7 +279,7 @@ def test_the_exported_file_opens_from_disk_with_the_same_tree(store, browser, tm
     _open(browser, out.as_uri() + f"#/g/{row['key']}")
     assert len(browser.find_elements("css selector", "#tree g.node")) == len(_nodes(ResultsStore.trace(row)))
     _open(browser, out.as_uri())
-    assert len(browser.find_elements("css selector", ".frontier-svg .point")) == len(summarise(_rows(store))["arith/hard"])
+    assert len(browser.find_elements("css selector", ".frontier-svg .point")) == len(summarise(_rows(store))["arith/expert"])
     _clean(browser)
     # the traces go in compressed: the file is not several times the store (it was 3.4x)
     assert out.stat().st_size < 1.5 * store.stat().st_size, (out.stat().st_size, store.stat().st_size)
@@ -295,7 +295,7 @@ def test_bad_input_gets_a_clear_page_not_a_stack_trace(store, server, browser, t
     r = _ponder("view", "--db", str(store), "--export", str(tmp_path))
     assert r.returncode != 0 and "is a folder" in r.stderr
     # an unknown problem, generation or view: a page that says so
-    for frag, words in (("#/p/arith%2Fhard/hard-9999", "no problem"), ("#/g/deadbeef", "no stored generation"),
+    for frag, words in (("#/p/arith%2Fexpert/expert-9999", "no problem"), ("#/g/deadbeef", "no stored generation"),
                         ("#/problems/nosuchtask", "no task"), ("#/what/ever", "no view")):
         _open(browser, server + frag)
         assert words in browser.find_element("id", "error").text.lower(), frag
@@ -375,7 +375,7 @@ def test_every_generation_shows_its_question_gold_answer_and_judged_path_ends(se
     from ponder.tasks.arith import ArithTask
 
     task = ArithTask()
-    problems = {p.id: p for p in task.problems("hard")}
+    problems = {p.id: p for p in task.problems("expert")}
     for strategy in ("prm-beam", "majority", "greedy"):
         r = _first(store, strategy)
         p = problems[r["problem_id"]]
@@ -476,13 +476,13 @@ def test_compute_optimal_says_which_policy_ran_and_draws_the_probe(server, store
 
 
 def test_the_overview_draws_cost_truly_and_a_frontier_per_model(server, store, browser):
-    summary = summarise(_rows(store))["arith/hard"]
+    summary = summarise(_rows(store))["arith/expert"]
     _open(browser, server)
     for cost in ("generated_tokens", "flops"):
         if cost == "flops":
             from selenium.webdriver.support.ui import Select
 
-            Select(browser.find_element("id", "cost-arith/hard")).select_by_value("flops")
+            Select(browser.find_element("id", "cost-arith/expert")).select_by_value("flops")
         pts = browser.find_elements("css selector", ".frontier-svg .point")
         assert len(pts) == len(summary)
         # x is the cost: ordering points by their cost orders them on the screen (no nudging)
@@ -502,7 +502,7 @@ def test_the_overview_draws_cost_truly_and_a_frontier_per_model(server, store, b
     colours = [e.get_attribute("style") for e in browser.find_elements("css selector", ".legend i")]
     assert len(colours) == len({s["strategy"] for s in summary}) == len(set(colours))
     # the table: a model column, and the frontier by tokens and by FLOPs
-    table = browser.find_element("id", "settings-arith/hard")
+    table = browser.find_element("id", "settings-arith/expert")
     assert table.find_elements("tag name", "th")[0].get_attribute("textContent") == "model"
     from ponder.view.data import setting_id
 
@@ -517,8 +517,8 @@ def test_the_overview_draws_cost_truly_and_a_frontier_per_model(server, store, b
 def test_the_problems_table_keeps_its_state_in_the_url(server, store, browser):
     from selenium.webdriver.support.ui import Select
 
-    summary = summarise(_rows(store))["arith/hard"]
-    _open(browser, server + "#/problems/arith%2Fhard")
+    summary = summarise(_rows(store))["arith/expert"]
+    _open(browser, server + "#/problems/arith%2Fexpert")
     ids = [o.get_attribute("value") for o in browser.find_elements("css selector", "#setting-a option")]
     Select(browser.find_element("id", "setting-a")).select_by_index(1)
     Select(browser.find_element("id", "setting-b")).select_by_index(len(ids) - 1)
@@ -563,7 +563,7 @@ def test_the_problems_table_keeps_its_state_in_the_url(server, store, browser):
     assert browser.find_element("id", "summary").get_attribute("data-b") == setting_id(best)
     # the header's link to a task's problems is URL-encoded, and opens them
     link = browser.find_element("css selector", "header a[href^='#/problems/']")
-    assert browser.execute_script("return arguments[0].getAttribute('href')", link) == "#/problems/arith%2Fhard"
+    assert browser.execute_script("return arguments[0].getAttribute('href')", link) == "#/problems/arith%2Fexpert"
     link.click()
     for _ in range(100):
         if browser.find_elements("id", "summary") or browser.find_elements("id", "error"):
@@ -583,8 +583,8 @@ def test_no_bookkeeping_in_meta_and_a_served_overview_reads_no_trace(server, sto
         c.execute("UPDATE results SET trace = x'00', text = ''")
     with served(broken) as url:
         _open(browser, url)
-        assert len(browser.find_elements("css selector", ".frontier-svg .point")) == len(summarise(_rows(store))["arith/hard"])
-        _open(browser, url + "#/problems/arith%2Fhard")
+        assert len(browser.find_elements("css selector", ".frontier-svg .point")) == len(summarise(_rows(store))["arith/expert"])
+        _open(browser, url + "#/problems/arith%2Fexpert")
         assert int(browser.find_element("id", "summary").get_attribute("data-problems")) == 6
         _clean(browser)
 
