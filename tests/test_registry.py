@@ -89,3 +89,21 @@ def test_ponder_serve_counts_its_budget(declared):
                                                  "ponder": {"strategy": "majority", "task": "arith", "settings": {
                                                      "samples": 2, "over": "beam-sample", "over.num_beams": 16}}})
         assert r.status_code == 400 and "16 beam-sample.num_beams" in r.text, r.text
+
+
+def test_the_readme_sweep_builds_every_run_and_its_policies_name_candidates_on_the_draft():
+    """The default sweep (the README's main command) parses and builds every generator,
+    among them compute-optimal with NAME#TAG candidates, one on arith-draft."""
+    from ponder.strategies.core import spend
+    from ponder.sweep.run import default_config_path, load_config, prepare
+
+    cfg = load_config(default_config_path())
+    assert cfg.tasks[0]["level"] == "expert" and cfg.tasks[0]["split"] == "test"
+    runs = prepare(cfg).runs
+    assert {r[0] for r in runs} == {"arith", "arith-draft"}
+    co = [r[6] for r in runs if r[5].strategy == "compute-optimal"]
+    assert len(co) == 2
+    assert {"weighted-majority", "weighted-majority#draft"} <= set(co[0].strategies)
+    assert co[0].strategies["weighted-majority#draft"].generator.lm.name == "arith-draft"
+    settings = {"policy": "0.5:majority#big,1:majority", "majority#big.samples": 12, "majority.samples": 4}
+    assert spend("compute-optimal", settings) == (12, "majority#big.samples")
