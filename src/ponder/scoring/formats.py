@@ -92,28 +92,36 @@ PRESETS: dict[str, RewardFormat] = {f.name: f for f in (
 OVERRIDABLE = ("marker", "good", "bad", "split", "system")
 
 
+def split_spec(spec: str, legal: Sequence[str], where: str = "--reward-format", empty_ok: bool = False,
+               hint: str = "") -> tuple[str, dict[str, str]]:
+    """A format spec ``NAME:key=value,...`` as (NAME, {key: value}), ``\\n`` spelling a
+    newline; a key outside ``legal`` (or, unless ``empty_ok``, an empty value) is
+    refused, naming the legal keys. Reward formats and generative ones read specs so."""
+    base, _, rest = spec.partition(":")
+    changes: dict[str, str] = {}
+    for part in rest.split(",") if rest else []:
+        key, eq, value = part.partition("=")
+        if not eq or key not in legal or not (value or empty_ok):
+            raise SettingError(f"{where} {spec!r}: overrides are key=value with key among {', '.join(legal)}{hint}; "
+                               f"got {part!r}", "reward_format")
+        changes[key] = value.replace("\\n", "\n")
+    return base, changes
+
+
 def preset(name: Any, where: str = "--reward-format") -> RewardFormat:
     """A preset by name, optionally with overrides: ``step-tag:marker=#,good=+,bad=-``
     (``\\n`` spells a newline). The overridden format is named by the whole spec, so
     results read with other tokens never mix with the preset's."""
     if isinstance(name, RewardFormat):
         return name
-    base, _, rest = name.partition(":") if isinstance(name, str) else (name, "", "")
+    base = name.partition(":")[0] if isinstance(name, str) else name
     if not isinstance(base, str) or base not in PRESETS:
         from .generative import GENERATIVE
 
         raise SettingError(f"{where} must be one of {', '.join([*PRESETS, *GENERATIVE])}; got {name!r}",
                            "reward_format")
-    if not rest:
-        return PRESETS[base]
-    changes: dict[str, str] = {}
-    for part in rest.split(","):
-        key, eq, value = part.partition("=")
-        if not eq or key not in OVERRIDABLE or not value:
-            raise SettingError(f"{where} {name!r}: overrides are key=value with key among {', '.join(OVERRIDABLE)}; "
-                               f"got {part!r}", "reward_format")
-        changes[key] = value.replace("\\n", "\n")
-    return replace(PRESETS[base], name=name, **changes)
+    _, changes = split_spec(name, OVERRIDABLE, where)
+    return replace(PRESETS[base], name=name, **changes) if changes else PRESETS[base]
 
 
 def detect(config: dict[str, Any], where: str = "") -> RewardFormat:

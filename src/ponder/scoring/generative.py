@@ -34,6 +34,7 @@ from ..params import SamplingParams
 from ..protocols import Access, require_access
 from ..types import Usage
 from .base import ProcessReward, Scores, aggregate, run_sync
+from .formats import split_spec
 
 
 @dataclass(frozen=True)
@@ -79,19 +80,15 @@ def generative_format(spec: Any) -> VerdictFormat | None:
         return spec
     if not isinstance(spec, str):
         return None
-    name, _, rest = spec.partition(":")
+    name = spec.partition(":")[0]
     if name not in GENERATIVE:
         return None
-    fmt = GENERATIVE[name]
-    if not rest:
-        return fmt
+    _, raw = split_spec(spec, ("cue", "yes", "no", "top_k", "max_tokens", "unparsed", "split", "force"),
+                        empty_ok=True, hint=" (yes/no words joined by '|')")
+    if not raw:
+        return GENERATIVE[name]
     changes: dict[str, Any] = {}
-    for part in rest.split(","):
-        key, eq, value = part.partition("=")
-        if not eq or key not in ("cue", "yes", "no", "top_k", "max_tokens", "unparsed", "split", "force"):
-            raise SettingError(f"--reward-format {spec!r}: overrides are key=value among cue, yes, no, top_k, "
-                               f"max_tokens, unparsed, split, force (yes/no words joined by '|'); got {part!r}",
-                               "reward_format")
+    for key, value in raw.items():
         if key in ("yes", "no"):
             changes[key] = tuple(w for w in value.split("|") if w)
         elif key in ("top_k", "max_tokens"):
@@ -101,8 +98,8 @@ def generative_format(spec: Any) -> VerdictFormat | None:
         elif key == "force":
             changes[key] = value.lower() in ("1", "true", "yes")
         else:
-            changes[key] = value.replace("\\n", "\n")
-    return replace(fmt, name=spec, **changes)
+            changes[key] = value
+    return replace(GENERATIVE[name], name=spec, **changes)
 
 
 def _int(value: str, key: str) -> int:
@@ -117,6 +114,10 @@ def _float(value: str, key: str) -> float:
         return float(value)
     except ValueError:
         raise SettingError(f"--reward-format: {key} must be a number; got {value!r}", "reward_format") from None
+
+
+CHAT_REFUSED = ("a generative verifier continues its own critique with the cue: give the completions endpoint "
+                "(the URL without /chat/completions)")
 
 
 class GenerativeVerifier:
@@ -142,8 +143,7 @@ class GenerativeVerifier:
         if f.max_tokens < 1:
             raise SettingError(f"max_tokens (the critique's length) must be >= 1; got {f.max_tokens}", "reward_format")
         if getattr(lm, "chat", False):
-            raise SettingError("a generative verifier continues its own critique with the cue: give the completions "
-                               "endpoint (the URL without /chat/completions)", "reward_model")
+            raise SettingError(CHAT_REFUSED, "reward_model")
         if not hasattr(lm, "decode") and getattr(lm, "tokenizer", None) is None and getattr(lm, "tokens_as_ids", False):
             raise SettingError(f"{getattr(lm, 'endpoint', 'the server')} names top-k tokens by id: the verifier needs its "
                                "tokenizer to read them (name a shipped model or local folder after '#', or set "
@@ -151,7 +151,8 @@ class GenerativeVerifier:
         aggregate([], aggregation)  # validates the name
         self.lm, self.fmt, self.chat, self.aggregation = lm, f, chat, aggregation
         self.name = name or f"{getattr(lm, 'name', 'lm')}/{f.name}"
-        self._memo: dict[tuple[str, str], tuple[float, bool]] = {}  # (question, solution) -> (score, unparsed)
+        # (question, solution) -> (score, unparsed, the critique)
+        self._memo: dict[tuple[str, str], tuple[float, bool, str]] = {}
         self._lock = threading.Lock()
 
     # -- the recipe ----------------------------------------------------------------------
@@ -186,40 +187,47 @@ class GenerativeVerifier:
                 p_no += math.exp(lp)
         return p_yes / (p_yes + p_no) if p_yes + p_no > 0 else None
 
-    async def _judge(self, pairs: list[tuple[str, str]]) -> tuple[list[tuple[float, bool]], Usage, list[str]]:
-        """Judge each (question, solution): critique up to the cue, then the verdict."""
+    async def _judge(self, pairs: list[tuple[str, str]]) -> tuple[list[tuple[float, bool, str]], Usage]:
+        """Judge each (question, solution): critique up to the cue, then the verdict.
+        Returns (score, unparsed, critique) per pair, and the bill."""
         asks = [self.ask(q, s) for q, s in pairs]
         critique = SamplingParams(temperature=0.0, max_tokens=self.fmt.max_tokens, stop=(self.fmt.cue,))
         gens = [g[0] for g in await self.lm.generate(asks, critique)]
         usage = Usage.total(g.usage for g in gens)
         cued = [i for i, g in enumerate(gens) if self.fmt.force or (g.finish_reason == "stop" and g.stop == self.fmt.cue)]
-        out = [(self.fmt.unparsed, True)] * len(pairs)
+        out = [(self.fmt.unparsed, True, g.text) for g in gens]
         if cued:
             read = SamplingParams(temperature=0.0, max_tokens=1, logprobs=self.fmt.top_k)
             verdicts = await self.lm.generate([asks[i] + gens[i].text + self.fmt.cue for i in cued], read)
             for i, v in zip(cued, verdicts):
                 usage = usage + v[0].usage
                 p = self.verdict(v[0].top_logprobs[0] if v[0].top_logprobs else None)
-                out[i] = (self.fmt.unparsed, True) if p is None else (p, False)
-        return out, usage, [g.text for g in gens]
+                if p is not None:
+                    out[i] = (p, False, gens[i].text)
+        return out, usage
 
-    async def _judged(self, pairs: list[tuple[str, str]]) -> tuple[list[tuple[float, bool]], Usage, list[str]]:
-        """``_judge`` over the pairs not judged before (each distinct pair once)."""
+    async def _judged(self, pairs: list[tuple[str, str]]) -> tuple[list[tuple[float, bool, str]], Usage]:
+        """``_judge`` over the pairs not judged before (each distinct pair once); every
+        pair's (score, unparsed, critique), and the bill of what was judged now."""
         with self._lock:
             new = list(dict.fromkeys(p for p in pairs if p not in self._memo))
-        usage, critiques = Usage(), []
+        usage = Usage()
         if new:
-            got, usage, critiques = await self._judge(new)
+            got, usage = await self._judge(new)
             with self._lock:
                 self._memo.update(zip(new, got))
         with self._lock:
-            return [self._memo[p] for p in pairs], usage, critiques
+            return [self._memo[p] for p in pairs], usage
+
+    @staticmethod
+    def _meta(got: list[tuple[float, bool, str]]) -> dict[str, Any]:
+        return {"unparsed": sum(u for _, u, _ in got), "critiques": [c for _, _, c in got]}
 
     # -- the scorer contract ---------------------------------------------------------------
     def score(self, prompt: str, completions: Sequence[str]) -> Scores:
         """Outcome: one verdict on each whole solution."""
-        got, usage, critiques = run_sync(self._judged([(prompt, c) for c in completions]))
-        return Scores([v for v, _ in got], usage, meta={"unparsed": sum(u for _, u in got), "critiques": critiques})
+        got, usage = run_sync(self._judged([(prompt, c) for c in completions]))
+        return Scores([v for v, _, _ in got], usage, meta=self._meta(got))
 
     def cuts(self, completion: str) -> list[str]:
         """The solution cut after each of its steps."""
@@ -228,13 +236,13 @@ class GenerativeVerifier:
 
     async def _steps(self, prompt: str, completions: Sequence[str], aggregation: str) -> Scores:
         cuts = [self.cuts(c) for c in completions]
-        got, usage, critiques = await self._judged([(prompt, c) for cs in cuts for c in cs])
+        got, usage = await self._judged([(prompt, c) for cs in cuts for c in cs])
         steps, k = [], 0
         for cs in cuts:
-            steps.append([v for v, _ in got[k : k + len(cs)]])
+            steps.append([v for v, _, _ in got[k : k + len(cs)]])
             k += len(cs)
         values = [aggregate(s, aggregation, empty=0.0) for s in steps]
-        return Scores(values, usage, steps, meta={"unparsed": sum(u for _, u in got), "critiques": critiques})
+        return Scores(values, usage, steps, meta=self._meta(got))
 
     def score_steps(self, prompt: str, completions: Sequence[str], aggregation: str | None = None) -> Scores:
         """Process: step k's value is the verdict on the solution cut after step k."""

@@ -144,19 +144,16 @@ def _local_reward(spec: str, fmt: str | None, dtype: str, **options: Any) -> Any
 def _generative(spec: str, fmt: Any, dtype: str, role: str, tokenizer: Any = None, **options: Any) -> Any:
     """A generative verifier (GenPRM, ThinkPRM): the verifier is a language model loaded
     as a policy is (any scheme), asked in its own chat template where it has one."""
-    import os
-
     from ..backends.chat import ChatTemplate
-    from ..scoring.generative import GenerativeVerifier
+    from ..scoring.generative import CHAT_REFUSED, GenerativeVerifier
 
     if _is_url(spec):
         from ..backends.openai import parse_endpoint
         from ..scoring.remote import tokenizer_for
 
         _, model, chat = parse_endpoint(spec)
-        if chat:
-            raise SettingError("a generative verifier continues its own critique with the cue: give the completions "
-                               "endpoint (the URL without /chat/completions)", "reward_model")
+        if chat:  # refused before the server is probed
+            raise SettingError(CHAT_REFUSED, "reward_model")
         try:  # the verifier's tokenizer folder, where one is known: exact token counts, its chat template
             tokenizer = tokenizer_for(model, tokenizer)
         except SettingError:
