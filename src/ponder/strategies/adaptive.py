@@ -7,8 +7,8 @@ from typing import Any, Callable
 
 from ..errors import SettingError
 from ..params import SamplingParams
-from .core import (STRATEGIES, Setting, Strategy, _given, _nested, _policy_names, _remote, build, load_model, register,
-                   samples)
+from .core import (DEFAULT_POLICY, STRATEGIES, Setting, Strategy, _given, _nested, _remote, build, load_model,
+                   policy_candidates, register, samples)
 from .parallel import _PARALLEL, _inner
 from .refinement import _TEXT
 from .step_search import _SEARCH, _step_scorer
@@ -105,21 +105,16 @@ register(Strategy("speculative-rejection", _speculative_rejection, "early reject
 
 # -- compute-optimal ------------------------------------------------------------------------
 def _compute_optimal(lm, p, s, ctx):
-    from ..meta.compute_optimal import PROBE, ComputeOptimal
+    from ..meta.compute_optimal import ComputeOptimal
 
-    policy = s.get("policy", "0.25:probe,0.5:best-of-n,1:prm-beam")
+    policy = s.get("policy", DEFAULT_POLICY)
     if not isinstance(policy, str):
         raise SettingError(f"policy must be BOUND:STRATEGY,... (e.g. 0.25:probe,1:prm-beam); got {policy!r}")
-    names = sorted(_policy_names({"policy": policy}) - {PROBE})
     inner = {}
-    for name in names:
-        base = name.split("#", 1)[0]  # NAME#TAG: another candidate of the same strategy (its own settings)
+    for name, base, own in policy_candidates(s):  # NAME#TAG: another candidate of one strategy, its own settings
         if base not in STRATEGIES or base == "compute-optimal":
             raise SettingError(f"policy names {name!r}; choose probe or registered strategies "
                                f"(majority, best-of-n, prm-beam, ...), NAME#TAG for a second one of a kind")
-        own = _nested(s, name, name.replace("-", "_"))
-        if "samples" in STRATEGIES[base].settings and "samples" in s:
-            own.setdefault("samples", s["samples"])
         # NAME.model=M: the candidate runs on another model (a cheap draft's vote is a way to
         # spend compute too), so the policy chooses among every model's strategies
         on = load_model(own.pop("model"), f"--set {name}.model") if "model" in own else lm

@@ -204,25 +204,37 @@ def spend(name: str, settings: dict[str, Any] | None = None) -> tuple[int, str]:
         v = settings.get(d.name, d.default)
         if d.spends and isinstance(v, int) and not isinstance(v, bool) and v > best[0]:
             best = (v, d.name)
-    inner = []
+    inner: list[tuple[str, str, dict[str, Any]]] = []  # (name, registered strategy, its settings)
     if isinstance(settings.get("over"), str):
-        inner.append((settings["over"], _nested(settings, "over")))
+        inner.append((settings["over"], settings["over"], _nested(settings, "over")))
     if "policy" in st.nested:
-        from ..meta.compute_optimal import PROBE
-
-        for n in _policy_names(settings) or {"best-of-n", "prm-beam"}:  # compute-optimal's default policy's
-            if n != PROBE:
-                own = _nested(settings, n, n.replace("-", "_"))
-                if "samples" in settings:
-                    own.setdefault("samples", settings["samples"])
-                inner.append((n, own))
+        inner += policy_candidates(settings)
     if isinstance(settings.get("probe_with"), str):
-        inner.append((settings["probe_with"], _nested(settings, "probe_with")))
-    for n, own in inner:
-        v, what = spend(n.split("#", 1)[0], own)
+        inner.append((settings["probe_with"], settings["probe_with"], _nested(settings, "probe_with")))
+    for n, base, own in inner:
+        v, what = spend(base, own)
         if v > best[0]:
             best = (v, f"{n}.{what}")
     return best
+
+
+DEFAULT_POLICY = "0.25:probe,0.5:best-of-n,1:prm-beam"  # compute-optimal's, when none is given
+
+
+def policy_candidates(settings: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """The strategies a compute-optimal policy names (the probe aside), each as (its name
+    in the policy, the registered strategy: NAME of NAME#TAG, its own settings: those
+    given as NAME.KEY=V, and samples=N where the strategy takes samples)."""
+    from ..meta.compute_optimal import PROBE
+
+    out = []
+    for name in sorted(_policy_names({"policy": settings.get("policy", DEFAULT_POLICY)}) - {PROBE}):
+        base = name.split("#", 1)[0]
+        own = _nested(settings, name, name.replace("-", "_"))
+        if base in STRATEGIES and "samples" in STRATEGIES[base].settings and "samples" in settings:
+            own.setdefault("samples", settings["samples"])
+        out.append((name, base, own))
+    return out
 
 
 # -- helpers the factories share ------------------------------------------------------------
