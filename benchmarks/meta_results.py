@@ -40,14 +40,10 @@ def policy_usage(g, seen: set | None = None) -> dict:
 
 
 def tree_usage(tree: dict) -> dict:
-    tot = {"generated_tokens": 0, "computed_tokens": 0}
-    stack = [tree]
-    while stack:
-        n = stack.pop()
-        for k in tot:
-            tot[k] += n["usage"][k]
-        stack.extend(n["children"])
-    return tot
+    from ponder.meta.search.base import tree_nodes
+
+    nodes = tree_nodes(tree)
+    return {k: sum(n["usage"][k] for n in nodes) for k in ("generated_tokens", "computed_tokens")}
 
 
 ORACLES = ("oracle@16", "refine-steps(exact)", "reflexion(exact)")  # read the answer key: not methods

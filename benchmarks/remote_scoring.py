@@ -124,6 +124,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from ponder import strategies
     from ponder.backends.native import NativeLM
+    from ponder.meta.search.base import tree_nodes
     from ponder.models.registry import resolve_model
     from ponder.params import SamplingParams
     from ponder.scoring.reward import RewardModel
@@ -147,7 +148,7 @@ def main() -> None:
     local = RewardModel.from_pretrained(path)
     outs_l, t_l = search(local)
     computed_l = sum(o[0].usage.computed_tokens for o in outs_l) - sum(
-        n["usage"]["computed_tokens"] for o in outs_l for n in _nodes(o[0].meta["tree"]))
+        n["usage"]["computed_tokens"] for o in outs_l for n in tree_nodes(o[0].meta["tree"]))
     uniq_l = _unique_path_tokens(outs_l, local, prompts)
     acc_l = sum(task.check_answer(p, o[0].text) for p, o in zip(problems, outs_l)) / len(problems)
     rows["in_process"] = {"s": round(t_l, 2), "accuracy": acc_l, "verifier_computed_per_unique_token":
@@ -243,15 +244,6 @@ def both_remote(args, task, lm, params, reward_path) -> dict:
 
 def _serve_policy(path: Path) -> tuple[subprocess.Popen, str]:
     return _serve(path, "arith")
-
-
-def _nodes(tree: dict) -> list[dict]:
-    out, stack = [], [tree]
-    while stack:
-        n = stack.pop()
-        out.append(n)
-        stack.extend(n["children"])
-    return out
 
 
 if __name__ == "__main__":

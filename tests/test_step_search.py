@@ -9,6 +9,7 @@ import json
 import pytest
 
 from ponder.errors import SettingError
+from ponder.meta.search.base import tree_nodes
 from ponder.meta.search.beam import PRMBeamSearch
 from ponder.meta.search.dvts import DVTS
 from ponder.meta.search.lookahead import LookaheadSearch
@@ -181,8 +182,8 @@ def test_search_on_the_shipped_models_with_a_prm(arith_lm, algo):
     for p, (g,) in zip(problems, outs):
         assert TASK.extract_answer(g.text) is not None and g.meta["nodes"] >= 8
         # the tree's steps were prefilled mostly from the prefix cache: computed << requested
-        requested = sum(n["usage"]["prompt_tokens"] + n["usage"]["generated_tokens"] for n in _walk(g.meta["tree"]))
-        computed = sum(n["usage"]["computed_tokens"] for n in _walk(g.meta["tree"]))
+        requested = sum(n["usage"]["prompt_tokens"] + n["usage"]["generated_tokens"] for n in tree_nodes(g.meta["tree"]))
+        computed = sum(n["usage"]["computed_tokens"] for n in tree_nodes(g.meta["tree"]))
         assert computed < 0.5 * requested, (computed, requested)
     # with the exact step checker as the scorer, the search finds right answers
     exact = algo(arith_lm, StepVerifier(TASK), n=8, params=params)
@@ -190,13 +191,6 @@ def test_search_on_the_shipped_models_with_a_prm(arith_lm, algo):
         [TASK.prompt(p) for p in problems], seed=1)))
     assert right >= 3
 
-
-def _walk(tree):
-    stack = [tree]
-    while stack:
-        n = stack.pop()
-        yield n
-        stack.extend(n["children"])
 
 
 def test_mcts_on_the_shipped_models_with_a_rollout_verifier(arith_lm):
@@ -210,7 +204,7 @@ def test_mcts_on_the_shipped_models_with_a_rollout_verifier(arith_lm):
     for p, (g,) in zip(problems, outs):
         assert TASK.extract_answer(g.text) is not None
         # the rollouts are in the tree, on the nodes they valued: the tree holds every token billed
-        nodes = list(_walk(g.meta["tree"]))
+        nodes = list(tree_nodes(g.meta["tree"]))
         assert g.usage.generated_tokens == sum(n["usage"]["generated_tokens"] for n in nodes)
         rolled = [r for n in nodes for r in n.get("rollouts", [])]
         assert rolled and all(r["generated_tokens"] > 0 and r["text"] for r in rolled)
@@ -266,8 +260,8 @@ def test_tree_of_thoughts_on_the_shipped_models(arith_lm):
     assert [o[0].text for o in outs] == [o[0].text for o in bfs.generate_batch(prompts, seed=4)]  # seeded
     for (g,) in outs:
         assert TASK.extract_answer(g.text) is not None and g.meta["nodes"] >= 6
-        requested = sum(n["usage"]["prompt_tokens"] + n["usage"]["generated_tokens"] for n in _walk(g.meta["tree"]))
-        computed = sum(n["usage"]["computed_tokens"] for n in _walk(g.meta["tree"]))
+        requested = sum(n["usage"]["prompt_tokens"] + n["usage"]["generated_tokens"] for n in tree_nodes(g.meta["tree"]))
+        computed = sum(n["usage"]["computed_tokens"] for n in tree_nodes(g.meta["tree"]))
         assert computed < 0.5 * requested, (computed, requested)
     # depth first with the exact step checker: it prunes every wrong step, so what it finds is right
     # (the checker does not read the answer line itself, hence "nearly")
@@ -395,11 +389,7 @@ def test_speculative_rejection_on_the_shipped_models(arith_lm):
     assert [g.text for g in batched] == [g.text for g in alone]
     assert [g.usage.generated_tokens for g in batched] == [g.usage.generated_tokens for g in alone]
     for g in batched:
-        nodes, stack = [], [g.meta["tree"]]
-        while stack:
-            n = stack.pop()
-            nodes.append(n)
-            stack.extend(n["children"])
+        nodes = tree_nodes(g.meta["tree"])
         rejected = [n for n in nodes if n["finish"] == "rejected"]
         assert len(rejected) == sum(r["stopped"] for r in g.meta["rejected"]) > 0
         assert all(not n["children"] and n["depth"] <= 2 for n in rejected)

@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from ponder.meta.search.base import tree_nodes
 from ponder.sweep.report import summarise
 from ponder.sweep.store import ResultsStore
 from browser import available, chromium, open_view, served
@@ -146,14 +147,6 @@ def _rows(db: Path) -> list[dict]:
         s.close()
 
 
-def _nodes(tree: dict) -> list[dict]:
-    out, stack = [], [tree]
-    while stack:
-        n = stack.pop()
-        out.append(n)
-        stack.extend(n["children"])
-    return out
-
 
 def _path_ids(tree: dict, target: int) -> list[int]:
     stack = [(tree, [tree["id"]])]
@@ -214,16 +207,16 @@ def test_the_tree_draws_every_stored_node_and_the_chosen_path(server, store, bro
         tree = ResultsStore.trace(r)
         _open(browser, server + f"#/g/{r['key']}")
         drawn = browser.find_elements("css selector", "#tree g.node")
-        assert len(drawn) == len(_nodes(tree)) == int(browser.find_element("id", "tree").get_attribute("data-nodes"))
+        assert len(drawn) == len(tree_nodes(tree)) == int(browser.find_element("id", "tree").get_attribute("data-nodes"))
         chosen = sorted(int(e.get_attribute("data-id")) for e in browser.find_elements("css selector", "#tree g.node.chosen"))
         best = json.loads(r["meta"])["best_node"]
         assert chosen == sorted(_path_ids(tree, best)) and best in chosen
         # the chosen path spells the stored answer's text (MCTS may finish it with a rollout)
-        by_id = {n["id"]: n for n in _nodes(tree)}
+        by_id = {n["id"]: n for n in tree_nodes(tree)}
         spelled = "".join(by_id[i]["step"] for i in _path_ids(tree, best))
         assert spelled == r["text"] or (strategy == "mcts" and r["text"].startswith(spelled))
         if strategy == "speculative-rejection":
-            rejected = [n for n in _nodes(tree) if n["finish"] == "rejected"]
+            rejected = [n for n in tree_nodes(tree) if n["finish"] == "rejected"]
             assert len(browser.find_elements("css selector", "#tree g.node.rejected")) == len(rejected) > 0
         # following the chosen path folds the rest away and keeps the path drawn
         browser.find_element("id", "follow").click()
@@ -277,7 +270,7 @@ def test_the_exported_file_opens_from_disk_with_the_same_tree(store, browser, tm
     assert r.returncode == 0 and out.exists(), r.stderr
     row = [r for r in _rows(store) if r["strategy"] == "prm-beam"][0]
     _open(browser, out.as_uri() + f"#/g/{row['key']}")
-    assert len(browser.find_elements("css selector", "#tree g.node")) == len(_nodes(ResultsStore.trace(row)))
+    assert len(browser.find_elements("css selector", "#tree g.node")) == len(tree_nodes(ResultsStore.trace(row)))
     _open(browser, out.as_uri())
     assert len(browser.find_elements("css selector", ".frontier-svg .point")) == len(summarise(_rows(store))["arith/expert"])
     _clean(browser)
@@ -346,7 +339,7 @@ def test_traces_of_served_requests_open_in_the_view(browser, tmp_path):
     html = tmp_path / "live.html"
     assert _ponder("view", "--db", str(traces), "--export", str(html)).returncode == 0
     _open(browser, html.as_uri() + f"#/g/{out['view_id']}")
-    assert len(browser.find_elements("css selector", "#tree g.node")) == len(_nodes(ResultsStore.trace(row)))
+    assert len(browser.find_elements("css selector", "#tree g.node")) == len(tree_nodes(ResultsStore.trace(row)))
     assert "not judged" in browser.find_element("css selector", "table.summary").text
     # the served prompt is kept with the trace and shown as the question
     assert row["question"] == "Q: 3+4-2+8-1\n"
@@ -388,12 +381,12 @@ def test_every_generation_shows_its_question_gold_answer_and_judged_path_ends(se
     r = _first(store, "prm-beam")
     p, tree = problems[r["problem_id"]], ResultsStore.trace(r)
     _open(browser, server + f"#/g/{r['key']}")
-    by_id = {n["id"]: n for n in _nodes(tree)}
+    by_id = {n["id"]: n for n in tree_nodes(tree)}
 
     def path_text(i):
         return "".join(by_id[j]["step"] for j in _path_ids(tree, i))
 
-    ends = [n for n in _nodes(tree) if n["terminal"] and not n["children"]]
+    ends = [n for n in tree_nodes(tree) if n["terminal"] and not n["children"]]
     assert ends and all(n["correct"] == task.check_answer(p, path_text(n["id"])) for n in ends)
     right = {int(e.get_attribute("data-id")) for e in browser.find_elements("css selector", "#tree g.node.right")}
     wrong = {int(e.get_attribute("data-id")) for e in browser.find_elements("css selector", "#tree g.node.wrong")}
@@ -411,7 +404,7 @@ def test_every_generation_shows_its_question_gold_answer_and_judged_path_ends(se
 def test_find_filter_fold_and_replay_a_search(server, store, browser):
     r = _first(store, "prm-beam")
     tree = ResultsStore.trace(r)
-    nodes = _nodes(tree)
+    nodes = tree_nodes(tree)
     _open(browser, server + f"#/g/{r['key']}")
     box = browser.find_element("css selector", "input.node-search")
     box.send_keys("Answer")
@@ -441,11 +434,11 @@ def test_mcts_edges_rsd_rewrites_and_deepconf_stops_are_shown(server, store, bro
     labels = [e.get_attribute("textContent") for e in browser.find_elements("css selector", "#tree text.edge-label")]
     assert labels and all(t.startswith("N ") and " Q " in t for t in labels)
     for r in [r for r in _rows(store) if r["strategy"] == "rsd"]:
-        rewritten = {n["id"] for n in _nodes(ResultsStore.trace(r)) if n.get("drafts")}
+        rewritten = {n["id"] for n in tree_nodes(ResultsStore.trace(r)) if n.get("drafts")}
         _open(browser, server + f"#/g/{r['key']}")
         shown = {int(e.get_attribute("data-id")) for e in browser.find_elements("css selector", "#tree g.node.rewritten")}
         assert shown == rewritten
-    assert any(n.get("drafts") for r in _rows(store) if r["strategy"] == "rsd" for n in _nodes(ResultsStore.trace(r)))
+    assert any(n.get("drafts") for r in _rows(store) if r["strategy"] == "rsd" for n in tree_nodes(ResultsStore.trace(r)))
     for r in [r for r in _rows(store) if r["strategy"] == "deepconf-online"][:4]:
         meta = json.loads(r["meta"])
         _open(browser, server + f"#/g/{r['key']}")
@@ -470,7 +463,7 @@ def test_compute_optimal_says_which_policy_ran_and_draws_the_probe(server, store
         assert "difficulty" in text
         # the probe's search is drawn as a tree, not dumped as JSON
         probe_tree = trace[0]["meta"]["tree"]
-        assert int(browser.find_element("id", "tree").get_attribute("data-nodes")) == len(_nodes(probe_tree))
+        assert int(browser.find_element("id", "tree").get_attribute("data-nodes")) == len(tree_nodes(probe_tree))
         assert '"children"' not in browser.find_element("id", "app").get_attribute("textContent")
     _clean(browser)
 

@@ -73,6 +73,17 @@ class Node:
                 "children": [c.to_dict() for c in self.children]}
 
 
+def tree_nodes(tree: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every node of a tree as ``Node.to_dict`` writes it (a search's ``meta["tree"]``,
+    a stored trace), the root first."""
+    out, stack = [], [tree]
+    while stack:
+        n = stack.pop()
+        out.append(n)
+        stack.extend(n["children"])
+    return out
+
+
 class Tree:
     """One search's tree: its root and the ids it has handed out (state of one search,
     so concurrent searches over one object never share it)."""
