@@ -107,3 +107,20 @@ class ProcessReward:
 
     def score_steps_many(self, requests: Sequence[tuple[str, Sequence[str]]]) -> list[Scores]:
         return self.rm.score_steps_many(requests, aggregation=self.aggregation)
+
+
+def split_spec(spec: str, legal: Sequence[str], where: str = "--reward-format", empty_ok: bool = False,
+               hint: str = "") -> tuple[str, dict[str, str]]:
+    """A format spec ``NAME:key=value,...`` as (NAME, {key: value}), ``\\n`` spelling a
+    newline; a key outside ``legal`` (or, unless ``empty_ok``, an empty value) is
+    refused, naming the legal keys. Reward formats (``formats.py``) and generative
+    verifiers (``generative.py``) read their specs so."""
+    base, _, rest = spec.partition(":")
+    changes: dict[str, str] = {}
+    for part in rest.split(",") if rest else []:
+        key, eq, value = part.partition("=")
+        if not eq or key not in legal or not (value or empty_ok):
+            raise SettingError(f"{where} {spec!r}: overrides are key=value with key among {', '.join(legal)}{hint}; "
+                               f"got {part!r}", "reward_format")
+        changes[key] = value.replace("\\n", "\n")
+    return base, changes

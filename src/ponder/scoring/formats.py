@@ -32,6 +32,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 from ..errors import SettingError
+from .base import split_spec
 
 # ponder's own format: the final answer line is read by the outcome score, not as a step
 _ANSWER_LINE = re.compile(r"^\s*(answer\b|####)", re.IGNORECASE)
@@ -90,22 +91,6 @@ PRESETS: dict[str, RewardFormat] = {f.name: f for f in (
 
 # what `NAME:key=value,...` may change in a preset (a verifier trained with its own tokens)
 OVERRIDABLE = ("marker", "good", "bad", "split", "system")
-
-
-def split_spec(spec: str, legal: Sequence[str], where: str = "--reward-format", empty_ok: bool = False,
-               hint: str = "") -> tuple[str, dict[str, str]]:
-    """A format spec ``NAME:key=value,...`` as (NAME, {key: value}), ``\\n`` spelling a
-    newline; a key outside ``legal`` (or, unless ``empty_ok``, an empty value) is
-    refused, naming the legal keys. Reward formats and generative ones read specs so."""
-    base, _, rest = spec.partition(":")
-    changes: dict[str, str] = {}
-    for part in rest.split(",") if rest else []:
-        key, eq, value = part.partition("=")
-        if not eq or key not in legal or not (value or empty_ok):
-            raise SettingError(f"{where} {spec!r}: overrides are key=value with key among {', '.join(legal)}{hint}; "
-                               f"got {part!r}", "reward_format")
-        changes[key] = value.replace("\\n", "\n")
-    return base, changes
 
 
 def preset(name: Any, where: str = "--reward-format") -> RewardFormat:

@@ -33,8 +33,7 @@ from ..errors import SettingError
 from ..params import SamplingParams
 from ..protocols import Access, require_access
 from ..types import Usage
-from .base import ProcessReward, Scores, aggregate, run_sync
-from .formats import split_spec
+from .base import ProcessReward, Scores, aggregate, run_sync, split_spec
 
 
 @dataclass(frozen=True)
