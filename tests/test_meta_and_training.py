@@ -118,6 +118,45 @@ def test_training_with_steps_is_reproducible_bit_for_bit(tmp_path, tokenizer_fil
     assert meta["args"]["steps"] == 20
 
 
+def test_planted_slips_are_the_targets_kinds_and_labelled_by_the_checker(tmp_path):
+    """`ponder.train slipped`: with no slip a solution is right in every step; with one,
+    the checker finds a wrong step (or a wrong answer) in nearly every solution, and the
+    file's labels are the checker's. The kinds planted follow the target's: mostly a
+    wrong result, also a term used twice."""
+    import random
+    from collections import Counter
+
+    from ponder.tasks import arith
+    from ponder.train import main
+    from ponder.train.reward import slipped_solution
+
+    task, rng = arith.ArithTask(), random.Random(0)
+    stream = arith.training_stream(3, [arith.Level("x", 5, 7, 2)])
+    wrong, kinds = 0, {"result": 0, "twice": 0}
+    for i in range(300):
+        q = next(stream)[0]
+        p = arith.make_problem(q, str(i))
+        clean = slipped_solution(rng, q, 0)
+        assert all(task.prefix_correct(p, task.split_steps(clean))) and task.check_answer(p, clean)
+        bad = slipped_solution(rng, q, 1)
+        steps = task.split_steps(bad)
+        wrong += not all(task.prefix_correct(p, steps)) or not task.check_answer(p, bad)
+        used = [arith._STEP.match(s) for s in steps]
+        named = Counter((m[2], int(m[3])) for m in used)
+        kinds["twice"] += any(k > Counter(arith.parse_question(q))[t] for t, k in named.items())
+        kinds["result"] += any(int(m[4]) != (int(m[1]) + int(m[3]) if m[2] == "+" else int(m[1]) - int(m[3]))
+                               for m in used)
+    assert wrong >= 0.9 * 300, wrong  # a "twice" at the first step has nothing to repeat
+    assert kinds["result"] > 150 and kinds["twice"] > 20, kinds
+    main(["slipped", "--out", str(tmp_path / "s.jsonl"), "--problems", "200", "--seed", "3"])
+    rows = [json.loads(x) for x in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert len(rows) == 200 and 60 < sum(not r["correct"] for r in rows) < 140
+    for r in rows:
+        p = arith.make_problem(r["question"], "x")
+        assert r["step_labels"] == task.prefix_correct(p, task.split_steps(r["completion"]))
+        assert r["correct"] == task.check_answer(p, r["completion"])
+
+
 def test_meta_generators_name_a_bad_argument(arith_lm):
     from ponder.decoding.generate import Sample
     from ponder.errors import SettingError

@@ -35,7 +35,7 @@ def eval_cmd(
     task: str = typer.Option("arith", "--task", help="A task's name (arith) or a GSM8K- or MATH-style JSONL file."),
     task_option: List[str] = typer.Option([], "--task-option", help="For a JSONL task: question_field=, "
                                           "answer_field=, id_field=, format=gsm8k|math, prompt= (repeatable)."),
-    level: Optional[str] = typer.Option(None, "--level", help="The task's level (arith: easy | medium | hard; default hard)."),
+    level: Optional[str] = typer.Option(None, "--level", help="The task's level (arith: easy | medium | hard | expert; default hard)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate the first K problems only (>= 1)."),
     model: str = typer.Option("arith", "--model", "-m"),
     strategy: str = typer.Option("greedy", "--strategy", "-s", help="greedy | sample | majority | best-of-n ..."),

@@ -10,6 +10,7 @@ from dataclasses import fields
 from typing import Any, Callable, List, Optional
 
 import typer
+from rich.markup import escape
 
 from ..errors import SettingError
 from ..params import SamplingParams, field_help
@@ -44,7 +45,8 @@ def with_sampling_params(defaults: dict[str, Any] | None = None, exclude: tuple[
             help_, legal, alias = field_help(f.name)
             ann, default = _flag_type(f.name, defaults.get(f.name, SamplingParams.default(f.name)))
             flags = ["--" + f.name.replace("_", "-")] + ([alias] if alias else [])
-            opt = typer.Option(default, *flags, help=f"{help_} [{legal}]")
+            # Escaped: rich would read "[in (0, 1]" as a markup tag and print a stray "]".
+            opt = typer.Option(default, *flags, help=escape(f"{help_} [{legal}]"))
             added.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=ann))
             names.append(f.name)
 

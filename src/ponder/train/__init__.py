@@ -3,6 +3,7 @@
     python -m ponder.train tokenizer --out DIR
     python -m ponder.train lm --out DIR --hidden 256 --layers 4 --minutes 60
     python -m ponder.train samples --policy DIR --out samples.jsonl --problems 4000
+    python -m ponder.train slipped --out slipped.jsonl --problems 20000
     python -m ponder.train reward --policy DIR --samples samples.jsonl --out DIR --minutes 20
     python -m ponder.train widen-heads --model arith-reward --head-dim 32 --out DIR
 
@@ -65,6 +66,15 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--min-operands", type=int, default=3)
     s.add_argument("--max-operands", type=int, default=6)
     s.add_argument("--digits", default="1,2,2,2")
+    c = sub.add_parser("slipped", help="correct solutions with the target's kinds of slip planted, labelled, for "
+                       "reward training")
+    c.add_argument("--out", required=True)
+    c.add_argument("--problems", type=int, default=20000)
+    c.add_argument("--rate", type=float, default=0.5, help="share of solutions with a slip planted")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--min-operands", type=int, default=4)
+    c.add_argument("--max-operands", type=int, default=8)
+    c.add_argument("--digits", default="1,2")
     w = sub.add_parser("widen-heads", help="widen a checkpoint's attention heads (same outputs), e.g. to a head "
                        "size vLLM's CPU attention takes")
     w.add_argument("--model", required=True, help="a shipped model's name or a checkpoint folder")
@@ -81,6 +91,6 @@ def main(argv: list[str] | None = None) -> None:
 
         (cmd_tokenizer if args.cmd == "tokenizer" else train_lm)(args)
     else:
-        from .reward import make_samples, train_reward
+        from .reward import make_samples, make_slipped, train_reward
 
-        (train_reward if args.cmd == "reward" else make_samples)(args)
+        {"reward": train_reward, "samples": make_samples, "slipped": make_slipped}[args.cmd](args)

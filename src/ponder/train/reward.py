@@ -57,6 +57,65 @@ def make_samples(args) -> None:
             print(f"{i + len(chunk)}/{len(qs)} problems, {n_ok}/{n_all} correct, {time.time() - t0:.0f}s", flush=True)
 
 
+# The slips the target makes when sampled at expert (200 problems x 16 at T = 0.7, first
+# error of each wrong solution): a wrong result 68%, a term used twice 21%, a term not in
+# the question (or with its sign flipped) 11%, a term left out 1%.
+SLIPS = (("result", 0.68), ("twice", 0.21), ("foreign", 0.10), ("dropped", 0.01))
+
+
+def slipped_solution(rng: random.Random, question: str, slips: int) -> str:
+    """A solution in a random admissible order with ``slips`` of the target's kinds of
+    error, each at a random step, carried on as the target carries its own: later steps
+    start from the wrong total, and a term used twice leaves one unused. The labels come
+    from the task's checker, not from here."""
+    terms = arith.parse_question(question)
+    total, unused = terms[0][1], [terms[i] for i in arith.random_order(rng, len(terms))]
+    at = set(rng.sample(range(len(unused)), min(slips, len(unused))))
+    used, lines, step = [], [], 0
+    while unused:
+        op, b = unused.pop(0)
+        kind = rng.choices([k for k, _ in SLIPS], [w for _, w in SLIPS])[0] if step in at else None
+        if kind == "twice" and used:
+            unused.insert(0, (op, b))
+            op, b = rng.choice(used)
+            unused.pop(rng.randrange(len(unused)))  # the target then stops one term short
+        elif kind == "foreign":
+            op, b = (("-" if op == "+" else "+"), b) if rng.random() < 0.3 else (op, max(0, b + rng.choice([-10, -1, 1, 10, rng.randint(-20, 20) or 3])))
+        elif kind == "dropped":
+            step += 1
+            continue
+        new = total + b if op == "+" else total - b
+        if kind == "result":
+            new += rng.choice([-100, -10, -10, -2, -1, -1, 1, 1, 2, 10, 10, 100])
+        lines.append(f"{total}{op}{b}={new}")
+        used.append((op, b))
+        total, step = new, step + 1
+    return "".join(line + "\n" for line in lines) + f"{arith.ANSWER_PREFIX}{total}\n"
+
+
+def make_slipped(args) -> None:
+    """Labelled solutions with the target's kinds of slip planted (``--slipped``): the
+    target's own samples hold one first error per 14 steps; planted slips give the
+    reward model many more, of the same kinds, to learn to check each step from."""
+    rng = random.Random(args.seed)
+    task = arith.ArithTask()
+    levels = [arith.Level(f"rm{n}x{d}", n, n, int(d)) for n in range(args.min_operands, args.max_operands + 1)
+              for d in str(args.digits).split(",")]
+    stream = arith.training_stream(20_000 + args.seed, levels)
+    n_ok = 0
+    with open(args.out, "w") as f:
+        for i in range(args.problems):
+            q = next(stream)[0]
+            p = arith.make_problem(q, f"slip{i}")
+            slips = 0 if rng.random() >= args.rate else (2 if rng.random() < 0.1 else 1)
+            text = slipped_solution(rng, q, slips)
+            ok = task.check_answer(p, text)
+            n_ok += ok
+            f.write(json.dumps({"question": q, "completion": text,
+                                "step_labels": task.prefix_correct(p, task.split_steps(text)), "correct": ok}) + "\n")
+    print(f"{args.problems} solutions, {n_ok} correct", flush=True)
+
+
 def train_reward(args) -> None:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
