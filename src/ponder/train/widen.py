@@ -42,9 +42,10 @@ def _spread(w: torch.Tensor, heads: int, d: int, D: int, dim: int) -> torch.Tens
     return new.reshape(heads * D, *rest)
 
 
-def widen_heads(src: str | Path, out: str | Path, head_dim: int) -> dict[str, Any]:
+def widen_heads(src: str | Path, out: str | Path, head_dim: int, command: str = "") -> dict[str, Any]:
     """Write to ``out`` the checkpoint at ``src`` with attention heads of ``head_dim``,
-    computing the same function. Returns what changed."""
+    computing the same function. Returns what changed, which (with ``command``) is also
+    recorded under ``widened`` in the copy's ``training.json``, if it has one."""
     from safetensors.torch import load_file, save_file
 
     src, out = Path(src), Path(out)
@@ -81,13 +82,19 @@ def widen_heads(src: str | Path, out: str | Path, head_dim: int) -> dict[str, An
     cfg.update(head_dim=D, rope_theta=theta ** (D / d))
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     save_file({k: v.contiguous() for k, v in new.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
-    return {"head_dim": [d, D], "rope_theta": [theta, cfg["rope_theta"]], "q_scale": scale}
+    info = {"head_dim": [d, D], "rope_theta": [theta, cfg["rope_theta"]], "q_scale": scale}
+    record = out / "training.json"
+    if record.is_file():  # the weights are no longer the training run's alone: say so beside its command
+        meta = json.loads(record.read_text())
+        meta["widened"] = {"command": command, **info}
+        record.write_text(json.dumps(meta, indent=2) + "\n")
+    return info
 
 
 def cmd_widen(args: Any) -> None:
     from ..models.registry import resolve_model
 
     path, _ = resolve_model(args.model)
-    info = widen_heads(path, args.out, args.head_dim)
+    info = widen_heads(path, args.out, args.head_dim, "python -m ponder.train " + " ".join(args.argv))
     print(f"wrote {args.out}: head size {info['head_dim'][0]} -> {info['head_dim'][1]}, rope_theta "
           f"{info['rope_theta'][0]:g} -> {info['rope_theta'][1]:.6g}, q scaled by {info['q_scale']:.6f}")
