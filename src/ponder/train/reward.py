@@ -27,6 +27,19 @@ from .common import Schedule, lr_at, optimizer_step, save_checkpoint, training_r
 SAMPLE_LEVELS = [arith.Level(f"rm{n}x{d}", n, n, d) for n in range(3, 7) for d in (1, 2, 2, 2)]
 
 
+def _levels(args) -> list[arith.Level]:
+    """One level per operand count and digit count the flags name."""
+    return [arith.Level(f"rm{n}x{d}", n, n, int(d)) for n in range(args.min_operands, args.max_operands + 1)
+            for d in str(args.digits).split(",")]
+
+
+def _labelled(task: arith.ArithTask, problem: arith.Problem, text: str) -> dict:
+    """A training row: the solution with the checker's prefix labels and its verdict."""
+    return {"question": problem.question, "completion": text,
+            "step_labels": task.prefix_correct(problem, task.split_steps(text)),
+            "correct": task.check_answer(problem, text)}
+
+
 def make_samples(args) -> None:
     from ..decoding.generate import Sample
 
@@ -34,8 +47,7 @@ def make_samples(args) -> None:
     lm = NativeLM(load_transformer(args.policy), load_tokenizer(args.policy), "policy")
     task = arith.ArithTask()
     gen = Sample(lm, temperature=args.temperature, max_tokens=160)
-    levels = [arith.Level(f"rm{n}x{d}", n, n, int(d)) for n in range(args.min_operands, args.max_operands + 1)
-              for d in str(args.digits).split(",")]
+    levels = _levels(args)
     stream = arith.training_stream(10_000 + args.seed, levels or SAMPLE_LEVELS)
     qs = [next(stream)[0] for _ in range(args.problems)]
     t0 = time.time()
@@ -46,14 +58,10 @@ def make_samples(args) -> None:
             outs = gen.generate_batch([task.prompt(p) for p in chunk], n=args.per_problem, seed=args.seed + i)
             for p, gs in zip(chunk, outs):
                 for g in gs:
-                    steps = task.split_steps(g.text)
-                    ok = task.check_answer(p, g.text)
-                    n_ok += ok
+                    row = _labelled(task, p, g.text)
+                    n_ok += row["correct"]
                     n_all += 1
-                    f.write(json.dumps({
-                        "question": p.question, "completion": g.text,
-                        "step_labels": task.prefix_correct(p, steps), "correct": ok,
-                    }) + "\n")
+                    f.write(json.dumps(row) + "\n")
             print(f"{i + len(chunk)}/{len(qs)} problems, {n_ok}/{n_all} correct, {time.time() - t0:.0f}s", flush=True)
 
 
@@ -79,8 +87,11 @@ def slipped_solution(rng: random.Random, question: str, slips: int) -> str:
             unused.insert(0, (op, b))
             op, b = rng.choice(used)
             unused.pop(rng.randrange(len(unused)))  # the target then stops one term short
-        elif kind == "foreign":
-            op, b = (("-" if op == "+" else "+"), b) if rng.random() < 0.3 else (op, max(0, b + rng.choice([-10, -1, 1, 10, rng.randint(-20, 20) or 3])))
+        elif kind == "foreign":  # the term with its sign flipped, or a number near it
+            if rng.random() < 0.3:
+                op = "-" if op == "+" else "+"
+            else:
+                b = max(0, b + rng.choice([-10, -1, 1, 10, rng.randint(-20, 20) or 3]))
         elif kind == "dropped":
             step += 1
             continue
@@ -94,13 +105,12 @@ def slipped_solution(rng: random.Random, question: str, slips: int) -> str:
 
 
 def make_slipped(args) -> None:
-    """Labelled solutions with the target's kinds of slip planted (``--slipped``): the
-    target's own samples hold one first error per 14 steps; planted slips give the
-    reward model many more, of the same kinds, to learn to check each step from."""
+    """Labelled solutions with the target's kinds of slip planted (``ponder.train
+    slipped``): the target's own samples hold one first error per 14 steps; planted slips
+    give the reward model many more, of the same kinds, to learn to check each step from."""
     rng = random.Random(args.seed)
     task = arith.ArithTask()
-    levels = [arith.Level(f"rm{n}x{d}", n, n, int(d)) for n in range(args.min_operands, args.max_operands + 1)
-              for d in str(args.digits).split(",")]
+    levels = _levels(args)
     stream = arith.training_stream(20_000 + args.seed, levels)
     n_ok = 0
     with open(args.out, "w") as f:
@@ -108,11 +118,9 @@ def make_slipped(args) -> None:
             q = next(stream)[0]
             p = arith.make_problem(q, f"slip{i}")
             slips = 0 if rng.random() >= args.rate else (2 if rng.random() < 0.1 else 1)
-            text = slipped_solution(rng, q, slips)
-            ok = task.check_answer(p, text)
-            n_ok += ok
-            f.write(json.dumps({"question": q, "completion": text,
-                                "step_labels": task.prefix_correct(p, task.split_steps(text)), "correct": ok}) + "\n")
+            row = _labelled(task, p, slipped_solution(rng, q, slips))
+            n_ok += row["correct"]
+            f.write(json.dumps(row) + "\n")
     print(f"{args.problems} solutions, {n_ok} correct", flush=True)
 
 
