@@ -25,16 +25,6 @@ import time
 import torch
 
 
-def labelled_steps(task, problem, text: str) -> tuple[list[bool], list[bool]]:
-    """(prefix-correct label, was the prefix before it right) for each step."""
-    labels, before, good = [], [], True
-    for ok in task.check_steps(problem, task.split_steps(text)):
-        before.append(good)
-        good = good and ok
-        labels.append(good)
-    return labels, before
-
-
 def figures(scores: list[float], labels: list[bool], before: list[bool], position: list[int]) -> dict:
     from ponder.evaluate import roc_auc
 
@@ -43,12 +33,12 @@ def figures(scores: list[float], labels: list[bool], before: list[bool], positio
         return None if a is None else round(a, 4)
 
     every = range(len(scores))
+    at = [[i for i in every if position[i] == k] for k in range(max(position) + 1)]
     return {"step_auc": auc(every),
             "first_error_auc": auc([i for i in every if before[i]]),
             "after_error_auc": auc([i for i in every if not before[i] or labels[i]]),
-            "by_position": [auc([i for i in every if position[i] == k]) for k in range(max(position) + 1)
-                            if sum(position[i] == k for i in every) > 50 and
-                            0 < sum(labels[i] for i in every if position[i] == k) < sum(position[i] == k for i in every)]}
+            # the positions with over 50 steps, right and wrong both among them
+            "by_position": [auc(ix) for ix in at if len(ix) > 50 and 0 < sum(labels[i] for i in ix) < len(ix)]}
 
 
 def self_confidence(lm, rm, prompt: str, text: str, n_steps: int) -> list[float]:
@@ -94,9 +84,9 @@ def main() -> None:
     labels, before, position = [], [], []
     for p, ts in zip(problems, texts):
         for text in ts:
-            lab, bef = labelled_steps(task, p, text)
+            lab = task.prefix_correct(p, task.split_steps(text))
             labels += lab
-            before += bef
+            before += [True, *lab][: len(lab)]  # was the prefix before the step right
             position += list(range(len(lab)))
     result: dict = {"level": args.level, "problems": len(problems), "samples": args.samples,
                     "steps": len(labels), "right_steps": sum(labels)}
@@ -111,7 +101,7 @@ def main() -> None:
         per[name] = figures(scores, labels, before, position)
         print(f"{name}: {per[name]}", flush=True)
     target = load_transformer(resolve_model("arith")[0]).eval()
-    rm = RewardModel.from_pretrained(names[0]) if names else RewardModel.from_pretrained("arith-reward")
+    rm = RewardModel.from_pretrained(names[0] if names else "arith-reward")  # its layout: where steps end
     conf = [s for p, prompt, ts in zip(problems, prompts, texts) for text in ts
             for s in self_confidence(target, rm, prompt, text, len(task.split_steps(text)))]
     per["target-confidence"] = figures(conf, labels, before, position)
