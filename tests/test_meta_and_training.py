@@ -157,6 +157,41 @@ def test_planted_slips_are_the_targets_kinds_and_labelled_by_the_checker(tmp_pat
         assert r["correct"] == task.check_answer(p, r["completion"])
 
 
+def test_a_deeper_verifier_keeps_the_policy_below_its_added_blocks(tmp_path, tokenizer_file):
+    """`ponder.train reward --extra-layers 1 --freeze-backbone --surprisal-weight 1`: the
+    checkpoint is one block deeper than its policy, the policy's embeddings and block are
+    in it bit for bit, the added block and the head were trained, it loads as a reward
+    model with one score per step, and the surprisal head (a training aid) is not saved.
+    A surprisal weight without a frozen backbone below added blocks is refused."""
+    from safetensors.torch import load_file
+
+    from ponder.errors import SettingError
+    from ponder.scoring.reward import RewardModel
+    from ponder.train import main
+
+    policy, samples, out = tmp_path / "p", tmp_path / "s.jsonl", tmp_path / "r"
+    main(["lm", "--out", str(policy), "--tokenizer", str(tokenizer_file), "--hidden", "32", "--layers", "1",
+          "--heads", "2", "--kv-heads", "1", "--batch", "4", "--steps", "3"])
+    main(["slipped", "--out", str(samples), "--problems", "40", "--seed", "1"])
+    args = ["reward", "--policy", str(policy), "--samples", str(samples), "--out", str(out), "--tokenizer",
+            str(tokenizer_file), "--batch", "8", "--steps", "4", "--lr", "0.01"]
+    main([*args, "--extra-layers", "1", "--freeze-backbone", "--surprisal-weight", "1"])
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 2 and cfg["num_labels"] == 1
+    a, b = load_file(str(policy / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    kept = [k for k in a if k.startswith(("model.embed_tokens", "model.layers.0."))]
+    assert kept and all(torch.equal(a[k], b[k]) for k in kept)
+    assert all(b[k].shape[0] == 1 for k in b if k.startswith("score"))  # the surprisal head is not saved
+    assert b["score.weight"].abs().sum() > 0 and "model.layers.1.mlp.down_proj.weight" in b
+    rm = RewardModel.from_pretrained(str(out))
+    text = "1+2=3\n3+4=7\nAnswer: 7\n"
+    assert len(rm.step_scores("Q: 1+2+4\n", [text])[0]) == 2
+    for bad in (["--surprisal-weight", "1"], ["--extra-layers", "1", "--surprisal-weight", "1"],
+                ["--extra-layers", "-1"]):
+        with pytest.raises(SettingError, match="--surprisal-weight|--extra-layers"):
+            main([*args, *bad])
+
+
 def test_meta_generators_name_a_bad_argument(arith_lm):
     from ponder.decoding.generate import Sample
     from ponder.errors import SettingError

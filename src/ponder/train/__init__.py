@@ -55,6 +55,15 @@ def main(argv: list[str] | None = None) -> None:
         if name == "reward":
             p.add_argument("--policy", required=True, help="target model folder, used to initialise")
             p.add_argument("--samples", required=True, nargs="+", help="labelled samples JSONL (one or more files)")
+            p.add_argument("--extra-layers", type=int, default=0,
+                           help="blocks added on top of the policy's (>= 0), starting as the identity: depth "
+                                "to compare each token with the policy's prediction of it")
+            p.add_argument("--freeze-backbone", action="store_true",
+                           help="keep the policy's embeddings and blocks fixed; train the added blocks, "
+                                "the final norm and the head")
+            p.add_argument("--surprisal-weight", type=float, default=0.0,
+                           help="weight (>= 0) of a second, dense target while training: the policy's "
+                                "surprisal of every solution token (needs --freeze-backbone, --extra-layers)")
     s = sub.add_parser("samples", help="sample and label target-model solutions for reward training")
     s.add_argument("--policy", required=True)
     s.add_argument("--out", required=True)

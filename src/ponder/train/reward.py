@@ -8,6 +8,7 @@ Wang et al. 2024, Math-Shepherd): the backbone already reads arithmetic.
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from dataclasses import replace
@@ -16,6 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..errors import SettingError
+from ..models.config import ModelConfig
 from ..models.llama import Transformer
 from ..models.loader import load_tokenizer, load_transformer
 from ..backends.native import NativeLM
@@ -124,54 +127,113 @@ def make_slipped(args) -> None:
     print(f"{args.problems} solutions, {n_ok} correct", flush=True)
 
 
+def _verifier_from(policy: Transformer, extra_layers: int, freeze: bool) -> tuple[Transformer, ModelConfig]:
+    """A token-classification copy of the policy, ``extra_layers`` blocks deeper, its head at zero.
+
+    Why deeper: a causal LM forms its prediction of token i in its last block, at position
+    i - 1, so no block of the policy's own can compare that prediction with the token that
+    came. Blocks added on top read both, and spotting a digit the arithmetic did not predict
+    is what checking a step is. They start near the identity (small output projections), so
+    training starts from the policy's features; ``freeze`` keeps those features intact."""
+    if extra_layers < 0:
+        raise SettingError(f"--extra-layers must be >= 0; got {extra_layers}")
+    n = policy.cfg.num_hidden_layers
+    cfg = replace(policy.cfg, architecture="LlamaForTokenClassification", num_labels=1,
+                  num_hidden_layers=n + extra_layers,
+                  rope_layers=policy.cfg.rope_layers and (*policy.cfg.rope_layers, *(True,) * extra_layers))
+    model = Transformer(cfg)
+    sd = {k: v for k, v in policy.state_dict().items() if not k.startswith("lm_head")}
+    model.load_state_dict(sd, strict=False)
+    for block in model.layers[n:]:
+        for name, w in block.named_parameters():
+            if w.dim() == 2:  # small, not zero: zero output projections would leave the rest without a gradient
+                torch.nn.init.normal_(w, std=0.02 / (math.sqrt(2 * cfg.num_hidden_layers)
+                                                     if name.endswith(("o_proj.weight", "down_proj.weight")) else 1))
+    torch.nn.init.zeros_(model.score.weight)
+    torch.nn.init.zeros_(model.score.bias)
+    if freeze:
+        for m in [model.embed_tokens, *model.layers[:n]]:
+            m.requires_grad_(False)
+    return model, cfg
+
+
+def _surprisal(policy: Transformer, below: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """-log p_policy(token i | tokens < i) at every position i ([B, T], 0 at i = 0, capped at
+    8 nats), from the policy's last block's output ``below`` (the frozen verifier's own)."""
+    with torch.no_grad():
+        lp = torch.log_softmax(policy.logits(policy.norm(below)).float(), -1)  # [B, T, V]
+        out = torch.zeros(x.shape)
+        out[:, 1:] = -lp[:, :-1].gather(-1, x[:, 1:, None])[..., 0]
+    return out.clamp(max=8.0)
+
+
+def _batch(batch: list, eos: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids [B, T]; the read positions (row, column) and their labels; and a
+    mask [B, T] of the solution's tokens."""
+    T = max(len(ids) for ids, *_ in batch)
+    x = torch.full((len(batch), T), eos, dtype=torch.long)
+    solution = torch.zeros(len(batch), T, dtype=torch.bool)
+    bi, pi, yl = [], [], []
+    for i, (ids, pos, lab, start) in enumerate(batch):
+        x[i, : len(ids)] = torch.tensor(ids)
+        solution[i, start : len(ids)] = True
+        bi += [i] * len(pos)
+        pi += pos
+        yl += lab
+    return x, torch.tensor(bi), torch.tensor(pi), torch.tensor(yl), solution
+
+
 def train_reward(args) -> None:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     tok = load_tokenizer(args.policy)
-    policy = load_transformer(args.policy)
-    cfg = replace(policy.cfg, architecture="LlamaForTokenClassification", num_labels=1)
-    model = Transformer(cfg)
-    sd = {k: v for k, v in policy.state_dict().items() if not k.startswith("lm_head")}
-    model.load_state_dict(sd, strict=False)
-    torch.nn.init.zeros_(model.score.weight)
-    torch.nn.init.zeros_(model.score.bias)
+    policy = load_transformer(args.policy).eval()
+    if args.surprisal_weight < 0 or (args.surprisal_weight and not (args.freeze_backbone and args.extra_layers)):
+        raise SettingError("--surprisal-weight must be >= 0, and above 0 it needs --freeze-backbone and "
+                           f"--extra-layers >= 1 (the policy's surprisal is read below the added blocks); got "
+                           f"{args.surprisal_weight}, --extra-layers {args.extra_layers}")
+    model, cfg = _verifier_from(policy, args.extra_layers, args.freeze_backbone)
     model.train()
+    # The surprisal head is a training aid: a dense target (every token, not one label per
+    # step) for the added blocks' comparison of each token with the policy's prediction.
+    # It is not saved; the checkpoint keeps the one step/outcome head.
+    aux = torch.nn.Linear(cfg.hidden_size, 1)
+    torch.nn.init.zeros_(aux.weight)
+    torch.nn.init.zeros_(aux.bias)
     # Several sample files (say one per temperature) are read in the order given.
     rows = [json.loads(x) for path in args.samples for x in Path(path).read_text().splitlines() if x.strip()]
     rng = random.Random(args.seed)
     rm = RewardModel(model, tok, "reward")
     data = []
     for r in rows:
-        ids, ends, eos_at = rm.layout(f"Q: {r['question']}\n", r["completion"])
+        prompt = f"Q: {r['question']}\n"
+        ids, ends, eos_at = rm.layout(prompt, r["completion"])
         labels = r["step_labels"][: len(ends)]
         pos = ends[: len(labels)] + [eos_at]
-        data.append((ids, pos, [float(x) for x in labels] + [float(r["correct"])]))
+        data.append((ids, pos, [float(x) for x in labels] + [float(r["correct"])], len(rm.layout(prompt, "")[0])))
     print(f"{len(data)} labelled samples, {sum(r['correct'] for r in rows)} correct", flush=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.05)
+    trained = [q for q in model.parameters() if q.requires_grad] + (list(aux.parameters()) if args.surprisal_weight else [])
+    opt = torch.optim.AdamW(trained, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.05)
     t0 = time.time()
     schedule = Schedule(args.steps, args.minutes)
     step, ema = 0, None
     last_save = t0
+    n = policy.cfg.num_hidden_layers
     while not schedule.done(step):
         for g in opt.param_groups:
             g["lr"] = lr_at(schedule.progress(step), args.lr)
-        batch = rng.sample(data, min(args.batch, len(data)))
-        T = max(len(ids) for ids, _, _ in batch)
-        x = torch.full((len(batch), T), rm.eos, dtype=torch.long)
-        bi, pi, yl = [], [], []
-        for i, (ids, pos, lab) in enumerate(batch):
-            x[i, : len(ids)] = torch.tensor(ids)
-            bi += [i] * len(pos)
-            pi += pos
-            yl += lab
-        logits = model.logits(model(x))[..., 0]
-        loss = F.binary_cross_entropy_with_logits(logits[torch.tensor(bi), torch.tensor(pi)], torch.tensor(yl))
+        x, bi, pi, yl, solution = _batch(rng.sample(data, min(args.batch, len(data))), rm.eos)
+        h, hidden = model(x, output_hidden_states=True)
+        loss = F.binary_cross_entropy_with_logits(model.logits(h)[..., 0][bi, pi], yl)
+        if args.surprisal_weight:
+            loss = loss + args.surprisal_weight * F.mse_loss(aux(h)[..., 0][solution],
+                                                             _surprisal(policy, hidden[n], x)[solution])
         ema = optimizer_step(model, opt, loss, ema)
         step += 1
         if step % 25 == 0:
-            print(f"step {step} bce {ema:.4f} t {time.time() - t0:.0f}s", flush=True)
+            print(f"step {step} loss {ema:.4f} t {time.time() - t0:.0f}s", flush=True)
         if time.time() - last_save > args.save_every * 60:
             save_checkpoint(model, tok, Path(args.out), training_record(args, step, t0, ema, cfg))
             last_save = time.time()
     save_checkpoint(model, tok, Path(args.out), training_record(args, step, t0, ema, cfg))
-    print(f"done: {step} steps, bce {ema:.4f}", flush=True)
+    print(f"done: {step} steps, loss {ema:.4f}", flush=True)
