@@ -21,6 +21,21 @@ import argparse
 import sys
 
 
+def _reward_flags(p: argparse.ArgumentParser) -> None:
+    """What a reward model trains from, and how deep it reads the policy."""
+    p.add_argument("--policy", required=True, help="the language model whose embeddings and blocks the reward model starts from: the target, or one trained further")
+    p.add_argument("--samples", required=True, nargs="+", help="labelled samples JSONL (one or more files)")
+    p.add_argument("--extra-layers", type=int, default=0,
+                   help="blocks added on top of the policy's (>= 0), starting near the identity: depth "
+                        "to compare each token with the policy's prediction of it")
+    p.add_argument("--freeze-backbone", action="store_true",
+                   help="keep the policy's embeddings and blocks fixed; train the added blocks, "
+                        "the final norm and the head")
+    p.add_argument("--surprisal-weight", type=float, default=0.0,
+                   help="weight (>= 0) of a second, dense target while training: the policy's "
+                        "surprisal of every solution token (needs --freeze-backbone, --extra-layers)")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m ponder.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,17 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--digits", default="1,2,2,3,3,3",
                        help="operand digit counts to draw from (repeats weight a size)")
         if name == "reward":
-            p.add_argument("--policy", required=True, help="target model folder, used to initialise")
-            p.add_argument("--samples", required=True, nargs="+", help="labelled samples JSONL (one or more files)")
-            p.add_argument("--extra-layers", type=int, default=0,
-                           help="blocks added on top of the policy's (>= 0), starting as the identity: depth "
-                                "to compare each token with the policy's prediction of it")
-            p.add_argument("--freeze-backbone", action="store_true",
-                           help="keep the policy's embeddings and blocks fixed; train the added blocks, "
-                                "the final norm and the head")
-            p.add_argument("--surprisal-weight", type=float, default=0.0,
-                           help="weight (>= 0) of a second, dense target while training: the policy's "
-                                "surprisal of every solution token (needs --freeze-backbone, --extra-layers)")
+            _reward_flags(p)
     s = sub.add_parser("samples", help="sample and label target-model solutions for reward training")
     s.add_argument("--policy", required=True)
     s.add_argument("--out", required=True)
