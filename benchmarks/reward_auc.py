@@ -1,8 +1,9 @@
 """How well reward models separate right steps from wrong ones (issue 31), on the target's
 own samples: the first problems of an `arith` level's test split, 16 samples each at
 T = 0.7, every step labelled by the exact checker (prefix correctness, what ponder's
-format reads). For each model given, and for the target's own confidence (the least
-log-probability of a step's tokens, its running minimum for the prefix), in one run:
+format reads). For each model given, and for the confidence of each language model given
+(the least log-probability of a step's tokens, its running minimum for the prefix; by
+default the target's own), in one run:
 
 * step_auc: ROC-AUC over every step (the issue's bar is 0.95 at the main level);
 * first_error_auc: over the steps whose prefix was right, i.e. can it see a slip as it
@@ -10,7 +11,7 @@ log-probability of a step's tokens, its running minimum for the prefix), in one 
 * after_error_auc: steps after an error against right steps, i.e. does it remember;
 * by_position: step_auc at step 1, 2, ...
 
-    python benchmarks/reward_auc.py [--level expert] [--problems 200] [--models arith-reward,FOLDER]
+    python benchmarks/reward_auc.py [--level expert] [--problems 200] [--models arith-reward,FOLDER] [--confidence arith,FOLDER]
 
 The last line is one JSON object; "step_auc" (per model) is the main figure and
 "step_auc_ratio" the second model's over the first's.
@@ -42,7 +43,7 @@ def figures(scores: list[float], labels: list[bool], before: list[bool], positio
 
 
 def self_confidence(lm, rm, prompt: str, text: str, n_steps: int) -> list[float]:
-    """The target's least token log-probability within each step, as a running minimum."""
+    """A language model's least token log-probability within each step, as a running minimum."""
     ids, ends, _ = rm.layout(prompt, text)
     with torch.no_grad():
         lp = torch.log_softmax(lm.logits(lm(torch.tensor([ids])))[0].float(), -1)  # [T, V]
@@ -63,6 +64,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--models", default="arith-reward", help="comma-separated shipped names or folders")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--confidence", default="arith", help="comma-separated language models (names or folders) whose "
+                    "confidence in the target's samples is scored too; the target's own is 'arith'")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -100,12 +103,14 @@ def main() -> None:
                 scores += list(sc[: len(task.split_steps(text))])
         per[name] = figures(scores, labels, before, position)
         print(f"{name}: {per[name]}", flush=True)
-    target = load_transformer(resolve_model("arith")[0]).eval()
     rm = RewardModel.from_pretrained(names[0] if names else "arith-reward")  # its layout: where steps end
-    conf = [s for p, prompt, ts in zip(problems, prompts, texts) for text in ts
-            for s in self_confidence(target, rm, prompt, text, len(task.split_steps(text)))]
-    per["target-confidence"] = figures(conf, labels, before, position)
-    print(f"target-confidence: {per['target-confidence']}", flush=True)
+    for name in [m for m in args.confidence.split(",") if m]:
+        reader = load_transformer(resolve_model(name)[0]).eval()
+        conf = [s for p, prompt, ts in zip(problems, prompts, texts) for text in ts
+                for s in self_confidence(reader, rm, prompt, text, len(task.split_steps(text)))]
+        key = "target-confidence" if name == "arith" else f"{name}-confidence"
+        per[key] = figures(conf, labels, before, position)
+        print(f"{key}: {per[key]}", flush=True)
     result["models"] = per
     result["step_auc"] = {k: v["step_auc"] for k, v in per.items()}
     if len(names) >= 2 and per[names[0]]["step_auc"]:
