@@ -197,9 +197,10 @@ def train_reward(args) -> None:
     # The surprisal head is a training aid: a dense target (every token, not one label per
     # step) for the added blocks' comparison of each token with the policy's prediction.
     # It is not saved; the checkpoint keeps the one step/outcome head.
-    aux = torch.nn.Linear(cfg.hidden_size, 1)
-    torch.nn.init.zeros_(aux.weight)
-    torch.nn.init.zeros_(aux.bias)
+    aux = torch.nn.Linear(cfg.hidden_size, 1) if args.surprisal_weight else None
+    if aux is not None:
+        torch.nn.init.zeros_(aux.weight)
+        torch.nn.init.zeros_(aux.bias)
     # Several sample files (say one per temperature) are read in the order given.
     rows = [json.loads(x) for path in args.samples for x in Path(path).read_text().splitlines() if x.strip()]
     rng = random.Random(args.seed)
@@ -212,7 +213,7 @@ def train_reward(args) -> None:
         pos = ends[: len(labels)] + [eos_at]
         data.append((ids, pos, [float(x) for x in labels] + [float(r["correct"])], len(rm.layout(prompt, "")[0])))
     print(f"{len(data)} labelled samples, {sum(r['correct'] for r in rows)} correct", flush=True)
-    trained = [q for q in model.parameters() if q.requires_grad] + (list(aux.parameters()) if args.surprisal_weight else [])
+    trained = [q for q in model.parameters() if q.requires_grad] + (list(aux.parameters()) if aux is not None else [])
     opt = torch.optim.AdamW(trained, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.05)
     t0 = time.time()
     schedule = Schedule(args.steps, args.minutes)
@@ -225,7 +226,7 @@ def train_reward(args) -> None:
         x, bi, pi, yl, solution = _batch(rng.sample(data, min(args.batch, len(data))), rm.eos)
         h, hidden = model(x, output_hidden_states=True)
         loss = F.binary_cross_entropy_with_logits(model.logits(h)[..., 0][bi, pi], yl)
-        if args.surprisal_weight:
+        if aux is not None:
             loss = loss + args.surprisal_weight * F.mse_loss(aux(h)[..., 0][solution],
                                                              _surprisal(policy, hidden[n], x)[solution])
         ema = optimizer_step(model, opt, loss, ema)
