@@ -9,7 +9,7 @@ import random
 import pytest
 
 from ponder.tasks import arith
-from ponder.tasks.arith import ArithTask, Problem
+from ponder.tasks.arith import ArithTask
 from ponder.tasks.base import JsonlTask, Task
 
 
@@ -42,6 +42,36 @@ def test_step_checker_finds_the_first_error_and_what_follows():
     assert t.check_steps(p, ["23+45=68", "68-17=51", "51+8=59", "59+1=60"]) == [True, True, True, False]
     neg = arith.make_problem("5-80+3", "n")
     assert t.check_steps(neg, ["5-80=-75", "-75+3=-72"]) == [True, True]
+
+
+def test_valid_prefix_marks_the_character_where_a_solution_first_goes_wrong():
+    """The dense labels a verifier can be taught from: per character, can the text so far
+    still be finished right? Hand-checked positions, and agreement with the step labels
+    at every step line's newline on right, slipped and sampled-looking solutions."""
+    import random
+
+    from ponder.train.reward import slipped_solution
+
+    t = ArithTask()
+    p = arith.make_problem("23+45-17+8", "x")
+    text = "23+45=68\n68+45=113\n"  # a term used twice: wrong at its "4" (no unused term +4x)
+    v = t.valid_prefix(p, text)
+    assert v.index(False) == text.index("68+45") + 3 and not any(v[v.index(False):])
+    wrong_result = "23+45=69\n"
+    assert t.valid_prefix(p, wrong_result).index(False) == wrong_result.index("69") + 1  # "6" could still be 68
+    right = "23+8=31\n31-17=14\n14+45=59\nAnswer: 59\n"
+    assert all(t.valid_prefix(p, right))
+    assert t.valid_prefix(p, right + "1")[-1] is False  # nothing follows the answer line
+    assert t.valid_prefix(p, "23+45=68\nAnswer: 68\n")[-2] is False  # an answer before every term is used
+    rng = random.Random(0)
+    for k in range(200):
+        q = arith.random_question(rng, rng.randint(2, 7), rng.choice([1, 2]))
+        sol = slipped_solution(rng, q, k % 3)
+        prob, v = arith.make_problem(q, "r"), t.valid_prefix(arith.make_problem(q, "r"), sol)
+        ends = [i for i, ch in enumerate(sol) if ch == "\n"]
+        steps = t.split_steps(sol)
+        assert [v[e] for e in ends[: len(steps)]] == t.prefix_correct(prob, steps)
+        assert v[-1] == (all(t.prefix_correct(prob, steps)) and t.check_answer(prob, sol))
 
 
 def test_terms_may_be_taken_in_any_order():

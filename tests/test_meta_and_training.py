@@ -187,9 +187,44 @@ def test_a_deeper_verifier_keeps_the_policy_below_its_added_blocks(tmp_path, tok
     text = "1+2=3\n3+4=7\nAnswer: 7\n"
     assert len(rm.step_scores("Q: 1+2+4\n", [text])[0]) == 2
     for bad in (["--surprisal-weight", "1"], ["--extra-layers", "1", "--surprisal-weight", "1"],
-                ["--extra-layers", "-1"]):
-        with pytest.raises(SettingError, match="--surprisal-weight|--extra-layers"):
+                ["--extra-layers", "-1"], ["--token-weight", "-1"]):
+        with pytest.raises(SettingError, match="--surprisal-weight|--extra-layers|--token-weight"):
             main([*args, *bad])
+
+
+def test_token_labels_teach_the_head_at_every_solution_token(tmp_path, tokenizer_file):
+    """`--token-weight`: the head is also taught, at every solution token, whether the text
+    so far can still be finished right. The labels are the checker's per character, read
+    at each token's last character (a merged token such as "Answer" included); a row whose
+    tokens do not decode to its text (a stray byte) gets none. Training with the token loss
+    differs from training without it, all else equal."""
+    from ponder.scoring.reward import RewardModel
+    from ponder.tasks import arith
+    from ponder.train import main
+    from ponder.train.reward import _token_labels
+
+    policy, samples = tmp_path / "p", tmp_path / "s.jsonl"
+    main(["lm", "--out", str(policy), "--tokenizer", str(tokenizer_file), "--hidden", "32", "--layers", "1",
+          "--heads", "2", "--kv-heads", "1", "--batch", "4", "--steps", "3"])
+    main(["slipped", "--out", str(samples), "--problems", "60", "--seed", "1"])
+    rm = RewardModel.from_pretrained("arith-reward")
+    question, text = "23+45-17+41", "23+45=68\n68+45=113\nAnswer: 113\n"  # +45 twice: wrong at its "5"
+    prompt = f"Q: {question}\n"
+    ids, start = rm.layout(prompt, text)[0], len(rm.layout(prompt, "")[0]) - 1
+    labels = _token_labels(rm.tokenizer, ArithTask(), question, text, ids, start)
+    pieces = [rm.tokenizer.decode([i]) for i in ids[start:]]
+    assert "".join(pieces) == text and len(labels) == len(ids) - start
+    assert labels.index(0.0) == text.index("68+45") + 4 and not any(labels[labels.index(0.0):])
+    stray = text.replace("113", "1\ufffd3")  # what a sampled lone byte decodes to
+    assert _token_labels(rm.tokenizer, ArithTask(), question, stray, rm.layout(prompt, stray)[0], start) is None
+    common = ["reward", "--policy", str(policy), "--samples", str(samples), "--tokenizer", str(tokenizer_file),
+              "--batch", "16", "--steps", "6", "--lr", "0.01", "--seed", "3"]
+    main([*common, "--out", str(tmp_path / "with"), "--token-weight", "1"])
+    main([*common, "--out", str(tmp_path / "without")])
+    a = RewardModel.from_pretrained(str(tmp_path / "with")).model.score.weight
+    b = RewardModel.from_pretrained(str(tmp_path / "without")).model.score.weight
+    assert a.shape == b.shape == (1, 32) and not torch.equal(a, b)
+    assert arith.ArithTask().valid_prefix(arith.make_problem(question, "q"), text)[-1] is False
 
 
 def test_meta_generators_name_a_bad_argument(arith_lm):

@@ -292,6 +292,33 @@ class ArithTask:
             out.append(good)
         return out
 
+    def valid_prefix(self, problem: Problem, completion: str) -> list[bool]:
+        """Per character of ``completion``: can the text up to and including it still be
+        finished as a right solution, written as the task writes one? The dense form of
+        ``prefix_correct``, which it equals at each step line's "\\n": it marks the
+        character where a solution first goes wrong (a reused term's last digit, a
+        result's first wrong digit), so a verifier can be taught at that token."""
+        terms = parse_question(problem.question)
+        total, unused = terms[0][1], list(terms[1:])
+        out: list[bool] = []
+        line, good, done = "", True, False
+        for ch in completion:
+            if good:
+                line += ch
+                nexts = {f"{total}{op}{b}={total + b if op == '+' else total - b}\n": (op, b) for op, b in unused}
+                finished = [f"{ANSWER_PREFIX}{total}\n"] if not unused else []
+                good = not done and any(n.startswith(line) for n in [*nexts, *finished])
+                if good and ch == "\n":
+                    if line in nexts:
+                        op, b = nexts[line]
+                        unused.remove((op, b))
+                        total = total + b if op == "+" else total - b
+                    else:
+                        done = True
+                    line = ""
+            out.append(good)
+        return out
+
 
 def write_test_sets(out_dir: str | Path) -> None:
     out_dir = Path(out_dir)

@@ -34,6 +34,9 @@ def _reward_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--surprisal-weight", type=float, default=0.0,
                    help="weight (>= 0) of a second, dense target while training: the policy's "
                         "surprisal of every solution token (needs --freeze-backbone, --extra-layers)")
+    p.add_argument("--token-weight", type=float, default=0.0,
+                   help="weight of a dense second loss: at every solution token, can the text so far still be "
+                        "finished right (the checker's verdict to the character), through the same head")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -167,20 +167,40 @@ def _surprisal(policy: Transformer, below: torch.Tensor, x: torch.Tensor) -> tor
     return out.clamp(max=8.0)
 
 
-def _batch(batch: list, eos: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ids [B, T]; the read positions (row, column) and their labels; and a
-    mask [B, T] of the solution's tokens."""
+def _token_labels(tok, task: arith.ArithTask, question: str, completion: str, ids: list[int],
+                  start: int) -> list[float] | None:
+    """The checker's verdict at each solution token ``ids[start:]``: can the text up to its
+    last character still be finished right (``valid_prefix``)? The EOS takes the last
+    character's. None when the tokens do not decode to the text character for character
+    (a sampled stray byte decodes to U+FFFD): that row keeps its step labels only."""
+    valid = task.valid_prefix(arith.make_problem(question, "row"), completion)
+    ends = []
+    for i in ids[start:]:
+        ends.append((ends[-1] if ends else 0) + len(tok.decode([i])))  # the EOS decodes to ""
+    if not ends or ends[-1] != len(completion):
+        return None
+    return [float(valid[e - 1]) if e else 1.0 for e in ends]
+
+
+def _batch(batch: list, eos: int) -> tuple[torch.Tensor, ...]:
+    """Right-padded ids [B, T]; the read positions (row, column) and their labels; a mask
+    [B, T] of the solution's tokens; and the token labels [B, T] with their mask."""
     T = max(len(ids) for ids, *_ in batch)
     x = torch.full((len(batch), T), eos, dtype=torch.long)
     solution = torch.zeros(len(batch), T, dtype=torch.bool)
+    dense = torch.zeros(len(batch), T)
+    labelled = torch.zeros(len(batch), T, dtype=torch.bool)
     bi, pi, yl = [], [], []
-    for i, (ids, pos, lab, start) in enumerate(batch):
+    for i, (ids, pos, lab, start, token_labels) in enumerate(batch):
         x[i, : len(ids)] = torch.tensor(ids)
         solution[i, start : len(ids)] = True
+        if token_labels:
+            dense[i, start : len(ids)] = torch.tensor(token_labels)
+            labelled[i, start : len(ids)] = True
         bi += [i] * len(pos)
         pi += pos
         yl += lab
-    return x, torch.tensor(bi), torch.tensor(pi), torch.tensor(yl), solution
+    return x, torch.tensor(bi), torch.tensor(pi), torch.tensor(yl), solution, (dense, labelled)
 
 
 def train_reward(args) -> None:
@@ -188,6 +208,8 @@ def train_reward(args) -> None:
     torch.set_num_threads(args.threads)
     tok = load_tokenizer(args.policy)
     policy = load_transformer(args.policy).eval()
+    if args.token_weight < 0:
+        raise SettingError(f"--token-weight must be >= 0; got {args.token_weight}")
     if args.surprisal_weight < 0 or (args.surprisal_weight and not (args.freeze_backbone and args.extra_layers)):
         raise SettingError("--surprisal-weight must be >= 0, and above 0 it needs --freeze-backbone and "
                            f"--extra-layers >= 1 (the policy's surprisal is read below the added blocks); got "
@@ -205,14 +227,17 @@ def train_reward(args) -> None:
     rows = [json.loads(x) for path in args.samples for x in Path(path).read_text().splitlines() if x.strip()]
     rng = random.Random(args.seed)
     rm = RewardModel(model, tok, "reward")
-    data = []
+    data, task = [], arith.ArithTask()
     for r in rows:
         prompt = f"Q: {r['question']}\n"
         ids, ends, eos_at = rm.layout(prompt, r["completion"])
         labels = r["step_labels"][: len(ends)]
         pos = ends[: len(labels)] + [eos_at]
-        data.append((ids, pos, [float(x) for x in labels] + [float(r["correct"])], len(rm.layout(prompt, "")[0])))
-    print(f"{len(data)} labelled samples, {sum(r['correct'] for r in rows)} correct", flush=True)
+        start = len(rm.layout(prompt, "")[0]) - 1  # the prompt's ids: that layout ends with an EOS
+        dense = _token_labels(tok, task, r["question"], r["completion"], ids, start) if args.token_weight else None
+        data.append((ids, pos, [float(x) for x in labels] + [float(r["correct"])], start, dense))
+    print(f"{len(data)} labelled samples, {sum(r['correct'] for r in rows)} correct"
+          + (f", {sum(d[-1] is not None for d in data)} with token labels" if args.token_weight else ""), flush=True)
     trained = [q for q in model.parameters() if q.requires_grad] + (list(aux.parameters()) if aux is not None else [])
     opt = torch.optim.AdamW(trained, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.05)
     t0 = time.time()
@@ -223,9 +248,13 @@ def train_reward(args) -> None:
     while not schedule.done(step):
         for g in opt.param_groups:
             g["lr"] = lr_at(schedule.progress(step), args.lr)
-        x, bi, pi, yl, solution = _batch(rng.sample(data, min(args.batch, len(data))), rm.eos)
+        x, bi, pi, yl, solution, dense = _batch(rng.sample(data, min(args.batch, len(data))), rm.eos)
         h, hidden = model(x, output_hidden_states=True)
-        loss = F.binary_cross_entropy_with_logits(model.logits(h)[..., 0][bi, pi], yl)
+        score = model.logits(h)[..., 0]  # [B, T]
+        loss = F.binary_cross_entropy_with_logits(score[bi, pi], yl)
+        if args.token_weight:
+            labels, known = dense
+            loss = loss + args.token_weight * F.binary_cross_entropy_with_logits(score[known], labels[known])
         if aux is not None:
             loss = loss + args.surprisal_weight * F.mse_loss(aux(h)[..., 0][solution],
                                                              _surprisal(policy, hidden[n], x)[solution])
