@@ -38,7 +38,18 @@ def _fail(msg: str) -> None:
     raise CliError(msg)
 
 
+def _quiet_loop_teardown(unraisable, _default=sys.__unraisablehook__) -> None:
+    """Ctrl-C can land while an abandoned event loop is being collected: its ``__del__``
+    then fails, and Python prints a traceback above the one-line message (seen once in
+    CI, before the interrupt reached ``main``). A loop being thrown away has nothing left
+    to report, so only that case is hidden; every other unraisable error is printed."""
+    if getattr(unraisable.object, "__qualname__", "") == "BaseEventLoop.__del__":
+        return
+    _default(unraisable)
+
+
 def main(argv: list[str] | None = None) -> None:
+    sys.unraisablehook = _quiet_loop_teardown
     try:
         rc = app(args=argv, standalone_mode=False)
         if rc == 130:  # typer hands back Ctrl-C as an exit code when not standalone
