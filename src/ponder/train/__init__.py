@@ -35,7 +35,7 @@ def _reward_flags(p: argparse.ArgumentParser) -> None:
                    help="weight (>= 0) of a second, dense target while training: the policy's "
                         "surprisal of every solution token (needs --freeze-backbone, --extra-layers)")
     p.add_argument("--token-weight", type=float, default=0.0,
-                   help="weight of a dense second loss: at every solution token, can the text so far still be "
+                   help="weight (>= 0) of a dense second loss: at every solution token, can the text so far still be "
                         "finished right (the checker's verdict to the character), through the same head")
 
 

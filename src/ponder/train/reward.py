@@ -252,8 +252,8 @@ def train_reward(args) -> None:
         h, hidden = model(x, output_hidden_states=True)
         score = model.logits(h)[..., 0]  # [B, T]
         loss = F.binary_cross_entropy_with_logits(score[bi, pi], yl)
-        if args.token_weight:
-            labels, known = dense
+        labels, known = dense
+        if args.token_weight and known.any():  # a batch of rows without token labels has none to add
             loss = loss + args.token_weight * F.binary_cross_entropy_with_logits(score[known], labels[known])
         if aux is not None:
             loss = loss + args.surprisal_weight * F.mse_loss(aux(h)[..., 0][solution],
