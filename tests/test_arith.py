@@ -67,7 +67,8 @@ def test_valid_prefix_marks_the_character_where_a_solution_first_goes_wrong():
     for k in range(200):
         q = arith.random_question(rng, rng.randint(2, 7), rng.choice([1, 2]))
         sol = slipped_solution(rng, q, k % 3)
-        prob, v = arith.make_problem(q, "r"), t.valid_prefix(arith.make_problem(q, "r"), sol)
+        prob = arith.make_problem(q, "r")
+        v = t.valid_prefix(prob, sol)
         ends = [i for i, ch in enumerate(sol) if ch == "\n"]
         steps = t.split_steps(sol)
         assert [v[e] for e in ends[: len(steps)]] == t.prefix_correct(prob, steps)

@@ -300,25 +300,30 @@ class ArithTask:
         result's first wrong digit), so a verifier can be taught at that token."""
         terms = parse_question(problem.question)
         total, unused = terms[0][1], list(terms[1:])
+
+        def lines_next() -> dict[str, tuple[str, int] | None]:
+            """Every right next line, and the term it uses (None: the answer line)."""
+            if not unused:
+                return {f"{ANSWER_PREFIX}{total}\n": None}
+            return {f"{total}{op}{b}={total + b if op == '+' else total - b}\n": (op, b) for op, b in unused}
+
         out: list[bool] = []
-        line, good, done = "", True, False
+        line, nexts, good = "", lines_next(), True
         for ch in completion:
             if good:
                 line += ch
-                nexts = {f"{total}{op}{b}={total + b if op == '+' else total - b}\n": (op, b) for op, b in unused}
-                finished = [f"{ANSWER_PREFIX}{total}\n"] if not unused else []
-                good = not done and any(n.startswith(line) for n in [*nexts, *finished])
-                if good and ch == "\n":
-                    if line in nexts:
-                        op, b = nexts[line]
-                        unused.remove((op, b))
-                        total = total + b if op == "+" else total - b
+                good = any(n.startswith(line) for n in nexts)
+                if good and ch == "\n":  # a whole right line: step past it
+                    term = nexts[line]
+                    if term is None:
+                        nexts = {}  # nothing follows the answer line
                     else:
-                        done = True
+                        unused.remove(term)
+                        total = total + term[1] if term[0] == "+" else total - term[1]
+                        nexts = lines_next()
                     line = ""
             out.append(good)
         return out
-
 
 def write_test_sets(out_dir: str | Path) -> None:
     out_dir = Path(out_dir)
