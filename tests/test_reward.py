@@ -113,7 +113,7 @@ def test_eval_best_of_n_with_prm_auc():
 
 def test_widening_the_heads_keeps_the_scores_and_says_so(rm, tmp_path):
     """`ponder.train widen-heads` (for vLLM's CPU attention): the shipped reward model,
-    its heads widened 32 -> 48, scores every step and outcome as before (within float32
+    its heads widened 64 -> 80, scores every step and outcome as before (within float32
     rounding), and the copy's training.json records the widening beside the run's command;
     a head size not above the model's is refused, naming the size."""
     from ponder.errors import SettingError
@@ -122,17 +122,17 @@ def test_widening_the_heads_keeps_the_scores_and_says_so(rm, tmp_path):
     from ponder.train.widen import widen_heads
 
     out = tmp_path / "wide"
-    main(["widen-heads", "--model", "arith-reward", "--head-dim", "48", "--out", str(out)])
+    main(["widen-heads", "--model", "arith-reward", "--head-dim", "80", "--out", str(out)])
     wide = RewardModel.from_pretrained(str(out))
-    assert json.loads((out / "config.json").read_text())["head_dim"] == 48
+    assert json.loads((out / "config.json").read_text())["head_dim"] == 80
     prompt = "Q: 12+34-5+67\n"
     texts = ["12+34=46\n46-5=41\n41+67=108\nAnswer: 108\n", "12+34=46\n46-5=42\n42+67=109\nAnswer: 109\n"]
     for a, b in zip(rm.step_scores(prompt, texts), wide.step_scores(prompt, texts)):
         assert len(a) == len(b) == 3 and max(abs(x - y) for x, y in zip(a, b)) < 1e-5
     assert max(abs(x - y) for x, y in zip(rm.score(prompt, texts).values, wide.score(prompt, texts).values)) < 1e-5
     record = json.loads((out / "training.json").read_text())
-    assert record["command"].startswith("python -m ponder.train reward ")
-    assert record["widened"]["head_dim"] == [32, 48]
+    assert record["command"] == json.loads((resolve_model("arith-reward")[0] / "training.json").read_text())["command"]
+    assert record["widened"]["head_dim"] == [64, 80]
     assert record["widened"]["command"].startswith("python -m ponder.train widen-heads --model arith-reward")
-    with pytest.raises(SettingError, match="above the model's head size 32"):
-        widen_heads(resolve_model("arith-reward")[0], tmp_path / "narrow", 32)
+    with pytest.raises(SettingError, match="above the model's head size 64"):
+        widen_heads(resolve_model("arith-reward")[0], tmp_path / "narrow", 64)

@@ -5,6 +5,7 @@
     python -m ponder.train samples --policy DIR --out samples.jsonl --problems 4000
     python -m ponder.train slipped --out slipped.jsonl --problems 20000
     python -m ponder.train reward --policy DIR --samples samples.jsonl --out DIR --minutes 20
+    python -m ponder.train likelihood-verifier --checker DIR --samples samples.jsonl --out DIR
     python -m ponder.train widen-heads --model arith-reward --head-dim 32 --out DIR
 
 The learning rate follows warm-up then cosine decay. With ``--steps N`` it runs over
@@ -92,6 +93,16 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--min-operands", type=int, default=4)
     c.add_argument("--max-operands", type=int, default=8)
     c.add_argument("--digits", default="1,2")
+    v = sub.add_parser("likelihood-verifier", help="build (not train) a reward model whose score is a checker LM's "
+                       "least token log-probability so far, then fit its head's scale on labelled samples")
+    v.add_argument("--checker", required=True, help="the checker LM's checkpoint folder")
+    v.add_argument("--samples", required=True, nargs="+", help="labelled samples JSONL (as `samples` writes)")
+    v.add_argument("--out", required=True)
+    v.add_argument("--per-file", type=int, default=1500, help="rows read from the start of each samples file")
+    v.add_argument("--build-rows", type=int, default=1200, help="rows the built blocks are fitted on")
+    v.add_argument("--calibration-rows", type=int, default=300, help="the next rows: the head's scale and bias")
+    v.add_argument("--lse-steps", type=int, default=15000, help="Adam steps fitting the logsumexp units")
+    v.add_argument("--threads", type=int, default=2)
     w = sub.add_parser("widen-heads", help="widen a checkpoint's attention heads (same outputs), e.g. to a head "
                        "size vLLM's CPU attention takes")
     w.add_argument("--model", required=True, help="a shipped model's name or a checkpoint folder")
@@ -103,6 +114,10 @@ def main(argv: list[str] | None = None) -> None:
         from .widen import cmd_widen
 
         return cmd_widen(args)
+    if args.cmd == "likelihood-verifier":
+        from .likelihood_verifier import cmd_likelihood_verifier
+
+        return cmd_likelihood_verifier(args)
     if args.cmd in ("tokenizer", "lm"):
         from .lm import cmd_tokenizer, train_lm
 
