@@ -40,6 +40,19 @@ def _reward_flags(p: argparse.ArgumentParser) -> None:
                         "finished right (the checker's verdict to the character), through the same head")
 
 
+def _likelihood_verifier_flags(sub) -> None:
+    v = sub.add_parser("likelihood-verifier", help="build (not train) a reward model whose score is a checker LM's "
+                       "least token log-probability so far, then fit its head's scale on labelled samples")
+    v.add_argument("--checker", required=True, help="the checker LM's checkpoint folder")
+    v.add_argument("--samples", required=True, nargs="+", help="labelled samples JSONL (as `samples` writes)")
+    v.add_argument("--out", required=True)
+    v.add_argument("--per-file", type=int, default=1500, help="rows read from the start of each samples file")
+    v.add_argument("--build-rows", type=int, default=1200, help="rows the built blocks are fitted on")
+    v.add_argument("--calibration-rows", type=int, default=300, help="the next rows: the head's scale and bias")
+    v.add_argument("--lse-steps", type=int, default=15000, help="Adam steps fitting the logsumexp units")
+    v.add_argument("--threads", type=int, default=2)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m ponder.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -93,16 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--min-operands", type=int, default=4)
     c.add_argument("--max-operands", type=int, default=8)
     c.add_argument("--digits", default="1,2")
-    v = sub.add_parser("likelihood-verifier", help="build (not train) a reward model whose score is a checker LM's "
-                       "least token log-probability so far, then fit its head's scale on labelled samples")
-    v.add_argument("--checker", required=True, help="the checker LM's checkpoint folder")
-    v.add_argument("--samples", required=True, nargs="+", help="labelled samples JSONL (as `samples` writes)")
-    v.add_argument("--out", required=True)
-    v.add_argument("--per-file", type=int, default=1500, help="rows read from the start of each samples file")
-    v.add_argument("--build-rows", type=int, default=1200, help="rows the built blocks are fitted on")
-    v.add_argument("--calibration-rows", type=int, default=300, help="the next rows: the head's scale and bias")
-    v.add_argument("--lse-steps", type=int, default=15000, help="Adam steps fitting the logsumexp units")
-    v.add_argument("--threads", type=int, default=2)
+    _likelihood_verifier_flags(sub)
     w = sub.add_parser("widen-heads", help="widen a checkpoint's attention heads (same outputs), e.g. to a head "
                        "size vLLM's CPU attention takes")
     w.add_argument("--model", required=True, help="a shipped model's name or a checkpoint folder")

@@ -131,7 +131,7 @@ class Builder:
     def directions(self, seqs) -> None:
         """The token channel V (quietest over every layer) and the written directions (quietest
         in the final residual), all orthogonal to the embeddings and the logit read-out rows."""
-        d, R = self.cfg.hidden_size, self.R
+        R = self.R
         every = torch.cat([torch.cat([h[0] for h in self.model(torch.tensor([ids]), output_hidden_states=True)[1]
                                       [:self.n + 1]]) for ids, _, _ in seqs[:100]])
         last = torch.cat(self.resid(seqs[:200], self.n))
@@ -312,7 +312,7 @@ class Builder:
     @torch.no_grad()
     def build_C(self, beta: float = 10.0, M: float = 500.0) -> None:
         """score(i, j) = -beta y_j + M s_j: a soft min of y over solution positions j <= i."""
-        cfg, d, D = self.cfg, self.cfg.hidden_size, self.cfg.head_dim
+        cfg, D = self.cfg, self.cfg.head_dim
         H, KV = cfg.num_attention_heads, cfg.num_key_value_heads
         blk = self.model.layers[self.n + 3]
         W, O = blk.self_attn.qkv_proj.weight, blk.self_attn.o_proj.weight
