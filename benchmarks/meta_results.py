@@ -253,7 +253,8 @@ def main() -> None:
                                                       {"threshold": 0.5}, ctx), 1
             cands = [("", lm, k, m, extra) for k, m, extra in (
                 ("weighted-majority", 4, {}), ("weighted-majority", 8, {}), ("weighted-majority", 16, {}),
-                ("best-of-n", 8, {}), ("adaptive-majority", 16, {"batch": 1, "weight": "reward", "confidence": 0.95}))]
+                ("best-of-n", 4, {}), ("best-of-n", 8, {}), ("rebase", 4, {}), ("prm-beam", 4, {"beam_width": 4}),
+                ("adaptive-majority", 16, {"batch": 1, "weight": "reward", "confidence": 0.95}))]
             if draft is not None:  # every model's strategies are candidates
                 cands += [(f"{args.draft}:", draft, k, m, {}) for k, m in (
                     ("greedy", 1), ("majority", 4), ("majority", 16), ("weighted-majority", 4), ("weighted-majority", 16))]
