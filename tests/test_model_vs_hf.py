@@ -292,34 +292,79 @@ def test_c_kernel_wide_matrices_match_torch():
     assert (c.forward(ids, None) - t.forward(ids, None)).abs().max().item() < 1e-4
 
 
-def test_scalar_kernel_without_avx2_matches_torch(tmp_path):
-    """The kernel's portable path (built for plain x86-64, no AVX2/FMA) against torch."""
+def test_c_kernel_bfloat16_matrices_compute_the_rounded_model():
+    """A drafting copy with bfloat16 matrices computes the model whose layer matrices
+    are rounded to bfloat16 (sums in float32, embedding and head unrounded), row for
+    row as a batch; a weight type outside float32/bfloat16 is refused."""
+    import copy
+
+    from ponder.models.llama_c import CLlama, load_kernel
+
+    lib = load_kernel()
+    if lib is None:
+        pytest.skip("no C compiler")
+    lm = NativeLM.from_pretrained("arith")
+    rounded = copy.deepcopy(lm.model)
+    with torch.no_grad():
+        for name, p in rounded.named_parameters():
+            if p.dim() == 2 and name.startswith("layers."):
+                p.copy_(p.to(torch.bfloat16).float())
+    ids = torch.tensor([lm.encode("Q: 3+4-2+8-1\n3+4=7\n")] * 3)
+    want = NativeLM(rounded, lm.tokenizer, "rounded", backend="torch").forward(ids, None)
+    twin = CLlama(lm.model, lib, weights="bfloat16")
+    assert str(twin._packed[0].dtype) == "uint16"
+    got = twin.run_torch(ids, None)
+    assert (got - want).abs().max().item() < 1e-4
+    full = lm.forward(ids, None)
+    assert (full - want).abs().max().item() > 1e-4  # the rounding is real: float32 differs
+    with pytest.raises(ValueError, match="weights must be one of float32, bfloat16"):
+        CLlama(lm.model, lib, weights="float16")
+
+
+@pytest.mark.parametrize("march,isa", [("x86-64", 0), ("haswell", 3)])
+def test_kernel_builds_for_older_cpus_match_torch(tmp_path, march, isa):
+    """The kernel's portable path (plain x86-64: no AVX2/FMA) and its 256-bit path
+    (haswell: no AVX-512) against torch, float32 and the bfloat16 drafting copy (a
+    machine with AVX-512 builds neither by itself)."""
     import platform
+
+    from ponder.models.kernel import cpu_flags
 
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("x86-64 only")
+    if isa and not {"avx2", "fma"} <= cpu_flags():
+        pytest.skip("this CPU has no AVX2/FMA")
     code = """
-import torch
+import copy, sys, torch
 from ponder.models.kernel import load_kernel, kernel_error
+from ponder.models.llama_c import CLlama
 from ponder.backends.native import NativeLM
 lib = load_kernel()
 assert lib is not None, kernel_error()
-assert lib.ponder_isa() == 0, lib.ponder_isa()
+assert lib.ponder_isa() == int(sys.argv[1]), lib.ponder_isa()
 c = NativeLM.from_pretrained("arith", backend="c")
 t = NativeLM(c.model, c.tokenizer, "arith", backend="torch")
-ids = torch.tensor([c.encode("Q: 3+4-2+8-1\\n3+4=7\\n")])
+ids = torch.tensor([c.encode("Q: 3+4-2+8-1\\n3+4=7\\n")] * 7)
 d = (c.forward(ids, None) - t.forward(ids, None)).abs().max().item()
 assert d < 1e-4, d
 from ponder.decoding.generate import Greedy
 assert Greedy(c, max_tokens=40).generate("Q: 9-8+7\\n")[0].token_ids == Greedy(t, max_tokens=40).generate("Q: 9-8+7\\n")[0].token_ids
-print("ok", d)
+rounded = copy.deepcopy(c.model)
+with torch.no_grad():
+    for name, p in rounded.named_parameters():
+        if p.dim() == 2 and name.startswith("layers."):
+            p.copy_(p.to(torch.bfloat16).float())
+want = NativeLM(rounded, c.tokenizer, "r", backend="torch").forward(ids, None)
+b = (CLlama(c.model, lib, weights="bfloat16").run_torch(ids, None) - want).abs().max().item()
+assert b < 1e-4, b
+print("ok", d, b)
 """
     import os
     import subprocess
     import sys
 
-    env = {**os.environ, "PONDER_KERNEL_MARCH": "x86-64", "PONDER_CACHE_DIR": str(tmp_path)}
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "PONDER_KERNEL_MARCH": march, "PONDER_CACHE_DIR": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c", code, str(isa)], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr[-2000:]
 
 

@@ -35,7 +35,8 @@ def test_speculative_greedy_equals_greedy_on_50_prompts(models):
 def test_draft_equal_to_target_accepts_every_draft(models):
     lm = models["qwen2_bias"]
     for k in (1, 4):
-        (s,) = Speculative(lm, lm, num_draft_tokens=k, max_tokens=24, ignore_eos=True).generate("Q: 12+3\n")
+        (s,) = Speculative(lm, lm, num_draft_tokens=k, max_tokens=24, ignore_eos=True,
+                           draft_weights="float32").generate("Q: 12+3\n")
         assert s.meta["acceptance_rate"] == 1.0 and s.meta["drafted"] > 0
         (s,) = Speculative(lm, lm, num_draft_tokens=k, temperature=1.0, max_tokens=24, ignore_eos=True).generate("Q: 1\n", seed=3)
         assert s.meta["acceptance_rate"] == pytest.approx(1.0)
@@ -76,6 +77,32 @@ def test_speculative_sampling_reproduces_the_target_distribution(models, drafter
     # and the draft is really different from the target (the test is not vacuous)
     acc = sum(g.meta["accepted"] for g in gens) / sum(g.meta["drafted"] for g in gens)
     assert acc < 0.95
+
+
+def test_draft_weights_change_acceptance_never_the_output(arith_lm):
+    """The draft's matrices in bfloat16 (the default: half the bytes per draft step) or
+    float32: the same greedy output as plain greedy either way, on every path (the
+    one-call loop, round by round, batched); an unknown type is refused."""
+    draft = NativeLM.from_pretrained("arith-draft")
+    from ponder.tasks.arith import ArithTask
+
+    task = ArithTask()
+    prompts = [task.prompt(p) for p in task.problems("expert", 12)]
+    plain = [g[0].token_ids for g in Greedy(arith_lm, max_tokens=120).generate_batch(prompts)]
+    rates = {}
+    for weights in ("bfloat16", "float32"):
+        for record in (False, True):  # record_drafts takes the round-at-a-time path
+            spec = Speculative(arith_lm, draft, max_tokens=120, draft_weights=weights, record_drafts=record)
+            outs = [spec.generate(p)[0] for p in prompts]
+            assert [g.token_ids for g in outs] == plain
+            rates[weights, record] = sum(g.meta["accepted"] for g in outs) / sum(g.meta["drafted"] for g in outs)
+        batched = Speculative(arith_lm, draft, max_tokens=120, draft_weights=weights).generate_batch(prompts)
+        assert [g[0].token_ids for g in batched] == plain
+    assert rates["bfloat16", False] == pytest.approx(rates["bfloat16", True])  # both paths draft with the same copy
+    assert rates["float32", False] == pytest.approx(rates["float32", True])
+    assert abs(rates["bfloat16", False] - rates["float32", False]) < 0.05 and rates["bfloat16", False] > 0.7
+    with pytest.raises(SettingError, match="draft_weights must be 'float32' or 'bfloat16'"):
+        Speculative(arith_lm, draft, draft_weights="fp8")
 
 
 def test_ngram_and_adaptive_speculation_equal_greedy_on_the_shipped_model(arith_lm):

@@ -51,6 +51,7 @@ class NativeLM(ForwardLM):
         # the rest (hidden states, shared prefixes, bfloat16) and "torch" forces it.
         self.backend = backend
         self._fast: NumpyLlama | None = None
+        self._drafting_twin = None  # a bfloat16 copy of the C kernel's matrices, for drafting (made on first use)
         self.tokenizer = tokenizer
         self.name = name
         self.path = path
@@ -200,20 +201,37 @@ class NativeLM(ForwardLM):
         fast = self._fast_for(cache)
         return fast if fast is not None and fast.kind == "c" else None
 
-    def _kernels_with(self, draft: "NativeLM", tcache: KVCache, dcache: KVCache):
+    def _kernels_with(self, draft: "NativeLM", tcache: KVCache, dcache: KVCache, draft_weights: str = "float32"):
         """(this model's kernel, the draft's), if the C kernel serves both caches; else None."""
         if (not isinstance(draft, NativeLM) or draft.vocab_size != self.vocab_size or draft.cfg.is_reward_model
                 or tcache.shared or dcache.shared or self.cfg.is_reward_model):
             return None
         mine, theirs = self._fast_for(tcache), draft._fast_for(dcache)
-        return (mine, theirs) if mine is not None and theirs is not None and mine.kind == theirs.kind == "c" else None
+        if mine is None or theirs is None or not mine.kind == theirs.kind == "c":
+            return None
+        return mine, draft._drafting_kernel(theirs, draft_weights)
 
-    def greedy_draft(self, feed: Sequence[int], k: int, cache: KVCache) -> list[int] | None:
+    def _drafting_kernel(self, fast, weights: str):
+        """This model's C kernel for drafting, its matrices in ``weights``: the float32
+        one, or a copy packed in bfloat16 (made once): half the bytes to stream per
+        draft step, so a small draft's matrices stay in a 1 MiB L2 cache between its
+        steps and the target's pass. A draft's numbers never change a greedy output."""
+        if weights == fast.weights:
+            return fast
+        twin = self._drafting_twin
+        if twin is None or twin.weights != weights:
+            from ..models.llama_c import CLlama
+
+            twin = self._drafting_twin = CLlama(self.model, fast.lib, weights=weights)
+        return twin
+
+    def greedy_draft(self, feed: Sequence[int], k: int, cache: KVCache, weights: str = "float32") -> list[int] | None:
         """k greedy tokens for a one-row cache in one call (speculative drafting): the
-        pending ``feed`` then each argmax is fed, the last draft is not. None when the
-        C kernel does not serve this model or cache (callers then step one by one)."""
+        pending ``feed`` then each argmax is fed, the last draft is not; ``weights`` as
+        in ``_drafting_kernel``. None when the C kernel does not serve this model or
+        cache (callers then step one by one)."""
         fast = self._kernel_for_row(cache)
-        return fast.greedy_draft(list(feed), k, cache) if fast is not None else None
+        return self._drafting_kernel(fast, weights).greedy_draft(list(feed), k, cache) if fast is not None else None
 
     def greedy_steps(self, first: int, n: int, cache: KVCache, stop_ids: Sequence[int], feed_last: bool = True,
                      ban: Sequence[int] = (), ban_steps: int = 0):
@@ -232,11 +250,13 @@ class NativeLM(ForwardLM):
                                  np.asarray(list(ban), dtype=np.int64), ban_steps)
 
     def greedy_speculate(self, draft: "NativeLM", t_feed: Sequence[int], d_feed: Sequence[int], k: int, adaptive: bool,
-                         budget: int, stop_ids: Sequence[int], tcache: KVCache, dcache: KVCache) -> dict | None:
-        """Greedy speculative decoding with ``draft``, round after round in one C call,
-        until a stop token or ``budget`` tokens (see ``CLlama.greedy_speculate``); None
-        when the C kernel does not serve both models and caches."""
-        pair = self._kernels_with(draft, tcache, dcache)
+                         budget: int, stop_ids: Sequence[int], tcache: KVCache, dcache: KVCache,
+                         draft_weights: str = "float32") -> dict | None:
+        """Greedy speculative decoding with ``draft`` (its matrices in ``draft_weights``),
+        round after round in one C call, until a stop token or ``budget`` tokens (see
+        ``CLlama.greedy_speculate``); None when the C kernel does not serve both models
+        and caches."""
+        pair = self._kernels_with(draft, tcache, dcache, draft_weights)
         if pair is None:
             return None
         mine, theirs = pair
@@ -254,14 +274,15 @@ class NativeLM(ForwardLM):
         return fast.ngram_speculate(list(ctx), k, max_ngram, budget, list(stop_ids), cache, credit)
 
     def greedy_round(self, draft: "NativeLM", t_feed: Sequence[int], d_feed: Sequence[int], k: int,
-                     tcache: KVCache, dcache: KVCache) -> tuple[int, list[int], list[int], list[float]] | None:
+                     tcache: KVCache, dcache: KVCache, draft_weights: str = "float32"
+                     ) -> tuple[int, list[int], list[int], list[float]] | None:
         """One round of greedy speculative decoding with ``draft``, in one C call: k
         greedy drafts, one target pass over its pending tokens and the drafts, the
         longest agreeing prefix. Returns (accepted, drafts, the target's argmaxes, their
         log-probabilities), with both caches rolled back to what was accepted; None when
         the C kernel does not serve both models and caches (callers then use the
         general loop)."""
-        pair = self._kernels_with(draft, tcache, dcache)
+        pair = self._kernels_with(draft, tcache, dcache, draft_weights)
         if pair is None:
             return None
         mine, theirs = pair

@@ -47,7 +47,8 @@ class Speculative(GeneratorBase):
     # and 6 1.94-2.01 (three interleaved runs, one thread, Intel Xeon with AVX-512)
     def __init__(self, target: Any, draft: Any, num_draft_tokens: int | str = 5, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, max_ngram: int = 3,
-                 processors: Sequence[Any] = (), record_drafts: bool = False, **settings: Any) -> None:
+                 processors: Sequence[Any] = (), record_drafts: bool = False, draft_weights: str = "bfloat16",
+                 **settings: Any) -> None:
         from .adapters import HISTORY_SETTINGS
 
         require_access(target, Access.LOGITS, "speculative decoding")
@@ -67,6 +68,14 @@ class Speculative(GeneratorBase):
         if not isinstance(max_ngram, int) or max_ngram < 1:
             raise SettingError(f"max_ngram must be an integer >= 1; got {max_ngram!r}")
         options = split_options(settings, HISTORY_SETTINGS, "speculative decoding")
+        # draft_weights: the type of the draft's matrices where the C kernel drafts greedily
+        # (a lone greedy row). bfloat16 halves the bytes each draft step streams: on
+        # arith-draft (1.2 MB of float32 matrices) a 1 MiB L2 cache (AMD Zen 4 and 5)
+        # then holds them. The output is the target's either way; only which drafts are
+        # accepted can change.
+        if draft_weights not in ("float32", "bfloat16"):
+            raise SettingError(f"draft_weights must be 'float32' or 'bfloat16'; got {draft_weights!r}")
+        self.draft_weights = draft_weights
         if not isinstance(record_drafts, bool):
             raise SettingError(f"record_drafts must be true or false; got {record_drafts!r}")
         # record_drafts: meta["draft_rounds"] lists each round's [drafts, accepted, the
@@ -189,7 +198,8 @@ class Speculative(GeneratorBase):
             res = None
             if st.one_call and len(st.alive) == 1 and kk > 0:  # drafts, target pass, acceptance, rollback: one call
                 r = st.alive[0]
-                res = self.target.greedy_round(self.draft, st.t_pending[r], st.d_pending[r], kk, st.tcache, st.dcache)
+                res = self.target.greedy_round(self.draft, st.t_pending[r], st.d_pending[r], kk, st.tcache, st.dcache,
+                                               self.draft_weights)
             if res is not None:
                 a, xs0, best, lp = res
                 st.t_comp[r] += len(st.t_pending[r]) + kk
@@ -246,7 +256,7 @@ class Speculative(GeneratorBase):
                                     st.credit[r])
         elif st.one_call and kk > 0 and hasattr(T, "greedy_speculate"):
             got = T.greedy_speculate(self.draft, st.t_pending[r], st.d_pending[r], st.k, self.adaptive, left,
-                                     sorted(st.stops), st.tcache, st.dcache)
+                                     sorted(st.stops), st.tcache, st.dcache, self.draft_weights)
         if got is None:
             return False
         st.outs[r] += got["tokens"]
@@ -337,7 +347,7 @@ class Speculative(GeneratorBase):
         elif kk:
             r0 = alive[0]
             one = (n == 1 and self.greedy and dprocs[r0].is_identity and hasattr(D, "greedy_draft")
-                   and (drafts := D.greedy_draft(d_pending[r0], kk, dcache)) is not None)
+                   and (drafts := D.greedy_draft(d_pending[r0], kk, dcache, self.draft_weights)) is not None)
             if one:  # all kk draft passes in one call into the C kernel; greedy drafts are point masses
                 xs[0], qs[0] = drafts, [None] * kk
                 d_comp[r0] += len(d_pending[r0]) + kk - 1

@@ -33,21 +33,25 @@ _MATRICES = ("wqkv", "wo", "wgu", "wd")
 PANEL = 16  # output columns per packed panel (NR in llama_kernel.c)
 
 
-def pack_panels(w: np.ndarray) -> np.ndarray:
+def pack_panels(w: np.ndarray, bfloat16: bool = False) -> np.ndarray:
     """W [out, in] as the kernel reads it: panels of PANEL output columns, [ceil(out /
     PANEL), in, PANEL], the last panel zero-padded. A panel is then one contiguous run
-    that a tile of rows streams through once."""
+    that a tile of rows streams through once. ``bfloat16``: each weight rounded to
+    bfloat16 (to nearest, ties to even, as torch rounds), stored as uint16."""
     out, inn = w.shape
     n = -(-out // PANEL)
     a = np.zeros((n * PANEL, inn), np.float32)
     a[:out] = w
-    return np.ascontiguousarray(a.reshape(n, PANEL, inn).transpose(0, 2, 1))
+    a = np.ascontiguousarray(a.reshape(n, PANEL, inn).transpose(0, 2, 1))
+    if bfloat16:
+        a = torch.from_numpy(a).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    return a
 
 
 class _Model(ctypes.Structure):
     _fields_ = [(n, ctypes.c_int) for n in ("hidden", "heads", "kv_heads", "head_dim", "ffn", "layers", "vocab")] + [
         ("eps", ctypes.c_float), ("embed", ctypes.c_void_p), ("norm", ctypes.c_void_p)] + [
-        (n, ctypes.POINTER(ctypes.c_void_p)) for n in _LAYER_FIELDS]
+        (n, ctypes.POINTER(ctypes.c_void_p)) for n in _LAYER_FIELDS] + [("bf16", ctypes.c_int)]
 
 
 def _ptr(a: np.ndarray | None) -> int | None:
@@ -90,9 +94,17 @@ class CLlama(NumpyLlama):
     # of the 0.3M-parameter draft 0.109 -> 0.112 ms. The split changes no bit.
     PARALLEL_MIN_MACS = 1_000_000
 
-    def __init__(self, model: Transformer, lib: ctypes.CDLL) -> None:
+    WEIGHTS = ("float32", "bfloat16")
+
+    def __init__(self, model: Transformer, lib: ctypes.CDLL, weights: str = "float32") -> None:
+        """``weights``: the packed matrices' type. "bfloat16" halves their bytes (the
+        head, norms and embedding stay float32, and so does every sum): a speculative
+        draft's copy, whose numbers decide only which drafts are accepted."""
+        if weights not in self.WEIGHTS:
+            raise ValueError(f"weights must be one of {', '.join(self.WEIGHTS)}; got {weights!r}")
         super().__init__(model)
         self.lib = lib
+        self.weights = weights
         self._pack()
         self.parallel = bool(lib.ponder_openmp())  # built with OpenMP
         self._macs_per_row = self.cfg.num_parameters()  # multiply-adds per token row, near enough
@@ -114,7 +126,7 @@ class CLlama(NumpyLlama):
         for arrays in self.layers:  # in _LAYER_FIELDS order, the matrices as W.T views
             for n, a in zip(_LAYER_FIELDS, arrays):
                 if n in _MATRICES:
-                    keep.append(pack_panels(a.T))
+                    keep.append(pack_panels(a.T, self.weights == "bfloat16"))
                     per_layer[n].append(keep[-1].ctypes.data)
                 else:
                     per_layer[n].append(_ptr(a))
@@ -125,7 +137,8 @@ class CLlama(NumpyLlama):
         self._struct = _Model(cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
                               cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size, cfg.rms_norm_eps,
                               _ptr(self.embed), _ptr(self.norm),
-                              *(ctypes.cast(self._arrays[n], ctypes.POINTER(ctypes.c_void_p)) for n in _LAYER_FIELDS))
+                              *(ctypes.cast(self._arrays[n], ctypes.POINTER(ctypes.c_void_p)) for n in _LAYER_FIELDS),
+                              int(self.weights == "bfloat16"))
         self._struct_ptr = ctypes.addressof(self._struct)
         self._packed, self._tensors = keep, list(self.model.parameters())
         self._packed_version = self._weights_version()

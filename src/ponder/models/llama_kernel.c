@@ -41,6 +41,12 @@ typedef struct {
     const float **ln1, **wqkv, **bqkv, **wo, **bo, **ln2, **wgu, **bgu, **wd, **bd;
     /* Qwen3: each head's q and k RMS-normalised over head_dim before RoPE (NULL: none) */
     const float **qn, **kn;
+    /* 1: the four packed matrices hold bfloat16 (uint16, the top half of a float32),
+     * widened to float32 as they load; the head and everything else stay float32. A
+     * speculative draft's copy: half the bytes, so a 0.3M-parameter draft's matrices
+     * fit a 1 MiB L2 cache, and a draft's numbers change only which drafts are accepted,
+     * never the output. */
+    int bf16;
 } Model;
 
 static void rmsnorm(float *out, const float *x, const float *w, int n, float eps) {
@@ -98,6 +104,22 @@ static inline void put_tile(float *y, const float *s, const float *b, int j0, in
     }
 }
 
+/* Weights at w (float32, or bfloat16 when bf), widened to float32: 8 or 16 lanes. */
+#ifdef HAVE_AVX2
+static inline __attribute__((always_inline)) __m256 load8(const float *w, size_t i, int bf) {
+    if (!bf) return _mm256_loadu_ps(w + i);
+    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)w + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+#endif
+static inline float load1(const float *w, size_t i, int bf) {
+    if (!bf) return w[i];
+    uint32_t u = (uint32_t)((const uint16_t *)w)[i] << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
 #ifdef HAVE_AVX2
 /* One tile: mr rows of x (stride in) × np consecutive panels from P, of which the first
  * `live` rows are real; the others repeat the last real row and are not stored (a
@@ -105,20 +127,20 @@ static inline void put_tile(float *y, const float *s, const float *b, int j0, in
  * the sums stay in registers. */
 static inline __attribute__((always_inline)) void tile(float *y, const float *x, const float *P, const float *b,
                                                        int in, int out, int j0, int mr, int live, int np,
-                                                       int accumulate) {
+                                                       int accumulate, int bf) {
     /* acc[2·(np·r + q) + h]: row r, panel q, half h; at most 12 (mr·np <= 6), which
      * the compiler keeps in registers (a larger array it would spill) */
     __m256 acc[12];
     for (int i = 0; i < 2 * mr * np; i++) acc[i] = _mm256_setzero_ps();
     const size_t panel = (size_t)in * NR;
     for (int k = 0; k < in; k++) {
-        const float *w = P + (size_t)k * NR;
+        const size_t w = (size_t)k * NR;
         for (int r = 0; r < mr; r++) {
             __m256 xb = _mm256_broadcast_ss(x + (size_t)(r < live ? r : live - 1) * in + k);
             for (int q = 0; q < np; q++) {
-                acc[2 * (np * r + q)] = _mm256_fmadd_ps(_mm256_loadu_ps(w + q * panel), xb, acc[2 * (np * r + q)]);
+                acc[2 * (np * r + q)] = _mm256_fmadd_ps(load8(P, w + q * panel, bf), xb, acc[2 * (np * r + q)]);
                 acc[2 * (np * r + q) + 1] =
-                    _mm256_fmadd_ps(_mm256_loadu_ps(w + q * panel + 8), xb, acc[2 * (np * r + q) + 1]);
+                    _mm256_fmadd_ps(load8(P, w + q * panel + 8, bf), xb, acc[2 * (np * r + q) + 1]);
             }
         }
     }
@@ -133,23 +155,74 @@ static inline __attribute__((always_inline)) void tile(float *y, const float *x,
         }
 }
 
+#ifdef __AVX512F__
+#define HAVE_AVX512 1
+/* tile() with 512-bit vectors: a panel's 16 columns are one vector, so each step of k
+ * issues half the loads and FMAs. Every column is still one sum over k in increasing
+ * order, fused multiply-adds as above: the same bits as the 256-bit tile. mr·np <= 24
+ * sums, which with np weight vectors and a broadcast fit the 32 vector registers. */
+static inline __attribute__((always_inline)) void tile512(float *y, const float *x, const float *P, const float *b,
+                                                          int in, int out, int j0, int mr, int live, int np,
+                                                          int accumulate, int bf) {
+    __m512 acc[24];
+    for (int i = 0; i < mr * np; i++) acc[i] = _mm512_setzero_ps();
+    const size_t panel = (size_t)in * NR;
+    for (int k = 0; k < in; k++) {
+        const size_t w = (size_t)k * NR;
+        for (int r = 0; r < mr; r++) {
+            __m512 xb = _mm512_set1_ps(x[(size_t)(r < live ? r : live - 1) * in + k]);
+            for (int q = 0; q < np; q++) {
+                __m512 wv = bf ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
+                                     (const __m256i *)((const uint16_t *)P + w + q * panel))), 16))
+                               : _mm512_loadu_ps(P + w + q * panel);
+                acc[np * r + q] = _mm512_fmadd_ps(wv, xb, acc[np * r + q]);
+            }
+        }
+    }
+    float s[24 * NR];
+    for (int i = 0; i < mr * np; i++) _mm512_storeu_ps(s + NR * i, acc[i]);
+    for (int r = 0; r < live; r++)
+        for (int q = 0; q < np; q++) {
+            int j = j0 + q * NR, ncol = out - j < NR ? out - j : NR;
+            put_tile(y + (size_t)r * out + j, s + NR * (np * r + q), b, j, ncol, accumulate);
+        }
+}
+#endif
+
+#endif
+
+/* Element i of packed weights P (float32, or bfloat16 when bf), as a pointer. */
+static inline const float *at(const float *P, size_t i, int bf) {
+    return bf ? (const float *)((const uint16_t *)P + i) : P + i;
+}
+
+#ifdef HAVE_AVX2
 /* Tiles of mr rows over panels [p0, p1): enough panels per tile (np) that 8 or more
- * independent sums hide the FMA latency, one panel at a time at the end. */
+ * independent sums hide the FMA latency (twice as many lanes per sum with 512-bit
+ * vectors), one panel at a time at the end. */
 static inline __attribute__((always_inline)) void rows_tile(float *y, const float *x, const float *P,
                                                             const float *b, int in, int out, int p0, int p1,
-                                                            int mr, int live, int accumulate) {
-    const int np = mr == 1 ? 4 : mr <= 3 ? 2 : 1;
+                                                            int mr, int live, int accumulate, int bf) {
     const size_t panel = (size_t)in * NR;
     int p = p0;
-    for (; p + np <= p1; p += np) tile(y, x, P + p * panel, b, in, out, p * NR, mr, live, np, accumulate);
-    for (; p < p1; p++) tile(y, x, P + p * panel, b, in, out, p * NR, mr, live, 1, accumulate);
+#ifdef HAVE_AVX512
+    const int np = mr == 1 ? 8 : mr <= 3 ? 4 : mr <= 4 ? 3 : 2;
+#define TILE tile512
+#else
+    const int np = mr == 1 ? 4 : mr <= 3 ? 2 : 1;
+#define TILE tile
+#endif
+    for (; p + np <= p1; p += np) TILE(y, x, at(P, p * panel, bf), b, in, out, p * NR, mr, live, np, accumulate, bf);
+    for (; p < p1; p++) TILE(y, x, at(P, p * panel, bf), b, in, out, p * NR, mr, live, 1, accumulate, bf);
+#undef TILE
 }
 #endif
 
 /* y[r, :] = W x[r, :] + b (or y += ... when accumulate) for rows r < R, over output
  * panels [p0, p1) (all of them: 0, ceil(out / 16)). P is W packed. */
-static void matmul_panels(float *y, const float *x, const float *P, const float *b, int R, int in, int out, int p0,
-                          int p1, int accumulate) {
+static inline __attribute__((always_inline)) void matmul_panels(float *y, const float *x, const float *P,
+                                                                const float *b, int R, int in, int out, int p0,
+                                                                int p1, int accumulate, int bf) {
 #ifdef HAVE_AVX2
     /* a few panels at a time, each then reused from L2 by every block of rows (blocks of
      * 6 rows, 12 sums, then the rest): ~256 KiB of panels, so that a large model's
@@ -167,12 +240,12 @@ static void matmul_panels(float *y, const float *x, const float *P, const float 
             float *yr = y + (size_t)r * out;
             const float *xr = x + (size_t)r * in;
             switch (mr) {
-            case 6: rows_tile(yr, xr, P, b, in, out, g, g1, 6, 6, accumulate); break;
-            case 5: rows_tile(yr, xr, P, b, in, out, g, g1, 5, 5, accumulate); break;
-            case 4: rows_tile(yr, xr, P, b, in, out, g, g1, 5, 4, accumulate); break;
-            case 3: rows_tile(yr, xr, P, b, in, out, g, g1, 3, 3, accumulate); break;
-            case 2: rows_tile(yr, xr, P, b, in, out, g, g1, 2, 2, accumulate); break;
-            default: rows_tile(yr, xr, P, b, in, out, g, g1, 1, 1, accumulate); break;
+            case 6: rows_tile(yr, xr, P, b, in, out, g, g1, 6, 6, accumulate, bf); break;
+            case 5: rows_tile(yr, xr, P, b, in, out, g, g1, 5, 5, accumulate, bf); break;
+            case 4: rows_tile(yr, xr, P, b, in, out, g, g1, 5, 4, accumulate, bf); break;
+            case 3: rows_tile(yr, xr, P, b, in, out, g, g1, 3, 3, accumulate, bf); break;
+            case 2: rows_tile(yr, xr, P, b, in, out, g, g1, 2, 2, accumulate, bf); break;
+            default: rows_tile(yr, xr, P, b, in, out, g, g1, 1, 1, accumulate, bf); break;
             }
             r += mr;
         }
@@ -184,9 +257,9 @@ static void matmul_panels(float *y, const float *x, const float *P, const float 
         int j0 = p * NR, ncol = out - j0 < NR ? out - j0 : NR;
         for (int r = 0; r < R; r++) {
             float s[NR] = {0};
-            const float *xr = x + (size_t)r * in, *w = P + p * panel;
+            const float *xr = x + (size_t)r * in, *w = at(P, p * panel, bf);
             for (int k = 0; k < in; k++)
-                for (int c = 0; c < NR; c++) s[c] += w[(size_t)k * NR + c] * xr[k];
+                for (int c = 0; c < NR; c++) s[c] += load1(w, (size_t)k * NR + c, bf) * xr[k];
             put_tile(y + (size_t)r * out + j0, s, b, j0, ncol, accumulate);
         }
     }
@@ -195,9 +268,12 @@ static void matmul_panels(float *y, const float *x, const float *P, const float 
 
 /* In a parallel pass, each thread computes its share of the output panels, then waits
  * for the others: what follows reads every column. */
-static void matmul(float *y, const float *x, const float *P, const float *b, int R, int in, int out, int accumulate) {
+static void matmul(float *y, const float *x, const float *P, const float *b, int R, int in, int out, int accumulate,
+                   int bf) {
     int panels = (out + NR - 1) / NR, t = omp_get_thread_num(), n = omp_get_num_threads();
-    matmul_panels(y, x, P, b, R, in, out, panels * t / n, panels * (t + 1) / n, accumulate);
+    /* one instance per weight type, so the test on bf leaves the inner loops */
+    if (bf) matmul_panels(y, x, P, b, R, in, out, panels * t / n, panels * (t + 1) / n, accumulate, 1);
+    else matmul_panels(y, x, P, b, R, in, out, panels * t / n, panels * (t + 1) / n, accumulate, 0);
 #pragma omp barrier
 }
 
@@ -339,7 +415,7 @@ static inline __attribute__((always_inline)) void run_pass(const Pass *s) {
     for (int l = 0; l < m->layers; l++) {
 #pragma omp for schedule(static)
         for (int r = 0; r < R; r++) rmsnorm(xn + (size_t)r * h, x + (size_t)r * h, m->ln1[l], h, m->eps);
-        matmul(qkv, xn, m->wqkv[l], m->bqkv[l], R, h, QKV, 0);
+        matmul(qkv, xn, m->wqkv[l], m->bqkv[l], R, h, QKV, 0, m->bf16);
         /* rotate q and k, then store k and v at each token's slot */
 #pragma omp for schedule(static)
         for (int r = 0; r < R; r++) {
@@ -388,26 +464,26 @@ static inline __attribute__((always_inline)) void run_pass(const Pass *s) {
                 }
             }
         }
-        matmul(x, att, m->wo[l], m->bo[l], R, H * D, h, 1); /* residual */
+        matmul(x, att, m->wo[l], m->bo[l], R, H * D, h, 1, m->bf16); /* residual */
 #pragma omp for schedule(static)
         for (int r = 0; r < R; r++) rmsnorm(xn + (size_t)r * h, x + (size_t)r * h, m->ln2[l], h, m->eps);
-        matmul(gu, xn, m->wgu[l], m->bgu[l], R, h, 2 * F, 0);
+        matmul(gu, xn, m->wgu[l], m->bgu[l], R, h, 2 * F, 0, m->bf16);
 #pragma omp for schedule(static)
         for (int r = 0; r < R; r++) {
             const float *g = gu + (size_t)r * 2 * F, *u = g + F;
             float *a = act + (size_t)r * F;
             for (int i = 0; i < F; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
         }
-        matmul(x, act, m->wd[l], m->bd[l], R, F, h, 1); /* residual */
+        matmul(x, act, m->wd[l], m->bd[l], R, F, h, 1, m->bf16); /* residual */
     }
 #pragma omp for schedule(static)
     for (int r = 0; r < R; r++) rmsnorm(xn + (size_t)r * h, x + (size_t)r * h, m->norm, h, m->eps);
     if (sel) { /* gather the selected rows, then one product */
 #pragma omp for schedule(static)
         for (int i = 0; i < n_sel; i++) memcpy(x + (size_t)i * h, xn + (size_t)sel[i] * h, sizeof(float) * h);
-        matmul(logits, x, head, head_bias, n_sel, h, head_rows, 0);
+        matmul(logits, x, head, head_bias, n_sel, h, head_rows, 0, 0);
     } else {
-        matmul(logits, xn, head, head_bias, R, h, head_rows, 0);
+        matmul(logits, xn, head, head_bias, R, h, head_rows, 0, 0);
     }
     FAST_FP_END
 }
