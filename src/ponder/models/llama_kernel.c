@@ -98,6 +98,16 @@ static inline __attribute__((always_inline)) void block4(const float *const *w, 
 #define NR 16
 
 static inline void put_tile(float *y, const float *s, const float *b, int j0, int ncol, int accumulate) {
+#if defined(HAVE_AVX2) && defined(__AVX512F__)
+    /* a whole panel in one vector (as a loop, gcc made it `rep movs`, slow to start) */
+    if (ncol == NR) {
+        __m512 v = _mm512_loadu_ps(s);
+        if (b) v = _mm512_add_ps(v, _mm512_loadu_ps(b + j0));
+        if (accumulate) v = _mm512_add_ps(_mm512_loadu_ps(y), v);
+        _mm512_storeu_ps(y, v);
+        return;
+    }
+#endif
     for (int c = 0; c < ncol; c++) {
         float v = s[c] + (b ? b[j0 + c] : 0.0f);
         y[c] = accumulate ? y[c] + v : v;
