@@ -91,9 +91,10 @@ def test_ponder_serve_counts_its_budget(declared):
         assert r.status_code == 400 and "16 beam-sample.num_beams" in r.text, r.text
 
 
-def test_the_readme_sweep_builds_every_run_and_its_policies_name_candidates_on_the_draft():
+def test_the_readme_sweep_builds_every_run_and_its_policies_name_candidates_on_the_draft(tmp_path):
     """The default sweep (the README's main command) parses and builds every generator,
-    among them compute-optimal with NAME#TAG candidates, one on arith-draft."""
+    compute-optimal's fitted policies with the candidates they name; a policy may name
+    NAME#TAG candidates, one on arith-draft (NAME#TAG.model)."""
     from ponder.strategies.core import spend
     from ponder.sweep.run import default_config_path, load_config, prepare
 
@@ -103,7 +104,25 @@ def test_the_readme_sweep_builds_every_run_and_its_policies_name_candidates_on_t
     assert {r[0] for r in runs} == {"arith", "arith-draft"}
     co = [r[6] for r in runs if r[5].strategy == "compute-optimal"]
     assert len(co) == 2
-    assert {"weighted-majority", "weighted-majority#draft"} <= set(co[0].strategies)
-    assert co[0].strategies["weighted-majority#draft"].generator.lm.name == "arith-draft"
+    for gen, run in zip(co, [r for r in runs if r[5].strategy == "compute-optimal"]):
+        named = {step.split(":")[1] for step in run[5].settings["policy"].split(",")} - {"probe"}
+        assert named == set(gen.strategies)
+    text = default_config_path().read_text()
+    head = text[: text.index("[[strategy]]")]
+    (tmp_path / "draft.toml").write_text(head + """
+[[strategy]]
+name = "compute-optimal"
+models = ["arith"]
+temperature = 0.7
+probe = 1
+policy = "0.5:weighted-majority#draft,1:weighted-majority"
+"weighted-majority#draft.samples" = 4
+"weighted-majority#draft.model" = "arith-draft"
+"weighted-majority.samples" = 8
+""")
+    (gen,) = [r[6] for r in prepare(load_config(tmp_path / "draft.toml")).runs]
+    assert set(gen.strategies) == {"weighted-majority", "weighted-majority#draft"}
+    assert gen.strategies["weighted-majority#draft"].generator.lm.name == "arith-draft"
+    assert gen.strategies["weighted-majority"].generator.lm.name == "arith"
     settings = {"policy": "0.5:majority#big,1:majority", "majority#big.samples": 12, "majority.samples": 4}
     assert spend("compute-optimal", settings) == (12, "majority#big.samples")

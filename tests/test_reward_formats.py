@@ -246,7 +246,9 @@ def test_ponder_format_scores_its_outcome_and_steps(capsys):
     rm = RewardModel.from_pretrained("arith-reward")
     got = _score(capsys, "--reward-model", "arith-reward", "--prompt", PROMPT, "--completion", SOLUTION, "--raw")
     assert got["format"] == "ponder" and len(got["steps"]) == 3
-    assert abs(got["score"] - rm.score(PROMPT, [SOLUTION]).values[0]) < 1e-9  # the outcome score, at the EOS
+    # the outcome score, at the EOS; the two calls batch differently, and the built
+    # model's float32 logit may then differ by an ulp (5e-7 at 5.7: 1.6e-9 after the sigmoid)
+    assert abs(got["score"] - rm.score(PROMPT, [SOLUTION]).values[0]) < 1e-6
     for agg in ("product", "last"):
         g = _score(capsys, "--reward-model", "arith-reward", "--prompt", PROMPT, "--completion", SOLUTION, "--raw",
                    "--aggregation", agg)
