@@ -108,7 +108,7 @@ def _speculative(lm, p, s, ctx):
     name = s.get("draft_model", "arith-draft")
     draft = "ngram" if name == "ngram" else load_model(name, "--draft-model")
     return Speculative(lm, draft, **_given(s, num_draft_tokens="num_draft_tokens", max_ngram="max_ngram",
-                                           record_drafts="record_drafts"),
+                                           record_drafts="record_drafts", draft_weights="draft_weights"),
                        **_token_level(lm, p, s, adapters=False),
                        **{k: v for k, v in p.changed("adapter").items() if k != "temperature"},
                        temperature=p.temperature)
@@ -117,8 +117,9 @@ def _speculative(lm, p, s, ctx):
 register(Strategy("speculative", _speculative,
                   "speculative decoding, lossless (Leviathan et al. 2023): --set draft_model=NAME or ngram (prompt "
                   "lookup); num_draft_tokens=K or auto; temperature 0 = greedy; record_drafts=true keeps each "
-                  "round's drafts for ponder view",
-                  ("draft_model", "num_draft_tokens", "max_ngram", "record_drafts"), ("temperature", "top_k", "top_p", "min_p"),
+                  "round's drafts for ponder view; draft_weights=bfloat16 (default: half the bytes per draft step, the "
+                  "same output) or float32",
+                  ("draft_model", "num_draft_tokens", "max_ngram", "record_drafts", "draft_weights"), ("temperature", "top_k", "top_p", "min_p"),
                   options=("stop", "stop_token_ids", "ignore_eos")))
 
 
