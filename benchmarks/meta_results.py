@@ -251,16 +251,20 @@ def main() -> None:
             # is one vote of what follows, and its reward says how hard the problem is
             gen.probe, gen.probe_n = strategies.build("rsd", lm, SamplingParams(temperature=0, max_tokens=160),
                                                       {"threshold": 0.5}, ctx), 1
-            cands = [("", lm, k, m, extra) for k, m, extra in (
+            # (label prefix, model, strategy, its n, its settings): the target's searches and
+            # votes (ToT-DFS and rejection sampling too: the best fixed rows at 1/4 and 1/2)
+            cands = [("", lm, k, m, {"samples": m, **extra}) for k, m, extra in (
                 ("weighted-majority", 4, {}), ("weighted-majority", 8, {}), ("weighted-majority", 16, {}),
                 ("best-of-n", 4, {}), ("best-of-n", 8, {}), ("rebase", 4, {}), ("prm-beam", 4, {"beam_width": 4}),
-                ("adaptive-majority", 16, {"batch": 1, "weight": "reward", "confidence": 0.95}))]
+                ("adaptive-majority", 16, {"batch": 1, "weight": "reward", "confidence": 0.95}),
+                ("rejection", 16, {"threshold": 0.9, "batch": 4}))]
+            cands.append(("", lm, "tot-dfs", 3, {"k": 3, "max_expansions": 2 * args.n}))
             if draft is not None:  # every model's strategies are candidates
-                cands += [(f"{args.draft}:", draft, k, m, {}) for k, m in (
+                cands += [(f"{args.draft}:", draft, k, m, {} if k == "greedy" else {"samples": m}) for k, m in (
                     ("greedy", 1), ("majority", 4), ("majority", 16), ("weighted-majority", 4), ("weighted-majority", 16))]
             gen.strategies = {f"{pre}{k}@{m}": strategies.build(k, model, greedy if k == "greedy" else sampling,
-                                                               {} if k == "greedy" else {"samples": m, **extra}, ctx)
-                              for pre, model, k, m, extra in cands}
+                                                               settings, ctx)
+                              for pre, model, k, m, settings in cands}
             t = time.perf_counter()
             fitted = gen.fit([task.prompt(p) for p in dev],
                              lambda prompt, text: task.check_answer(task.problem_of_prompt(prompt), text),
