@@ -294,8 +294,8 @@ def test_c_kernel_wide_matrices_match_torch():
 
 def test_c_kernel_bfloat16_matrices_compute_the_rounded_model():
     """A drafting copy with bfloat16 matrices computes the model whose layer matrices
-    are rounded to bfloat16 (sums in float32, embedding and head unrounded), row for
-    row as a batch; a weight type outside float32/bfloat16 is refused."""
+    are rounded to bfloat16 (sums in float32, embedding and head unrounded); a weight
+    type outside float32/bfloat16 is refused."""
     import copy
 
     from ponder.models.llama_c import CLlama, load_kernel

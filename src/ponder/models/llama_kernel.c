@@ -167,6 +167,12 @@ static inline __attribute__((always_inline)) void tile(float *y, const float *x,
 
 #ifdef __AVX512F__
 #define HAVE_AVX512 1
+static inline __attribute__((always_inline)) __m512 load16(const float *w, size_t i, int bf) {
+    if (!bf) return _mm512_loadu_ps(w + i);
+    __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)w + i));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
 /* tile() with 512-bit vectors: a panel's 16 columns are one vector, so each step of k
  * issues half the loads and FMAs. Every column is still one sum over k in increasing
  * order, fused multiply-adds as above: the same bits as the 256-bit tile. mr·np <= 24
@@ -181,12 +187,8 @@ static inline __attribute__((always_inline)) void tile512(float *y, const float 
         const size_t w = (size_t)k * NR;
         for (int r = 0; r < mr; r++) {
             __m512 xb = _mm512_set1_ps(x[(size_t)(r < live ? r : live - 1) * in + k]);
-            for (int q = 0; q < np; q++) {
-                __m512 wv = bf ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
-                                     (const __m256i *)((const uint16_t *)P + w + q * panel))), 16))
-                               : _mm512_loadu_ps(P + w + q * panel);
-                acc[np * r + q] = _mm512_fmadd_ps(wv, xb, acc[np * r + q]);
-            }
+            for (int q = 0; q < np; q++)
+                acc[np * r + q] = _mm512_fmadd_ps(load16(P, w + q * panel, bf), xb, acc[np * r + q]);
         }
     }
     float s[24 * NR];
