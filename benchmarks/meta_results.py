@@ -60,6 +60,12 @@ def paired_bootstrap(a: list[int], b: list[int], rounds: int = 2000, seed: int =
     return [round(diffs[int(0.025 * rounds)], 4), round(diffs[int(0.975 * rounds) - 1], 4)]
 
 
+# step-level rejection sampling as a ToT-DFS setting: one proposal a state, a step valued
+# below 0.95 redrawn in place (at most 10 times), a state below 0.5 pruned
+STEP_REJECTION = {"k": 1, "refine": 10, "refine_threshold": 0.95}
+OVER_STEPS = {"over": "tot-dfs", **{f"over.{k}": v for k, v in STEP_REJECTION.items()}}
+
+
 def adaptive_figures(rows: list[dict]) -> dict:
     """The issues' figures from the rows of this run, every model's rows included:
 
@@ -198,6 +204,13 @@ def main() -> None:
         ("prm-beam+refine", "prm-beam", {"samples": N, "beam_width": 4, "refine": 1}, None),
         ("refine-steps(prm)", "refine-steps", {"rounds": 4}, None),
         ("rejection", "rejection", {"samples": N, "threshold": 0.9, "batch": 4}, None),
+        # step-level rejection: ToT-DFS with one proposal a state, each step redrawn in place
+        # until the PRM values it >= 0.95 (at most 10 redraws), and votes over such searches
+        # (settings chosen on the fit split)
+        ("step-rejection", "tot-dfs", dict(STEP_REJECTION), None),
+        *((f"step-rejection:majority@{m}", "majority", {"samples": m, **OVER_STEPS}, None) for m in (3, 5)),
+        *((f"step-rejection:adaptive@{m}", "adaptive-majority", {"samples": m, "batch": 1, "confidence": c, **OVER_STEPS},
+           None) for m, c in ((3, 0.8), (5, 0.8), (8, 0.9))),
         ("best-of-n@8", "best-of-n", {"samples": N // 2}, None),
         ("weighted@8", "weighted-majority", {"samples": N // 2}, None),
         # adaptive meta-generation (issue 25)
@@ -247,10 +260,9 @@ def main() -> None:
                     raise SystemExit("--co-budgets quarter/half needs the weighted-majority row in this run")
                 budget = w["generated_per_problem"] / (4 if budget == "quarter" else 2)
             budget = float(budget)
-            # the probe is reward-guided speculative decoding (greedy, threshold 0.5): its answer
-            # is one vote of what follows, and its reward says how hard the problem is
-            gen.probe, gen.probe_n = strategies.build("rsd", lm, SamplingParams(temperature=0, max_tokens=160),
-                                                      {"threshold": 0.5}, ctx), 1
+            # the probe is one step-level rejection search: its answer is the first vote of the
+            # votes over such searches that may follow, and its reward says how hard the problem is
+            gen.probe, gen.probe_n = strategies.build("tot-dfs", lm, sampling, dict(STEP_REJECTION), ctx), 1
             # (label prefix, model, strategy, its n, its settings): the target's searches and
             # votes (ToT-DFS and rejection sampling too: the best fixed rows at 1/4 and 1/2)
             cands = [("", lm, k, m, {"samples": m, **extra}) for k, m, extra in (
@@ -259,6 +271,9 @@ def main() -> None:
                 ("adaptive-majority", 16, {"batch": 1, "weight": "reward", "confidence": 0.95}),
                 ("rejection", 16, {"threshold": 0.9, "batch": 4}))]
             cands.append(("", lm, "tot-dfs", 3, {"k": 3, "max_expansions": 2 * args.n}))
+            cands += [("step-rejection:", lm, "majority", m, {"samples": m, **OVER_STEPS}) for m in (3, 5)]
+            cands += [("step-rejection:", lm, "adaptive-majority", m, {"samples": m, "batch": 1, "confidence": c,
+                                                                       **OVER_STEPS}) for m, c in ((3, 0.8), (5, 0.8), (8, 0.9))]
             if draft is not None:  # every model's strategies are candidates
                 cands += [(f"{args.draft}:", draft, k, m, {} if k == "greedy" else {"samples": m}) for k, m in (
                     ("greedy", 1), ("majority", 4), ("majority", 16), ("weighted-majority", 4), ("weighted-majority", 16))]

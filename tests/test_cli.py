@@ -120,7 +120,7 @@ def test_eval_nests_majority_over_speculative_sampling():
     for weights, code in (("float32", 0), ("fp8", 2)):  # the draft's matrices: bfloat16 (default) or float32
         r = ponder("generate", "Q: 3+4-2\n", "--speculative", "draft", "--set", f"draft_weights={weights}", "--json")
         assert r.returncode == code, r.stderr
-    assert "draft_weights must be 'float32' or 'bfloat16'; got 'fp8'" in r.stderr
+    assert "draft_weights must be one of float32, bfloat16; got 'fp8'" in r.stderr
     nested = ponder("eval", "--limit", "1", "--strategy", "majority", "--set", "over=best-of-n")
     assert nested.returncode == 2 and "cannot draw its samples from best-of-n" in nested.stderr
 

@@ -101,7 +101,7 @@ def test_draft_weights_change_acceptance_never_the_output(arith_lm):
     assert rates["bfloat16", False] == pytest.approx(rates["bfloat16", True])  # both paths draft with the same copy
     assert rates["float32", False] == pytest.approx(rates["float32", True])
     assert abs(rates["bfloat16", False] - rates["float32", False]) < 0.05 and rates["bfloat16", False] > 0.7
-    with pytest.raises(SettingError, match="draft_weights must be 'float32' or 'bfloat16'"):
+    with pytest.raises(SettingError, match="draft_weights must be one of float32, bfloat16"):
         Speculative(arith_lm, draft, draft_weights="fp8")
 
 

@@ -395,3 +395,43 @@ def test_speculative_rejection_on_the_shipped_models(arith_lm):
         assert all(not n["children"] and n["depth"] <= 2 for n in rejected)
         assert sum(n["usage"]["generated_tokens"] for n in nodes) == g.usage.generated_tokens
     assert sum(TASK.check_answer(p, g.text) for p, g in zip(probs, batched)) >= 3
+
+
+def test_step_level_rejection_and_votes_over_it_on_the_shipped_models(arith_lm):
+    """Step-level rejection sampling is a ToT-DFS setting (one proposal a state, a step
+    valued below refine_threshold redrawn in place, at most ``refine`` times); a vote over
+    such searches is composed by the registry (majority over=tot-dfs). The vote counts
+    exactly the searches run by hand at the same seeds, and bills their sum; every kept
+    step clears the bar or spent all its redraws; and the compute-optimal probe, a search
+    of the same kind, is the first vote of an adaptive vote over searches, not paid twice."""
+    from ponder import strategies
+    from ponder.meta.parallel import majority_index
+    from ponder.scoring.reward import RewardModel
+
+    ctx = strategies.Context(task=TASK, reward_model=RewardModel.from_pretrained("arith-reward"))
+    params = SamplingParams(temperature=0.7, max_tokens=160)
+    steps = {"k": 1, "refine": 3, "refine_threshold": 0.95}
+    over = {"over": "tot-dfs", **{f"over.{k}": v for k, v in steps.items()}}
+    vote = strategies.build("majority", arith_lm, params, {"samples": 3, **over}, ctx)
+    alone = strategies.build("tot-dfs", arith_lm, params, dict(steps), ctx)
+    for problem in TASK.problems("expert", 3, split="test"):
+        prompt = TASK.prompt(problem)
+        (g,) = vote.generate(prompt, seed=3)
+        by_hand = alone.generate(prompt, n=3, seed=3)
+        assert [t.text for t in g.trace] == [s.text for s in by_hand]
+        assert g.text == by_hand[majority_index([TASK.extract_answer(s.text) for s in by_hand])].text
+        assert g.usage.generated_tokens == sum(s.usage.generated_tokens for s in by_hand)
+        for s in by_hand:
+            kept = tree_nodes(s.meta["tree"])[1:]
+            assert kept and all(n["score"] >= 0.95 or len(n["drafts"]) == 3 for n in kept)
+            redrawn = sum(len(n["drafts"]) for n in kept)
+            assert s.meta["nodes"] == len(kept) and len(kept) + redrawn >= s.meta["expansions"]
+    co = strategies.build("compute-optimal", arith_lm, params, {
+        "probe": 1, "difficulty": "reward", "probe_with": "tot-dfs", **{f"probe_with.{k}": v for k, v in steps.items()},
+        "policy": "1:adaptive-majority", "adaptive-majority.samples": 3, "adaptive-majority.batch": 1,
+        **{f"adaptive-majority.{k}": v for k, v in over.items()}}, ctx)
+    (g,) = co.generate(TASK.prompt(TASK.problems("expert", 1, split="test")[0]), seed=5)
+    probe, voted = g.trace[0], g.trace[-1]
+    assert g.meta["chose"] == "adaptive-majority" and 1 <= voted.meta["samples_drawn"] <= 3
+    assert voted.trace[0].text == probe.text  # the probe is the first vote
+    assert g.usage.generated_tokens == sum(t.usage.generated_tokens for t in voted.trace)

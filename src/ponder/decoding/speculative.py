@@ -29,6 +29,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..models import WEIGHT_TYPES
 from ..protocols import Access, GeneratorBase, require_access
 from ..types import Generation, Usage
 from .generate import Options, encode_prompt, random_seed, row_generator, split_options
@@ -73,8 +74,8 @@ class Speculative(GeneratorBase):
         # arith-draft (1.2 MB of float32 matrices) a 1 MiB L2 cache (AMD Zen 4 and 5)
         # then holds them. The output is the target's either way; only which drafts are
         # accepted can change.
-        if draft_weights not in ("float32", "bfloat16"):
-            raise SettingError(f"draft_weights must be 'float32' or 'bfloat16'; got {draft_weights!r}")
+        if draft_weights not in WEIGHT_TYPES:
+            raise SettingError(f"draft_weights must be one of {', '.join(WEIGHT_TYPES)}; got {draft_weights!r}")
         self.draft_weights = draft_weights
         if not isinstance(record_drafts, bool):
             raise SettingError(f"record_drafts must be true or false; got {record_drafts!r}")

@@ -22,6 +22,7 @@ import operator
 import numpy as np
 import torch
 
+from . import WEIGHT_TYPES
 from .kernel import cpu_summary, kernel_error, load_kernel  # noqa: F401  (the kernel this model runs)
 from .kv_cache import KVCache
 from .llama import Transformer
@@ -94,7 +95,7 @@ class CLlama(NumpyLlama):
     # of the 0.3M-parameter draft 0.109 -> 0.112 ms. The split changes no bit.
     PARALLEL_MIN_MACS = 1_000_000
 
-    WEIGHTS = ("float32", "bfloat16")
+    WEIGHTS = WEIGHT_TYPES
 
     def __init__(self, model: Transformer, lib: ctypes.CDLL, weights: str = "float32") -> None:
         """``weights``: the packed matrices' type. "bfloat16" halves their bytes (the

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from ..errors import SettingError
+from ..models import WEIGHT_TYPES
 
 # kind ("model" | "reward") -> [(scheme name, matches the spec, loads it)], tried in order
 SCHEMES: dict[str, list[tuple[str, Callable[[str], bool], Callable[..., Any]]]] = {"model": [], "reward": []}
@@ -82,8 +83,8 @@ def load_model(name: Any, role: str = "--model", dtype: str = "float32", **remot
     say which of the command's models (``role``: --model, --draft-model, ...) it was."""
     if not isinstance(name, str) or not name:
         raise SettingError(f"{role} must be a model name or a checkpoint folder; got {name!r}")
-    if dtype not in ("float32", "bfloat16"):
-        raise SettingError(f"--dtype must be one of float32, bfloat16; got {dtype!r}")
+    if dtype not in WEIGHT_TYPES:
+        raise SettingError(f"--dtype must be one of {', '.join(WEIGHT_TYPES)}; got {dtype!r}")
     scheme = scheme_of("model", name)
     if scheme == "url":
         return load_endpoint(name, role, **remote)
