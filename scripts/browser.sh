@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Headless Chromium and its driver from Debian's packages, for tests/e2e/test_view.py and
+# Headless Chromium and its driver from Debian's packages, for tests/e2e/test_view*.py and
 # `ponder view`'s screenshots and timings (nothing is downloaded by Selenium).
 set -euo pipefail
 if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then
