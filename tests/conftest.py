@@ -1,7 +1,7 @@
 """Shared fixtures: tiny random checkpoints built and saved by transformers (the oracle).
 
 tests/e2e/ holds the end-to-end tests (real servers on loopback, Chromium); they import
-this folder's helpers (servers.py, browser.py), which pytest puts on the path with this file."""
+this folder's helpers (servers.py, browser.py, viewing.py), which pytest puts on the path with this file."""
 
 from __future__ import annotations
 
@@ -74,3 +74,43 @@ def arith_lm():
     from ponder.backends.native import NativeLM
 
     return NativeLM.from_pretrained("arith")
+
+
+# -- `ponder view` in Chromium (tests/e2e/test_view*.py): one sweep store, its server and
+# one browser a session; helpers in viewing.py and browser.py, imported when first used
+@pytest.fixture(scope="session")
+def store(tmp_path_factory) -> Path:
+    from viewing import TWO_MODELS, ponder_cli
+
+    folder = tmp_path_factory.mktemp("view")
+    (folder / "sweep.toml").write_text(TWO_MODELS)
+    db = folder / "results.sqlite"
+    r = ponder_cli("sweep", str(folder / "sweep.toml"), "--db", str(db), "--report", "")
+    assert r.returncode == 0, r.stderr
+    return db
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory) -> Path:
+    out = Path(os.environ.get("PONDER_ARTIFACTS") or tmp_path_factory.mktemp("view-shots"))
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def server(store):
+    from browser import served
+
+    with served(store) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def browser():
+    from browser import available, chromium
+
+    if not available():
+        pytest.fail("these tests need Debian's chromium and chromium-driver: apt-get install -y chromium chromium-driver")
+    d = chromium()
+    yield d
+    d.quit()

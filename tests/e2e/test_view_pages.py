@@ -2,7 +2,7 @@
 question, gold answer and judged path ends; find, filter, fold and replay; MCTS edges,
 RSD rewrites, DeepConf stops, compute-optimal's policy and probe; the overview's
 frontiers per model; the problems table's state in the URL; a JSONL task; a big tree.
-Fixtures: conftest.py (one sweep store, server and Chromium a session)."""
+Fixtures: tests/conftest.py (one sweep store, server and Chromium a session)."""
 
 
 from __future__ import annotations
