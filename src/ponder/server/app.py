@@ -307,15 +307,18 @@ def create_app(lm: Any, *, reward_model: Any = None, task: str | None = "arith",
     return app
 
 
-GRACE_S = 5.0  # seconds in-flight requests get to finish at shutdown
+GRACE_S = 4.0  # seconds in-flight requests get to finish at shutdown
+# then seconds uvicorn still waits for the 503s of those cancelled before it closes the rest with
+# a plain-text 500: one engine step can hold the event loop most of a second on a loaded machine
+ANSWER_S = 3.0
 
 
 def serve(lm: Any, host: str = "127.0.0.1", port: int = 8000, **options: Any) -> None:
     """Run the app with uvicorn until interrupted. At SIGTERM or Ctrl-C, requests in
-    flight get the grace period to finish; a second before it ends, those still running
-    are cancelled (their rows leave the batch) and answered with an OpenAI-shaped 503,
-    and streams end with an error event, rather than uvicorn's plain-text 500 and
-    bodies cut mid-way."""
+    flight get the grace period to finish; then those still running are cancelled (their
+    rows leave the batch) and answered with an OpenAI-shaped 503, and streams end with an
+    error event, rather than uvicorn's plain-text 500 and bodies cut mid-way (uvicorn
+    waits ANSWER_S more for those answers)."""
     import uvicorn
 
     app = create_app(lm, **options)
@@ -323,11 +326,12 @@ def serve(lm: Any, host: str = "127.0.0.1", port: int = 8000, **options: Any) ->
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
-            svc.begin_shutdown(GRACE_S - 1.0)
+            svc.begin_shutdown(GRACE_S)
             super().handle_exit(sig, frame)
 
     try:
-        Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=GRACE_S)).run()
+        Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                              timeout_graceful_shutdown=GRACE_S + ANSWER_S)).run()
     finally:
         if svc.traces is not None:
             svc.traces.close()
