@@ -64,6 +64,11 @@ def paired_bootstrap(a: list[int], b: list[int], rounds: int = 2000, seed: int =
 # below 0.95 redrawn in place (at most 10 times), a state below 0.5 pruned
 STEP_REJECTION = {"k": 1, "refine": 10, "refine_threshold": 0.95}
 OVER_STEPS = {"over": "tot-dfs", **{f"over.{k}": v for k, v in STEP_REJECTION.items()}}
+# the votes over such searches: (strategy, at most m searches, its settings); fixed rows and
+# compute-optimal candidates alike
+STEP_VOTES = [("majority", m, {"samples": m, **OVER_STEPS}) for m in (3, 5)] + [
+    ("adaptive-majority", m, {"samples": m, "batch": 1, "confidence": c, **OVER_STEPS})
+    for m, c in ((3, 0.8), (5, 0.8), (8, 0.9))]
 
 
 def adaptive_figures(rows: list[dict]) -> dict:
@@ -208,9 +213,7 @@ def main() -> None:
         # until the PRM values it >= 0.95 (at most 10 redraws), and votes over such searches
         # (settings chosen on the fit split)
         ("step-rejection", "tot-dfs", dict(STEP_REJECTION), None),
-        *((f"step-rejection:majority@{m}", "majority", {"samples": m, **OVER_STEPS}, None) for m in (3, 5)),
-        *((f"step-rejection:adaptive@{m}", "adaptive-majority", {"samples": m, "batch": 1, "confidence": c, **OVER_STEPS},
-           None) for m, c in ((3, 0.8), (5, 0.8), (8, 0.9))),
+        *((f"step-rejection:{k.replace('-majority', '')}@{m}", k, settings, None) for k, m, settings in STEP_VOTES),
         ("best-of-n@8", "best-of-n", {"samples": N // 2}, None),
         ("weighted@8", "weighted-majority", {"samples": N // 2}, None),
         # adaptive meta-generation (issue 25)
@@ -271,9 +274,7 @@ def main() -> None:
                 ("adaptive-majority", 16, {"batch": 1, "weight": "reward", "confidence": 0.95}),
                 ("rejection", 16, {"threshold": 0.9, "batch": 4}))]
             cands.append(("", lm, "tot-dfs", 3, {"k": 3, "max_expansions": 2 * args.n}))
-            cands += [("step-rejection:", lm, "majority", m, {"samples": m, **OVER_STEPS}) for m in (3, 5)]
-            cands += [("step-rejection:", lm, "adaptive-majority", m, {"samples": m, "batch": 1, "confidence": c,
-                                                                       **OVER_STEPS}) for m, c in ((3, 0.8), (5, 0.8), (8, 0.9))]
+            cands += [("step-rejection:", lm, k, m, settings) for k, m, settings in STEP_VOTES]
             if draft is not None:  # every model's strategies are candidates
                 cands += [(f"{args.draft}:", draft, k, m, {} if k == "greedy" else {"samples": m}) for k, m in (
                     ("greedy", 1), ("majority", 4), ("majority", 16), ("weighted-majority", 4), ("weighted-majority", 16))]

@@ -102,11 +102,11 @@ def test_the_readme_sweep_builds_every_run_and_its_policies_name_candidates_on_t
     assert cfg.tasks[0]["level"] == "expert" and cfg.tasks[0]["split"] == "test"
     runs = prepare(cfg).runs
     assert {r[0] for r in runs} == {"arith", "arith-draft"}
-    co = [r[6] for r in runs if r[5].strategy == "compute-optimal"]
+    co = [r for r in runs if r[5].strategy == "compute-optimal"]
     assert len(co) == 2
-    for gen, run in zip(co, [r for r in runs if r[5].strategy == "compute-optimal"]):
+    for run in co:
         named = {step.split(":")[1] for step in run[5].settings["policy"].split(",")} - {"probe"}
-        assert named == set(gen.strategies)
+        assert named == set(run[6].strategies)
     text = default_config_path().read_text()
     head = text[: text.index("[[strategy]]")]
     (tmp_path / "draft.toml").write_text(head + """

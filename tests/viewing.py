@@ -1,5 +1,5 @@
 """What the `ponder view` browser tests share: the small sweep they store, and helpers
-to run the CLI, open a page, check it is clean and read the store."""
+to run the CLI, check a page is clean and read the store."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 from ponder.sweep.store import ResultsStore
-from browser import open_view
 
 SWEEP = """
 seed = 0
@@ -76,11 +75,6 @@ def ponder_cli(*args: str, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "ponder.cli", *args], capture_output=True, text=True, timeout=600, **kw)
 
 
-def open_page(d, url: str) -> None:
-    """Load ``url`` and wait until the page says it has drawn its view."""
-    open_view(d, url)
-
-
 def assert_clean(d) -> None:
     """No console error and no failed request on the page."""
     errors = [e for e in d.get_log("browser") if e["level"] == "SEVERE"]
@@ -91,12 +85,8 @@ def assert_clean(d) -> None:
 
 
 def stored_rows(db: Path) -> list[dict]:
-    s = ResultsStore(db, readonly=True)
-    try:
+    with ResultsStore(db, readonly=True) as s:
         return s.rows()
-    finally:
-        s.close()
-
 
 
 def path_ids(tree: dict, target: int) -> list[int]:

@@ -21,8 +21,8 @@ import pytest
 from ponder.meta.search.base import tree_nodes
 from ponder.sweep.report import summarise
 from ponder.sweep.store import ResultsStore
-from browser import served
-from viewing import assert_clean, open_page, path_ids, ponder_cli, stored_rows
+from browser import open_view, served
+from viewing import assert_clean, path_ids, ponder_cli, stored_rows
 
 
 def test_every_view_loads_with_no_console_error_or_failed_request(server, store, browser, artifacts):
@@ -31,14 +31,14 @@ def test_every_view_loads_with_no_console_error_or_failed_request(server, store,
     for r in rows:  # one generation of each strategy: samples, trees, token level
         views.setdefault(f"generation-{r['strategy']}", f"#/g/{r['key']}")
     for name, frag in views.items():
-        open_page(browser, server + frag)
+        open_view(browser, server + frag)
         assert not browser.find_elements("id", "error"), (name, browser.find_element("id", "error").text)
         browser.save_screenshot(str(artifacts / f"view-{name}.png"))
         assert_clean(browser)
     # token level: the text, a span per stored token shaded by its probability
     greedy = [r for r in rows if r["strategy"] == "greedy"][0]
     tokens = ResultsStore.trace(greedy)["tokens"]
-    open_page(browser, server + f"#/g/{greedy['key']}")
+    open_view(browser, server + f"#/g/{greedy['key']}")
     spans = browser.find_elements("css selector", "#tokens span.tok")
     # the page's data, not a browser's text serialisation (Chromium 156's `.text` drops the newlines of a <pre>)
     shown = [s.get_attribute("textContent") for s in spans]
@@ -55,14 +55,14 @@ def test_every_view_loads_with_no_console_error_or_failed_request(server, store,
     # speculative decoding: each round's accepted and rejected drafts and the target's token
     spec = [r for r in rows if r["strategy"] == "speculative"][0]
     rounds = ResultsStore.trace(spec)["rounds"]
-    open_page(browser, server + f"#/g/{spec['key']}")
+    open_view(browser, server + f"#/g/{spec['key']}")
     shown = browser.find_elements("css selector", "#drafts .round")
     assert len(shown) == len(rounds) == json.loads(spec["meta"])["rounds"]
     acc = sum(len(r["accepted"]) for r in rounds)
     assert len(browser.find_elements("css selector", "#drafts .acc")) == acc == json.loads(spec["meta"])["accepted"]
     kept = "".join("".join(r["accepted"]) + r["added"] for r in rounds)  # what the rounds emitted spells the text
     assert kept.startswith(spec["text"].strip())
-    open_page(browser, server + f"#/g/{[r for r in rows if r['strategy'] == 'majority'][0]['key']}")
+    open_view(browser, server + f"#/g/{[r for r in rows if r['strategy'] == 'majority'][0]['key']}")
     samples = browser.find_elements("css selector", "#samples tr.sample")
     assert len(samples) == 4 and len(browser.find_elements("css selector", "#samples tr.chosen")) == 1
     assert "most votes" in browser.find_element("id", "why").text
@@ -72,7 +72,7 @@ def test_every_view_loads_with_no_console_error_or_failed_request(server, store,
 def test_the_tree_draws_every_stored_node_and_the_chosen_path(server, store, browser, strategy):
     for r in [r for r in stored_rows(store) if r["strategy"] == strategy][:3]:
         tree = ResultsStore.trace(r)
-        open_page(browser, server + f"#/g/{r['key']}")
+        open_view(browser, server + f"#/g/{r['key']}")
         drawn = browser.find_elements("css selector", "#tree g.node")
         assert len(drawn) == len(tree_nodes(tree)) == int(browser.find_element("id", "tree").get_attribute("data-nodes"))
         chosen = sorted(int(e.get_attribute("data-id")) for e in browser.find_elements("css selector", "#tree g.node.chosen"))
@@ -95,12 +95,12 @@ def test_the_tree_draws_every_stored_node_and_the_chosen_path(server, store, bro
 def test_a_frontier_point_opens_exactly_its_settings_problems(server, store, browser):
     summary = summarise(stored_rows(store))["arith/expert"]
     want = {(s["strategy"], s["problems"], s["correct"]) for s in summary}
-    open_page(browser, server)
+    open_view(browser, server)
     points = browser.find_elements("css selector", ".frontier-svg .point")
     assert len(points) == len(summary)
     seen = set()
     for i in range(len(points)):
-        open_page(browser, server)
+        open_view(browser, server)
         point = browser.find_elements("css selector", ".frontier-svg .point")[i]
         sid = point.get_attribute("data-setting")
         # a point that falls on another's spot is a ring around it: clicked on its own element
@@ -119,7 +119,7 @@ def test_a_frontier_point_opens_exactly_its_settings_problems(server, store, bro
         assert_clean(browser)
     assert seen == want
     # the x axis switches to FLOPs: the same points, the FLOPs frontier marked
-    open_page(browser, server)
+    open_view(browser, server)
     flops_front = {s["config_hash"][:12] for s in summary if s["frontier_flops"]}
     from selenium.webdriver.support.ui import Select
 
@@ -136,9 +136,9 @@ def test_the_exported_file_opens_from_disk_with_the_same_tree(store, browser, tm
     r = ponder_cli("view", "--db", str(store), "--export", str(out))
     assert r.returncode == 0 and out.exists(), r.stderr
     row = [r for r in stored_rows(store) if r["strategy"] == "prm-beam"][0]
-    open_page(browser, out.as_uri() + f"#/g/{row['key']}")
+    open_view(browser, out.as_uri() + f"#/g/{row['key']}")
     assert len(browser.find_elements("css selector", "#tree g.node")) == len(tree_nodes(ResultsStore.trace(row)))
-    open_page(browser, out.as_uri())
+    open_view(browser, out.as_uri())
     assert len(browser.find_elements("css selector", ".frontier-svg .point")) == len(summarise(stored_rows(store))["arith/expert"])
     assert_clean(browser)
     # the traces go in compressed: the file is not several times the store (it was 3.4x)
@@ -157,7 +157,7 @@ def test_bad_input_gets_a_clear_page_not_a_stack_trace(store, server, browser, t
     # an unknown problem, generation or view: a page that says so
     for frag, words in (("#/p/arith%2Fexpert/expert-9999", "no problem"), ("#/g/deadbeef", "no stored generation"),
                         ("#/problems/nosuchtask", "no task"), ("#/what/ever", "no view")):
-        open_page(browser, server + frag)
+        open_view(browser, server + frag)
         assert words in browser.find_element("id", "error").text.lower(), frag
     assert httpx.get(server + "api/generation/deadbeef").status_code == 404
     browser.get_log("browser")  # the unknown generation's 404 was meant: start the log afresh
@@ -170,7 +170,7 @@ def test_bad_input_gets_a_clear_page_not_a_stack_trace(store, server, browser, t
                   (zlib.compress(json.dumps({"nodes": [{"parent": None, "text": "x"}]}).encode()), key))
     out = tmp_path / "old.html"
     assert ponder_cli("view", "--db", str(old), "--export", str(out)).returncode == 0
-    open_page(browser, out.as_uri() + f"#/g/{key}")
+    open_view(browser, out.as_uri() + f"#/g/{key}")
     assert "older" in browser.find_element("id", "note").text and "nodes" in browser.find_element("id", "raw").text
     assert_clean(browser)
     # a store deleted under a running server: the page says so
@@ -205,13 +205,13 @@ def test_traces_of_served_requests_open_in_the_view(browser, tmp_path):
     assert row["key"] == out["view_id"] and row["task"] == "serve" and row["strategy"] == "prm-beam"
     html = tmp_path / "live.html"
     assert ponder_cli("view", "--db", str(traces), "--export", str(html)).returncode == 0
-    open_page(browser, html.as_uri() + f"#/g/{out['view_id']}")
+    open_view(browser, html.as_uri() + f"#/g/{out['view_id']}")
     assert len(browser.find_elements("css selector", "#tree g.node")) == len(tree_nodes(ResultsStore.trace(row)))
     assert "not judged" in browser.find_element("css selector", "table.summary").text
     # the served prompt is kept with the trace and shown as the question
     assert row["question"] == "Q: 3+4-2+8-1\n"
     assert browser.find_element("css selector", "#question pre").get_attribute("textContent") == row["question"]
-    open_page(browser, html.as_uri())
+    open_view(browser, html.as_uri())
     assert not browser.find_elements("css selector", ".frontier-svg")  # no accuracy to plot
     assert "served with trace" in browser.find_element("id", "app").text
     assert_clean(browser)

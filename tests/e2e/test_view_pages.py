@@ -16,8 +16,8 @@ import zlib
 from ponder.meta.search.base import tree_nodes
 from ponder.sweep.report import summarise
 from ponder.sweep.store import ResultsStore
-from browser import served
-from viewing import assert_clean, click_on, drawn_ids, first_row, open_page, path_ids, ponder_cli, stored_rows
+from browser import open_view, served
+from viewing import assert_clean, click_on, drawn_ids, first_row, path_ids, ponder_cli, stored_rows
 
 
 def test_every_generation_shows_its_question_gold_answer_and_judged_path_ends(server, store, browser):
@@ -29,14 +29,14 @@ def test_every_generation_shows_its_question_gold_answer_and_judged_path_ends(se
         r = first_row(store, strategy)
         p = problems[r["problem_id"]]
         assert r["question"] == task.prompt(p) and r["gold"] == str(p.answer)  # stored with the row
-        open_page(browser, server + f"#/g/{r['key']}")
+        open_view(browser, server + f"#/g/{r['key']}")
         q = browser.find_element("css selector", "#question pre").get_attribute("textContent")
         assert q == task.prompt(p), strategy
         assert browser.find_element("css selector", "#gold code").get_attribute("textContent") == str(p.answer)
     # a tree: every finished path end marked right or wrong by the task's checker, on its whole path
     r = first_row(store, "prm-beam")
     p, tree = problems[r["problem_id"]], ResultsStore.trace(r)
-    open_page(browser, server + f"#/g/{r['key']}")
+    open_view(browser, server + f"#/g/{r['key']}")
     by_id = {n["id"]: n for n in tree_nodes(tree)}
 
     def path_text(i):
@@ -61,7 +61,7 @@ def test_find_filter_fold_and_replay_a_search(server, store, browser):
     r = first_row(store, "prm-beam")
     tree = ResultsStore.trace(r)
     nodes = tree_nodes(tree)
-    open_page(browser, server + f"#/g/{r['key']}")
+    open_view(browser, server + f"#/g/{r['key']}")
     box = browser.find_element("css selector", "input.node-search")
     box.send_keys("Answer")
     hits = {int(e.get_attribute("data-id")) for e in browser.find_elements("css selector", "#tree g.node.hit")}
@@ -86,18 +86,18 @@ def test_find_filter_fold_and_replay_a_search(server, store, browser):
 
 def test_mcts_edges_rsd_rewrites_and_deepconf_stops_are_shown(server, store, browser):
     r = first_row(store, "mcts")
-    open_page(browser, server + f"#/g/{r['key']}")
+    open_view(browser, server + f"#/g/{r['key']}")
     labels = [e.get_attribute("textContent") for e in browser.find_elements("css selector", "#tree text.edge-label")]
     assert labels and all(t.startswith("N ") and " Q " in t for t in labels)
     for r in [r for r in stored_rows(store) if r["strategy"] == "rsd"]:
         rewritten = {n["id"] for n in tree_nodes(ResultsStore.trace(r)) if n.get("drafts")}
-        open_page(browser, server + f"#/g/{r['key']}")
+        open_view(browser, server + f"#/g/{r['key']}")
         shown = {int(e.get_attribute("data-id")) for e in browser.find_elements("css selector", "#tree g.node.rewritten")}
         assert shown == rewritten
     assert any(n.get("drafts") for r in stored_rows(store) if r["strategy"] == "rsd" for n in tree_nodes(ResultsStore.trace(r)))
     for r in [r for r in stored_rows(store) if r["strategy"] == "deepconf-online"][:4]:
         meta = json.loads(r["meta"])
-        open_page(browser, server + f"#/g/{r['key']}")
+        open_view(browser, server + f"#/g/{r['key']}")
         heads = [h.get_attribute("textContent") for h in browser.find_elements("css selector", "#samples th")]
         assert "stopped at" in heads and "confidence" in heads
         stopped = browser.find_elements("css selector", "#samples tr.stopped")
@@ -109,7 +109,7 @@ def test_mcts_edges_rsd_rewrites_and_deepconf_stops_are_shown(server, store, bro
 def test_compute_optimal_says_which_policy_ran_and_draws_the_probe(server, store, browser):
     for r in [r for r in stored_rows(store) if r["strategy"] == "compute-optimal"][:6]:
         meta, trace = json.loads(r["meta"]), ResultsStore.trace(r)
-        open_page(browser, server + f"#/g/{r['key']}")
+        open_view(browser, server + f"#/g/{r['key']}")
         why = browser.find_element("id", "why")
         want = 0 if meta["chose"] == "probe" else len(trace) - 1  # marked by identity when stored
         assert [i for i, s in enumerate(trace) if s.get("chosen")] == [want]
@@ -126,7 +126,7 @@ def test_compute_optimal_says_which_policy_ran_and_draws_the_probe(server, store
 
 def test_the_overview_draws_cost_truly_and_a_frontier_per_model(server, store, browser):
     summary = summarise(stored_rows(store))["arith/expert"]
-    open_page(browser, server)
+    open_view(browser, server)
     for cost in ("generated_tokens", "flops"):
         if cost == "flops":
             from selenium.webdriver.support.ui import Select
@@ -167,7 +167,7 @@ def test_the_problems_table_keeps_its_state_in_the_url(server, store, browser):
     from selenium.webdriver.support.ui import Select
 
     summary = summarise(stored_rows(store))["arith/expert"]
-    open_page(browser, server + "#/problems/arith%2Fexpert")
+    open_view(browser, server + "#/problems/arith%2Fexpert")
     ids = [o.get_attribute("value") for o in browser.find_elements("css selector", "#setting-a option")]
     Select(browser.find_element("id", "setting-a")).select_by_index(1)
     Select(browser.find_element("id", "setting-b")).select_by_index(len(ids) - 1)
@@ -196,7 +196,7 @@ def test_the_problems_table_keeps_its_state_in_the_url(server, store, browser):
     assert browser.execute_script("return document.getElementById('setting-a').offsetWidth") <= 420
     assert browser.execute_script("return document.scrollingElement.scrollWidth <= window.innerWidth + 1")
     # a frontier point compares with the most accurate other setting of its model, not an arbitrary one
-    open_page(browser, server)
+    open_view(browser, server)
     point = browser.find_elements("css selector", ".frontier-svg .point")[0]
     sid = point.get_attribute("data-setting")
     click_on(browser, point)
@@ -224,16 +224,16 @@ def test_the_problems_table_keeps_its_state_in_the_url(server, store, browser):
 
 def test_no_bookkeeping_in_meta_and_a_served_overview_reads_no_trace(server, store, browser, tmp_path):
     for r in {r["strategy"]: r for r in stored_rows(store)}.values():
-        open_page(browser, server + f"#/g/{r['key']}")
+        open_view(browser, server + f"#/g/{r['key']}")
         assert "prefix_cache_hit_tokens" not in browser.find_element("id", "app").get_attribute("textContent")
     broken = tmp_path / "broken.sqlite"
     shutil.copy(store, broken)
     with sqlite3.connect(broken) as c:  # every trace unreadable: the overview and the problems do not read them
         c.execute("UPDATE results SET trace = x'00', text = ''")
     with served(broken) as url:
-        open_page(browser, url)
+        open_view(browser, url)
         assert len(browser.find_elements("css selector", ".frontier-svg .point")) == len(summarise(stored_rows(store))["arith/expert"])
-        open_page(browser, url + "#/problems/arith%2Fexpert")
+        open_view(browser, url + "#/problems/arith%2Fexpert")
         assert int(browser.find_element("id", "summary").get_attribute("data-problems")) == 6
         assert_clean(browser)
 
@@ -250,7 +250,7 @@ def test_a_jsonl_task_shows_its_samples_answers_and_votes(browser, tmp_path):
     out = tmp_path / "v.html"
     assert ponder_cli("view", "--db", str(db), "--export", str(out)).returncode == 0
     r = stored_rows(db)[0]
-    open_page(browser, out.as_uri() + f"#/g/{r['key']}")
+    open_view(browser, out.as_uri() + f"#/g/{r['key']}")
     cells = browser.find_elements("css selector", "#samples tr.sample td:nth-child(2)")
     assert len(cells) == 4 and all(c.get_attribute("textContent") for c in cells)
     votes = browser.find_elements("css selector", "#samples tr.sample td:nth-child(4)")
@@ -296,7 +296,7 @@ def test_a_big_tree_fits_and_labels_appear_as_you_zoom(store, browser, tmp_path)
         c.execute("UPDATE results SET trace = ?, meta = ? WHERE key = ?",
                   (zlib.compress(json.dumps(tree).encode()), json.dumps({"best_node": 4999}), key))
     with served(big) as url:
-        open_page(browser, url + f"#/g/{key}")
+        open_view(browser, url + f"#/g/{key}")
         assert len(drawn_ids(browser)) == 5000
         time.sleep(0.2)
         inside = browser.execute_script("""
